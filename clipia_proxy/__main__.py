@@ -1,0 +1,5 @@
+"""``python -m clipia_proxy``: the command line."""
+
+from .cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,221 @@
+"""The application factory: the only module that knows every other one.
+
+``create_app(config)`` returns the data-port application (the team-facing OpenAI-compatible
+API); ``create_admin_app(app)`` returns the admin-port application that shares its state.
+Tests swap the world through keyword-only overrides instead of patching.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Final
+
+import aiohttp
+from aiohttp import web
+from cachetools import LRUCache
+
+from . import handlers
+from .auth import Authenticator, Refusal
+from .catalog import Catalog
+from .config import Config, Secret, read_api_key
+from .errors import (
+    Draining,
+    InternalError,
+    InvalidRequest,
+    MethodNotAllowed,
+    NotFound,
+    ProxyError,
+    RequestTooLarge,
+)
+from .handlers import RequestInfo
+from .health import Health
+from .health import create_admin_app as _create_admin_app
+from .keys import (
+    AUTHENTICATOR,
+    CATALOG,
+    CONFIG,
+    GENERATIONS,
+    HEALTH,
+    INFO,
+    POLICIES,
+    PRINCIPAL,
+    TASKS,
+    UPSTREAM,
+)
+from .logs import ACCESS_LOGGER, access_fields
+from .policy import ModelPolicy
+from .tasks import TaskRegistry
+from .upstream import UpstreamClient
+
+__all__ = ["create_admin_app", "create_app"]
+
+_LOGGER: Final = logging.getLogger(__name__)
+_GENERATION_OWNERS: Final = 100_000
+"""Bound on remembered generation ids (about 10 MiB); the oldest are forgotten first."""
+
+_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def create_app(
+    config: Config,
+    *,
+    api_key: Secret | None = None,
+    connector: aiohttp.BaseConnector | None = None,
+    today: Callable[[], dt.date] | None = None,
+) -> web.Application:
+    """Build the data-port application for ``config``.
+
+    ``api_key`` overrides the Clipia key named by the config (the demo and tests use it);
+    ``connector`` the upstream connector; ``today`` the date used for key expiry.
+    """
+    key = api_key if api_key is not None else read_api_key(config.upstream)
+    app = web.Application(
+        client_max_size=config.server.max_body_bytes,
+        # This order matters: the outermost middleware comes first.
+        middlewares=[
+            _error_middleware,  # request id, every error as an OpenAI envelope, access line
+            _draining_middleware,  # refuse new work once shutdown began (before auth: cheap)
+            _identity_middleware,  # every route needs identity, before any body is read
+        ],
+    )
+    tasks = TaskRegistry()
+    upstream = UpstreamClient(config.upstream, key, connector=connector)
+    catalog = Catalog(upstream, config.catalog, tasks)
+    app[CONFIG] = config
+    app[TASKS] = tasks
+    app[UPSTREAM] = upstream
+    app[CATALOG] = catalog
+    app[AUTHENTICATOR] = Authenticator(config, today=today)
+    app[POLICIES] = {team.id: ModelPolicy(team) for team in config.teams}
+    app[GENERATIONS] = LRUCache(maxsize=_GENERATION_OWNERS)
+    app[HEALTH] = Health(catalog_is_warm=catalog.is_warm)
+
+    router = app.router
+    router.add_post("/v1/chat/completions", handlers.chat_completions)
+    router.add_get("/v1/models", handlers.list_models, allow_head=False)
+    router.add_get("/v1/models/{model_id}", handlers.retrieve_model, allow_head=False)
+    router.add_get("/v1/key", handlers.key_info, allow_head=False)
+    router.add_get("/v1/generation", handlers.generation, allow_head=False)
+
+    # One cleanup context per resource, in dependency order (released in reverse).
+    app.cleanup_ctx.append(_tasks_ctx)
+    app.cleanup_ctx.append(_upstream_ctx)
+    app.cleanup_ctx.append(_catalog_ctx)
+    app.on_shutdown.append(_on_shutdown)
+    return app
+
+
+def create_admin_app(app: web.Application) -> web.Application:
+    """Build the admin-port application (``/healthz``, ``/readyz``) for a data app."""
+    return _create_admin_app(app[HEALTH])
+
+
+async def _tasks_ctx(app: web.Application) -> AsyncIterator[None]:
+    yield
+    await app[TASKS].drain(timeout=app[CONFIG].server.shutdown_grace_seconds)
+
+
+async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
+    await app[UPSTREAM].start()
+    yield
+    await app[UPSTREAM].close()
+
+
+async def _catalog_ctx(app: web.Application) -> AsyncIterator[None]:
+    try:
+        await app[CATALOG].refresh()
+    except ProxyError:
+        _LOGGER.warning("catalog not loaded at start-up; /readyz stays not ready until it is")
+    yield
+
+
+async def _on_shutdown(app: web.Application) -> None:
+    app[HEALTH].is_draining = True
+    await app[TASKS].drain(timeout=app[CONFIG].server.shutdown_grace_seconds)
+
+
+def _route_name(request: web.Request) -> str:
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+@web.middleware
+async def _error_middleware(request: web.Request, handler: _Handler) -> web.StreamResponse:
+    """Give every request an id and turn every failure into an OpenAI error envelope."""
+    info = RequestInfo(request_id=uuid.uuid4().hex, started=time.perf_counter())
+    request[INFO] = info
+    response: web.StreamResponse
+    try:
+        response = await handler(request)
+    except ProxyError as exc:
+        response = _render(exc)
+        if isinstance(exc, Refusal):
+            _LOGGER.info("identity refused: %s", exc.reason)
+    except web.HTTPException as exc:
+        # aiohttp's own routing errors: 404 for unknown routes, 405 for a wrong method.
+        if exc.status == 405:
+            error: ProxyError = MethodNotAllowed(
+                f"The method {request.method[:16]} is not allowed on this route."
+            )
+        elif exc.status == 404:
+            error = NotFound("Unknown route.")
+        else:
+            error = _status_error(exc.status)
+        response = _render(error)
+    except Exception:
+        _LOGGER.exception("unexpected error in request %s", info.request_id)
+        response = _render(
+            InternalError(f"Internal error. Quote request id {info.request_id} when reporting it.")
+        )
+    if not response.prepared:
+        response.headers["X-Request-Id"] = info.request_id
+    info.status = response.status
+    if ACCESS_LOGGER.isEnabledFor(logging.INFO):
+        ACCESS_LOGGER.info(
+            "access",
+            extra={"fields": access_fields(info, route=_route_name(request), method=request.method)},
+        )
+    return response
+
+
+def _status_error(status: int) -> ProxyError:
+    if status == 413:
+        return RequestTooLarge("The body is larger than this gateway accepts.")
+    if 400 <= status < 500:
+        return InvalidRequest("The request could not be understood.")
+    return InternalError("The request could not be served.")
+
+
+def _render(error: ProxyError) -> web.Response:
+    return web.Response(
+        status=error.status,
+        body=error.body(),
+        content_type="application/json",
+        headers=error.headers(),
+    )
+
+
+@web.middleware
+async def _draining_middleware(request: web.Request, handler: _Handler) -> web.StreamResponse:
+    """Refuse new requests with 503 ``draining`` once shutdown has begun."""
+    if request.app[HEALTH].is_draining:
+        raise Draining("The gateway is shutting down; retry on another replica.", retry_after=1)
+    return await handler(request)
+
+
+@web.middleware
+async def _identity_middleware(request: web.Request, handler: _Handler) -> web.StreamResponse:
+    """Settle who is calling from the headers and the socket peer alone."""
+    transport = request.transport
+    peername = transport.get_extra_info("peername") if transport is not None else None
+    peer = peername[0] if isinstance(peername, tuple) and peername else None
+    principal = request.app[AUTHENTICATOR].authenticate(request.headers, peer)
+    request[PRINCIPAL] = principal
+    info = request[INFO]
+    info.team = principal.team
+    info.key_id = principal.key_id
+    return await handler(request)

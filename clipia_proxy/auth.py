@@ -1,0 +1,176 @@
+"""Who is calling: team keys, a trusted identity header, or a fixed team → a Principal.
+
+Pure functions of the request's headers and socket peer (no aiohttp, no I/O). Keys are
+high-entropy random strings, so storing their SHA-256 is right (no slow hash needed); the
+lookup hashes the presented key, finds the candidate by digest and confirms it with
+``hmac.compare_digest``. Every refusal is the same :class:`InvalidApiKey` message, so a caller
+learns nothing about why; the reason is kept on the exception for the logs.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import hmac
+import ipaddress
+import re
+import secrets
+from collections.abc import Callable, Mapping
+from typing import Final
+
+import msgspec
+
+from .config import Config
+from .errors import InvalidApiKey, InvalidRequest
+
+__all__ = [
+    "KEY_PREFIX",
+    "Authenticator",
+    "Principal",
+    "generate_key",
+    "hash_key",
+]
+
+KEY_PREFIX: Final = "cpx_"
+"""Every team key starts with this, so a leaked key is easy to grep for and to tell apart."""
+_KEY_RE: Final = re.compile(r"cpx_[A-Za-z0-9_-]{43}")
+_MAX_CREDENTIAL_CHARS: Final = 512
+UNAUTHORIZED_MESSAGE: Final = (
+    "Invalid or missing team API key. Send it as 'Authorization: Bearer <key>'."
+)
+
+
+class Principal(msgspec.Struct, frozen=True, kw_only=True):
+    """The team a request belongs to, and the key id that proved it (``None`` without keys)."""
+
+    team: str
+    key_id: str | None = None
+
+
+class _KeyEntry(msgspec.Struct, frozen=True, kw_only=True):
+    digest: bytes
+    team: str
+    key_id: str
+    expires: dt.date | None
+
+
+def generate_key() -> str:
+    """Return a new team key: the prefix and 32 random bytes, base64url without padding."""
+    return KEY_PREFIX + base64.urlsafe_b64encode(secrets.token_bytes(32)).rstrip(b"=").decode()
+
+
+def hash_key(key: str) -> str:
+    """Return the hex SHA-256 of the whole key (what ``teams[].keys[].sha256`` holds)."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class Refusal(InvalidApiKey):
+    """An identity refusal; ``reason`` is for logs only, the client sees one fixed message."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(UNAUTHORIZED_MESSAGE)
+        self.reason: Final = reason
+
+
+class Authenticator:
+    """Turn request headers and the socket peer into a :class:`Principal` per ``config.auth``.
+
+    ``authenticate`` never returns ``None``: it returns a principal or raises.
+    """
+
+    def __init__(self, config: Config, *, today: Callable[[], dt.date] | None = None) -> None:
+        self._mode = config.auth.mode
+        self._header = config.auth.header
+        self._fixed_team = config.auth.team
+        self._networks = tuple(
+            ipaddress.ip_network(cidr, strict=False) for cidr in config.auth.trusted_proxies
+        )
+        self._teams = frozenset(team.id for team in config.teams)
+        self._keys: dict[bytes, _KeyEntry] = {}
+        for team in config.teams:
+            for key in team.keys:
+                digest = bytes.fromhex(key.sha256)
+                self._keys[digest] = _KeyEntry(
+                    digest=digest, team=team.id, key_id=key.id, expires=key.expires
+                )
+        self._today = today or dt.date.today
+
+    def authenticate(self, headers: Mapping[str, str], peer: str | None) -> Principal:
+        """Return who is calling, or raise :class:`Refusal` (401) / :class:`InvalidRequest`.
+
+        ``headers`` must be a case-insensitive multi-dict view (``getall`` is used when present).
+        """
+        if self._mode == "keys":
+            return self._by_key(headers)
+        if self._mode == "header":
+            return self._by_header(headers, peer)
+        assert self._fixed_team is not None  # config validation guarantees it
+        return Principal(team=self._fixed_team)
+
+    def _by_key(self, headers: Mapping[str, str]) -> Principal:
+        presented = _credentials(headers)
+        if not presented:
+            raise Refusal("no credentials")
+        if len(presented) > 1:
+            raise Refusal("different credentials in two channels")
+        (key,) = presented
+        if not _KEY_RE.fullmatch(key):
+            raise Refusal("malformed key")
+        digest = hashlib.sha256(key.encode()).digest()
+        entry = self._keys.get(digest)
+        if entry is None or not hmac.compare_digest(entry.digest, digest):
+            raise Refusal("unknown key")
+        if entry.expires is not None and self._today() > entry.expires:
+            raise Refusal(f"key {entry.key_id} expired on {entry.expires.isoformat()}")
+        return Principal(team=entry.team, key_id=entry.key_id)
+
+    def _by_header(self, headers: Mapping[str, str], peer: str | None) -> Principal:
+        values = _getall(headers, self._header)
+        if len(values) > 1:
+            raise InvalidRequest(f"the {self._header} header was sent more than once")
+        if peer is None or not self._is_trusted(peer):
+            raise Refusal("identity header from an untrusted peer")
+        if not values:
+            raise Refusal("no identity header")
+        team = values[0]
+        if team not in self._teams:
+            raise Refusal("unknown team in identity header")
+        return Principal(team=team)
+
+    def _is_trusted(self, peer: str) -> bool:
+        try:
+            address = ipaddress.ip_address(peer)
+        except ValueError:
+            return False
+        return any(address in network for network in self._networks)
+
+
+def _getall(headers: Mapping[str, str], name: str) -> list[str]:
+    getall = getattr(headers, "getall", None)
+    if getall is not None:
+        values: list[str] = getall(name, [])
+        return values
+    value = headers.get(name)
+    return [] if value is None else [value]
+
+
+def _credentials(headers: Mapping[str, str]) -> set[str]:
+    """Return the distinct credentials presented in the three channels Clipia accepts."""
+    found: set[str] = set()
+    authorization = _getall(headers, "Authorization")
+    api_key = _getall(headers, "X-Api-Key")
+    if len(authorization) > 1 or len(api_key) > 1:
+        # Two headers of one channel are ambiguous; refuse rather than pick one.
+        found.update(("<several>", "<ambiguous>"))
+        return found
+    for value in authorization:
+        scheme, _, token = value.strip().partition(" ")
+        token = token.strip()
+        if scheme.lower() in {"bearer", "key"} and token:
+            found.add(token[:_MAX_CREDENTIAL_CHARS])
+        else:
+            found.add("<unsupported authorization scheme>")
+    for value in api_key:
+        found.add(value.strip()[:_MAX_CREDENTIAL_CHARS] or "<empty>")
+    return found

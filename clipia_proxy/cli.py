@@ -1,0 +1,130 @@
+"""The ``clipia-proxy`` command line: serve, check-config, keygen, emulator, demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import secrets
+import sys
+from collections.abc import Coroutine, Sequence
+from typing import Any
+
+from . import __version__
+from .auth import generate_key, hash_key
+from .config import ConfigError, load_config
+from .logs import setup_logging
+
+__all__ = ["main"]
+
+
+def _run(coro: Coroutine[Any, Any, None]) -> None:
+    """Run ``coro`` on uvloop when it is installed, else on asyncio's loop."""
+    try:
+        import uvloop  # noqa: PLC0415 - optional speed-up
+
+        uvloop.run(coro)
+    except ImportError:
+        asyncio.run(coro)
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.path, resolve_secrets=False)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 1
+    for warning in config.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    keys = sum(len(team.keys) for team in config.teams)
+    print(
+        f"{config.source}: ok: {len(config.teams)} team(s), {keys} key(s), "
+        f"auth.mode={config.auth.mode}, upstream={config.upstream.base_url}"
+    )
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    setup_logging(args.log_level)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 1
+    from .server import serve  # noqa: PLC0415 - keep `check-config` light
+
+    _run(serve(config))
+    return 0
+
+
+def _cmd_keygen(args: argparse.Namespace) -> int:
+    key = generate_key()
+    key_id = args.key_id or f"{args.team}-{secrets.token_hex(3)}"
+    print(f"# The key for team {args.team!r}, shown once. Give it to the team; store it nowhere else:")
+    print(key)
+    print("# Add this entry to teams[id=" + args.team + "].keys in the config:")
+    print(f"- {{id: {key_id}, sha256: {hash_key(key)}}}")
+    return 0
+
+
+def _cmd_emulator(args: argparse.Namespace) -> int:
+    setup_logging(args.log_level)
+    from .emulator import run_emulator  # noqa: PLC0415
+
+    _run(run_emulator(host=args.host, port=args.port, seed=args.seed))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    setup_logging(args.log_level)
+    from .demo import run_demo  # noqa: PLC0415
+
+    _run(run_demo(port=args.port, admin_port=args.admin_port, emulator_port=args.emulator_port))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser (one sub-command per DESIGN §5.1 command)."""
+    parser = argparse.ArgumentParser(
+        prog="clipia-proxy", description="A company gateway in front of Clipia AI Gateway."
+    )
+    parser.add_argument("--version", action="version", version=f"clipia-proxy {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the gateway")
+    serve.add_argument("--config", required=True, help="path to config.yaml")
+    serve.add_argument("--log-level", default="INFO")
+    serve.set_defaults(func=_cmd_serve)
+
+    check = commands.add_parser("check-config", help="validate a config file")
+    check.add_argument("path")
+    check.set_defaults(func=_cmd_check_config)
+
+    keygen = commands.add_parser("keygen", help="print a new team key and its config entry")
+    keygen.add_argument("--team", required=True)
+    keygen.add_argument("--key-id", default=None, help="id for the key entry (default: team-XXXXXX)")
+    keygen.set_defaults(func=_cmd_keygen)
+
+    emulator = commands.add_parser("emulator", help="run the local Clipia emulator")
+    emulator.add_argument("--host", default="127.0.0.1")
+    emulator.add_argument("--port", type=int, default=8090)
+    emulator.add_argument("--seed", type=int, default=0)
+    emulator.add_argument("--log-level", default="INFO")
+    emulator.set_defaults(func=_cmd_emulator)
+
+    demo = commands.add_parser("demo", help="emulator + gateway with example teams, no key needed")
+    demo.add_argument("--port", type=int, default=8080)
+    demo.add_argument("--admin-port", type=int, default=9090)
+    demo.add_argument("--emulator-port", type=int, default=8090)
+    demo.add_argument("--log-level", default="WARNING")
+    demo.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit code."""
+    args = build_parser().parse_args(argv)
+    code: int = args.func(args)
+    return code
+

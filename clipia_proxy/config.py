@@ -1,0 +1,568 @@
+"""Configuration: YAML (plus named secrets from the environment or files) → a frozen, typed Config.
+
+Loading has two stages. First every section (and every team) is converted into msgspec Structs
+(`frozen`, `forbid_unknown_fields`, `kw_only`); a section with several problems is converted
+again without the offending field until all of its problems are known. Then a cross-field pass
+checks what no single field can (duplicate ids and hashes, alias cycles, identity modes). Every
+problem is collected and raised at once as one :class:`ConfigError`, each line shaped
+``config.yaml: teams[2].models.allow: expected array, got str``. Secret values are never echoed:
+they are named (``api_key_env`` / ``api_key_file``) and read once into a :class:`Secret`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import fnmatch
+import ipaddress
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Final, Literal
+
+import msgspec
+import yaml
+
+__all__ = [
+    "AuthConfig",
+    "CapsConfig",
+    "CatalogConfig",
+    "Config",
+    "ConfigError",
+    "KeyConfig",
+    "ModelsConfig",
+    "Secret",
+    "ServerConfig",
+    "TeamConfig",
+    "UpstreamConfig",
+    "load_config",
+    "parse_config",
+]
+
+_STRUCT: Final = {"frozen": True, "forbid_unknown_fields": True, "kw_only": True}
+_SHA256_RE: Final = re.compile(r"[0-9a-f]{64}")
+_ID_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+_INLINE_SECRET_RE: Final = re.compile(r"clipia_(?:live|test)_|cpx_[A-Za-z0-9]|Bearer\s")
+_MAX_FIX_ROUNDS: Final = 64
+
+
+class Secret:
+    """A secret value that never shows itself in ``repr``, ``str`` or a traceback."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        """Return the secret; call only where it is put on the wire."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+class ServerConfig(msgspec.Struct, **_STRUCT):
+    """``server``: the listening sockets and request limits."""
+
+    host: str = "0.0.0.0"  # noqa: S104 - a gateway serves the cluster; sidecars set 127.0.0.1
+    port: int = 8080
+    admin_port: int = 9090
+    max_body_bytes: int = 4 * 1024 * 1024
+    shutdown_grace_seconds: float = 25.0
+
+
+class UpstreamConfig(msgspec.Struct, **_STRUCT):
+    """``upstream``: where Clipia is and how the gateway talks to it."""
+
+    base_url: str = "https://api.clipia.ai/v1"
+    api_key_env: str | None = "CLIPIA_API_KEY"
+    api_key_file: str | None = None
+    connect_timeout_seconds: float = 5.0
+    first_byte_timeout_seconds: float = 120.0
+    idle_timeout_seconds: float = 120.0
+    max_connections: int = 512
+    retries: int = 2
+    max_retry_wait_seconds: float = 5.0
+    """Longest upstream ``Retry-After`` the gateway waits out itself before answering 429."""
+
+
+class CatalogConfig(msgspec.Struct, **_STRUCT):
+    """``catalog``: the cached ``GET /v1/models``."""
+
+    ttl_seconds: float = 300.0
+    max_stale_seconds: float = 3600.0
+
+
+class AuthConfig(msgspec.Struct, **_STRUCT):
+    """``auth``: how a request's team is known."""
+
+    mode: Literal["keys", "header", "fixed"] = "keys"
+    header: str = "X-Clipia-Team"
+    trusted_proxies: tuple[str, ...] = ("127.0.0.1/32",)
+    team: str | None = None
+
+
+class KeyConfig(msgspec.Struct, **_STRUCT):
+    """``teams[].keys[]``: one team key, stored as the hex SHA-256 of the whole key."""
+
+    id: str
+    sha256: str
+    expires: dt.date | None = None
+
+
+class ModelsConfig(msgspec.Struct, **_STRUCT):
+    """``teams[].models``: the team's model policy (globs on canonical catalog ids)."""
+
+    allow: tuple[str, ...] = ()
+    deny: tuple[str, ...] = ()
+    aliases: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+class CapsConfig(msgspec.Struct, **_STRUCT):
+    """``teams[].caps``: per-request ceilings."""
+
+    max_tokens: int | None = None
+    n: int | None = None
+    on_exceed: Literal["reject", "clamp"] = "reject"
+
+
+class TeamConfig(msgspec.Struct, **_STRUCT):
+    """``teams[]``: one team."""
+
+    id: str
+    label: str | None = None
+    keys: tuple[KeyConfig, ...] = ()
+    models: ModelsConfig = msgspec.field(default_factory=ModelsConfig)
+    caps: CapsConfig = msgspec.field(default_factory=CapsConfig)
+
+
+class Config(msgspec.Struct, **_STRUCT):
+    """The whole validated configuration. ``upstream_api_key`` is resolved, never serialised."""
+
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    upstream: UpstreamConfig = msgspec.field(default_factory=UpstreamConfig)
+    catalog: CatalogConfig = msgspec.field(default_factory=CatalogConfig)
+    auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
+    teams: tuple[TeamConfig, ...] = ()
+    source: str = "<config>"
+    """Where the config came from (a file name), for messages."""
+    warnings: tuple[str, ...] = ()
+    """Problems that do not stop the gateway (printed by ``check-config``, logged by ``serve``)."""
+
+    def team(self, team_id: str) -> TeamConfig | None:
+        """Return the team with this id, or ``None``."""
+        for team in self.teams:
+            if team.id == team_id:
+                return team
+        return None
+
+
+class ConfigError(Exception):
+    """Every problem found in a configuration, one ``file: path: problem`` line each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems: Final = tuple(problems)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A safe loader that refuses duplicate mapping keys instead of keeping the last one."""
+
+
+def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)  # type: ignore[no-untyped-call]  # PyYAML is untyped here
+        if key in seen:
+            line = key_node.start_mark.line + 1
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (line {line})", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node)
+
+
+_UniqueKeyLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+    _construct_mapping,  # type: ignore[arg-type]  # PyYAML's stub wants the base Loader type
+)
+
+_SECTIONS: Final[dict[str, type[msgspec.Struct]]] = {
+    "server": ServerConfig,
+    "upstream": UpstreamConfig,
+    "catalog": CatalogConfig,
+    "auth": AuthConfig,
+}
+_LATER_SECTIONS: Final = {
+    "store": "quotas",
+    "accounting": "quotas",
+}
+_LATER_TEAM_KEYS: Final = {"budget", "limits", "shadow"}
+
+
+def load_config(path: str | os.PathLike[str], *, resolve_secrets: bool = True) -> Config:
+    """Read, validate and return the configuration at ``path``.
+
+    With ``resolve_secrets`` the Clipia key is read (from ``upstream.api_key_env`` or
+    ``upstream.api_key_file``) and a missing one is an error; without, it is a warning.
+    Raises :class:`ConfigError` listing every problem.
+    """
+    source = Path(path).name
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{source}: cannot read: {exc.__class__.__name__}"]) from exc
+    return parse_config(text, source=source, resolve_secrets=resolve_secrets)
+
+
+def parse_config(
+    text: str,
+    *,
+    source: str = "<config>",
+    resolve_secrets: bool = True,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Validate YAML text into a :class:`Config`; raise :class:`ConfigError` with every problem."""
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or getattr(exc, "context", None) or "invalid"
+        raise ConfigError([f"{source}: invalid YAML{where}: {problem}"]) from exc
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError([f"{source}: the top level must be a mapping of sections"])
+    problems: list[str] = []
+    warnings: list[str] = []
+    _scan_inline_secrets(raw, "", source, problems)
+    values: dict[str, Any] = {}
+    for key, section in raw.items():
+        if key in _SECTIONS:
+            if section is None:
+                continue
+            values[key] = _convert(section, _SECTIONS[key], str(key), source, problems)
+        elif key == "teams":
+            values["teams"] = _convert_teams(section, source, problems)
+        elif key in _LATER_SECTIONS:
+            problems.append(
+                f"{source}: {key}: not supported by this version yet "
+                f"(arrives with the {_LATER_SECTIONS[key]} feature)"
+            )
+        else:
+            problems.append(f"{source}: {key}: unknown section")
+    if problems:
+        raise ConfigError(problems)
+    config = Config(
+        **{k: v for k, v in values.items() if v is not None},
+        source=source,
+    )
+    _check(config, source, problems, warnings)
+    api_key_problem = _check_secret_source(config.upstream, source, environ, resolve_secrets)
+    if api_key_problem:
+        (problems if resolve_secrets else warnings).append(api_key_problem)
+    if problems:
+        raise ConfigError(problems)
+    return msgspec.structs.replace(config, warnings=tuple(warnings))
+
+
+def read_api_key(upstream: UpstreamConfig, environ: Mapping[str, str] | None = None) -> Secret:
+    """Return the Clipia key named by the config; raise :class:`ConfigError` if it is missing."""
+    problem = _check_secret_source(upstream, "config", environ, resolve=True)
+    if problem:
+        raise ConfigError([problem])
+    env = os.environ if environ is None else environ
+    if upstream.api_key_file:
+        value = Path(upstream.api_key_file).read_text(encoding="utf-8").strip()
+    else:
+        assert upstream.api_key_env is not None  # _check_secret_source guarantees one source
+        value = env[upstream.api_key_env].strip()
+    return Secret(value)
+
+
+def _check_secret_source(
+    upstream: UpstreamConfig, source: str, environ: Mapping[str, str] | None, resolve: bool
+) -> str | None:
+    env = os.environ if environ is None else environ
+    if upstream.api_key_file:
+        path = Path(upstream.api_key_file)
+        try:
+            if not path.read_text(encoding="utf-8").strip():
+                return f"{source}: upstream.api_key_file: the file {str(path)!r} is empty"
+        except OSError:
+            return f"{source}: upstream.api_key_file: cannot read {str(path)!r}"
+        return None
+    if upstream.api_key_env:
+        if not env.get(upstream.api_key_env, "").strip():
+            return (
+                f"{source}: upstream.api_key_env: the environment variable "
+                f"{upstream.api_key_env} is not set"
+            )
+        return None
+    return f"{source}: upstream: name the Clipia key with api_key_env or api_key_file"
+
+
+def _scan_inline_secrets(node: object, path: str, source: str, problems: list[str]) -> None:
+    """Refuse anything that looks like a secret written inline (the value is never echoed)."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            _scan_inline_secrets(value, _join(path, str(key)), source, problems)
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            _scan_inline_secrets(value, f"{path}[{index}]", source, problems)
+    elif isinstance(node, str) and _INLINE_SECRET_RE.search(node):
+        problems.append(
+            f"{source}: {path}: looks like a secret written inline; name it instead "
+            "(upstream.api_key_env / api_key_file; team keys are stored as sha256)"
+        )
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+_MSGSPEC_PATH_RE: Final = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
+_UNKNOWN_FIELD_RE: Final = re.compile(r"Object contains unknown field `(?P<field>[^`]*)`")
+
+
+def _convert(
+    raw: object, kind: type[msgspec.Struct], path: str, source: str, problems: list[str]
+) -> Any:
+    """Convert ``raw`` into ``kind``, collecting every field problem, or return ``None``."""
+    current = raw
+    for _ in range(_MAX_FIX_ROUNDS):
+        try:
+            return msgspec.convert(current, kind, strict=True)
+        except msgspec.ValidationError as exc:
+            match = _MSGSPEC_PATH_RE.match(str(exc))
+            assert match is not None  # the pattern matches any string
+            message, sub = match["msg"], match["path"] or ""
+            unknown = _UNKNOWN_FIELD_RE.match(message)
+            if unknown:
+                sub = f"{sub}.{unknown['field']}"
+                message = "unknown key"
+            full = path + sub
+            problems.append(f"{source}: {full}: {_humanise(message, raw, sub)}")
+            fixed = _without(current, sub)
+            if fixed is None:
+                return None
+            current = fixed
+    return None  # pragma: no cover - more problems than rounds; enough has been reported
+
+
+def _humanise(message: str, raw: object, sub: str) -> str:
+    text = message[0].lower() + message[1:] if message else message
+    text = text.replace("`", "")
+    if text.startswith("expected") or text.startswith("invalid enum"):
+        value = _lookup(raw, sub)
+        if isinstance(value, int | float | bool | str) and not isinstance(value, str | bool):
+            text += f" (got {value!r})"
+        elif isinstance(value, str) and len(value) <= 40 and not _INLINE_SECRET_RE.search(value):
+            text += f" (got {value!r})"
+    return text
+
+
+_PATH_PART_RE: Final = re.compile(r"\.([^.\[]+)|\[(\d+)\]")
+
+
+def _parts(sub: str) -> list[str | int]:
+    return [m[1] if m[1] is not None else int(m[2]) for m in _PATH_PART_RE.finditer(sub)]
+
+
+def _lookup(raw: object, sub: str) -> object:
+    node = raw
+    for part in _parts(sub):
+        if isinstance(part, int) and isinstance(node, list) and part < len(node):
+            node = node[part]
+        elif isinstance(part, str) and isinstance(node, dict) and part in node:
+            node = node[part]
+        else:
+            return None
+    return node
+
+
+def _without(raw: object, sub: str) -> object | None:
+    """Return a copy of ``raw`` without the element at ``sub``; ``None`` if it cannot go."""
+    parts = _parts(sub)
+    if not parts:
+        return None
+
+    def drop(node: object, rest: list[str | int]) -> object | None:
+        head, tail = rest[0], rest[1:]
+        if isinstance(node, dict) and isinstance(head, str) and head in node:
+            copy = dict(node)
+            if tail:
+                child = drop(copy[head], tail)
+                if child is None:
+                    return None
+                copy[head] = child
+            else:
+                del copy[head]
+            return copy
+        if isinstance(node, list) and isinstance(head, int) and head < len(node):
+            items = list(node)
+            if tail:
+                child = drop(items[head], tail)
+                if child is None:
+                    return None
+                items[head] = child
+                return items
+            return None  # removing a list element would shift later paths
+        return None
+
+    return drop(raw, parts)
+
+
+def _convert_teams(raw: object, source: str, problems: list[str]) -> tuple[TeamConfig, ...] | None:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        problems.append(f"{source}: teams: expected a list of teams")
+        return None
+    teams: list[TeamConfig] = []
+    for index, item in enumerate(raw):
+        path = f"teams[{index}]"
+        if isinstance(item, dict):
+            later = sorted(_LATER_TEAM_KEYS & item.keys())
+            for key in later:
+                problems.append(
+                    f"{source}: {path}.{key}: not supported by this version yet "
+                    "(arrives with the quotas feature)"
+                )
+            item = {k: v for k, v in item.items() if k not in _LATER_TEAM_KEYS}
+        team = _convert(item, TeamConfig, path, source, problems)
+        if team is not None:
+            teams.append(team)
+    return tuple(teams)
+
+
+def _check(config: Config, source: str, problems: list[str], warnings: list[str]) -> None:
+    """The cross-field pass: what no single field can tell."""
+
+    def problem(path: str, message: str) -> None:
+        problems.append(f"{source}: {path}: {message}")
+
+    server, upstream, auth = config.server, config.upstream, config.auth
+    for name in ("port", "admin_port"):
+        port = getattr(server, name)
+        if not 0 <= port <= 65535:
+            problem(f"server.{name}", f"must be a TCP port 0-65535 (got {port})")
+    if server.port == server.admin_port and server.port != 0:
+        problem("server.admin_port", "must differ from server.port")
+    if server.max_body_bytes <= 0:
+        problem("server.max_body_bytes", "must be a positive number of bytes")
+    if server.shutdown_grace_seconds < 0:
+        problem("server.shutdown_grace_seconds", "must not be negative")
+    if not re.match(r"https?://[^/\s?#]+(/[^\s?#]*)?$", upstream.base_url):
+        problem("upstream.base_url", "must be an http(s) URL without query or fragment")
+    if upstream.api_key_env and upstream.api_key_file:
+        problem("upstream", "set only one of api_key_env and api_key_file")
+    for name in (
+        "connect_timeout_seconds",
+        "first_byte_timeout_seconds",
+        "idle_timeout_seconds",
+    ):
+        if getattr(upstream, name) <= 0:
+            problem(f"upstream.{name}", "must be a positive number of seconds")
+    if upstream.max_connections <= 0:
+        problem("upstream.max_connections", "must be positive")
+    if not 0 <= upstream.retries <= 10:
+        problem("upstream.retries", f"must be between 0 and 10 (got {upstream.retries})")
+    if upstream.max_retry_wait_seconds < 0:
+        problem("upstream.max_retry_wait_seconds", "must not be negative")
+    if config.catalog.ttl_seconds <= 0:
+        problem("catalog.ttl_seconds", "must be positive")
+    if config.catalog.max_stale_seconds < config.catalog.ttl_seconds:
+        problem("catalog.max_stale_seconds", "must be at least catalog.ttl_seconds")
+
+    for index, cidr in enumerate(auth.trusted_proxies):
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            problem(f"auth.trusted_proxies[{index}]", f"not an IP network: {cidr!r}")
+    if not re.fullmatch(r"[A-Za-z0-9-]+", auth.header):
+        problem("auth.header", "must be an HTTP header name")
+    elif auth.header.lower() in {"authorization", "x-api-key", "cookie", "host"}:
+        problem("auth.header", "must not be a credential or routing header")
+    if auth.mode == "header" and not auth.trusted_proxies:
+        problem("auth.trusted_proxies", "mode header needs at least one trusted proxy")
+    if auth.mode == "fixed":
+        if not auth.team:
+            problem("auth.team", "mode fixed needs the team every request belongs to")
+        elif config.team(auth.team) is None:
+            problem("auth.team", f"no team with id {auth.team!r}")
+        if server.host not in {"127.0.0.1", "::1", "localhost"}:
+            warnings.append(
+                f"{source}: server.host: auth.mode fixed serves anyone who can connect; "
+                "bind the sidecar to 127.0.0.1"
+            )
+    elif auth.team is not None:
+        problem("auth.team", "only used with auth.mode fixed")
+
+    seen_ids: dict[str, int] = {}
+    seen_hashes: dict[str, str] = {}
+    for index, team in enumerate(config.teams):
+        path = f"teams[{index}]"
+        if not _ID_RE.fullmatch(team.id):
+            problem(f"{path}.id", "must be 1-63 characters of letters, digits, '.', '_', '-'")
+        if team.id in seen_ids:
+            problem(f"{path}.id", f"duplicate team id {team.id!r} (also teams[{seen_ids[team.id]}])")
+        seen_ids.setdefault(team.id, index)
+        if auth.mode == "keys" and not team.keys:
+            warnings.append(f"{source}: {path}.keys: team {team.id!r} has no key and cannot call")
+        key_ids: set[str] = set()
+        for k_index, key in enumerate(team.keys):
+            k_path = f"{path}.keys[{k_index}]"
+            if key.id in key_ids:
+                problem(f"{k_path}.id", f"duplicate key id {key.id!r} in this team")
+            key_ids.add(key.id)
+            if not _SHA256_RE.fullmatch(key.sha256):
+                problem(f"{k_path}.sha256", "must be 64 lowercase hex characters (a SHA-256)")
+            elif key.sha256 in seen_hashes:
+                problem(f"{k_path}.sha256", f"the same key hash is used by {seen_hashes[key.sha256]}")
+            else:
+                seen_hashes[key.sha256] = k_path
+        _check_models(team, path, problem)
+        caps = team.caps
+        if caps.max_tokens is not None and caps.max_tokens <= 0:
+            problem(f"{path}.caps.max_tokens", "must be a positive number of tokens")
+        if caps.n is not None and caps.n <= 0:
+            problem(f"{path}.caps.n", "must be positive")
+
+
+def _check_models(team: TeamConfig, path: str, problem: Any) -> None:
+    models = team.models
+    for kind in ("allow", "deny"):
+        for index, pattern in enumerate(getattr(models, kind)):
+            if not pattern or pattern != pattern.strip() or any(ord(c) < 32 for c in pattern):
+                problem(f"{path}.models.{kind}[{index}]", "must be a non-empty pattern without spaces")
+    aliases = models.aliases
+    for alias, target in aliases.items():
+        a_path = f"{path}.models.aliases.{alias}"
+        if not alias or alias != alias.strip() or any(c in alias for c in "*?[]"):
+            problem(a_path, "alias names must be plain, non-empty model names")
+        if alias in models.allow or alias in models.deny or alias in aliases.values():
+            problem(a_path, "alias shadows a model id named in this team's policy")
+        seen = [alias]
+        current = target
+        while current in aliases:
+            if current in seen:
+                problem(a_path, f"alias cycle: {' -> '.join([*seen, current])}")
+                break
+            seen.append(current)
+            current = aliases[current]
+        else:
+            if any(fnmatch.fnmatchcase(current, p) for p in models.deny):
+                problem(a_path, f"alias points at {current!r}, which the team's deny list refuses")
+            elif not any(fnmatch.fnmatchcase(current, p) for p in models.allow):
+                problem(a_path, f"alias points at {current!r}, which the team's allow list lacks")

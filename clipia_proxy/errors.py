@@ -1,0 +1,206 @@
+"""The gateway's own errors, and how each becomes an OpenAI-style HTTP response.
+
+Every error the proxy itself returns is a :class:`ProxyError`; one middleware renders it as
+``{"error": {"message", "type", "param", "code"}}`` with the class's ``status``. The tree::
+
+    ProxyError
+    ├── InvalidRequest          400 invalid_request        malformed body, bad field, cap exceeded
+    ├── InvalidApiKey           401 invalid_api_key        missing/unknown/expired key, untrusted identity
+    ├── BudgetExceeded          402 budget_exceeded        a budget period cannot cover the reservation
+    ├── ModelNotAllowed         403 model_not_allowed      the team may not use the model
+    ├── NotFound                404 not_found              unknown route or generation id
+    │   └── ModelNotFound       404 model_not_found        model not in the (team's view of the) catalog
+    ├── MethodNotAllowed        405 method_not_allowed     known route, wrong method
+    ├── RequestTooLarge         413 request_too_large      body over ``server.max_body_bytes``
+    ├── UnsupportedMediaType    415 unsupported_media_type body is not ``application/json``
+    ├── RateLimited             429 rate_limit_exceeded    RPM/TPM (``Retry-After``)
+    │   └── ConcurrencyLimited  429 concurrency_limit_exceeded
+    ├── InternalError           500 internal_error         a bug; the body holds only the request id
+    ├── UpstreamUnavailable     502 upstream_unavailable   Clipia unreachable, redirected, or it rejected *our* key
+    ├── QuotaStoreUnavailable   503 quota_store_unavailable
+    ├── Draining                503 draining               shutting down
+    └── UpstreamTimeout         504 upstream_timeout       no first byte within ``first_byte_timeout_seconds``
+
+Messages are written for people and never hold a secret, a header value or an upstream body.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Final
+
+import msgspec
+
+__all__ = [
+    "BudgetExceeded",
+    "ConcurrencyLimited",
+    "Draining",
+    "InternalError",
+    "InvalidApiKey",
+    "InvalidRequest",
+    "MethodNotAllowed",
+    "ModelNotAllowed",
+    "ModelNotFound",
+    "NotFound",
+    "ProxyError",
+    "QuotaStoreUnavailable",
+    "RateLimited",
+    "RequestTooLarge",
+    "UnsupportedMediaType",
+    "UpstreamTimeout",
+    "UpstreamUnavailable",
+    "error_body",
+]
+
+
+def error_body(message: str, *, type_: str, code: str, param: str | None = None) -> bytes:
+    """Return the OpenAI error envelope as JSON bytes."""
+    return msgspec.json.encode(
+        {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    )
+
+
+class ProxyError(Exception):
+    """An error the gateway answers itself; subclasses fix ``status``, ``type`` and ``code``."""
+
+    status: ClassVar[int] = 500
+    type: ClassVar[str] = "api_error"
+    code: ClassVar[str] = "internal_error"
+
+    def __init__(
+        self, message: str, *, param: str | None = None, retry_after: int | None = None
+    ) -> None:
+        super().__init__(message)
+        self.message: Final = message
+        self.param: Final = param
+        self.retry_after: Final = retry_after
+        """Seconds for the ``Retry-After`` header, when the client may try again later."""
+
+    def body(self) -> bytes:
+        """Return the OpenAI error envelope for this error."""
+        return error_body(self.message, type_=self.type, code=self.code, param=self.param)
+
+    def headers(self) -> dict[str, str]:
+        """Return the extra response headers this error carries."""
+        if self.retry_after is None:
+            return {}
+        return {"Retry-After": str(max(0, self.retry_after))}
+
+
+class InvalidRequest(ProxyError):
+    """Raised for a malformed body, a mistyped field or a cap the request exceeds."""
+
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class InvalidApiKey(ProxyError):
+    """Raised when the caller's identity is missing, unknown, expired or untrusted."""
+
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class BudgetExceeded(ProxyError):
+    """Raised when a budget period of the team cannot cover the request's reservation."""
+
+    status = 402
+    type = "insufficient_quota"
+    code = "budget_exceeded"
+
+
+class ModelNotAllowed(ProxyError):
+    """Raised when the team's policy does not allow the requested model."""
+
+    status = 403
+    type = "permission_error"
+    code = "model_not_allowed"
+
+
+class NotFound(ProxyError):
+    """Raised for an unknown route or a generation id the team did not create."""
+
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class ModelNotFound(NotFound):
+    """Raised when the model is not a chat model of the catalog."""
+
+    code = "model_not_found"
+
+
+class MethodNotAllowed(ProxyError):
+    """Raised for a known route called with the wrong method."""
+
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
+class RequestTooLarge(ProxyError):
+    """Raised when the body is larger than ``server.max_body_bytes``."""
+
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class UnsupportedMediaType(ProxyError):
+    """Raised when the body is not declared as ``application/json`` (or is content-encoded)."""
+
+    status = 415
+    type = "invalid_request_error"
+    code = "unsupported_media_type"
+
+
+class RateLimited(ProxyError):
+    """Raised when a request or token rate limit is reached."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+
+class ConcurrencyLimited(RateLimited):
+    """Raised when the team already has its maximum number of requests in flight."""
+
+    code = "concurrency_limit_exceeded"
+
+
+class InternalError(ProxyError):
+    """Rendered for an unexpected exception: a bug. The message names only the request id."""
+
+
+class UpstreamUnavailable(ProxyError):
+    """Raised when Clipia cannot be reached, redirects, or rejects the gateway's own key."""
+
+    status = 502
+    type = "api_error"
+    code = "upstream_unavailable"
+
+
+class QuotaStoreUnavailable(ProxyError):
+    """Raised when the quota store is down and ``store.on_error`` is ``fail_closed``."""
+
+    status = 503
+    type = "api_error"
+    code = "quota_store_unavailable"
+
+
+class Draining(ProxyError):
+    """Raised for new requests once the gateway has begun shutting down."""
+
+    status = 503
+    type = "api_error"
+    code = "draining"
+
+
+class UpstreamTimeout(ProxyError):
+    """Raised when Clipia sends no first byte within ``first_byte_timeout_seconds``."""
+
+    status = 504
+    type = "api_error"
+    code = "upstream_timeout"

@@ -1,0 +1,320 @@
+"""Thin route handlers; ``chat_completions`` reads top to bottom like DESIGN §3.
+
+Identity is settled by a middleware before any handler runs (``request[PRINCIPAL]``); errors
+are raised as :class:`~clipia_proxy.errors.ProxyError` and rendered by the error middleware.
+"""
+
+from __future__ import annotations
+
+import time
+from decimal import Decimal
+from typing import Final
+
+import aiohttp
+import msgspec
+from aiohttp import web
+
+from .catalog import CatalogSnapshot
+from .errors import (
+    ModelNotFound,
+    NotFound,
+    RequestTooLarge,
+    UnsupportedMediaType,
+    UpstreamUnavailable,
+    error_body,
+)
+from .keys import CATALOG, CONFIG, GENERATIONS, INFO, POLICIES, PRINCIPAL, UPSTREAM
+from .policy import ModelPolicy, apply_caps
+from .streaming import Outcome, relay_stream
+from .upstream import UpstreamClient
+from .wire import Usage, decode_json, encode_json, parse_chat_request, usage_from_object
+
+__all__ = [
+    "RequestInfo",
+    "chat_completions",
+    "generation",
+    "key_info",
+    "list_models",
+    "read_json_body",
+    "retrieve_model",
+]
+
+_MAX_UPSTREAM_BODY: Final = 64 * 1024 * 1024
+_MAX_ERROR_BODY: Final = 64 * 1024
+_JSON: Final = "application/json"
+_PASSED_THROUGH_ERROR_HEADERS: Final = ("Retry-After",)
+_CODE_BY_STATUS: Final = {
+    400: ("invalid_request_error", "invalid_request"),
+    402: ("insufficient_quota", "insufficient_credits"),
+    404: ("invalid_request_error", "not_found"),
+    409: ("invalid_request_error", "conflict"),
+    422: ("invalid_request_error", "model_input_invalid"),
+    429: ("rate_limit_error", "rate_limit_exceeded"),
+    503: ("api_error", "service_unavailable"),
+}
+
+
+class RequestInfo(msgspec.Struct, kw_only=True):
+    """Mutable facts about one request, filled in as it goes, for the access log."""
+
+    request_id: str
+    started: float
+    team: str = "unknown"
+    key_id: str | None = None
+    model: str | None = None
+    status: int = 0
+    stream: bool = False
+    upstream_id: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    cost: Decimal | None = None
+    usage_source: str | None = None
+    outcome: str | None = None
+    ttft: float | None = None
+
+    def record_usage(self, usage: Usage | None, source: str) -> None:
+        """Copy the usage in (when there is one) and note where it came from."""
+        if usage is None:
+            return
+        self.prompt_tokens = usage.prompt_tokens
+        self.completion_tokens = usage.completion_tokens
+        self.cost = usage.cost
+        self.usage_source = source
+
+
+async def read_json_body(request: web.Request, limit: int) -> bytes:
+    """Return the raw body after the media-type and size checks (415, 413) — in that order.
+
+    The body is not read at all when the headers already condemn it.
+    """
+    content_type = request.headers.get("Content-Type", "")
+    mime, _, params = content_type.partition(";")
+    if mime.strip().lower() != _JSON:
+        raise UnsupportedMediaType("The body must be JSON sent as 'Content-Type: application/json'.")
+    for param in params.split(";"):
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "charset" and value.strip().strip('"').lower() not in {
+            "utf-8",
+            "utf8",
+        }:
+            raise UnsupportedMediaType("JSON bodies must be UTF-8.")
+    encoding = request.headers.get("Content-Encoding")
+    if encoding is not None and encoding.strip().lower() != "identity":
+        raise UnsupportedMediaType("Compressed request bodies are not accepted.")
+    length = request.content_length
+    if length is not None and length > limit:
+        raise RequestTooLarge(f"The body is larger than this gateway's limit of {limit} bytes.")
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge as exc:
+        raise RequestTooLarge(
+            f"The body is larger than this gateway's limit of {limit} bytes."
+        ) from exc
+
+
+def _policy(request: web.Request) -> ModelPolicy:
+    return request.app[POLICIES][request[PRINCIPAL].team]
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    """``POST /v1/chat/completions``: check, forward, relay, observe."""
+    app = request.app
+    config = app[CONFIG]
+    info = request[INFO]
+    # 2. Read and parse strictly.
+    chat = parse_chat_request(await read_json_body(request, config.server.max_body_bytes))
+    info.stream = chat.stream
+    # 3. Policy: alias -> canonical id, allow/deny, catalog, caps.
+    policy = _policy(request)
+    snapshot = await app[CATALOG].get()
+    canonical_model = policy.resolve(chat.requested_model, snapshot.entries)
+    info.model = canonical_model
+    team = config.team(policy.team_id)
+    assert team is not None  # policies are built from the config's teams
+    apply_caps(chat.body, team.caps)
+    body = chat.body
+    body["model"] = canonical_model
+    drop_usage_chunk = chat.stream and not chat.client_wants_usage
+    if drop_usage_chunk:
+        options = body.get("stream_options")
+        body["stream_options"] = {
+            **(options if isinstance(options, dict) else {}),
+            "include_usage": True,
+        }
+    # 6. Forward our re-serialisation of what we validated.
+    upstream = app[UPSTREAM]
+    response = await upstream.send(
+        "POST",
+        "/chat/completions",
+        request_id=info.request_id,
+        body=encode_json(body),
+        accept="text/event-stream" if chat.stream else _JSON,
+    )
+    try:
+        if response.status != 200:
+            info.outcome = Outcome.UPSTREAM_ERROR
+            return await _pass_through_error(upstream, response)
+        content_type = response.headers.get("Content-Type", _JSON)
+        if chat.stream and content_type.startswith("text/event-stream"):
+            # 7. Relay the stream byte for byte.
+            relayed, result = await relay_stream(
+                request,
+                response,
+                headers={
+                    "Content-Type": content_type,
+                    "Cache-Control": "no-cache",
+                    "X-Accel-Buffering": "no",
+                    "X-Request-Id": info.request_id,
+                },
+                drop_usage_chunk=drop_usage_chunk,
+                on_disconnect="drain",
+                drain_timeout=config.upstream.idle_timeout_seconds,
+            )
+            tap = result.tap
+            info.outcome = result.outcome.value
+            info.upstream_id = tap.upstream_id
+            if result.first_byte_at is not None:
+                info.ttft = result.first_byte_at - info.started
+            info.record_usage(tap.usage, "stream")
+            _remember_generation(request, tap.upstream_id)
+            return relayed
+        # 7. Non-streaming: the upstream body as is.
+        payload = await response.read()
+        info.ttft = time.perf_counter() - info.started
+        info.outcome = Outcome.COMPLETED
+        try:
+            decoded = decode_json(payload)
+        except (msgspec.DecodeError, ValueError):
+            decoded = None
+        if isinstance(decoded, dict):
+            upstream_id = decoded.get("id")
+            if isinstance(upstream_id, str):
+                info.upstream_id = upstream_id
+                _remember_generation(request, upstream_id)
+            info.record_usage(usage_from_object(decoded), "response")
+        return web.Response(body=payload, status=200, content_type=_JSON)
+    except aiohttp.ClientError as exc:
+        info.outcome = Outcome.UPSTREAM_ERROR
+        raise _upstream_broke() from exc
+    except TimeoutError as exc:
+        info.outcome = Outcome.TIMEOUT
+        raise _upstream_broke() from exc
+    finally:
+        response.release()
+
+
+def _upstream_broke() -> UpstreamUnavailable:
+    return UpstreamUnavailable("The upstream AI gateway broke off its answer.")
+
+
+async def _pass_through_error(
+    upstream: UpstreamClient, response: aiohttp.ClientResponse
+) -> web.Response:
+    """Relay an upstream error about the request: its status and a clean envelope.
+
+    Only the envelope's four fields are kept; a non-JSON body, or one that mentions our key,
+    is replaced by an envelope of our own with the same status.
+    """
+    status = response.status
+    raw = await response.content.read(_MAX_ERROR_BODY)
+    type_, code = _CODE_BY_STATUS.get(status, ("api_error", "upstream_error"))
+    body = error_body(f"The upstream AI gateway answered {status}.", type_=type_, code=code)
+    if not upstream.mentions_key(raw):
+        try:
+            decoded = decode_json(raw)
+        except (msgspec.DecodeError, ValueError):
+            decoded = None
+        error = decoded.get("error") if isinstance(decoded, dict) else None
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            body = encode_json(
+                {
+                    "error": {
+                        name: error.get(name) if isinstance(error.get(name), str) else None
+                        for name in ("message", "type", "param", "code")
+                    }
+                }
+            )
+    headers = {
+        name: response.headers[name]
+        for name in _PASSED_THROUGH_ERROR_HEADERS
+        if name in response.headers
+    }
+    return web.Response(status=status, body=body, content_type=_JSON, headers=headers)
+
+
+def _remember_generation(request: web.Request, upstream_id: str | None) -> None:
+    if upstream_id:
+        request.app[GENERATIONS][upstream_id] = request[PRINCIPAL].team
+
+
+def _visible_entries(policy: ModelPolicy, snapshot: CatalogSnapshot) -> list[dict[str, object]]:
+    entries = snapshot.entries
+    listed: list[dict[str, object]] = []
+    for listed_id, canonical in policy.visible(entries, list(entries)):
+        raw = entries[canonical].raw
+        listed.append(raw if listed_id == canonical else {**raw, "id": listed_id})
+    return listed
+
+
+async def list_models(request: web.Request) -> web.Response:
+    """``GET /v1/models``: the chat models (and aliases) the team may use."""
+    snapshot = await request.app[CATALOG].get()
+    data = _visible_entries(_policy(request), snapshot)
+    return web.Response(body=encode_json({"object": "list", "data": data}), content_type=_JSON)
+
+
+async def retrieve_model(request: web.Request) -> web.Response:
+    """``GET /v1/models/{id}``: one model the team may use; 404 otherwise (denied or unknown)."""
+    model_id = request.match_info["model_id"]
+    snapshot = await request.app[CATALOG].get()
+    for entry in _visible_entries(_policy(request), snapshot):
+        if entry["id"] == model_id:
+            return web.Response(body=encode_json(entry), content_type=_JSON)
+    raise ModelNotFound(f"The model {model_id[:80]!r} does not exist.", param="model")
+
+
+async def key_info(request: web.Request) -> web.Response:
+    """``GET /v1/key``: the calling team's view (never the gateway's Clipia key)."""
+    principal = request[PRINCIPAL]
+    config = request.app[CONFIG]
+    team = config.team(principal.team)
+    assert team is not None
+    policy = _policy(request)
+    data = {
+        "label": team.label or team.id,
+        "team": team.id,
+        "key_id": principal.key_id,
+        "usage": None,
+        "limit": None,
+        "limit_remaining": None,
+        "rate_limit": None,
+        "models": {
+            "allow": list(policy.allow),
+            "deny": list(policy.deny),
+            "aliases": dict(policy.aliases),
+        },
+        "caps": {
+            "max_tokens": team.caps.max_tokens,
+            "n": team.caps.n,
+            "on_exceed": team.caps.on_exceed,
+        },
+    }
+    return web.Response(body=encode_json({"data": data}), content_type=_JSON)
+
+
+async def generation(request: web.Request) -> web.Response:
+    """``GET /v1/generation?id=``: proxied only for an id this team created, else 404."""
+    ids = request.query.getall("id", [])
+    if len(ids) != 1 or request.app[GENERATIONS].get(ids[0]) != request[PRINCIPAL].team:
+        raise NotFound("No generation with that id was created by this team.", param="id")
+    upstream = request.app[UPSTREAM]
+    response = await upstream.send(
+        "GET", "/generation", request_id=request[INFO].request_id, query={"id": ids[0]}
+    )
+    try:
+        if response.status != 200:
+            return await _pass_through_error(upstream, response)
+        payload = await response.content.read(_MAX_ERROR_BODY)
+        return web.Response(body=payload, content_type=_JSON)
+    finally:
+        response.release()

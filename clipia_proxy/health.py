@@ -1,0 +1,53 @@
+"""Liveness, readiness and draining, served on the admin port.
+
+``/healthz`` answers 200 while the process runs. ``/readyz`` answers 200 only when the config
+is loaded, the catalog is warm (or within ``catalog.max_stale_seconds``) and the gateway is not
+draining; otherwise 503 with the reasons, so Kubernetes stops routing new requests here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from aiohttp import web
+
+from .wire import encode_json
+
+__all__ = ["Health", "create_admin_app"]
+
+
+class Health:
+    """The gateway's health state; ``is_draining`` flips once, on shutdown."""
+
+    def __init__(self, *, catalog_is_warm: Callable[[], bool]) -> None:
+        self._catalog_is_warm = catalog_is_warm
+        self.is_draining = False
+
+    def problems(self) -> list[str]:
+        """Return why the gateway is not ready (empty when ready)."""
+        problems: list[str] = []
+        if self.is_draining:
+            problems.append("draining")
+        if not self._catalog_is_warm():
+            problems.append("catalog not loaded")
+        return problems
+
+
+def create_admin_app(health: Health, extra_routes: list[web.RouteDef] | None = None) -> web.Application:
+    """Return the admin application: ``/healthz``, ``/readyz`` (and what the caller adds)."""
+
+    async def healthz(_request: web.Request) -> web.Response:
+        return web.Response(body=b'{"status":"ok"}', content_type="application/json")
+
+    async def readyz(_request: web.Request) -> web.Response:
+        problems = health.problems()
+        status = 503 if problems else 200
+        body = {"status": "not ready" if problems else "ready", "problems": problems}
+        return web.Response(status=status, body=encode_json(body), content_type="application/json")
+
+    admin = web.Application()
+    admin.router.add_get("/healthz", healthz)
+    admin.router.add_get("/readyz", readyz)
+    if extra_routes:
+        admin.add_routes(extra_routes)
+    return admin

@@ -1,0 +1,50 @@
+"""Every ``web.AppKey`` and ``web.RequestKey`` of the gateway, with who sets each one."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Final
+
+from aiohttp import web
+
+if TYPE_CHECKING:
+    from .auth import Authenticator, Principal
+    from .catalog import Catalog
+    from .config import Config
+    from cachetools import LRUCache
+
+    from .handlers import RequestInfo
+    from .health import Health
+    from .policy import ModelPolicy
+    from .tasks import TaskRegistry
+    from .upstream import UpstreamClient
+
+__all__ = [
+    "AUTHENTICATOR",
+    "CATALOG",
+    "CONFIG",
+    "GENERATIONS",
+    "HEALTH",
+    "INFO",
+    "POLICIES",
+    "PRINCIPAL",
+    "TASKS",
+    "UPSTREAM",
+]
+
+# Application keys: set once by app.create_app (or its cleanup contexts), read by handlers.
+CONFIG: Final = web.AppKey["Config"]("config")
+TASKS: Final = web.AppKey["TaskRegistry"]("tasks")
+AUTHENTICATOR: Final = web.AppKey["Authenticator"]("authenticator")
+UPSTREAM: Final = web.AppKey["UpstreamClient"]("upstream")
+CATALOG: Final = web.AppKey["Catalog"]("catalog")
+HEALTH: Final = web.AppKey["Health"]("health")
+POLICIES: Final = web.AppKey["dict[str, ModelPolicy]"]("policies")
+"""Team id -> model policy, built from the config."""
+GENERATIONS: Final = web.AppKey["LRUCache[str, str]"]("generations")
+"""Upstream generation id -> the team that created it (bounded; the ledger replaces it)."""
+
+# Request keys: set by the middlewares in app.py, read by the handlers.
+INFO: Final = web.RequestKey["RequestInfo"]("info")
+"""Per-request facts for the access log; set by the outermost middleware."""
+PRINCIPAL: Final = web.RequestKey["Principal"]("principal")
+"""Who is calling; set by the identity middleware before any handler runs."""

@@ -1,0 +1,106 @@
+"""JSON logging: one object per line, a redaction filter on every handler, the access line.
+
+Logs never carry a prompt, a completion, a header value or a secret. The redaction filter is
+the second line of defence: whatever reaches a handler has ``Bearer …``, Clipia keys
+(``clipia_live_…``, ``clipia_test_…``) and team keys (``cpx_…``) scrubbed from its message,
+arguments and exception text.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import time
+from typing import Any, Final
+
+import msgspec
+
+__all__ = ["JsonFormatter", "RedactingFilter", "access_fields", "redact", "setup_logging"]
+
+_SECRET_RE: Final = re.compile(
+    r"(?i:bearer|key)\s+[^\s\"',;]+|clipia_(?:live|test)_[A-Za-z0-9_-]*|cpx_[A-Za-z0-9_-]*"
+)
+_ENCODER: Final = msgspec.json.Encoder()
+ACCESS_LOGGER: Final = logging.getLogger("clipia_proxy.access")
+
+
+def redact(text: str) -> str:
+    """Return ``text`` with every secret-looking token replaced by ``[REDACTED]``."""
+    return _SECRET_RE.sub("[REDACTED]", text)
+
+
+class RedactingFilter(logging.Filter):
+    """Scrub secrets from a record's message, arguments and exception before it is written."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Rewrite the record in place; never drops it."""
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):
+            message = str(record.msg)
+        record.msg = redact(message)
+        record.args = None
+        if record.exc_info and record.exc_info[1] is not None:
+            formatter = logging.Formatter()
+            record.exc_text = redact(formatter.formatException(record.exc_info))
+            record.exc_info = None
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """Format a record as one JSON object: time, level, logger, message, extra fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """Return the JSON line (escaped: no message can forge a second line)."""
+        payload: dict[str, Any] = {
+            "ts": round(record.created, 6),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            payload.update(fields)
+        if record.exc_text:
+            payload["exc"] = record.exc_text
+        elif record.exc_info:
+            payload["exc"] = redact(self.formatException(record.exc_info))
+        return _ENCODER.encode(payload).decode()
+
+
+def setup_logging(level: str = "INFO", *, stream: Any = None) -> logging.Handler:
+    """Send every log record to ``stream`` (stderr) as redacted JSON lines; return the handler."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    handler.addFilter(RedactingFilter())
+    root = logging.getLogger()
+    for existing in list(root.handlers):
+        root.removeHandler(existing)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    return handler
+
+
+def access_fields(info: Any, *, route: str, method: str) -> dict[str, Any]:
+    """Return the access line's fields (DESIGN §5.7) from a ``RequestInfo``."""
+    return {
+        "event": "access",
+        "request_id": info.request_id,
+        "method": method,
+        "route": route,
+        "team": info.team,
+        "key_id": info.key_id,
+        "model": info.model,
+        "status": info.status,
+        "stream": info.stream,
+        "upstream_id": info.upstream_id,
+        "prompt_tokens": info.prompt_tokens,
+        "completion_tokens": info.completion_tokens,
+        "cost": str(info.cost) if info.cost is not None else None,
+        "usage_source": info.usage_source,
+        "outcome": info.outcome,
+        "duration_ms": round((time.perf_counter() - info.started) * 1000, 3),
+        "ttft_ms": round(info.ttft * 1000, 3) if info.ttft is not None else None,
+    }

@@ -1,0 +1,120 @@
+"""Pure model policy: alias resolution, allow/deny globs on the canonical id, and caps.
+
+Matching is on the canonical id exactly as the catalog spells it: ``fnmatchcase`` (never
+``fnmatch``, which folds case on some systems), no trimming, no case folding, no Unicode
+normalisation — two different strings never match the same rule by accident. Deny wins.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Container, Mapping
+from fnmatch import fnmatchcase
+from typing import Final
+
+from .config import CapsConfig, TeamConfig
+from .errors import InvalidRequest, ModelNotAllowed, ModelNotFound
+
+__all__ = ["ModelPolicy", "apply_caps"]
+
+_TOKEN_FIELDS: Final = ("max_tokens", "max_completion_tokens")
+
+
+class ModelPolicy:
+    """One team's model policy, built from its config."""
+
+    def __init__(self, team: TeamConfig) -> None:
+        self.team_id: Final = team.id
+        self.allow: Final = team.models.allow
+        self.deny: Final = team.models.deny
+        self.aliases: Final[Mapping[str, str]] = dict(team.models.aliases)
+
+    def canonical(self, requested: str) -> str:
+        """Return the canonical id for ``requested`` (aliases resolved; others unchanged)."""
+        seen = 0
+        current = requested
+        while current in self.aliases and seen <= len(self.aliases):
+            current = self.aliases[current]
+            seen += 1
+        return current
+
+    def allows(self, canonical: str) -> bool:
+        """Return whether the team may use the canonical id (deny wins over allow)."""
+        if any(fnmatchcase(canonical, pattern) for pattern in self.deny):
+            return False
+        return any(fnmatchcase(canonical, pattern) for pattern in self.allow)
+
+    def resolve(self, requested: str, chat_models: Container[str]) -> str:
+        """Return the canonical id to forward, or raise 403 ``model_not_allowed`` / 404.
+
+        A model the policy refuses is 403 whether or not it exists; an allowed id missing
+        from the catalog's chat models is 404 ``model_not_found``.
+        """
+        canonical = self.canonical(requested)
+        if not self.allows(canonical):
+            raise ModelNotAllowed(
+                f"Team {self.team_id!r} may not use model {_show(requested)}. "
+                f"Allowed: {self.describe()}.",
+                param="model",
+            )
+        if canonical not in chat_models:
+            raise ModelNotFound(
+                f"The model {_show(requested)} does not exist or is not a chat model.",
+                param="model",
+            )
+        return canonical
+
+    def visible(self, chat_models: Container[str], ids: list[str]) -> list[tuple[str, str]]:
+        """Return ``(listed id, canonical id)`` for every model and alias the team may use."""
+        listed = [(model_id, model_id) for model_id in ids if self.allows(model_id)]
+        for alias in sorted(self.aliases):
+            canonical = self.canonical(alias)
+            if canonical in chat_models and self.allows(canonical):
+                listed.append((alias, canonical))
+        return listed
+
+    def describe(self) -> str:
+        """Return the policy for people: allow patterns, deny patterns, aliases."""
+        parts = [", ".join(self.allow) if self.allow else "no models"]
+        if self.deny:
+            parts.append(f"except {', '.join(self.deny)}")
+        if self.aliases:
+            parts.append(
+                "aliases " + ", ".join(f"{a} -> {t}" for a, t in sorted(self.aliases.items()))
+            )
+        return "; ".join(parts)
+
+
+def _show(model: str) -> str:
+    """Quote a client-supplied model name safely for a message (escapes controls, truncates)."""
+    text = repr(model[:80])
+    return text + ("..." if len(model) > 80 else "")
+
+
+def apply_caps(body: dict[str, object], caps: CapsConfig) -> None:
+    """Check (or clamp, per ``caps.on_exceed``) ``max_tokens``/``max_completion_tokens`` and ``n``.
+
+    Mutates ``body`` only when clamping. Types are checked by the wire parser before this runs.
+    """
+    present = {name: body[name] for name in _TOKEN_FIELDS if body.get(name) is not None}
+    if len(present) == 2 and present["max_tokens"] != present["max_completion_tokens"]:
+        raise InvalidRequest(
+            "max_tokens and max_completion_tokens disagree; send one of them",
+            param="max_tokens",
+        )
+    if caps.max_tokens is not None:
+        for name, value in present.items():
+            assert isinstance(value, int)
+            if value > caps.max_tokens:
+                if caps.on_exceed == "clamp":
+                    body[name] = caps.max_tokens
+                else:
+                    raise InvalidRequest(
+                        f"{name}={value} is over this team's cap of {caps.max_tokens} tokens",
+                        param=name,
+                    )
+    n = body.get("n")
+    if caps.n is not None and isinstance(n, int) and n > caps.n:
+        if caps.on_exceed == "clamp":
+            body["n"] = caps.n
+        else:
+            raise InvalidRequest(f"n={n} is over this team's cap of {caps.n}", param="n")

@@ -1,0 +1,156 @@
+"""The SSE relay: upstream chunks go to the client as they arrive, byte for byte.
+
+The relay never alters forwarded bytes, with one exception: when the gateway itself asked the
+upstream for ``stream_options.include_usage``, the usage-only event that request caused is
+removed whole (:class:`~clipia_proxy.sse.UsageChunkFilter`). A :class:`~clipia_proxy.sse.UsageTap`
+reads a copy of every byte to learn the usage, the model and the upstream id.
+
+How a stream ends, and the ``outcome`` recorded for it:
+
+- the upstream finishes (``[DONE]`` seen, clean end) → ``completed``;
+- the upstream breaks (reset, or a clean end without ``[DONE]``) → ``upstream_error``; the
+  client receives an SSE error event, then the end of the body — never a forged ``[DONE]``;
+- the upstream goes quiet for ``idle_timeout_seconds`` → ``timeout``, the same error event;
+- the client goes away → ``client_disconnect``; with ``on_disconnect="drain"`` the upstream is
+  read on (its bytes still tapped) for at most ``drain_timeout_seconds`` so the real usage is
+  known; with ``"cancel"`` the upstream connection is closed at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from enum import StrEnum
+from typing import Final
+
+import aiohttp
+from aiohttp import web
+
+from .sse import UsageChunkFilter, UsageTap, sse_error_event
+
+__all__ = ["Outcome", "StreamResult", "relay_stream"]
+
+_LOGGER: Final = logging.getLogger(__name__)
+_STREAM_TERMINATOR: Final = b"\n\n"
+"""Written before our error event: ends any partial upstream event (blank lines are no-ops)."""
+
+
+class Outcome(StrEnum):
+    """How a request ended (the ledger's ``outcome``)."""
+
+    COMPLETED = "completed"
+    CLIENT_DISCONNECT = "client_disconnect"
+    UPSTREAM_ERROR = "upstream_error"
+    TIMEOUT = "timeout"
+
+
+class StreamResult:
+    """What the relay learnt: the tap, the outcome and the time to first byte."""
+
+    __slots__ = ("first_byte_at", "outcome", "tap")
+
+    def __init__(self, tap: UsageTap) -> None:
+        self.tap: Final = tap
+        self.outcome = Outcome.COMPLETED
+        self.first_byte_at: float | None = None
+
+
+async def relay_stream(
+    request: web.Request,
+    upstream: aiohttp.ClientResponse,
+    *,
+    headers: dict[str, str],
+    drop_usage_chunk: bool,
+    on_disconnect: str,
+    drain_timeout: float,
+) -> tuple[web.StreamResponse, StreamResult]:
+    """Relay an upstream SSE body to the client; return the response and what was learnt.
+
+    ``headers`` are the response headers to send (the caller built them from an allow-list).
+    Never raises for upstream or client failures: they become the result's ``outcome``.
+    """
+    response = web.StreamResponse(status=200, headers=headers)
+    tap = UsageTap()
+    result = StreamResult(tap)
+    chunk_filter = UsageChunkFilter() if drop_usage_chunk else None
+    content = upstream.content
+    loop = asyncio.get_running_loop()
+    client_alive = True
+    drain_deadline: float | None = None
+    try:
+        await response.prepare(request)
+    except ConnectionError:
+        client_alive = False
+        result.outcome = Outcome.CLIENT_DISCONNECT
+        if on_disconnect != "drain":
+            upstream.close()
+            return response, result
+        drain_deadline = loop.time() + drain_timeout
+    while True:
+        try:
+            if drain_deadline is None:
+                chunk = await content.readany()
+            else:
+                async with asyncio.timeout_at(drain_deadline):
+                    chunk = await content.readany()
+        except TimeoutError:
+            # aiohttp's sock_read (idle) timeout, or our drain deadline.
+            if client_alive:
+                result.outcome = Outcome.TIMEOUT
+            upstream.close()
+            break
+        except aiohttp.ClientError:
+            if client_alive:
+                result.outcome = Outcome.UPSTREAM_ERROR
+            break
+        if not chunk:
+            if not tap.saw_done and client_alive:
+                result.outcome = Outcome.UPSTREAM_ERROR
+            break
+        if result.first_byte_at is None:
+            result.first_byte_at = time.perf_counter()
+        tap.feed(chunk)
+        if not client_alive:
+            continue
+        out = chunk_filter.feed(chunk) if chunk_filter is not None else chunk
+        if not out:
+            continue
+        try:
+            await response.write(out)
+        except ConnectionError:
+            client_alive = False
+            result.outcome = Outcome.CLIENT_DISCONNECT
+            if on_disconnect != "drain":
+                upstream.close()
+                break
+            drain_deadline = loop.time() + drain_timeout
+    tap.close()
+    if client_alive:
+        await _finish(response, result, chunk_filter)
+    return response, result
+
+
+async def _finish(
+    response: web.StreamResponse, result: StreamResult, chunk_filter: UsageChunkFilter | None
+) -> None:
+    """End the client's stream: flush held bytes, or an error event on failure; then EOF."""
+    try:
+        if result.outcome is Outcome.COMPLETED:
+            if chunk_filter is not None:
+                rest = chunk_filter.flush()
+                if rest:
+                    await response.write(rest)
+        else:
+            # Held-back bytes are an incomplete event: dropping them is safer than relaying a
+            # fragment that would merge with the error event.
+            if result.outcome is Outcome.UPSTREAM_ERROR:
+                message, code = "The upstream stream was interrupted.", "upstream_unavailable"
+            else:
+                message, code = "The upstream stream stalled and was cut.", "upstream_timeout"
+            await response.write(
+                _STREAM_TERMINATOR + sse_error_event(message, code=code, type_="api_error")
+            )
+        await response.write_eof()
+    except ConnectionError:
+        result.outcome = Outcome.CLIENT_DISCONNECT

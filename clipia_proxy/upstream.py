@@ -1,0 +1,207 @@
+"""UpstreamClient: the one pooled HTTP session to Clipia, its timeouts, headers and retries.
+
+Owns everything about talking to the upstream and never anything about teams or money:
+
+- one ``ClientSession`` for the application's life; no total timeout (it would cut long
+  streams): connect, first-byte and idle (between reads) timeouts only;
+- outbound headers from an allow-list built here, never copied from the client: our Clipia key,
+  ``Content-Type``, ``Accept``, ``Accept-Encoding: identity`` and ``X-Request-Id``;
+- redirects are never followed (a 3xx is a 502: Clipia does not redirect API calls, and
+  following one could send our key elsewhere);
+- retries only before any byte reached the client: connect failures, and 429/5xx answers,
+  honouring ``Retry-After`` up to ``max_retry_wait_seconds``, at most ``retries`` times;
+- a 401/403 from Clipia means it rejected *our* key: a 502 for the client, whose body never
+  includes Clipia's (it may quote the key), and an error log line for the operator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Final
+
+import aiohttp
+from yarl import URL
+
+from . import __version__
+from .config import Secret, UpstreamConfig
+from .errors import UpstreamTimeout, UpstreamUnavailable
+
+__all__ = ["UpstreamClient", "parse_retry_after"]
+
+_LOGGER: Final = logging.getLogger(__name__)
+_RETRY_STATUSES: Final = frozenset({429, 500, 502, 503, 504, 529})
+_BACKOFF_BASE_SECONDS: Final = 0.1
+_KEY_REJECTED: Final = frozenset({401, 403})
+
+
+def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
+    """Return the seconds a ``Retry-After`` value asks for (delta-seconds or HTTP date)."""
+    if not value:
+        return None
+    text = value.strip()
+    if text.isdigit():
+        return float(text)
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError):
+        return None
+    current = time.time() if now is None else now
+    return max(0.0, when.timestamp() - current)
+
+
+class UpstreamClient:
+    """Send requests to Clipia over one pooled session.
+
+    ``send`` returns the upstream response once its headers arrived (status 2xx, or an error
+    about the request that the caller passes through); the caller must release it.
+    """
+
+    def __init__(
+        self,
+        config: UpstreamConfig,
+        api_key: Secret,
+        *,
+        connector: aiohttp.BaseConnector | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self._config = config
+        self._base = config.base_url.rstrip("/")
+        self._connector = connector
+        self._sleep = sleep
+        self._session: aiohttp.ClientSession | None = None
+        # Built once; every request copies it and adds only its request id and Accept.
+        self._headers: Final = {
+            "Authorization": f"Bearer {api_key.reveal()}",
+            "Accept-Encoding": "identity",
+            "User-Agent": f"clipia-proxy/{__version__}",
+        }
+        self._key_bytes: Final = api_key.reveal().encode()
+        self._urls: dict[str, URL] = {}
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """The pooled session; only valid between ``start`` and ``close``."""
+        if self._session is None:
+            raise RuntimeError("UpstreamClient is not started")
+        return self._session
+
+    async def start(self) -> None:
+        """Open the pooled session."""
+        connector = self._connector or aiohttp.TCPConnector(
+            limit=self._config.max_connections, ttl_dns_cache=300
+        )
+        timeout = aiohttp.ClientTimeout(
+            total=None,
+            connect=None,
+            sock_connect=self._config.connect_timeout_seconds,
+            sock_read=self._config.idle_timeout_seconds,
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=timeout,
+            skip_auto_headers=("User-Agent",),
+            auto_decompress=True,
+            raise_for_status=False,
+            trust_env=False,
+        )
+
+    async def close(self) -> None:
+        """Close the pooled session and its connections."""
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def mentions_key(self, data: bytes) -> bool:
+        """Return whether ``data`` contains our Clipia key (then it must never be relayed)."""
+        return bool(self._key_bytes) and self._key_bytes in data
+
+    def _url(self, path: str) -> URL:
+        url = self._urls.get(path)
+        if url is None:
+            url = URL(self._base + path, encoded=False)
+            self._urls[path] = url
+        return url
+
+    async def send(
+        self,
+        method: str,
+        path: str,
+        *,
+        request_id: str,
+        body: bytes | None = None,
+        query: Mapping[str, str] | None = None,
+        accept: str = "application/json",
+    ) -> aiohttp.ClientResponse:
+        """Send one request (with bounded retries) and return the response at its headers.
+
+        Raises :class:`UpstreamUnavailable` (502) when Clipia cannot be reached, redirects, or
+        rejects our key; :class:`UpstreamTimeout` (504) when no first byte arrives in time.
+        A 429/5xx after the last retry is returned for the caller to pass through.
+        """
+        headers = dict(self._headers)
+        headers["X-Request-Id"] = request_id
+        headers["Accept"] = accept
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        url = self._url(path)
+        attempts = 1 + self._config.retries
+        for attempt in range(1, attempts + 1):
+            last = attempt == attempts
+            try:
+                async with asyncio.timeout(self._config.first_byte_timeout_seconds):
+                    response = await self.session.request(
+                        method,
+                        url,
+                        data=body,
+                        params=query,
+                        headers=headers,
+                        allow_redirects=False,
+                    )
+            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+                # Nothing reached Clipia: safe to try again.
+                if last:
+                    _LOGGER.warning("upstream unreachable: %s", exc.__class__.__name__)
+                    raise UpstreamUnavailable(
+                        "The upstream AI gateway cannot be reached."
+                    ) from exc
+                await self._sleep(_BACKOFF_BASE_SECONDS * 2 ** (attempt - 1))
+                continue
+            except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+                raise UpstreamTimeout(
+                    "The upstream AI gateway did not start answering in time."
+                ) from exc
+            except aiohttp.ClientError as exc:
+                # The request may have reached Clipia; never retried.
+                _LOGGER.warning("upstream request failed: %s", exc.__class__.__name__)
+                raise UpstreamUnavailable(
+                    "The upstream AI gateway closed the connection."
+                ) from exc
+            status = response.status
+            if 300 <= status < 400:
+                response.release()
+                _LOGGER.error("upstream answered a redirect (%d); not followed", status)
+                raise UpstreamUnavailable("The upstream AI gateway answered with a redirect.")
+            if status in _KEY_REJECTED:
+                response.release()
+                _LOGGER.error(
+                    "upstream rejected the gateway's Clipia key (status %d); check the key",
+                    status,
+                )
+                raise UpstreamUnavailable(
+                    "The upstream AI gateway refused this gateway's credentials."
+                )
+            if status in _RETRY_STATUSES and not last:
+                wait = parse_retry_after(response.headers.get("Retry-After"))
+                if wait is None:
+                    wait = _BACKOFF_BASE_SECONDS * 2 ** (attempt - 1)
+                if wait <= self._config.max_retry_wait_seconds:
+                    response.release()
+                    _LOGGER.info("upstream %d, retry %d in %.2fs", status, attempt, wait)
+                    await self._sleep(wait)
+                    continue
+            return response
+        raise AssertionError("unreachable")  # pragma: no cover

@@ -1,0 +1,195 @@
+"""Pure helpers for OpenAI wire formats: strict body parsing, re-serialisation, usage extraction.
+
+This module never performs I/O and never imports aiohttp. JSON numbers with a fraction or an
+exponent are decoded as :class:`decimal.Decimal` from their text, so a body is re-serialised
+with exactly the digits the client sent, and ``usage.cost`` is read without a binary float.
+"""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal, InvalidOperation
+from typing import Final
+
+import msgspec
+
+from .errors import InvalidRequest
+
+__all__ = [
+    "ChatRequest",
+    "Usage",
+    "decode_json",
+    "encode_json",
+    "parse_chat_request",
+    "usage_from_object",
+]
+
+_MAX_DECIMAL_EXPONENT: Final = 400
+"""|exponent| beyond this is refused: no real parameter needs it and `1e999999` is a DoS seed."""
+
+
+def _float_hook(text: str) -> Decimal:
+    try:
+        value = Decimal(text)
+    except InvalidOperation as exc:  # pragma: no cover - msgspec only hands us valid numbers
+        raise ValueError("invalid number") from exc
+    if not value.is_finite() or abs(value.adjusted()) > _MAX_DECIMAL_EXPONENT:
+        raise ValueError("number out of range")
+    return value
+
+
+_DECODER: Final = msgspec.json.Decoder(float_hook=_float_hook)
+_ENCODER: Final = msgspec.json.Encoder(decimal_format="number")
+
+
+def decode_json(data: bytes | str) -> object:
+    """Decode JSON strictly; fractional numbers become ``Decimal``.
+
+    Raises ``msgspec.DecodeError`` (or ``ValueError``) for invalid UTF-8, ``NaN``/``Infinity``,
+    out-of-range numbers, nesting deeper than msgspec's limit, trailing data and BOMs.
+    """
+    return _DECODER.decode(data)
+
+
+def encode_json(obj: object) -> bytes:
+    """Encode ``obj`` as compact JSON; ``Decimal`` values are written as JSON numbers."""
+    return _ENCODER.encode(obj)
+
+
+class Usage(msgspec.Struct, frozen=True, kw_only=True):
+    """The usage of one chat completion, as the upstream reported it.
+
+    ``cost`` is in Clipia credits (``usage.cost``), exact, or ``None`` when not reported.
+    """
+
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    total_tokens: int | None = None
+    cost: Decimal | None = None
+
+
+def _as_int(value: object) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        return None
+    return value
+
+
+def _as_cost(value: object) -> Decimal | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, Decimal):
+        return value if value >= 0 else None
+    if isinstance(value, int):
+        return Decimal(value) if value >= 0 else None
+    if isinstance(value, str):
+        try:
+            parsed = Decimal(value)
+        except InvalidOperation:
+            return None
+        return parsed if parsed.is_finite() and parsed >= 0 else None
+    return None
+
+
+def usage_from_object(obj: object) -> Usage | None:
+    """Return the ``usage`` of a decoded response or chunk, or ``None`` when it has none.
+
+    Tolerates missing or mistyped fields (each becomes ``None``); never raises.
+    """
+    if not isinstance(obj, dict):
+        return None
+    raw = obj.get("usage")
+    if not isinstance(raw, dict):
+        return None
+    return Usage(
+        prompt_tokens=_as_int(raw.get("prompt_tokens")),
+        completion_tokens=_as_int(raw.get("completion_tokens")),
+        total_tokens=_as_int(raw.get("total_tokens")),
+        cost=_as_cost(raw.get("cost")),
+    )
+
+
+_SECOND_MODEL_CHANNELS: Final = frozenset(
+    {"models", "fallbacks", "route", "provider", "extra_body", "api_base", "base_url", "api_key"}
+)
+"""Fields that would let a body pick another model or upstream (OpenRouter-style routing,
+LiteLLM-style overrides). Refused outright: the upstream must see only the model we approved."""
+
+_POSITIVE_INT_FIELDS: Final = ("max_tokens", "max_completion_tokens", "n")
+
+
+class ChatRequest(msgspec.Struct, kw_only=True):
+    """A validated chat completion request.
+
+    ``body`` is the decoded JSON object; the handler rewrites ``model`` (and, for streams,
+    ``stream_options``) and forwards ``encode_json(body)``.
+    """
+
+    body: dict[str, object]
+    requested_model: str
+    stream: bool
+    client_wants_usage: bool
+    """Whether the client itself asked for ``stream_options.include_usage``."""
+
+
+def _reject_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    result: dict[str, object] = {}
+    for key, value in pairs:
+        if key in result:
+            raise InvalidRequest(f"the body has the key {key!r} more than once")
+        result[key] = value
+    return result
+
+
+def parse_chat_request(raw: bytes) -> ChatRequest:
+    """Parse and check a ``POST /v1/chat/completions`` body; raise ``InvalidRequest`` (400).
+
+    Refused: anything but one JSON object; invalid UTF-8, BOMs, ``NaN``, huge numbers, deep
+    nesting, trailing data; a ``model`` that is missing, not a non-empty string, or given twice;
+    a second model or upstream channel; ``messages`` that is not a non-empty list of objects;
+    ``stream`` that is not a boolean; ``stream_options`` that is neither an object nor null;
+    ``max_tokens``, ``max_completion_tokens`` or ``n`` that is not a positive integer.
+    """
+    try:
+        body = decode_json(raw)
+    except (msgspec.DecodeError, ValueError) as exc:
+        raise InvalidRequest(f"The body is not valid JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise InvalidRequest("The body must be a JSON object.")
+    if raw.count(b'"model"') > 1:
+        # Slow path, only when a duplicate is possible: msgspec keeps the last of duplicate
+        # keys silently, and another parser upstream might keep the first.
+        json.loads(raw, object_pairs_hook=_reject_duplicate_keys)  # noqa: TID251 - needs pairs
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise InvalidRequest("'model' must be a non-empty string.", param="model")
+    smuggled = _SECOND_MODEL_CHANNELS.intersection(body)
+    if smuggled:
+        field = sorted(smuggled)[0]
+        raise InvalidRequest(f"The field {field!r} is not accepted by this gateway.", param=field)
+    messages = body.get("messages")
+    if (
+        not isinstance(messages, list)
+        or not messages
+        or not all(isinstance(m, dict) for m in messages)
+    ):
+        raise InvalidRequest("'messages' must be a non-empty array of objects.", param="messages")
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise InvalidRequest("'stream' must be a boolean.", param="stream")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise InvalidRequest("'stream_options' must be an object.", param="stream_options")
+    for name in _POSITIVE_INT_FIELDS:
+        value = body.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InvalidRequest(f"'{name}' must be a positive integer.", param=name)
+        if value > 2**31:
+            raise InvalidRequest(f"'{name}' is out of range.", param=name)
+    wants_usage = bool(stream and options is not None and options.get("include_usage") is True)
+    return ChatRequest(
+        body=body, requested_model=model, stream=stream, client_wants_usage=wants_usage
+    )

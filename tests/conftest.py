@@ -1,0 +1,207 @@
+"""Shared fixtures: a real emulator and a real gateway on loopback sockets.
+
+``stack`` runs both in the test's own event loop (for aiohttp-client tests); ``thread_stack``
+runs them in a background thread with its own loop, for the synchronous ``openai`` SDK and
+LangChain. Each stack has fresh canary secrets: a Clipia key the emulator accepts and one team
+key per team.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from clipia_proxy.auth import generate_key, hash_key
+from clipia_proxy.config import Config, Secret, parse_config
+from clipia_proxy.emulator import EmulatorState, create_emulator_app
+from clipia_proxy.server import Running, start
+
+TEAMS_YAML = """
+teams:
+  - id: search
+    keys: [{{id: search-1, sha256: {search}}}]
+    models:
+      allow: ["claude-sonnet-*", "gpt-5.5"]
+      deny: ["claude-sonnet-4-5"]
+      aliases: {{fast: claude-sonnet-4-6}}
+  - id: research
+    keys: [{{id: research-1, sha256: {research}}}]
+    models:
+      allow: ["*"]
+      deny: ["claude-opus-*"]
+      aliases: {{smart: gpt-5.5}}
+    caps: {{max_tokens: 1000, n: 2}}
+"""
+
+
+@dataclass
+class Stack:
+    """A running emulator + gateway pair and the secrets to talk to them."""
+
+    emulator: EmulatorState
+    emulator_url: str
+    running: Running
+    clipia_key: str
+    keys: dict[str, str]
+    config: Config
+    runners: list[web.AppRunner] = field(default_factory=list)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.running.port}/v1"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.running.admin_port}"
+
+    def auth(self, team: str = "search") -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.keys[team]}"}
+
+    def chat_requests(self) -> list[Any]:
+        return [r for r in self.emulator.requests if r.path == "/v1/chat/completions"]
+
+
+def make_config(
+    emulator_url: str, keys: dict[str, str], *, extra: str = "", teams: str | None = None
+) -> Config:
+    """Return a gateway config for tests: ephemeral ports, the emulator upstream."""
+    teams_yaml = (teams or TEAMS_YAML).format(
+        **{team: hash_key(key) for team, key in keys.items()}
+    )
+    text = f"""
+server: {{host: 127.0.0.1, port: 0, admin_port: 0, shutdown_grace_seconds: 2}}
+upstream:
+  base_url: {emulator_url}/v1
+  api_key_env: null
+  connect_timeout_seconds: 2
+  first_byte_timeout_seconds: 5
+  idle_timeout_seconds: 5
+  max_retry_wait_seconds: 0.5
+{extra}
+{teams_yaml}
+"""
+    return parse_config(text, source="test.yaml", resolve_secrets=False)
+
+
+async def start_stack(
+    *, extra: str = "", teams: str | None = None, seed: int = 0
+) -> Stack:
+    """Start an emulator and a gateway in the running loop."""
+    clipia_key = "clipia_live_" + secrets.token_hex(16)
+    state = EmulatorState(seed=seed, keys={clipia_key})
+    emulator_runner = web.AppRunner(create_emulator_app(state), access_log=None)
+    await emulator_runner.setup()
+    site = web.TCPSite(emulator_runner, "127.0.0.1", 0)
+    await site.start()
+    port = emulator_runner.addresses[0][1]
+    emulator_url = f"http://127.0.0.1:{port}"
+    keys = {"search": generate_key(), "research": generate_key()}
+    config = make_config(emulator_url, keys, extra=extra, teams=teams)
+    running = await start(config, api_key=Secret(clipia_key))
+    return Stack(
+        emulator=state,
+        emulator_url=emulator_url,
+        running=running,
+        clipia_key=clipia_key,
+        keys=keys,
+        config=config,
+        runners=[emulator_runner],
+    )
+
+
+async def stop_stack(stack: Stack) -> None:
+    await stack.running.stop()
+    for runner in stack.runners:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def stack() -> AsyncIterator[Stack]:
+    """An emulator and a gateway in the test's loop."""
+    running = await start_stack()
+    try:
+        yield running
+    finally:
+        await stop_stack(running)
+
+
+@pytest.fixture
+async def stacks() -> AsyncIterator[Callable[..., Awaitable[Stack]]]:
+    """Like ``stack``, for tests that need custom config: ``await stacks(extra=..., teams=...)``."""
+    started: list[Stack] = []
+
+    async def factory(**kwargs: Any) -> Stack:
+        made = await start_stack(**kwargs)
+        started.append(made)
+        return made
+
+    try:
+        yield factory
+    finally:
+        for made in started:
+            await stop_stack(made)
+
+
+class ThreadStack:
+    """A stack running in a background thread's event loop (for synchronous clients)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self.stack: Stack = self.call(start_stack(**kwargs))
+
+    def call(self, coro: Awaitable[Any]) -> Any:
+        async def run() -> Any:
+            return await coro
+
+        return asyncio.run_coroutine_threadsafe(run(), self._loop).result(timeout=30)
+
+    def close(self) -> None:
+        self.call(stop_stack(self.stack))
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._loop.close()
+
+
+@pytest.fixture(scope="module")
+def thread_stack() -> Iterator[Stack]:
+    """An emulator and a gateway in a background thread, shared by one test module."""
+    threaded = ThreadStack()
+    try:
+        yield threaded.stack
+    finally:
+        threaded.close()
+
+
+@pytest.fixture
+def log_capture() -> Iterator[list[str]]:
+    """Capture every log line the gateway writes (formatted and redacted as in production)."""
+    from clipia_proxy.logs import JsonFormatter, RedactingFilter
+
+    lines: list[str] = []
+
+    class _ListHandler(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(self.format(record))
+
+    handler = _ListHandler(level=logging.DEBUG)
+    handler.setFormatter(JsonFormatter())
+    handler.addFilter(RedactingFilter())
+    root = logging.getLogger()
+    previous = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    try:
+        yield lines
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(previous)
