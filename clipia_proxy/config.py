@@ -245,6 +245,7 @@ def parse_config(
         raise ConfigError([f"{source}: the top level must be a mapping of sections"])
     problems: list[str] = []
     warnings: list[str] = []
+    team_paths: list[str] = []
     _scan_inline_secrets(raw, "", source, problems)
     values: dict[str, Any] = {}
     for key, section in raw.items():
@@ -253,7 +254,10 @@ def parse_config(
                 continue
             values[key] = _convert(section, _SECTIONS[key], str(key), source, problems)
         elif key == "teams":
-            values["teams"] = _convert_teams(section, source, problems)
+            converted = _convert_teams(section, source, problems)
+            if converted is not None:
+                team_paths = [path for path, _ in converted]
+                values["teams"] = tuple(team for _, team in converted)
         elif key in _LATER_SECTIONS:
             problems.append(
                 f"{source}: {key}: not supported by this version yet "
@@ -261,13 +265,11 @@ def parse_config(
             )
         else:
             problems.append(f"{source}: {key}: unknown section")
-    if problems:
-        raise ConfigError(problems)
     config = Config(
         **{k: v for k, v in values.items() if v is not None},
         source=source,
     )
-    _check(config, source, problems, warnings)
+    _check(config, team_paths, source, problems, warnings)
     api_key_problem = _check_secret_source(config.upstream, source, environ, resolve_secrets)
     if api_key_problem:
         (problems if resolve_secrets else warnings).append(api_key_problem)
@@ -363,12 +365,13 @@ def _convert(
 def _humanise(message: str, raw: object, sub: str) -> str:
     text = message[0].lower() + message[1:] if message else message
     text = text.replace("`", "")
-    if text.startswith("expected") or text.startswith("invalid enum"):
+    if text.startswith("expected"):
         value = _lookup(raw, sub)
-        if isinstance(value, int | float | bool | str) and not isinstance(value, str | bool):
-            text += f" (got {value!r})"
-        elif isinstance(value, str) and len(value) <= 40 and not _INLINE_SECRET_RE.search(value):
-            text += f" (got {value!r})"
+        shown = isinstance(value, int | float) or (
+            isinstance(value, str) and len(value) <= 40 and not _INLINE_SECRET_RE.search(value)
+        )
+        if shown:
+            text = re.sub(r", got \w+$", "", text) + f" (got {value!r})"
     return text
 
 
@@ -423,13 +426,16 @@ def _without(raw: object, sub: str) -> object | None:
     return drop(raw, parts)
 
 
-def _convert_teams(raw: object, source: str, problems: list[str]) -> tuple[TeamConfig, ...] | None:
+def _convert_teams(
+    raw: object, source: str, problems: list[str]
+) -> list[tuple[str, TeamConfig]] | None:
+    """Convert each team on its own; return ``(path, team)`` for those that converted."""
     if raw is None:
-        return ()
+        return []
     if not isinstance(raw, list):
         problems.append(f"{source}: teams: expected a list of teams")
         return None
-    teams: list[TeamConfig] = []
+    teams: list[tuple[str, TeamConfig]] = []
     for index, item in enumerate(raw):
         path = f"teams[{index}]"
         if isinstance(item, dict):
@@ -442,11 +448,13 @@ def _convert_teams(raw: object, source: str, problems: list[str]) -> tuple[TeamC
             item = {k: v for k, v in item.items() if k not in _LATER_TEAM_KEYS}
         team = _convert(item, TeamConfig, path, source, problems)
         if team is not None:
-            teams.append(team)
-    return tuple(teams)
+            teams.append((path, team))
+    return teams
 
 
-def _check(config: Config, source: str, problems: list[str], warnings: list[str]) -> None:
+def _check(
+    config: Config, team_paths: list[str], source: str, problems: list[str], warnings: list[str]
+) -> None:
     """The cross-field pass: what no single field can tell."""
 
     def problem(path: str, message: str) -> None:
@@ -511,12 +519,11 @@ def _check(config: Config, source: str, problems: list[str], warnings: list[str]
 
     seen_ids: dict[str, int] = {}
     seen_hashes: dict[str, str] = {}
-    for index, team in enumerate(config.teams):
-        path = f"teams[{index}]"
+    for index, (path, team) in enumerate(zip(team_paths, config.teams, strict=True)):
         if not _ID_RE.fullmatch(team.id):
             problem(f"{path}.id", "must be 1-63 characters of letters, digits, '.', '_', '-'")
         if team.id in seen_ids:
-            problem(f"{path}.id", f"duplicate team id {team.id!r} (also teams[{seen_ids[team.id]}])")
+            problem(f"{path}.id", f"duplicate team id {team.id!r} (also {team_paths[seen_ids[team.id]]})")
         seen_ids.setdefault(team.id, index)
         if auth.mode == "keys" and not team.keys:
             warnings.append(f"{source}: {path}.keys: team {team.id!r} has no key and cannot call")
