@@ -116,7 +116,7 @@ def create_admin_app(app: web.Application) -> web.Application:
 
 async def _tasks_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
-    await app[TASKS].drain(timeout=app[CONFIG].server.shutdown_grace_seconds)
+    await app[TASKS].drain(app[CONFIG].server.shutdown_grace_seconds)
 
 
 async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -135,7 +135,7 @@ async def _catalog_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _on_shutdown(app: web.Application) -> None:
     app[HEALTH].is_draining = True
-    await app[TASKS].drain(timeout=app[CONFIG].server.shutdown_grace_seconds)
+    await app[TASKS].drain(app[CONFIG].server.shutdown_grace_seconds)
 
 
 def _route_name(request: web.Request) -> str:
@@ -177,7 +177,9 @@ async def _error_middleware(request: web.Request, handler: _Handler) -> web.Stre
     if ACCESS_LOGGER.isEnabledFor(logging.INFO):
         ACCESS_LOGGER.info(
             "access",
-            extra={"fields": access_fields(info, route=_route_name(request), method=request.method)},
+            extra={
+                "fields": access_fields(info, route=_route_name(request), method=request.method)
+            },
         )
     return response
 

@@ -68,7 +68,7 @@ def _price(value: object) -> Decimal | None:
 def parse_catalog(data: object, *, fetched_at: float) -> CatalogSnapshot:
     """Return the chat models of a decoded ``GET /v1/models`` body; raise ``ValueError``."""
     if not isinstance(data, dict) or not isinstance(data.get("data"), list):
-        raise ValueError("the catalog is not an object with a data list")
+        raise ValueError("the catalog is not an object with a data list")  # noqa: TRY004 - bad data, not a bug
     entries: dict[str, CatalogEntry] = {}
     for item in data["data"]:
         if not isinstance(item, dict):
@@ -128,7 +128,7 @@ class Catalog:
             if age <= self._config.ttl_seconds:
                 return snapshot
             if age <= self._config.max_stale_seconds:
-                self._start_refresh()
+                _refresh = self._start_refresh()  # the registry owns it; we serve the stale copy
                 return snapshot
         return await self.refresh()
 
@@ -161,7 +161,13 @@ class Catalog:
             finally:
                 response.release()
             snapshot = parse_catalog(decode_json(body), fetched_at=self._clock())
-        except (ProxyError, aiohttp.ClientError, TimeoutError, ValueError, msgspec.DecodeError) as exc:
+        except (
+            ProxyError,
+            aiohttp.ClientError,
+            TimeoutError,
+            ValueError,
+            msgspec.DecodeError,
+        ) as exc:
             self.refresh_results["error"] += 1
             _LOGGER.warning(
                 "catalog refresh failed (%s); serving the previous catalog if any",
@@ -171,4 +177,3 @@ class Catalog:
         self.refresh_results["success"] += 1
         self._snapshot = snapshot
         return snapshot
-

@@ -20,7 +20,7 @@ __all__ = ["main"]
 def _run(coro: Coroutine[Any, Any, None]) -> None:
     """Run ``coro`` on uvloop when it is installed, else on asyncio's loop."""
     try:
-        import uvloop  # noqa: PLC0415 - optional speed-up
+        import uvloop
 
         uvloop.run(coro)
     except ImportError:
@@ -52,7 +52,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         return 1
-    from .server import serve  # noqa: PLC0415 - keep `check-config` light
+    from .server import serve
 
     _run(serve(config))
     return 0
@@ -61,7 +61,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _cmd_keygen(args: argparse.Namespace) -> int:
     key = generate_key()
     key_id = args.key_id or f"{args.team}-{secrets.token_hex(3)}"
-    print(f"# The key for team {args.team!r}, shown once. Give it to the team; store it nowhere else:")
+    print(
+        f"# The key for team {args.team!r}, shown once. Give it to the team; store it nowhere else:"
+    )
     print(key)
     print("# Add this entry to teams[id=" + args.team + "].keys in the config:")
     print(f"- {{id: {key_id}, sha256: {hash_key(key)}}}")
@@ -70,7 +72,7 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
 
 def _cmd_emulator(args: argparse.Namespace) -> int:
     setup_logging(args.log_level)
-    from .emulator import run_emulator  # noqa: PLC0415
+    from .emulator import run_emulator
 
     _run(run_emulator(host=args.host, port=args.port, seed=args.seed))
     return 0
@@ -78,7 +80,7 @@ def _cmd_emulator(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     setup_logging(args.log_level)
-    from .demo import run_demo  # noqa: PLC0415
+    from .demo import run_demo
 
     _run(run_demo(port=args.port, admin_port=args.admin_port, emulator_port=args.emulator_port))
     return 0
@@ -103,7 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     keygen = commands.add_parser("keygen", help="print a new team key and its config entry")
     keygen.add_argument("--team", required=True)
-    keygen.add_argument("--key-id", default=None, help="id for the key entry (default: team-XXXXXX)")
+    keygen.add_argument(
+        "--key-id", default=None, help="id for the key entry (default: team-XXXXXX)"
+    )
     keygen.set_defaults(func=_cmd_keygen)
 
     emulator = commands.add_parser("emulator", help="run the local Clipia emulator")
@@ -127,4 +131,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     code: int = args.func(args)
     return code
-

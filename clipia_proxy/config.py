@@ -181,7 +181,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
     seen: set[Any] = set()
     for key_node, _ in node.value:
-        key = loader.construct_object(key_node)  # type: ignore[no-untyped-call]  # PyYAML is untyped here
+        key = loader.construct_object(key_node)
         if key in seen:
             line = key_node.start_mark.line + 1
             raise yaml.constructor.ConstructorError(
@@ -193,7 +193,7 @@ def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[
 
 _UniqueKeyLoader.add_constructor(
     yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
-    _construct_mapping,  # type: ignore[arg-type]  # PyYAML's stub wants the base Loader type
+    _construct_mapping,
 )
 
 _SECTIONS: Final[dict[str, type[msgspec.Struct]]] = {
@@ -333,7 +333,7 @@ def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
-_MSGSPEC_PATH_RE: Final = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
+_MSGSPEC_PATH_RE: Final = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)
 _UNKNOWN_FIELD_RE: Final = re.compile(r"Object contains unknown field `(?P<field>[^`]*)`")
 
 
@@ -385,9 +385,11 @@ def _parts(sub: str) -> list[str | int]:
 def _lookup(raw: object, sub: str) -> object:
     node = raw
     for part in _parts(sub):
-        if isinstance(part, int) and isinstance(node, list) and part < len(node):
+        if isinstance(part, int):
+            if not isinstance(node, list) or part >= len(node):
+                return None
             node = node[part]
-        elif isinstance(part, str) and isinstance(node, dict) and part in node:
+        elif isinstance(node, dict) and part in node:
             node = node[part]
         else:
             return None
@@ -439,12 +441,11 @@ def _convert_teams(
     for index, item in enumerate(raw):
         path = f"teams[{index}]"
         if isinstance(item, dict):
-            later = sorted(_LATER_TEAM_KEYS & item.keys())
-            for key in later:
-                problems.append(
-                    f"{source}: {path}.{key}: not supported by this version yet "
-                    "(arrives with the quotas feature)"
-                )
+            problems.extend(
+                f"{source}: {path}.{key}: not supported by this version yet "
+                "(arrives with the quotas feature)"
+                for key in sorted(_LATER_TEAM_KEYS & item.keys())
+            )
             item = {k: v for k, v in item.items() if k not in _LATER_TEAM_KEYS}
         team = _convert(item, TeamConfig, path, source, problems)
         if team is not None:
@@ -523,7 +524,10 @@ def _check(
         if not _ID_RE.fullmatch(team.id):
             problem(f"{path}.id", "must be 1-63 characters of letters, digits, '.', '_', '-'")
         if team.id in seen_ids:
-            problem(f"{path}.id", f"duplicate team id {team.id!r} (also {team_paths[seen_ids[team.id]]})")
+            problem(
+                f"{path}.id",
+                f"duplicate team id {team.id!r} (also {team_paths[seen_ids[team.id]]})",
+            )
         seen_ids.setdefault(team.id, index)
         if auth.mode == "keys" and not team.keys:
             warnings.append(f"{source}: {path}.keys: team {team.id!r} has no key and cannot call")
@@ -536,7 +540,9 @@ def _check(
             if not _SHA256_RE.fullmatch(key.sha256):
                 problem(f"{k_path}.sha256", "must be 64 lowercase hex characters (a SHA-256)")
             elif key.sha256 in seen_hashes:
-                problem(f"{k_path}.sha256", f"the same key hash is used by {seen_hashes[key.sha256]}")
+                problem(
+                    f"{k_path}.sha256", f"the same key hash is used by {seen_hashes[key.sha256]}"
+                )
             else:
                 seen_hashes[key.sha256] = k_path
         _check_models(team, path, problem)
@@ -552,7 +558,9 @@ def _check_models(team: TeamConfig, path: str, problem: Any) -> None:
     for kind in ("allow", "deny"):
         for index, pattern in enumerate(getattr(models, kind)):
             if not pattern or pattern != pattern.strip() or any(ord(c) < 32 for c in pattern):
-                problem(f"{path}.models.{kind}[{index}]", "must be a non-empty pattern without spaces")
+                problem(
+                    f"{path}.models.{kind}[{index}]", "must be a non-empty pattern without spaces"
+                )
     aliases = models.aliases
     for alias, target in aliases.items():
         a_path = f"{path}.models.aliases.{alias}"

@@ -22,9 +22,7 @@ __all__ = ["demo_config", "run_demo"]
 _HOST: Final = "127.0.0.1"
 
 
-def demo_config(
-    *, port: int, admin_port: int, emulator_port: int, keys: dict[str, str]
-) -> Config:
+def demo_config(*, port: int, admin_port: int, emulator_port: int, keys: dict[str, str]) -> Config:
     """Return the demo's config: two example teams, upstream = the local emulator."""
     text = f"""
 server: {{host: {_HOST}, port: {port}, admin_port: {admin_port}, shutdown_grace_seconds: 2}}
@@ -95,16 +93,14 @@ async def run_demo(*, port: int = 8080, admin_port: int = 9090, emulator_port: i
     await emulator.setup()
     await web.TCPSite(emulator, _HOST, emulator_port).start()
     keys = {"search": generate_key(), "research": generate_key()}
-    config = demo_config(
-        port=port, admin_port=admin_port, emulator_port=emulator_port, keys=keys
-    )
+    config = demo_config(port=port, admin_port=admin_port, emulator_port=emulator_port, keys=keys)
     upstream_key = Secret("clipia_test_demo" + secrets.token_hex(16))
 
     def ready(running: Running) -> None:
-        print(_snippets(running, keys), flush=True)  # noqa: T201 - the demo talks to a person
+        print(_snippets(running, keys), flush=True)
 
     try:
         await serve(config, api_key=upstream_key, on_ready=ready)
     finally:
         await emulator.cleanup()
-    print("demo stopped", file=sys.stderr)  # noqa: T201
+    print("demo stopped", file=sys.stderr)

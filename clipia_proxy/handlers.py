@@ -90,7 +90,9 @@ async def read_json_body(request: web.Request, limit: int) -> bytes:
     content_type = request.headers.get("Content-Type", "")
     mime, _, params = content_type.partition(";")
     if mime.strip().lower() != _JSON:
-        raise UnsupportedMediaType("The body must be JSON sent as 'Content-Type: application/json'.")
+        raise UnsupportedMediaType(
+            "The body must be JSON sent as 'Content-Type: application/json'."
+        )
     for param in params.split(";"):
         name, _, value = param.partition("=")
         if name.strip().lower() == "charset" and value.strip().strip('"').lower() not in {

@@ -33,7 +33,9 @@ class Health:
         return problems
 
 
-def create_admin_app(health: Health, extra_routes: list[web.RouteDef] | None = None) -> web.Application:
+def create_admin_app(
+    health: Health, extra_routes: list[web.RouteDef] | None = None
+) -> web.Application:
     """Return the admin application: ``/healthz``, ``/readyz`` (and what the caller adds)."""
 
     async def healthz(_request: web.Request) -> web.Response:

@@ -6,17 +6,17 @@ from typing import TYPE_CHECKING, Final
 
 from aiohttp import web
 
-if TYPE_CHECKING:
-    from .auth import Authenticator, Principal
-    from .catalog import Catalog
-    from .config import Config
-    from cachetools import LRUCache
+if TYPE_CHECKING:  # the keys name these types in strings only (no import cycles at run time)
+    from cachetools import LRUCache  # noqa: F401
 
-    from .handlers import RequestInfo
-    from .health import Health
-    from .policy import ModelPolicy
-    from .tasks import TaskRegistry
-    from .upstream import UpstreamClient
+    from .auth import Authenticator, Principal  # noqa: F401
+    from .catalog import Catalog  # noqa: F401
+    from .config import Config  # noqa: F401
+    from .handlers import RequestInfo  # noqa: F401
+    from .health import Health  # noqa: F401
+    from .policy import ModelPolicy  # noqa: F401
+    from .tasks import TaskRegistry  # noqa: F401
+    from .upstream import UpstreamClient  # noqa: F401
 
 __all__ = [
     "AUTHENTICATOR",

@@ -29,7 +29,11 @@ class Running:
     """A started gateway: its runners and the ports it actually listens on."""
 
     def __init__(
-        self, app: web.Application, data: web.AppRunner, admin: web.AppRunner, ports: tuple[int, int]
+        self,
+        app: web.Application,
+        data: web.AppRunner,
+        admin: web.AppRunner,
+        ports: tuple[int, int],
     ) -> None:
         self.app: Final = app
         self.data_runner: Final = data
@@ -62,7 +66,9 @@ async def start(config: Config, *, api_key: Secret | None = None) -> Running:
     host = config.server.host
     await web.TCPSite(data_runner, host, config.server.port).start()
     await web.TCPSite(admin_runner, host, config.server.admin_port).start()
-    return Running(app, data_runner, admin_runner, (_bound_port(data_runner), _bound_port(admin_runner)))
+    return Running(
+        app, data_runner, admin_runner, (_bound_port(data_runner), _bound_port(admin_runner))
+    )
 
 
 async def serve(
@@ -89,7 +95,9 @@ async def serve(
             if result is not None:
                 await result
         await stop.wait()
-        _LOGGER.info("shutdown requested; draining for up to %.0fs", config.server.shutdown_grace_seconds)
+        _LOGGER.info(
+            "shutdown requested; draining for up to %.0fs", config.server.shutdown_grace_seconds
+        )
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)

@@ -41,16 +41,14 @@ class TaskRegistry:
             return
         exc = task.exception()
         if exc is not None:
-            _LOGGER.error(
-                "background task %s failed: %s", task.get_name(), exc, exc_info=exc
-            )
+            _LOGGER.error("background task %s failed: %s", task.get_name(), exc, exc_info=exc)
 
-    async def drain(self, timeout: float) -> None:
-        """Wait up to ``timeout`` seconds for every task, then cancel what is left."""
+    async def drain(self, grace_seconds: float) -> None:
+        """Wait up to ``grace_seconds`` for every task, then cancel what is left."""
         self._closed = True
         if not self._tasks:
             return
-        _done, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
+        _done, pending = await asyncio.wait(set(self._tasks), timeout=grace_seconds)
         for task in pending:
             _LOGGER.warning("cancelling background task %s at shutdown", task.get_name())
             task.cancel()

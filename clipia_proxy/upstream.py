@@ -165,9 +165,7 @@ class UpstreamClient:
                 # Nothing reached Clipia: safe to try again.
                 if last:
                     _LOGGER.warning("upstream unreachable: %s", exc.__class__.__name__)
-                    raise UpstreamUnavailable(
-                        "The upstream AI gateway cannot be reached."
-                    ) from exc
+                    raise UpstreamUnavailable("The upstream AI gateway cannot be reached.") from exc
                 await self._sleep(_BACKOFF_BASE_SECONDS * 2 ** (attempt - 1))
                 continue
             except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
@@ -177,9 +175,7 @@ class UpstreamClient:
             except aiohttp.ClientError as exc:
                 # The request may have reached Clipia; never retried.
                 _LOGGER.warning("upstream request failed: %s", exc.__class__.__name__)
-                raise UpstreamUnavailable(
-                    "The upstream AI gateway closed the connection."
-                ) from exc
+                raise UpstreamUnavailable("The upstream AI gateway closed the connection.") from exc
             status = response.status
             if 300 <= status < 400:
                 response.release()

@@ -7,7 +7,7 @@ with exactly the digits the client sent, and ``usage.cost`` is read without a bi
 
 from __future__ import annotations
 
-import json
+import json  # noqa: TID251 - the slow path needs object_pairs_hook
 from decimal import Decimal, InvalidOperation
 from typing import Final
 
@@ -158,13 +158,13 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
     if raw.count(b'"model"') > 1:
         # Slow path, only when a duplicate is possible: msgspec keeps the last of duplicate
         # keys silently, and another parser upstream might keep the first.
-        json.loads(raw, object_pairs_hook=_reject_duplicate_keys)  # noqa: TID251 - needs pairs
+        json.loads(raw, object_pairs_hook=_reject_duplicate_keys)
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise InvalidRequest("'model' must be a non-empty string.", param="model")
     smuggled = _SECOND_MODEL_CHANNELS.intersection(body)
     if smuggled:
-        field = sorted(smuggled)[0]
+        field = min(smuggled)
         raise InvalidRequest(f"The field {field!r} is not accepted by this gateway.", param=field)
     messages = body.get("messages")
     if (

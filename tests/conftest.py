@@ -73,9 +73,7 @@ def make_config(
     emulator_url: str, keys: dict[str, str], *, extra: str = "", teams: str | None = None
 ) -> Config:
     """Return a gateway config for tests: ephemeral ports, the emulator upstream."""
-    teams_yaml = (teams or TEAMS_YAML).format(
-        **{team: hash_key(key) for team, key in keys.items()}
-    )
+    teams_yaml = (teams or TEAMS_YAML).format(**{team: hash_key(key) for team, key in keys.items()})
     text = f"""
 server: {{host: 127.0.0.1, port: 0, admin_port: 0, shutdown_grace_seconds: 2}}
 upstream:
@@ -91,9 +89,7 @@ upstream:
     return parse_config(text, source="test.yaml", resolve_secrets=False)
 
 
-async def start_stack(
-    *, extra: str = "", teams: str | None = None, seed: int = 0
-) -> Stack:
+async def start_stack(*, extra: str = "", teams: str | None = None, seed: int = 0) -> Stack:
     """Start an emulator and a gateway in the running loop."""
     clipia_key = "clipia_live_" + secrets.token_hex(16)
     state = EmulatorState(seed=seed, keys={clipia_key})
@@ -135,7 +131,7 @@ async def stack() -> AsyncIterator[Stack]:
 
 @pytest.fixture
 async def stacks() -> AsyncIterator[Callable[..., Awaitable[Stack]]]:
-    """Like ``stack``, for tests that need custom config: ``await stacks(extra=..., teams=...)``."""
+    """Start stacks with custom config (keywords of ``start_stack``); all are stopped after."""
     started: list[Stack] = []
 
     async def factory(**kwargs: Any) -> Stack:

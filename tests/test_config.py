@@ -21,7 +21,9 @@ def problems(text: str) -> list[str]:
 
 
 def test_example_config_is_valid() -> None:
-    config = load_config(Path(__file__).parent.parent / "config.example.yaml", resolve_secrets=False)
+    config = load_config(
+        Path(__file__).parent.parent / "config.example.yaml", resolve_secrets=False
+    )
     assert [team.id for team in config.teams] == ["search", "research"]
     assert config.teams[0].keys[0].expires == dt.date(2027, 6, 1)
 
@@ -45,31 +47,91 @@ def test_defaults_match_design() -> None:
         ("nonsense: {}", "c.yaml: nonsense: unknown section"),
         ("server: {port: 70000}", "c.yaml: server.port: must be a TCP port 0-65535 (got 70000)"),
         ("server: {port: 9090}", "c.yaml: server.admin_port: must differ from server.port"),
-        ("server: {max_body_bytes: 0}", "c.yaml: server.max_body_bytes: must be a positive number of bytes"),
-        ("upstream: {base_url: 'ftp://x'}", "c.yaml: upstream.base_url: must be an http(s) URL without query or fragment"),
+        (
+            "server: {max_body_bytes: 0}",
+            "c.yaml: server.max_body_bytes: must be a positive number of bytes",
+        ),
+        (
+            "upstream: {base_url: 'ftp://x'}",
+            "c.yaml: upstream.base_url: must be an http(s) URL without query or fragment",
+        ),
         ("upstream: {retries: 99}", "c.yaml: upstream.retries: must be between 0 and 10 (got 99)"),
-        ("upstream: {api_key_file: /k}", "c.yaml: upstream: set only one of api_key_env and api_key_file"),
-        ("catalog: {ttl_seconds: 10, max_stale_seconds: 5}", "c.yaml: catalog.max_stale_seconds: must be at least catalog.ttl_seconds"),
+        (
+            "upstream: {api_key_file: /k}",
+            "c.yaml: upstream: set only one of api_key_env and api_key_file",
+        ),
+        (
+            "catalog: {ttl_seconds: 10, max_stale_seconds: 5}",
+            "c.yaml: catalog.max_stale_seconds: must be at least catalog.ttl_seconds",
+        ),
         ("auth: {mode: magic}", "c.yaml: auth.mode: invalid enum value 'magic'"),
-        ("auth: {mode: fixed}", "c.yaml: auth.team: mode fixed needs the team every request belongs to"),
+        (
+            "auth: {mode: fixed}",
+            "c.yaml: auth.team: mode fixed needs the team every request belongs to",
+        ),
         ("auth: {mode: fixed, team: nobody}", "c.yaml: auth.team: no team with id 'nobody'"),
-        ("auth: {mode: header, trusted_proxies: []}", "c.yaml: auth.trusted_proxies: mode header needs at least one trusted proxy"),
-        ("auth: {trusted_proxies: [not-an-ip]}", "c.yaml: auth.trusted_proxies[0]: not an IP network: 'not-an-ip'"),
-        ("auth: {header: Authorization}", "c.yaml: auth.header: must not be a credential or routing header"),
-        ("store: {backend: redis}", "c.yaml: store: not supported by this version yet (arrives with the quotas feature)"),
+        (
+            "auth: {mode: header, trusted_proxies: []}",
+            "c.yaml: auth.trusted_proxies: mode header needs at least one trusted proxy",
+        ),
+        (
+            "auth: {trusted_proxies: [not-an-ip]}",
+            "c.yaml: auth.trusted_proxies[0]: not an IP network: 'not-an-ip'",
+        ),
+        (
+            "auth: {header: Authorization}",
+            "c.yaml: auth.header: must not be a credential or routing header",
+        ),
+        (
+            "store: {backend: redis}",
+            "c.yaml: store: not supported by this version yet (arrives with the quotas feature)",
+        ),
         ("teams: {a: 1}", "c.yaml: teams: expected a list of teams"),
-        ("teams:\n  - id: a\n    keys: [{id: k, sha256: nothex}]", "c.yaml: teams[0].keys[0].sha256: must be 64 lowercase hex characters (a SHA-256)"),
+        (
+            "teams:\n  - id: a\n    keys: [{id: k, sha256: nothex}]",
+            "c.yaml: teams[0].keys[0].sha256: must be 64 lowercase hex characters (a SHA-256)",
+        ),
         (OK_TEAM + "  - id: a\n", "c.yaml: teams[1].id: duplicate team id 'a' (also teams[0])"),
-        (OK_TEAM + f"  - id: b\n    keys: [{{id: k2, sha256: {HASH}}}]\n", "c.yaml: teams[1].keys[0].sha256: the same key hash is used by teams[0].keys[0]"),
-        ("teams:\n  - id: a\n    models: {allow: ['*'], aliases: {x: y, y: x}}", "c.yaml: teams[0].models.aliases.x: alias cycle: x -> y -> x"),
-        ("teams:\n  - id: a\n    models: {allow: ['*'], deny: [bad], aliases: {x: bad}}", "c.yaml: teams[0].models.aliases.x: alias points at 'bad', which the team's deny list refuses"),
-        ("teams:\n  - id: a\n    models: {allow: ['gpt-*'], aliases: {x: claude}}", "c.yaml: teams[0].models.aliases.x: alias points at 'claude', which the team's allow list lacks"),
-        ("teams:\n  - id: a\n    models: {allow: [gpt-5.5], aliases: {gpt-5.5: gpt-5.5}}", "c.yaml: teams[0].models.aliases.gpt-5.5: alias shadows a model id named in this team's policy"),
-        ("teams:\n  - id: a\n    caps: {max_tokens: -1}", "c.yaml: teams[0].caps.max_tokens: must be a positive number of tokens"),
-        ("teams:\n  - id: a\n    budget: {day: 5}", "c.yaml: teams[0].budget: not supported by this version yet (arrives with the quotas feature)"),
-        ("teams:\n  - id: 'bad id'", "c.yaml: teams[0].id: must be 1-63 characters of letters, digits, '.', '_', '-'"),
-        ("server: {port: 1}\nserver: {port: 2}", "c.yaml: invalid YAML (line 2): duplicate key 'server' (line 2)"),
-        ("!!python/object:os.system {}", "c.yaml: invalid YAML (line 1): could not determine a constructor for the tag 'tag:yaml.org,2002:python/object:os.system'"),
+        (
+            OK_TEAM + f"  - id: b\n    keys: [{{id: k2, sha256: {HASH}}}]\n",
+            "c.yaml: teams[1].keys[0].sha256: the same key hash is used by teams[0].keys[0]",
+        ),
+        (
+            "teams:\n  - id: a\n    models: {allow: ['*'], aliases: {x: y, y: x}}",
+            "c.yaml: teams[0].models.aliases.x: alias cycle: x -> y -> x",
+        ),
+        (
+            "teams:\n  - id: a\n    models: {allow: ['*'], deny: [bad], aliases: {x: bad}}",
+            "c.yaml: teams[0].models.aliases.x: alias points at 'bad', which the team's deny list refuses",
+        ),
+        (
+            "teams:\n  - id: a\n    models: {allow: ['gpt-*'], aliases: {x: claude}}",
+            "c.yaml: teams[0].models.aliases.x: alias points at 'claude', which the team's allow list lacks",
+        ),
+        (
+            "teams:\n  - id: a\n    models: {allow: [gpt-5.5], aliases: {gpt-5.5: gpt-5.5}}",
+            "c.yaml: teams[0].models.aliases.gpt-5.5: alias shadows a model id named in this team's policy",
+        ),
+        (
+            "teams:\n  - id: a\n    caps: {max_tokens: -1}",
+            "c.yaml: teams[0].caps.max_tokens: must be a positive number of tokens",
+        ),
+        (
+            "teams:\n  - id: a\n    budget: {day: 5}",
+            "c.yaml: teams[0].budget: not supported by this version yet (arrives with the quotas feature)",
+        ),
+        (
+            "teams:\n  - id: 'bad id'",
+            "c.yaml: teams[0].id: must be 1-63 characters of letters, digits, '.', '_', '-'",
+        ),
+        (
+            "server: {port: 1}\nserver: {port: 2}",
+            "c.yaml: invalid YAML (line 2): duplicate key 'server' (line 2)",
+        ),
+        (
+            "!!python/object:os.system {}",
+            "c.yaml: invalid YAML (line 1): could not determine a constructor for the tag 'tag:yaml.org,2002:python/object:os.system'",
+        ),
         ("- a\n- b", "c.yaml: the top level must be a mapping of sections"),
     ],
 )
