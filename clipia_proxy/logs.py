@@ -19,7 +19,8 @@ import msgspec
 __all__ = ["JsonFormatter", "RedactingFilter", "access_fields", "redact", "setup_logging"]
 
 _SECRET_RE: Final = re.compile(
-    r"(?i:bearer|key)\s+[^\s\"',;]+|clipia_(?:live|test)_[A-Za-z0-9_-]*|cpx_[A-Za-z0-9_-]*"
+    r"(?i:\bbearer|\bkey)\s+[A-Za-z0-9._~+/=-]{12,}"
+    r"|clipia_(?:live|test)_[A-Za-z0-9_-]*|cpx_[A-Za-z0-9_-]*"
 )
 _ENCODER: Final = msgspec.json.Encoder()
 ACCESS_LOGGER: Final = logging.getLogger("clipia_proxy.access")

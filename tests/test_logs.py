@@ -1,0 +1,76 @@
+"""JSON log lines, the redaction filter, and the access line's fields."""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import msgspec
+import pytest
+
+from clipia_proxy.logs import JsonFormatter, RedactingFilter, redact, setup_logging
+
+SECRETS = [
+    "Bearer cpx_abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG",
+    "clipia_live_0123456789abcdef0123456789abcdef",
+    "clipia_test_deadbeefdeadbeef",
+    "cpx_abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG",
+    "Key cpx_zzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzz",
+]
+
+
+@pytest.mark.parametrize("secret", SECRETS)
+def test_redact_scrubs_each_pattern(secret: str) -> None:
+    text = redact(f"before {secret} after")
+    assert "[REDACTED]" in text
+    tail = secret.split()[-1]
+    for start in range(len(tail) - 7):
+        assert tail[start : start + 8] not in text
+
+
+def _logger_to(stream: io.StringIO) -> logging.Logger:
+    logger = logging.getLogger(f"test.{id(stream)}")
+    logger.propagate = False
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    handler.addFilter(RedactingFilter())
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    return logger
+
+
+def test_args_and_exceptions_are_redacted_and_lines_are_json() -> None:
+    stream = io.StringIO()
+    logger = _logger_to(stream)
+    key = "clipia_live_0123456789abcdef0123456789abcdef"
+    logger.warning("key is %s\nforged line", key, extra={"fields": {"event": "x"}})
+    try:
+        raise ValueError(f"boom with {key}")
+    except ValueError:
+        logger.exception("failed")
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2  # the newline in the message did not forge a line
+    first, second = (msgspec.json.decode(line) for line in lines)
+    assert first["msg"] == "key is [REDACTED]\nforged line"
+    assert first["event"] == "x"
+    assert first["level"] == "warning"
+    assert "ValueError" in second["exc"]
+    assert key[:20] not in stream.getvalue()
+
+
+def test_setup_logging_installs_one_redacting_json_handler() -> None:
+    stream = io.StringIO()
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    try:
+        handler = setup_logging("DEBUG", stream=stream)
+        logging.getLogger("clipia_proxy.test").info("Bearer %s", "cpx_secretsecretsecret")
+        assert root.handlers == [handler]
+        line = msgspec.json.decode(stream.getvalue().splitlines()[-1])
+        assert line["msg"] == "[REDACTED]"
+    finally:
+        for existing in list(root.handlers):
+            root.removeHandler(existing)
+        for existing in saved[0]:
+            root.addHandler(existing)
+        root.setLevel(saved[1])

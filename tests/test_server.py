@@ -1,0 +1,123 @@
+"""A real `clipia-proxy serve` process: it starts, serves, and drains gracefully on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import secrets
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from clipia_proxy.auth import generate_key, hash_key
+from clipia_proxy.emulator import EmulatorState, Fault, create_emulator_app
+
+_LISTENING = re.compile(r"listening on [^:]+:(\d+) \(admin (\d+)\)")
+
+
+@pytest.fixture
+async def emulator() -> AsyncIterator[tuple[EmulatorState, str, str]]:
+    key = "clipia_live_" + secrets.token_hex(16)
+    state = EmulatorState(keys={key})
+    runner = web.AppRunner(create_emulator_app(state), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    port = runner.addresses[0][1]
+    try:
+        yield state, f"http://127.0.0.1:{port}/v1", key
+    finally:
+        await runner.cleanup()
+
+
+async def _start_serve(
+    tmp_path: Path, base_url: str, clipia_key: str, team_key: str, grace: float
+) -> tuple[asyncio.subprocess.Process, int, int, list[str]]:
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"""
+server: {{host: 127.0.0.1, port: 0, admin_port: 0, shutdown_grace_seconds: {grace}}}
+upstream: {{base_url: "{base_url}", api_key_env: TEST_CLIPIA_KEY}}
+teams:
+  - id: search
+    keys: [{{id: k, sha256: {hash_key(team_key)}}}]
+    models: {{allow: ["*"]}}
+"""
+    )
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "clipia_proxy",
+        "serve",
+        "--config",
+        str(config),
+        env={**os.environ, "TEST_CLIPIA_KEY": clipia_key},
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stderr is not None
+    lines: list[str] = []
+    async with asyncio.timeout(20):
+        while True:
+            line = (await process.stderr.readline()).decode()
+            assert line, "serve exited before listening: " + "".join(lines)
+            lines.append(line)
+            match = _LISTENING.search(line)
+            if match:
+                return process, int(match[1]), int(match[2]), lines
+
+
+async def test_sigterm_lets_streams_finish_and_exits_zero(
+    tmp_path: Path, emulator: tuple[EmulatorState, str, str]
+) -> None:
+    state, base_url, clipia_key = emulator
+    team_key = generate_key()
+    process, port, admin_port, lines = await _start_serve(
+        tmp_path, base_url, clipia_key, team_key, grace=10
+    )
+    try:
+        # A stream that needs about a second: 0.05 s between events.
+        state.push_fault(Fault(chunk_gap=0.05))
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{admin_port}/readyz") as ready:
+                assert ready.status == 200
+            stream = await session.post(
+                f"http://127.0.0.1:{port}/v1/chat/completions",
+                headers={"Authorization": f"Bearer {team_key}"},
+                json={
+                    "model": "gpt-5.5",
+                    "stream": True,
+                    "messages": [{"role": "user", "content": "tell me a long story"}],
+                },
+            )
+            assert stream.status == 200
+            first = await stream.content.readany()
+            assert first.startswith(b"data: ")
+            process.send_signal(signal.SIGTERM)
+            # Readiness turns off while the stream is still running.
+            async with asyncio.timeout(5):
+                while True:
+                    async with session.get(f"http://127.0.0.1:{admin_port}/readyz") as ready:
+                        if ready.status == 503:
+                            assert "draining" in (await ready.json())["problems"]
+                            break
+                    await asyncio.sleep(0.02)
+            rest = await stream.content.read()
+            body = first + rest
+            assert body.endswith(b"data: [DONE]\n\n")
+            assert b'"error"' not in body
+        assert process.stderr is not None
+        async with asyncio.timeout(15):
+            code = await process.wait()
+            tail = (await process.stderr.read()).decode()
+        assert code == 0, tail
+        assert "clipia-proxy stopped" in tail
+        assert clipia_key not in "".join(lines) + tail
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
