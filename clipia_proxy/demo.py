@@ -92,8 +92,9 @@ async def run_demo(*, port: int = 8080, admin_port: int = 9090, emulator_port: i
     emulator = web.AppRunner(create_emulator_app(state), access_log=None)
     await emulator.setup()
     await web.TCPSite(emulator, _HOST, emulator_port).start()
+    bound = emulator.addresses[0][1]  # the real port when 0 asked for a free one
     keys = {"search": generate_key(), "research": generate_key()}
-    config = demo_config(port=port, admin_port=admin_port, emulator_port=emulator_port, keys=keys)
+    config = demo_config(port=port, admin_port=admin_port, emulator_port=bound, keys=keys)
     upstream_key = Secret("clipia_test_demo" + secrets.token_hex(16))
 
     def ready(running: Running) -> None:
