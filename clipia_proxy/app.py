@@ -7,6 +7,7 @@ Tests swap the world through keyword-only overrides instead of patching.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 import time
@@ -41,13 +42,20 @@ from .keys import (
     GENERATIONS,
     HEALTH,
     INFO,
+    LEDGER,
     POLICIES,
     PRINCIPAL,
+    QUOTAS,
     TASKS,
     UPSTREAM,
 )
 from .logs import ACCESS_LOGGER, access_fields
+from .ledger import Ledger
 from .policy import ModelPolicy
+from .quotas.memory import MemoryStore
+from .quotas.service import QuotaService
+from .quotas.sqlite import SqliteStore
+from .quotas.store import Store, StoreUnavailable
 from .tasks import TaskRegistry
 from .upstream import UpstreamClient
 
@@ -66,11 +74,14 @@ def create_app(
     api_key: Secret | None = None,
     connector: aiohttp.BaseConnector | None = None,
     today: Callable[[], dt.date] | None = None,
+    store: Store | None = None,
+    clock: Callable[[], float] | None = None,
 ) -> web.Application:
     """Build the data-port application for ``config``.
 
     ``api_key`` overrides the Clipia key named by the config (the demo and tests use it);
-    ``connector`` the upstream connector; ``today`` the date used for key expiry.
+    ``connector`` the upstream connector; ``today`` the date used for key expiry; ``store``
+    the quota store (else built from ``config.store``); ``clock`` the quota clock (epoch s).
     """
     key = api_key if api_key is not None else read_api_key(config.upstream)
     app = web.Application(
@@ -85,6 +96,14 @@ def create_app(
     tasks = TaskRegistry()
     upstream = UpstreamClient(config.upstream, key, connector=connector)
     catalog = Catalog(upstream, config.catalog, tasks)
+    quota_clock = clock or time.time
+    quotas = QuotaService(
+        store if store is not None else build_store(config, clock=quota_clock),
+        config,
+        clock=quota_clock,
+    )
+    app[QUOTAS] = quotas
+    app[LEDGER] = Ledger(quotas, upstream, rubles_per_credit=config.accounting.rubles_per_credit)
     app[CONFIG] = config
     app[TASKS] = tasks
     app[UPSTREAM] = upstream
@@ -103,7 +122,9 @@ def create_app(
 
     # One cleanup context per resource, in dependency order (released in reverse).
     app.cleanup_ctx.append(_tasks_ctx)
+    app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_upstream_ctx)
+    app.cleanup_ctx.append(_reconcile_ctx)
     app.cleanup_ctx.append(_catalog_ctx)
     app.on_shutdown.append(_on_shutdown)
     return app
@@ -117,6 +138,47 @@ def create_admin_app(app: web.Application) -> web.Application:
 async def _tasks_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
     await app[TASKS].drain(app[CONFIG].server.shutdown_grace_seconds)
+
+
+def build_store(config: Config, *, clock: Callable[[], float]) -> Store:
+    """Return the store ``config.store.backend`` names (not started)."""
+    backend = config.store.backend
+    if backend == "memory":
+        return MemoryStore()
+    if backend == "sqlite":
+        return SqliteStore(config.store.sqlite_path, clock=clock)
+    from .quotas.redis import RedisStore  # noqa: PLC0415 - redis-py is an optional extra
+
+    return RedisStore.from_config(config.store)
+
+
+async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
+    store = app[QUOTAS].store
+    await store.start()
+    yield
+    await store.close()
+
+
+async def _reconcile_ctx(app: web.Application) -> AsyncIterator[None]:
+    # One replica (sqlite/memory): every unsettled record belongs to a dead process. Shared
+    # stores: only expired leases, then periodically, for records of crashed replicas.
+    shared = app[CONFIG].store.backend == "redis"
+    settled = await app[LEDGER].reconcile(only_expired=shared)
+    if settled:
+        _LOGGER.warning("reconciled %d ledger record(s) left unsettled by a crash", settled)
+    if shared:
+        _ = app[TASKS].spawn(_reconcile_forever(app), name="ledger-reconciler")
+    yield
+
+
+async def _reconcile_forever(app: web.Application) -> None:
+    interval = app[CONFIG].accounting.lease_seconds / 2
+    while not app[HEALTH].is_draining:
+        await asyncio.sleep(interval)
+        try:
+            await app[LEDGER].reconcile(only_expired=True)
+        except StoreUnavailable as exc:
+            _LOGGER.warning("reconciler: store unavailable (%s)", exc)
 
 
 async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -82,7 +82,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     setup_logging(args.log_level)
     from .demo import run_demo
 
-    _run(run_demo(port=args.port, admin_port=args.admin_port, emulator_port=args.emulator_port))
+    _run(
+        run_demo(
+            port=args.port,
+            admin_port=args.admin_port,
+            emulator_port=args.emulator_port,
+            db_path=args.db,
+        )
+    )
     return 0
 
 
@@ -121,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int, default=8080)
     demo.add_argument("--admin-port", type=int, default=9090)
     demo.add_argument("--emulator-port", type=int, default=8090)
+    demo.add_argument("--db", default="clipia-proxy-demo.db", help="SQLite ledger file")
     demo.add_argument("--log-level", default="WARNING")
     demo.set_defaults(func=_cmd_demo)
     return parser

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import fnmatch
+from decimal import Decimal
 import ipaddress
 import os
 import re
@@ -22,17 +23,22 @@ from typing import Any, Final, Literal
 
 import msgspec
 import yaml
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 __all__ = [
+    "AccountingConfig",
     "AuthConfig",
+    "BudgetConfig",
     "CapsConfig",
     "CatalogConfig",
     "Config",
     "ConfigError",
     "KeyConfig",
+    "LimitsConfig",
     "ModelsConfig",
     "Secret",
     "ServerConfig",
+    "StoreConfig",
     "TeamConfig",
     "UpstreamConfig",
     "load_config",
@@ -102,6 +108,35 @@ class CatalogConfig(msgspec.Struct, **_STRUCT):
     max_stale_seconds: float = 3600.0
 
 
+class StoreConfig(msgspec.Struct, **_STRUCT):
+    """``store``: where quota state and the ledger live."""
+
+    backend: Literal["memory", "sqlite", "redis"] = "sqlite"
+    sqlite_path: str = "./clipia-proxy.db"
+    redis_url_env: str = "REDIS_URL"
+    redis_key_prefix: str = "clipia-proxy"
+    """Every Redis key starts with this (one Redis can serve several gateways)."""
+    timeout_seconds: float = 2.0
+    """Longest wait for one store operation before ``on_error`` applies."""
+    on_error: Literal["fail_closed", "fail_open"] = "fail_closed"
+    replicas: int = 1
+    """How many gateway processes share this store (the chart sets it); sqlite allows one."""
+
+
+class AccountingConfig(msgspec.Struct, **_STRUCT):
+    """``accounting``: periods, estimates and what happens when a client hangs up."""
+
+    timezone: str = "Europe/Moscow"
+    rubles_per_credit: Decimal = Decimal(3)
+    default_output_reserve_tokens: int = 4096
+    image_reserve_tokens: int = 2000
+    """Reserved per image part: an image's token cost is not bounded by its URL's bytes."""
+    on_disconnect: Literal["drain", "cancel"] = "drain"
+    drain_timeout_seconds: float = 60.0
+    lease_seconds: float = 600.0
+    """A reservation's lease; renewed while a stream runs, so only a crashed replica's expire."""
+
+
 class AuthConfig(msgspec.Struct, **_STRUCT):
     """``auth``: how a request's team is known."""
 
@@ -133,6 +168,25 @@ class CapsConfig(msgspec.Struct, **_STRUCT):
     max_tokens: int | None = None
     n: int | None = None
     on_exceed: Literal["reject", "clamp"] = "reject"
+    max_request_credits: Decimal | None = None
+    """Reserved for a model whose catalog price is unknown (otherwise such requests fail closed)."""
+
+
+class BudgetConfig(msgspec.Struct, **_STRUCT):
+    """``teams[].budget``: credits per calendar period (``None``: no budget for that period)."""
+
+    day: Decimal | None = None
+    week: Decimal | None = None
+    month: Decimal | None = None
+    total: Decimal | None = None
+
+
+class LimitsConfig(msgspec.Struct, **_STRUCT):
+    """``teams[].limits``: request and token rates per sliding minute, and concurrency."""
+
+    rpm: int | None = None
+    tpm: int | None = None
+    concurrency: int | None = None
 
 
 class TeamConfig(msgspec.Struct, **_STRUCT):
@@ -143,6 +197,10 @@ class TeamConfig(msgspec.Struct, **_STRUCT):
     keys: tuple[KeyConfig, ...] = ()
     models: ModelsConfig = msgspec.field(default_factory=ModelsConfig)
     caps: CapsConfig = msgspec.field(default_factory=CapsConfig)
+    budget: BudgetConfig = msgspec.field(default_factory=BudgetConfig)
+    limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
+    shadow: bool = False
+    """Evaluate every limit and count would-be refusals, but block nothing."""
 
 
 class Config(msgspec.Struct, **_STRUCT):
@@ -151,6 +209,8 @@ class Config(msgspec.Struct, **_STRUCT):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     upstream: UpstreamConfig = msgspec.field(default_factory=UpstreamConfig)
     catalog: CatalogConfig = msgspec.field(default_factory=CatalogConfig)
+    store: StoreConfig = msgspec.field(default_factory=StoreConfig)
+    accounting: AccountingConfig = msgspec.field(default_factory=AccountingConfig)
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     teams: tuple[TeamConfig, ...] = ()
     source: str = "<config>"
@@ -200,13 +260,10 @@ _SECTIONS: Final[dict[str, type[msgspec.Struct]]] = {
     "server": ServerConfig,
     "upstream": UpstreamConfig,
     "catalog": CatalogConfig,
+    "store": StoreConfig,
+    "accounting": AccountingConfig,
     "auth": AuthConfig,
 }
-_LATER_SECTIONS: Final = {
-    "store": "quotas",
-    "accounting": "quotas",
-}
-_LATER_TEAM_KEYS: Final = {"budget", "limits", "shadow"}
 
 
 def load_config(path: str | os.PathLike[str], *, resolve_secrets: bool = True) -> Config:
@@ -258,11 +315,6 @@ def parse_config(
             if converted is not None:
                 team_paths = [path for path, _ in converted]
                 values["teams"] = tuple(team for _, team in converted)
-        elif key in _LATER_SECTIONS:
-            problems.append(
-                f"{source}: {key}: not supported by this version yet "
-                f"(arrives with the {_LATER_SECTIONS[key]} feature)"
-            )
         else:
             problems.append(f"{source}: {key}: unknown section")
     config = Config(
@@ -365,6 +417,12 @@ def _convert(
 def _humanise(message: str, raw: object, sub: str) -> str:
     text = message[0].lower() + message[1:] if message else message
     text = text.replace("`", "")
+    if text.startswith("invalid decimal string"):
+        text = "must be a number"
+        value = _lookup(raw, sub)
+        if isinstance(value, str) and len(value) <= 40 and not _INLINE_SECRET_RE.search(value):
+            text += f" (got {value!r})"
+        return text
     if text.startswith("expected"):
         value = _lookup(raw, sub)
         shown = isinstance(value, int | float) or (
@@ -440,13 +498,6 @@ def _convert_teams(
     teams: list[tuple[str, TeamConfig]] = []
     for index, item in enumerate(raw):
         path = f"teams[{index}]"
-        if isinstance(item, dict):
-            problems.extend(
-                f"{source}: {path}.{key}: not supported by this version yet "
-                "(arrives with the quotas feature)"
-                for key in sorted(_LATER_TEAM_KEYS & item.keys())
-            )
-            item = {k: v for k, v in item.items() if k not in _LATER_TEAM_KEYS}
         team = _convert(item, TeamConfig, path, source, problems)
         if team is not None:
             teams.append((path, team))
@@ -493,6 +544,36 @@ def _check(
         problem("catalog.ttl_seconds", "must be positive")
     if config.catalog.max_stale_seconds < config.catalog.ttl_seconds:
         problem("catalog.max_stale_seconds", "must be at least catalog.ttl_seconds")
+
+    store, accounting = config.store, config.accounting
+    if store.backend == "sqlite" and store.replicas > 1:
+        problem(
+            "store.backend",
+            f"sqlite serves one replica only (store.replicas is {store.replicas}); use redis",
+        )
+    if store.replicas < 1:
+        problem("store.replicas", "must be at least 1")
+    if store.timeout_seconds <= 0:
+        problem("store.timeout_seconds", "must be a positive number of seconds")
+    if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", store.redis_key_prefix):
+        problem("store.redis_key_prefix", "must be 1-64 characters of letters, digits, _.:-")
+    try:
+        ZoneInfo(accounting.timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        problem("accounting.timezone", f"unknown time zone {accounting.timezone[:40]!r}")
+    if accounting.rubles_per_credit <= 0:
+        problem("accounting.rubles_per_credit", "must be a positive number")
+    for name in ("default_output_reserve_tokens", "image_reserve_tokens"):
+        if getattr(accounting, name) <= 0:
+            problem(f"accounting.{name}", "must be a positive number of tokens")
+    if accounting.drain_timeout_seconds < 0:
+        problem("accounting.drain_timeout_seconds", "must not be negative")
+    if accounting.lease_seconds <= upstream.first_byte_timeout_seconds:
+        problem(
+            "accounting.lease_seconds",
+            "must be longer than upstream.first_byte_timeout_seconds "
+            "(a reservation must outlive the wait for Clipia's answer)",
+        )
 
     for index, cidr in enumerate(auth.trusted_proxies):
         try:
@@ -551,6 +632,16 @@ def _check(
             problem(f"{path}.caps.max_tokens", "must be a positive number of tokens")
         if caps.n is not None and caps.n <= 0:
             problem(f"{path}.caps.n", "must be positive")
+        if caps.max_request_credits is not None and caps.max_request_credits <= 0:
+            problem(f"{path}.caps.max_request_credits", "must be a positive number")
+        for period in ("day", "week", "month", "total"):
+            amount = getattr(team.budget, period)
+            if amount is not None and (not amount.is_finite() or amount < 0):
+                problem(f"{path}.budget.{period}", f"must be a positive number (got {amount})")
+        for name in ("rpm", "tpm", "concurrency"):
+            value = getattr(team.limits, name)
+            if value is not None and value <= 0:
+                problem(f"{path}.limits.{name}", f"must be a positive integer (got {value})")
 
 
 def _check_models(team: TeamConfig, path: str, problem: Any) -> None:

@@ -15,6 +15,7 @@ from aiohttp import web
 from .auth import generate_key, hash_key
 from .config import Config, Secret, parse_config
 from .emulator import EmulatorState, create_emulator_app
+from .keys import CONFIG
 from .server import Running, serve
 
 __all__ = ["demo_config", "run_demo"]
@@ -22,7 +23,9 @@ __all__ = ["demo_config", "run_demo"]
 _HOST: Final = "127.0.0.1"
 
 
-def demo_config(*, port: int, admin_port: int, emulator_port: int, keys: dict[str, str]) -> Config:
+def demo_config(
+    *, port: int, admin_port: int, emulator_port: int, keys: dict[str, str], db_path: str
+) -> Config:
     """Return the demo's config: two example teams, upstream = the local emulator."""
     text = f"""
 server: {{host: {_HOST}, port: {port}, admin_port: {admin_port}, shutdown_grace_seconds: 2}}
@@ -30,6 +33,7 @@ upstream:
   base_url: http://{_HOST}:{emulator_port}/v1
   api_key_env: null
 catalog: {{ttl_seconds: 300}}
+store: {{backend: sqlite, sqlite_path: "{db_path}"}}
 auth: {{mode: keys}}
 teams:
   - id: search
@@ -61,6 +65,7 @@ clipia-proxy demo is running (upstream: the built-in Clipia emulator; no real cr
   team keys (fresh for this run):
     search    {key}
     research  {keys["research"]}
+  ledger   SQLite file {running.app[CONFIG].store.sqlite_path} (spend survives restarts)
 
 Try it:
 
@@ -86,7 +91,13 @@ Press Ctrl+C to stop.
 """
 
 
-async def run_demo(*, port: int = 8080, admin_port: int = 9090, emulator_port: int = 8090) -> None:
+async def run_demo(
+    *,
+    port: int = 8080,
+    admin_port: int = 9090,
+    emulator_port: int = 8090,
+    db_path: str = "clipia-proxy-demo.db",
+) -> None:
     """Run the emulator and the gateway until interrupted."""
     state = EmulatorState(seed=0)
     emulator = web.AppRunner(create_emulator_app(state), access_log=None)
@@ -94,7 +105,9 @@ async def run_demo(*, port: int = 8080, admin_port: int = 9090, emulator_port: i
     await web.TCPSite(emulator, _HOST, emulator_port).start()
     bound = emulator.addresses[0][1]  # the real port when 0 asked for a free one
     keys = {"search": generate_key(), "research": generate_key()}
-    config = demo_config(port=port, admin_port=admin_port, emulator_port=bound, keys=keys)
+    config = demo_config(
+        port=port, admin_port=admin_port, emulator_port=bound, keys=keys, db_path=db_path
+    )
     upstream_key = Secret("clipia_test_demo" + secrets.token_hex(16))
 
     def ready(running: Running) -> None:

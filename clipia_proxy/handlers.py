@@ -16,17 +16,33 @@ from aiohttp import web
 
 from .catalog import CatalogSnapshot
 from .errors import (
+    BudgetExceeded,
     ModelNotFound,
     NotFound,
     RequestTooLarge,
     UnsupportedMediaType,
+    UpstreamTimeout,
     UpstreamUnavailable,
     error_body,
 )
-from .keys import CATALOG, CONFIG, GENERATIONS, INFO, POLICIES, PRINCIPAL, UPSTREAM
+from .keys import (
+    CATALOG,
+    CONFIG,
+    GENERATIONS,
+    INFO,
+    LEDGER,
+    POLICIES,
+    PRINCIPAL,
+    QUOTAS,
+    TASKS,
+    UPSTREAM,
+)
+from .ledger import Flight
 from .policy import ModelPolicy, apply_caps
-from .streaming import Outcome, relay_stream
-from .upstream import UpstreamClient
+from .quotas.estimate import PriceUnknown, estimate
+from .quotas.model import Outcome
+from .streaming import relay_stream
+from .upstream import UpstreamClient, UpstreamNotSent, UpstreamRefused
 from .wire import Usage, decode_json, encode_json, parse_chat_request, usage_from_object
 
 __all__ = [
@@ -119,12 +135,13 @@ def _policy(request: web.Request) -> ModelPolicy:
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    """``POST /v1/chat/completions``: check, forward, relay, observe."""
+    """``POST /v1/chat/completions``: check, admit, forward, relay, settle."""
     app = request.app
     config = app[CONFIG]
     info = request[INFO]
     # 2. Read and parse strictly.
-    chat = parse_chat_request(await read_json_body(request, config.server.max_body_bytes))
+    raw = await read_json_body(request, config.server.max_body_bytes)
+    chat = parse_chat_request(raw)
     info.stream = chat.stream
     # 3. Policy: alias -> canonical id, allow/deny, catalog, caps.
     policy = _policy(request)
@@ -143,36 +160,125 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             **(options if isinstance(options, dict) else {}),
             "include_usage": True,
         }
-    # 6. Forward our re-serialisation of what we validated.
-    upstream = app[UPSTREAM]
-    response = await upstream.send(
-        "POST",
-        "/chat/completions",
+    payload = encode_json(body)
+    # 4-5. Admit: estimate the worst case, reserve it and write the ledger record.
+    entry = snapshot.entries[canonical_model]
+    context_length = entry.raw.get("context_length")
+    try:
+        worst_case = estimate(
+            raw_body=payload,
+            body=body,
+            prompt_price=entry.prompt_price,
+            completion_price=entry.completion_price,
+            context_length=context_length if isinstance(context_length, int) else None,
+            team_max_tokens=team.caps.max_tokens,
+            default_output_tokens=config.accounting.default_output_reserve_tokens,
+            image_reserve_tokens=config.accounting.image_reserve_tokens,
+            rubles_per_credit=config.accounting.rubles_per_credit,
+            ceiling=team.caps.max_request_credits,
+        )
+    except PriceUnknown as exc:
+        raise BudgetExceeded(
+            f"The model {canonical_model!r} has no price in the catalog, so its cost cannot be "
+            "bounded; the platform team can set caps.max_request_credits for it.",
+            param="model",
+        ) from exc
+    admission = await app[QUOTAS].admit(
         request_id=info.request_id,
-        body=encode_json(body),
-        accept="text/event-stream" if chat.stream else _JSON,
+        team=team.id,
+        key_id=info.key_id,
+        model=canonical_model,
+        stream=chat.stream,
+        estimate=worst_case,
+    )
+    flight = Flight(
+        admission=admission,
+        prompt_price=entry.prompt_price,
+        completion_price=entry.completion_price,
     )
     try:
+        return await _forward(request, flight, payload, chat.stream, drop_usage_chunk)
+    finally:
+        # 8. Settle exactly once, in a task that survives this handler's cancellation.
+        _ = app[TASKS].spawn(app[LEDGER].settle(flight), name=f"settle-{info.request_id}")
+
+
+async def _forward(
+    request: web.Request,
+    flight: Flight,
+    payload: bytes,
+    stream: bool,
+    drop_usage_chunk: bool,
+) -> web.StreamResponse:
+    """Steps 6-7: send to Clipia and relay; record what was learnt on ``flight``."""
+    app = request.app
+    config = app[CONFIG]
+    info = request[INFO]
+    upstream = app[UPSTREAM]
+    headers = flight.admission.headers
+    try:
+        response = await upstream.send(
+            "POST",
+            "/chat/completions",
+            request_id=info.request_id,
+            body=payload,
+            accept="text/event-stream" if stream else _JSON,
+        )
+    except UpstreamNotSent:
+        flight.sent = False
+        flight.outcome = Outcome.NOT_SENT
+        raise
+    except UpstreamRefused as exc:
+        flight.upstream_status = exc.upstream_status
+        flight.outcome = Outcome.UPSTREAM_ERROR
+        raise
+    except UpstreamTimeout:
+        flight.outcome = Outcome.TIMEOUT
+        raise
+    except UpstreamUnavailable:
+        flight.outcome = Outcome.UPSTREAM_ERROR
+        raise
+    except BaseException:
+        flight.outcome = Outcome.CLIENT_DISCONNECT  # cancelled while waiting for Clipia
+        raise
+    try:
+        flight.upstream_status = response.status
         if response.status != 200:
-            info.outcome = Outcome.UPSTREAM_ERROR
+            flight.outcome = Outcome.UPSTREAM_ERROR
+            info.outcome = flight.outcome.value
             return await _pass_through_error(upstream, response)
         content_type = response.headers.get("Content-Type", _JSON)
-        if chat.stream and content_type.startswith("text/event-stream"):
+        if stream and content_type.startswith("text/event-stream"):
             # 7. Relay the stream byte for byte.
+            quotas, request_id = app[QUOTAS], info.request_id
+            lease = config.accounting.lease_seconds
+
+            def renew() -> None:
+                _ = app[TASKS].spawn(
+                    quotas.store.renew(request_id, quotas.now() + lease), name="lease-renew"
+                )
+
             relayed, result = await relay_stream(
                 request,
                 response,
                 headers={
+                    **headers,
                     "Content-Type": content_type,
                     "Cache-Control": "no-cache",
                     "X-Accel-Buffering": "no",
-                    "X-Request-Id": info.request_id,
+                    "X-Request-Id": request_id,
                 },
                 drop_usage_chunk=drop_usage_chunk,
-                on_disconnect="drain",
-                drain_timeout=config.upstream.idle_timeout_seconds,
+                on_disconnect=config.accounting.on_disconnect,
+                drain_timeout=config.accounting.drain_timeout_seconds,
+                renew=renew,
+                renew_every=lease / 3,
             )
             tap = result.tap
+            flight.outcome = result.outcome
+            flight.usage = tap.usage
+            flight.usage_from_stream = True
+            flight.upstream_id = tap.upstream_id
             info.outcome = result.outcome.value
             info.upstream_id = tap.upstream_id
             if result.first_byte_at is not None:
@@ -181,25 +287,32 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             _remember_generation(request, tap.upstream_id)
             return relayed
         # 7. Non-streaming: the upstream body as is.
-        payload = await response.read()
+        try:
+            data = await response.read()
+        except BaseException:
+            flight.outcome = Outcome.UPSTREAM_ERROR
+            raise
         info.ttft = time.perf_counter() - info.started
         info.outcome = Outcome.COMPLETED
         try:
-            decoded = decode_json(payload)
+            decoded = decode_json(data)
         except (msgspec.DecodeError, ValueError):
             decoded = None
         if isinstance(decoded, dict):
             upstream_id = decoded.get("id")
             if isinstance(upstream_id, str):
+                flight.upstream_id = upstream_id
                 info.upstream_id = upstream_id
                 _remember_generation(request, upstream_id)
-            info.record_usage(usage_from_object(decoded), "response")
-        return web.Response(body=payload, status=200, content_type=_JSON)
+            flight.usage = usage_from_object(decoded)
+            info.record_usage(flight.usage, "response")
+        return web.Response(body=data, status=200, content_type=_JSON, headers=headers)
     except aiohttp.ClientError as exc:
         info.outcome = Outcome.UPSTREAM_ERROR
         raise _upstream_broke() from exc
     except TimeoutError as exc:
         info.outcome = Outcome.TIMEOUT
+        flight.outcome = Outcome.TIMEOUT
         raise _upstream_broke() from exc
     finally:
         response.release()
@@ -275,6 +388,11 @@ async def retrieve_model(request: web.Request) -> web.Response:
     raise ModelNotFound(f"The model {model_id[:80]!r} does not exist.", param="model")
 
 
+def _remaining(budget: dict[str, Decimal | str | None]) -> Decimal:
+    value = budget["remaining"]
+    return value if isinstance(value, Decimal) else Decimal(0)
+
+
 async def key_info(request: web.Request) -> web.Response:
     """``GET /v1/key``: the calling team's view (never the gateway's Clipia key)."""
     principal = request[PRINCIPAL]
@@ -282,14 +400,26 @@ async def key_info(request: web.Request) -> web.Response:
     team = config.team(principal.team)
     assert team is not None
     policy = _policy(request)
+    quotas = request.app[QUOTAS]
+    limits = quotas.limits(team.id)
+    budgets = await quotas.budgets(team.id)
+    tightest = min(budgets, key=_remaining, default=None)
+    spent_total = await quotas.spent_total(team.id)
     data = {
         "label": team.label or team.id,
         "team": team.id,
         "key_id": principal.key_id,
-        "usage": None,
-        "limit": None,
-        "limit_remaining": None,
-        "rate_limit": None,
+        "usage": spent_total,
+        "limit": tightest["limit"] if tightest else None,
+        "limit_remaining": tightest["remaining"] if tightest else None,
+        "rate_limit": (
+            {"requests": limits.rpm, "tokens": limits.tpm, "interval": "1m"}
+            if limits.rpm is not None or limits.tpm is not None
+            else None
+        ),
+        "concurrency": limits.concurrency,
+        "budgets": budgets,
+        "shadow": team.shadow,
         "models": {
             "allow": list(policy.allow),
             "deny": list(policy.deny),
@@ -307,7 +437,11 @@ async def key_info(request: web.Request) -> web.Response:
 async def generation(request: web.Request) -> web.Response:
     """``GET /v1/generation?id=``: proxied only for an id this team created, else 404."""
     ids = request.query.getall("id", [])
-    if len(ids) != 1 or request.app[GENERATIONS].get(ids[0]) != request[PRINCIPAL].team:
+    team = request[PRINCIPAL].team
+    owner = request.app[GENERATIONS].get(ids[0]) if len(ids) == 1 else None
+    if owner is None and len(ids) == 1 and len(ids[0]) <= 128:
+        owner = await request.app[QUOTAS].store.owner_of(ids[0])
+    if len(ids) != 1 or owner != team:
         raise NotFound("No generation with that id was created by this team.", param="id")
     upstream = request.app[UPSTREAM]
     response = await upstream.send(

@@ -14,6 +14,8 @@ if TYPE_CHECKING:  # the keys name these types in strings only (no import cycles
     from .config import Config  # noqa: F401
     from .handlers import RequestInfo  # noqa: F401
     from .health import Health  # noqa: F401
+    from .ledger import Ledger  # noqa: F401
+    from .quotas.service import QuotaService  # noqa: F401
     from .policy import ModelPolicy  # noqa: F401
     from .tasks import TaskRegistry  # noqa: F401
     from .upstream import UpstreamClient  # noqa: F401
@@ -25,8 +27,10 @@ __all__ = [
     "GENERATIONS",
     "HEALTH",
     "INFO",
+    "LEDGER",
     "POLICIES",
     "PRINCIPAL",
+    "QUOTAS",
     "TASKS",
     "UPSTREAM",
 ]
@@ -38,6 +42,10 @@ AUTHENTICATOR: Final = web.AppKey["Authenticator"]("authenticator")
 UPSTREAM: Final = web.AppKey["UpstreamClient"]("upstream")
 CATALOG: Final = web.AppKey["Catalog"]("catalog")
 HEALTH: Final = web.AppKey["Health"]("health")
+QUOTAS: Final = web.AppKey["QuotaService"]("quotas")
+"""Admission and settlement; owns the store (``QUOTAS.store``)."""
+LEDGER: Final = web.AppKey["Ledger"]("ledger")
+"""Settlement rules and crash reconciliation."""
 POLICIES: Final = web.AppKey["dict[str, ModelPolicy]"]("policies")
 """Team id -> model policy, built from the config."""
 GENERATIONS: Final = web.AppKey["LRUCache[str, str]"]("generations")

@@ -21,12 +21,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from enum import StrEnum
+from collections.abc import Callable
 from typing import Final
 
 import aiohttp
 from aiohttp import web
 
+from .quotas.model import Outcome
 from .sse import UsageChunkFilter, UsageTap, sse_error_event
 
 __all__ = ["Outcome", "StreamResult", "relay_stream"]
@@ -34,15 +35,6 @@ __all__ = ["Outcome", "StreamResult", "relay_stream"]
 _LOGGER: Final = logging.getLogger(__name__)
 _STREAM_TERMINATOR: Final = b"\n\n"
 """Written before our error event: ends any partial upstream event (blank lines are no-ops)."""
-
-
-class Outcome(StrEnum):
-    """How a request ended (the ledger's ``outcome``)."""
-
-    COMPLETED = "completed"
-    CLIENT_DISCONNECT = "client_disconnect"
-    UPSTREAM_ERROR = "upstream_error"
-    TIMEOUT = "timeout"
 
 
 class StreamResult:
@@ -64,11 +56,15 @@ async def relay_stream(
     drop_usage_chunk: bool,
     on_disconnect: str,
     drain_timeout: float,
+    renew: Callable[[], None] | None = None,
+    renew_every: float = 60.0,
 ) -> tuple[web.StreamResponse, StreamResult]:
     """Relay an upstream SSE body to the client; return the response and what was learnt.
 
     ``headers`` are the response headers to send (the caller built them from an allow-list).
-    Never raises for upstream or client failures: they become the result's ``outcome``.
+    ``renew`` is called at most every ``renew_every`` seconds while bytes flow (it extends the
+    request's reservation lease). Never raises for upstream or client failures: they become
+    the result's ``outcome``.
     """
     response = web.StreamResponse(status=200, headers=headers)
     tap = UsageTap()
@@ -78,6 +74,7 @@ async def relay_stream(
     loop = asyncio.get_running_loop()
     client_alive = True
     drain_deadline: float | None = None
+    next_renewal = loop.time() + renew_every
     try:
         await response.prepare(request)
     except ConnectionError:
@@ -111,6 +108,9 @@ async def relay_stream(
         if result.first_byte_at is None:
             result.first_byte_at = time.perf_counter()
         tap.feed(chunk)
+        if renew is not None and loop.time() >= next_renewal:
+            next_renewal = loop.time() + renew_every
+            renew()
         if not client_alive:
             continue
         out = chunk_filter.feed(chunk) if chunk_filter is not None else chunk

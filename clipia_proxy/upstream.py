@@ -17,6 +17,7 @@ Owns everything about talking to the upstream and never anything about teams or 
 from __future__ import annotations
 
 import asyncio
+import datetime
 import email.utils
 import logging
 import time
@@ -30,7 +31,19 @@ from . import __version__
 from .config import Secret, UpstreamConfig
 from .errors import UpstreamTimeout, UpstreamUnavailable
 
-__all__ = ["UpstreamClient", "parse_retry_after"]
+__all__ = ["UpstreamClient", "UpstreamNotSent", "UpstreamRefused", "parse_retry_after"]
+
+
+class UpstreamNotSent(UpstreamUnavailable):
+    """Raised when Clipia could not be reached at all: it certainly received nothing."""
+
+
+class UpstreamRefused(UpstreamUnavailable):
+    """Raised when Clipia answered a redirect or rejected our key: nothing was billed."""
+
+    def __init__(self, message: str, *, upstream_status: int) -> None:
+        super().__init__(message)
+        self.upstream_status: Final = upstream_status
 
 _LOGGER: Final = logging.getLogger(__name__)
 _RETRY_STATUSES: Final = frozenset({429, 500, 502, 503, 504, 529})
@@ -43,12 +56,14 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
     if not value:
         return None
     text = value.strip()
-    if text.isdigit():
+    if text.isascii() and text.isdigit():  # "²".isdigit() is true, but float("²") raises
         return float(text)
     try:
         when = email.utils.parsedate_to_datetime(text)
     except (TypeError, ValueError):
         return None
+    if when.tzinfo is None:  # "-0000": an HTTP date is always UTC, never local time
+        when = when.replace(tzinfo=datetime.UTC)
     current = time.time() if now is None else now
     return max(0.0, when.timestamp() - current)
 
@@ -80,6 +95,11 @@ class UpstreamClient:
             "User-Agent": f"clipia-proxy/{__version__}",
         }
         self._key_bytes: Final = api_key.reveal().encode()
+        # Until the headers arrive only the first-byte timeout applies (sock_read would be
+        # the idle timeout); ``send`` restores the idle timeout for the body.
+        self._header_timeout: Final = aiohttp.ClientTimeout(
+            total=None, connect=None, sock_connect=config.connect_timeout_seconds, sock_read=None
+        )
         self._urls: dict[str, URL] = {}
 
     @property
@@ -160,12 +180,17 @@ class UpstreamClient:
                         params=query,
                         headers=headers,
                         allow_redirects=False,
+                        timeout=self._header_timeout,
                     )
+                # The idle timeout governs the body only: it must not cut the first-byte wait.
+                if response.connection is not None and response.connection.protocol is not None:
+                    response.connection.protocol.read_timeout = self._config.idle_timeout_seconds
+                    response.connection.protocol.start_timeout()
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
                 # Nothing reached Clipia: safe to try again.
                 if last:
                     _LOGGER.warning("upstream unreachable: %s", exc.__class__.__name__)
-                    raise UpstreamUnavailable("The upstream AI gateway cannot be reached.") from exc
+                    raise UpstreamNotSent("The upstream AI gateway cannot be reached.") from exc
                 await self._sleep(_BACKOFF_BASE_SECONDS * 2 ** (attempt - 1))
                 continue
             except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
@@ -180,15 +205,18 @@ class UpstreamClient:
             if 300 <= status < 400:
                 response.release()
                 _LOGGER.error("upstream answered a redirect (%d); not followed", status)
-                raise UpstreamUnavailable("The upstream AI gateway answered with a redirect.")
+                raise UpstreamRefused(
+                    "The upstream AI gateway answered with a redirect.", upstream_status=status
+                )
             if status in _KEY_REJECTED:
                 response.release()
                 _LOGGER.error(
                     "upstream rejected the gateway's Clipia key (status %d); check the key",
                     status,
                 )
-                raise UpstreamUnavailable(
-                    "The upstream AI gateway refused this gateway's credentials."
+                raise UpstreamRefused(
+                    "The upstream AI gateway refused this gateway's credentials.",
+                    upstream_status=status,
                 )
             if status in _RETRY_STATUSES and not last:
                 wait = parse_retry_after(response.headers.get("Retry-After"))

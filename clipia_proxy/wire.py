@@ -48,7 +48,10 @@ def decode_json(data: bytes | str) -> object:
     Raises ``msgspec.DecodeError`` (or ``ValueError``) for invalid UTF-8, ``NaN``/``Infinity``,
     out-of-range numbers, nesting deeper than msgspec's limit, trailing data and BOMs.
     """
-    return _DECODER.decode(data)
+    try:
+        return _DECODER.decode(data)
+    except RecursionError as exc:  # msgspec signals its nesting limit this way
+        raise ValueError("JSON nested too deeply") from exc
 
 
 def encode_json(obj: object) -> bytes:
@@ -155,10 +158,14 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
         raise InvalidRequest(f"The body is not valid JSON: {exc}") from exc
     if not isinstance(body, dict):
         raise InvalidRequest("The body must be a JSON object.")
-    if raw.count(b'"model"') > 1:
-        # Slow path, only when a duplicate is possible: msgspec keeps the last of duplicate
-        # keys silently, and another parser upstream might keep the first.
-        json.loads(raw, object_pairs_hook=_reject_duplicate_keys)
+    if raw.count(b'"model"') > 1 or b"\\u" in raw:
+        # Slow path, only when a duplicate is possible (a key may also be spelled with
+        # escapes, "mod\\u0065l"): msgspec keeps the last of duplicate keys silently, and
+        # another parser upstream might keep the first.
+        try:
+            json.loads(raw, object_pairs_hook=_reject_duplicate_keys)
+        except (ValueError, RecursionError) as exc:
+            raise InvalidRequest("The body is not valid JSON.") from exc
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise InvalidRequest("'model' must be a non-empty string.", param="model")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import tempfile
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -70,9 +71,19 @@ class Stack:
 
 
 def make_config(
-    emulator_url: str, keys: dict[str, str], *, extra: str = "", teams: str | None = None
+    emulator_url: str,
+    keys: dict[str, str],
+    *,
+    extra: str = "",
+    teams: str | None = None,
+    store: str | None = None,
 ) -> Config:
-    """Return a gateway config for tests: ephemeral ports, the emulator upstream."""
+    """Return a gateway config for tests: ephemeral ports, the emulator upstream.
+
+    ``store`` is the ``store:`` section (default: sqlite in a fresh temporary directory).
+    """
+    if store is None:
+        store = f"{{backend: sqlite, sqlite_path: {tempfile.mkdtemp(prefix='clipia-test-')}/ledger.db}}"
     teams_yaml = (teams or TEAMS_YAML).format(**{team: hash_key(key) for team, key in keys.items()})
     text = f"""
 server: {{host: 127.0.0.1, port: 0, admin_port: 0, shutdown_grace_seconds: 2}}
@@ -83,13 +94,16 @@ upstream:
   first_byte_timeout_seconds: 5
   idle_timeout_seconds: 5
   max_retry_wait_seconds: 0.5
+store: {store}
 {extra}
 {teams_yaml}
 """
     return parse_config(text, source="test.yaml", resolve_secrets=False)
 
 
-async def start_stack(*, extra: str = "", teams: str | None = None, seed: int = 0) -> Stack:
+async def start_stack(
+    *, extra: str = "", teams: str | None = None, seed: int = 0, store: str | None = None
+) -> Stack:
     """Start an emulator and a gateway in the running loop."""
     clipia_key = "clipia_live_" + secrets.token_hex(16)
     state = EmulatorState(seed=seed, keys={clipia_key})
@@ -100,7 +114,7 @@ async def start_stack(*, extra: str = "", teams: str | None = None, seed: int = 
     port = emulator_runner.addresses[0][1]
     emulator_url = f"http://127.0.0.1:{port}"
     keys = {"search": generate_key(), "research": generate_key()}
-    config = make_config(emulator_url, keys, extra=extra, teams=teams)
+    config = make_config(emulator_url, keys, extra=extra, teams=teams, store=store)
     running = await start(config, api_key=Secret(clipia_key))
     return Stack(
         emulator=state,

@@ -7,11 +7,12 @@ import re
 import shlex
 import signal
 import sys
+from pathlib import Path
 
 import aiohttp
 
 
-async def test_demo_prints_working_snippets() -> None:
+async def test_demo_prints_working_snippets(tmp_path: Path) -> None:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -23,6 +24,8 @@ async def test_demo_prints_working_snippets() -> None:
         "0",
         "--emulator-port",
         "0",
+        "--db",
+        str(tmp_path / "demo.db"),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )

@@ -43,6 +43,7 @@ async def _start_serve(
         f"""
 server: {{host: 127.0.0.1, port: 0, admin_port: 0, shutdown_grace_seconds: {grace}}}
 upstream: {{base_url: "{base_url}", api_key_env: TEST_CLIPIA_KEY}}
+store: {{backend: sqlite, sqlite_path: "{tmp_path / "ledger.db"}"}}
 teams:
   - id: search
     keys: [{{id: k, sha256: {hash_key(team_key)}}}]

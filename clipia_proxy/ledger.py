@@ -1,0 +1,261 @@
+"""The spend ledger's rules: what each request is charged, exactly once, and reconciliation.
+
+The record itself is written by the store (``reserve`` writes it ``dispatched`` before the
+upstream sees the request). This module decides the settlement, best source first:
+
+1. the upstream never received the request (connect failure) → 0, outcome ``not_sent``;
+2. the upstream answered an error status → 0 (Clipia bills nothing for refused requests);
+3. ``usage.cost`` from the response or the stream → ``response`` / ``stream``;
+4. ``GET /v1/generation?id=`` (retried with backoff while it lags) → ``generation``;
+5. tokens from ``usage`` × catalog prices → ``counted``;
+6. otherwise the reservation itself (the worst case) → ``reserved``.
+
+After a crash, records left ``dispatched`` are settled by :meth:`Ledger.reconcile`: through
+``/v1/generation`` when the upstream id is known, else charged their reservation, outcome
+``crashed``. Settlement runs in a TaskRegistry task, so a cancelled handler cannot skip it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from decimal import Decimal
+from typing import Final
+
+import aiohttp
+import msgspec
+
+from .errors import ProxyError
+from .quotas.model import Micro, Outcome, Settlement, UsageSource, to_micro
+from .quotas.service import Admission, QuotaService
+from .quotas.store import LedgerRecord
+from .upstream import UpstreamClient
+from .wire import Usage, decode_json
+
+__all__ = ["Flight", "Ledger"]
+
+_LOGGER: Final = logging.getLogger(__name__)
+_GENERATION_ATTEMPTS: Final = 4
+_GENERATION_BACKOFF_SECONDS: Final = 0.25
+_MAX_GENERATION_BODY: Final = 64 * 1024
+
+
+class Flight(msgspec.Struct, kw_only=True):
+    """What one admitted request learnt on its way, filled in by the handler."""
+
+    admission: Admission
+    prompt_price: Decimal | None
+    completion_price: Decimal | None
+    sent: bool = True
+    """False only when the upstream certainly never received the request."""
+    upstream_status: int | None = None
+    usage: Usage | None = None
+    usage_from_stream: bool = False
+    upstream_id: str | None = None
+    outcome: Outcome = Outcome.COMPLETED
+
+
+class _GenerationCost(msgspec.Struct, frozen=True):
+    cost: Micro
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class Ledger:
+    """Settlement rules over a QuotaService (which owns the store)."""
+
+    def __init__(
+        self,
+        quotas: QuotaService,
+        upstream: UpstreamClient,
+        *,
+        rubles_per_credit: Decimal,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self._quotas = quotas
+        self._upstream = upstream
+        self._rubles_per_credit = rubles_per_credit
+        self._sleep = sleep
+        self.usage_sources: dict[str, int] = {}
+        """usage_source -> settlements (exported as metrics)."""
+
+    def decide(self, flight: Flight, generation: _GenerationCost | None) -> Settlement:
+        """Return the settlement for a flight, given the generation lookup's answer if any."""
+        admission = flight.admission
+        now = self._quotas.now()
+        if not flight.sent:
+            return Settlement(
+                cost=Micro(0), usage_source=UsageSource.COUNTED, outcome=Outcome.NOT_SENT, now=now
+            )
+        if flight.upstream_status is not None and flight.upstream_status != 200:
+            return Settlement(
+                cost=Micro(0),
+                usage_source=UsageSource.RESPONSE,
+                outcome=Outcome.UPSTREAM_ERROR,
+                upstream_id=flight.upstream_id,
+                now=now,
+            )
+        usage = flight.usage
+        if usage is not None and usage.cost is not None:
+            return Settlement(
+                cost=to_micro(usage.cost),
+                prompt_tokens=usage.prompt_tokens or 0,
+                completion_tokens=usage.completion_tokens or 0,
+                usage_source=UsageSource.STREAM if flight.usage_from_stream else UsageSource.RESPONSE,
+                outcome=flight.outcome,
+                upstream_id=flight.upstream_id,
+                now=now,
+            )
+        if generation is not None:
+            return Settlement(
+                cost=generation.cost,
+                prompt_tokens=generation.prompt_tokens,
+                completion_tokens=generation.completion_tokens,
+                usage_source=UsageSource.GENERATION,
+                outcome=flight.outcome,
+                upstream_id=flight.upstream_id,
+                now=now,
+            )
+        if (
+            usage is not None
+            and usage.prompt_tokens is not None
+            and usage.completion_tokens is not None
+            and flight.prompt_price is not None
+            and flight.completion_price is not None
+        ):
+            rubles = (
+                usage.prompt_tokens * flight.prompt_price
+                + usage.completion_tokens * flight.completion_price
+            )
+            return Settlement(
+                cost=to_micro(rubles / self._rubles_per_credit),
+                prompt_tokens=usage.prompt_tokens,
+                completion_tokens=usage.completion_tokens,
+                usage_source=UsageSource.COUNTED,
+                outcome=flight.outcome,
+                upstream_id=flight.upstream_id,
+                now=now,
+            )
+        return Settlement(
+            cost=admission.amount,
+            prompt_tokens=admission.estimate.prompt_tokens,
+            completion_tokens=admission.estimate.n * admission.estimate.output_tokens,
+            usage_source=UsageSource.RESERVED,
+            outcome=flight.outcome,
+            upstream_id=flight.upstream_id,
+            now=now,
+        )
+
+    async def settle(self, flight: Flight) -> Settlement:
+        """Settle one flight (from a TaskRegistry task); return what was charged."""
+        generation = None
+        needs_lookup = (
+            flight.sent
+            and flight.upstream_status in (None, 200)
+            and (flight.usage is None or flight.usage.cost is None)
+            and flight.upstream_id is not None
+        )
+        if needs_lookup and flight.upstream_id is not None:
+            generation = await self.generation_cost(flight.upstream_id)
+        settlement = self.decide(flight, generation)
+        if flight.admission.reserved:
+            await self._quotas.settle(flight.admission.request_id, settlement)
+        source = settlement.usage_source.value
+        self.usage_sources[source] = self.usage_sources.get(source, 0) + 1
+        return settlement
+
+    async def generation_cost(self, upstream_id: str) -> _GenerationCost | None:
+        """Ask ``GET /v1/generation`` for the actual cost, retrying while it lags (404)."""
+        for attempt in range(_GENERATION_ATTEMPTS):
+            try:
+                response = await self._upstream.send(
+                    "GET",
+                    "/generation",
+                    request_id=f"ledger-{uuid.uuid4().hex}",
+                    query={"id": upstream_id},
+                )
+            except ProxyError:
+                return None
+            try:
+                status = response.status
+                body = await response.content.read(_MAX_GENERATION_BODY)
+            except (aiohttp.ClientError, TimeoutError):
+                status, body = 0, b""
+            finally:
+                response.release()
+            if status == 200:
+                return _parse_generation(body)
+            if status not in (404, 0) and status < 500:
+                return None
+            await self._sleep(_GENERATION_BACKOFF_SECONDS * 2**attempt)
+        return None
+
+    async def reconcile(self, *, only_expired: bool) -> int:
+        """Settle records left ``dispatched`` (after a crash); return how many were settled.
+
+        With ``only_expired`` (shared stores), only records whose lease ran out are touched:
+        the others may belong to a live replica.
+        """
+        now = self._quotas.now()
+        records = await self._quotas.store.dispatched()
+        settled = 0
+        for record in records:
+            if only_expired and record.lease_until > now:
+                continue
+            settlement = await self._crash_settlement(record, now)
+            if await self._quotas.settle(record.request_id, settlement):
+                settled += 1
+                _LOGGER.warning(
+                    "reconciled %s after a crash: %s credits (%s)",
+                    record.request_id,
+                    Decimal(settlement.cost) / 1_000_000,
+                    settlement.usage_source.value,
+                )
+        return settled
+
+    async def _crash_settlement(self, record: LedgerRecord, now: float) -> Settlement:
+        if record.upstream_id:
+            generation = await self.generation_cost(record.upstream_id)
+            if generation is not None:
+                return Settlement(
+                    cost=generation.cost,
+                    prompt_tokens=generation.prompt_tokens,
+                    completion_tokens=generation.completion_tokens,
+                    usage_source=UsageSource.GENERATION,
+                    outcome=Outcome.CRASHED,
+                    upstream_id=record.upstream_id,
+                    now=now,
+                )
+        return Settlement(
+            cost=Micro(record.reserved),
+            prompt_tokens=0,
+            completion_tokens=0,
+            usage_source=UsageSource.RESERVED,
+            outcome=Outcome.CRASHED,
+            upstream_id=record.upstream_id,
+            now=now,
+        )
+
+
+def _parse_generation(body: bytes) -> _GenerationCost | None:
+    try:
+        decoded = decode_json(body)
+    except (msgspec.DecodeError, ValueError):
+        return None
+    data = decoded.get("data") if isinstance(decoded, dict) else None
+    if not isinstance(data, dict):
+        return None
+    cost = data.get("total_cost")
+    prompt = data.get("tokens_prompt")
+    completion = data.get("tokens_completion")
+    if isinstance(cost, bool) or not isinstance(cost, Decimal | int):
+        return None
+    return _GenerationCost(
+        cost=to_micro(Decimal(cost)),
+        prompt_tokens=prompt if isinstance(prompt, int) and not isinstance(prompt, bool) else 0,
+        completion_tokens=(
+            completion if isinstance(completion, int) and not isinstance(completion, bool) else 0
+        ),
+    )

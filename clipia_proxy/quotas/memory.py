@@ -1,0 +1,335 @@
+"""The in-memory quota engine: the ``memory`` backend, and the decision core of ``sqlite``.
+
+Every method body runs without an ``await`` between its checks and its writes, so on one event
+loop each operation is atomic. Windows for RPM/TPM are sliding logs of the last 60 seconds (no
+burst at a minute edge). Reserved sums are kept per budget window and adjusted on reserve,
+settle and lease expiry, so a decision costs O(live reservations of the team).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Final
+
+from .model import (
+    Micro,
+    Period,
+    Reason,
+    RecordState,
+    ReserveRequest,
+    ReserveResult,
+    Settlement,
+)
+from .store import LedgerRecord, Store, WindowUsage
+
+__all__ = ["MemoryEngine", "MemoryStore"]
+
+RATE_WINDOW_SECONDS: Final = 60.0
+_MAX_SETTLED_KEPT: Final = 200_000
+"""The memory backend forgets the oldest settled records past this (it is for tests)."""
+
+
+class _RateEntry:
+    __slots__ = ("at", "request_id", "tokens")
+
+    def __init__(self, at: float, request_id: str, tokens: int) -> None:
+        self.at = at
+        self.request_id = request_id
+        self.tokens = tokens
+
+
+class MemoryEngine:
+    """Synchronous quota state: decisions and bookkeeping, no I/O."""
+
+    def __init__(self) -> None:
+        self.records: dict[str, LedgerRecord] = {}
+        self._live: dict[str, set[str]] = {}
+        """Team -> request ids whose lease is live and that are not settled."""
+        self._spent: dict[tuple[str, str], int] = {}
+        self._reserved: dict[tuple[str, str], int] = {}
+        self._rates: dict[str, deque[_RateEntry]] = {}
+        self._rate_index: dict[str, _RateEntry] = {}
+
+    # -- state loading (sqlite start-up) -------------------------------------------------
+    def load(self, record: LedgerRecord, now: float) -> None:
+        """Install a record read back from durable storage (sqlite start-up).
+
+        Unsettled records become live reservations while their lease lasts; records of the
+        last minute refill the RPM/TPM windows. Spent sums are loaded with ``add_spent``.
+        """
+        if record.state is RecordState.DISPATCHED:
+            self.records[record.request_id] = record
+            if record.lease_until > now:
+                self._hold(record)
+            tokens = record.tokens_reserved
+        else:
+            tokens = record.prompt_tokens + record.completion_tokens
+        if record.created_at > now - RATE_WINDOW_SECONDS:
+            self._log_rate(record.team, record.created_at, record.request_id, tokens)
+
+    def add_spent(self, team: str, key: str, amount: int) -> None:
+        """Add settled spend to a window (sqlite start-up)."""
+        self._add(self._spent, team, key, amount)
+
+    def forget(self, request_id: str) -> None:
+        """Drop a settled record from memory once it is durable elsewhere."""
+        record = self.records.get(request_id)
+        if record is not None and record.state is RecordState.SETTLED:
+            del self.records[request_id]
+
+    # -- helpers ----------------------------------------------------------------------------
+    @staticmethod
+    def _add(table: dict[tuple[str, str], int], team: str, key: str, amount: int) -> None:
+        table[team, key] = table.get((team, key), 0) + amount
+
+    def _hold(self, record: LedgerRecord) -> None:
+        self._live.setdefault(record.team, set()).add(record.request_id)
+        for key in record.windows.values():
+            self._add(self._reserved, record.team, key, record.reserved)
+
+    def _release(self, record: LedgerRecord) -> None:
+        live = self._live.get(record.team)
+        if live is None or record.request_id not in live:
+            return
+        live.discard(record.request_id)
+        for key in record.windows.values():
+            self._add(self._reserved, record.team, key, -record.reserved)
+
+    def _expire(self, team: str, now: float) -> None:
+        live = self._live.get(team)
+        if not live:
+            return
+        for request_id in [r for r in live if self.records[r].lease_until <= now]:
+            self._release(self.records[request_id])
+
+    def _window(self, team: str, now: float) -> deque[_RateEntry]:
+        log = self._rates.setdefault(team, deque())
+        horizon = now - RATE_WINDOW_SECONDS
+        while log and log[0].at <= horizon:
+            entry = log.popleft()
+            self._rate_index.pop(entry.request_id, None)
+        return log
+
+    def _log_rate(self, team: str, at: float, request_id: str, tokens: int) -> None:
+        entry = _RateEntry(at, request_id, tokens)
+        self._rates.setdefault(team, deque()).append(entry)
+        self._rate_index[request_id] = entry
+
+    # -- the operations -------------------------------------------------------------------
+    def reserve(self, request: ReserveRequest) -> ReserveResult:
+        """Decide and apply atomically (see ``Store.reserve``)."""
+        if request.request_id in self.records:
+            return ReserveResult(admitted=True, replayed=True)
+        team, now, limits = request.team, request.now, request.limits
+        self._expire(team, now)
+        log = self._window(team, now)
+        refusal: ReserveResult | None = None
+        live = len(self._live.get(team, ()))
+        if limits.concurrency is not None and live + 1 > limits.concurrency:
+            refusal = ReserveResult(
+                admitted=False,
+                reason=Reason.CONCURRENCY,
+                limit=limits.concurrency,
+                used=live,
+                retry_after=1.0,
+            )
+        requests_used = len(log)
+        if refusal is None and limits.rpm is not None and requests_used + 1 > limits.rpm:
+            wait = log[0].at + RATE_WINDOW_SECONDS - now if log else RATE_WINDOW_SECONDS
+            refusal = ReserveResult(
+                admitted=False,
+                reason=Reason.RPM,
+                limit=limits.rpm,
+                used=requests_used,
+                retry_after=max(wait, 0.001),
+            )
+        tokens_used = sum(entry.tokens for entry in log) if limits.tpm is not None else 0
+        if (
+            refusal is None
+            and limits.tpm is not None
+            and tokens_used + request.tokens > limits.tpm
+        ):
+            refusal = ReserveResult(
+                admitted=False,
+                reason=Reason.TPM,
+                limit=limits.tpm,
+                used=tokens_used,
+                retry_after=self._tpm_wait(log, limits.tpm, request.tokens, now),
+            )
+        tightest: tuple[int, Period] | None = None
+        for period, key in request.periods.items():
+            limit = limits.budgets.get(period)
+            if limit is None:
+                continue
+            used = self._spent.get((team, key), 0) + self._reserved.get((team, key), 0)
+            remaining = limit - used - request.amount
+            if refusal is None and remaining < 0:
+                refusal = ReserveResult(
+                    admitted=False, reason=Reason.BUDGET, period=period, limit=limit, used=used
+                )
+            if tightest is None or remaining < tightest[0]:
+                tightest = (remaining, period)
+        if refusal is not None and not request.shadow:
+            return refusal
+        record = LedgerRecord(
+            request_id=request.request_id,
+            team=team,
+            key_id=request.key_id,
+            model=request.model,
+            stream=request.stream,
+            reserved=request.amount,
+            tokens_reserved=request.tokens,
+            windows=dict(request.periods),
+            created_at=now,
+            lease_until=now + request.lease_seconds,
+        )
+        self.records[record.request_id] = record
+        self._hold(record)
+        self._log_rate(team, now, record.request_id, request.tokens)
+        return ReserveResult(
+            admitted=True,
+            reason=refusal.reason if refusal is not None else None,
+            period=refusal.period if refusal is not None else None,
+            requests_remaining=(
+                max(limits.rpm - requests_used - 1, 0) if limits.rpm is not None else None
+            ),
+            tokens_remaining=(
+                max(limits.tpm - tokens_used - request.tokens, 0)
+                if limits.tpm is not None
+                else None
+            ),
+            budget_remaining=None if tightest is None else Micro(max(tightest[0], 0)),
+            budget_period=None if tightest is None else tightest[1],
+        )
+
+    @staticmethod
+    def _tpm_wait(log: deque[_RateEntry], limit: int, tokens: int, now: float) -> float:
+        if tokens > limit:
+            return RATE_WINDOW_SECONDS
+        total = sum(entry.tokens for entry in log)
+        for entry in log:
+            total -= entry.tokens
+            if total + tokens <= limit:
+                return max(entry.at + RATE_WINDOW_SECONDS - now, 0.001)
+        return RATE_WINDOW_SECONDS  # pragma: no cover - the loop always frees enough
+
+    def unreserve(self, request_id: str) -> None:
+        """Undo a reservation whose durable write failed (as if it never happened)."""
+        record = self.records.pop(request_id, None)
+        if record is None:
+            return
+        self._release(record)
+        entry = self._rate_index.pop(request_id, None)
+        if entry is not None:
+            entry.tokens = 0
+            entry.at = float("-inf")  # pruned at the next window read
+
+    def settle(self, request_id: str, settlement: Settlement) -> LedgerRecord | None:
+        """Apply a settlement once; return the updated record, or None if nothing changed."""
+        record = self.records.get(request_id)
+        if record is None or record.state is RecordState.SETTLED:
+            return None
+        self._release(record)
+        for key in record.windows.values():
+            self._add(self._spent, record.team, key, settlement.cost)
+        entry = self._rate_index.get(request_id)
+        if entry is not None:
+            entry.tokens = settlement.prompt_tokens + settlement.completion_tokens
+        record.state = RecordState.SETTLED
+        record.cost = settlement.cost
+        record.prompt_tokens = settlement.prompt_tokens
+        record.completion_tokens = settlement.completion_tokens
+        record.usage_source = settlement.usage_source.value
+        record.outcome = settlement.outcome
+        record.upstream_id = settlement.upstream_id or record.upstream_id
+        record.settled_at = settlement.now
+        return record
+
+    def renew(self, request_id: str, lease_until: float) -> None:
+        """Extend a live lease."""
+        record = self.records.get(request_id)
+        if record is not None and record.state is RecordState.DISPATCHED:
+            record.lease_until = max(record.lease_until, lease_until)
+
+    def usage(self, team: str, keys: list[str], now: float) -> dict[str, WindowUsage]:
+        """See ``Store.usage``."""
+        self._expire(team, now)
+        return {
+            key: WindowUsage(
+                spent=self._spent.get((team, key), 0),
+                reserved=self._reserved.get((team, key), 0),
+            )
+            for key in keys
+        }
+
+    def rates(self, team: str, now: float) -> tuple[int, int]:
+        """See ``Store.rates``."""
+        log = self._window(team, now)
+        return len(log), sum(entry.tokens for entry in log)
+
+    def owner_of(self, upstream_id: str) -> str | None:
+        """See ``Store.owner_of`` (a scan: the memory backend is for tests and demos)."""
+        for record in self.records.values():
+            if record.upstream_id == upstream_id:
+                return record.team
+        return None
+
+
+class MemoryStore:
+    """The ``memory`` backend: state lives and dies with the process (tests, demos)."""
+
+    def __init__(self) -> None:
+        self.engine: Final = MemoryEngine()
+        self._settled: deque[str] = deque()
+
+    async def start(self) -> None:
+        """Nothing to open."""
+
+    async def close(self) -> None:
+        """Nothing to close."""
+
+    async def reserve(self, request: ReserveRequest) -> ReserveResult:
+        """See ``Store.reserve``."""
+        return self.engine.reserve(request)
+
+    async def settle(self, request_id: str, settlement: Settlement) -> bool:
+        """See ``Store.settle``."""
+        record = self.engine.settle(request_id, settlement)
+        if record is None:
+            return False
+        self._settled.append(request_id)
+        while len(self._settled) > _MAX_SETTLED_KEPT:
+            self.engine.records.pop(self._settled.popleft(), None)
+        return True
+
+    async def renew(self, request_id: str, lease_until: float) -> None:
+        """See ``Store.renew``."""
+        self.engine.renew(request_id, lease_until)
+
+    async def usage(self, team: str, keys: list[str], now: float) -> dict[str, WindowUsage]:
+        """See ``Store.usage``."""
+        return self.engine.usage(team, keys, now)
+
+    async def rates(self, team: str, now: float) -> tuple[int, int]:
+        """See ``Store.rates``."""
+        return self.engine.rates(team, now)
+
+    async def record(self, request_id: str) -> LedgerRecord | None:
+        """See ``Store.record``."""
+        return self.engine.records.get(request_id)
+
+    async def owner_of(self, upstream_id: str) -> str | None:
+        """See ``Store.owner_of``."""
+        return self.engine.owner_of(upstream_id)
+
+    async def dispatched(self) -> list[LedgerRecord]:
+        """See ``Store.dispatched``."""
+        return [r for r in self.engine.records.values() if r.state is RecordState.DISPATCHED]
+
+    async def records(self, *, since: float, until: float) -> list[LedgerRecord]:
+        """See ``Store.records``."""
+        found = [r for r in self.engine.records.values() if since <= r.created_at < until]
+        return sorted(found, key=lambda r: r.created_at)
+
+
+_STORE_CHECK: type[Store] = MemoryStore

@@ -1,0 +1,159 @@
+"""Quota value types: money, periods, limits, reservations and decisions (pure, no I/O).
+
+Money is integer micro-credits (:data:`Micro`) everywhere inside; decimals exist only at the
+edges (config, upstream ``usage.cost``, reports). Every conversion from a decimal amount of
+credits rounds *up* to the next micro-credit — one rule for reservations and settlements, so
+the gateway never under-counts.
+"""
+
+from __future__ import annotations
+
+from decimal import ROUND_CEILING, Decimal
+from enum import StrEnum
+from typing import Final, NewType
+
+import msgspec
+
+__all__ = [
+    "MICRO_PER_CREDIT",
+    "Micro",
+    "Outcome",
+    "Period",
+    "Reason",
+    "RecordState",
+    "ReserveRequest",
+    "ReserveResult",
+    "Settlement",
+    "TeamLimits",
+    "UsageSource",
+    "credits",
+    "to_micro",
+]
+
+Micro = NewType("Micro", int)
+"""An amount of Clipia credits in millionths (1 credit = 1 000 000 micro-credits)."""
+
+MICRO_PER_CREDIT: Final = 1_000_000
+
+
+def to_micro(amount: Decimal | int) -> Micro:
+    """Return ``amount`` credits in micro-credits, rounded up (never under-counts)."""
+    scaled = (Decimal(amount) * MICRO_PER_CREDIT).to_integral_value(rounding=ROUND_CEILING)
+    return Micro(int(scaled))
+
+
+def credits(amount: int) -> Decimal:
+    """Return micro-credits as an exact decimal number of credits."""
+    return Decimal(amount) / MICRO_PER_CREDIT
+
+
+class Period(StrEnum):
+    """A budget period: calendar day, ISO week, month (in ``accounting.timezone``) or total."""
+
+    DAY = "day"
+    WEEK = "week"
+    MONTH = "month"
+    TOTAL = "total"
+
+
+class Reason(StrEnum):
+    """Why a request was (or, in shadow mode, would have been) refused."""
+
+    BUDGET = "budget"
+    RPM = "rpm"
+    TPM = "tpm"
+    CONCURRENCY = "concurrency"
+
+
+class UsageSource(StrEnum):
+    """Where a settled cost came from, best first."""
+
+    RESPONSE = "response"
+    STREAM = "stream"
+    GENERATION = "generation"
+    COUNTED = "counted"
+    RESERVED = "reserved"
+
+
+class Outcome(StrEnum):
+    """How a request that reached (or may have reached) the upstream ended."""
+
+    COMPLETED = "completed"
+    CLIENT_DISCONNECT = "client_disconnect"
+    UPSTREAM_ERROR = "upstream_error"
+    TIMEOUT = "timeout"
+    CRASHED = "crashed"
+    NOT_SENT = "not_sent"
+    """The upstream never received the request (connect failure): settled at 0."""
+
+
+class RecordState(StrEnum):
+    """A ledger record is written ``dispatched`` before dispatch and ``settled`` once."""
+
+    DISPATCHED = "dispatched"
+    SETTLED = "settled"
+
+
+class TeamLimits(msgspec.Struct, frozen=True, kw_only=True):
+    """A team's quota limits; ``None`` means unlimited."""
+
+    budgets: dict[Period, Micro] = msgspec.field(default_factory=dict)
+    rpm: int | None = None
+    tpm: int | None = None
+    concurrency: int | None = None
+
+
+class ReserveRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """One admission: check every limit and reserve ``amount`` on every budget period.
+
+    ``periods`` maps each budgeted period to its window key (``day:2026-11-25``); the ledger
+    record fields (``model``, ``key_id``, ``stream``) are written with the reservation.
+    """
+
+    request_id: str
+    team: str
+    amount: Micro
+    tokens: int
+    """Estimated tokens (prompt bound + output cap), counted against TPM."""
+    periods: dict[Period, str]
+    now: float
+    """Seconds since the epoch (the store's clock for windows and leases)."""
+    lease_seconds: float
+    limits: TeamLimits
+    shadow: bool = False
+    model: str = ""
+    key_id: str | None = None
+    stream: bool = False
+
+
+class ReserveResult(msgspec.Struct, frozen=True, kw_only=True):
+    """The decision, and the numbers for headers and messages."""
+
+    admitted: bool
+    reason: Reason | None = None
+    """Why it was refused (or would have been, when ``shadow``)."""
+    period: Period | None = None
+    """The budget period that refused it."""
+    limit: int = 0
+    used: int = 0
+    """For a budget: spent + reserved (micro); for rpm/tpm/concurrency: the current count."""
+    retry_after: float = 0.0
+    requests_remaining: int | None = None
+    tokens_remaining: int | None = None
+    budget_remaining: Micro | None = None
+    """The tightest period's remaining budget after this reservation."""
+    budget_period: Period | None = None
+    replayed: bool = False
+    """True when this request id was already reserved (a retried call): nothing was applied."""
+
+
+class Settlement(msgspec.Struct, frozen=True, kw_only=True):
+    """The actual outcome of a request, replacing its reservation exactly once."""
+
+    cost: Micro
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    usage_source: UsageSource = UsageSource.COUNTED
+    outcome: Outcome = Outcome.COMPLETED
+    upstream_id: str | None = None
+    now: float = 0.0

@@ -1,0 +1,298 @@
+"""QuotaService: what the handlers call — admit before dispatch, settle after, and the headers.
+
+It sees only the ``Store`` protocol; team limits, periods, shadow mode, store failures
+(``store.on_error``) and the messages people read are handled here, never in a backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import math
+import time
+from collections import Counter
+from collections.abc import Callable
+from decimal import Decimal
+from typing import Final
+from zoneinfo import ZoneInfo
+
+import msgspec
+
+from ..config import Config, TeamConfig
+from ..errors import BudgetExceeded, ConcurrencyLimited, QuotaStoreUnavailable, RateLimited
+from .estimate import Estimate
+from .model import (
+    Micro,
+    Period,
+    Reason,
+    ReserveRequest,
+    ReserveResult,
+    Settlement,
+    TeamLimits,
+    credits,
+    to_micro,
+)
+from .periods import Window, windows
+from .store import Store, StoreUnavailable
+
+__all__ = ["ALL_PERIODS", "Admission", "QuotaService", "limits_of"]
+
+_LOGGER: Final = logging.getLogger(__name__)
+ALL_PERIODS: Final = [Period.DAY, Period.WEEK, Period.MONTH, Period.TOTAL]
+
+
+def limits_of(team: TeamConfig) -> TeamLimits:
+    """Return the quota limits of a configured team (budgets in micro-credits)."""
+    budgets = {
+        period: to_micro(amount)
+        for period in ALL_PERIODS
+        if (amount := getattr(team.budget, period.value)) is not None
+    }
+    return TeamLimits(
+        budgets=budgets,
+        rpm=team.limits.rpm,
+        tpm=team.limits.tpm,
+        concurrency=team.limits.concurrency,
+    )
+
+
+class Admission(msgspec.Struct, frozen=True, kw_only=True):
+    """An admitted request: what was reserved, and the headers to send."""
+
+    request_id: str
+    team: str
+    amount: Micro
+    estimate: Estimate
+    reserved: bool
+    """False when the store was down and ``fail_open`` let the request through unrecorded."""
+    headers: dict[str, str]
+    would_reject: Reason | None = None
+
+
+def _humanise_seconds(seconds: float) -> str:
+    seconds = max(int(math.ceil(seconds)), 0)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
+
+
+class QuotaService:
+    """Admission and settlement against one store, for the teams of one config."""
+
+    def __init__(self, store: Store, config: Config, *, clock: Callable[[], float] = time.time):
+        self.store: Final = store
+        self._clock = clock
+        self._zone = ZoneInfo(config.accounting.timezone)
+        self._lease = config.accounting.lease_seconds
+        self._timeout = config.store.timeout_seconds
+        self._fail_open = config.store.on_error == "fail_open"
+        self._limits = {team.id: limits_of(team) for team in config.teams}
+        self._shadow = {team.id: team.shadow for team in config.teams}
+        self.rejections: Counter[tuple[str, str]] = Counter()
+        """(team, reason) -> refusals; reason ``store_unavailable`` included."""
+        self.would_reject: Counter[tuple[str, str]] = Counter()
+        """(team, reason) -> refusals a shadow team would have had."""
+        self.store_errors: Counter[str] = Counter()
+        """on_error outcome (``fail_closed``/``fail_open``) -> count."""
+
+    def now(self) -> float:
+        """Return the service clock (seconds since the epoch)."""
+        return self._clock()
+
+    def windows(self, now: float) -> dict[Period, Window]:
+        """Return every period's window at ``now``."""
+        return windows(ALL_PERIODS, dt.datetime.fromtimestamp(now, dt.UTC), self._zone)
+
+    async def admit(
+        self,
+        *,
+        request_id: str,
+        team: str,
+        key_id: str | None,
+        model: str,
+        stream: bool,
+        estimate: Estimate,
+    ) -> Admission:
+        """Reserve the estimate on every period and check every limit, or raise 402/429/503."""
+        now = self._clock()
+        current = self.windows(now)
+        limits = self._limits.get(team, TeamLimits())
+        request = ReserveRequest(
+            request_id=request_id,
+            team=team,
+            amount=estimate.amount,
+            tokens=estimate.tokens,
+            periods={period: window.key for period, window in current.items()},
+            now=now,
+            lease_seconds=self._lease,
+            limits=limits,
+            shadow=self._shadow.get(team, False),
+            model=model,
+            key_id=key_id,
+            stream=stream,
+        )
+        try:
+            async with asyncio.timeout(self._timeout):
+                result = await self.store.reserve(request)
+        except (StoreUnavailable, TimeoutError) as exc:
+            if self._fail_open:
+                self.store_errors["fail_open"] += 1
+                _LOGGER.warning(
+                    "quota store unavailable (%s); fail_open serves %s unrecorded",
+                    exc.__class__.__name__,
+                    request_id,
+                )
+                return Admission(
+                    request_id=request_id,
+                    team=team,
+                    amount=estimate.amount,
+                    estimate=estimate,
+                    reserved=False,
+                    headers={},
+                )
+            self.store_errors["fail_closed"] += 1
+            self.rejections[team, "store_unavailable"] += 1
+            _LOGGER.warning("quota store unavailable (%s); refusing", exc.__class__.__name__)
+            raise QuotaStoreUnavailable(
+                "The quota store is unavailable; the request was not sent.", retry_after=1
+            ) from exc
+        if not result.admitted:
+            assert result.reason is not None
+            self.rejections[team, result.reason.value] += 1
+            raise self._refusal(team, result, estimate, current, now)
+        if result.reason is not None:
+            self.would_reject[team, result.reason.value] += 1
+            _LOGGER.info("shadow team %s would be refused: %s", team, result.reason.value)
+        return Admission(
+            request_id=request_id,
+            team=team,
+            amount=estimate.amount,
+            estimate=estimate,
+            reserved=True,
+            headers=self._headers(limits, result, current),
+            would_reject=result.reason,
+        )
+
+    def _refusal(
+        self,
+        team: str,
+        result: ReserveResult,
+        estimate: Estimate,
+        current: dict[Period, Window],
+        now: float,
+    ) -> Exception:
+        match result.reason:
+            case Reason.BUDGET:
+                assert result.period is not None
+                window = current[result.period]
+                wait = (
+                    window.resets_at.timestamp() - now
+                    if window.resets_at is not None
+                    else None
+                )
+                resets = f"; resets in {_humanise_seconds(wait)}" if wait is not None else ""
+                return BudgetExceeded(
+                    f"Team {team!r} has used {credits(result.used)} of its "
+                    f"{credits(result.limit)} credits per {result.period.value}; this request "
+                    f"may cost up to {credits(estimate.amount)}{resets}.",
+                    retry_after=math.ceil(wait) if wait is not None else None,
+                )
+            case Reason.CONCURRENCY:
+                return ConcurrencyLimited(
+                    f"Team {team!r} already has {result.used} of {result.limit} requests in "
+                    "flight; retry when one finishes.",
+                    retry_after=1,
+                )
+            case Reason.RPM:
+                return RateLimited(
+                    f"Team {team!r} reached {result.limit} requests per minute; retry in "
+                    f"{_humanise_seconds(result.retry_after)}.",
+                    retry_after=math.ceil(result.retry_after),
+                )
+            case Reason.TPM:
+                return RateLimited(
+                    f"Team {team!r} reached {result.limit} tokens per minute (this request may "
+                    f"use {estimate.tokens}); retry in {_humanise_seconds(result.retry_after)}.",
+                    retry_after=math.ceil(result.retry_after),
+                )
+            case None:  # pragma: no cover - refused results always carry a reason
+                raise AssertionError("refusal without a reason")
+
+    def _headers(
+        self, limits: TeamLimits, result: ReserveResult, current: dict[Period, Window]
+    ) -> dict[str, str]:
+        headers: dict[str, str] = {}
+        if limits.rpm is not None and result.requests_remaining is not None:
+            headers["x-ratelimit-limit-requests"] = str(limits.rpm)
+            headers["x-ratelimit-remaining-requests"] = str(result.requests_remaining)
+        if limits.tpm is not None and result.tokens_remaining is not None:
+            headers["x-ratelimit-limit-tokens"] = str(limits.tpm)
+            headers["x-ratelimit-remaining-tokens"] = str(result.tokens_remaining)
+        if result.budget_remaining is not None and result.budget_period is not None:
+            headers["x-clipia-budget-remaining"] = str(credits(result.budget_remaining))
+            resets_at = current[result.budget_period].resets_at
+            if resets_at is not None:
+                headers["x-clipia-budget-reset"] = (
+                    resets_at.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
+                )
+        return headers
+
+    async def settle(self, request_id: str, settlement: Settlement) -> bool:
+        """Replace the reservation by the actual cost (idempotent; retried while the store fails)."""
+        for attempt in range(6):
+            try:
+                async with asyncio.timeout(self._timeout * 2):
+                    return await self.store.settle(request_id, settlement)
+            except (StoreUnavailable, TimeoutError) as exc:
+                _LOGGER.warning(
+                    "settlement of %s failed (%s); retry %d",
+                    request_id,
+                    exc.__class__.__name__,
+                    attempt + 1,
+                )
+                await asyncio.sleep(min(0.1 * 2**attempt, 2.0))
+        _LOGGER.error(
+            "settlement of %s could not be written; the reconciler will charge it", request_id
+        )
+        return False
+
+    async def budgets(self, team: str) -> list[dict[str, Decimal | str | None]]:
+        """Return the team's budget periods for ``GET /v1/key``."""
+        limits = self._limits.get(team, TeamLimits())
+        now = self._clock()
+        current = self.windows(now)
+        keys = [current[period].key for period in limits.budgets]
+        usage = await self.store.usage(team, keys, now)
+        out: list[dict[str, Decimal | str | None]] = []
+        for period, limit in limits.budgets.items():
+            window = current[period]
+            used = usage[window.key]
+            out.append(
+                {
+                    "period": period.value,
+                    "limit": credits(limit),
+                    "spent": credits(used.spent),
+                    "reserved": credits(used.reserved),
+                    "remaining": credits(max(limit - used.spent - used.reserved, 0)),
+                    "resets_at": (
+                        window.resets_at.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
+                        if window.resets_at is not None
+                        else None
+                    ),
+                }
+            )
+        return out
+
+    async def spent_total(self, team: str) -> Decimal:
+        """Return everything the team has spent, in credits (the ``total`` window)."""
+        usage = await self.store.usage(team, ["total"], self._clock())
+        return credits(usage["total"].spent)
+
+    def limits(self, team: str) -> TeamLimits:
+        """Return a team's limits."""
+        return self._limits.get(team, TeamLimits())

@@ -1,0 +1,296 @@
+"""The ``sqlite`` backend: the embedded default, one replica only.
+
+Decisions are made by the in-memory engine (atomic on the event loop, so concurrent requests
+cannot overshoot); the SQLite file is the durable ledger behind it. ``reserve`` returns only
+after the ``dispatched`` record is committed; a failed commit undoes the decision and raises
+:class:`StoreUnavailable`. ``settle`` updates the engine at once and commits the record,
+retrying a failed commit until it lands (the record stays ``dispatched`` meanwhile, and the
+start-up reconciler is the backstop). On start-up, spent per window is summed from settled
+records, the last minute of RPM/TPM is rebuilt, and unsettled records are handed to the
+reconciler. sqlite3 runs on one worker thread: nothing blocks the event loop. WAL journal with
+``synchronous=NORMAL``: a commit survives a crash of the process (not of the machine's power).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+import msgspec
+
+from .memory import RATE_WINDOW_SECONDS, MemoryEngine
+from .model import Outcome, Period, RecordState, ReserveRequest, ReserveResult, Settlement
+from .store import LedgerRecord, Store, StoreUnavailable, WindowUsage
+
+__all__ = ["SqliteStore"]
+
+_LOGGER: Final = logging.getLogger(__name__)
+_T = TypeVar("_T")
+_SETTLE_ATTEMPTS: Final = 8
+_SETTLE_BACKOFF_SECONDS: Final = 0.05
+
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS ledger (
+    request_id TEXT PRIMARY KEY,
+    team TEXT NOT NULL,
+    key_id TEXT,
+    model TEXT NOT NULL,
+    stream INTEGER NOT NULL,
+    reserved INTEGER NOT NULL,
+    tokens_reserved INTEGER NOT NULL,
+    windows TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    lease_until REAL NOT NULL,
+    state TEXT NOT NULL,
+    upstream_id TEXT,
+    cost INTEGER NOT NULL DEFAULT 0,
+    prompt_tokens INTEGER NOT NULL DEFAULT 0,
+    completion_tokens INTEGER NOT NULL DEFAULT 0,
+    usage_source TEXT,
+    outcome TEXT,
+    settled_at REAL
+);
+CREATE INDEX IF NOT EXISTS ledger_created ON ledger (created_at);
+CREATE INDEX IF NOT EXISTS ledger_dispatched ON ledger (state) WHERE state = 'dispatched';
+CREATE INDEX IF NOT EXISTS ledger_upstream ON ledger (upstream_id);
+CREATE TABLE IF NOT EXISTS spent (
+    team TEXT NOT NULL,
+    window TEXT NOT NULL,
+    amount INTEGER NOT NULL,
+    PRIMARY KEY (team, window)
+);
+"""
+_COLUMNS: Final = (
+    "request_id, team, key_id, model, stream, reserved, tokens_reserved, windows, created_at, "
+    "lease_until, state, upstream_id, cost, prompt_tokens, completion_tokens, usage_source, "
+    "outcome, settled_at"
+)
+_WINDOWS: Final = msgspec.json.Decoder(dict[Period, str])
+
+
+def _row_to_record(row: tuple[Any, ...]) -> LedgerRecord:
+    return LedgerRecord(
+        request_id=row[0],
+        team=row[1],
+        key_id=row[2],
+        model=row[3],
+        stream=bool(row[4]),
+        reserved=row[5],
+        tokens_reserved=row[6],
+        windows=_WINDOWS.decode(row[7]),
+        created_at=row[8],
+        lease_until=row[9],
+        state=RecordState(row[10]),
+        upstream_id=row[11],
+        cost=row[12],
+        prompt_tokens=row[13],
+        completion_tokens=row[14],
+        usage_source=row[15],
+        outcome=Outcome(row[16]) if row[16] else None,
+        settled_at=row[17],
+    )
+
+
+class SqliteStore:
+    """Quota state in memory, the ledger in a SQLite file (see the module docstring)."""
+
+    def __init__(
+        self, path: str | Path, *, clock: Callable[[], float], timeout: float = 5.0
+    ) -> None:
+        self._path = str(path)
+        self._clock = clock
+        self._timeout = timeout
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clipia-sqlite")
+        self._db: sqlite3.Connection | None = None
+        self.engine: Final = MemoryEngine()
+
+    async def _run(self, fn: Callable[..., _T], *args: Any) -> _T:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, fn, *args)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"sqlite: {exc.__class__.__name__}: {exc}") from exc
+
+    # -- worker-thread functions ------------------------------------------------------------
+    def _open(self) -> None:
+        Path(self._path).parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self._path, timeout=self._timeout, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.executescript(_SCHEMA)
+        self._db = db
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise sqlite3.OperationalError("the store is not open")
+        return self._db
+
+    def _load(self, now: float) -> list[LedgerRecord]:
+        db = self._conn()
+        spent = db.execute("SELECT team, window, amount FROM spent").fetchall()
+        recent = [
+            _row_to_record(row)
+            for row in db.execute(
+                f"SELECT {_COLUMNS} FROM ledger WHERE created_at > ? OR state = 'dispatched'",  # noqa: S608 - constant columns
+                (now - RATE_WINDOW_SECONDS,),
+            )
+        ]
+        for team, window, amount in spent:
+            self.engine.add_spent(team, window, amount)
+        return recent
+
+    def _insert(self, record: LedgerRecord) -> None:
+        self._conn().execute(
+            f"INSERT INTO ledger ({_COLUMNS}) VALUES ({', '.join('?' * 18)})",  # noqa: S608 - constant columns
+            (
+                record.request_id,
+                record.team,
+                record.key_id,
+                record.model,
+                int(record.stream),
+                record.reserved,
+                record.tokens_reserved,
+                msgspec.json.encode(record.windows).decode(),
+                record.created_at,
+                record.lease_until,
+                record.state.value,
+                record.upstream_id,
+                record.cost,
+                record.prompt_tokens,
+                record.completion_tokens,
+                record.usage_source,
+                record.outcome.value if record.outcome else None,
+                record.settled_at,
+            ),
+        )
+
+    def _settle(self, record: LedgerRecord) -> None:
+        db = self._conn()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            changed = db.execute(
+                "UPDATE ledger SET state = 'settled', upstream_id = ?, cost = ?, "
+                "prompt_tokens = ?, completion_tokens = ?, usage_source = ?, outcome = ?, "
+                "settled_at = ? WHERE request_id = ? AND state = 'dispatched'",
+                (
+                    record.upstream_id,
+                    record.cost,
+                    record.prompt_tokens,
+                    record.completion_tokens,
+                    record.usage_source,
+                    record.outcome.value if record.outcome else None,
+                    record.settled_at,
+                    record.request_id,
+                ),
+            ).rowcount
+            if changed:
+                db.executemany(
+                    "INSERT INTO spent (team, window, amount) VALUES (?, ?, ?) "
+                    "ON CONFLICT (team, window) DO UPDATE SET amount = amount + excluded.amount",
+                    [(record.team, key, record.cost) for key in record.windows.values()],
+                )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def _select(self, where: str, args: tuple[Any, ...]) -> list[LedgerRecord]:
+        rows = self._conn().execute(
+            f"SELECT {_COLUMNS} FROM ledger WHERE {where} ORDER BY created_at", args  # noqa: S608 - callers pass constant clauses
+        )
+        return [_row_to_record(row) for row in rows]
+
+    def _owner(self, upstream_id: str) -> str | None:
+        row = self._conn().execute(
+            "SELECT team FROM ledger WHERE upstream_id = ? LIMIT 1", (upstream_id,)
+        ).fetchone()
+        return None if row is None else str(row[0])
+
+    def _close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    # -- the Store protocol ---------------------------------------------------------------
+    async def start(self) -> None:
+        """Open the file, create the schema, load spent and the last minute of requests."""
+        await self._run(self._open)
+        now = self._clock()
+        for record in await self._run(self._load, now):
+            self.engine.load(record, now)
+
+    async def close(self) -> None:
+        """Close the file and the worker thread."""
+        await self._run(self._close)
+        self._executor.shutdown(wait=True)
+
+    async def reserve(self, request: ReserveRequest) -> ReserveResult:
+        """See ``Store.reserve``: decided in memory, committed before returning."""
+        result = self.engine.reserve(request)
+        if not result.admitted or result.replayed:
+            return result
+        record = self.engine.records[request.request_id]
+        try:
+            await self._run(self._insert, record)
+        except BaseException:
+            self.engine.unreserve(request.request_id)
+            raise
+        return result
+
+    async def settle(self, request_id: str, settlement: Settlement) -> bool:
+        """See ``Store.settle``: applied in memory at once, committed with retries."""
+        record = self.engine.settle(request_id, settlement)
+        if record is None:
+            return False
+        for attempt in range(_SETTLE_ATTEMPTS):
+            try:
+                await self._run(self._settle, record)
+                break
+            except StoreUnavailable as exc:
+                if attempt == _SETTLE_ATTEMPTS - 1:
+                    _LOGGER.error(  # noqa: TRY400 - the cause is in the message; no traceback needed
+                        "ledger settlement of %s not committed (%s); the reconciler will charge it",
+                        request_id,
+                        exc,
+                    )
+                    return True
+                await asyncio.sleep(_SETTLE_BACKOFF_SECONDS * 2**attempt)
+        self.engine.forget(request_id)
+        return True
+
+    async def renew(self, request_id: str, lease_until: float) -> None:
+        """See ``Store.renew`` (leases live in memory: one replica)."""
+        self.engine.renew(request_id, lease_until)
+
+    async def usage(self, team: str, keys: list[str], now: float) -> dict[str, WindowUsage]:
+        """See ``Store.usage``."""
+        return self.engine.usage(team, keys, now)
+
+    async def rates(self, team: str, now: float) -> tuple[int, int]:
+        """See ``Store.rates``."""
+        return self.engine.rates(team, now)
+
+    async def record(self, request_id: str) -> LedgerRecord | None:
+        """See ``Store.record``."""
+        found = await self._run(self._select, "request_id = ?", (request_id,))
+        return found[0] if found else None
+
+    async def owner_of(self, upstream_id: str) -> str | None:
+        """See ``Store.owner_of``."""
+        return await self._run(self._owner, upstream_id)
+
+    async def dispatched(self) -> list[LedgerRecord]:
+        """See ``Store.dispatched``."""
+        return await self._run(self._select, "state = 'dispatched'", ())
+
+    async def records(self, *, since: float, until: float) -> list[LedgerRecord]:
+        """See ``Store.records``."""
+        return await self._run(self._select, "created_at >= ? AND created_at < ?", (since, until))
+
+
+_STORE_CHECK: type[Store] = SqliteStore

@@ -1,0 +1,97 @@
+"""The ``Store`` protocol: quota state and the spend ledger behind one seam.
+
+A reservation *is* the request's ledger record: ``reserve`` checks every limit and, when it
+admits, writes the record ``dispatched`` — atomically, all-or-nothing, durably before it
+returns — so a request is never sent without its record, and a refused one leaves nothing.
+``settle`` replaces the reservation with the actual cost exactly once: calling it again for
+the same request id changes nothing. Reservations are leases: past ``lease_until`` they stop
+counting against budgets and concurrency (a crashed replica cannot hold budget forever),
+while their record stays ``dispatched`` for the reconciler. Every method may raise
+:class:`StoreUnavailable`.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import msgspec
+
+from .model import Outcome, Period, RecordState, ReserveRequest, ReserveResult, Settlement
+
+__all__ = ["LedgerRecord", "Store", "StoreUnavailable", "WindowUsage"]
+
+
+class StoreUnavailable(Exception):
+    """The store could not be reached or could not apply the operation."""
+
+
+class LedgerRecord(msgspec.Struct, kw_only=True):
+    """One request that reached (or may have reached) the upstream. Amounts in micro-credits."""
+
+    request_id: str
+    team: str
+    key_id: str | None = None
+    model: str = ""
+    stream: bool = False
+    reserved: int = 0
+    tokens_reserved: int = 0
+    windows: dict[Period, str] = msgspec.field(default_factory=dict)
+    """Budget window keys at admission; the settlement is charged to these."""
+    created_at: float = 0.0
+    lease_until: float = 0.0
+    state: RecordState = RecordState.DISPATCHED
+    upstream_id: str | None = None
+    cost: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    usage_source: str | None = None
+    outcome: Outcome | None = None
+    settled_at: float | None = None
+
+
+class WindowUsage(msgspec.Struct, frozen=True, kw_only=True):
+    """Spent and reserved micro-credits of one budget window."""
+
+    spent: int = 0
+    reserved: int = 0
+
+
+class Store(Protocol):
+    """Quota state and ledger. Implementations: memory, sqlite, redis."""
+
+    async def start(self) -> None:
+        """Open connections and load state."""
+
+    async def close(self) -> None:
+        """Flush and close."""
+
+    async def reserve(self, request: ReserveRequest) -> ReserveResult:
+        """Check every limit and, if all pass (or ``shadow``), reserve and write the record.
+
+        All-or-nothing across every budget period, RPM, TPM and concurrency. Idempotent by
+        request id: a second call returns ``replayed=True`` and applies nothing.
+        """
+
+    async def settle(self, request_id: str, settlement: Settlement) -> bool:
+        """Replace the reservation by ``settlement``; return False if already settled/unknown."""
+
+    async def renew(self, request_id: str, lease_until: float) -> None:
+        """Extend a live reservation's lease (long streams)."""
+
+    async def usage(self, team: str, keys: list[str], now: float) -> dict[str, WindowUsage]:
+        """Return spent and (live) reserved micro-credits of the team's windows ``keys``."""
+
+    async def rates(self, team: str, now: float) -> tuple[int, int]:
+        """Return (requests, tokens) in the team's current 60-second window."""
+
+    async def record(self, request_id: str) -> LedgerRecord | None:
+        """Return one ledger record."""
+
+    async def owner_of(self, upstream_id: str) -> str | None:
+        """Return the team whose request produced this upstream (generation) id."""
+
+    async def dispatched(self) -> list[LedgerRecord]:
+        """Return every record not yet settled."""
+
+    async def records(self, *, since: float, until: float) -> list[LedgerRecord]:
+        """Return records created in ``[since, until)``, oldest first."""
