@@ -49,8 +49,8 @@ from .keys import (
     TASKS,
     UPSTREAM,
 )
-from .logs import ACCESS_LOGGER, access_fields
 from .ledger import Ledger
+from .logs import ACCESS_LOGGER, access_fields
 from .policy import ModelPolicy
 from .quotas.memory import MemoryStore
 from .quotas.service import QuotaService
@@ -147,7 +147,7 @@ def build_store(config: Config, *, clock: Callable[[], float]) -> Store:
         return MemoryStore()
     if backend == "sqlite":
         return SqliteStore(config.store.sqlite_path, clock=clock)
-    from .quotas.redis import RedisStore  # noqa: PLC0415 - redis-py is an optional extra
+    from .quotas.redis import RedisStore
 
     return RedisStore.from_config(config.store)
 

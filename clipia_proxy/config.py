@@ -13,17 +13,17 @@ from __future__ import annotations
 
 import datetime as dt
 import fnmatch
-from decimal import Decimal
 import ipaddress
 import os
 import re
 from collections.abc import Mapping
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Final, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgspec
 import yaml
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 __all__ = [
     "AccountingConfig",

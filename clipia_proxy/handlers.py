@@ -255,7 +255,7 @@ async def _forward(
 
             def renew() -> None:
                 _ = app[TASKS].spawn(
-                    quotas.store.renew(request_id, quotas.now() + lease), name="lease-renew"
+                    quotas.store.renew(request_id, quotas.now(), lease), name="lease-renew"
                 )
 
             relayed, result = await relay_stream(

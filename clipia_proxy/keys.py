@@ -15,8 +15,8 @@ if TYPE_CHECKING:  # the keys name these types in strings only (no import cycles
     from .handlers import RequestInfo  # noqa: F401
     from .health import Health  # noqa: F401
     from .ledger import Ledger  # noqa: F401
-    from .quotas.service import QuotaService  # noqa: F401
     from .policy import ModelPolicy  # noqa: F401
+    from .quotas.service import QuotaService  # noqa: F401
     from .tasks import TaskRegistry  # noqa: F401
     from .upstream import UpstreamClient  # noqa: F401
 

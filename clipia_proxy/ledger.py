@@ -7,7 +7,7 @@ upstream sees the request). This module decides the settlement, best source firs
 2. the upstream answered an error status → 0 (Clipia bills nothing for refused requests);
 3. ``usage.cost`` from the response or the stream → ``response`` / ``stream``;
 4. ``GET /v1/generation?id=`` (retried with backoff while it lags) → ``generation``;
-5. tokens from ``usage`` × catalog prices → ``counted``;
+5. tokens from ``usage`` times catalog prices → ``counted``;
 6. otherwise the reservation itself (the worst case) → ``reserved``.
 
 After a crash, records left ``dispatched`` are settled by :meth:`Ledger.reconcile`: through
@@ -103,7 +103,9 @@ class Ledger:
                 cost=to_micro(usage.cost),
                 prompt_tokens=usage.prompt_tokens or 0,
                 completion_tokens=usage.completion_tokens or 0,
-                usage_source=UsageSource.STREAM if flight.usage_from_stream else UsageSource.RESPONSE,
+                usage_source=UsageSource.STREAM
+                if flight.usage_from_stream
+                else UsageSource.RESPONSE,
                 outcome=flight.outcome,
                 upstream_id=flight.upstream_id,
                 now=now,

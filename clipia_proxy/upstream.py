@@ -45,6 +45,7 @@ class UpstreamRefused(UpstreamUnavailable):
         super().__init__(message)
         self.upstream_status: Final = upstream_status
 
+
 _LOGGER: Final = logging.getLogger(__name__)
 _RETRY_STATUSES: Final = frozenset({429, 500, 502, 503, 504, 529})
 _BACKOFF_BASE_SECONDS: Final = 0.1

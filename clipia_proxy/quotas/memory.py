@@ -144,11 +144,7 @@ class MemoryEngine:
                 retry_after=max(wait, 0.001),
             )
         tokens_used = sum(entry.tokens for entry in log) if limits.tpm is not None else 0
-        if (
-            refusal is None
-            and limits.tpm is not None
-            and tokens_used + request.tokens > limits.tpm
-        ):
+        if refusal is None and limits.tpm is not None and tokens_used + request.tokens > limits.tpm:
             refusal = ReserveResult(
                 admitted=False,
                 reason=Reason.TPM,
@@ -302,9 +298,9 @@ class MemoryStore:
             self.engine.records.pop(self._settled.popleft(), None)
         return True
 
-    async def renew(self, request_id: str, lease_until: float) -> None:
+    async def renew(self, request_id: str, now: float, lease_seconds: float) -> None:
         """See ``Store.renew``."""
-        self.engine.renew(request_id, lease_until)
+        self.engine.renew(request_id, now + lease_seconds)
 
     async def usage(self, team: str, keys: list[str], now: float) -> dict[str, WindowUsage]:
         """See ``Store.usage``."""

@@ -19,8 +19,14 @@ from zoneinfo import ZoneInfo
 
 import msgspec
 
-from ..config import Config, TeamConfig
-from ..errors import BudgetExceeded, ConcurrencyLimited, QuotaStoreUnavailable, RateLimited
+from clipia_proxy.config import Config, TeamConfig
+from clipia_proxy.errors import (
+    BudgetExceeded,
+    ConcurrencyLimited,
+    QuotaStoreUnavailable,
+    RateLimited,
+)
+
 from .estimate import Estimate
 from .model import (
     Micro,
@@ -71,8 +77,8 @@ class Admission(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def _humanise_seconds(seconds: float) -> str:
-    seconds = max(int(math.ceil(seconds)), 0)
-    hours, rest = divmod(seconds, 3600)
+    whole = max(math.ceil(seconds), 0)
+    hours, rest = divmod(whole, 3600)
     minutes, secs = divmod(rest, 60)
     if hours:
         return f"{hours}h{minutes:02d}m"
@@ -190,11 +196,7 @@ class QuotaService:
             case Reason.BUDGET:
                 assert result.period is not None
                 window = current[result.period]
-                wait = (
-                    window.resets_at.timestamp() - now
-                    if window.resets_at is not None
-                    else None
-                )
+                wait = window.resets_at.timestamp() - now if window.resets_at is not None else None
                 resets = f"; resets in {_humanise_seconds(wait)}" if wait is not None else ""
                 return BudgetExceeded(
                     f"Team {team!r} has used {credits(result.used)} of its "

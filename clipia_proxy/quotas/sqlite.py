@@ -201,14 +201,17 @@ class SqliteStore:
 
     def _select(self, where: str, args: tuple[Any, ...]) -> list[LedgerRecord]:
         rows = self._conn().execute(
-            f"SELECT {_COLUMNS} FROM ledger WHERE {where} ORDER BY created_at", args  # noqa: S608 - callers pass constant clauses
+            f"SELECT {_COLUMNS} FROM ledger WHERE {where} ORDER BY created_at",
+            args,  # noqa: S608 - callers pass constant clauses
         )
         return [_row_to_record(row) for row in rows]
 
     def _owner(self, upstream_id: str) -> str | None:
-        row = self._conn().execute(
-            "SELECT team FROM ledger WHERE upstream_id = ? LIMIT 1", (upstream_id,)
-        ).fetchone()
+        row = (
+            self._conn()
+            .execute("SELECT team FROM ledger WHERE upstream_id = ? LIMIT 1", (upstream_id,))
+            .fetchone()
+        )
         return None if row is None else str(row[0])
 
     def _close(self) -> None:
@@ -263,9 +266,9 @@ class SqliteStore:
         self.engine.forget(request_id)
         return True
 
-    async def renew(self, request_id: str, lease_until: float) -> None:
+    async def renew(self, request_id: str, now: float, lease_seconds: float) -> None:
         """See ``Store.renew`` (leases live in memory: one replica)."""
-        self.engine.renew(request_id, lease_until)
+        self.engine.renew(request_id, now + lease_seconds)
 
     async def usage(self, team: str, keys: list[str], now: float) -> dict[str, WindowUsage]:
         """See ``Store.usage``."""

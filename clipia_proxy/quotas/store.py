@@ -75,8 +75,8 @@ class Store(Protocol):
     async def settle(self, request_id: str, settlement: Settlement) -> bool:
         """Replace the reservation by ``settlement``; return False if already settled/unknown."""
 
-    async def renew(self, request_id: str, lease_until: float) -> None:
-        """Extend a live reservation's lease (long streams)."""
+    async def renew(self, request_id: str, now: float, lease_seconds: float) -> None:
+        """Extend a live reservation's lease to ``now + lease_seconds`` (long streams)."""
 
     async def usage(self, team: str, keys: list[str], now: float) -> dict[str, WindowUsage]:
         """Return spent and (live) reserved micro-credits of the team's windows ``keys``."""
