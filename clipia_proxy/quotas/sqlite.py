@@ -202,7 +202,7 @@ class SqliteStore:
     def _select(self, where: str, args: tuple[Any, ...]) -> list[LedgerRecord]:
         rows = self._conn().execute(
             f"SELECT {_COLUMNS} FROM ledger WHERE {where} ORDER BY created_at",
-            args,  # noqa: S608 - callers pass constant clauses
+            args,
         )
         return [_row_to_record(row) for row in rows]
 
