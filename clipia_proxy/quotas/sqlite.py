@@ -201,7 +201,7 @@ class SqliteStore:
 
     def _select(self, where: str, args: tuple[Any, ...]) -> list[LedgerRecord]:
         rows = self._conn().execute(
-            f"SELECT {_COLUMNS} FROM ledger WHERE {where} ORDER BY created_at",
+            f"SELECT {_COLUMNS} FROM ledger WHERE {where} ORDER BY created_at",  # noqa: S608 - constant clauses only
             args,
         )
         return [_row_to_record(row) for row in rows]
