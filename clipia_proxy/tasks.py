@@ -23,10 +23,13 @@ class TaskRegistry:
 
     def __init__(self) -> None:
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._closed = False
 
     def __len__(self) -> int:
         return len(self._tasks)
+
+    def pending(self, prefix: str = "") -> int:
+        """Return how many tasks whose name starts with ``prefix`` are still running."""
+        return sum(1 for task in self._tasks if task.get_name().startswith(prefix))
 
     def spawn(self, coro: Coroutine[Any, Any, _T], *, name: str) -> asyncio.Task[_T]:
         """Start ``coro`` as a named task that the registry keeps until it ends."""
@@ -45,7 +48,6 @@ class TaskRegistry:
 
     async def drain(self, grace_seconds: float) -> None:
         """Wait up to ``grace_seconds`` for every task, then cancel what is left."""
-        self._closed = True
         if not self._tasks:
             return
         _done, pending = await asyncio.wait(set(self._tasks), timeout=grace_seconds)

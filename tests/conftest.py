@@ -215,3 +215,24 @@ def log_capture() -> Iterator[list[str]]:
     finally:
         root.removeHandler(handler)
         root.setLevel(previous)
+
+
+async def wait_settled(stack: Stack, *, within: float = 10.0) -> None:
+    """Wait (bounded) until the gateway has no settlement task running and no open record."""
+    from clipia_proxy.keys import QUOTAS, TASKS
+
+    app = stack.running.app
+    async with asyncio.timeout(within):
+        while True:
+            if not app[TASKS].pending("settle-") and not await app[QUOTAS].store.dispatched():
+                return
+            await asyncio.sleep(0.01)
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A real redis-server for the whole session (see tests/redis_server.py)."""
+    from tests.redis_server import redis_server
+
+    with redis_server() as url:
+        yield url
