@@ -58,6 +58,54 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config, resolve_secrets=False)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 1
+    import datetime as dt
+    import time
+    from zoneinfo import ZoneInfo
+
+    from .app import build_store
+    from .quotas.store import StoreUnavailable
+    from .report import format_csv, format_json, parse_period, summarise
+
+    zone = ZoneInfo(config.accounting.timezone)
+    try:
+        since, until = parse_period(args.period, zone, now=dt.datetime.now(dt.UTC))
+    except ValueError as exc:
+        print(f"report: {exc}", file=sys.stderr)
+        return 2
+    period = args.period or f"{dt.datetime.now(zone):%Y-%m}"
+
+    async def load() -> list[Any]:
+        store = build_store(config, clock=time.time)
+        await store.start()
+        try:
+            return await store.records(since=since, until=until)
+        finally:
+            await store.close()
+
+    try:
+        records = asyncio.run(load())
+    except StoreUnavailable as exc:
+        print(f"report: the ledger store is unavailable: {exc}", file=sys.stderr)
+        return 1
+    rows, still_open = summarise(
+        records, rubles_per_credit=config.accounting.rubles_per_credit, team=args.team
+    )
+    if args.format == "json":
+        print(format_json(rows, period=period, still_open=still_open))
+    else:
+        print(format_csv(rows), end="")
+    if still_open:
+        print(f"report: {still_open} record(s) of {period} are not settled yet", file=sys.stderr)
+    return 0
+
+
 def _cmd_keygen(args: argparse.Namespace) -> int:
     key = generate_key()
     key_id = args.key_id or f"{args.team}-{secrets.token_hex(3)}"
@@ -116,6 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--key-id", default=None, help="id for the key entry (default: team-XXXXXX)"
     )
     keygen.set_defaults(func=_cmd_keygen)
+
+    report = commands.add_parser("report", help="chargeback: spend per team and model")
+    report.add_argument("--config", required=True, help="path to config.yaml (names the store)")
+    report.add_argument("--period", default=None, help="2026-11 | 2026-W48 | 2026-11-25")
+    report.add_argument("--team", default=None)
+    report.add_argument("--format", choices=("csv", "json"), default="csv")
+    report.set_defaults(func=_cmd_report)
 
     emulator = commands.add_parser("emulator", help="run the local Clipia emulator")
     emulator.add_argument("--host", default="127.0.0.1")
