@@ -325,6 +325,12 @@ def parse_config(
     api_key_problem = _check_secret_source(config.upstream, source, environ, resolve_secrets)
     if api_key_problem:
         (problems if resolve_secrets else warnings).append(api_key_problem)
+    env = os.environ if environ is None else environ
+    if config.store.backend == "redis" and not env.get(config.store.redis_url_env, "").strip():
+        (problems if resolve_secrets else warnings).append(
+            f"{source}: store.redis_url_env: the environment variable "
+            f"{config.store.redis_url_env} is not set"
+        )
     if problems:
         raise ConfigError(problems)
     return msgspec.structs.replace(config, warnings=tuple(warnings))
