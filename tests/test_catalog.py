@@ -15,7 +15,6 @@ from decimal import Decimal
 import aiohttp
 import pytest
 from aiohttp import web
-from conftest import Stack
 
 from clipia_proxy.catalog import Catalog, parse_catalog
 from clipia_proxy.config import CatalogConfig, Secret, UpstreamConfig
@@ -24,6 +23,7 @@ from clipia_proxy.errors import UpstreamUnavailable
 from clipia_proxy.tasks import TaskRegistry
 from clipia_proxy.upstream import UpstreamClient
 from clipia_proxy.wire import decode_json, encode_json
+from tests.conftest import Stack
 
 MEDIA_IDS = {"flux-2-pro", "veo-4", "nano-banana-3"}
 TTL = 10.0

@@ -25,7 +25,6 @@ import aiohttp
 import msgspec
 import pytest
 from aiohttp import web
-from conftest import Stack, make_config, stop_stack
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -34,6 +33,7 @@ from clipia_proxy.config import Secret
 from clipia_proxy.emulator import EmulatorState, Fault, create_emulator_app
 from clipia_proxy.server import start
 from clipia_proxy.wire import decode_json
+from tests.conftest import Stack, make_config, stop_stack
 
 StackFactory = Callable[..., Awaitable[Stack]]
 

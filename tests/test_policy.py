@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from conftest import TEAMS_YAML
 
 from clipia_proxy.config import CapsConfig, TeamConfig, parse_config
 from clipia_proxy.errors import InvalidRequest, ModelNotAllowed, ModelNotFound
 from clipia_proxy.policy import ModelPolicy, apply_caps
+from tests.conftest import TEAMS_YAML
 
 CHAT_IDS = frozenset(
     {"gpt-5.5", "gpt-5.5-mini", "claude-sonnet-4-6", "claude-sonnet-4-5", "claude-opus-4-8",

@@ -13,7 +13,6 @@ from fnmatch import fnmatchcase
 import aiohttp
 import msgspec
 import pytest
-from conftest import TEAMS_YAML, Stack, ThreadStack
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -21,6 +20,7 @@ from clipia_proxy.config import parse_config
 from clipia_proxy.emulator import CATALOG
 from clipia_proxy.errors import ModelNotAllowed, ModelNotFound
 from clipia_proxy.policy import ModelPolicy
+from tests.conftest import TEAMS_YAML, Stack, ThreadStack
 
 CHAT_IDS = frozenset(str(e["id"]) for e in CATALOG if "architecture" in e)
 MEDIA_IDS = frozenset(str(e["id"]) for e in CATALOG if "architecture" not in e)

@@ -13,10 +13,10 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 import msgspec
 import pytest
-from conftest import Stack
 from yarl import URL
 
 from clipia_proxy.auth import generate_key
+from tests.conftest import Stack
 
 StackFactory = Callable[..., Awaitable[Stack]]
 

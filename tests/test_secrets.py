@@ -12,8 +12,11 @@ import base64
 from collections.abc import AsyncIterator
 
 import pytest
-from conftest import Stack, stop_stack
-from test_hardening_http import (
+
+from clipia_proxy.auth import hash_key
+from clipia_proxy.emulator import Fault
+from tests.conftest import Stack, stop_stack
+from tests.test_hardening_http import (
     Reply,
     chat,
     http,
@@ -21,9 +24,6 @@ from test_hardening_http import (
     raw_request,
     start_stack_with,
 )
-
-from clipia_proxy.auth import hash_key
-from clipia_proxy.emulator import Fault
 
 PUBLIC_PREFIXES = ("clipia_live_", "clipia_test_", "cpx_")
 REFLECTED: list[Reply] = []

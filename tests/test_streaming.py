@@ -19,11 +19,11 @@ import msgspec
 import openai
 import pytest
 from aiohttp import web
-from conftest import Stack, stop_stack
-from test_upstream import start_custom_stack
 
 from clipia_proxy.emulator import CATALOG, Fault
 from clipia_proxy.wire import encode_json
+from tests.conftest import Stack, stop_stack
+from tests.test_upstream import start_custom_stack
 
 Json = Any
 

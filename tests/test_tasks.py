@@ -22,7 +22,8 @@ async def test_spawn_keeps_a_reference_until_done() -> None:
         finished.append("done")
         return "result"
 
-    registry.spawn(work(), name="kept")  # no reference held by the caller
+    dropped = registry.spawn(work(), name="kept")
+    del dropped  # the caller holds no reference: only the registry does
     gc.collect()
     assert len(registry) == 1
     (task,) = [t for t in asyncio.all_tasks() if t.get_name() == "kept"]

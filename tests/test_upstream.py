@@ -21,7 +21,6 @@ import aiohttp
 import msgspec
 import pytest
 from aiohttp import web
-from conftest import TEAMS_YAML, Stack, stop_stack
 from hypothesis import given
 from hypothesis import strategies as st
 from multidict import CIMultiDict
@@ -32,6 +31,7 @@ from clipia_proxy.emulator import EmulatorState, Fault, create_emulator_app
 from clipia_proxy.errors import UpstreamUnavailable
 from clipia_proxy.server import start
 from clipia_proxy.upstream import UpstreamClient, parse_retry_after
+from tests.conftest import TEAMS_YAML, Stack, stop_stack
 
 Json = Any
 """Decoded JSON from the wire: the assertions check its shape, not the type checker."""

@@ -10,7 +10,7 @@ from langchain_openai import ChatOpenAI
 from pydantic import BaseModel, Field, SecretStr
 
 if TYPE_CHECKING:
-    from conftest import Stack
+    from tests.conftest import Stack
 
 pytestmark = pytest.mark.e2e
 

@@ -14,7 +14,7 @@ from openai.types.chat import ChatCompletionFunctionToolParam, ChatCompletionMes
 from clipia_proxy.emulator import Fault, RecordedRequest
 
 if TYPE_CHECKING:
-    from conftest import Stack
+    from tests.conftest import Stack
 
 pytestmark = pytest.mark.e2e
 

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from clipia_proxy.emulator import Fault, RecordedRequest
 
 if TYPE_CHECKING:
-    from conftest import Stack
+    from tests.conftest import Stack
 
 pytestmark = pytest.mark.e2e
 
