@@ -7,7 +7,8 @@ Clipia's list mixes chat models (OpenRouter-style entries with ``architecture`` 
 Freshness rules: a snapshot younger than ``ttl_seconds`` is served as is; an older one is
 served while one background refresh runs; past ``max_stale_seconds`` callers wait for a
 refresh, and if it fails they get 502 ``upstream_unavailable``. Concurrent callers share one
-refresh (single flight). A failed refresh keeps the old snapshot.
+refresh (single flight). A failed refresh keeps the old snapshot, and the next one waits
+1, 2, 4 … 60 seconds (callers needing a fresh catalog meanwhile get 502 at once).
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ __all__ = ["Catalog", "CatalogEntry", "CatalogSnapshot", "parse_catalog"]
 
 _LOGGER: Final = logging.getLogger(__name__)
 _MAX_CATALOG_BYTES: Final = 16 * 1024 * 1024
+_RETRY_BASE_SECONDS: Final = 1.0
+_RETRY_MAX_SECONDS: Final = 60.0
+"""Failed fetches back off 1, 2, 4 … 60 s, so a Clipia outage is not met with a fetch storm."""
 
 
 class CatalogEntry(msgspec.Struct, frozen=True, kw_only=True):
@@ -106,6 +110,9 @@ class Catalog:
         self._clock = clock
         self._snapshot: CatalogSnapshot | None = None
         self._refreshing: asyncio.Task[CatalogSnapshot | None] | None = None
+        self._failures = 0
+        self._retry_at = 0.0
+        """After a failed fetch, no new one starts before this (monotonic) time."""
         self.refresh_results: dict[str, int] = {"success": 0, "error": 0}
         """Counts of refresh outcomes (exported as metrics)."""
 
@@ -128,8 +135,12 @@ class Catalog:
             if age <= self._config.ttl_seconds:
                 return snapshot
             if age <= self._config.max_stale_seconds:
-                _refresh = self._start_refresh()  # the registry owns it; we serve the stale copy
+                if self._clock() >= self._retry_at:
+                    _refresh = self._start_refresh()  # the registry owns it; serve the stale copy
                 return snapshot
+        if self._clock() < self._retry_at and (self._refreshing is None or self._refreshing.done()):
+            # A fetch failed moments ago: answer at once instead of hammering Clipia.
+            raise UpstreamUnavailable("The model catalog is unavailable.")
         return await self.refresh()
 
     async def refresh(self) -> CatalogSnapshot:
@@ -169,11 +180,17 @@ class Catalog:
             msgspec.DecodeError,
         ) as exc:
             self.refresh_results["error"] += 1
+            self._failures += 1
+            self._retry_at = self._clock() + min(
+                _RETRY_BASE_SECONDS * 2 ** (self._failures - 1), _RETRY_MAX_SECONDS
+            )
             _LOGGER.warning(
                 "catalog refresh failed (%s); serving the previous catalog if any",
                 exc.__class__.__name__,
             )
             return None
         self.refresh_results["success"] += 1
+        self._failures = 0
+        self._retry_at = 0.0
         self._snapshot = snapshot
         return snapshot

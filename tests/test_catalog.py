@@ -282,6 +282,39 @@ async def test_cold_refresh_failure_raises(harness: Harness) -> None:
     assert harness.catalog.refresh_results == {"success": 0, "error": 1}
 
 
+async def test_failed_fetches_back_off(harness: Harness) -> None:
+    await harness.runner.cleanup()  # Clipia is down from the start
+    with pytest.raises(UpstreamUnavailable):
+        await harness.catalog.get()
+    # Moments later: 502 at once, no new fetch (1 s back-off after the first failure).
+    harness.clock.now += 0.5
+    with pytest.raises(UpstreamUnavailable):
+        await harness.catalog.get()
+    assert harness.catalog.refresh_results["error"] == 1
+    harness.clock.now += 0.6
+    with pytest.raises(UpstreamUnavailable):
+        await harness.catalog.get()
+    assert harness.catalog.refresh_results["error"] == 2
+    # The second failure doubles the wait to 2 s.
+    harness.clock.now += 1.5
+    with pytest.raises(UpstreamUnavailable):
+        await harness.catalog.get()
+    assert harness.catalog.refresh_results["error"] == 2
+
+
+async def test_stale_catalog_waits_out_the_back_off(harness: Harness) -> None:
+    first = await harness.catalog.get()
+    await harness.runner.cleanup()
+    harness.clock.now = first.fetched_at + TTL + 1
+    assert await harness.catalog.get() is first
+    await harness.settle()
+    assert harness.catalog.refresh_results["error"] == 1
+    harness.clock.now += 0.5  # inside the back-off: served stale, no new background fetch
+    assert await harness.catalog.get() is first
+    assert harness.catalog.refresh_results["error"] == 1
+    assert harness.tasks.pending("catalog-refresh") == 0
+
+
 async def test_cancelled_caller_does_not_cancel_shared_refresh(harness: Harness) -> None:
     waiter = harness.tasks.spawn(harness.catalog.get(), name="impatient")
     await asyncio.sleep(0)
