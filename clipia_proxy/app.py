@@ -111,7 +111,10 @@ def create_app(
     app[AUTHENTICATOR] = Authenticator(config, today=today)
     app[POLICIES] = {team.id: ModelPolicy(team) for team in config.teams}
     app[GENERATIONS] = LRUCache(maxsize=_GENERATION_OWNERS)
-    app[HEALTH] = Health(catalog_is_warm=catalog.is_warm)
+    app[HEALTH] = Health(
+        catalog_is_warm=catalog.is_warm,
+        store_is_reachable=lambda: quotas.fail_open or quotas.store_reachable,
+    )
 
     router = app.router
     router.add_post("/v1/chat/completions", handlers.chat_completions)
@@ -153,17 +156,26 @@ def build_store(config: Config, *, clock: Callable[[], float]) -> Store:
 
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
-    store = app[QUOTAS].store
-    await store.start()
+    quotas = app[QUOTAS]
+    try:
+        await quotas.store.start()
+    except StoreUnavailable as exc:
+        # Keep serving what can be served: requests follow store.on_error, /readyz says why.
+        quotas.store_reachable = False
+        _LOGGER.error("quota store unavailable at start-up: %s", exc)  # noqa: TRY400 - no traceback needed
     yield
-    await store.close()
+    await quotas.store.close()
 
 
 async def _reconcile_ctx(app: web.Application) -> AsyncIterator[None]:
     # One replica (sqlite/memory): every unsettled record belongs to a dead process. Shared
     # stores: only expired leases, then periodically, for records of crashed replicas.
     shared = app[CONFIG].store.backend == "redis"
-    settled = await app[LEDGER].reconcile(only_expired=shared)
+    try:
+        settled = await app[LEDGER].reconcile(only_expired=shared)
+    except StoreUnavailable as exc:
+        _LOGGER.warning("reconciliation postponed: quota store unavailable (%s)", exc)
+        settled = 0
     if settled:
         _LOGGER.warning("reconciled %d ledger record(s) left unsettled by a crash", settled)
     if shared:
@@ -173,8 +185,14 @@ async def _reconcile_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _reconcile_forever(app: web.Application) -> None:
     interval = app[CONFIG].accounting.lease_seconds / 2
+    loop = asyncio.get_running_loop()
+    next_run = loop.time() + interval
     while not app[HEALTH].is_draining:
-        await asyncio.sleep(interval)
+        # Short naps: one sleep of the whole interval held every shutdown for the full grace.
+        await asyncio.sleep(min(0.25, max(next_run - loop.time(), 0.0)))
+        if app[HEALTH].is_draining or loop.time() < next_run:
+            continue
+        next_run = loop.time() + interval
         try:
             await app[LEDGER].reconcile(only_expired=True)
         except StoreUnavailable as exc:

@@ -1,7 +1,8 @@
 """Liveness, readiness and draining, served on the admin port.
 
 ``/healthz`` answers 200 while the process runs. ``/readyz`` answers 200 only when the config
-is loaded, the catalog is warm (or within ``catalog.max_stale_seconds``) and the gateway is not
+is loaded, the catalog is warm (or within ``catalog.max_stale_seconds``), the quota store
+answered its last call (unless ``store.on_error`` is ``fail_open``) and the gateway is not
 draining; otherwise 503 with the reasons, so Kubernetes stops routing new requests here.
 """
 
@@ -19,8 +20,14 @@ __all__ = ["Health", "create_admin_app"]
 class Health:
     """The gateway's health state; ``is_draining`` flips once, on shutdown."""
 
-    def __init__(self, *, catalog_is_warm: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        *,
+        catalog_is_warm: Callable[[], bool],
+        store_is_reachable: Callable[[], bool] = lambda: True,
+    ) -> None:
         self._catalog_is_warm = catalog_is_warm
+        self._store_is_reachable = store_is_reachable
         self.is_draining = False
 
     def problems(self) -> list[str]:
@@ -30,6 +37,8 @@ class Health:
             problems.append("draining")
         if not self._catalog_is_warm():
             problems.append("catalog not loaded")
+        if not self._store_is_reachable():
+            problems.append("quota store unavailable")
         return problems
 
 

@@ -217,8 +217,9 @@ class MemoryEngine:
         self._release(record)
         entry = self._rate_index.pop(request_id, None)
         if entry is not None:
-            entry.tokens = 0
-            entry.at = float("-inf")  # pruned at the next window read
+            # Out of the log now: left in place it would count against RPM until older
+            # entries ahead of it aged out (up to a minute). Rare path, O(window).
+            self._rates[record.team].remove(entry)
 
     def settle(self, request_id: str, settlement: Settlement) -> LedgerRecord | None:
         """Apply a settlement once; return the updated record, or None if nothing changed."""
@@ -241,11 +242,15 @@ class MemoryEngine:
         record.settled_at = settlement.now
         return record
 
-    def renew(self, request_id: str, lease_until: float) -> None:
-        """Extend a live lease."""
+    def renew(self, request_id: str, lease_until: float, now: float) -> None:
+        """Extend a live lease; one that ran out by ``now`` is released, never revived."""
         record = self.records.get(request_id)
-        if record is not None and record.state is RecordState.DISPATCHED:
-            record.lease_until = max(record.lease_until, lease_until)
+        if record is None or request_id not in self._live.get(record.team, ()):
+            return
+        if record.lease_until <= now:
+            self._release(record)
+            return
+        record.lease_until = max(record.lease_until, lease_until)
 
     def usage(self, team: str, keys: list[str], now: float) -> dict[str, WindowUsage]:
         """See ``Store.usage``."""
@@ -300,7 +305,7 @@ class MemoryStore:
 
     async def renew(self, request_id: str, now: float, lease_seconds: float) -> None:
         """See ``Store.renew``."""
-        self.engine.renew(request_id, now + lease_seconds)
+        self.engine.renew(request_id, now + lease_seconds, now)
 
     async def usage(self, team: str, keys: list[str], now: float) -> dict[str, WindowUsage]:
         """See ``Store.usage``."""

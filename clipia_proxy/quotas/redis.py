@@ -133,7 +133,8 @@ for period, key in pairs(a.windows) do
       + tonumber(redis.call('GET', P .. ':reserved:' .. team .. ':' .. key) or '0')
     local remaining = limit - used - a.amount
     if not refusal and remaining < 0 then
-      refusal = {reason = 'budget', period = period, limit = limit, used = used}
+      refusal = {reason = 'budget', period = period, limit = string.format('%d', limit),
+        used = string.format('%d', used)}
     end
     if tight_remaining == nil or remaining < tight_remaining then
       tight_remaining, tight_period = remaining, period
@@ -174,7 +175,8 @@ end
 if a.rpm then result.requests_remaining = math.max(a.rpm - req_n - 1, 0) end
 if a.tpm then result.tokens_remaining = math.max(a.tpm - tok_n - a.tokens, 0) end
 if tight_remaining ~= nil then
-  result.budget_remaining = math.max(tight_remaining, 0)
+  -- as text: cjson writes numbers with 14 significant digits
+  result.budget_remaining = string.format('%d', math.max(tight_remaining, 0))
   result.budget_period = tight_period
 end
 return cjson.encode(result)
@@ -233,10 +235,9 @@ local lease_until = now + tonumber(ARGV[3])
 local rec = P .. ':rec:' .. rid
 if redis.call('HGET', rec, 'state') ~= 'dispatched' then return 0 end
 local team = redis.call('HGET', rec, 'team')
-if redis.call('ZADD', P .. ':live:' .. team, 'XX', 'CH', lease_until, rid) == 0 and
-   not redis.call('ZSCORE', P .. ':live:' .. team, rid) then
-  return 0
-end
+local held = redis.call('ZSCORE', P .. ':live:' .. team, rid)
+if not held or tonumber(held) <= now then return 0 end  -- ran out: never revived
+redis.call('ZADD', P .. ':live:' .. team, 'XX', lease_until, rid)
 redis.call('HSET', rec, 'lease_until', lease_until)
 redis.call('ZADD', P .. ':dispatched', 'XX', lease_until, rid)
 return 1

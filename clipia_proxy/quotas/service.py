@@ -105,6 +105,9 @@ class QuotaService:
         """(team, reason) -> refusals a shadow team would have had."""
         self.store_errors: Counter[str] = Counter()
         """on_error outcome (``fail_closed``/``fail_open``) -> count."""
+        self.store_reachable = True
+        """False since the last store call failed, until one succeeds (feeds ``/readyz``)."""
+        self.fail_open: Final = self._fail_open
 
     def now(self) -> float:
         """Return the service clock (seconds since the epoch)."""
@@ -146,6 +149,7 @@ class QuotaService:
             async with asyncio.timeout(self._timeout):
                 result = await self.store.reserve(request)
         except (StoreUnavailable, TimeoutError) as exc:
+            self.store_reachable = False
             if self._fail_open:
                 self.store_errors["fail_open"] += 1
                 _LOGGER.warning(
@@ -167,6 +171,7 @@ class QuotaService:
             raise QuotaStoreUnavailable(
                 "The quota store is unavailable; the request was not sent.", retry_after=1
             ) from exc
+        self.store_reachable = True
         if not result.admitted:
             assert result.reason is not None
             self.rejections[team, result.reason.value] += 1

@@ -240,8 +240,11 @@ class SqliteStore:
         record = self.engine.records[request.request_id]
         try:
             await self._run(self._insert, record)
-        except BaseException:
+        except BaseException as exc:
             self.engine.unreserve(request.request_id)
+            if isinstance(exc.__cause__, sqlite3.IntegrityError):
+                # Already in the file (settled, then forgotten in memory): a replay.
+                return ReserveResult(admitted=True, replayed=True)
             raise
         return result
 
@@ -268,7 +271,7 @@ class SqliteStore:
 
     async def renew(self, request_id: str, now: float, lease_seconds: float) -> None:
         """See ``Store.renew`` (leases live in memory: one replica)."""
-        self.engine.renew(request_id, now + lease_seconds)
+        self.engine.renew(request_id, now + lease_seconds, now)
 
     async def usage(self, team: str, keys: list[str], now: float) -> dict[str, WindowUsage]:
         """See ``Store.usage``."""
