@@ -123,10 +123,12 @@ def create_app(
     router.add_get("/v1/key", handlers.key_info, allow_head=False)
     router.add_get("/v1/generation", handlers.generation, allow_head=False)
 
-    # One cleanup context per resource, in dependency order (released in reverse).
+    # One cleanup context per resource, in dependency order (released in reverse): background
+    # work (settlements) is drained while the store and the upstream client are still open.
     app.cleanup_ctx.append(_tasks_ctx)
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_upstream_ctx)
+    app.cleanup_ctx.append(_drain_ctx)
     app.cleanup_ctx.append(_reconcile_ctx)
     app.cleanup_ctx.append(_catalog_ctx)
     app.on_shutdown.append(_on_shutdown)
@@ -197,6 +199,12 @@ async def _reconcile_forever(app: web.Application) -> None:
             await app[LEDGER].reconcile(only_expired=True)
         except StoreUnavailable as exc:
             _LOGGER.warning("reconciler: store unavailable (%s)", exc)
+
+
+async def _drain_ctx(app: web.Application) -> AsyncIterator[None]:
+    yield
+    # Handlers cancelled at the end of the grace period spawn their settlements now.
+    await app[TASKS].drain(app[CONFIG].server.shutdown_grace_seconds)
 
 
 async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -41,7 +41,8 @@ from .ledger import Flight
 from .policy import ModelPolicy, apply_caps
 from .quotas.estimate import PriceUnknown, estimate
 from .quotas.model import Outcome
-from .streaming import relay_stream
+from .sse import UsageTap
+from .streaming import StreamResult, relay_stream
 from .upstream import UpstreamClient, UpstreamNotSent, UpstreamRefused
 from .wire import Usage, decode_json, encode_json, parse_chat_request, usage_from_object
 
@@ -258,27 +259,32 @@ async def _forward(
                     quotas.store.renew(request_id, quotas.now(), lease), name="lease-renew"
                 )
 
-            relayed, result = await relay_stream(
-                request,
-                response,
-                headers={
-                    **headers,
-                    "Content-Type": content_type,
-                    "Cache-Control": "no-cache",
-                    "X-Accel-Buffering": "no",
-                    "X-Request-Id": request_id,
-                },
-                drop_usage_chunk=drop_usage_chunk,
-                on_disconnect=config.accounting.on_disconnect,
-                drain_timeout=config.accounting.drain_timeout_seconds,
-                renew=renew,
-                renew_every=lease / 3,
-            )
-            tap = result.tap
-            flight.outcome = result.outcome
-            flight.usage = tap.usage
-            flight.usage_from_stream = True
-            flight.upstream_id = tap.upstream_id
+            result = StreamResult(UsageTap())
+            try:
+                relayed, _ = await relay_stream(
+                    request,
+                    response,
+                    headers={
+                        **headers,
+                        "Content-Type": content_type,
+                        "Cache-Control": "no-cache",
+                        "X-Accel-Buffering": "no",
+                        "X-Request-Id": request_id,
+                    },
+                    drop_usage_chunk=drop_usage_chunk,
+                    on_disconnect=config.accounting.on_disconnect,
+                    drain_timeout=config.accounting.drain_timeout_seconds,
+                    renew=renew,
+                    renew_every=lease / 3,
+                    result=result,
+                )
+            finally:
+                # Even when cancelled (shutdown), settle with what the tap saw so far.
+                tap = result.tap
+                flight.outcome = result.outcome
+                flight.usage = tap.usage
+                flight.usage_from_stream = True
+                flight.upstream_id = tap.upstream_id
             info.outcome = result.outcome.value
             info.upstream_id = tap.upstream_id
             if result.first_byte_at is not None:

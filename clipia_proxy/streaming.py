@@ -58,17 +58,20 @@ async def relay_stream(
     drain_timeout: float,
     renew: Callable[[], None] | None = None,
     renew_every: float = 60.0,
+    result: StreamResult | None = None,
 ) -> tuple[web.StreamResponse, StreamResult]:
     """Relay an upstream SSE body to the client; return the response and what was learnt.
 
     ``headers`` are the response headers to send (the caller built them from an allow-list).
     ``renew`` is called at most every ``renew_every`` seconds while bytes flow (it extends the
     request's reservation lease). Never raises for upstream or client failures: they become
-    the result's ``outcome``.
+    the result's ``outcome``. Pass ``result`` to read what was learnt even if this coroutine
+    is cancelled half-way (shutdown).
     """
     response = web.StreamResponse(status=200, headers=headers)
-    tap = UsageTap()
-    result = StreamResult(tap)
+    if result is None:
+        result = StreamResult(UsageTap())
+    tap = result.tap
     chunk_filter = UsageChunkFilter() if drop_usage_chunk else None
     content = upstream.content
     loop = asyncio.get_running_loop()

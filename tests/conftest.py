@@ -83,7 +83,9 @@ def make_config(
     ``store`` is the ``store:`` section (default: sqlite in a fresh temporary directory).
     """
     if store is None:
-        store = f"{{backend: sqlite, sqlite_path: {tempfile.mkdtemp(prefix='clipia-test-')}/ledger.db}}"
+        store = (
+            f"{{backend: sqlite, sqlite_path: {tempfile.mkdtemp(prefix='clipia-test-')}/ledger.db}}"
+        )
     teams_yaml = (teams or TEAMS_YAML).format(**{team: hash_key(key) for team, key in keys.items()})
     text = f"""
 server: {{host: 127.0.0.1, port: 0, admin_port: 0, shutdown_grace_seconds: 2}}
@@ -236,3 +238,18 @@ def redis_url() -> Iterator[str]:
 
     with redis_server() as url:
         yield url
+
+
+@pytest.fixture(autouse=True)
+def blockbuster() -> Iterator[None]:
+    """Fail any test in which clipia_proxy blocks the event loop (file, socket, sqlite, sleep)."""
+    from blockbuster import blockbuster_ctx
+
+    with blockbuster_ctx("clipia_proxy") as busters:
+        # Loading a config reads files (YAML, key file, time zone data) on purpose: it runs
+        # once, before serving (the CLI), never while requests are in flight.
+        for function in busters.functions.values():
+            function.can_block_in(
+                "clipia_proxy/config.py", {"parse_config", "load_config", "read_api_key"}
+            )
+        yield

@@ -20,7 +20,9 @@ import os
 from typing import Any, Final
 
 import msgspec
+import redis
 import redis.asyncio as aioredis
+from redis.driver_info import DriverInfo
 from redis.exceptions import RedisError
 
 from clipia_proxy.config import StoreConfig
@@ -261,6 +263,7 @@ return out
 )
 
 _RESULT: Final = msgspec.json.Decoder()
+_DRIVER_INFO: Final = DriverInfo(name="redis-py", lib_version=redis.__version__)
 
 
 def _str(value: Any) -> str:
@@ -317,6 +320,9 @@ class RedisStore:
             socket_timeout=config.timeout_seconds,
             socket_connect_timeout=config.timeout_seconds,
             health_check_interval=30,
+            # With an explicit version: left to redis-py, every new pooled connection reads
+            # the package metadata from disk (blocking os.stat and read on the event loop).
+            driver_info=_DRIVER_INFO,
         )
         return cls(client, prefix=config.redis_key_prefix)
 

@@ -14,10 +14,12 @@ reconciler. sqlite3 runs on one worker thread: nothing blocks the event loop. WA
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import queue
 import sqlite3
+import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
@@ -96,6 +98,122 @@ def _row_to_record(row: tuple[Any, ...]) -> LedgerRecord:
     )
 
 
+class _Call:
+    __slots__ = ("args", "fn", "future", "loop", "write")
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        write: bool,
+        loop: asyncio.AbstractEventLoop,
+        future: asyncio.Future[Any],
+    ) -> None:
+        self.fn, self.args, self.write, self.loop, self.future = fn, args, write, loop, future
+
+
+def _resolve(outcomes: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
+    for future, ok, value in outcomes:
+        if future.done():
+            continue
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+
+
+class _Worker:
+    """One thread owns the connection and runs queued calls in order.
+
+    Writes waiting together share one transaction (group commit): under concurrency many
+    reservations and settlements cost one commit and one wake-up of the event loop. Each write
+    runs in its own savepoint, so one failing write does not undo the others.
+    """
+
+    def __init__(self, connection: Callable[[], sqlite3.Connection]) -> None:
+        self._connection = connection
+        self._queue: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._main, name="clipia-sqlite", daemon=True)
+        self._stopped = False
+
+    def call(
+        self, fn: Callable[..., _T], args: tuple[Any, ...], *, write: bool
+    ) -> asyncio.Future[_T]:
+        if self._stopped:
+            raise sqlite3.OperationalError("the store is closed")
+        if not self._thread.is_alive():
+            self._thread.start()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[_T] = loop.create_future()
+        self._queue.put(_Call(fn, args, write, loop, future))
+        return future
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._queue.put(None)
+
+    def _main(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            stop = False
+            while True:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop = True
+                    break
+                batch.append(item)
+            by_loop: dict[
+                asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]
+            ] = {}
+            for call, ok, value in self._execute(batch):
+                by_loop.setdefault(call.loop, []).append((call.future, ok, value))
+            for loop, outcomes in by_loop.items():
+                with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
+                    loop.call_soon_threadsafe(_resolve, outcomes)
+            if stop:
+                return
+
+    def _execute(self, batch: list[_Call]) -> list[tuple[_Call, bool, Any]]:
+        results: list[tuple[_Call, bool, Any]] = []
+        writes = [call for call in batch if call.write]
+        for call in batch:
+            if not call.write:
+                try:
+                    results.append((call, True, call.fn(*call.args)))
+                except Exception as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+                    results.append((call, False, exc))
+        if not writes:
+            return results
+        pending: list[tuple[_Call, bool, Any]] = []
+        db: sqlite3.Connection | None = None
+        try:
+            db = self._connection()
+            db.execute("BEGIN IMMEDIATE")
+            for call in writes:
+                db.execute("SAVEPOINT op")
+                try:
+                    value = call.fn(*call.args)
+                except sqlite3.Error as exc:
+                    db.execute("ROLLBACK TO op")
+                    db.execute("RELEASE op")
+                    pending.append((call, False, exc))
+                else:
+                    db.execute("RELEASE op")
+                    pending.append((call, True, value))
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if db is not None and db.in_transaction:
+                db.execute("ROLLBACK")
+            return results + [(call, False, exc) for call in writes]
+        return results + pending
+
+
 class SqliteStore:
     """Quota state in memory, the ledger in a SQLite file (see the module docstring)."""
 
@@ -105,14 +223,13 @@ class SqliteStore:
         self._path = str(path)
         self._clock = clock
         self._timeout = timeout
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clipia-sqlite")
+        self._worker = _Worker(self._conn)
         self._db: sqlite3.Connection | None = None
         self.engine: Final = MemoryEngine()
 
-    async def _run(self, fn: Callable[..., _T], *args: Any) -> _T:
-        loop = asyncio.get_running_loop()
+    async def _run(self, fn: Callable[..., _T], *args: Any, write: bool = False) -> _T:
         try:
-            return await loop.run_in_executor(self._executor, fn, *args)
+            return await self._worker.call(fn, args, write=write)
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"sqlite: {exc.__class__.__name__}: {exc}") from exc
 
@@ -170,34 +287,29 @@ class SqliteStore:
         )
 
     def _settle(self, record: LedgerRecord) -> None:
+        # Runs inside the worker's transaction: the update and the spent sums commit together.
         db = self._conn()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            changed = db.execute(
-                "UPDATE ledger SET state = 'settled', upstream_id = ?, cost = ?, "
-                "prompt_tokens = ?, completion_tokens = ?, usage_source = ?, outcome = ?, "
-                "settled_at = ? WHERE request_id = ? AND state = 'dispatched'",
-                (
-                    record.upstream_id,
-                    record.cost,
-                    record.prompt_tokens,
-                    record.completion_tokens,
-                    record.usage_source,
-                    record.outcome.value if record.outcome else None,
-                    record.settled_at,
-                    record.request_id,
-                ),
-            ).rowcount
-            if changed:
-                db.executemany(
-                    "INSERT INTO spent (team, window, amount) VALUES (?, ?, ?) "
-                    "ON CONFLICT (team, window) DO UPDATE SET amount = amount + excluded.amount",
-                    [(record.team, key, record.cost) for key in record.windows.values()],
-                )
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
+        changed = db.execute(
+            "UPDATE ledger SET state = 'settled', upstream_id = ?, cost = ?, "
+            "prompt_tokens = ?, completion_tokens = ?, usage_source = ?, outcome = ?, "
+            "settled_at = ? WHERE request_id = ? AND state = 'dispatched'",
+            (
+                record.upstream_id,
+                record.cost,
+                record.prompt_tokens,
+                record.completion_tokens,
+                record.usage_source,
+                record.outcome.value if record.outcome else None,
+                record.settled_at,
+                record.request_id,
+            ),
+        ).rowcount
+        if changed:
+            db.executemany(
+                "INSERT INTO spent (team, window, amount) VALUES (?, ?, ?) "
+                "ON CONFLICT (team, window) DO UPDATE SET amount = amount + excluded.amount",
+                [(record.team, key, record.cost) for key in record.windows.values()],
+            )
 
     def _select(self, where: str, args: tuple[Any, ...]) -> list[LedgerRecord]:
         rows = self._conn().execute(
@@ -230,7 +342,7 @@ class SqliteStore:
     async def close(self) -> None:
         """Close the file and the worker thread."""
         await self._run(self._close)
-        self._executor.shutdown(wait=True)
+        self._worker.stop()
 
     async def reserve(self, request: ReserveRequest) -> ReserveResult:
         """See ``Store.reserve``: decided in memory, committed before returning."""
@@ -239,7 +351,7 @@ class SqliteStore:
             return result
         record = self.engine.records[request.request_id]
         try:
-            await self._run(self._insert, record)
+            await self._run(self._insert, record, write=True)
         except BaseException as exc:
             self.engine.unreserve(request.request_id)
             if isinstance(exc.__cause__, sqlite3.IntegrityError):
@@ -255,7 +367,7 @@ class SqliteStore:
             return False
         for attempt in range(_SETTLE_ATTEMPTS):
             try:
-                await self._run(self._settle, record)
+                await self._run(self._settle, record, write=True)
                 break
             except StoreUnavailable as exc:
                 if attempt == _SETTLE_ATTEMPTS - 1:
