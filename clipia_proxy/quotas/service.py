@@ -98,6 +98,8 @@ class QuotaService:
         self._timeout = config.store.timeout_seconds
         self._fail_open = config.store.on_error == "fail_open"
         self._limits = {team.id: limits_of(team) for team in config.teams}
+        self._windows: tuple[float, float, dict[Period, Window]] | None = None
+        """(computed at, valid until, windows): windows only change at a local midnight."""
         self._shadow = {team.id: team.shadow for team in config.teams}
         self.rejections: Counter[tuple[str, str]] = Counter()
         """(team, reason) -> refusals; reason ``store_unavailable`` included."""
@@ -114,8 +116,16 @@ class QuotaService:
         return self._clock()
 
     def windows(self, now: float) -> dict[Period, Window]:
-        """Return every period's window at ``now``."""
-        return windows(ALL_PERIODS, dt.datetime.fromtimestamp(now, dt.UTC), self._zone)
+        """Return every period's window at ``now`` (cached until the next reset)."""
+        cached = self._windows
+        if cached is not None and cached[0] <= now < cached[1]:
+            return cached[2]
+        current = windows(ALL_PERIODS, dt.datetime.fromtimestamp(now, dt.UTC), self._zone)
+        next_reset = min(
+            window.resets_at.timestamp() for window in current.values() if window.resets_at
+        )
+        self._windows = (now, next_reset, current)
+        return current
 
     async def admit(
         self,

@@ -1,0 +1,831 @@
+"""One contract suite for every ``Store`` backend: memory, sqlite and redis.
+
+Each sentence of the ``Store`` docstring (and of ``reserve``/``settle``/``renew``) is a test,
+run against all three backends. Memory and sqlite run on the ``now`` passed in; Redis runs on
+the server's ``TIME``, so the harness advances a fake clock for the first two and really
+waits (briefly) for Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from clipia_proxy.config import StoreConfig
+from clipia_proxy.quotas import sqlite as sqlite_module
+from clipia_proxy.quotas.memory import MemoryStore
+from clipia_proxy.quotas.model import (
+    Micro,
+    Outcome,
+    Period,
+    Reason,
+    RecordState,
+    ReserveRequest,
+    Settlement,
+    TeamLimits,
+    UsageSource,
+)
+from clipia_proxy.quotas.redis import RedisStore
+from clipia_proxy.quotas.sqlite import SqliteStore
+from clipia_proxy.quotas.store import Store, StoreUnavailable
+from tests.fault_proxy import FaultProxy
+
+TEAM = "team-a"
+DAY = "day:2026-11-25"
+MONTH = "month:2026-11"
+PERIODS = {Period.DAY: DAY, Period.MONTH: MONTH}
+T0 = 1_795_000_020.0  # a whole minute (T0 % 60 == 0) in 2026-11
+
+
+class Clock:
+    """A settable clock (seconds since the epoch)."""
+
+    def __init__(self, start: float) -> None:
+        self.t = start
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class Harness:
+    """A store under test and its notion of time."""
+
+    def __init__(self, kind: str, store: Store, clock: Clock, tmp: Path, prefix: str) -> None:
+        self.kind = kind
+        self.store = store
+        self.clock = clock
+        self.tmp = tmp
+        self.prefix = prefix
+
+    @property
+    def server_clock(self) -> bool:
+        """Whether leases and windows run on the store's own clock (Redis)."""
+        return self.kind == "redis"
+
+    @property
+    def now(self) -> float:
+        return time.time() if self.server_clock else self.clock.t
+
+    async def advance(self, seconds: float) -> None:
+        """Let ``seconds`` pass for the store."""
+        if self.server_clock:
+            await asyncio.sleep(seconds)
+        else:
+            self.clock.t += seconds
+
+    def request(
+        self,
+        request_id: str | None = None,
+        *,
+        amount: int = 1000,
+        tokens: int = 100,
+        limits: TeamLimits | None = None,
+        lease: float = 60.0,
+        shadow: bool = False,
+        periods: dict[Period, str] | None = None,
+        team: str = TEAM,
+    ) -> ReserveRequest:
+        return ReserveRequest(
+            request_id=request_id or f"req-{uuid.uuid4().hex[:12]}",
+            team=team,
+            amount=Micro(amount),
+            tokens=tokens,
+            periods=dict(PERIODS if periods is None else periods),
+            now=self.now,
+            lease_seconds=lease,
+            limits=limits or TeamLimits(),
+            shadow=shadow,
+            model="gpt-5.5",
+            key_id="key-1",
+            stream=True,
+        )
+
+    async def reserved(self, key: str = DAY, team: str = TEAM) -> int:
+        return (await self.store.usage(team, [key], self.now))[key].reserved
+
+    async def spent(self, key: str = DAY, team: str = TEAM) -> int:
+        return (await self.store.usage(team, [key], self.now))[key].spent
+
+
+def settlement(cost: int, **kwargs: Any) -> Settlement:
+    return Settlement(cost=Micro(cost), **kwargs)
+
+
+async def make_sqlite(path: Path, clock: Clock) -> SqliteStore:
+    store = SqliteStore(path, clock=clock)
+    await store.start()
+    return store
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+async def h(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Harness]:
+    clock = Clock(T0)
+    kind: str = request.param
+    prefix = f"test-{uuid.uuid4().hex[:10]}"
+    store: Store
+    if kind == "memory":
+        store = MemoryStore()
+        await store.start()
+    elif kind == "sqlite":
+        store = await make_sqlite(tmp_path / "ledger.db", clock)
+    else:
+        url: str = request.getfixturevalue("redis_url")
+        store = RedisStore.from_config(
+            StoreConfig(backend="redis", redis_key_prefix=prefix, timeout_seconds=1.0), url=url
+        )
+        await store.start()
+    harness = Harness(kind, store, clock, tmp_path, prefix)
+    try:
+        yield harness
+    finally:
+        await harness.store.close()
+
+
+# -- reserve: admission writes the record ----------------------------------------------------
+
+
+async def test_admission_writes_a_dispatched_record(h: Harness) -> None:
+    before = h.now
+    req = h.request("r1", amount=1234, tokens=77, lease=60)
+    result = await h.store.reserve(req)
+    assert result.admitted
+    assert result.reason is None
+    assert not result.replayed
+    record = await h.store.record("r1")
+    assert record is not None
+    assert record.state is RecordState.DISPATCHED
+    assert (record.team, record.key_id, record.model, record.stream) == (
+        TEAM,
+        "key-1",
+        "gpt-5.5",
+        True,
+    )
+    assert (record.reserved, record.tokens_reserved) == (1234, 77)
+    assert record.windows == PERIODS
+    assert before - 1 <= record.created_at <= h.now + 1
+    assert record.lease_until == pytest.approx(record.created_at + 60, abs=0.01)
+    assert record.cost == 0
+    assert record.outcome is None
+    assert [r.request_id for r in await h.store.dispatched()] == ["r1"]
+    usage = await h.store.usage(TEAM, [DAY, MONTH, "week:2026-W48"], h.now)
+    assert usage[DAY].reserved == usage[MONTH].reserved == 1234
+    assert usage[DAY].spent == usage[MONTH].spent == 0
+    assert usage["week:2026-W48"].reserved == 0
+    assert await h.store.rates(TEAM, h.now) == (1, 77)
+
+
+async def test_budget_refusal_is_all_or_nothing_across_periods(h: Harness) -> None:
+    limits = TeamLimits(budgets={Period.DAY: Micro(10_000), Period.MONTH: Micro(1_500)})
+    assert (await h.store.reserve(h.request("a", amount=1_000, limits=limits))).admitted
+    refused = await h.store.reserve(h.request("b", amount=600, limits=limits))
+    assert not refused.admitted
+    assert refused.reason is Reason.BUDGET
+    assert refused.period is Period.MONTH
+    assert (refused.limit, refused.used) == (1_500, 1_000)
+    # The day window had room, yet nothing was reserved on it either.
+    assert await h.reserved(DAY) == 1_000
+    assert await h.reserved(MONTH) == 1_000
+    assert await h.store.record("b") is None
+    assert [r.request_id for r in await h.store.dispatched()] == ["a"]
+    assert await h.store.rates(TEAM, h.now) == (1, 100)
+
+
+async def test_budget_refusal_on_the_day_leaves_the_month_untouched(h: Harness) -> None:
+    limits = TeamLimits(budgets={Period.DAY: Micro(999), Period.MONTH: Micro(10**9)})
+    refused = await h.store.reserve(h.request("x", amount=1_000, limits=limits))
+    assert (refused.admitted, refused.reason, refused.period) == (False, Reason.BUDGET, Period.DAY)
+    assert await h.reserved(DAY) == 0
+    assert await h.reserved(MONTH) == 0
+    assert await h.store.rates(TEAM, h.now) == (0, 0)
+    assert await h.store.dispatched() == []
+    assert await h.store.records(since=0, until=h.now + 3600) == []
+
+
+async def test_budget_admits_exactly_to_the_limit(h: Harness) -> None:
+    limits = TeamLimits(budgets={Period.DAY: Micro(3_000)})
+    for i in range(3):
+        result = await h.store.reserve(h.request(f"r{i}", amount=1_000, limits=limits))
+        assert result.admitted
+        assert result.budget_remaining == 3_000 - 1_000 * (i + 1)
+        assert result.budget_period is Period.DAY
+    refused = await h.store.reserve(h.request("r3", amount=1, limits=limits))
+    assert (refused.admitted, refused.used, refused.limit) == (False, 3_000, 3_000)
+
+
+async def test_tightest_period_reported(h: Harness) -> None:
+    limits = TeamLimits(budgets={Period.DAY: Micro(5_000), Period.MONTH: Micro(2_000)})
+    result = await h.store.reserve(h.request("r", amount=500, limits=limits))
+    assert (result.budget_remaining, result.budget_period) == (1_500, Period.MONTH)
+
+
+async def test_reserve_is_idempotent_by_request_id(h: Harness) -> None:
+    limits = TeamLimits(budgets={Period.DAY: Micro(1_000)}, rpm=1, concurrency=1)
+    first = await h.store.reserve(h.request("same", amount=1_000, limits=limits))
+    assert first.admitted
+    assert not first.replayed
+    # A retry (lost reply) of the same id: nothing applied twice, even though a new request
+    # would now be refused by every limit.
+    again = await h.store.reserve(h.request("same", amount=1_000, limits=limits))
+    assert again.admitted
+    assert again.replayed
+    assert await h.reserved(DAY) == 1_000
+    assert await h.store.rates(TEAM, h.now) == (1, 100)
+    assert len(await h.store.dispatched()) == 1
+
+
+async def test_reserve_replayed_after_settlement_applies_nothing(h: Harness) -> None:
+    assert (await h.store.reserve(h.request("done", amount=1_000))).admitted
+    assert await h.store.settle("done", settlement(400))
+    again = await h.store.reserve(h.request("done", amount=1_000))
+    assert again.admitted
+    assert again.replayed
+    assert await h.reserved(DAY) == 0
+    assert await h.spent(DAY) == 400
+    record = await h.store.record("done")
+    assert record is not None
+    assert record.state is RecordState.SETTLED
+
+
+# -- settle ----------------------------------------------------------------------------------
+
+
+async def test_settle_replaces_the_reservation_by_the_cost(h: Harness) -> None:
+    await h.store.reserve(h.request("r", amount=1_000))
+    assert await h.store.settle(
+        "r",
+        settlement(
+            321,
+            prompt_tokens=10,
+            completion_tokens=5,
+            usage_source=UsageSource.STREAM,
+            outcome=Outcome.CLIENT_DISCONNECT,
+            upstream_id="chatcmpl-abc",
+            now=h.now,
+        ),
+    )
+    usage = await h.store.usage(TEAM, [DAY, MONTH], h.now)
+    assert usage[DAY].spent == usage[MONTH].spent == 321
+    assert usage[DAY].reserved == usage[MONTH].reserved == 0
+    record = await h.store.record("r")
+    assert record is not None
+    assert record.state is RecordState.SETTLED
+    assert (record.cost, record.prompt_tokens, record.completion_tokens) == (321, 10, 5)
+    assert record.usage_source == "stream"
+    assert record.outcome is Outcome.CLIENT_DISCONNECT
+    assert record.upstream_id == "chatcmpl-abc"
+    assert record.settled_at is not None
+    assert record.reserved == 1_000
+    assert await h.store.dispatched() == []
+    assert await h.store.owner_of("chatcmpl-abc") == TEAM
+    assert await h.store.owner_of("chatcmpl-unknown") is None
+
+
+async def test_settle_above_the_reservation_charges_the_cost(h: Harness) -> None:
+    await h.store.reserve(h.request("r", amount=1_000))
+    assert await h.store.settle("r", settlement(1_700))
+    assert await h.spent(MONTH) == 1_700
+    assert await h.reserved(MONTH) == 0
+
+
+async def test_settle_is_idempotent(h: Harness) -> None:
+    await h.store.reserve(h.request("r", amount=1_000))
+    assert await h.store.settle("r", settlement(250, upstream_id="chatcmpl-1"))
+    assert not await h.store.settle("r", settlement(999, upstream_id="chatcmpl-2"))
+    assert await h.spent(DAY) == 250
+    assert await h.reserved(DAY) == 0
+    record = await h.store.record("r")
+    assert record is not None
+    assert (record.cost, record.upstream_id) == (250, "chatcmpl-1")
+    assert await h.store.owner_of("chatcmpl-2") is None
+
+
+async def test_settle_unknown_id_is_false(h: Harness) -> None:
+    assert not await h.store.settle("never-reserved", settlement(5))
+    assert await h.spent(DAY) == 0
+
+
+async def test_settle_at_zero_frees_the_budget(h: Harness) -> None:
+    limits = TeamLimits(budgets={Period.DAY: Micro(1_000)})
+    await h.store.reserve(h.request("a", amount=1_000, limits=limits))
+    assert not (await h.store.reserve(h.request("b", amount=1_000, limits=limits))).admitted
+    await h.store.settle("a", settlement(0, outcome=Outcome.NOT_SENT))
+    assert (await h.store.reserve(h.request("b", amount=1_000, limits=limits))).admitted
+
+
+# -- leases ----------------------------------------------------------------------------------
+
+
+async def test_lease_expiry_frees_budget_and_concurrency_but_record_stays_dispatched(
+    h: Harness,
+) -> None:
+    limits = TeamLimits(budgets={Period.DAY: Micro(1_000)}, concurrency=1)
+    assert (
+        await h.store.reserve(h.request("old", amount=1_000, lease=0.05, limits=limits))
+    ).admitted
+    refused = await h.store.reserve(h.request("new", amount=1_000, limits=limits))
+    assert not refused.admitted
+    assert refused.reason is Reason.CONCURRENCY
+    await h.advance(0.15)
+    assert await h.reserved(DAY) == 0
+    assert (await h.store.reserve(h.request("new", amount=1_000, limits=limits))).admitted
+    old = await h.store.record("old")
+    assert old is not None
+    assert old.state is RecordState.DISPATCHED
+    assert {r.request_id for r in await h.store.dispatched()} == {"old", "new"}
+    # A late settlement of the expired lease charges its cost once and does not release the
+    # live reservation of another request a second time.
+    assert await h.store.settle("old", settlement(400))
+    usage = (await h.store.usage(TEAM, [DAY], h.now))[DAY]
+    assert (usage.spent, usage.reserved) == (400, 1_000)
+
+
+async def test_renew_extends_a_live_lease(h: Harness) -> None:
+    limits = TeamLimits(concurrency=1)
+    await h.store.reserve(h.request("long", amount=500, lease=0.3, limits=limits))
+    await h.advance(0.1)
+    await h.store.renew("long", h.now, 30.0)
+    await h.advance(0.4)
+    assert await h.reserved(DAY) == 500
+    refused = await h.store.reserve(h.request("other", limits=limits))
+    assert refused.reason is Reason.CONCURRENCY
+    record = await h.store.record("long")
+    assert record is not None
+    if h.kind != "sqlite":  # sqlite keeps leases in memory only (see the report)
+        assert record.lease_until >= h.now + 25
+
+
+async def test_renew_does_not_revive_an_expired_lease(h: Harness) -> None:
+    limits = TeamLimits(concurrency=1)
+    await h.store.reserve(h.request("gone", amount=500, lease=0.05, limits=limits))
+    await h.advance(0.15)
+    # No other operation ran since the lease ran out: a renew must not bring it back.
+    await h.store.renew("gone", h.now, 30.0)
+    assert await h.reserved(DAY) == 0
+    assert (await h.store.reserve(h.request("next", limits=limits))).admitted
+
+
+async def test_renew_after_settlement_is_a_no_op(h: Harness) -> None:
+    await h.store.reserve(h.request("r", amount=500))
+    await h.store.settle("r", settlement(100))
+    await h.store.renew("r", h.now, 30.0)
+    assert await h.reserved(DAY) == 0
+    assert await h.store.dispatched() == []
+
+
+# -- rates and concurrency -------------------------------------------------------------------
+
+
+async def test_rpm_refuses_with_retry_after(h: Harness) -> None:
+    limits = TeamLimits(rpm=3)
+    for i in range(3):
+        result = await h.store.reserve(h.request(f"r{i}", limits=limits))
+        assert result.admitted
+        assert result.requests_remaining == 2 - i
+    refused = await h.store.reserve(h.request("r3", limits=limits))
+    assert (refused.admitted, refused.reason) == (False, Reason.RPM)
+    assert (refused.limit, refused.used) == (3, 3)
+    assert 50 < refused.retry_after <= 60
+    # Settling does not give a request back: RPM counts requests made.
+    await h.store.settle("r0", settlement(1))
+    assert not (await h.store.reserve(h.request("r4", limits=limits))).admitted
+    assert (await h.store.rates(TEAM, h.now))[0] == 3
+
+
+async def test_rpm_sliding_window_has_no_burst_at_the_minute_edge(h: Harness) -> None:
+    if h.server_clock:
+        pytest.skip("needs an injected clock; Redis windows run on the server's TIME")
+    limits = TeamLimits(rpm=3)
+    h.clock.t = T0 + 59.5  # half a second before a minute edge
+    for i in range(3):
+        assert (await h.store.reserve(h.request(f"a{i}", limits=limits))).admitted
+    h.clock.t = T0 + 60.5  # just after the edge: a fixed window would admit 3 more
+    refused = await h.store.reserve(h.request("b0", limits=limits))
+    assert (refused.admitted, refused.reason) == (False, Reason.RPM)
+    assert refused.retry_after == pytest.approx(59.0)
+    h.clock.t = T0 + 119.4
+    assert not (await h.store.reserve(h.request("b1", limits=limits))).admitted
+    h.clock.t = T0 + 119.5  # the first three are exactly 60 s old: out of the window
+    for i in range(3):
+        assert (await h.store.reserve(h.request(f"c{i}", limits=limits))).admitted
+    assert await h.store.rates(TEAM, h.now) == (3, 300)
+
+
+async def test_tpm_counts_estimates_then_settled_tokens(h: Harness) -> None:
+    limits = TeamLimits(tpm=1_000)
+    first = await h.store.reserve(h.request("big", tokens=800, limits=limits))
+    assert first.admitted
+    assert first.tokens_remaining == 200
+    refused = await h.store.reserve(h.request("more", tokens=300, limits=limits))
+    assert (refused.admitted, refused.reason, refused.used) == (False, Reason.TPM, 800)
+    assert 50 < refused.retry_after <= 60
+    # The settlement corrects the estimate with the tokens actually used.
+    await h.store.settle("big", settlement(10, prompt_tokens=120, completion_tokens=80))
+    assert await h.store.rates(TEAM, h.now) == (1, 200)
+    admitted = await h.store.reserve(h.request("more", tokens=300, limits=limits))
+    assert admitted.admitted
+    assert admitted.tokens_remaining == 500
+
+
+async def test_tpm_request_larger_than_the_limit_waits_a_full_window(h: Harness) -> None:
+    refused = await h.store.reserve(h.request("huge", tokens=5_000, limits=TeamLimits(tpm=1_000)))
+    assert (refused.admitted, refused.reason, refused.retry_after) == (False, Reason.TPM, 60)
+
+
+async def test_concurrency_is_a_lease_count(h: Harness) -> None:
+    limits = TeamLimits(concurrency=2)
+    assert (await h.store.reserve(h.request("a", limits=limits))).admitted
+    assert (await h.store.reserve(h.request("b", limits=limits))).admitted
+    refused = await h.store.reserve(h.request("c", limits=limits))
+    assert (refused.admitted, refused.reason, refused.used, refused.limit) == (
+        False,
+        Reason.CONCURRENCY,
+        2,
+        2,
+    )
+    assert refused.retry_after > 0
+    await h.store.settle("a", settlement(1))
+    assert (await h.store.reserve(h.request("c", limits=limits))).admitted
+    # Other teams are not affected.
+    assert (await h.store.reserve(h.request("z", limits=limits, team="team-b"))).admitted
+
+
+async def test_concurrent_reserves_never_overcommit(h: Harness) -> None:
+    limits = TeamLimits(budgets={Period.DAY: Micro(10_000)})
+    results = await asyncio.gather(
+        *(h.store.reserve(h.request(f"r{i}", amount=1_000, limits=limits)) for i in range(25))
+    )
+    assert sum(r.admitted for r in results) == 10
+    assert await h.reserved(DAY) == 10_000
+
+
+# -- shadow ----------------------------------------------------------------------------------
+
+
+async def test_shadow_admits_and_says_why_it_would_refuse(h: Harness) -> None:
+    limits = TeamLimits(budgets={Period.MONTH: Micro(500)}, rpm=5)
+    result = await h.store.reserve(h.request("s", amount=1_000, limits=limits, shadow=True))
+    assert result.admitted
+    assert (result.reason, result.period) == (Reason.BUDGET, Period.MONTH)
+    assert result.budget_remaining == 0
+    assert await h.reserved(MONTH) == 1_000
+    record = await h.store.record("s")
+    assert record is not None
+    assert record.state is RecordState.DISPATCHED
+
+
+async def test_shadow_rate_limit(h: Harness) -> None:
+    limits = TeamLimits(rpm=1)
+    assert (await h.store.reserve(h.request("a", limits=limits, shadow=True))).reason is None
+    second = await h.store.reserve(h.request("b", limits=limits, shadow=True))
+    assert (second.admitted, second.reason) == (True, Reason.RPM)
+    assert await h.store.rates(TEAM, h.now) == (2, 200)
+
+
+# -- ledger reads ----------------------------------------------------------------------------
+
+
+async def test_records_are_a_half_open_interval_oldest_first(h: Harness) -> None:
+    for name in ("a", "b", "c"):
+        await h.store.reserve(h.request(name))
+        await h.advance(0.02)
+    await h.store.settle("b", settlement(7))
+    everything = await h.store.records(since=h.now - 3600, until=h.now + 3600)
+    assert [r.request_id for r in everything] == ["a", "b", "c"]
+    a, b, c = everything
+    assert a.created_at < b.created_at < c.created_at
+    assert b.state is RecordState.SETTLED
+    assert b.cost == 7
+    middle = await h.store.records(since=b.created_at, until=c.created_at)
+    assert [r.request_id for r in middle] == ["b"]
+    assert await h.store.records(since=h.now + 10, until=h.now + 20) == []
+
+
+async def test_dispatched_lists_only_unsettled_records(h: Harness) -> None:
+    for name in ("a", "b", "c"):
+        await h.store.reserve(h.request(name))
+    await h.store.settle("b", settlement(7))
+    assert {r.request_id for r in await h.store.dispatched()} == {"a", "c"}
+    assert await h.store.record("nope") is None
+
+
+async def test_large_amounts_are_exact(h: Harness) -> None:
+    big = 123_456_789_012_345  # 123 million credits, 15 significant digits
+    limits = TeamLimits(budgets={Period.TOTAL: Micro(big * 2 + 1)})
+    periods = {Period.TOTAL: "total"}
+    result = await h.store.reserve(h.request("big", amount=big, limits=limits, periods=periods))
+    assert result.admitted
+    assert result.budget_remaining == big + 1
+    assert await h.reserved("total") == big
+    await h.store.settle("big", settlement(big + 7))
+    assert await h.spent("total") == big + 7
+    record = await h.store.record("big")
+    assert record is not None
+    assert (record.reserved, record.cost) == (big, big + 7)
+
+
+# -- sqlite: durability ----------------------------------------------------------------------
+
+
+@pytest.fixture
+async def sq(tmp_path: Path) -> AsyncIterator[Harness]:
+    clock = Clock(T0)
+    store = await make_sqlite(tmp_path / "ledger.db", clock)
+    harness = Harness("sqlite", store, clock, tmp_path, "")
+    try:
+        yield harness
+    finally:
+        await harness.store.close()
+
+
+async def _set_query_only(store: SqliteStore, on: bool) -> None:
+    def apply() -> None:
+        store._conn().execute(f"PRAGMA query_only={'ON' if on else 'OFF'}")
+
+    await store._run(apply)
+
+
+async def test_sqlite_state_survives_close_and_reopen(sq: Harness) -> None:
+    limits = TeamLimits(rpm=3)
+    await sq.store.reserve(sq.request("open", amount=1_000, tokens=50, limits=limits, lease=600))
+    sq.clock.t += 1
+    await sq.store.reserve(sq.request("paid", amount=900, tokens=60, limits=limits))
+    await sq.store.settle("paid", settlement(700, prompt_tokens=20, completion_tokens=10))
+    await sq.store.close()
+    sq.clock.t += 5
+    reopened = await make_sqlite(sq.tmp / "ledger.db", sq.clock)
+    sq.store = reopened
+    usage = await reopened.usage(TEAM, [DAY, MONTH], sq.now)
+    assert usage[DAY].spent == usage[MONTH].spent == 700
+    assert usage[DAY].reserved == 1_000  # the open lease is still live after the restart
+    assert [r.request_id for r in await reopened.dispatched()] == ["open"]
+    assert await reopened.rates(TEAM, sq.now) == (2, 50 + 30)
+    assert (await reopened.reserve(sq.request("third", limits=limits))).admitted
+    refused = await reopened.reserve(sq.request("fourth", limits=limits))
+    assert (refused.admitted, refused.reason) == (False, Reason.RPM)
+    # Settled records were forgotten in memory but stay idempotent through the file.
+    assert not await reopened.settle("paid", settlement(1))
+    assert (await reopened.usage(TEAM, [DAY], sq.now))[DAY].spent == 700
+
+
+async def test_sqlite_expired_lease_after_restart_is_not_reserved(sq: Harness) -> None:
+    await sq.store.reserve(sq.request("open", amount=1_000, lease=10))
+    await sq.store.close()
+    sq.clock.t += 120
+    sq.store = await make_sqlite(sq.tmp / "ledger.db", sq.clock)
+    assert await sq.reserved(DAY) == 0
+    assert await sq.store.rates(TEAM, sq.now) == (0, 0)
+    assert [r.request_id for r in await sq.store.dispatched()] == ["open"]
+
+
+async def test_sqlite_failed_write_at_reserve_leaves_nothing(sq: Harness) -> None:
+    store = sq.store
+    assert isinstance(store, SqliteStore)
+    limits = TeamLimits(budgets={Period.DAY: Micro(2_000)}, rpm=2, concurrency=1)
+    await store.reserve(sq.request("earlier", amount=500, tokens=10, limits=limits))
+    await store.settle("earlier", settlement(500, prompt_tokens=5, completion_tokens=5))
+    await _set_query_only(store, True)
+    with pytest.raises(StoreUnavailable):
+        await store.reserve(sq.request("doomed", amount=1_000, tokens=40, limits=limits))
+    assert "doomed" not in store.engine.records
+    assert await sq.reserved(DAY) == 0
+    assert await store.rates(TEAM, sq.now) == (1, 10)
+    await _set_query_only(store, False)
+    assert await store.record("doomed") is None
+    # Neither the concurrency slot nor the RPM slot nor the budget was kept by the failure.
+    again = await store.reserve(sq.request("doomed", amount=1_000, tokens=40, limits=limits))
+    assert again.admitted
+    assert not again.replayed
+    assert again.requests_remaining == 0
+
+
+async def test_sqlite_closed_database_raises_store_unavailable(sq: Harness) -> None:
+    store = sq.store
+    assert isinstance(store, SqliteStore)
+    await store._run(store._close)
+    with pytest.raises(StoreUnavailable):
+        await store.reserve(sq.request("x"))
+    assert await sq.reserved(DAY) == 0
+    assert store.engine.records == {}
+    await store._run(store._open)
+
+
+async def test_sqlite_settle_retries_until_the_write_lands(
+    sq: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = sq.store
+    assert isinstance(store, SqliteStore)
+    monkeypatch.setattr(sqlite_module, "_SETTLE_BACKOFF_SECONDS", 0.02)
+    await store.reserve(sq.request("r", amount=1_000))
+    await _set_query_only(store, True)
+
+    async def heal() -> None:
+        await asyncio.sleep(0.1)
+        await _set_query_only(store, False)
+
+    settled, _ = await asyncio.gather(store.settle("r", settlement(300)), heal())
+    assert settled
+    record = await store.record("r")
+    assert record is not None
+    assert record.state is RecordState.SETTLED
+    assert record.cost == 300
+    await store.close()
+    sq.store = await make_sqlite(sq.tmp / "ledger.db", sq.clock)
+    assert await sq.spent(DAY) == 300
+    assert await sq.store.dispatched() == []
+
+
+async def test_sqlite_replayed_reserve_after_restart(sq: Harness) -> None:
+    await sq.store.reserve(sq.request("r", amount=1_000))
+    await sq.store.settle("r", settlement(10))
+    await sq.store.close()
+    sq.store = await make_sqlite(sq.tmp / "ledger.db", sq.clock)
+    again = await sq.store.reserve(sq.request("r", amount=1_000))
+    assert again.admitted
+    assert again.replayed
+    assert await sq.reserved(DAY) == 0
+
+
+# -- redis: TTLs, lost replies, outages ------------------------------------------------------
+
+
+@pytest.fixture
+async def rd(redis_url: str) -> AsyncIterator[Harness]:
+    prefix = f"test-{uuid.uuid4().hex[:10]}"
+    store = RedisStore.from_config(
+        StoreConfig(backend="redis", redis_key_prefix=prefix, timeout_seconds=1.0), url=redis_url
+    )
+    await store.start()
+    harness = Harness("redis", store, Clock(T0), Path(os.devnull), prefix)
+    try:
+        yield harness
+    finally:
+        await harness.store.close()
+
+
+async def _keys_and_ttls(url: str, prefix: str) -> dict[str, int]:
+    client = aioredis.Redis.from_url(url)
+    try:
+        out: dict[str, int] = {}
+        async for key in client.scan_iter(match=f"{prefix}:*", count=500):
+            out[key.decode()] = await client.ttl(key)
+        return out
+    finally:
+        await client.aclose()
+
+
+async def test_redis_every_key_has_a_ttl(rd: Harness, redis_url: str) -> None:
+    limits = TeamLimits(
+        budgets={
+            Period.DAY: Micro(10_000),
+            Period.MONTH: Micro(10_000),
+            Period.TOTAL: Micro(10**9),
+        },
+        rpm=100,
+        tpm=100_000,
+        concurrency=3,
+    )
+    periods = {Period.DAY: DAY, Period.MONTH: MONTH, Period.TOTAL: "total"}
+    for i in range(4):
+        await rd.store.reserve(rd.request(f"r{i}", amount=2_000, limits=limits, periods=periods))
+    await rd.store.reserve(rd.request("short", amount=10, limits=limits, lease=0.05))
+    await rd.store.settle("r0", settlement(1_500, upstream_id="chatcmpl-x", prompt_tokens=3))
+    await rd.store.settle("r1", settlement(0, outcome=Outcome.NOT_SENT))
+    await rd.store.renew("r2", rd.now, 30)
+    await rd.store.reserve(rd.request("huge", amount=10**8, limits=limits, periods=periods))
+    await asyncio.sleep(0.1)
+    await rd.store.usage(TEAM, [DAY, MONTH, "total"], rd.now)  # expires "short"
+    await rd.store.settle("short", settlement(10))
+    await rd.store.reserve(rd.request("ok", limits=limits))
+    ttls = await _keys_and_ttls(redis_url, rd.prefix)
+    assert len(ttls) >= 10, ttls
+    assert {name: ttl for name, ttl in ttls.items() if ttl <= 0} == {}
+
+
+async def test_redis_lost_reply_retry_applies_nothing_twice(rd: Harness, redis_url: str) -> None:
+    host, port = redis_url.removeprefix("redis://").split("/")[0].split(":")
+    proxy = FaultProxy(host, int(port))
+    await proxy.start()
+    via_proxy = RedisStore.from_config(
+        StoreConfig(backend="redis", redis_key_prefix=rd.prefix, timeout_seconds=1.0),
+        url=proxy.url,
+    )
+    try:
+        await via_proxy.start()
+        # Load the scripts first, so the lost replies are the scripts' and not NOSCRIPT's.
+        await via_proxy.reserve(rd.request("warm", team="warm-up"))
+        await via_proxy.settle("warm", settlement(1))
+        proxy.drop_replies = 100  # every reply is cut: the script runs, the caller never hears
+        with pytest.raises(StoreUnavailable):
+            await via_proxy.reserve(rd.request("lost", amount=1_000))
+        assert proxy.dropped >= 1
+        # The caller's retry (through a healed path) finds its own earlier effect.
+        proxy.drop_replies = 0
+        again = await via_proxy.reserve(rd.request("lost", amount=1_000))
+        assert again.admitted
+        assert again.replayed
+        assert await rd.reserved(DAY) == 1_000
+        assert await rd.store.rates(TEAM, rd.now) == (1, 100)
+
+        proxy.drop_replies = 100
+        with pytest.raises(StoreUnavailable):
+            await via_proxy.settle("lost", settlement(600))
+        proxy.drop_replies = 0
+        assert not await via_proxy.settle("lost", settlement(600))
+        usage = (await rd.store.usage(TEAM, [DAY], rd.now))[DAY]
+        assert (usage.spent, usage.reserved) == (600, 0)
+
+        # One lost reply (redis-py does not retry a script by itself): the caller's retry on
+        # the same pool is the no-op replay.
+        proxy.drop_replies = 1
+        with pytest.raises(StoreUnavailable):
+            await via_proxy.reserve(rd.request("blip", amount=1_000))
+        once = await via_proxy.reserve(rd.request("blip", amount=1_000))
+        assert once.admitted
+        assert once.replayed
+        assert await rd.reserved(DAY) == 1_000
+    finally:
+        await via_proxy.close()
+        await proxy.close()
+
+
+async def test_redis_down_raises_store_unavailable_quickly(rd: Harness, redis_url: str) -> None:
+    host, port = redis_url.removeprefix("redis://").split("/")[0].split(":")
+    proxy = FaultProxy(host, int(port))
+    await proxy.start()
+    store = RedisStore.from_config(
+        StoreConfig(backend="redis", redis_key_prefix=rd.prefix, timeout_seconds=0.2),
+        url=proxy.url,
+    )
+    try:
+        await store.start()
+        proxy.refuse = True
+        proxy.cut_all()
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            await store.reserve(rd.request("down"))
+        assert time.monotonic() - started < 3.0
+        await proxy.close()  # now nothing listens at all
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            await store.usage(TEAM, [DAY], rd.now)
+        assert time.monotonic() - started < 3.0
+        assert await rd.store.record("down") is None
+    finally:
+        await store.close()
+        await proxy.close()
+
+
+async def test_redis_slow_raises_store_unavailable(rd: Harness, redis_url: str) -> None:
+    host, port = redis_url.removeprefix("redis://").split("/")[0].split(":")
+    proxy = FaultProxy(host, int(port))
+    await proxy.start()
+    store = RedisStore.from_config(
+        StoreConfig(backend="redis", redis_key_prefix=rd.prefix, timeout_seconds=0.2),
+        url=proxy.url,
+    )
+    try:
+        await store.start()
+        proxy.delay = 2.0
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            await store.reserve(rd.request("slow"))
+        assert time.monotonic() - started < 3.0
+    finally:
+        proxy.delay = 0
+        await store.close()
+        await proxy.close()
+
+
+async def test_redis_dead_port(unused_tcp_port: int) -> None:
+    store = RedisStore.from_config(
+        StoreConfig(backend="redis", redis_key_prefix="dead", timeout_seconds=0.2),
+        url=f"redis://127.0.0.1:{unused_tcp_port}/0",
+    )
+    started = time.monotonic()
+    try:
+        with pytest.raises(StoreUnavailable):
+            await store.start()
+        with pytest.raises(StoreUnavailable):
+            await store.reserve(
+                ReserveRequest(
+                    request_id="x",
+                    team=TEAM,
+                    amount=Micro(1),
+                    tokens=1,
+                    periods=PERIODS,
+                    now=time.time(),
+                    lease_seconds=5,
+                    limits=TeamLimits(),
+                )
+            )
+    finally:
+        await store.close()
+    assert time.monotonic() - started < 3.0
