@@ -156,11 +156,15 @@ def test_image_parts_add_the_image_reserve() -> None:
     without = run(one, raw=raw, image_reserve_tokens=0).prompt_tokens
     with_reserve = run(one, raw=raw, image_reserve_tokens=2000).prompt_tokens
     assert without == len(raw) > base
-    # At least one reserve per image part. The marker ``"image_url"`` occurs twice in an
-    # OpenAI image part (the type and the key), so today each part reserves twice: safe,
-    # but more than the documented "a fixed reserve per image part".
-    assert with_reserve - without >= 2000
-    assert with_reserve - without == 2000 * raw.count(b'"image_url"')
+    # Exactly one reserve per image part (the body is the gateway's compact re-serialisation).
+    assert with_reserve - without == 2000
+    two = {"messages": [{"role": "user", "content": [one["messages"][0]["content"][1]] * 2}]}
+    raw_two = encode_json(two)
+    assert (
+        run(two, raw=raw_two, image_reserve_tokens=2000).prompt_tokens
+        - run(two, raw=raw_two, image_reserve_tokens=0).prompt_tokens
+        == 4000
+    )
 
 
 def test_text_mentioning_image_url_adds_nothing() -> None:

@@ -297,12 +297,6 @@ async def test_store_failure_fail_open(mode: str) -> None:
     assert sum(quotas.rejections.values()) == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a reserve applied by the store whose reply was lost (or timed out) is "
-    "answered 503 but its record stays dispatched; the reconciler later charges the full "
-    "reservation for a request never sent (service.py admit, except branch)",
-)
 async def test_fail_closed_after_a_lost_reply_leaves_no_charge() -> None:
     store = BrokenStore("lost_reply")
     quotas = QuotaService(store, config(on_error="fail_closed"), clock=Clock())

@@ -21,7 +21,9 @@ from .model import Micro, to_micro
 
 __all__ = ["Estimate", "PriceUnknown", "estimate"]
 
-_IMAGE_MARKER: Final = b'"image_url"'
+_IMAGE_MARKER: Final = b'"type":"image_url"'
+"""One per image part in the gateway's own compact re-serialisation (the body estimated);
+text that merely mentions it is escaped (``\\"type\\"``) and never matches."""
 
 
 class PriceUnknown(Exception):

@@ -30,12 +30,14 @@ from clipia_proxy.errors import (
 from .estimate import Estimate
 from .model import (
     Micro,
+    Outcome,
     Period,
     Reason,
     ReserveRequest,
     ReserveResult,
     Settlement,
     TeamLimits,
+    UsageSource,
     credits,
     to_micro,
 )
@@ -160,6 +162,10 @@ class QuotaService:
                 result = await self.store.reserve(request)
         except (StoreUnavailable, TimeoutError) as exc:
             self.store_reachable = False
+            # The store may have applied the reservation before its reply was lost: close the
+            # record at 0 (best effort), or the reconciler would later charge the reservation
+            # for a request that was never sent with it.
+            await self._void(request_id)
             if self._fail_open:
                 self.store_errors["fail_open"] += 1
                 _LOGGER.warning(
@@ -258,6 +264,19 @@ class QuotaService:
                     resets_at.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
                 )
         return headers
+
+    async def _void(self, request_id: str) -> None:
+        void = Settlement(
+            cost=Micro(0),
+            usage_source=UsageSource.COUNTED,
+            outcome=Outcome.NOT_SENT,
+            now=self._clock(),
+        )
+        try:
+            async with asyncio.timeout(self._timeout):
+                await self.store.settle(request_id, void)
+        except (StoreUnavailable, TimeoutError):
+            _LOGGER.info("could not void %s (store still unavailable)", request_id)
 
     async def settle(self, request_id: str, settlement: Settlement) -> bool:
         """Replace the reservation by the actual cost (idempotent; retried while the store fails)."""
