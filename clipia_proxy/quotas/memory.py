@@ -279,6 +279,8 @@ class MemoryEngine:
 class MemoryStore:
     """The ``memory`` backend: state lives and dies with the process (tests, demos)."""
 
+    is_remote = False
+
     def __init__(self) -> None:
         self.engine: Final = MemoryEngine()
         self._settled: deque[str] = deque()

@@ -301,6 +301,8 @@ def _record(request_id: str, raw: dict[Any, Any]) -> LedgerRecord | None:
 class RedisStore:
     """Quota state and ledger in Redis (see the module docstring)."""
 
+    is_remote = True
+
     def __init__(self, client: aioredis.Redis, *, prefix: str) -> None:
         self._client = client
         self._prefix = prefix

@@ -98,6 +98,8 @@ class QuotaService:
         self._zone = ZoneInfo(config.accounting.timezone)
         self._lease = config.accounting.lease_seconds
         self._timeout = config.store.timeout_seconds
+        # Local stores answer in microseconds (sqlite has its own busy timeout): no timer.
+        self._remote = store.is_remote
         self._fail_open = config.store.on_error == "fail_open"
         self._limits = {team.id: limits_of(team) for team in config.teams}
         self._windows: tuple[float, float, dict[Period, Window]] | None = None
@@ -158,7 +160,7 @@ class QuotaService:
             stream=stream,
         )
         try:
-            async with asyncio.timeout(self._timeout):
+            async with asyncio.timeout(self._timeout if self._remote else None):
                 result = await self.store.reserve(request)
         except (StoreUnavailable, TimeoutError) as exc:
             self.store_reachable = False
@@ -282,7 +284,7 @@ class QuotaService:
         """Replace the reservation by the actual cost (idempotent; retried while the store fails)."""
         for attempt in range(6):
             try:
-                async with asyncio.timeout(self._timeout * 2):
+                async with asyncio.timeout(self._timeout * 2 if self._remote else None):
                     return await self.store.settle(request_id, settlement)
             except (StoreUnavailable, TimeoutError) as exc:
                 _LOGGER.warning(

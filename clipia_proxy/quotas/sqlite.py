@@ -6,7 +6,7 @@ after the ``dispatched`` record is committed; a failed commit undoes the decisio
 :class:`StoreUnavailable`. ``settle`` updates the engine at once and commits the record,
 retrying a failed commit until it lands (the record stays ``dispatched`` meanwhile, and the
 start-up reconciler is the backstop). On start-up, spent per window is summed from settled
-records, the last minute of RPM/TPM is rebuilt, and unsettled records are handed to the
+records (``json_extract`` of their window keys; day/week/month over the last 40 days only), the last minute of RPM/TPM is rebuilt, and unsettled records are handed to the
 reconciler. sqlite3 runs on one worker thread: nothing blocks the event loop. WAL journal with
 ``synchronous=NORMAL``: a commit survives a crash of the process (not of the machine's power).
 """
@@ -60,13 +60,19 @@ CREATE TABLE IF NOT EXISTS ledger (
 CREATE INDEX IF NOT EXISTS ledger_created ON ledger (created_at);
 CREATE INDEX IF NOT EXISTS ledger_dispatched ON ledger (state) WHERE state = 'dispatched';
 CREATE INDEX IF NOT EXISTS ledger_upstream ON ledger (upstream_id);
-CREATE TABLE IF NOT EXISTS spent (
-    team TEXT NOT NULL,
-    window TEXT NOT NULL,
-    amount INTEGER NOT NULL,
-    PRIMARY KEY (team, window)
-);
 """
+_CALENDAR_HORIZON_SECONDS: Final = 40 * 86400
+"""Day, week and month windows older than this can no longer be current: not summed."""
+_SPENT_QUERIES: Final = (
+    "SELECT team, json_extract(windows, '$.day'), SUM(cost) FROM ledger "
+    "WHERE state = 'settled' AND created_at > ? GROUP BY 1, 2",
+    "SELECT team, json_extract(windows, '$.week'), SUM(cost) FROM ledger "
+    "WHERE state = 'settled' AND created_at > ? GROUP BY 1, 2",
+    "SELECT team, json_extract(windows, '$.month'), SUM(cost) FROM ledger "
+    "WHERE state = 'settled' AND created_at > ? GROUP BY 1, 2",
+    "SELECT team, 'total', SUM(cost) FROM ledger WHERE state = 'settled' AND ? IS NOT NULL "
+    "GROUP BY 1",
+)
 _COLUMNS: Final = (
     "request_id, team, key_id, model, stream, reserved, tokens_reserved, windows, created_at, "
     "lease_until, state, upstream_id, cost, prompt_tokens, completion_tokens, usage_source, "
@@ -217,6 +223,8 @@ class _Worker:
 class SqliteStore:
     """Quota state in memory, the ledger in a SQLite file (see the module docstring)."""
 
+    is_remote = False
+
     def __init__(
         self, path: str | Path, *, clock: Callable[[], float], timeout: float = 5.0
     ) -> None:
@@ -249,7 +257,8 @@ class SqliteStore:
 
     def _load(self, now: float) -> list[LedgerRecord]:
         db = self._conn()
-        spent = db.execute("SELECT team, window, amount FROM spent").fetchall()
+        horizon = now - _CALENDAR_HORIZON_SECONDS
+        spent = [row for query in _SPENT_QUERIES for row in db.execute(query, (horizon,))]
         recent = [
             _row_to_record(row)
             for row in db.execute(
@@ -258,7 +267,8 @@ class SqliteStore:
             )
         ]
         for team, window, amount in spent:
-            self.engine.add_spent(team, window, amount)
+            if window is not None:
+                self.engine.add_spent(team, window, amount)
         return recent
 
     def _insert(self, record: LedgerRecord) -> None:
@@ -287,9 +297,9 @@ class SqliteStore:
         )
 
     def _settle(self, record: LedgerRecord) -> None:
-        # Runs inside the worker's transaction: the update and the spent sums commit together.
-        db = self._conn()
-        changed = db.execute(
+        # Runs inside the worker's transaction (group commit). Spent per window is not stored
+        # apart: it is summed from settled records at start-up, so a settlement is one UPDATE.
+        self._conn().execute(
             "UPDATE ledger SET state = 'settled', upstream_id = ?, cost = ?, "
             "prompt_tokens = ?, completion_tokens = ?, usage_source = ?, outcome = ?, "
             "settled_at = ? WHERE request_id = ? AND state = 'dispatched'",
@@ -303,13 +313,7 @@ class SqliteStore:
                 record.settled_at,
                 record.request_id,
             ),
-        ).rowcount
-        if changed:
-            db.executemany(
-                "INSERT INTO spent (team, window, amount) VALUES (?, ?, ?) "
-                "ON CONFLICT (team, window) DO UPDATE SET amount = amount + excluded.amount",
-                [(record.team, key, record.cost) for key in record.windows.values()],
-            )
+        )
 
     def _select(self, where: str, args: tuple[Any, ...]) -> list[LedgerRecord]:
         rows = self._conn().execute(

@@ -59,6 +59,9 @@ class WindowUsage(msgspec.Struct, frozen=True, kw_only=True):
 class Store(Protocol):
     """Quota state and ledger. Implementations: memory, sqlite, redis."""
 
+    is_remote: bool
+    """True when calls cross the network (then ``store.timeout_seconds`` bounds each call)."""
+
     async def start(self) -> None:
         """Open connections and load state."""
 
