@@ -249,6 +249,8 @@ async def test_shadow_counts_would_reject_and_blocks_nothing() -> None:
 class BrokenStore(MemoryStore):
     """A store whose ``reserve`` fails: down, slow, or applied with the reply lost."""
 
+    is_remote = True  # its calls are bounded by store.timeout_seconds, like Redis's
+
     def __init__(self, mode: str) -> None:
         super().__init__()
         self.mode = mode
