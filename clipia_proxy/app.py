@@ -7,19 +7,20 @@ Tests swap the world through keyword-only overrides instead of patching.
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from decimal import Decimal
 from typing import Final
 
 import aiohttp
 from aiohttp import web
 from cachetools import LRUCache
+from prometheus_client.aiohttp import make_aiohttp_handler
 
-from . import handlers
+from . import __version__, handlers
 from .auth import Authenticator, Refusal
 from .catalog import Catalog
 from .config import Config, Secret, read_api_key
@@ -43,6 +44,7 @@ from .keys import (
     HEALTH,
     INFO,
     LEDGER,
+    METRICS,
     POLICIES,
     PRINCIPAL,
     QUOTAS,
@@ -51,6 +53,7 @@ from .keys import (
 )
 from .ledger import Ledger
 from .logs import ACCESS_LOGGER, access_fields
+from .metrics import BudgetSnapshot, Metrics
 from .policy import ModelPolicy
 from .quotas.memory import MemoryStore
 from .quotas.service import QuotaService
@@ -64,6 +67,9 @@ __all__ = ["create_admin_app", "create_app"]
 _LOGGER: Final = logging.getLogger(__name__)
 _GENERATION_OWNERS: Final = 100_000
 """Bound on remembered generation ids (about 10 MiB); the oldest are forgotten first."""
+
+_BUDGET_GAUGE_SECONDS: Final = 5.0
+"""How often budget gauges are re-read from the store (a scrape never waits on the store)."""
 
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -94,7 +100,13 @@ def create_app(
         ],
     )
     tasks = TaskRegistry()
-    upstream = UpstreamClient(config.upstream, key, connector=connector)
+    attempts: list[Callable[[str], None]] = []  # filled below, once metrics exist
+    upstream = UpstreamClient(
+        config.upstream,
+        key,
+        connector=connector,
+        on_attempt=lambda code: attempts[0](code) if attempts else None,
+    )
     catalog = Catalog(upstream, config.catalog, tasks)
     quota_clock = clock or time.time
     quotas = QuotaService(
@@ -102,8 +114,20 @@ def create_app(
         config,
         clock=quota_clock,
     )
+    ledger = Ledger(quotas, upstream, rubles_per_credit=config.accounting.rubles_per_credit)
+    metrics = Metrics(
+        [team.id for team in config.teams],
+        version=__version__,
+        catalog_age=catalog.age,
+        catalog_refreshes=lambda: catalog.refresh_results,
+        usage_sources=lambda: ledger.usage_sources,
+        store_errors=lambda: quotas.store_errors,
+        models=catalog.model_ids,
+    )
+    attempts.append(lambda code: metrics.upstream_requests.labels(code).inc())
+    app[METRICS] = metrics
     app[QUOTAS] = quotas
-    app[LEDGER] = Ledger(quotas, upstream, rubles_per_credit=config.accounting.rubles_per_credit)
+    app[LEDGER] = ledger
     app[CONFIG] = config
     app[TASKS] = tasks
     app[UPSTREAM] = upstream
@@ -131,13 +155,52 @@ def create_app(
     app.cleanup_ctx.append(_drain_ctx)
     app.cleanup_ctx.append(_reconcile_ctx)
     app.cleanup_ctx.append(_catalog_ctx)
+    app.cleanup_ctx.append(_budget_gauges_ctx)
     app.on_shutdown.append(_on_shutdown)
     return app
 
 
 def create_admin_app(app: web.Application) -> web.Application:
-    """Build the admin-port application (``/healthz``, ``/readyz``) for a data app."""
-    return _create_admin_app(app[HEALTH])
+    """Build the admin-port application (``/metrics``, ``/healthz``, ``/readyz``) for a data app."""
+    scrape = make_aiohttp_handler(app[METRICS].registry)
+
+    async def metrics_route(request: web.Request) -> web.StreamResponse:
+        return await scrape(request)
+
+    return _create_admin_app(app[HEALTH], [web.get("/metrics", metrics_route, allow_head=False)])
+
+
+async def refresh_budget_gauges(app: web.Application) -> None:
+    """Read every team's budget numbers from the store into the metrics snapshot."""
+    quotas, metrics = app[QUOTAS], app[METRICS]
+    snapshot: dict[tuple[str, str], BudgetSnapshot] = {}
+    for team in app[CONFIG].teams:
+        for budget in await quotas.budgets(team.id):
+            resets_at = budget["resets_at"]
+            snapshot[team.id, str(budget["period"])] = BudgetSnapshot(
+                limit=Decimal(str(budget["limit"])),
+                spent=Decimal(str(budget["spent"])),
+                reserved=Decimal(str(budget["reserved"])),
+                remaining=Decimal(str(budget["remaining"])),
+                resets_at=(
+                    dt.datetime.fromisoformat(str(resets_at)).timestamp() if resets_at else None
+                ),
+            )
+    metrics.set_budgets(snapshot)
+
+
+async def _budget_gauges_ctx(app: web.Application) -> AsyncIterator[None]:
+    async def loop() -> None:
+        while True:
+            try:
+                await refresh_budget_gauges(app)
+            except StoreUnavailable as exc:
+                _LOGGER.debug("budget gauges not refreshed: %s", exc)
+            if await app[HEALTH].pause(_BUDGET_GAUGE_SECONDS):
+                return
+
+    _ = app[TASKS].spawn(loop(), name="budget-gauges")
+    yield
 
 
 async def _tasks_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -187,14 +250,8 @@ async def _reconcile_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _reconcile_forever(app: web.Application) -> None:
     interval = app[CONFIG].accounting.lease_seconds / 2
-    loop = asyncio.get_running_loop()
-    next_run = loop.time() + interval
-    while not app[HEALTH].is_draining:
-        # Short naps: one sleep of the whole interval held every shutdown for the full grace.
-        await asyncio.sleep(min(0.25, max(next_run - loop.time(), 0.0)))
-        if app[HEALTH].is_draining or loop.time() < next_run:
-            continue
-        next_run = loop.time() + interval
+    # health.pause wakes at once when draining starts, so shutdown never waits on this loop.
+    while not await app[HEALTH].pause(interval):
         try:
             await app[LEDGER].reconcile(only_expired=True)
         except StoreUnavailable as exc:
@@ -237,12 +294,14 @@ async def _error_middleware(request: web.Request, handler: _Handler) -> web.Stre
     info = RequestInfo(request_id=uuid.uuid4().hex, started=time.perf_counter())
     request[INFO] = info
     response: web.StreamResponse
+    rejection: str | None = None
     try:
         response = await handler(request)
     except ProxyError as exc:
         response = _render(exc)
+        rejection = exc.reason
         if isinstance(exc, Refusal):
-            _LOGGER.info("identity refused: %s", exc.reason)
+            _LOGGER.info("identity refused: %s", exc.detail)
     except web.HTTPException as exc:
         # aiohttp's own routing errors: 404 for unknown routes, 405 for a wrong method.
         if exc.status == 405:
@@ -262,6 +321,7 @@ async def _error_middleware(request: web.Request, handler: _Handler) -> web.Stre
     if not response.prepared:
         response.headers["X-Request-Id"] = info.request_id
     info.status = response.status
+    _observe(request, info, rejection)
     if ACCESS_LOGGER.isEnabledFor(logging.INFO):
         ACCESS_LOGGER.info(
             "access",
@@ -270,6 +330,30 @@ async def _error_middleware(request: web.Request, handler: _Handler) -> web.Stre
             },
         )
     return response
+
+
+def _observe(request: web.Request, info: RequestInfo, rejection: str | None) -> None:
+    """Metrics for one finished request (labels bounded by Metrics)."""
+    metrics = request.app[METRICS]
+    route = _route_name(request)
+    now = time.perf_counter()
+    metrics.record_request(
+        team=info.team,
+        model=info.model,
+        route=route,
+        code=info.status,
+        stream=info.stream,
+        duration=now - info.started,
+    )
+    if rejection is not None:
+        metrics.record_rejection(info.team, rejection)
+    if info.upstream_sent is not None:
+        after = now - info.upstream_done if info.upstream_done is not None else 0.0
+        metrics.overhead.labels(metrics.route(route)).observe(
+            info.upstream_sent - info.started + after
+        )
+    if info.ttft is not None and info.model is not None:
+        metrics.ttft.labels(metrics.team(info.team), metrics.model(info.model)).observe(info.ttft)
 
 
 def _status_error(status: int) -> ProxyError:
@@ -308,4 +392,9 @@ async def _identity_middleware(request: web.Request, handler: _Handler) -> web.S
     info = request[INFO]
     info.team = principal.team
     info.key_id = principal.key_id
-    return await handler(request)
+    inflight = request.app[METRICS].inflight.labels(principal.team)
+    inflight.inc()
+    try:
+        return await handler(request)
+    finally:
+        inflight.dec()

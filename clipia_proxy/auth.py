@@ -66,11 +66,11 @@ def hash_key(key: str) -> str:
 
 
 class Refusal(InvalidApiKey):
-    """An identity refusal; ``reason`` is for logs only, the client sees one fixed message."""
+    """An identity refusal; ``detail`` is for logs only, the client sees one fixed message."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, detail: str) -> None:
         super().__init__(UNAUTHORIZED_MESSAGE)
-        self.reason: Final = reason
+        self.detail: Final = detail
 
 
 class Authenticator:

@@ -110,6 +110,7 @@ class Catalog:
         self._clock = clock
         self._snapshot: CatalogSnapshot | None = None
         self._refreshing: asyncio.Task[CatalogSnapshot | None] | None = None
+        self._model_ids: frozenset[str] = frozenset()
         self._failures = 0
         self._retry_at = 0.0
         """After a failed fetch, no new one starts before this (monotonic) time."""
@@ -121,6 +122,10 @@ class Catalog:
         if self._snapshot is None:
             return None
         return self._clock() - self._snapshot.fetched_at
+
+    def model_ids(self) -> frozenset[str]:
+        """Return the current chat model ids (empty before the first fetch)."""
+        return self._model_ids
 
     def is_warm(self) -> bool:
         """Return whether a snapshot within ``max_stale_seconds`` is available."""
@@ -193,4 +198,5 @@ class Catalog:
         self._failures = 0
         self._retry_at = 0.0
         self._snapshot = snapshot
+        self._model_ids = frozenset(snapshot.entries)
         return snapshot

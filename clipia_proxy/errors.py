@@ -65,15 +65,24 @@ class ProxyError(Exception):
     status: ClassVar[int] = 500
     type: ClassVar[str] = "api_error"
     code: ClassVar[str] = "internal_error"
+    default_reason: ClassVar[str | None] = None
+    """The ``rejections_total`` reason when this refusal stops a request before the upstream."""
 
     def __init__(
-        self, message: str, *, param: str | None = None, retry_after: int | None = None
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        retry_after: int | None = None,
+        reason: str | None = None,
     ) -> None:
         super().__init__(message)
         self.message: Final = message
         self.param: Final = param
         self.retry_after: Final = retry_after
         """Seconds for the ``Retry-After`` header, when the client may try again later."""
+        self.reason: Final = reason if reason is not None else self.default_reason
+        """Why the request was refused (a metrics label), or None for other errors."""
 
     def body(self) -> bytes:
         """Return the OpenAI error envelope for this error."""
@@ -92,6 +101,7 @@ class InvalidRequest(ProxyError):
     status = 400
     type = "invalid_request_error"
     code = "invalid_request"
+    default_reason = "bad_request"
 
 
 class InvalidApiKey(ProxyError):
@@ -100,6 +110,7 @@ class InvalidApiKey(ProxyError):
     status = 401
     type = "authentication_error"
     code = "invalid_api_key"
+    default_reason = "auth"
 
 
 class BudgetExceeded(ProxyError):
@@ -108,6 +119,7 @@ class BudgetExceeded(ProxyError):
     status = 402
     type = "insufficient_quota"
     code = "budget_exceeded"
+    default_reason = "budget"
 
 
 class ModelNotAllowed(ProxyError):
@@ -116,6 +128,7 @@ class ModelNotAllowed(ProxyError):
     status = 403
     type = "permission_error"
     code = "model_not_allowed"
+    default_reason = "model_not_allowed"
 
 
 class NotFound(ProxyError):
@@ -130,6 +143,7 @@ class ModelNotFound(NotFound):
     """Raised when the model is not a chat model of the catalog."""
 
     code = "model_not_found"
+    default_reason = "model_not_found"
 
 
 class MethodNotAllowed(ProxyError):
@@ -146,6 +160,7 @@ class RequestTooLarge(ProxyError):
     status = 413
     type = "invalid_request_error"
     code = "request_too_large"
+    default_reason = "bad_request"
 
 
 class UnsupportedMediaType(ProxyError):
@@ -154,6 +169,7 @@ class UnsupportedMediaType(ProxyError):
     status = 415
     type = "invalid_request_error"
     code = "unsupported_media_type"
+    default_reason = "bad_request"
 
 
 class RateLimited(ProxyError):
@@ -162,12 +178,14 @@ class RateLimited(ProxyError):
     status = 429
     type = "rate_limit_error"
     code = "rate_limit_exceeded"
+    default_reason = "rpm"
 
 
 class ConcurrencyLimited(RateLimited):
     """Raised when the team already has its maximum number of requests in flight."""
 
     code = "concurrency_limit_exceeded"
+    default_reason = "concurrency"
 
 
 class InternalError(ProxyError):
@@ -188,6 +206,7 @@ class QuotaStoreUnavailable(ProxyError):
     status = 503
     type = "api_error"
     code = "quota_store_unavailable"
+    default_reason = "store_unavailable"
 
 
 class Draining(ProxyError):

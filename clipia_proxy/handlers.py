@@ -31,6 +31,7 @@ from .keys import (
     GENERATIONS,
     INFO,
     LEDGER,
+    METRICS,
     POLICIES,
     PRINCIPAL,
     QUOTAS,
@@ -40,7 +41,7 @@ from .keys import (
 from .ledger import Flight
 from .policy import ModelPolicy, apply_caps
 from .quotas.estimate import PriceUnknown, estimate
-from .quotas.model import Outcome
+from .quotas.model import Outcome, credits
 from .sse import UsageTap
 from .streaming import StreamResult, relay_stream
 from .upstream import UpstreamClient, UpstreamNotSent, UpstreamRefused
@@ -88,6 +89,10 @@ class RequestInfo(msgspec.Struct, kw_only=True):
     usage_source: str | None = None
     outcome: str | None = None
     ttft: float | None = None
+    upstream_sent: float | None = None
+    """perf_counter just before the upstream request: the gateway's own time ends here."""
+    upstream_done: float | None = None
+    """perf_counter when the upstream answer ended: the gateway's own time starts again."""
 
     def record_usage(self, usage: Usage | None, source: str) -> None:
         """Copy the usage in (when there is one) and note where it came from."""
@@ -192,8 +197,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         stream=chat.stream,
         estimate=worst_case,
     )
+    if admission.would_reject is not None:
+        app[METRICS].would_reject.labels(team.id, admission.would_reject.value).inc()
     flight = Flight(
         admission=admission,
+        model=canonical_model,
         prompt_price=entry.prompt_price,
         completion_price=entry.completion_price,
     )
@@ -201,7 +209,19 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         return await _forward(request, flight, payload, chat.stream, drop_usage_chunk)
     finally:
         # 8. Settle exactly once, in a task that survives this handler's cancellation.
-        _ = app[TASKS].spawn(app[LEDGER].settle(flight), name=f"settle-{info.request_id}")
+        _ = app[TASKS].spawn(_settle(app, flight), name=f"settle-{info.request_id}")
+
+
+async def _settle(app: web.Application, flight: Flight) -> None:
+    """Settle a flight in the ledger, then count its spend and tokens."""
+    settlement = await app[LEDGER].settle(flight)
+    app[METRICS].record_settlement(
+        team=flight.admission.team,
+        model=flight.model,
+        cost=credits(settlement.cost),
+        prompt_tokens=settlement.prompt_tokens,
+        completion_tokens=settlement.completion_tokens,
+    )
 
 
 async def _forward(
@@ -217,6 +237,7 @@ async def _forward(
     info = request[INFO]
     upstream = app[UPSTREAM]
     headers = flight.admission.headers
+    info.upstream_sent = time.perf_counter()
     try:
         response = await upstream.send(
             "POST",
@@ -260,6 +281,7 @@ async def _forward(
                 )
 
             result = StreamResult(UsageTap())
+            finished = False
             try:
                 relayed, _ = await relay_stream(
                     request,
@@ -278,13 +300,21 @@ async def _forward(
                     renew_every=lease / 3,
                     result=result,
                 )
+                finished = True
             finally:
-                # Even when cancelled (shutdown), settle with what the tap saw so far.
+                if not finished:
+                    # Cancelled: the shutdown grace period ran out mid-stream.
+                    result.outcome = Outcome.TIMEOUT
+                # Even when cancelled, settle with what the tap saw so far.
                 tap = result.tap
                 flight.outcome = result.outcome
                 flight.usage = tap.usage
                 flight.usage_from_stream = True
                 flight.upstream_id = tap.upstream_id
+                info.upstream_done = result.upstream_done_at
+                app[METRICS].stream_terminations.labels(
+                    app[METRICS].team(info.team), result.outcome.value
+                ).inc()
             info.outcome = result.outcome.value
             info.upstream_id = tap.upstream_id
             if result.first_byte_at is not None:
@@ -298,6 +328,7 @@ async def _forward(
         except BaseException:
             flight.outcome = Outcome.UPSTREAM_ERROR
             raise
+        info.upstream_done = time.perf_counter()
         info.ttft = time.perf_counter() - info.started
         info.outcome = Outcome.COMPLETED
         try:

@@ -8,6 +8,8 @@ draining; otherwise 503 with the reasons, so Kubernetes stops routing new reques
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Callable
 
 from aiohttp import web
@@ -28,7 +30,25 @@ class Health:
     ) -> None:
         self._catalog_is_warm = catalog_is_warm
         self._store_is_reachable = store_is_reachable
-        self.is_draining = False
+        self._draining = asyncio.Event()
+
+    @property
+    def is_draining(self) -> bool:
+        """Whether shutdown has begun (new requests get 503 ``draining``)."""
+        return self._draining.is_set()
+
+    @is_draining.setter
+    def is_draining(self, value: bool) -> None:
+        if value:
+            self._draining.set()
+        else:
+            self._draining.clear()
+
+    async def pause(self, seconds: float) -> bool:
+        """Sleep up to ``seconds``, waking at once when draining starts; return ``is_draining``."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._draining.wait(), seconds)
+        return self.is_draining
 
     def problems(self) -> list[str]:
         """Return why the gateway is not ready (empty when ready)."""

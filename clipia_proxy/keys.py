@@ -15,6 +15,7 @@ if TYPE_CHECKING:  # the keys name these types in strings only (no import cycles
     from .handlers import RequestInfo  # noqa: F401
     from .health import Health  # noqa: F401
     from .ledger import Ledger  # noqa: F401
+    from .metrics import Metrics  # noqa: F401
     from .policy import ModelPolicy  # noqa: F401
     from .quotas.service import QuotaService  # noqa: F401
     from .tasks import TaskRegistry  # noqa: F401
@@ -28,6 +29,7 @@ __all__ = [
     "HEALTH",
     "INFO",
     "LEDGER",
+    "METRICS",
     "POLICIES",
     "PRINCIPAL",
     "QUOTAS",
@@ -44,6 +46,8 @@ CATALOG: Final = web.AppKey["Catalog"]("catalog")
 HEALTH: Final = web.AppKey["Health"]("health")
 QUOTAS: Final = web.AppKey["QuotaService"]("quotas")
 """Admission and settlement; owns the store (``QUOTAS.store``)."""
+METRICS: Final = web.AppKey["Metrics"]("metrics")
+"""Every Prometheus metric of the app (served on the admin port)."""
 LEDGER: Final = web.AppKey["Ledger"]("ledger")
 """Settlement rules and crash reconciliation."""
 POLICIES: Final = web.AppKey["dict[str, ModelPolicy]"]("policies")

@@ -46,6 +46,8 @@ class Flight(msgspec.Struct, kw_only=True):
     """What one admitted request learnt on its way, filled in by the handler."""
 
     admission: Admission
+    model: str = ""
+    """The canonical model id (for metrics)."""
     prompt_price: Decimal | None
     completion_price: Decimal | None
     sent: bool = True

@@ -111,10 +111,13 @@ def apply_caps(body: dict[str, object], caps: CapsConfig) -> None:
                     raise InvalidRequest(
                         f"{name}={value} is over this team's cap of {caps.max_tokens} tokens",
                         param=name,
+                        reason="cap",
                     )
     n = body.get("n")
     if caps.n is not None and isinstance(n, int) and n > caps.n:
         if caps.on_exceed == "clamp":
             body["n"] = caps.n
         else:
-            raise InvalidRequest(f"n={n} is over this team's cap of {caps.n}", param="n")
+            raise InvalidRequest(
+                f"n={n} is over this team's cap of {caps.n}", param="n", reason="cap"
+            )

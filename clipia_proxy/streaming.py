@@ -40,12 +40,14 @@ _STREAM_TERMINATOR: Final = b"\n\n"
 class StreamResult:
     """What the relay learnt: the tap, the outcome and the time to first byte."""
 
-    __slots__ = ("first_byte_at", "outcome", "tap")
+    __slots__ = ("first_byte_at", "outcome", "tap", "upstream_done_at")
 
     def __init__(self, tap: UsageTap) -> None:
         self.tap: Final = tap
         self.outcome = Outcome.COMPLETED
         self.first_byte_at: float | None = None
+        self.upstream_done_at: float | None = None
+        """perf_counter when the upstream body ended (or broke)."""
 
 
 async def relay_stream(
@@ -129,6 +131,7 @@ async def relay_stream(
                 break
             drain_deadline = loop.time() + drain_timeout
     tap.close()
+    result.upstream_done_at = time.perf_counter()
     if client_alive:
         await _finish(response, result, chunk_filter)
     return response, result

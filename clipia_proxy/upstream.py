@@ -83,8 +83,11 @@ class UpstreamClient:
         *,
         connector: aiohttp.BaseConnector | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        on_attempt: Callable[[str], None] = lambda _code: None,
     ) -> None:
         self._config = config
+        self._on_attempt = on_attempt
+        """Told of every attempt: the upstream status, or ``connect_error``/``timeout``/``error``."""
         self._base = config.base_url.rstrip("/")
         self._connector = connector
         self._sleep = sleep
@@ -188,6 +191,7 @@ class UpstreamClient:
                     response.connection.protocol.read_timeout = self._config.idle_timeout_seconds
                     response.connection.protocol.start_timeout()
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+                self._on_attempt("connect_error")
                 # Nothing reached Clipia: safe to try again.
                 if last:
                     _LOGGER.warning("upstream unreachable: %s", exc.__class__.__name__)
@@ -195,14 +199,17 @@ class UpstreamClient:
                 await self._sleep(_BACKOFF_BASE_SECONDS * 2 ** (attempt - 1))
                 continue
             except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+                self._on_attempt("timeout")
                 raise UpstreamTimeout(
                     "The upstream AI gateway did not start answering in time."
                 ) from exc
             except aiohttp.ClientError as exc:
+                self._on_attempt("error")
                 # The request may have reached Clipia; never retried.
                 _LOGGER.warning("upstream request failed: %s", exc.__class__.__name__)
                 raise UpstreamUnavailable("The upstream AI gateway closed the connection.") from exc
             status = response.status
+            self._on_attempt(str(status))
             if 300 <= status < 400:
                 response.release()
                 _LOGGER.error("upstream answered a redirect (%d); not followed", status)

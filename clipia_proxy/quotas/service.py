@@ -244,6 +244,7 @@ class QuotaService:
                     f"Team {team!r} reached {result.limit} tokens per minute (this request may "
                     f"use {estimate.tokens}); retry in {_humanise_seconds(result.retry_after)}.",
                     retry_after=math.ceil(result.retry_after),
+                    reason="tpm",
                 )
             case None:  # pragma: no cover - refused results always carry a reason
                 raise AssertionError("refusal without a reason")

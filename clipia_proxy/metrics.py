@@ -1,0 +1,344 @@
+"""Prometheus metrics: every metric of DESIGN §5.6, defined once, in a registry per app.
+
+Label values come only from the config (teams), the catalog (models) and small enums; anything
+else is ``other`` (models) or ``unknown`` (teams), so no request can create a new series. Known
+series exist from start-up. State gauges (budgets, catalog age) and counters owned by other
+modules (catalog refreshes, usage sources) are read by a custom collector during the scrape,
+from in-memory snapshots only — a scrape never does I/O. Budget snapshots are refreshed by a
+background loop (``refresh_budgets``) from the store, so with Redis every replica reports the
+same shared values (dashboards aggregate them with ``max by (team)``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from decimal import Decimal
+from typing import Final
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+__all__ = ["REJECTION_REASONS", "Metrics"]
+
+_LOGGER: Final = logging.getLogger(__name__)
+PREFIX: Final = "clipia_proxy_"
+
+REJECTION_REASONS: Final = (
+    "budget",
+    "rpm",
+    "tpm",
+    "concurrency",
+    "model_not_allowed",
+    "model_not_found",
+    "cap",
+    "auth",
+    "bad_request",
+    "store_unavailable",
+)
+STREAM_REASONS: Final = ("completed", "client_disconnect", "upstream_error", "timeout")
+ROUTES: Final = frozenset(
+    {
+        "/v1/chat/completions",
+        "/v1/models",
+        "/v1/models/{model_id}",
+        "/v1/key",
+        "/v1/generation",
+    }
+)
+
+# Buckets, and why: LLM calls take from ~100 ms to minutes (reasoning, long outputs).
+_DURATION_BUCKETS: Final = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
+# Time to first token: interactive (0.1-2 s) to slow reasoning starts (tens of seconds).
+_TTFT_BUCKETS: Final = (0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 20, 30, 60, 120)
+# Overhead the gateway adds: target below 0.5 ms; store stalls show up in the upper buckets.
+_OVERHEAD_BUCKETS: Final = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    1.0,
+)
+
+
+class BudgetSnapshot:
+    """One team period's budget numbers in credits, as last read from the store."""
+
+    __slots__ = ("limit", "remaining", "reserved", "resets_at", "spent")
+
+    def __init__(
+        self,
+        *,
+        limit: Decimal,
+        spent: Decimal,
+        reserved: Decimal,
+        remaining: Decimal,
+        resets_at: float | None,
+    ) -> None:
+        self.limit, self.spent, self.reserved = limit, spent, reserved
+        self.remaining, self.resets_at = remaining, resets_at
+
+
+class _StateCollector(Collector):
+    """Gauges and foreign counters read at scrape time, from memory only."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        metrics = self._metrics
+        families = {
+            "limit": GaugeMetricFamily(
+                PREFIX + "budget_limit_credits",
+                "Budget of the period, in credits.",
+                labels=["team", "period"],
+            ),
+            "spent": GaugeMetricFamily(
+                PREFIX + "budget_spent_credits",
+                "Settled spend in the current period, in credits.",
+                labels=["team", "period"],
+            ),
+            "reserved": GaugeMetricFamily(
+                PREFIX + "budget_reserved_credits",
+                "Reservations of requests in flight, in credits.",
+                labels=["team", "period"],
+            ),
+            "remaining": GaugeMetricFamily(
+                PREFIX + "budget_remaining_credits",
+                "Budget left in the current period, in credits.",
+                labels=["team", "period"],
+            ),
+            "resets": GaugeMetricFamily(
+                PREFIX + "budget_reset_timestamp_seconds",
+                "When the current period ends (Unix time).",
+                labels=["team", "period"],
+            ),
+        }
+        for (team, period), snap in sorted(metrics.budgets.items()):
+            labels = [team, period]
+            families["limit"].add_metric(labels, float(snap.limit))
+            families["spent"].add_metric(labels, float(snap.spent))
+            families["reserved"].add_metric(labels, float(snap.reserved))
+            families["remaining"].add_metric(labels, float(snap.remaining))
+            if snap.resets_at is not None:
+                families["resets"].add_metric(labels, snap.resets_at)
+        yield from families.values()
+        age = metrics.catalog_age()
+        catalog_age = GaugeMetricFamily(
+            PREFIX + "catalog_age_seconds", "Age of the cached model catalog (-1: never loaded)."
+        )
+        catalog_age.add_metric([], -1.0 if age is None else age)
+        yield catalog_age
+        refreshes = CounterMetricFamily(
+            PREFIX + "catalog_refreshes", "Catalog refreshes by result.", labels=["result"]
+        )
+        for result, count in sorted(metrics.catalog_refreshes().items()):
+            refreshes.add_metric([result], count)
+        yield refreshes
+        sources = CounterMetricFamily(
+            PREFIX + "usage_source",
+            "Settled requests by where their cost came from.",
+            labels=["source"],
+        )
+        for source in ("response", "stream", "generation", "counted", "reserved"):
+            sources.add_metric([source], metrics.usage_sources().get(source, 0))
+        yield sources
+        errors = CounterMetricFamily(
+            PREFIX + "store_errors",
+            "Quota store failures, by what store.on_error made of them.",
+            labels=["on_error"],
+        )
+        for kind in ("fail_closed", "fail_open"):
+            errors.add_metric([kind], metrics.store_errors().get(kind, 0))
+        yield errors
+
+
+class Metrics:
+    """The gateway's metrics; callers use the ``record_*`` methods."""
+
+    def __init__(
+        self,
+        teams: Iterable[str],
+        *,
+        version: str,
+        catalog_age: Callable[[], float | None] = lambda: None,
+        catalog_refreshes: Callable[[], Mapping[str, int]] = dict,
+        usage_sources: Callable[[], Mapping[str, int]] = dict,
+        store_errors: Callable[[], Mapping[str, int]] = dict,
+        models: Callable[[], frozenset[str]] = frozenset,
+    ) -> None:
+        self.registry: Final = CollectorRegistry(auto_describe=True)
+        self._teams = frozenset(teams)
+        self.catalog_age = catalog_age
+        self.catalog_refreshes = catalog_refreshes
+        self.usage_sources = usage_sources
+        self.store_errors = store_errors
+        self._catalog_models = models
+        self.budgets: dict[tuple[str, str], BudgetSnapshot] = {}
+        """(team, period) -> numbers; replaced by ``set_budgets``."""
+        r = self.registry
+        self.requests: Final = Counter(
+            PREFIX + "requests",
+            "Requests answered, by HTTP status.",
+            ["team", "model", "route", "code"],
+            registry=r,
+        )
+        self.request_duration: Final = Histogram(
+            PREFIX + "request_duration_seconds",
+            "Time from request received to response end (streams: the whole stream).",
+            ["team", "route", "stream"],
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.ttft: Final = Histogram(
+            PREFIX + "time_to_first_token_seconds",
+            "Time from request received to the first upstream byte relayed.",
+            ["team", "model"],
+            buckets=_TTFT_BUCKETS,
+            registry=r,
+        )
+        self.overhead: Final = Histogram(
+            PREFIX + "overhead_seconds",
+            "Time the gateway itself added: before the upstream request and after its end.",
+            ["route"],
+            buckets=_OVERHEAD_BUCKETS,
+            registry=r,
+        )
+        self.spend: Final = Counter(
+            PREFIX + "spend_credits", "Settled spend, in credits.", ["team", "model"], registry=r
+        )
+        self.tokens: Final = Counter(
+            PREFIX + "tokens", "Settled tokens.", ["team", "model", "type"], registry=r
+        )
+        self.rejections: Final = Counter(
+            PREFIX + "rejections",
+            "Requests refused before the upstream, by reason.",
+            ["team", "reason"],
+            registry=r,
+        )
+        self.would_reject: Final = Counter(
+            PREFIX + "shadow_would_reject",
+            "Requests of shadow teams that limits would have refused.",
+            ["team", "reason"],
+            registry=r,
+        )
+        self.inflight: Final = Gauge(
+            PREFIX + "inflight_requests", "Requests being served.", ["team"], registry=r
+        )
+        self.stream_terminations: Final = Counter(
+            PREFIX + "stream_terminations",
+            "Streams by how they ended.",
+            ["team", "reason"],
+            registry=r,
+        )
+        self.upstream_requests: Final = Counter(
+            PREFIX + "upstream_requests",
+            "Requests sent to Clipia (every attempt), by its status or error kind.",
+            ["code"],
+            registry=r,
+        )
+        self.config_reloads: Final = Counter(
+            PREFIX + "config_reloads", "Config reloads by result.", ["result"], registry=r
+        )
+        self.build_info: Final = Gauge(
+            PREFIX + "build_info", "Always 1; the version is a label.", ["version"], registry=r
+        )
+        self.build_info.labels(version=version).set(1)
+        r.register(_StateCollector(self))
+        for result in ("success", "error"):
+            self.config_reloads.labels(result=result)
+        self._init_team_series(self._teams)
+
+    def _init_team_series(self, teams: Iterable[str]) -> None:
+        for team in teams:
+            self.inflight.labels(team=team)
+            for reason in REJECTION_REASONS:
+                self.rejections.labels(team=team, reason=reason)
+            for reason in STREAM_REASONS:
+                self.stream_terminations.labels(team=team, reason=reason)
+
+    # -- label bounding ---------------------------------------------------------------------
+    def team(self, team: str | None) -> str:
+        """Return the label for a team: configured ids only, else ``unknown``."""
+        return team if team in self._teams else "unknown"
+
+    def model(self, model: str | None) -> str:
+        """Return the label for a model: catalog chat ids only, else ``other``."""
+        return model if model is not None and model in self._catalog_models() else "other"
+
+    @staticmethod
+    def route(route: str) -> str:
+        """Return the label for a route: the gateway's own routes only, else ``other``."""
+        return route if route in ROUTES else "other"
+
+    def set_teams(self, teams: Iterable[str]) -> None:
+        """Install a new team list (reload): dropped teams' series are removed."""
+        new = frozenset(teams)
+        for gone in self._teams - new:
+            for metric in (
+                self.inflight,
+                self.rejections,
+                self.stream_terminations,
+                self.would_reject,
+            ):
+                for labels in list(metric._metrics):
+                    if labels[0] == gone:
+                        metric.remove(*labels)
+            self.budgets = {k: v for k, v in self.budgets.items() if k[0] != gone}
+        self._teams = new
+        self._init_team_series(new)
+
+    def set_budgets(self, budgets: dict[tuple[str, str], BudgetSnapshot]) -> None:
+        """Replace the budget snapshot read at scrape time."""
+        self.budgets = budgets
+
+    # -- recording --------------------------------------------------------------------------
+    def record_request(
+        self,
+        *,
+        team: str,
+        model: str | None,
+        route: str,
+        code: int,
+        stream: bool,
+        duration: float,
+    ) -> None:
+        """Count one answered request and its duration."""
+        team_label, route_label = self.team(team), self.route(route)
+        self.requests.labels(team_label, self.model(model), route_label, str(code)).inc()
+        self.request_duration.labels(
+            team_label, route_label, "true" if stream else "false"
+        ).observe(duration)
+
+    def record_rejection(self, team: str, reason: str) -> None:
+        """Count a request refused before the upstream."""
+        if reason in REJECTION_REASONS:
+            self.rejections.labels(self.team(team), reason).inc()
+
+    def record_settlement(
+        self, *, team: str, model: str, cost: Decimal, prompt_tokens: int, completion_tokens: int
+    ) -> None:
+        """Count settled spend and tokens."""
+        team_label, model_label = self.team(team), self.model(model)
+        if cost:
+            self.spend.labels(team_label, model_label).inc(float(cost))
+        else:
+            self.spend.labels(team_label, model_label)
+        if prompt_tokens:
+            self.tokens.labels(team_label, model_label, "prompt").inc(prompt_tokens)
+        if completion_tokens:
+            self.tokens.labels(team_label, model_label, "completion").inc(completion_tokens)
+
+
+def resets_timestamp(resets_at: dt.datetime | None) -> float | None:
+    """Return a reset time as Unix seconds."""
+    return None if resets_at is None else resets_at.timestamp()

@@ -1,0 +1,1 @@
+"""Tests of the Helm chart under deploy/helm/clipia-proxy."""
