@@ -82,12 +82,27 @@ def test_defaults_match_design() -> None:
             "auth: {header: Authorization}",
             "c.yaml: auth.header: must not be a credential or routing header",
         ),
-        ("store: {backend: sqlite, replicas: 2}", "c.yaml: store.backend: sqlite serves one replica only (store.replicas is 2); use redis"),
+        (
+            "store: {backend: sqlite, replicas: 2}",
+            "c.yaml: store.backend: sqlite serves one replica only (store.replicas is 2); use redis",
+        ),
         ("store: {backend: mongo}", "c.yaml: store.backend: invalid enum value 'mongo'"),
-        ("accounting: {timezone: Mars/Olympus}", "c.yaml: accounting.timezone: unknown time zone 'Mars/Olympus'"),
-        ("accounting: {rubles_per_credit: 0}", "c.yaml: accounting.rubles_per_credit: must be a positive number"),
-        ("accounting: {lease_seconds: 10}", "c.yaml: accounting.lease_seconds: must be longer than upstream.first_byte_timeout_seconds (a reservation must outlive the wait for Clipia's answer)"),
-        ("accounting: {on_disconnect: ignore}", "c.yaml: accounting.on_disconnect: invalid enum value 'ignore'"),
+        (
+            "accounting: {timezone: Mars/Olympus}",
+            "c.yaml: accounting.timezone: unknown time zone 'Mars/Olympus'",
+        ),
+        (
+            "accounting: {rubles_per_credit: 0}",
+            "c.yaml: accounting.rubles_per_credit: must be a positive number",
+        ),
+        (
+            "accounting: {lease_seconds: 10}",
+            "c.yaml: accounting.lease_seconds: must be longer than upstream.first_byte_timeout_seconds (a reservation must outlive the wait for Clipia's answer)",
+        ),
+        (
+            "accounting: {on_disconnect: ignore}",
+            "c.yaml: accounting.on_disconnect: invalid enum value 'ignore'",
+        ),
         ("teams: {a: 1}", "c.yaml: teams: expected a list of teams"),
         (
             "teams:\n  - id: a\n    keys: [{id: k, sha256: nothex}]",
@@ -118,10 +133,19 @@ def test_defaults_match_design() -> None:
             "teams:\n  - id: a\n    caps: {max_tokens: -1}",
             "c.yaml: teams[0].caps.max_tokens: must be a positive number of tokens",
         ),
-        ("teams:\n  - id: a\n    budget: {month: lots}", "c.yaml: teams[0].budget.month: must be a number (got 'lots')"),
-        ("teams:\n  - id: a\n    budget: {day: -5}", "c.yaml: teams[0].budget.day: must be a positive number (got -5)"),
+        (
+            "teams:\n  - id: a\n    budget: {month: lots}",
+            "c.yaml: teams[0].budget.month: must be a number (got 'lots')",
+        ),
+        (
+            "teams:\n  - id: a\n    budget: {day: -5}",
+            "c.yaml: teams[0].budget.day: must be a positive number (got -5)",
+        ),
         ("teams:\n  - id: a\n    budget: {hour: 5}", "c.yaml: teams[0].budget.hour: unknown key"),
-        ("teams:\n  - id: a\n    limits: {rpm: 0}", "c.yaml: teams[0].limits.rpm: must be a positive integer (got 0)"),
+        (
+            "teams:\n  - id: a\n    limits: {rpm: 0}",
+            "c.yaml: teams[0].limits.rpm: must be a positive integer (got 0)",
+        ),
         (
             "teams:\n  - id: 'bad id'",
             "c.yaml: teams[0].id: must be 1-63 characters of letters, digits, '.', '_', '-'",

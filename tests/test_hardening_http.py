@@ -103,9 +103,7 @@ async def post_chat(
     return await http(stack, "POST", "/v1/chat/completions", headers=merged, body=body)
 
 
-async def raw_http(
-    stack: Stack, data: bytes, *, admin: bool = False, head: bool = False
-) -> Reply:
+async def raw_http(stack: Stack, data: bytes, *, admin: bool = False, head: bool = False) -> Reply:
     """Write raw HTTP/1.1 bytes on a new connection and parse the one answer."""
     port = stack.running.admin_port if admin else stack.running.port
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -287,8 +285,18 @@ BAD_CREDENTIALS: list[tuple[str, Callable[[Stack], dict[str, str]]]] = [
     ("sql_in_key", lambda s: {"Authorization": f"Bearer {s.keys['search']}' OR '1'='1"}),
     ("clipia_key_as_bearer", lambda s: {"Authorization": f"Bearer {s.clipia_key}"}),
     ("clipia_looking_key", lambda s: {"Authorization": "Bearer clipia_live_" + "0" * 32}),
-    ("basic", lambda s: {"Authorization": "Basic " + base64.b64encode(f"{s.keys['search']}:".encode()).decode()}),
-    ("basic_password", lambda s: {"Authorization": "Basic " + base64.b64encode(f"x:{s.keys['search']}".encode()).decode()}),
+    (
+        "basic",
+        lambda s: {
+            "Authorization": "Basic " + base64.b64encode(f"{s.keys['search']}:".encode()).decode()
+        },
+    ),
+    (
+        "basic_password",
+        lambda s: {
+            "Authorization": "Basic " + base64.b64encode(f"x:{s.keys['search']}".encode()).decode()
+        },
+    ),
     ("token_scheme", lambda s: {"Authorization": f"Token {s.keys['search']}"}),
     ("raw_key_no_scheme", lambda s: {"Authorization": s.keys["search"]}),
     ("cookie", lambda s: {"Cookie": f"api_key={s.keys['search']}; session={s.keys['search']}"}),
@@ -339,9 +347,7 @@ async def test_key_in_query_string_is_refused(stack: Stack, params: str, name: s
     assert stack.keys["search"].encode() not in reply.body
 
 
-async def test_key_in_query_string_is_not_logged(
-    stack: Stack, log_capture: list[str]
-) -> None:
+async def test_key_in_query_string_is_not_logged(stack: Stack, log_capture: list[str]) -> None:
     """Query strings (where a confused client may put a key) never reach the logs."""
     key = stack.keys["search"]
     await http(stack, "GET", f"/v1/models?api_key={key}")
@@ -360,7 +366,13 @@ async def test_key_in_query_string_is_not_logged(
         lambda s: {"Authorization": f"bearer {s.keys['search']}"},
         lambda s: {"Authorization": f"Bearer {s.keys['search']}", "X-Api-Key": s.keys["search"]},
     ],
-    ids=["x_api_key", "x_api_key_padded", "authorization_key", "bearer_lowercase", "same_key_twice"],
+    ids=[
+        "x_api_key",
+        "x_api_key_padded",
+        "authorization_key",
+        "bearer_lowercase",
+        "same_key_twice",
+    ],
 )
 async def test_accepted_key_channels_are_served_under_same_policy(
     stack: Stack, make_headers: Callable[[Stack], dict[str, str]]
@@ -397,8 +409,14 @@ async def test_litellm_32202_client_credential_headers_not_forwarded(stack: Stac
     received = stack.chat_requests()[-1]
     forwarded = CIMultiDict(received.headers)
     assert forwarded.getall("Authorization") == [f"Bearer {stack.clipia_key}"]
-    for name in ("OpenAI-Organization", "OpenAI-Project", "Cookie", "Proxy-Authorization",
-                 "X-Custom-Auth", "X-Api-Key"):
+    for name in (
+        "OpenAI-Organization",
+        "OpenAI-Project",
+        "Cookie",
+        "Proxy-Authorization",
+        "X-Custom-Auth",
+        "X-Api-Key",
+    ):
         assert name not in forwarded, name
     everything = "\n".join(f"{k}: {v}" for k, v in received.headers) + received.body.decode()
     assert team_key not in everything
@@ -515,12 +533,17 @@ async def test_authorization_twice_is_refused(stack: Stack) -> None:
             raw_request(
                 "POST",
                 "/v1/chat/completions",
-                [bearer(stack), ("Authorization", f"Bearer {second}"),
-                 ("Content-Type", "application/json")],
+                [
+                    bearer(stack),
+                    ("Authorization", f"Bearer {second}"),
+                    ("Content-Type", "application/json"),
+                ],
                 chat(),
             ),
         )
-        await assert_refused(stack, before, reply, {400, 401}, {"invalid_api_key", "invalid_request"})
+        await assert_refused(
+            stack, before, reply, {400, 401}, {"invalid_api_key", "invalid_request"}
+        )
 
 
 async def test_x_api_key_twice_is_refused(stack: Stack) -> None:
@@ -642,8 +665,12 @@ async def test_non_numeric_content_length_refused(stack: Stack, length: str) -> 
 
 async def test_content_length_below_body_excess_never_parsed(stack: Stack) -> None:
     """A Content-Length shorter than the body: the short body is refused, the excess ignored."""
-    smuggled = raw_request("POST", "/v1/chat/completions", [bearer(stack),
-                           ("Content-Type", "application/json")], chat())
+    smuggled = raw_request(
+        "POST",
+        "/v1/chat/completions",
+        [bearer(stack), ("Content-Type", "application/json")],
+        chat(),
+    )
     body = chat() + smuggled
     before = len(stack.emulator.requests)
     reply = await raw_http(
@@ -676,16 +703,24 @@ async def test_header_mode_trusted_peer(stacks: StackFactory) -> None:
     assert await _team_of(stack, {"X-Clipia-Team": "research"}) == "research"
     assert await _team_of(stack, {"X-Clipia-Team": "search"}) == "search"
     reply = await http(
-        stack, "POST", "/v1/chat/completions", headers={"X-Clipia-Team": "research"},
+        stack,
+        "POST",
+        "/v1/chat/completions",
+        headers={"X-Clipia-Team": "research"},
         body=chat("smart"),
     )
     assert reply.status == 200
     received = stack.chat_requests()[-1].json
     assert isinstance(received, dict)
     assert received["model"] == "gpt-5.5"
-    for bad in ({}, {"X-Clipia-Team": "nobody"}, {"X-Clipia-Team": ""},
-                {"X-Clipia-Team": "Research"}, {"X-Clipia-Team": "research,search"},
-                {"Authorization": f"Bearer {stack.keys['search']}"}):
+    for bad in (
+        {},
+        {"X-Clipia-Team": "nobody"},
+        {"X-Clipia-Team": ""},
+        {"X-Clipia-Team": "Research"},
+        {"X-Clipia-Team": "research,search"},
+        {"Authorization": f"Bearer {stack.keys['search']}"},
+    ):
         before = len(stack.emulator.requests)
         refused = await http(stack, "POST", "/v1/chat/completions", headers=bad, body=chat())
         assert_envelope(refused, 401, "invalid_api_key")
@@ -701,8 +736,11 @@ async def test_header_mode_identity_header_twice_is_400(stacks: StackFactory) ->
             raw_request(
                 "POST",
                 "/v1/chat/completions",
-                [("X-Clipia-Team", pair[0]), ("X-Clipia-Team", pair[1]),
-                 ("Content-Type", "application/json")],
+                [
+                    ("X-Clipia-Team", pair[0]),
+                    ("X-Clipia-Team", pair[1]),
+                    ("Content-Type", "application/json"),
+                ],
                 chat(),
             ),
         )
@@ -719,12 +757,19 @@ async def test_header_mode_untrusted_peer_is_401(stacks: StackFactory) -> None:
     stack = await stacks(
         extra="auth: {mode: header, header: X-Clipia-Team, trusted_proxies: [10.0.0.0/8]}"
     )
-    for extra in ({}, {"X-Forwarded-For": "10.0.0.1"}, {"X-Real-IP": "10.0.0.1"},
-                  {"Forwarded": "for=10.0.0.1"}):
+    for extra in (
+        {},
+        {"X-Forwarded-For": "10.0.0.1"},
+        {"X-Real-IP": "10.0.0.1"},
+        {"Forwarded": "for=10.0.0.1"},
+    ):
         before = len(stack.emulator.requests)
         reply = await http(
-            stack, "POST", "/v1/chat/completions",
-            headers={"X-Clipia-Team": "research", **extra}, body=chat(),
+            stack,
+            "POST",
+            "/v1/chat/completions",
+            headers={"X-Clipia-Team": "research", **extra},
+            body=chat(),
         )
         assert_envelope(reply, 401, "invalid_api_key")
         assert len(stack.emulator.requests) == before
@@ -738,12 +783,18 @@ async def test_fixed_mode_every_request_is_the_fixed_team(stacks: StackFactory) 
     # research's policy applies whatever key is shown: its cap and its deny list.
     before = len(stack.emulator.requests)
     reply = await http(
-        stack, "POST", "/v1/chat/completions", headers=stack.auth("search"),
+        stack,
+        "POST",
+        "/v1/chat/completions",
+        headers=stack.auth("search"),
         body=chat("claude-opus-4-8"),
     )
     assert_envelope(reply, 403, "model_not_allowed")
     reply = await http(
-        stack, "POST", "/v1/chat/completions", headers=stack.auth("search"),
+        stack,
+        "POST",
+        "/v1/chat/completions",
+        headers=stack.auth("search"),
         body=chat("gpt-5.5", max_tokens=1001),
     )
     assert_envelope(reply, 400, "invalid_request")
@@ -801,8 +852,11 @@ async def test_key_rotation_two_keys_of_one_team(stacks: StackFactory) -> None:
     first_reply = await post_chat(stack, chat(), team="research")
     assert first_reply.status == 200
     second_reply = await http(
-        stack, "POST", "/v1/chat/completions",
-        headers={"Authorization": f"Bearer {second}"}, body=chat(),
+        stack,
+        "POST",
+        "/v1/chat/completions",
+        headers={"Authorization": f"Bearer {second}"},
+        body=chat(),
     )
     assert second_reply.status == 200
     key_view = await http(stack, "GET", "/v1/key", headers={"Authorization": f"Bearer {second}"})
@@ -886,7 +940,8 @@ async def test_deny_beats_allow(stack: Stack) -> None:
 
 async def test_allowed_models_and_alias_served_as_canonical(stack: Stack) -> None:
     for requested, canonical in (
-        ("gpt-5.5", "gpt-5.5"), ("claude-sonnet-4-6", "claude-sonnet-4-6"),
+        ("gpt-5.5", "gpt-5.5"),
+        ("claude-sonnet-4-6", "claude-sonnet-4-6"),
         ("fast", "claude-sonnet-4-6"),
     ):
         reply = await post_chat(stack, chat(requested))
@@ -904,7 +959,11 @@ async def test_other_teams_alias_refused(stack: Stack) -> None:
     before = len(stack.emulator.requests)
     reply = await post_chat(stack, chat("fast"), team="research")
     await assert_refused(
-        stack, before, reply, {403, 404}, {"model_not_allowed", "model_not_found"},
+        stack,
+        before,
+        reply,
+        {403, 404},
+        {"model_not_allowed", "model_not_found"},
         serve_team="research",
     )
 
@@ -918,16 +977,26 @@ MODEL_SHAPES: list[tuple[str, bytes]] = [
     ("list", chat(["gpt-5.5"])),
     ("object", chat({"id": "gpt-5.5"})),
     ("empty", chat("")),
-    ("dup_allowed_first",
-     b'{"model":"gpt-5.5","model":"claude-opus-4-8","messages":[{"role":"user","content":"hi"}]}'),
-    ("dup_denied_first",
-     b'{"model":"claude-opus-4-8","model":"gpt-5.5","messages":[{"role":"user","content":"hi"}]}'),
-    ("dup_same",
-     b'{"model":"gpt-5.5","model":"gpt-5.5","messages":[{"role":"user","content":"hi"}]}'),
-    ("dup_escaped_key_denied_first",
-     b'{"mod\\u0065l":"claude-opus-4-8","model":"gpt-5.5","messages":[{"role":"user","content":"hi"}]}'),
-    ("dup_escaped_key_allowed_first",
-     b'{"model":"gpt-5.5","\\u006dodel":"claude-opus-4-8","messages":[{"role":"user","content":"hi"}]}'),
+    (
+        "dup_allowed_first",
+        b'{"model":"gpt-5.5","model":"claude-opus-4-8","messages":[{"role":"user","content":"hi"}]}',
+    ),
+    (
+        "dup_denied_first",
+        b'{"model":"claude-opus-4-8","model":"gpt-5.5","messages":[{"role":"user","content":"hi"}]}',
+    ),
+    (
+        "dup_same",
+        b'{"model":"gpt-5.5","model":"gpt-5.5","messages":[{"role":"user","content":"hi"}]}',
+    ),
+    (
+        "dup_escaped_key_denied_first",
+        b'{"mod\\u0065l":"claude-opus-4-8","model":"gpt-5.5","messages":[{"role":"user","content":"hi"}]}',
+    ),
+    (
+        "dup_escaped_key_allowed_first",
+        b'{"model":"gpt-5.5","\\u006dodel":"claude-opus-4-8","messages":[{"role":"user","content":"hi"}]}',
+    ),
 ]
 
 
@@ -976,7 +1045,9 @@ async def test_cve_2024_6587_api_base_override_ignored(stack: Stack) -> None:
 
 async def test_model_in_query_or_header_is_ignored(stack: Stack) -> None:
     reply = await http(
-        stack, "POST", "/v1/chat/completions?model=claude-opus-4-8",
+        stack,
+        "POST",
+        "/v1/chat/completions?model=claude-opus-4-8",
         headers={**stack.auth(), "X-Model": "claude-opus-4-8", "OpenAI-Model": "claude-opus-4-8"},
         body=chat("gpt-5.5"),
     )
@@ -1017,8 +1088,16 @@ async def test_list_models_shows_only_allowed(stack: Stack) -> None:
 
 @pytest.mark.parametrize(
     "model_id",
-    ["claude-sonnet-4-5", "claude-opus-4-8", "gpt-5.5-mini", "flux-2-pro", "no-such-model",
-     "smart", "FAST", "claude-sonnet-%2A"],
+    [
+        "claude-sonnet-4-5",
+        "claude-opus-4-8",
+        "gpt-5.5-mini",
+        "flux-2-pro",
+        "no-such-model",
+        "smart",
+        "FAST",
+        "claude-sonnet-%2A",
+    ],
 )
 async def test_retrieve_denied_model_is_404_like_unknown(stack: Stack, model_id: str) -> None:
     unknown = await http(stack, "GET", "/v1/models/definitely-unknown", headers=stack.auth())
@@ -1063,7 +1142,9 @@ CAP_CASES: list[tuple[str, dict[str, object], str]] = [
 async def test_caps_refused(stack: Stack, fields: dict[str, object], param: str) -> None:
     before = len(stack.emulator.requests)
     reply = await post_chat(stack, chat(**fields), team="research")
-    error = await assert_refused(stack, before, reply, 400, "invalid_request", serve_team="research")
+    error = await assert_refused(
+        stack, before, reply, 400, "invalid_request", serve_team="research"
+    )
     assert error["param"] == param
 
 
@@ -1087,8 +1168,13 @@ async def test_cap_message_names_the_cap(stack: Stack) -> None:
 
 @pytest.mark.parametrize(
     "fields",
-    [{"max_tokens": 1000}, {"n": 2}, {"max_tokens": 7, "max_completion_tokens": 7},
-     {"max_tokens": None}, {"n": 1, "max_completion_tokens": 1}],
+    [
+        {"max_tokens": 1000},
+        {"n": 2},
+        {"max_tokens": 7, "max_completion_tokens": 7},
+        {"max_tokens": None},
+        {"n": 1, "max_completion_tokens": 1},
+    ],
 )
 async def test_caps_within_limits_served(stack: Stack, fields: dict[str, object]) -> None:
     reply = await post_chat(stack, chat(**fields), team="research")
@@ -1143,16 +1229,38 @@ async def test_percent_encoded_unreserved_is_the_canonical_route(stack: Stack, p
 async def test_path_tricks_are_404(stack: Stack, method: str, path: str) -> None:
     before = len(stack.emulator.requests)
     headers = [bearer(stack), ("Content-Type", "application/json")]
-    reply = await raw_http(stack, raw_request(method, path, headers, chat() if method == "POST" else b""))
+    reply = await raw_http(
+        stack, raw_request(method, path, headers, chat() if method == "POST" else b"")
+    )
     await assert_refused(stack, before, reply, 404, {"not_found", "model_not_found"})
 
 
 @pytest.mark.parametrize(
     "path",
-    ["/metrics", "/healthz", "/readyz", "/admin", "/config", "/debug", "/guardrails/x",
-     "/", "/v1", "/v1/", "/_emulator/requests", "/v1/completions", "/v1/embeddings",
-     "/v1/responses", "/v1/account", "/v1/requests/x", "/v1/credits", "/v1/auth/key",
-     "/v1/images/generations", "/v1/audio/speech", "/v1/files", "/v1/keys"],
+    [
+        "/metrics",
+        "/healthz",
+        "/readyz",
+        "/admin",
+        "/config",
+        "/debug",
+        "/guardrails/x",
+        "/",
+        "/v1",
+        "/v1/",
+        "/_emulator/requests",
+        "/v1/completions",
+        "/v1/embeddings",
+        "/v1/responses",
+        "/v1/account",
+        "/v1/requests/x",
+        "/v1/credits",
+        "/v1/auth/key",
+        "/v1/images/generations",
+        "/v1/audio/speech",
+        "/v1/files",
+        "/v1/keys",
+    ],
 )
 @pytest.mark.parametrize("method", ["GET", "POST"])
 async def test_unknown_routes_are_404(stack: Stack, path: str, method: str) -> None:
@@ -1169,15 +1277,27 @@ async def test_unknown_routes_are_404(stack: Stack, path: str, method: str) -> N
 
 @pytest.mark.parametrize(
     ("method", "path"),
-    [("POST", "/v1/models/x"), ("POST", "/v1/models"), ("GET", "/v1/chat/completions"),
-     ("PUT", "/v1/chat/completions"), ("DELETE", "/v1/key"), ("PATCH", "/v1/generation"),
-     ("HEAD", "/v1/chat/completions"), ("OPTIONS", "/v1/chat/completions")],
+    [
+        ("POST", "/v1/models/x"),
+        ("POST", "/v1/models"),
+        ("GET", "/v1/chat/completions"),
+        ("PUT", "/v1/chat/completions"),
+        ("DELETE", "/v1/key"),
+        ("PATCH", "/v1/generation"),
+        ("HEAD", "/v1/chat/completions"),
+        ("OPTIONS", "/v1/chat/completions"),
+    ],
 )
 async def test_wrong_method_is_405(stack: Stack, method: str, path: str) -> None:
     before = len(stack.emulator.requests)
     reply = await raw_http(
-        stack, raw_request(method, path, [bearer(stack), ("Content-Type", "application/json")],
-                           chat() if method in {"POST", "PUT", "PATCH"} else b""),
+        stack,
+        raw_request(
+            method,
+            path,
+            [bearer(stack), ("Content-Type", "application/json")],
+            chat() if method in {"POST", "PUT", "PATCH"} else b"",
+        ),
         head=method == "HEAD",
     )
     if method == "HEAD":
@@ -1194,7 +1314,9 @@ async def test_odd_methods_are_4xx(stack: Stack, method: str) -> None:
     reply = await raw_http(stack, raw_request(method, target, [bearer(stack)]))
     assert 400 <= reply.status < 500
     if reply.headers.get("Content-Type", "").startswith("application/json"):
-        assert_envelope(reply, {400, 404, 405}, {"not_found", "method_not_allowed", "invalid_request"})
+        assert_envelope(
+            reply, {400, 404, 405}, {"not_found", "method_not_allowed", "invalid_request"}
+        )
     assert len(stack.emulator.requests) == before
     await assert_served(stack)
 
@@ -1235,12 +1357,25 @@ async def test_admin_port_serves_health_only(stack: Stack) -> None:
         assert reply.status == 200, (path, reply.body)
     before = len(stack.emulator.requests)
     for method, path in (
-        ("GET", "/admin"), ("GET", "/config"), ("GET", "/debug"), ("GET", "/v1/models"),
-        ("POST", "/v1/chat/completions"), ("GET", "/healthz/"), ("GET", "/"),
-        ("GET", "/v1/key"), ("POST", "/config"), ("GET", "/../healthz/x"),
+        ("GET", "/admin"),
+        ("GET", "/config"),
+        ("GET", "/debug"),
+        ("GET", "/v1/models"),
+        ("POST", "/v1/chat/completions"),
+        ("GET", "/healthz/"),
+        ("GET", "/"),
+        ("GET", "/v1/key"),
+        ("POST", "/config"),
+        ("GET", "/../healthz/x"),
     ):
-        reply = await http(stack, method, path, admin=True, body=chat() if method == "POST" else None,
-                           headers=stack.auth())
+        reply = await http(
+            stack,
+            method,
+            path,
+            admin=True,
+            body=chat() if method == "POST" else None,
+            headers=stack.auth(),
+        )
         assert reply.status in {404, 405}, (method, path, reply.status)
     assert len(stack.emulator.requests) == before
 
@@ -1255,7 +1390,7 @@ async def test_admin_port_serves_health_only(stack: Stack) -> None:
         "text/plain",
         "application/x-www-form-urlencoded",
         "multipart/form-data; boundary=" + "-" * 70,
-        "multipart/form-data; boundary=\"a\r\nb\"".replace("\r\n", ""),
+        'multipart/form-data; boundary="a\r\nb"'.replace("\r\n", ""),
         "application/json; charset=latin1",
         "application/json; charset=iso-8859-1",
         "application/json; charset=utf-16",
@@ -1279,14 +1414,23 @@ async def test_unsupported_media_type_is_415(stack: Stack, content_type: str | N
 
 @pytest.mark.parametrize(
     "content_type",
-    ["application/json", "Application/JSON", "APPLICATION/JSON", "application/json; charset=utf-8",
-     "application/json;charset=UTF-8", 'application/json; charset="utf-8"', "application/json "],
+    [
+        "application/json",
+        "Application/JSON",
+        "APPLICATION/JSON",
+        "application/json; charset=utf-8",
+        "application/json;charset=UTF-8",
+        'application/json; charset="utf-8"',
+        "application/json ",
+    ],
 )
 async def test_json_media_type_variants_served(stack: Stack, content_type: str) -> None:
     """Pinned: the media type is case-insensitive; only a UTF-8 charset is accepted."""
     reply = await raw_http(
-        stack, raw_request("POST", "/v1/chat/completions",
-                           [bearer(stack), ("Content-Type", content_type)], chat()),
+        stack,
+        raw_request(
+            "POST", "/v1/chat/completions", [bearer(stack), ("Content-Type", content_type)], chat()
+        ),
     )
     assert reply.status == 200, reply.body
 
@@ -1298,18 +1442,22 @@ async def test_over_max_body_bytes_is_413(small_stack: Stack) -> None:
     reply = await post_chat(stack, big)
     await assert_refused(stack, before, reply, 413, "request_too_large")
     # Chunked, so no Content-Length to judge it by: the read cap still holds.
-    chunked = b"".join(
-        f"{len(part):x}\r\n".encode() + part + b"\r\n"
-        for part in (big[i : i + 1000] for i in range(0, len(big), 1000))
-    ) + b"0\r\n\r\n"
+    chunked = (
+        b"".join(
+            f"{len(part):x}\r\n".encode() + part + b"\r\n"
+            for part in (big[i : i + 1000] for i in range(0, len(big), 1000))
+        )
+        + b"0\r\n\r\n"
+    )
     before = len(stack.emulator.requests)
     reply = await raw_http(
         stack,
         raw_request(
-            "POST", "/v1/chat/completions",
-            [bearer(stack), ("Content-Type", "application/json"),
-             ("Transfer-Encoding", "chunked")],
-            chunked, content_length=False,
+            "POST",
+            "/v1/chat/completions",
+            [bearer(stack), ("Content-Type", "application/json"), ("Transfer-Encoding", "chunked")],
+            chunked,
+            content_length=False,
         ),
     )
     await assert_refused(stack, before, reply, 413, "request_too_large")
@@ -1323,7 +1471,9 @@ async def test_refusal_order_401_before_415_before_413(small_stack: Stack) -> No
     """Pinned order: identity (401), then media type (415), then size (413), then JSON (400)."""
     stack = small_stack
     big = b"x" * 10000
-    anonymous = await http(stack, "POST", "/v1/chat/completions", body=big, content_type="text/plain")
+    anonymous = await http(
+        stack, "POST", "/v1/chat/completions", body=big, content_type="text/plain"
+    )
     assert_envelope(anonymous, 401, "invalid_api_key")
     wrong_type = await post_chat(stack, big, headers={"Content-Type": "text/plain"})
     assert_envelope(wrong_type, 415, "unsupported_media_type")
@@ -1334,7 +1484,9 @@ async def test_refusal_order_401_before_415_before_413(small_stack: Stack) -> No
     assert stack.chat_requests() == []
 
 
-@pytest.mark.parametrize("encoding", ["gzip", "deflate", "br", "gzip, gzip", "x-gzip", "compress", "GZIP"])
+@pytest.mark.parametrize(
+    "encoding", ["gzip", "deflate", "br", "gzip, gzip", "x-gzip", "compress", "GZIP"]
+)
 async def test_content_encoding_is_415(stack: Stack, encoding: str) -> None:
     payload = chat()
     if "gzip" in encoding.lower():
@@ -1344,9 +1496,12 @@ async def test_content_encoding_is_415(stack: Stack, encoding: str) -> None:
     before = len(stack.emulator.requests)
     reply = await raw_http(
         stack,
-        raw_request("POST", "/v1/chat/completions",
-                    [bearer(stack), ("Content-Type", "application/json"),
-                     ("Content-Encoding", encoding)], payload),
+        raw_request(
+            "POST",
+            "/v1/chat/completions",
+            [bearer(stack), ("Content-Type", "application/json"), ("Content-Encoding", encoding)],
+            payload,
+        ),
     )
     if encoding == "br" and is_parser_level(reply):
         # Without the Brotli package aiohttp's parser refuses `br` itself: 400 ∅.
@@ -1362,17 +1517,26 @@ async def test_gzip_bomb_is_refused_without_inflating(stack: Stack) -> None:
     before = len(stack.emulator.requests)
     reply = await raw_http(
         stack,
-        raw_request("POST", "/v1/chat/completions",
-                    [bearer(stack), ("Content-Type", "application/json"),
-                     ("Content-Encoding", "gzip")], bomb),
+        raw_request(
+            "POST",
+            "/v1/chat/completions",
+            [bearer(stack), ("Content-Type", "application/json"), ("Content-Encoding", "gzip")],
+            bomb,
+        ),
     )
     await assert_refused(stack, before, reply, 415, "unsupported_media_type")
 
 
 _MSG = b'"messages":[{"role":"user","content":"hi"}]'
 BAD_BODIES: list[tuple[str, bytes]] = [
-    ("deep_nesting", b'{"model":"gpt-5.5",' + _MSG + b',"x":' + b"[" * 100_000 + b"]" * 100_000 + b"}"),
-    ("deep_objects", b'{"model":"gpt-5.5",' + _MSG + b',"x":' + b'{"a":' * 10_000 + b"1" + b"}" * 10_000 + b"}"),
+    (
+        "deep_nesting",
+        b'{"model":"gpt-5.5",' + _MSG + b',"x":' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+    ),
+    (
+        "deep_objects",
+        b'{"model":"gpt-5.5",' + _MSG + b',"x":' + b'{"a":' * 10_000 + b"1" + b"}" * 10_000 + b"}",
+    ),
     ("nan", b'{"model":"gpt-5.5",' + _MSG + b',"temperature":NaN}'),
     ("infinity", b'{"model":"gpt-5.5",' + _MSG + b',"temperature":Infinity}'),
     ("neg_infinity", b'{"model":"gpt-5.5",' + _MSG + b',"temperature":-Infinity}'),
@@ -1380,13 +1544,25 @@ BAD_BODIES: list[tuple[str, bytes]] = [
     ("tiny_exponent", b'{"model":"gpt-5.5",' + _MSG + b',"temperature":1e-999999}'),
     ("10000_digit_int", b'{"model":"gpt-5.5",' + _MSG + b',"seed":' + b"9" * 10_000 + b"}"),
     ("lone_surrogate", b'{"model":"gpt-5.5","messages":[{"role":"user","content":"\\ud800"}]}'),
-    ("lone_low_surrogate", b'{"model":"gpt-5.5","messages":[{"role":"user","content":"a\\udc00b"}]}'),
+    (
+        "lone_low_surrogate",
+        b'{"model":"gpt-5.5","messages":[{"role":"user","content":"a\\udc00b"}]}',
+    ),
     ("invalid_utf8", b'{"model":"gpt-5.5","messages":[{"role":"user","content":"\xff\xfe"}]}'),
     ("overlong_utf8", b'{"model":"gpt-5.5","messages":[{"role":"user","content":"\xc0\xaf"}]}'),
-    ("raw_surrogate_utf8", b'{"model":"gpt-5.5","messages":[{"role":"user","content":"\xed\xa0\x80"}]}'),
+    (
+        "raw_surrogate_utf8",
+        b'{"model":"gpt-5.5","messages":[{"role":"user","content":"\xed\xa0\x80"}]}',
+    ),
     ("bom", b"\xef\xbb\xbf" + chat()),
-    ("utf16", msgspec.json.encode({"model": "gpt-5.5", "messages": HELLO}).decode().encode("utf-16")),
-    ("utf16_le", msgspec.json.encode({"model": "gpt-5.5", "messages": HELLO}).decode().encode("utf-16-le")),
+    (
+        "utf16",
+        msgspec.json.encode({"model": "gpt-5.5", "messages": HELLO}).decode().encode("utf-16"),
+    ),
+    (
+        "utf16_le",
+        msgspec.json.encode({"model": "gpt-5.5", "messages": HELLO}).decode().encode("utf-16-le"),
+    ),
     ("top_array", b'[{"model":"gpt-5.5",' + _MSG + b"}]"),
     ("top_string", b'"gpt-5.5"'),
     ("top_number", b"42"),
@@ -1403,7 +1579,10 @@ BAD_BODIES: list[tuple[str, bytes]] = [
     ("trailing_comma_array", b'{"model":"gpt-5.5","messages":[{"role":"user","content":"hi"},]}'),
     ("single_quotes", b"{'model':'gpt-5.5'," + _MSG + b"}"),
     ("unquoted_key", b'{model:"gpt-5.5",' + _MSG + b"}"),
-    ("control_char_in_string", b'{"model":"gpt-5.5","messages":[{"role":"user","content":"a\x01b"}]}'),
+    (
+        "control_char_in_string",
+        b'{"model":"gpt-5.5","messages":[{"role":"user","content":"a\x01b"}]}',
+    ),
     ("truncated", chat()[:-5]),
     ("nul_byte", b"\x00" + chat()),
     ("hex_number", b'{"model":"gpt-5.5",' + _MSG + b',"seed":0x10}'),
@@ -1458,26 +1637,82 @@ WEATHER_TOOL = {
 }
 FIDELITY_CASES: list[tuple[str, bytes]] = [
     ("tools", chat(tools=[WEATHER_TOOL], tool_choice="auto", parallel_tool_calls=False)),
-    ("json_schema", chat(response_format={"type": "json_schema", "json_schema": {
-        "name": "answer", "strict": True,
-        "schema": {"type": "object", "properties": {"a": {"type": "number", "maximum": 1.5}},
-                   "required": ["a"]}}})),
-    ("image_parts", encode({"model": "gpt-5.5", "messages": [{"role": "user", "content": [
-        {"type": "text", "text": "what is this?"},
-        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo=",
-                                            "detail": "low"}}]}]})),
+    (
+        "json_schema",
+        chat(
+            response_format={
+                "type": "json_schema",
+                "json_schema": {
+                    "name": "answer",
+                    "strict": True,
+                    "schema": {
+                        "type": "object",
+                        "properties": {"a": {"type": "number", "maximum": 1.5}},
+                        "required": ["a"],
+                    },
+                },
+            }
+        ),
+    ),
+    (
+        "image_parts",
+        encode(
+            {
+                "model": "gpt-5.5",
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "text", "text": "what is this?"},
+                            {
+                                "type": "image_url",
+                                "image_url": {
+                                    "url": "data:image/png;base64,iVBORw0KGgo=",
+                                    "detail": "low",
+                                },
+                            },
+                        ],
+                    }
+                ],
+            }
+        ),
+    ),
     ("seed_max", chat(seed=2**63 - 1)),
     ("seed_min", chat(seed=-(2**63))),
     ("logit_bias", chat(logit_bias={"50256": -100, "1234": 100})),
-    ("unicode", encode({"model": "gpt-5.5", "messages": [
-        {"role": "system", "content": "Ты — помощник. 你好 🌍 \u2028\u2029 \U0001f600 é"},
-        {"role": "user", "content": "\\ \" / \b \f \t", "name": "ünï"}]})),
-    ("temperature_070", b'{"model":"gpt-5.5","messages":[{"role":"user","content":"hi"}],'
-                        b'"temperature":0.70,"top_p":1.0,"presence_penalty":-0.5,'
-                        b'"frequency_penalty":1e-3}'),
-    ("stop_metadata_user", chat(stop=["\n\n", "END"], user="user-42",
-                                metadata={"trace": "a b", "nested": {"deep": [1, 2, None]}})),
-    ("escaped_unicode", b'{"model":"gpt-5.5","messages":[{"role":"user","content":"\\u00e9\\ud83d\\ude00"}]}'),
+    (
+        "unicode",
+        encode(
+            {
+                "model": "gpt-5.5",
+                "messages": [
+                    {
+                        "role": "system",
+                        "content": "Ты — помощник. 你好 🌍 \u2028\u2029 \U0001f600 é",
+                    },
+                    {"role": "user", "content": '\\ " / \b \f \t', "name": "ünï"},
+                ],
+            }
+        ),
+    ),
+    (
+        "temperature_070",
+        b'{"model":"gpt-5.5","messages":[{"role":"user","content":"hi"}],'
+        b'"temperature":0.70,"top_p":1.0,"presence_penalty":-0.5,'
+        b'"frequency_penalty":1e-3}',
+    ),
+    (
+        "stop_metadata_user",
+        chat(
+            stop=["\n\n", "END"],
+            user="user-42",
+            metadata={"trace": "a b", "nested": {"deep": [1, 2, None]}},
+        ),
+    ),
+    (
+        "escaped_unicode",
+        b'{"model":"gpt-5.5","messages":[{"role":"user","content":"\\u00e9\\ud83d\\ude00"}]}',
+    ),
     ("alias_model", chat("fast", temperature=0)),
 ]
 
@@ -1511,8 +1746,14 @@ async def test_stream_body_equals_client_body_apart_from_usage_option(stack: Sta
 
 # --------------------------------------------------------------------------- §3.7 injection
 
-CRLF_VALUES = ["a\r\nX-Injected: 1", "a\nX-Injected: 1", "a\rX-Injected: 1",
-               "\r\n\r\nGET /evil HTTP/1.1", "a\u2028X-Injected: 1", "a\x85X-Injected: 1"]
+CRLF_VALUES = [
+    "a\r\nX-Injected: 1",
+    "a\nX-Injected: 1",
+    "a\rX-Injected: 1",
+    "\r\n\r\nGET /evil HTTP/1.1",
+    "a\u2028X-Injected: 1",
+    "a\x85X-Injected: 1",
+]
 
 
 def _assert_clean_outbound(stack: Stack, before: int) -> None:
@@ -1561,8 +1802,12 @@ async def test_crlf_in_identity_header_is_refused_not_reflected(
     for value in (b"research\rX-Injected: 1", b"research\x0bx", b"research\x00"):
         reply = await raw_http(
             stack,
-            raw_request("POST", "/v1/chat/completions",
-                        [(b"X-Clipia-Team", value), (b"Content-Type", b"application/json")], chat()),
+            raw_request(
+                "POST",
+                "/v1/chat/completions",
+                [(b"X-Clipia-Team", value), (b"Content-Type", b"application/json")],
+                chat(),
+            ),
         )
         assert reply.status in {400, 401}
         assert b"X-Injected" not in b"".join(v.encode() for v in reply.headers.values())

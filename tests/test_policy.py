@@ -10,8 +10,14 @@ from clipia_proxy.policy import ModelPolicy, apply_caps
 from tests.conftest import TEAMS_YAML
 
 CHAT_IDS = frozenset(
-    {"gpt-5.5", "gpt-5.5-mini", "claude-sonnet-4-6", "claude-sonnet-4-5", "claude-opus-4-8",
-     "gemini-3-pro"}
+    {
+        "gpt-5.5",
+        "gpt-5.5-mini",
+        "claude-sonnet-4-6",
+        "claude-sonnet-4-5",
+        "claude-opus-4-8",
+        "gemini-3-pro",
+    }
 )
 
 
@@ -30,7 +36,11 @@ RESEARCH = ModelPolicy(teams()["research"])
 
 @pytest.mark.parametrize(
     ("requested", "canonical"),
-    [("gpt-5.5", "gpt-5.5"), ("fast", "claude-sonnet-4-6"), ("claude-sonnet-4-6", "claude-sonnet-4-6")],
+    [
+        ("gpt-5.5", "gpt-5.5"),
+        ("fast", "claude-sonnet-4-6"),
+        ("claude-sonnet-4-6", "claude-sonnet-4-6"),
+    ],
 )
 def test_resolve_allowed(requested: str, canonical: str) -> None:
     assert SEARCH.resolve(requested, CHAT_IDS) == canonical
@@ -38,8 +48,21 @@ def test_resolve_allowed(requested: str, canonical: str) -> None:
 
 @pytest.mark.parametrize(
     "requested",
-    ["claude-sonnet-4-5", "claude-opus-4-8", "gpt-5.5-mini", "GPT-5.5", "smart", "FAST", "gpt-5x5",
-     "gpt-5.5 ", "*", "gpt-?.?", "anthropic/claude-sonnet-4-6", "claude-sonnetx", ""],
+    [
+        "claude-sonnet-4-5",
+        "claude-opus-4-8",
+        "gpt-5.5-mini",
+        "GPT-5.5",
+        "smart",
+        "FAST",
+        "gpt-5x5",
+        "gpt-5.5 ",
+        "*",
+        "gpt-?.?",
+        "anthropic/claude-sonnet-4-6",
+        "claude-sonnetx",
+        "",
+    ],
 )
 def test_resolve_not_allowed(requested: str) -> None:
     with pytest.raises(ModelNotAllowed) as caught:
@@ -133,8 +156,13 @@ def test_apply_caps_rejects(body: dict[str, object], param: str) -> None:
 
 @pytest.mark.parametrize(
     "body",
-    [{}, {"max_tokens": 1000}, {"n": 2}, {"max_tokens": 3, "max_completion_tokens": 3},
-     {"max_tokens": None, "max_completion_tokens": 10}],
+    [
+        {},
+        {"max_tokens": 1000},
+        {"n": 2},
+        {"max_tokens": 3, "max_completion_tokens": 3},
+        {"max_tokens": None, "max_completion_tokens": 10},
+    ],
 )
 def test_apply_caps_accepts_unchanged(body: dict[str, object]) -> None:
     copy = dict(body)

@@ -43,7 +43,9 @@ def _routes(stack: Stack) -> list[tuple[str, str, str]]:
     return found
 
 
-async def _call(stack: Stack, method: str, path: str, headers: dict[str, str]) -> tuple[int, bytes, str | None]:
+async def _call(
+    stack: Stack, method: str, path: str, headers: dict[str, str]
+) -> tuple[int, bytes, str | None]:
     query = "?id=chatcmpl-000000000000" if path == "/v1/generation" else ""
     async with (
         aiohttp.ClientSession() as session,

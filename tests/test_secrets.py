@@ -70,10 +70,15 @@ async def drive_everything(stack: Stack) -> list[Reply]:
     replies: list[Reply] = []
     REFLECTED.clear()
 
-    async def post(body: bytes, headers: dict[str, str] | None = None, team: str = "search") -> Reply:
+    async def post(
+        body: bytes, headers: dict[str, str] | None = None, team: str = "search"
+    ) -> Reply:
         reply = await http(
-            stack, "POST", "/v1/chat/completions",
-            headers=stack.auth(team) if headers is None else headers, body=body,
+            stack,
+            "POST",
+            "/v1/chat/completions",
+            headers=stack.auth(team) if headers is None else headers,
+            body=body,
         )
         replies.append(reply)
         return reply
@@ -106,7 +111,9 @@ async def drive_everything(stack: Stack) -> list[Reply]:
         {"Authorization": f"Bearer {hash_key(search)}"},
     ):
         assert (await post(chat(), headers=headers)).status == 401
-    assert (await http(stack, "POST", f"/v1/chat/completions?api_key={search}", body=chat())).status == 401
+    assert (
+        await http(stack, "POST", f"/v1/chat/completions?api_key={search}", body=chat())
+    ).status == 401
     assert (await get(f"/v1/models?key={search}", headers={})).status == 401
 
     # 400, 403, 404, 405, 413, 415.
@@ -131,17 +138,25 @@ async def drive_everything(stack: Stack) -> list[Reply]:
     assert (await post(chat(api_key=stack.clipia_key))).status == 400
     assert (await post(chat(max_tokens=5000), team="research")).status == 400
     assert (await post(chat(padding="x" * 5000))).status == 413
-    reply = await http(stack, "POST", "/v1/chat/completions", headers=auth, body=chat(),
-                       content_type="text/plain")
+    reply = await http(
+        stack, "POST", "/v1/chat/completions", headers=auth, body=chat(), content_type="text/plain"
+    )
     replies.append(reply)
     assert reply.status == 415
 
     # Parser-level refusal with a valid key on the connection.
     parser = await raw_http(
         stack,
-        raw_request("POST", "/v1/chat/completions",
-                    [("Authorization", f"Bearer {search}"), ("Content-Type", "application/json"),
-                     ("Content-Length", "1")], chat()),
+        raw_request(
+            "POST",
+            "/v1/chat/completions",
+            [
+                ("Authorization", f"Bearer {search}"),
+                ("Content-Type", "application/json"),
+                ("Content-Length", "1"),
+            ],
+            chat(),
+        ),
     )
     replies.append(parser)
     assert parser.status == 400
@@ -176,11 +191,13 @@ async def drive_everything(stack: Stack) -> list[Reply]:
     assert redirected.json()["error"]["code"] == "upstream_unavailable"
     assert "Location" not in redirected.headers
     stack.emulator.push_fault(Fault(reset_after_chunks=1))
-    replies.append(await http(stack, "POST", "/v1/chat/completions", headers=auth,
-                              body=chat(stream=True)))
+    replies.append(
+        await http(stack, "POST", "/v1/chat/completions", headers=auth, body=chat(stream=True))
+    )
     stack.emulator.push_fault(Fault(close_before_usage=True))
-    replies.append(await http(stack, "POST", "/v1/chat/completions", headers=auth,
-                              body=chat(stream=True)))
+    replies.append(
+        await http(stack, "POST", "/v1/chat/completions", headers=auth, body=chat(stream=True))
+    )
     assert stack.emulator.pending_faults == 0
     return replies
 

@@ -112,20 +112,36 @@ def test_parse_accepts_nul_and_unicode_content() -> None:
 
 
 def test_parse_accepts_moderate_nesting_and_max_int() -> None:
-    chat = parse_chat_request(body(b',"x":' + b"[" * 100 + b"]" * 100 + b',"max_tokens":2147483648'))
+    chat = parse_chat_request(
+        body(b',"x":' + b"[" * 100 + b"]" * 100 + b',"max_tokens":2147483648')
+    )
     assert chat.body["max_tokens"] == 2**31
 
 
 def test_decode_keeps_decimal_text_and_big_ints() -> None:
     value = decode_json(b'{"t":0.70,"c":1e-3,"s":9223372036854775807,"b":18446744073709551615}')
     assert value == {"t": Decimal("0.70"), "c": Decimal("0.001"), "s": 2**63 - 1, "b": 2**64 - 1}
-    assert encode_json(value) == b'{"t":0.70,"c":0.001,"s":9223372036854775807,"b":18446744073709551615}'
+    assert (
+        encode_json(value)
+        == b'{"t":0.70,"c":0.001,"s":9223372036854775807,"b":18446744073709551615}'
+    )
 
 
 @pytest.mark.parametrize(
     "raw",
-    [b"NaN", b"Infinity", b"1e999999", b"9" * 10_000, b'"\\ud800"', b"\xef\xbb\xbf{}", b"{} {}",
-     b"[" * 100_000 + b"]" * 100_000, b"{'a':1}", b"[1,]", b"// c\n1"],
+    [
+        b"NaN",
+        b"Infinity",
+        b"1e999999",
+        b"9" * 10_000,
+        b'"\\ud800"',
+        b"\xef\xbb\xbf{}",
+        b"{} {}",
+        b"[" * 100_000 + b"]" * 100_000,
+        b"{'a':1}",
+        b"[1,]",
+        b"// c\n1",
+    ],
 )
 def test_decode_json_refuses_with_value_or_decode_error(raw: bytes) -> None:
     with pytest.raises((msgspec.DecodeError, ValueError)):
@@ -160,8 +176,10 @@ def test_usage_from_object_absent(obj: object) -> None:
 @pytest.mark.parametrize(
     ("raw", "expected"),
     [
-        ({"prompt_tokens": -1, "completion_tokens": True, "total_tokens": 1.5, "cost": -1},
-         Usage()),
+        (
+            {"prompt_tokens": -1, "completion_tokens": True, "total_tokens": 1.5, "cost": -1},
+            Usage(),
+        ),
         ({"prompt_tokens": "8", "cost": "0.5"}, Usage(cost=Decimal("0.5"))),
         ({"cost": "NaN"}, Usage()),
         ({"cost": "Infinity"}, Usage()),
@@ -174,7 +192,9 @@ def test_usage_from_object_absent(obj: object) -> None:
         ({"cost": None, "prompt_tokens": 0}, Usage(prompt_tokens=0)),
     ],
 )
-def test_usage_from_object_tolerates_mistyped_fields(raw: dict[str, object], expected: Usage) -> None:
+def test_usage_from_object_tolerates_mistyped_fields(
+    raw: dict[str, object], expected: Usage
+) -> None:
     assert usage_from_object({"usage": raw}) == expected
 
 
