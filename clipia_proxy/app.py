@@ -21,7 +21,7 @@ from cachetools import LRUCache
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from . import __version__, handlers
-from .auth import Authenticator, Refusal
+from .auth import Refusal
 from .catalog import Catalog
 from .config import Config, Secret, read_api_key
 from .errors import (
@@ -37,24 +37,22 @@ from .handlers import RequestInfo
 from .health import Health
 from .health import create_admin_app as _create_admin_app
 from .keys import (
-    AUTHENTICATOR,
     CATALOG,
-    CONFIG,
     GENERATIONS,
     HEALTH,
     INFO,
     LEDGER,
+    LIVE,
     METRICS,
-    POLICIES,
     PRINCIPAL,
     QUOTAS,
     TASKS,
     UPSTREAM,
 )
 from .ledger import Ledger
+from .live import Live
 from .logs import ACCESS_LOGGER, access_fields
 from .metrics import BudgetSnapshot, Metrics
-from .policy import ModelPolicy
 from .quotas.memory import MemoryStore
 from .quotas.service import QuotaService
 from .quotas.sqlite import SqliteStore
@@ -62,7 +60,7 @@ from .quotas.store import Store, StoreUnavailable
 from .tasks import TaskRegistry
 from .upstream import UpstreamClient
 
-__all__ = ["create_admin_app", "create_app"]
+__all__ = ["apply_config", "create_admin_app", "create_app"]
 
 _LOGGER: Final = logging.getLogger(__name__)
 _GENERATION_OWNERS: Final = 100_000
@@ -128,12 +126,10 @@ def create_app(
     app[METRICS] = metrics
     app[QUOTAS] = quotas
     app[LEDGER] = ledger
-    app[CONFIG] = config
+    app[LIVE] = Live(config, today=today)
     app[TASKS] = tasks
     app[UPSTREAM] = upstream
     app[CATALOG] = catalog
-    app[AUTHENTICATOR] = Authenticator(config, today=today)
-    app[POLICIES] = {team.id: ModelPolicy(team) for team in config.teams}
     app[GENERATIONS] = LRUCache(maxsize=_GENERATION_OWNERS)
     app[HEALTH] = Health(
         catalog_is_warm=catalog.is_warm,
@@ -160,6 +156,14 @@ def create_app(
     return app
 
 
+def apply_config(app: web.Application, config: Config) -> None:
+    """Swap in a reloaded config for new requests (see ``reload``); counters and streams stay."""
+    app[LIVE].apply(config)
+    app[QUOTAS].apply(config)
+    app[CATALOG].apply(config.catalog)
+    app[METRICS].set_teams(team.id for team in config.teams)
+
+
 def create_admin_app(app: web.Application) -> web.Application:
     """Build the admin-port application (``/metrics``, ``/healthz``, ``/readyz``) for a data app."""
     scrape = make_aiohttp_handler(app[METRICS].registry)
@@ -174,7 +178,7 @@ async def refresh_budget_gauges(app: web.Application) -> None:
     """Read every team's budget numbers from the store into the metrics snapshot."""
     quotas, metrics = app[QUOTAS], app[METRICS]
     snapshot: dict[tuple[str, str], BudgetSnapshot] = {}
-    for team in app[CONFIG].teams:
+    for team in app[LIVE].config.teams:
         for budget in await quotas.budgets(team.id):
             resets_at = budget["resets_at"]
             snapshot[team.id, str(budget["period"])] = BudgetSnapshot(
@@ -205,7 +209,7 @@ async def _budget_gauges_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _tasks_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
-    await app[TASKS].drain(app[CONFIG].server.shutdown_grace_seconds)
+    await app[TASKS].drain(app[LIVE].config.server.shutdown_grace_seconds)
 
 
 def build_store(config: Config, *, clock: Callable[[], float]) -> Store:
@@ -235,7 +239,7 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _reconcile_ctx(app: web.Application) -> AsyncIterator[None]:
     # One replica (sqlite/memory): every unsettled record belongs to a dead process. Shared
     # stores: only expired leases, then periodically, for records of crashed replicas.
-    shared = app[CONFIG].store.backend == "redis"
+    shared = app[LIVE].config.store.backend == "redis"
     try:
         settled = await app[LEDGER].reconcile(only_expired=shared)
     except StoreUnavailable as exc:
@@ -249,7 +253,7 @@ async def _reconcile_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _reconcile_forever(app: web.Application) -> None:
-    interval = app[CONFIG].accounting.lease_seconds / 2
+    interval = app[LIVE].config.accounting.lease_seconds / 2
     # health.pause wakes at once when draining starts, so shutdown never waits on this loop.
     while not await app[HEALTH].pause(interval):
         try:
@@ -261,7 +265,7 @@ async def _reconcile_forever(app: web.Application) -> None:
 async def _drain_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
     # Handlers cancelled at the end of the grace period spawn their settlements now.
-    await app[TASKS].drain(app[CONFIG].server.shutdown_grace_seconds)
+    await app[TASKS].drain(app[LIVE].config.server.shutdown_grace_seconds)
 
 
 async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -280,7 +284,7 @@ async def _catalog_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _on_shutdown(app: web.Application) -> None:
     app[HEALTH].is_draining = True
-    await app[TASKS].drain(app[CONFIG].server.shutdown_grace_seconds)
+    await app[TASKS].drain(app[LIVE].config.server.shutdown_grace_seconds)
 
 
 def _route_name(request: web.Request) -> str:
@@ -387,7 +391,7 @@ async def _identity_middleware(request: web.Request, handler: _Handler) -> web.S
     transport = request.transport
     peername = transport.get_extra_info("peername") if transport is not None else None
     peer = peername[0] if isinstance(peername, tuple) and peername else None
-    principal = request.app[AUTHENTICATOR].authenticate(request.headers, peer)
+    principal = request.app[LIVE].authenticator.authenticate(request.headers, peer)
     request[PRINCIPAL] = principal
     info = request[INFO]
     info.team = principal.team

@@ -123,6 +123,10 @@ class Catalog:
             return None
         return self._clock() - self._snapshot.fetched_at
 
+    def apply(self, config: CatalogConfig) -> None:
+        """Take a reloaded config's TTLs (the cached snapshot is kept)."""
+        self._config = config
+
     def model_ids(self) -> frozenset[str]:
         """Return the current chat model ids (empty before the first fetch)."""
         return self._model_ids

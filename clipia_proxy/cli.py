@@ -54,7 +54,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         return 1
     from .server import serve
 
-    _run(serve(config))
+    _run(serve(config, config_path=args.config))
     return 0
 
 

@@ -15,7 +15,7 @@ from aiohttp import web
 from .auth import generate_key, hash_key
 from .config import Config, Secret, parse_config
 from .emulator import EmulatorState, create_emulator_app
-from .keys import CONFIG
+from .keys import LIVE
 from .server import Running, serve
 
 __all__ = ["demo_config", "run_demo"]
@@ -65,7 +65,7 @@ clipia-proxy demo is running (upstream: the built-in Clipia emulator; no real cr
   team keys (fresh for this run):
     search    {key}
     research  {keys["research"]}
-  ledger   SQLite file {running.app[CONFIG].store.sqlite_path} (spend survives restarts)
+  ledger   SQLite file {running.app[LIVE].config.store.sqlite_path} (spend survives restarts)
 
 Try it:
 

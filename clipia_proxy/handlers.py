@@ -27,12 +27,11 @@ from .errors import (
 )
 from .keys import (
     CATALOG,
-    CONFIG,
     GENERATIONS,
     INFO,
     LEDGER,
+    LIVE,
     METRICS,
-    POLICIES,
     PRINCIPAL,
     QUOTAS,
     TASKS,
@@ -137,13 +136,13 @@ async def read_json_body(request: web.Request, limit: int) -> bytes:
 
 
 def _policy(request: web.Request) -> ModelPolicy:
-    return request.app[POLICIES][request[PRINCIPAL].team]
+    return request.app[LIVE].policies[request[PRINCIPAL].team]
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     """``POST /v1/chat/completions``: check, admit, forward, relay, settle."""
     app = request.app
-    config = app[CONFIG]
+    config = app[LIVE].config
     info = request[INFO]
     # 2. Read and parse strictly.
     raw = await read_json_body(request, config.server.max_body_bytes)
@@ -233,7 +232,7 @@ async def _forward(
 ) -> web.StreamResponse:
     """Steps 6-7: send to Clipia and relay; record what was learnt on ``flight``."""
     app = request.app
-    config = app[CONFIG]
+    config = app[LIVE].config
     info = request[INFO]
     upstream = app[UPSTREAM]
     headers = flight.admission.headers
@@ -249,16 +248,20 @@ async def _forward(
     except UpstreamNotSent:
         flight.sent = False
         flight.outcome = Outcome.NOT_SENT
+        info.outcome = flight.outcome.value
         raise
     except UpstreamRefused as exc:
         flight.upstream_status = exc.upstream_status
         flight.outcome = Outcome.UPSTREAM_ERROR
+        info.outcome = flight.outcome.value
         raise
     except UpstreamTimeout:
         flight.outcome = Outcome.TIMEOUT
+        info.outcome = flight.outcome.value
         raise
     except UpstreamUnavailable:
         flight.outcome = Outcome.UPSTREAM_ERROR
+        info.outcome = flight.outcome.value
         raise
     except BaseException:
         flight.outcome = Outcome.CLIENT_DISCONNECT  # cancelled while waiting for Clipia
@@ -433,7 +436,7 @@ def _remaining(budget: dict[str, Decimal | str | None]) -> Decimal:
 async def key_info(request: web.Request) -> web.Response:
     """``GET /v1/key``: the calling team's view (never the gateway's Clipia key)."""
     principal = request[PRINCIPAL]
-    config = request.app[CONFIG]
+    config = request.app[LIVE].config
     team = config.team(principal.team)
     assert team is not None
     policy = _policy(request)

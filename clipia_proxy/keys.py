@@ -9,28 +9,25 @@ from aiohttp import web
 if TYPE_CHECKING:  # the keys name these types in strings only (no import cycles at run time)
     from cachetools import LRUCache  # noqa: F401
 
-    from .auth import Authenticator, Principal  # noqa: F401
+    from .auth import Principal  # noqa: F401
     from .catalog import Catalog  # noqa: F401
-    from .config import Config  # noqa: F401
     from .handlers import RequestInfo  # noqa: F401
     from .health import Health  # noqa: F401
     from .ledger import Ledger  # noqa: F401
+    from .live import Live  # noqa: F401
     from .metrics import Metrics  # noqa: F401
-    from .policy import ModelPolicy  # noqa: F401
     from .quotas.service import QuotaService  # noqa: F401
     from .tasks import TaskRegistry  # noqa: F401
     from .upstream import UpstreamClient  # noqa: F401
 
 __all__ = [
-    "AUTHENTICATOR",
     "CATALOG",
-    "CONFIG",
     "GENERATIONS",
     "HEALTH",
     "INFO",
     "LEDGER",
+    "LIVE",
     "METRICS",
-    "POLICIES",
     "PRINCIPAL",
     "QUOTAS",
     "TASKS",
@@ -38,9 +35,9 @@ __all__ = [
 ]
 
 # Application keys: set once by app.create_app (or its cleanup contexts), read by handlers.
-CONFIG: Final = web.AppKey["Config"]("config")
+LIVE: Final = web.AppKey["Live"]("live")
+"""The config in force with its authenticator and policies; replaced whole by a reload."""
 TASKS: Final = web.AppKey["TaskRegistry"]("tasks")
-AUTHENTICATOR: Final = web.AppKey["Authenticator"]("authenticator")
 UPSTREAM: Final = web.AppKey["UpstreamClient"]("upstream")
 CATALOG: Final = web.AppKey["Catalog"]("catalog")
 HEALTH: Final = web.AppKey["Health"]("health")
@@ -50,8 +47,6 @@ METRICS: Final = web.AppKey["Metrics"]("metrics")
 """Every Prometheus metric of the app (served on the admin port)."""
 LEDGER: Final = web.AppKey["Ledger"]("ledger")
 """Settlement rules and crash reconciliation."""
-POLICIES: Final = web.AppKey["dict[str, ModelPolicy]"]("policies")
-"""Team id -> model policy, built from the config."""
 GENERATIONS: Final = web.AppKey["LRUCache[str, str]"]("generations")
 """Upstream generation id -> the team that created it (bounded; the ledger replaces it)."""
 

@@ -1,32 +1,39 @@
 """Run the gateway: the data port and the admin port in one process, with a graceful stop.
 
-On SIGTERM (or SIGINT) ``/readyz`` turns 503 at once and new requests get 503 ``draining``;
-the listening sockets close, in-flight requests and streams get
-``server.shutdown_grace_seconds`` to finish, background work is drained, and ``serve`` returns
-(the process exits 0).
+The admin port opens first (``/healthz`` answers during warm-up; ``/readyz`` says what is still
+missing). On SIGTERM (or SIGINT) ``/readyz`` turns 503 at once and new requests get 503
+``draining``; the listening sockets close, in-flight requests and streams get
+``server.shutdown_grace_seconds`` to finish (streams still open then end with an SSE error
+event and are settled), background work is drained, and ``serve`` returns (exit 0). SIGHUP,
+or a change of the config file, reloads the config (see ``reload``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from collections.abc import Awaitable, Callable
 from typing import Final
 
 from aiohttp import web
 
-from .app import create_admin_app, create_app
+from .app import apply_config, create_admin_app, create_app
 from .config import Config, Secret
-from .keys import HEALTH
+from .keys import HEALTH, LIVE, METRICS, TASKS
+from .reload import Reloader
 
 __all__ = ["Running", "serve", "start"]
 
 _LOGGER: Final = logging.getLogger(__name__)
+_BACKLOG: Final = 1024
+"""Listen backlog: aiohttp's default (128) drops bursts of new connections, which then wait
+for TCP's one-second retransmit."""
 
 
 class Running:
-    """A started gateway: its runners and the ports it actually listens on."""
+    """A started gateway: its runners, the ports it listens on, and its config reloader."""
 
     def __init__(
         self,
@@ -34,11 +41,14 @@ class Running:
         data: web.AppRunner,
         admin: web.AppRunner,
         ports: tuple[int, int],
+        reloader: Reloader | None = None,
     ) -> None:
         self.app: Final = app
         self.data_runner: Final = data
         self.admin_runner: Final = admin
         self.port, self.admin_port = ports
+        self.reloader: Final = reloader
+        """Reloads the config file (SIGHUP, file change); None without a config file."""
 
     async def stop(self) -> None:
         """Drain and stop: readiness off, sockets closed, in-flight work given the grace period."""
@@ -54,20 +64,43 @@ def _bound_port(runner: web.AppRunner) -> int:
     raise RuntimeError("the runner is not listening")  # pragma: no cover
 
 
-async def start(config: Config, *, api_key: Secret | None = None) -> Running:
-    """Start both ports (a port of 0 picks a free one) and return the running gateway."""
+async def start(
+    config: Config,
+    *,
+    api_key: Secret | None = None,
+    config_path: str | os.PathLike[str] | None = None,
+) -> Running:
+    """Start both ports (a port of 0 picks a free one) and return the running gateway.
+
+    With ``config_path`` the file is watched and reloaded when it changes.
+    """
     app = create_app(config, api_key=api_key)
     admin = create_admin_app(app)
     grace = config.server.shutdown_grace_seconds
-    data_runner = web.AppRunner(app, access_log=None, shutdown_timeout=grace)
-    admin_runner = web.AppRunner(admin, access_log=None, shutdown_timeout=1.0)
-    await data_runner.setup()
-    await admin_runner.setup()
     host = config.server.host
-    await web.TCPSite(data_runner, host, config.server.port).start()
-    await web.TCPSite(admin_runner, host, config.server.admin_port).start()
+    admin_runner = web.AppRunner(admin, access_log=None, shutdown_timeout=1.0)
+    await admin_runner.setup()
+    await web.TCPSite(admin_runner, host, config.server.admin_port, backlog=_BACKLOG).start()
+    data_runner = web.AppRunner(app, access_log=None, shutdown_timeout=grace)
+    await data_runner.setup()  # start-up work: store, reconciliation, catalog warm-up
+    await web.TCPSite(data_runner, host, config.server.port, backlog=_BACKLOG).start()
+    reloader = None
+    if config_path is not None:
+        metrics = app[METRICS]
+        reloader = Reloader(
+            config_path,
+            current=lambda: app[LIVE].config,
+            apply=lambda new: apply_config(app, new),
+            record=lambda result: metrics.config_reloads.labels(result).inc(),
+        )
+        await reloader.prime()
+        _ = app[TASKS].spawn(reloader.watch(app[HEALTH].pause), name="config-watcher")
     return Running(
-        app, data_runner, admin_runner, (_bound_port(data_runner), _bound_port(admin_runner))
+        app,
+        data_runner,
+        admin_runner,
+        (_bound_port(data_runner), _bound_port(admin_runner)),
+        reloader,
     )
 
 
@@ -75,10 +108,11 @@ async def serve(
     config: Config,
     *,
     api_key: Secret | None = None,
+    config_path: str | os.PathLike[str] | None = None,
     on_ready: Callable[[Running], Awaitable[None] | None] | None = None,
 ) -> None:
-    """Run until SIGTERM/SIGINT, then stop gracefully."""
-    running = await start(config, api_key=api_key)
+    """Run until SIGTERM/SIGINT, then stop gracefully; SIGHUP reloads the config file."""
+    running = await start(config, api_key=api_key, config_path=config_path)
     _LOGGER.info(
         "clipia-proxy listening on %s:%d (admin %d)",
         config.server.host,
@@ -87,8 +121,16 @@ async def serve(
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    signals = [signal.SIGTERM, signal.SIGINT]
+    for signum in signals:
         loop.add_signal_handler(signum, stop.set)
+    if running.reloader is not None:
+        reloader = running.reloader
+        signals.append(signal.SIGHUP)
+        loop.add_signal_handler(
+            signal.SIGHUP,
+            lambda: running.app[TASKS].spawn(reloader.reload(), name="config-reload-sighup"),
+        )
     try:
         if on_ready is not None:
             result = on_ready(running)
@@ -99,7 +141,7 @@ async def serve(
             "shutdown requested; draining for up to %.0fs", config.server.shutdown_grace_seconds
         )
     finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in signals:
             loop.remove_signal_handler(signum)
         await running.stop()
         _LOGGER.info("clipia-proxy stopped")

@@ -115,6 +115,14 @@ class QuotaService:
         """False since the last store call failed, until one succeeds (feeds ``/readyz``)."""
         self.fail_open: Final = self._fail_open
 
+    def apply(self, config: Config) -> None:
+        """Take a reloaded config's team limits, shadow flags and accounting (store kept)."""
+        self._limits = {team.id: limits_of(team) for team in config.teams}
+        self._shadow = {team.id: team.shadow for team in config.teams}
+        self._zone = ZoneInfo(config.accounting.timezone)
+        self._lease = config.accounting.lease_seconds
+        self._windows = None
+
     def now(self) -> float:
         """Return the service clock (seconds since the epoch)."""
         return self._clock()

@@ -1,0 +1,559 @@
+"""DESIGN §5.6 through HTTP: scrape ``/metrics`` after a scripted mix and check exact values.
+
+Every counter is checked against an independent account of the same traffic: the requests this
+test sent (requests, rejections, stream terminations), the emulator's own log (upstream
+attempts), the ledger's settled records (spend, tokens, usage sources) and ``GET /v1/key``
+(budget gauges).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import secrets
+from collections import Counter
+from collections.abc import AsyncIterator, Iterable, Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any, Final
+
+import aiohttp
+import pytest
+from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
+
+from clipia_proxy import __version__
+from clipia_proxy.app import refresh_budget_gauges
+from clipia_proxy.auth import generate_key
+from clipia_proxy.config import Secret
+from clipia_proxy.emulator import EmulatorState, Fault, create_emulator_app
+from clipia_proxy.keys import CATALOG, QUOTAS
+from clipia_proxy.metrics import REJECTION_REASONS, STREAM_REASONS
+from clipia_proxy.quotas.model import MICRO_PER_CREDIT, RecordState, UsageSource
+from clipia_proxy.quotas.store import LedgerRecord
+from clipia_proxy.server import start
+from tests.conftest import Stack, make_config, stop_stack, wait_settled
+
+P: Final = "clipia_proxy_"
+CHAT: Final = "/v1/chat/completions"
+HELLO: Final = [{"role": "user", "content": "hi"}]
+TOLERANCE: Final = 1e-9
+
+TEAMS: Final = """
+teams:
+  - id: search
+    keys: [{{id: search-1, sha256: {search}}}]
+    models:
+      allow: ["*"]
+      deny: ["claude-opus-*"]
+      aliases: {{fast: claude-sonnet-4-6}}
+    caps: {{max_tokens: 50, n: 1}}
+    budget: {{day: 10, month: 100}}
+  - id: broke
+    keys: [{{id: broke-1, sha256: {broke}}}]
+    models: {{allow: ["gpt-5.5"]}}
+    budget: {{day: 0.000001}}
+  - id: rpm
+    keys: [{{id: rpm-1, sha256: {rpm}}}]
+    models: {{allow: ["gpt-5.5"]}}
+    limits: {{rpm: 1}}
+  - id: tpm
+    keys: [{{id: tpm-1, sha256: {tpm}}}]
+    models: {{allow: ["gpt-5.5"]}}
+    limits: {{tpm: 5}}
+  - id: conc
+    keys: [{{id: conc-1, sha256: {conc}}}]
+    models: {{allow: ["gpt-5.5"]}}
+    limits: {{concurrency: 1}}
+  - id: shadow
+    keys: [{{id: shadow-1, sha256: {shadow}}}]
+    models: {{allow: ["gpt-5.5"]}}
+    budget: {{day: 0.000001}}
+    shadow: true
+"""
+TEAM_IDS: Final = ("search", "broke", "rpm", "tpm", "conc", "shadow")
+
+Labels = frozenset[tuple[str, str]]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+async def start_teams(teams: str, team_ids: Iterable[str], *, store: str | None = None) -> Stack:
+    """Start an emulator and a gateway whose config has ``teams`` (one fresh key per team)."""
+    clipia_key = "clipia_live_" + secrets.token_hex(16)
+    state = EmulatorState(seed=0, keys={clipia_key})
+    runner = web.AppRunner(create_emulator_app(state), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    emulator_url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    keys = {team: generate_key() for team in team_ids}
+    config = make_config(emulator_url, keys, teams=teams, store=store)
+    running = await start(config, api_key=Secret(clipia_key))
+    return Stack(
+        emulator=state,
+        emulator_url=emulator_url,
+        running=running,
+        clipia_key=clipia_key,
+        keys=keys,
+        config=config,
+        runners=[runner],
+    )
+
+
+@pytest.fixture
+async def mixed() -> AsyncIterator[Stack]:
+    made = await start_teams(TEAMS, TEAM_IDS)
+    try:
+        yield made
+    finally:
+        await stop_stack(made)
+
+
+@dataclass
+class Scrape:
+    """One ``/metrics`` answer, parsed."""
+
+    content_type: str
+    text: str
+    samples: dict[tuple[str, Labels], float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for family in text_string_to_metric_families(self.text):
+            for sample in family.samples:
+                key = (sample.name, frozenset(sample.labels.items()))
+                assert key not in self.samples, f"duplicate series {key}"
+                self.samples[key] = sample.value
+
+    def series(self, name: str) -> dict[Labels, float]:
+        """Every series of the sample ``name`` (full name, e.g. ``..._total``)."""
+        return {labels: value for (sample, labels), value in self.samples.items() if sample == name}
+
+    def value(self, name: str, **labels: str) -> float | None:
+        return self.samples.get((name, frozenset(labels.items())))
+
+    def by(self, name: str, *keys: str) -> dict[tuple[str, ...], float]:
+        """Series of ``name`` keyed by the values of ``keys`` (which must be all its labels)."""
+        out: dict[tuple[str, ...], float] = {}
+        for labels, value in self.series(name).items():
+            as_dict = dict(labels)
+            assert set(as_dict) == set(keys), (name, as_dict)
+            out[tuple(as_dict[k] for k in keys)] = value
+        return out
+
+
+async def scrape(stack: Stack, session: aiohttp.ClientSession | None = None) -> Scrape:
+    async def fetch(client: aiohttp.ClientSession) -> Scrape:
+        async with client.get(f"{stack.admin_url}/metrics") as reply:
+            assert reply.status == 200
+            return Scrape(reply.headers["Content-Type"], await reply.text())
+
+    if session is not None:
+        return await fetch(session)
+    async with aiohttp.ClientSession() as own:
+        return await fetch(own)
+
+
+def chat_body(model: str = "gpt-5.5", **fields: Any) -> dict[str, Any]:
+    return {"model": model, "messages": HELLO, "max_tokens": 20, **fields}
+
+
+async def settled_records(stack: Stack) -> list[LedgerRecord]:
+    records = await stack.running.app[QUOTAS].store.records(since=0.0, until=float("inf"))
+    assert all(r.state == RecordState.SETTLED for r in records), "unsettled records remain"
+    return records
+
+
+def nonzero(values: Mapping[tuple[str, ...], float]) -> dict[tuple[str, ...], float]:
+    return {k: v for k, v in values.items() if v}
+
+
+@dataclass
+class Traffic:
+    """What the test sent and what it expects the gateway to have counted."""
+
+    stack: Stack
+    session: aiohttp.ClientSession
+    requests: Counter[tuple[str, str, str, str]] = field(default_factory=Counter)
+    rejections: Counter[tuple[str, str]] = field(default_factory=Counter)
+
+    async def send(
+        self,
+        method: str,
+        path: str,
+        *,
+        team: str | None = "search",
+        body: dict[str, Any] | bytes | None = None,
+        headers: dict[str, str] | None = None,
+        expect: tuple[int, str, str],
+        rejection: str | None = None,
+    ) -> bytes:
+        """Send one request; ``expect`` is (status, model label, route label)."""
+        sent = dict(self.stack.auth(team) if team is not None else {})
+        sent.update(headers or {})
+        kwargs: dict[str, Any] = {"headers": sent}
+        if isinstance(body, bytes):
+            kwargs["data"] = body
+            sent["Content-Type"] = "application/json"
+        elif body is not None:
+            kwargs["json"] = body
+        async with self.session.request(
+            method, f"http://127.0.0.1:{self.stack.running.port}{path}", **kwargs
+        ) as reply:
+            data = await reply.read()
+        status, model, route = expect
+        assert reply.status == status, (path, body, data)
+        who = team or "unknown"
+        self.requests[who, model, route, str(status)] += 1
+        if rejection is not None:
+            self.rejections[who, rejection] += 1
+        return data
+
+
+# --------------------------------------------------------------------------- tests
+
+
+async def test_series_for_configured_teams_exist_before_any_traffic(mixed: Stack) -> None:
+    got = await scrape(mixed)
+    assert got.content_type.startswith("text/plain")
+    assert "version=" in got.content_type
+    inflight = got.by(P + "inflight_requests", "team")
+    assert inflight == {(team,): 0.0 for team in TEAM_IDS}
+    rejections = got.by(P + "rejections_total", "team", "reason")
+    assert rejections == {(t, r): 0.0 for t in TEAM_IDS for r in REJECTION_REASONS}
+    terminations = got.by(P + "stream_terminations_total", "team", "reason")
+    assert terminations == {(t, r): 0.0 for t in TEAM_IDS for r in STREAM_REASONS}
+    assert got.series(P + "requests_total") == {}
+    assert got.value(P + "build_info", version=__version__) == 1.0
+    assert got.by(P + "usage_source_total", "source") == {(s.value,): 0.0 for s in UsageSource}
+
+
+async def test_exact_counters_after_a_scripted_mix(mixed: Stack) -> None:
+    stack = mixed
+    app = stack.running.app
+    chat_models = app[CATALOG].model_ids()
+    assert {"gpt-5.5", "claude-sonnet-4-6", "claude-opus-4-8"} <= chat_models
+    assert "flux-2-pro" not in chat_models  # media models are not chat ids
+    async with aiohttp.ClientSession() as session:
+        t = Traffic(stack, session)
+        ok: Final = (200, "gpt-5.5", CHAT)
+
+        # Allowed: plain, streamed (via an alias), streamed with the client's own usage.
+        await t.send("POST", CHAT, body=chat_body(), expect=ok)
+        await t.send("POST", CHAT, body=chat_body(), expect=ok)
+        streamed = await t.send(
+            "POST",
+            CHAT,
+            body=chat_body("fast", stream=True),
+            expect=(200, "claude-sonnet-4-6", CHAT),
+        )
+        assert streamed.endswith(b"data: [DONE]\n\n")
+        await t.send(
+            "POST",
+            CHAT,
+            body=chat_body(stream=True, stream_options={"include_usage": True}),
+            expect=ok,
+        )
+
+        # Streamed and disconnected: the client leaves after the first bytes.
+        stack.emulator.push_fault(Fault(chunk_gap=0.05))
+        async with session.post(
+            f"{stack.base_url}/chat/completions",
+            headers=stack.auth(),
+            json=chat_body(stream=True, max_tokens=50),
+        ) as reply:
+            assert reply.status == 200
+            first = await reply.content.readany()
+            assert first.startswith(b"data: ")
+            reply.close()
+        t.requests["search", "gpt-5.5", CHAT, "200"] += 1
+
+        # The upstream breaks the stream off after its first chunk.
+        stack.emulator.push_fault(Fault(reset_after_chunks=1))
+        await t.send("POST", CHAT, body=chat_body(stream=True), expect=ok)
+
+        # Upstream error: three attempts for one client request.
+        stack.emulator.push_fault(Fault(status=500, retry_after="0", times=3))
+        await t.send("POST", CHAT, body=chat_body(), expect=(500, "gpt-5.5", CHAT))
+        assert stack.emulator.pending_faults == 0
+
+        # Refused before the upstream, for every reason but store_unavailable (its own test).
+        await t.send(
+            "POST",
+            CHAT,
+            body=chat_body("claude-opus-4-8"),
+            expect=(403, "other", CHAT),
+            rejection="model_not_allowed",
+        )
+        await t.send(
+            "POST",
+            CHAT,
+            body=chat_body("no-such-model"),
+            expect=(404, "other", CHAT),
+            rejection="model_not_found",
+        )
+        await t.send(
+            "POST",
+            CHAT,
+            body=chat_body("flux-2-pro"),
+            expect=(404, "other", CHAT),
+            rejection="model_not_found",
+        )
+        await t.send(
+            "POST",
+            CHAT,
+            body=chat_body(max_tokens=100),
+            expect=(400, "gpt-5.5", CHAT),
+            rejection="cap",
+        )
+        await t.send(
+            "POST", CHAT, body=b"{not json", expect=(400, "other", CHAT), rejection="bad_request"
+        )
+        await t.send(
+            "POST",
+            CHAT,
+            team=None,
+            headers={"Authorization": "Bearer cpx_" + "x" * 40},
+            body=chat_body(),
+            expect=(401, "other", CHAT),
+            rejection="auth",
+        )
+        await t.send(
+            "POST",
+            CHAT,
+            team=None,
+            body=chat_body(),
+            expect=(401, "other", CHAT),
+            rejection="auth",
+        )
+        await t.send(
+            "POST",
+            CHAT,
+            team="broke",
+            body=chat_body(),
+            expect=(402, "gpt-5.5", CHAT),
+            rejection="budget",
+        )
+        await t.send("POST", CHAT, team="rpm", body=chat_body(), expect=ok)
+        await t.send(
+            "POST",
+            CHAT,
+            team="rpm",
+            body=chat_body(),
+            expect=(429, "gpt-5.5", CHAT),
+            rejection="rpm",
+        )
+        await t.send(
+            "POST",
+            CHAT,
+            team="tpm",
+            body=chat_body(),
+            expect=(429, "gpt-5.5", CHAT),
+            rejection="tpm",
+        )
+
+        # Concurrency: one request held in the emulator, a second one refused meanwhile.
+        stack.emulator.hold = asyncio.Event()
+        bills = len(stack.emulator.bills)
+        async with asyncio.TaskGroup() as group:
+            held = group.create_task(t.send("POST", CHAT, team="conc", body=chat_body(), expect=ok))
+            async with asyncio.timeout(5):
+                while len(stack.emulator.bills) == bills:  # noqa: ASYNC110 - emulator state
+                    await asyncio.sleep(0.005)
+            during = await scrape(stack, session)
+            assert during.value(P + "inflight_requests", team="conc") == 1.0
+            await t.send(
+                "POST",
+                CHAT,
+                team="conc",
+                body=chat_body(),
+                expect=(429, "gpt-5.5", CHAT),
+                rejection="concurrency",
+            )
+            stack.emulator.hold.set()
+        held.result()
+        stack.emulator.hold = None
+
+        # Shadow: over its budget, served anyway, counted as would-be refused.
+        await t.send("POST", CHAT, team="shadow", body=chat_body(), expect=ok)
+
+        # Other routes: listings, an unknown route, a wrong method, an unknown model id.
+        await t.send("GET", "/v1/models", expect=(200, "other", "/v1/models"))
+        await t.send("GET", "/v1/key", expect=(200, "other", "/v1/key"))
+        await t.send(
+            "GET",
+            "/v1/models/no-such-model",
+            expect=(404, "other", "/v1/models/{model_id}"),
+            rejection="model_not_found",
+        )
+        await t.send("GET", "/v1/models/gpt-5.5", expect=(200, "other", "/v1/models/{model_id}"))
+        await t.send("GET", "/v1/nope", expect=(404, "other", "other"))
+        await t.send("GET", CHAT, expect=(405, "other", "other"))
+
+        await wait_settled(stack)
+        await refresh_budget_gauges(app)
+        got = await scrape(stack, session)
+        key_views = {}
+        for team in ("search", "broke", "shadow"):
+            async with session.get(f"{stack.base_url}/key", headers=stack.auth(team)) as reply:
+                key_views[team] = (await reply.json())["data"]
+    records = await settled_records(stack)
+    check_all(got, t, stack, records, key_views)
+
+
+def check_all(
+    got: Scrape,
+    t: Traffic,
+    stack: Stack,
+    records: list[LedgerRecord],
+    key_views: dict[str, Any],
+) -> None:
+    assert got.content_type.startswith("text/plain")
+
+    # requests_total: exactly the requests sent (the /v1/key reads came after the scrape).
+    requests = got.by(P + "requests_total", "team", "model", "route", "code")
+    assert requests == {k: float(v) for k, v in t.requests.items()}
+
+    # rejections_total: every configured team x reason, plus what unknown callers caused.
+    rejections = got.by(P + "rejections_total", "team", "reason")
+    assert set(rejections) >= {(tm, r) for tm in TEAM_IDS for r in REJECTION_REASONS}
+    assert nonzero(rejections) == {k: float(v) for k, v in t.rejections.items()}
+    assert {r for _, r in t.rejections} == set(REJECTION_REASONS) - {"store_unavailable"}
+    assert nonzero(got.by(P + "shadow_would_reject_total", "team", "reason")) == {
+        ("shadow", "budget"): 1.0
+    }
+
+    # stream_terminations_total per reason.
+    assert nonzero(got.by(P + "stream_terminations_total", "team", "reason")) == {
+        ("search", "completed"): 2.0,
+        ("search", "client_disconnect"): 1.0,
+        ("search", "upstream_error"): 1.0,
+    }
+
+    # upstream_requests_total: every attempt the emulator saw (catalog and lookups included).
+    emulator_codes = Counter(str(r.status) for r in stack.emulator.requests)
+    assert got.by(P + "upstream_requests_total", "code") == {
+        (code,): float(n) for code, n in emulator_codes.items()
+    }
+    chat_codes = Counter(str(r.status) for r in stack.chat_requests())
+    assert chat_codes["500"] == 3
+
+    # Spend and tokens per (team, model) equal the ledger's settled records.
+    spend = got.by(P + "spend_credits_total", "team", "model")
+    tokens = got.by(P + "tokens_total", "team", "model", "type")
+    ledger_spend: Counter[tuple[str, ...]] = Counter()
+    ledger_tokens: Counter[tuple[str, ...]] = Counter()
+    for r in records:
+        ledger_spend[r.team, r.model] += r.cost
+        ledger_tokens[r.team, r.model, "prompt"] += r.prompt_tokens
+        ledger_tokens[r.team, r.model, "completion"] += r.completion_tokens
+    assert set(spend) == set(ledger_spend)
+    for key, micro in ledger_spend.items():
+        assert spend[key] == pytest.approx(micro / MICRO_PER_CREDIT, abs=TOLERANCE), key
+    assert tokens == {k: float(v) for k, v in ledger_tokens.items() if v}
+    for team in TEAM_IDS:  # and so per team, as the issue words it
+        team_spend = sum(v for (tm, _), v in spend.items() if tm == team)
+        team_micro = sum(r.cost for r in records if r.team == team)
+        assert team_spend == pytest.approx(team_micro / MICRO_PER_CREDIT, abs=TOLERANCE)
+    assert sum(r.cost for r in records) > 0
+    by_source = Counter(r.usage_source for r in records)
+    assert got.by(P + "usage_source_total", "source") == {
+        (s.value,): float(by_source.get(s.value, 0)) for s in UsageSource
+    }
+    assert sum(by_source.values()) == len(records) == 10
+    assert by_source["generation"] >= 1  # the broken stream's cost was looked up
+    # The ledger bills what the emulator billed.
+    billed = sum((b.cost for b in stack.emulator.bills.values()), Decimal(0))
+    assert sum(spend.values()) == pytest.approx(float(billed), abs=TOLERANCE)
+    assert billed * MICRO_PER_CREDIT == sum(r.cost for r in records)
+
+    # Nothing in flight any more.
+    assert got.by(P + "inflight_requests", "team") == {(tm,): 0.0 for tm in TEAM_IDS}
+
+    # Budget gauges (after refresh_budget_gauges) equal GET /v1/key's budgets.
+    gauges = {
+        name: got.by(P + f"budget_{name}", "team", "period")
+        for name in (
+            "limit_credits",
+            "spent_credits",
+            "reserved_credits",
+            "remaining_credits",
+            "reset_timestamp_seconds",
+        )
+    }
+    expected_keys: set[tuple[str, ...]] = set()
+    for team, view in key_views.items():
+        for budget in view["budgets"]:
+            period = budget["period"]
+            expected_keys.add((team, period))
+            for field_name, gauge in (
+                ("limit", "limit_credits"),
+                ("spent", "spent_credits"),
+                ("reserved", "reserved_credits"),
+                ("remaining", "remaining_credits"),
+            ):
+                assert gauges[gauge][team, period] == pytest.approx(
+                    float(Decimal(str(budget[field_name]))), abs=TOLERANCE
+                ), (team, period, field_name)
+            resets = dt.datetime.fromisoformat(budget["resets_at"]).timestamp()
+            assert gauges["reset_timestamp_seconds"][team, period] == pytest.approx(resets)
+    assert expected_keys == {
+        ("search", "day"),
+        ("search", "month"),
+        ("broke", "day"),
+        ("shadow", "day"),
+    }
+    for values in gauges.values():
+        assert set(values) == expected_keys
+    assert gauges["spent_credits"]["search", "day"] > 0
+    assert gauges["reserved_credits"]["search", "day"] == 0
+
+    # Catalog, build.
+    age = got.value(P + "catalog_age_seconds")
+    assert age is not None
+    assert age >= 0
+    refreshed = got.value(P + "catalog_refreshes_total", result="success")
+    assert refreshed is not None
+    assert refreshed >= 1
+    assert got.value(P + "build_info", version=__version__) == 1.0
+    assert got.series(P + "build_info") == {frozenset({("version", __version__)}): 1.0}
+
+    # Histograms: overhead for every request sent upstream, TTFT for every first byte.
+    admitted = 10  # 2 plain + 4 streams + the 500 + rpm + conc + shadow
+    assert got.value(P + "overhead_seconds_count", route=CHAT) == admitted
+    assert got.by(P + "overhead_seconds_count", "route") == {(CHAT,): float(admitted)}
+    assert got.by(P + "time_to_first_token_seconds_count", "team", "model") == {
+        ("search", "gpt-5.5"): 5.0,  # 2 plain, 1 stream, 1 disconnected, 1 broken off
+        ("search", "claude-sonnet-4-6"): 1.0,
+        ("rpm", "gpt-5.5"): 1.0,
+        ("conc", "gpt-5.5"): 1.0,
+        ("shadow", "gpt-5.5"): 1.0,
+    }
+    durations = got.by(P + "request_duration_seconds_count", "team", "route", "stream")
+    assert sum(durations.values()) == sum(t.requests.values())
+    assert durations["search", CHAT, "true"] == 4.0
+
+
+async def test_store_unavailable_is_counted(stacks: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CLIPIA_TEST_DEAD_REDIS", "redis://127.0.0.1:1/0")
+    stack: Stack = await stacks(
+        store="{backend: redis, redis_url_env: CLIPIA_TEST_DEAD_REDIS, timeout_seconds: 0.5}"
+    )
+    async with aiohttp.ClientSession() as session:
+        for _ in range(2):
+            async with session.post(
+                f"{stack.base_url}/chat/completions", headers=stack.auth(), json=chat_body()
+            ) as reply:
+                assert reply.status == 503
+                assert b"quota_store_unavailable" in await reply.read()
+        got = await scrape(stack, session)
+    assert stack.chat_requests() == []
+    assert nonzero(got.by(P + "rejections_total", "team", "reason")) == {
+        ("search", "store_unavailable"): 2.0
+    }
+    assert got.by(P + "requests_total", "team", "model", "route", "code") == {
+        ("search", "gpt-5.5", CHAT, "503"): 2.0
+    }
+    assert got.value(P + "store_errors_total", on_error="fail_closed") == 2.0
+    assert got.by(P + "inflight_requests", "team") == {("search",): 0.0, ("research",): 0.0}
+    assert got.series(P + "overhead_seconds_count") == {}
