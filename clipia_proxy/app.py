@@ -46,6 +46,7 @@ from .keys import (
     METRICS,
     PRINCIPAL,
     QUOTAS,
+    STREAMS,
     TASKS,
     UPSTREAM,
 )
@@ -57,6 +58,7 @@ from .quotas.memory import MemoryStore
 from .quotas.service import QuotaService
 from .quotas.sqlite import SqliteStore
 from .quotas.store import Store, StoreUnavailable
+from .streaming import OpenStreams
 from .tasks import TaskRegistry
 from .upstream import UpstreamClient
 
@@ -124,6 +126,7 @@ def create_app(
     )
     attempts.append(lambda code: metrics.upstream_requests.labels(code).inc())
     app[METRICS] = metrics
+    app[STREAMS] = OpenStreams()
     app[QUOTAS] = quotas
     app[LEDGER] = ledger
     app[LIVE] = Live(config, today=today)

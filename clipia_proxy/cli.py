@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import secrets
 import sys
 from collections.abc import Coroutine, Sequence
@@ -45,13 +46,20 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    setup_logging(args.log_level)
     try:
         config = load_config(args.config)
     except ConfigError as exc:
+        setup_logging(args.log_level or "INFO")
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         return 1
+    setup_logging(
+        args.log_level or config.logging.level,
+        fmt=config.logging.format,
+        access_log=config.logging.access_log,
+    )
+    for warning in config.warnings:
+        logging.getLogger("clipia_proxy").warning("%s", warning)
     from .server import serve
 
     _run(serve(config, config_path=args.config))
@@ -151,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the gateway")
     serve.add_argument("--config", required=True, help="path to config.yaml")
-    serve.add_argument("--log-level", default="INFO")
+    serve.add_argument("--log-level", default=None, help="overrides logging.level")
     serve.set_defaults(func=_cmd_serve)
 
     check = commands.add_parser("check-config", help="validate a config file")

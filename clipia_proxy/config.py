@@ -35,6 +35,7 @@ __all__ = [
     "ConfigError",
     "KeyConfig",
     "LimitsConfig",
+    "LoggingConfig",
     "ModelsConfig",
     "Secret",
     "ServerConfig",
@@ -137,6 +138,15 @@ class AccountingConfig(msgspec.Struct, **_STRUCT):
     """A reservation's lease; renewed while a stream runs, so only a crashed replica's expire."""
 
 
+class LoggingConfig(msgspec.Struct, **_STRUCT):
+    """``logging``: level and format of every log line (access lines included)."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["json", "text"] = "json"
+    access_log: bool = True
+    """One line per request on the ``clipia_proxy.access`` logger (at INFO)."""
+
+
 class AuthConfig(msgspec.Struct, **_STRUCT):
     """``auth``: how a request's team is known."""
 
@@ -212,6 +222,7 @@ class Config(msgspec.Struct, **_STRUCT):
     store: StoreConfig = msgspec.field(default_factory=StoreConfig)
     accounting: AccountingConfig = msgspec.field(default_factory=AccountingConfig)
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
+    logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
     teams: tuple[TeamConfig, ...] = ()
     source: str = "<config>"
     """Where the config came from (a file name), for messages."""
@@ -263,6 +274,7 @@ _SECTIONS: Final[dict[str, type[msgspec.Struct]]] = {
     "store": StoreConfig,
     "accounting": AccountingConfig,
     "auth": AuthConfig,
+    "logging": LoggingConfig,
 }
 
 

@@ -34,6 +34,7 @@ from .keys import (
     METRICS,
     PRINCIPAL,
     QUOTAS,
+    STREAMS,
     TASKS,
     UPSTREAM,
 )
@@ -285,6 +286,7 @@ async def _forward(
 
             result = StreamResult(UsageTap())
             finished = False
+            token = app[STREAMS].add(response, result)
             try:
                 relayed, _ = await relay_stream(
                     request,
@@ -305,6 +307,7 @@ async def _forward(
                 )
                 finished = True
             finally:
+                app[STREAMS].discard(token)
                 if not finished:
                     # Cancelled: the shutdown grace period ran out mid-stream.
                     result.outcome = Outcome.TIMEOUT

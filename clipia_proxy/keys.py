@@ -17,6 +17,7 @@ if TYPE_CHECKING:  # the keys name these types in strings only (no import cycles
     from .live import Live  # noqa: F401
     from .metrics import Metrics  # noqa: F401
     from .quotas.service import QuotaService  # noqa: F401
+    from .streaming import OpenStreams  # noqa: F401
     from .tasks import TaskRegistry  # noqa: F401
     from .upstream import UpstreamClient  # noqa: F401
 
@@ -30,6 +31,7 @@ __all__ = [
     "METRICS",
     "PRINCIPAL",
     "QUOTAS",
+    "STREAMS",
     "TASKS",
     "UPSTREAM",
 ]
@@ -46,6 +48,8 @@ QUOTAS: Final = web.AppKey["QuotaService"]("quotas")
 METRICS: Final = web.AppKey["Metrics"]("metrics")
 """Every Prometheus metric of the app (served on the admin port)."""
 LEDGER: Final = web.AppKey["Ledger"]("ledger")
+STREAMS: Final = web.AppKey["OpenStreams"]("streams")
+"""Streams being relayed; shutdown ends them cleanly when its grace period runs out."""
 """Settlement rules and crash reconciliation."""
 GENERATIONS: Final = web.AppKey["LRUCache[str, str]"]("generations")
 """Upstream generation id -> the team that created it (bounded; the ledger replaces it)."""

@@ -16,7 +16,14 @@ from typing import Any, Final
 
 import msgspec
 
-__all__ = ["JsonFormatter", "RedactingFilter", "access_fields", "redact", "setup_logging"]
+__all__ = [
+    "JsonFormatter",
+    "RedactingFilter",
+    "TextFormatter",
+    "access_fields",
+    "redact",
+    "setup_logging",
+]
 
 _SECRET_RE: Final = re.compile(
     r"(?i:\bbearer|\bkey)\s+[A-Za-z0-9._~+/=-]{12,}"
@@ -70,10 +77,27 @@ class JsonFormatter(logging.Formatter):
         return _ENCODER.encode(payload).decode()
 
 
-def setup_logging(level: str = "INFO", *, stream: Any = None) -> logging.Handler:
-    """Send every log record to ``stream`` (stderr) as redacted JSON lines; return the handler."""
+class TextFormatter(logging.Formatter):
+    """A human-readable line: time, level, logger, message, then the extra fields as JSON."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        """Return the line (fields appended as one JSON object; newlines escaped)."""
+        line = super().format(record).replace("\n", "\\n")
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            line += " " + _ENCODER.encode(fields).decode()
+        return line
+
+
+def setup_logging(
+    level: str = "INFO", *, stream: Any = None, fmt: str = "json", access_log: bool = True
+) -> logging.Handler:
+    """Send every log record to ``stream`` (stderr), redacted, one line each; return the handler."""
     handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(JsonFormatter())
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler.addFilter(RedactingFilter())
     root = logging.getLogger()
     for existing in list(root.handlers):
@@ -81,6 +105,7 @@ def setup_logging(level: str = "INFO", *, stream: Any = None) -> logging.Handler
     root.addHandler(handler)
     root.setLevel(level.upper())
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    ACCESS_LOGGER.disabled = not access_log
     return handler
 
 

@@ -21,12 +21,15 @@ from aiohttp import web
 
 from .app import apply_config, create_admin_app, create_app
 from .config import Config, Secret
-from .keys import HEALTH, LIVE, METRICS, TASKS
+from .keys import HEALTH, LIVE, METRICS, STREAMS, TASKS
 from .reload import Reloader
+from .streaming import OpenStreams
 
 __all__ = ["Running", "serve", "start"]
 
 _LOGGER: Final = logging.getLogger(__name__)
+_CUT_MARGIN_SECONDS: Final = 1.0
+"""Open streams are ended this long before the grace period's end, leaving time to settle."""
 _BACKLOG: Final = 1024
 """Listen backlog: aiohttp's default (128) drops bursts of new connections, which then wait
 for TCP's one-second retransmit."""
@@ -51,10 +54,26 @@ class Running:
         """Reloads the config file (SIGHUP, file change); None without a config file."""
 
     async def stop(self) -> None:
-        """Drain and stop: readiness off, sockets closed, in-flight work given the grace period."""
+        """Drain and stop: readiness off, sockets closed, in-flight work given the grace period.
+
+        Streams still open shortly before the grace period ends are cut cleanly (an SSE error
+        event, then the end of the body) so they are settled rather than cancelled.
+        """
         self.app[HEALTH].is_draining = True
-        await self.data_runner.cleanup()
+        grace = self.app[LIVE].config.server.shutdown_grace_seconds
+        margin = min(_CUT_MARGIN_SECONDS, grace / 4)
+        streams = self.app[STREAMS]
+        cut = asyncio.get_running_loop().call_later(max(grace - margin, 0.0), self._cut, streams)
+        try:
+            await self.data_runner.cleanup()
+        finally:
+            cut.cancel()
         await self.admin_runner.cleanup()
+
+    @staticmethod
+    def _cut(streams: OpenStreams) -> None:
+        if count := streams.cut_all():
+            _LOGGER.warning("shutdown grace ran out: ending %d open stream(s)", count)
 
 
 def _bound_port(runner: web.AppRunner) -> int:

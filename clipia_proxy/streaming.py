@@ -30,7 +30,7 @@ from aiohttp import web
 from .quotas.model import Outcome
 from .sse import UsageChunkFilter, UsageTap, sse_error_event
 
-__all__ = ["Outcome", "StreamResult", "relay_stream"]
+__all__ = ["OpenStreams", "Outcome", "StreamResult", "relay_stream"]
 
 _LOGGER: Final = logging.getLogger(__name__)
 _STREAM_TERMINATOR: Final = b"\n\n"
@@ -40,14 +40,47 @@ _STREAM_TERMINATOR: Final = b"\n\n"
 class StreamResult:
     """What the relay learnt: the tap, the outcome and the time to first byte."""
 
-    __slots__ = ("first_byte_at", "outcome", "tap", "upstream_done_at")
+    __slots__ = ("cut_for_shutdown", "first_byte_at", "outcome", "tap", "upstream_done_at")
 
     def __init__(self, tap: UsageTap) -> None:
         self.tap: Final = tap
         self.outcome = Outcome.COMPLETED
+        self.cut_for_shutdown = False
+        """Set when shutdown's grace period ran out while this stream was open."""
         self.first_byte_at: float | None = None
         self.upstream_done_at: float | None = None
         """perf_counter when the upstream body ended (or broke)."""
+
+
+class OpenStreams:
+    """The streams being relayed, so shutdown can end them cleanly at its deadline."""
+
+    def __init__(self) -> None:
+        self._open: dict[int, tuple[aiohttp.ClientResponse, StreamResult]] = {}
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def add(self, upstream: aiohttp.ClientResponse, result: StreamResult) -> int:
+        """Register a stream; return the token for ``discard``."""
+        token = id(result)
+        self._open[token] = (upstream, result)
+        return token
+
+    def discard(self, token: int) -> None:
+        """Forget a finished stream."""
+        self._open.pop(token, None)
+
+    def cut_all(self) -> int:
+        """End every open stream: its relay writes an error event and returns; return how many.
+
+        Closing the upstream response makes the relay's pending read fail, so the handler still
+        finishes normally (error event, end of body, settlement) instead of being cancelled.
+        """
+        for upstream, result in list(self._open.values()):
+            result.cut_for_shutdown = True
+            upstream.close()
+        return len(self._open)
 
 
 async def relay_stream(
@@ -104,10 +137,14 @@ async def relay_stream(
             break
         except aiohttp.ClientError:
             if client_alive:
-                result.outcome = Outcome.UPSTREAM_ERROR
+                result.outcome = (
+                    Outcome.TIMEOUT if result.cut_for_shutdown else Outcome.UPSTREAM_ERROR
+                )
             break
         if not chunk:
-            if not tap.saw_done and client_alive:
+            if result.cut_for_shutdown and client_alive:
+                result.outcome = Outcome.TIMEOUT
+            elif not tap.saw_done and client_alive:
                 result.outcome = Outcome.UPSTREAM_ERROR
             break
         if result.first_byte_at is None:
@@ -150,7 +187,10 @@ async def _finish(
         else:
             # Held-back bytes are an incomplete event: dropping them is safer than relaying a
             # fragment that would merge with the error event.
-            if result.outcome is Outcome.UPSTREAM_ERROR:
+            if result.cut_for_shutdown:
+                message = "The gateway is shutting down and its grace period ran out."
+                code = "draining"
+            elif result.outcome is Outcome.UPSTREAM_ERROR:
                 message, code = "The upstream stream was interrupted.", "upstream_unavailable"
             else:
                 message, code = "The upstream stream stalled and was cut.", "upstream_timeout"

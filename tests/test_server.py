@@ -122,3 +122,49 @@ async def test_sigterm_lets_streams_finish_and_exits_zero(
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def test_streams_past_the_grace_period_end_cleanly_and_are_settled(
+    tmp_path: Path, emulator: tuple[EmulatorState, str, str]
+) -> None:
+    state, base_url, clipia_key = emulator
+    team_key = generate_key()
+    process, port, _admin_port, _lines = await _start_serve(
+        tmp_path, base_url, clipia_key, team_key, grace=1.5
+    )
+    try:
+        # About six seconds of stream: far longer than the 1.5 s grace period.
+        state.push_fault(Fault(chunk_gap=0.2))
+        async with aiohttp.ClientSession() as session:
+            stream = await session.post(
+                f"http://127.0.0.1:{port}/v1/chat/completions",
+                headers={"Authorization": f"Bearer {team_key}"},
+                json={
+                    "model": "gpt-5.5",
+                    "stream": True,
+                    "messages": [{"role": "user", "content": "tell me a very long story"}],
+                },
+            )
+            assert stream.status == 200
+            first = await stream.content.readany()
+            process.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(10):
+                body = first + await stream.content.read()
+        assert b"data: [DONE]" not in body
+        assert body.rstrip().endswith(b"}")
+        assert b'"code":"draining"' in body
+        async with asyncio.timeout(15):
+            assert await process.wait() == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    rows = await asyncio.to_thread(_ledger_rows, tmp_path / "ledger.db")
+    assert rows == [("settled", "timeout")]
+
+
+def _ledger_rows(path: Path) -> list[tuple[str, str]]:
+    import sqlite3
+
+    with sqlite3.connect(path) as db:
+        return [(str(a), str(b)) for a, b in db.execute("SELECT state, outcome FROM ledger")]
