@@ -319,7 +319,7 @@ def test_grace_is_derived_from_shutdown_grace_seconds(chart: Chart) -> None:
     assert spec["terminationGracePeriodSeconds"] == 5 + 41 + 10
 
 
-def test_checksums_roll_pods_on_config_and_secret_changes(chart: Chart) -> None:
+def test_checksums_roll_pods_on_restart_only_config_and_secret_changes(chart: Chart) -> None:
     def annotations(values: dict[str, Any]) -> dict[str, str]:
         deployment = find(_render(chart, values).docs, "Deployment")
         result: dict[str, str] = deployment["spec"]["template"]["metadata"]["annotations"]
@@ -330,9 +330,15 @@ def test_checksums_roll_pods_on_config_and_secret_changes(chart: Chart) -> None:
     new_key = annotations({"clipia": {"apiKey": "test-rotated-clipia-key"}})
     assert new_key["checksum/secret"] != base["checksum/secret"]
     assert new_key["checksum/config"] == base["checksum/config"]
+    # Team policy is hot-reloaded from the mounted ConfigMap: no rollout.
     new_team = annotations({**API_KEY, "config": {"teams": [{"id": "search"}]}})
-    assert new_team["checksum/config"] != base["checksum/config"]
+    assert new_team["checksum/config"] == base["checksum/config"]
     assert new_team["checksum/secret"] == base["checksum/secret"]
+    # A restart-only setting rolls the pods.
+    new_timeout = annotations(
+        {**API_KEY, "config": {"upstream": {"first_byte_timeout_seconds": 30}}}
+    )
+    assert new_timeout["checksum/config"] != base["checksum/config"]
 
 
 def test_sqlite_keeps_one_writer_on_a_volume(ci: dict[str, Rendered]) -> None:

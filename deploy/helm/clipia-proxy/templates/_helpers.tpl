@@ -324,7 +324,7 @@ Sidecar mode, for app charts. With this chart as a dependency, pass the subchart
 
 {{/* Rolls the app pods when the gateway's config or the chart's Secret changes. */}}
 {{- define "clipia-proxy.sidecarPodAnnotations" -}}
-checksum/clipia-proxy-config: {{ include "clipia-proxy.config" . | sha256sum }}
+checksum/clipia-proxy-config: {{ include "clipia-proxy.restartConfig" . | sha256sum }}
 checksum/clipia-proxy-secret: {{ include "clipia-proxy.secretData" . | sha256sum }}
 {{- end }}
 
@@ -418,3 +418,12 @@ Refuse values that cannot work, listing every problem at once.
 {{- fail (printf "\n\nclipia-proxy: invalid values:\n  - %s\n" (join "\n  - " $problems)) }}
 {{- end }}
 {{- end }}
+
+{{/*
+The config sections a hot reload cannot apply (server, upstream, store): their checksum rolls
+the pods; everything else reaches running pods through the mounted ConfigMap and the reload.
+*/}}
+{{- define "clipia-proxy.restartConfig" -}}
+{{- $config := include "clipia-proxy.config" . | fromYaml -}}
+{{- pick $config "server" "upstream" "store" | toYaml -}}
+{{- end -}}
