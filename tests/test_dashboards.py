@@ -27,7 +27,7 @@ from clipia_proxy.metrics import BudgetSnapshot, Metrics
 
 ROOT: Final = Path(__file__).resolve().parent.parent
 DASHBOARD: Final = ROOT / "deploy" / "grafana" / "clipia-proxy.json"
-OPERATIONS: Final = ROOT / "docs" / "operations.md"
+OPERATIONS: Final = ROOT / "README.md"
 RULES: Final = ROOT / "deploy" / "prometheus" / "clipia-proxy-rules.yaml"
 CHART_RULES: Final = ROOT / "deploy" / "helm" / "clipia-proxy" / "files" / "clipia-proxy-rules.yaml"
 PREFIX: Final = "clipia_proxy_"
