@@ -124,7 +124,7 @@ def create_app(
         store_errors=lambda: quotas.store_errors,
         models=catalog.model_ids,
     )
-    attempts.append(lambda code: metrics.upstream_requests.labels(code).inc())
+    attempts.append(lambda code: metrics.child(metrics.upstream_requests, code).inc())
     app[METRICS] = metrics
     app[STREAMS] = OpenStreams()
     app[QUOTAS] = quotas
@@ -356,11 +356,13 @@ def _observe(request: web.Request, info: RequestInfo, rejection: str | None) -> 
         metrics.record_rejection(info.team, rejection)
     if info.upstream_sent is not None:
         after = now - info.upstream_done if info.upstream_done is not None else 0.0
-        metrics.overhead.labels(metrics.route(route)).observe(
+        metrics.child(metrics.overhead, metrics.route(route)).observe(
             info.upstream_sent - info.started + after
         )
     if info.ttft is not None and info.model is not None:
-        metrics.ttft.labels(metrics.team(info.team), metrics.model(info.model)).observe(info.ttft)
+        metrics.child(metrics.ttft, metrics.team(info.team), metrics.model(info.model)).observe(
+            info.ttft
+        )
 
 
 def _status_error(status: int) -> ProxyError:
@@ -399,7 +401,8 @@ async def _identity_middleware(request: web.Request, handler: _Handler) -> web.S
     info = request[INFO]
     info.team = principal.team
     info.key_id = principal.key_id
-    inflight = request.app[METRICS].inflight.labels(principal.team)
+    metrics = request.app[METRICS]
+    inflight = metrics.child(metrics.inflight, metrics.team(principal.team))
     inflight.inc()
     try:
         return await handler(request)

@@ -318,8 +318,10 @@ async def _forward(
                 flight.usage_from_stream = True
                 flight.upstream_id = tap.upstream_id
                 info.upstream_done = result.upstream_done_at
-                app[METRICS].stream_terminations.labels(
-                    app[METRICS].team(info.team), result.outcome.value
+                app[METRICS].child(
+                    app[METRICS].stream_terminations,
+                    app[METRICS].team(info.team),
+                    result.outcome.value,
                 ).inc()
             info.outcome = result.outcome.value
             info.upstream_id = tap.upstream_id

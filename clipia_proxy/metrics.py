@@ -15,10 +15,11 @@ import datetime as dt
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from decimal import Decimal
-from typing import Final
+from typing import Any, Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.metrics import MetricWrapperBase as _Labelled
 from prometheus_client.registry import Collector
 
 __all__ = ["REJECTION_REASONS", "Metrics"]
@@ -183,6 +184,7 @@ class Metrics:
         self.usage_sources = usage_sources
         self.store_errors = store_errors
         self._catalog_models = models
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.budgets: dict[tuple[str, str], BudgetSnapshot] = {}
         """(team, period) -> numbers; replaced by ``set_budgets``."""
         r = self.registry
@@ -266,6 +268,18 @@ class Metrics:
             for reason in STREAM_REASONS:
                 self.stream_terminations.labels(team=team, reason=reason)
 
+    def child(self, metric: _Labelled, *labels: str) -> Any:
+        """Return ``metric.labels(*labels)``, cached: the hot path skips prometheus' lock.
+
+        Safe to cache because every label value is bounded (see the module docstring).
+        """
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = metric.labels(*labels)
+            self._children[key] = found
+        return found
+
     # -- label bounding ---------------------------------------------------------------------
     def team(self, team: str | None) -> str:
         """Return the label for a team: configured ids only, else ``unknown``."""
@@ -294,6 +308,7 @@ class Metrics:
                     if labels[0] == gone:
                         metric.remove(*labels)
             self.budgets = {k: v for k, v in self.budgets.items() if k[0] != gone}
+        self._children.clear()
         self._teams = new
         self._init_team_series(new)
 
@@ -314,9 +329,9 @@ class Metrics:
     ) -> None:
         """Count one answered request and its duration."""
         team_label, route_label = self.team(team), self.route(route)
-        self.requests.labels(team_label, self.model(model), route_label, str(code)).inc()
-        self.request_duration.labels(
-            team_label, route_label, "true" if stream else "false"
+        self.child(self.requests, team_label, self.model(model), route_label, str(code)).inc()
+        self.child(
+            self.request_duration, team_label, route_label, "true" if stream else "false"
         ).observe(duration)
 
     def record_rejection(self, team: str, reason: str) -> None:
@@ -330,13 +345,13 @@ class Metrics:
         """Count settled spend and tokens."""
         team_label, model_label = self.team(team), self.model(model)
         if cost:
-            self.spend.labels(team_label, model_label).inc(float(cost))
+            self.child(self.spend, team_label, model_label).inc(float(cost))
         else:
-            self.spend.labels(team_label, model_label)
+            self.child(self.spend, team_label, model_label)
         if prompt_tokens:
-            self.tokens.labels(team_label, model_label, "prompt").inc(prompt_tokens)
+            self.child(self.tokens, team_label, model_label, "prompt").inc(prompt_tokens)
         if completion_tokens:
-            self.tokens.labels(team_label, model_label, "completion").inc(completion_tokens)
+            self.child(self.tokens, team_label, model_label, "completion").inc(completion_tokens)
 
 
 def resets_timestamp(resets_at: dt.datetime | None) -> float | None:
