@@ -87,6 +87,8 @@ class Settings:
     """Also measure the bare aiohttp pass-through (:mod:`bench.passthrough`)."""
     profile_gateway: Path | None
     """Run the gateway under cProfile and write its stats here (slows the gateway down)."""
+    gateway_log_level: str = "WARNING"
+    """INFO writes one access line per request (to the gateway's log file)."""
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[Settings, Path | None]:
@@ -134,6 +136,11 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, Path | None]:
     )
     parser.add_argument("--keep-logs", action="store_true", help="keep the children's logs")
     parser.add_argument(
+        "--gateway-log-level",
+        default="WARNING",
+        help="the gateway's log level (INFO turns the per-request access line on)",
+    )
+    parser.add_argument(
         "--profile-gateway",
         type=Path,
         default=None,
@@ -160,6 +167,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, Path | None]:
         litellm_python=str(args.litellm_python or python()),
         keep_logs=bool(args.keep_logs),
         store=args.store,
+        gateway_log_level=args.gateway_log_level,
         passthrough=bool(args.passthrough),
         profile_gateway=args.profile_gateway,
     )
@@ -438,7 +446,7 @@ class Bench:
                 "--config",
                 str(config),
                 "--log-level",
-                "WARNING",
+                s.gateway_log_level,
             ]
             if s.profile_gateway is not None:
                 serve = ["-m", "cProfile", "-o", str(s.profile_gateway.resolve()), *serve]
@@ -693,6 +701,7 @@ class Bench:
                 "max_seconds_per_run": s.max_seconds,
                 "model": MODEL,
                 "gateway_store": s.store or "default (sqlite in the run's temp dir)",
+                "gateway_log_level": s.gateway_log_level,
                 "client_event_loop": type(asyncio.get_running_loop()).__module__,
             },
             notes=self.notes,
