@@ -12,7 +12,7 @@ from typing import Any
 
 from . import __version__
 from .auth import generate_key, hash_key
-from .config import ConfigError, load_config
+from .config import Config, ConfigError, load_config
 from .logs import setup_logging
 
 __all__ = ["main"]
@@ -28,12 +28,19 @@ def _run(coro: Coroutine[Any, Any, None]) -> None:
         asyncio.run(coro)
 
 
-def _cmd_check_config(args: argparse.Namespace) -> int:
+def _load(path: str, *, resolve_secrets: bool) -> Config | None:
+    """Load a config, or print every problem (one line each) and return None."""
     try:
-        config = load_config(args.path, resolve_secrets=False)
+        return load_config(path, resolve_secrets=resolve_secrets)
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
+        return None
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    config = _load(args.path, resolve_secrets=False)
+    if config is None:
         return 1
     for warning in config.warnings:
         print(f"warning: {warning}", file=sys.stderr)
@@ -46,12 +53,8 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        setup_logging(args.log_level or "INFO")
-        for problem in exc.problems:
-            print(problem, file=sys.stderr)
+    config = _load(args.config, resolve_secrets=True)
+    if config is None:
         return 1
     setup_logging(
         args.log_level or config.logging.level,
@@ -67,11 +70,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    try:
-        config = load_config(args.config, resolve_secrets=False)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(problem, file=sys.stderr)
+    config = _load(args.config, resolve_secrets=False)
+    if config is None:
         return 1
     import datetime as dt
     import time

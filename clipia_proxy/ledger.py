@@ -64,6 +64,18 @@ class _GenerationCost(msgspec.Struct, frozen=True):
     prompt_tokens: int
     completion_tokens: int
 
+    def settlement(self, outcome: Outcome, upstream_id: str | None, now: float) -> Settlement:
+        """Return the settlement this generation record gives."""
+        return Settlement(
+            cost=self.cost,
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            usage_source=UsageSource.GENERATION,
+            outcome=outcome,
+            upstream_id=upstream_id,
+            now=now,
+        )
+
 
 class Ledger:
     """Settlement rules over a QuotaService (which owns the store)."""
@@ -113,15 +125,7 @@ class Ledger:
                 now=now,
             )
         if generation is not None:
-            return Settlement(
-                cost=generation.cost,
-                prompt_tokens=generation.prompt_tokens,
-                completion_tokens=generation.completion_tokens,
-                usage_source=UsageSource.GENERATION,
-                outcome=flight.outcome,
-                upstream_id=flight.upstream_id,
-                now=now,
-            )
+            return generation.settlement(flight.outcome, flight.upstream_id, now)
         if (
             usage is not None
             and usage.prompt_tokens is not None
@@ -223,18 +227,11 @@ class Ledger:
         if record.upstream_id:
             generation = await self.generation_cost(record.upstream_id)
             if generation is not None:
-                return Settlement(
-                    cost=generation.cost,
-                    prompt_tokens=generation.prompt_tokens,
-                    completion_tokens=generation.completion_tokens,
-                    usage_source=UsageSource.GENERATION,
-                    outcome=Outcome.CRASHED,
-                    upstream_id=record.upstream_id,
-                    now=now,
-                )
+                return generation.settlement(Outcome.CRASHED, record.upstream_id, now)
         return Settlement(
             cost=Micro(record.reserved),
-            prompt_tokens=0,
+            # The worst-case tokens reserved at admission stand in for the unknown real ones.
+            prompt_tokens=record.tokens_reserved,
             completion_tokens=0,
             usage_source=UsageSource.RESERVED,
             outcome=Outcome.CRASHED,

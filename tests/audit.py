@@ -175,7 +175,7 @@ async def audit_stores(
         elif source in _BOUNDED_SOURCES:
             if record.cost < bill.cost:
                 problems.append(f"undercharged (bill {bill.cost}): {_describe(record)}")
-            if record.prompt_tokens <= 0 and record.outcome is not Outcome.CRASHED:
+            if record.prompt_tokens <= 0:
                 problems.append(f"charged with 0 prompt tokens: {_describe(record)}")
         else:
             problems.append(f"served but settled from {source!r}: {_describe(record)}")
