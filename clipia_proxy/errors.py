@@ -216,6 +216,10 @@ class Draining(ProxyError):
     type = "api_error"
     code = "draining"
 
+    def headers(self) -> dict[str, str]:
+        """Also close the connection: the client's next request should go to another replica."""
+        return {**super().headers(), "Connection": "close"}
+
 
 class UpstreamTimeout(ProxyError):
     """Raised when Clipia sends no first byte within ``first_byte_timeout_seconds``."""

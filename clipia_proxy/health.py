@@ -31,6 +31,9 @@ class Health:
         self._catalog_is_warm = catalog_is_warm
         self._store_is_reachable = store_is_reachable
         self._draining = asyncio.Event()
+        self._active = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     @property
     def is_draining(self) -> bool:
@@ -43,6 +46,23 @@ class Health:
             self._draining.set()
         else:
             self._draining.clear()
+
+    def enter(self) -> None:
+        """Count a request being served (not a refusal)."""
+        self._active += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        """Count a served request's end."""
+        self._active -= 1
+        if self._active == 0:
+            self._idle.set()
+
+    async def wait_idle(self, seconds: float) -> bool:
+        """Wait up to ``seconds`` until no request is being served; return whether it is so."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), seconds)
+        return self._idle.is_set()
 
     async def pause(self, seconds: float) -> bool:
         """Sleep up to ``seconds``, waking at once when draining starts; return ``is_draining``."""

@@ -30,6 +30,8 @@ __all__ = ["Running", "serve", "start"]
 _LOGGER: Final = logging.getLogger(__name__)
 _CUT_MARGIN_SECONDS: Final = 1.0
 """Open streams are ended this long before the grace period's end, leaving time to settle."""
+_FINAL_WAIT_SECONDS: Final = 1.0
+"""After the grace period (work drained or streams cut), how long aiohttp waits for the rest."""
 _BACKLOG: Final = 1024
 """Listen backlog: aiohttp's default (128) drops bursts of new connections, which then wait
 for TCP's one-second retransmit."""
@@ -59,12 +61,18 @@ class Running:
         Streams still open shortly before the grace period ends are cut cleanly (an SSE error
         event, then the end of the body) so they are settled rather than cancelled.
         """
-        self.app[HEALTH].is_draining = True
+        health = self.app[HEALTH]
+        health.is_draining = True
+        loop = asyncio.get_running_loop()
         grace = self.app[LIVE].config.server.shutdown_grace_seconds
         margin = min(_CUT_MARGIN_SECONDS, grace / 4)
         streams = self.app[STREAMS]
-        cut = asyncio.get_running_loop().call_later(max(grace - margin, 0.0), self._cut, streams)
+        cut = loop.call_later(max(grace - margin, 0.0), self._cut, streams)
         try:
+            # Keep listening while in-flight work finishes: a late request gets a clean 503
+            # ``draining`` (with Connection: close) instead of a refused connection.
+            await health.wait_idle(grace)
+            # aiohttp then closes the sockets and gives stragglers _FINAL_WAIT_SECONDS.
             await self.data_runner.cleanup()
         finally:
             cut.cancel()
@@ -95,12 +103,11 @@ async def start(
     """
     app = create_app(config, api_key=api_key)
     admin = create_admin_app(app)
-    grace = config.server.shutdown_grace_seconds
     host = config.server.host
     admin_runner = web.AppRunner(admin, access_log=None, shutdown_timeout=1.0)
     await admin_runner.setup()
     await web.TCPSite(admin_runner, host, config.server.admin_port, backlog=_BACKLOG).start()
-    data_runner = web.AppRunner(app, access_log=None, shutdown_timeout=grace)
+    data_runner = web.AppRunner(app, access_log=None, shutdown_timeout=_FINAL_WAIT_SECONDS)
     await data_runner.setup()  # start-up work: store, reconciliation, catalog warm-up
     await web.TCPSite(data_runner, host, config.server.port, backlog=_BACKLOG).start()
     reloader = None

@@ -81,6 +81,13 @@ async def test_sigterm_lets_streams_finish_and_exits_zero(
         tmp_path, base_url, clipia_key, team_key, grace=10
     )
     try:
+        chat_url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        auth = {"Authorization": f"Bearer {team_key}"}
+        plain = {"model": "gpt-5.5", "messages": [{"role": "user", "content": "hi"}]}
+        # A second client with an idle keep-alive connection, used again after SIGTERM.
+        other = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1))
+        async with other.post(chat_url, headers=auth, json=plain) as warm:
+            assert warm.status == 200
         # A stream that needs about a second: 0.05 s between events.
         state.push_fault(Fault(chunk_gap=0.05))
         async with aiohttp.ClientSession() as session:
@@ -107,6 +114,21 @@ async def test_sigterm_lets_streams_finish_and_exits_zero(
                             assert "draining" in (await ready.json())["problems"]
                             break
                     await asyncio.sleep(0.02)
+            # New work is refused cleanly while the stream finishes: 503 draining (and the
+            # connection closed), on a kept-alive connection and on a new one alike.
+            try:
+                async with other.post(chat_url, headers=auth, json=plain) as late:
+                    assert late.status == 503
+                    assert late.headers["Connection"] == "close"
+                    assert (await late.json())["error"]["code"] == "draining"
+            finally:
+                await other.close()
+            async with (
+                aiohttp.ClientSession() as fresh,
+                fresh.post(chat_url, headers=auth, json=plain) as late,
+            ):
+                assert late.status == 503
+                assert (await late.json())["error"]["code"] == "draining"
             rest = await stream.content.read()
             body = first + rest
             assert body.endswith(b"data: [DONE]\n\n")
@@ -118,6 +140,10 @@ async def test_sigterm_lets_streams_finish_and_exits_zero(
         assert code == 0, tail
         assert "clipia-proxy stopped" in tail
         assert clipia_key not in "".join(lines) + tail
+        # Every request that reached Clipia is settled in the ledger, exactly once.
+        rows = await asyncio.to_thread(_ledger_rows, tmp_path / "ledger.db")
+        assert sorted(rows) == [("settled", "completed"), ("settled", "completed")]
+        assert len(state.bills) == 2
     finally:
         if process.returncode is None:
             process.kill()

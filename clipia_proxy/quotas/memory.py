@@ -49,6 +49,8 @@ class MemoryEngine:
         self._reserved: dict[tuple[str, str], int] = {}
         self._rates: dict[str, deque[_RateEntry]] = {}
         self._rate_index: dict[str, _RateEntry] = {}
+        self._rate_tokens: dict[str, int] = {}
+        """Team -> tokens in its 60-second log (kept in step with it: O(1) TPM checks)."""
 
     # -- state loading (sqlite start-up) -------------------------------------------------
     def load(self, record: LedgerRecord, now: float) -> None:
@@ -108,12 +110,14 @@ class MemoryEngine:
         while log and log[0].at <= horizon:
             entry = log.popleft()
             self._rate_index.pop(entry.request_id, None)
+            self._rate_tokens[team] -= entry.tokens
         return log
 
     def _log_rate(self, team: str, at: float, request_id: str, tokens: int) -> None:
         entry = _RateEntry(at, request_id, tokens)
         self._rates.setdefault(team, deque()).append(entry)
         self._rate_index[request_id] = entry
+        self._rate_tokens[team] = self._rate_tokens.get(team, 0) + tokens
 
     # -- the operations -------------------------------------------------------------------
     def reserve(self, request: ReserveRequest) -> ReserveResult:
@@ -143,14 +147,14 @@ class MemoryEngine:
                 used=requests_used,
                 retry_after=max(wait, 0.001),
             )
-        tokens_used = sum(entry.tokens for entry in log) if limits.tpm is not None else 0
+        tokens_used = self._rate_tokens.get(team, 0)
         if refusal is None and limits.tpm is not None and tokens_used + request.tokens > limits.tpm:
             refusal = ReserveResult(
                 admitted=False,
                 reason=Reason.TPM,
                 limit=limits.tpm,
                 used=tokens_used,
-                retry_after=self._tpm_wait(log, limits.tpm, request.tokens, now),
+                retry_after=self._tpm_wait(log, limits.tpm, request.tokens, now, tokens_used),
             )
         tightest: tuple[int, Period] | None = None
         for period, key in request.periods.items():
@@ -199,10 +203,9 @@ class MemoryEngine:
         )
 
     @staticmethod
-    def _tpm_wait(log: deque[_RateEntry], limit: int, tokens: int, now: float) -> float:
+    def _tpm_wait(log: deque[_RateEntry], limit: int, tokens: int, now: float, total: int) -> float:
         if tokens > limit:
             return RATE_WINDOW_SECONDS
-        total = sum(entry.tokens for entry in log)
         for entry in log:
             total -= entry.tokens
             if total + tokens <= limit:
@@ -220,6 +223,7 @@ class MemoryEngine:
             # Out of the log now: left in place it would count against RPM until older
             # entries ahead of it aged out (up to a minute). Rare path, O(window).
             self._rates[record.team].remove(entry)
+            self._rate_tokens[record.team] -= entry.tokens
 
     def settle(self, request_id: str, settlement: Settlement) -> LedgerRecord | None:
         """Apply a settlement once; return the updated record, or None if nothing changed."""
@@ -231,7 +235,9 @@ class MemoryEngine:
             self._add(self._spent, record.team, key, settlement.cost)
         entry = self._rate_index.get(request_id)
         if entry is not None:
-            entry.tokens = settlement.prompt_tokens + settlement.completion_tokens
+            actual = settlement.prompt_tokens + settlement.completion_tokens
+            self._rate_tokens[record.team] += actual - entry.tokens
+            entry.tokens = actual
         record.state = RecordState.SETTLED
         record.cost = settlement.cost
         record.prompt_tokens = settlement.prompt_tokens
@@ -266,7 +272,7 @@ class MemoryEngine:
     def rates(self, team: str, now: float) -> tuple[int, int]:
         """See ``Store.rates``."""
         log = self._window(team, now)
-        return len(log), sum(entry.tokens for entry in log)
+        return len(log), self._rate_tokens.get(team, 0)
 
     def owner_of(self, upstream_id: str) -> str | None:
         """See ``Store.owner_of`` (a scan: the memory backend is for tests and demos)."""
