@@ -1,10 +1,10 @@
 """Run the gateway: the data port and the admin port in one process, with a graceful stop.
 
 The admin port opens first (``/healthz`` answers during warm-up; ``/readyz`` says what is still
-missing). On SIGTERM (or SIGINT) ``/readyz`` turns 503 at once and new requests get 503
-``draining``; the listening sockets close, in-flight requests and streams get
-``server.shutdown_grace_seconds`` to finish (streams still open then end with an SSE error
-event and are settled), background work is drained, and ``serve`` returns (exit 0). SIGHUP,
+missing). On SIGTERM (or SIGINT) ``/readyz`` turns 503 at once; in-flight requests and streams
+get ``server.shutdown_grace_seconds`` to finish while the sockets stay open and new requests get
+503 ``draining`` (streams still open near the deadline end with an SSE error event and are
+settled); then the sockets close, background work is drained, and ``serve`` returns (exit 0). SIGHUP,
 or a change of the config file, reloads the config (see ``reload``).
 """
 
