@@ -79,6 +79,7 @@ curl -sN {base}/chat/completions \\
 
 curl -s {base}/models -H "Authorization: Bearer {key}"
 
+# with the openai package installed (pip install openai):
 python - <<'PY'
 from openai import OpenAI
 client = OpenAI(base_url="{base}", api_key="{key}")
