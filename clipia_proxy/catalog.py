@@ -27,7 +27,7 @@ import msgspec
 from .config import CatalogConfig
 from .errors import ProxyError, UpstreamUnavailable
 from .tasks import TaskRegistry
-from .upstream import UpstreamClient
+from .upstream import UpstreamClient, read_body
 from .wire import decode_json
 
 __all__ = ["Catalog", "CatalogEntry", "CatalogSnapshot", "parse_catalog"]
@@ -175,7 +175,7 @@ class Catalog:
             try:
                 if response.status != 200:
                     raise UpstreamUnavailable(f"catalog answered {response.status}")
-                body = await response.content.read(_MAX_CATALOG_BYTES + 1)
+                body = await read_body(response, _MAX_CATALOG_BYTES)
                 if len(body) > _MAX_CATALOG_BYTES:
                     raise UpstreamUnavailable("catalog larger than the gateway accepts")
             finally:

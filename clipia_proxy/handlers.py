@@ -44,7 +44,7 @@ from .quotas.estimate import PriceUnknown, estimate
 from .quotas.model import Outcome, credits
 from .sse import UsageTap
 from .streaming import StreamResult, relay_stream
-from .upstream import UpstreamClient, UpstreamNotSent, UpstreamRefused
+from .upstream import UpstreamClient, UpstreamNotSent, UpstreamRefused, read_body
 from .wire import Usage, decode_json, encode_json, parse_chat_request, usage_from_object
 
 __all__ = [
@@ -58,6 +58,7 @@ __all__ = [
 ]
 
 _MAX_UPSTREAM_BODY: Final = 64 * 1024 * 1024
+"""Bound on a non-streaming upstream answer held in memory (streams are never held)."""
 _MAX_ERROR_BODY: Final = 64 * 1024
 _JSON: Final = "application/json"
 _PASSED_THROUGH_ERROR_HEADERS: Final = ("Retry-After",)
@@ -332,13 +333,17 @@ async def _forward(
             return relayed
         # 7. Non-streaming: the upstream body as is.
         try:
-            data = await response.read()
+            data = await read_body(response, _MAX_UPSTREAM_BODY)
         except BaseException:
             flight.outcome = Outcome.UPSTREAM_ERROR
             raise
+        if len(data) > _MAX_UPSTREAM_BODY:
+            # Clipia answered more than any chat completion needs: not relayed, not parsed.
+            flight.outcome = Outcome.UPSTREAM_ERROR
+            raise UpstreamUnavailable("The upstream AI gateway sent an oversized answer.")
         info.upstream_done = time.perf_counter()
-        info.ttft = time.perf_counter() - info.started
-        info.outcome = Outcome.COMPLETED
+        info.ttft = info.upstream_done - info.started
+        info.outcome = Outcome.COMPLETED.value
         try:
             decoded = decode_json(data)
         except (msgspec.DecodeError, ValueError):
@@ -376,7 +381,7 @@ async def _pass_through_error(
     is replaced by an envelope of our own with the same status.
     """
     status = response.status
-    raw = await response.content.read(_MAX_ERROR_BODY)
+    raw = await read_body(response, _MAX_ERROR_BODY)
     type_, code = _CODE_BY_STATUS.get(status, ("api_error", "upstream_error"))
     body = error_body(f"The upstream AI gateway answered {status}.", type_=type_, code=code)
     if not upstream.mentions_key(raw):
@@ -495,7 +500,9 @@ async def generation(request: web.Request) -> web.Response:
     try:
         if response.status != 200:
             return await _pass_through_error(upstream, response)
-        payload = await response.content.read(_MAX_ERROR_BODY)
+        payload = await read_body(response, _MAX_ERROR_BODY)
+        if len(payload) > _MAX_ERROR_BODY:
+            raise UpstreamUnavailable("The upstream AI gateway sent an oversized answer.")
         return web.Response(body=payload, content_type=_JSON)
     finally:
         response.release()

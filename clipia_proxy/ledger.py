@@ -31,7 +31,7 @@ from .errors import ProxyError
 from .quotas.model import Micro, Outcome, Settlement, UsageSource, to_micro
 from .quotas.service import Admission, QuotaService
 from .quotas.store import LedgerRecord
-from .upstream import UpstreamClient
+from .upstream import UpstreamClient, read_body
 from .wire import Usage, decode_json
 
 __all__ = ["Flight", "Ledger"]
@@ -188,7 +188,7 @@ class Ledger:
                 return None
             try:
                 status = response.status
-                body = await response.content.read(_MAX_GENERATION_BODY)
+                body = await read_body(response, _MAX_GENERATION_BODY)
             except (aiohttp.ClientError, TimeoutError):
                 status, body = 0, b""
             finally:

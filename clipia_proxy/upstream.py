@@ -31,7 +31,13 @@ from . import __version__
 from .config import Secret, UpstreamConfig
 from .errors import UpstreamTimeout, UpstreamUnavailable
 
-__all__ = ["UpstreamClient", "UpstreamNotSent", "UpstreamRefused", "parse_retry_after"]
+__all__ = [
+    "UpstreamClient",
+    "UpstreamNotSent",
+    "UpstreamRefused",
+    "parse_retry_after",
+    "read_body",
+]
 
 
 class UpstreamNotSent(UpstreamUnavailable):
@@ -50,6 +56,23 @@ _LOGGER: Final = logging.getLogger(__name__)
 _RETRY_STATUSES: Final = frozenset({429, 500, 502, 503, 504, 529})
 _BACKOFF_BASE_SECONDS: Final = 0.1
 _KEY_REJECTED: Final = frozenset({401, 403})
+
+
+async def read_body(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """Read a response body to its end, but never more than ``limit`` + 1 bytes.
+
+    A result longer than ``limit`` means the body was larger (the rest is left unread).
+    ``StreamReader.read(n)`` alone returns whatever has arrived, not the whole body.
+    """
+    parts: list[bytes] = []
+    size = 0
+    while size <= limit:
+        chunk = await response.content.read(limit + 1 - size)
+        if not chunk:
+            break
+        parts.append(chunk)
+        size += len(chunk)
+    return b"".join(parts)
 
 
 def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:

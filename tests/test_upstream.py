@@ -525,3 +525,33 @@ async def test_outbound_headers_are_an_allow_list(
         assert headers["user-agent"].startswith("clipia-proxy/")
         assert record.key == stack.clipia_key
         assert stack.keys["search"] not in str(record.headers)
+
+
+async def test_read_body_reads_every_chunk_and_stops_at_the_limit() -> None:
+    from clipia_proxy.upstream import read_body
+
+    async def chunked(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        for index in range(50):
+            await response.write(b"%02d" % index)
+            await asyncio.sleep(0)  # separate TCP writes: the reader sees many chunks
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_get("/", chunked)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}/"
+    expected = b"".join(b"%02d" % index for index in range(50))
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(url) as response:
+                assert await read_body(response, 1000) == expected
+            async with session.get(url) as response:
+                capped = await read_body(response, 10)
+                assert capped == expected[:11]  # one byte past the limit says "too large"
+    finally:
+        await runner.cleanup()
