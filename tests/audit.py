@@ -360,7 +360,7 @@ async def start_cluster(
     emulator_rpm: int = 100_000,
 ) -> Cluster:
     """Start one emulator and ``replicas`` gateways in the running loop (loopback only)."""
-    clipia_key = "clipia_live_" + secrets.token_hex(16)
+    clipia_key = "clipia_live_" + secrets.token_urlsafe(24)
     state = EmulatorState(keys={clipia_key}, rpm=emulator_rpm)
     runner = web.AppRunner(create_emulator_app(state), access_log=None)
     await runner.setup()

@@ -107,7 +107,8 @@ async def start_stack(
     *, extra: str = "", teams: str | None = None, seed: int = 0, store: str | None = None
 ) -> Stack:
     """Start an emulator and a gateway in the running loop."""
-    clipia_key = "clipia_live_" + secrets.token_hex(16)
+    # base64url, not hex: an 8-character piece of it cannot match a hex id or a digit run.
+    clipia_key = "clipia_live_" + secrets.token_urlsafe(24)
     state = EmulatorState(seed=seed, keys={clipia_key})
     emulator_runner = web.AppRunner(create_emulator_app(state), access_log=None)
     await emulator_runner.setup()

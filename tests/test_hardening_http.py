@@ -223,7 +223,7 @@ async def start_stack_with(
     """Like conftest's ``start_stack``, but may change ``server`` fields (conftest fixes them)."""
     import secrets
 
-    clipia_key = "clipia_live_" + secrets.token_hex(16)
+    clipia_key = "clipia_live_" + secrets.token_urlsafe(24)  # no hex: see conftest
     state = EmulatorState(seed=0, keys={clipia_key})
     runner = web.AppRunner(create_emulator_app(state), access_log=None)
     await runner.setup()

@@ -65,7 +65,7 @@ class Env:
 
 @pytest.fixture
 async def env() -> AsyncIterator[Env]:
-    key = "clipia_live_" + secrets.token_hex(16)
+    key = "clipia_live_" + secrets.token_urlsafe(24)
     state = EmulatorState(seed=7, keys={key})
     runner = web.AppRunner(create_emulator_app(state), access_log=None)
     await runner.setup()

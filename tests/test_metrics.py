@@ -81,7 +81,7 @@ Labels = frozenset[tuple[str, str]]
 
 async def start_teams(teams: str, team_ids: Iterable[str], *, store: str | None = None) -> Stack:
     """Start an emulator and a gateway whose config has ``teams`` (one fresh key per team)."""
-    clipia_key = "clipia_live_" + secrets.token_hex(16)
+    clipia_key = "clipia_live_" + secrets.token_urlsafe(24)
     state = EmulatorState(seed=0, keys={clipia_key})
     runner = web.AppRunner(create_emulator_app(state), access_log=None)
     await runner.setup()

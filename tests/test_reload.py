@@ -69,7 +69,7 @@ class Reloadable:
 
 @pytest.fixture
 async def reloadable(tmp_path: Path) -> AsyncIterator[Reloadable]:
-    clipia_key = "clipia_live_" + secrets.token_hex(16)
+    clipia_key = "clipia_live_" + secrets.token_urlsafe(24)
     state = EmulatorState(keys={clipia_key}, rpm=100_000)
     runner = web.AppRunner(create_emulator_app(state), access_log=None)
     await runner.setup()

@@ -30,10 +30,16 @@ REFLECTED: list[Reply] = []
 """Replies that quote a client-chosen model name which was itself a secret (see below)."""
 
 
-def canaries(secret: str) -> set[str]:
-    """Every 8-character substring of ``secret`` that is not part of a public key prefix."""
-    found = {secret[i : i + 8] for i in range(len(secret) - 7)}
-    return {c for c in found if not any(c in prefix for prefix in PUBLIC_PREFIXES)}
+def canaries(secret: str, width: int = 8) -> set[str]:
+    """Every ``width``-character substring of ``secret`` that could only come from it.
+
+    Left out: pieces of a public key prefix, and runs of digits (timestamps, durations and
+    token counts fill logs and metrics with digits, so an 8-digit run matches by chance).
+    """
+    found = {secret[i : i + width] for i in range(len(secret) - width + 1)}
+    return {
+        c for c in found if not c.isdigit() and not any(c in prefix for prefix in PUBLIC_PREFIXES)
+    }
 
 
 def render(reply: Reply) -> str:
@@ -44,7 +50,9 @@ def render(reply: Reply) -> str:
 def hits(texts: list[str], secrets: dict[str, str]) -> list[str]:
     found: list[str] = []
     for label, secret in secrets.items():
-        pieces = canaries(secret)
+        # A key hash is hex, like request and generation ids: 8 hex characters would match
+        # thousands of random ids now and then, so a hash is sought by 16-character pieces.
+        pieces = canaries(secret, 16 if label.startswith("hash") else 8)
         assert len(pieces) >= 20
         for index, text in enumerate(texts):
             for piece in pieces:

@@ -23,7 +23,7 @@ _LISTENING = re.compile(r"listening on [^:]+:(\d+) \(admin (\d+)\)")
 
 @pytest.fixture
 async def emulator() -> AsyncIterator[tuple[EmulatorState, str, str]]:
-    key = "clipia_live_" + secrets.token_hex(16)
+    key = "clipia_live_" + secrets.token_urlsafe(24)
     state = EmulatorState(keys={key})
     runner = web.AppRunner(create_emulator_app(state), access_log=None)
     await runner.setup()

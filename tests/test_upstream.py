@@ -53,7 +53,7 @@ async def start_custom_stack(
     *, upstream: Mapping[str, object] | None = None, base_url: str | None = None
 ) -> Stack:
     """Start an emulator and a gateway whose ``upstream`` settings are ``upstream``."""
-    clipia_key = "clipia_live_" + secrets.token_hex(16)
+    clipia_key = "clipia_live_" + secrets.token_urlsafe(24)
     state = EmulatorState(seed=0, keys={clipia_key})
     emulator_runner = web.AppRunner(create_emulator_app(state), access_log=None)
     await emulator_runner.setup()

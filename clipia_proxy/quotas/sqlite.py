@@ -177,11 +177,15 @@ class _Worker:
             by_loop: dict[
                 asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]
             ] = {}
-            for call, ok, value in self._execute(batch):
+            try:
+                outcomes = self._execute(batch)
+            except Exception as exc:  # noqa: BLE001 - a bug must fail the calls, not the thread
+                outcomes = [(call, False, exc) for call in batch]
+            for call, ok, value in outcomes:
                 by_loop.setdefault(call.loop, []).append((call.future, ok, value))
-            for loop, outcomes in by_loop.items():
+            for loop, resolved in by_loop.items():
                 with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
-                    loop.call_soon_threadsafe(_resolve, outcomes)
+                    loop.call_soon_threadsafe(_resolve, resolved)
             if stop:
                 return
 
@@ -196,10 +200,29 @@ class _Worker:
                     results.append((call, False, exc))
         if not writes:
             return results
-        pending: list[tuple[_Call, bool, Any]] = []
-        db: sqlite3.Connection | None = None
         try:
             db = self._connection()
+        except sqlite3.Error as exc:
+            return results + [(call, False, exc) for call in writes]
+        # Fast path: every write in one transaction. Writes rarely fail; when one does, the
+        # batch is rolled back and replayed with a savepoint per write, so only it fails.
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            values = [call.fn(*call.args) for call in writes]
+            db.execute("COMMIT")
+        except sqlite3.Error:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+        else:
+            return results + [
+                (call, True, value) for call, value in zip(writes, values, strict=True)
+            ]
+        return results + self._one_by_one(db, writes)
+
+    @staticmethod
+    def _one_by_one(db: sqlite3.Connection, writes: list[_Call]) -> list[tuple[_Call, bool, Any]]:
+        pending: list[tuple[_Call, bool, Any]] = []
+        try:
             db.execute("BEGIN IMMEDIATE")
             for call in writes:
                 db.execute("SAVEPOINT op")
@@ -214,10 +237,10 @@ class _Worker:
                     pending.append((call, True, value))
             db.execute("COMMIT")
         except sqlite3.Error as exc:
-            if db is not None and db.in_transaction:
+            if db.in_transaction:
                 db.execute("ROLLBACK")
-            return results + [(call, False, exc) for call in writes]
-        return results + pending
+            return [(call, False, exc) for call in writes]
+        return pending
 
 
 class SqliteStore:
