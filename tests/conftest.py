@@ -13,7 +13,7 @@ import logging
 import secrets
 import tempfile
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,25 +77,33 @@ def make_config(
     extra: str = "",
     teams: str | None = None,
     store: str | None = None,
+    upstream: Mapping[str, object] | None = None,
+    base_url: str | None = None,
 ) -> Config:
     """Return a gateway config for tests: ephemeral ports, the emulator upstream.
 
-    ``store`` is the ``store:`` section (default: sqlite in a fresh temporary directory).
+    ``store`` is the ``store:`` section (default: sqlite in a fresh temporary directory);
+    ``upstream`` overrides ``upstream:`` settings; ``base_url`` points elsewhere than the emulator.
     """
     if store is None:
         store = (
             f"{{backend: sqlite, sqlite_path: {tempfile.mkdtemp(prefix='clipia-test-')}/ledger.db}}"
         )
     teams_yaml = (teams or TEAMS_YAML).format(**{team: hash_key(key) for team, key in keys.items()})
+    settings: dict[str, object] = {
+        "base_url": base_url or f"{emulator_url}/v1",
+        "api_key_env": "null",
+        "connect_timeout_seconds": 2,
+        "first_byte_timeout_seconds": 5,
+        "idle_timeout_seconds": 5,
+        "max_retry_wait_seconds": 0.5,
+        **(upstream or {}),
+    }
+    upstream_yaml = "\n".join(f"  {name}: {value}" for name, value in settings.items())
     text = f"""
 server: {{host: 127.0.0.1, port: 0, admin_port: 0, shutdown_grace_seconds: 2}}
 upstream:
-  base_url: {emulator_url}/v1
-  api_key_env: null
-  connect_timeout_seconds: 2
-  first_byte_timeout_seconds: 5
-  idle_timeout_seconds: 5
-  max_retry_wait_seconds: 0.5
+{upstream_yaml}
 store: {store}
 {extra}
 {teams_yaml}
@@ -104,7 +112,13 @@ store: {store}
 
 
 async def start_stack(
-    *, extra: str = "", teams: str | None = None, seed: int = 0, store: str | None = None
+    *,
+    extra: str = "",
+    teams: str | None = None,
+    seed: int = 0,
+    store: str | None = None,
+    upstream: Mapping[str, object] | None = None,
+    base_url: str | None = None,
 ) -> Stack:
     """Start an emulator and a gateway in the running loop."""
     # base64url, not hex: an 8-character piece of it cannot match a hex id or a digit run.
@@ -117,7 +131,15 @@ async def start_stack(
     port = emulator_runner.addresses[0][1]
     emulator_url = f"http://127.0.0.1:{port}"
     keys = {"search": generate_key(), "research": generate_key()}
-    config = make_config(emulator_url, keys, extra=extra, teams=teams, store=store)
+    config = make_config(
+        emulator_url,
+        keys,
+        extra=extra,
+        teams=teams,
+        store=store,
+        upstream=upstream,
+        base_url=base_url,
+    )
     running = await start(config, api_key=Secret(clipia_key))
     return Stack(
         emulator=state,

@@ -22,8 +22,7 @@ from aiohttp import web
 
 from clipia_proxy.emulator import CATALOG, Fault
 from clipia_proxy.wire import encode_json
-from tests.conftest import Stack, stop_stack
-from tests.test_upstream import start_custom_stack
+from tests.conftest import Stack
 
 Json = Any
 
@@ -34,23 +33,6 @@ HELLO: dict[str, object] = {
 }
 WITH_USAGE: dict[str, object] = {**HELLO, "stream_options": {"include_usage": True}}
 _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
-
-
-@pytest.fixture
-async def custom_stacks() -> AsyncIterator[Callable[..., Awaitable[Stack]]]:
-    """Yield a factory of stacks that take their own upstream settings."""
-    started: list[Stack] = []
-
-    async def factory(**kwargs: Any) -> Stack:
-        made = await start_custom_stack(**kwargs)
-        started.append(made)
-        return made
-
-    try:
-        yield factory
-    finally:
-        for made in started:
-            await stop_stack(made)
 
 
 @pytest.fixture
@@ -145,11 +127,11 @@ async def test_reset_mid_stream_ends_in_error_event(
 
 
 async def test_stall_mid_stream_ends_in_timeout_event(
-    custom_stacks: Callable[..., Awaitable[Stack]],
+    stacks: Callable[..., Awaitable[Stack]],
     session: aiohttp.ClientSession,
     log_capture: list[str],
 ) -> None:
-    stack = await custom_stacks(upstream={"idle_timeout_seconds": 0.3})
+    stack = await stacks(upstream={"idle_timeout_seconds": 0.3})
     stack.emulator.push_fault(Fault(stall_after_chunks=2, stall_seconds=4))
     started = time.monotonic()
     status, raw, request_id = await stream(session, stack)
@@ -201,7 +183,7 @@ async def test_openai_sdk_raises_on_broken_stream(stack: Stack) -> None:
 
 
 async def test_clean_end_without_done_is_an_error(
-    custom_stacks: Callable[..., Awaitable[Stack]], session: aiohttp.ClientSession
+    stacks: Callable[..., Awaitable[Stack]], session: aiohttp.ClientSession
 ) -> None:
     """An upstream that ends its body cleanly but without ``[DONE]`` broke the stream."""
     chunk = encode_json(
@@ -232,7 +214,7 @@ async def test_clean_end_without_done_is_an_error(
     await runner.setup()
     try:
         await web.TCPSite(runner, "127.0.0.1", 0).start()
-        stack = await custom_stacks(base_url=f"http://127.0.0.1:{runner.addresses[0][1]}/v1")
+        stack = await stacks(base_url=f"http://127.0.0.1:{runner.addresses[0][1]}/v1")
         status, raw, _ = await stream(session, stack, HELLO)
         assert status == 200
         assert raw.startswith((b"data: " + chunk + b"\n\n") * 2)
@@ -386,11 +368,11 @@ async def test_slow_reader_does_not_hurt_the_gateway(stack: Stack) -> None:
 
 
 async def test_long_quiet_stream_is_relayed_whole(
-    custom_stacks: Callable[..., Awaitable[Stack]],
+    stacks: Callable[..., Awaitable[Stack]],
     session: aiohttp.ClientSession,
     log_capture: list[str],
 ) -> None:
-    stack = await custom_stacks(upstream={"idle_timeout_seconds": 0.3})
+    stack = await stacks(upstream={"idle_timeout_seconds": 0.3})
     stack.emulator.push_fault(Fault(chunk_gap=0.2, events_per_write=3))
     started = time.monotonic()
     status, raw, request_id = await stream(session, stack, WITH_USAGE)

@@ -1,9 +1,8 @@
 """Upstream faults through the real HTTP entry point (HARDENING §4), plus the pure seams.
 
 Every test talks to the gateway with ``aiohttp.ClientSession`` at ``stack.base_url`` and checks
-what the emulator received. Tests that need small timeouts or a dead upstream build their own
-stack with :func:`start_custom_stack` (conftest's ``make_config`` already writes the
-``upstream:`` block, so ``stacks(extra=...)`` cannot override it).
+what the emulator received. Tests that need small timeouts or a dead upstream use conftest's
+``stacks(upstream={...}, base_url=...)``.
 """
 
 from __future__ import annotations
@@ -11,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import email.utils
-import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from decimal import Decimal
@@ -25,13 +23,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from multidict import CIMultiDict
 
-from clipia_proxy.auth import generate_key, hash_key
-from clipia_proxy.config import Secret, UpstreamConfig, parse_config
-from clipia_proxy.emulator import EmulatorState, Fault, create_emulator_app
+from clipia_proxy.config import Secret, UpstreamConfig
+from clipia_proxy.emulator import Fault
 from clipia_proxy.errors import UpstreamUnavailable
-from clipia_proxy.server import start
 from clipia_proxy.upstream import UpstreamClient, parse_retry_after
-from tests.conftest import TEAMS_YAML, Stack, stop_stack
+from tests.conftest import Stack
 
 Json = Any
 """Decoded JSON from the wire: the assertions check its shape, not the type checker."""
@@ -43,70 +39,6 @@ HELLO: dict[str, object] = {
 ENVELOPE_FIELDS = {"message", "type", "param", "code"}
 DEAD_UPSTREAM = "http://127.0.0.1:1/v1"
 """Port 1 on loopback: nothing listens there, so every connect is refused at once."""
-
-
-# --------------------------------------------------------------------------------------------
-# A stack with a custom ``upstream:`` block (the pattern of conftest.start_stack).
-
-
-async def start_custom_stack(
-    *, upstream: Mapping[str, object] | None = None, base_url: str | None = None
-) -> Stack:
-    """Start an emulator and a gateway whose ``upstream`` settings are ``upstream``."""
-    clipia_key = "clipia_live_" + secrets.token_urlsafe(24)
-    state = EmulatorState(seed=0, keys={clipia_key})
-    emulator_runner = web.AppRunner(create_emulator_app(state), access_log=None)
-    await emulator_runner.setup()
-    await web.TCPSite(emulator_runner, "127.0.0.1", 0).start()
-    emulator_url = f"http://127.0.0.1:{emulator_runner.addresses[0][1]}"
-    settings: dict[str, object] = {
-        "base_url": base_url or f"{emulator_url}/v1",
-        "api_key_env": "null",
-        "connect_timeout_seconds": 2,
-        "first_byte_timeout_seconds": 5,
-        "idle_timeout_seconds": 5,
-        "max_retry_wait_seconds": 0.5,
-    }
-    settings.update(upstream or {})
-    keys = {"search": generate_key(), "research": generate_key()}
-    teams_yaml = TEAMS_YAML.format(**{team: hash_key(key) for team, key in keys.items()})
-    upstream_yaml = "\n".join(f"  {name}: {value}" for name, value in settings.items())
-    text = (
-        "server: {host: 127.0.0.1, port: 0, admin_port: 0, shutdown_grace_seconds: 2}\n"
-        f"upstream:\n{upstream_yaml}\n{teams_yaml}"
-    )
-    config = parse_config(text, source="test.yaml", resolve_secrets=False)
-    try:
-        running = await start(config, api_key=Secret(clipia_key))
-    except BaseException:
-        await emulator_runner.cleanup()
-        raise
-    return Stack(
-        emulator=state,
-        emulator_url=emulator_url,
-        running=running,
-        clipia_key=clipia_key,
-        keys=keys,
-        config=config,
-        runners=[emulator_runner],
-    )
-
-
-@pytest.fixture
-async def custom_stacks() -> AsyncIterator[Callable[..., Awaitable[Stack]]]:
-    """Yield a factory of stacks that take their own upstream settings."""
-    started: list[Stack] = []
-
-    async def factory(**kwargs: Any) -> Stack:
-        made = await start_custom_stack(**kwargs)
-        started.append(made)
-        return made
-
-    try:
-        yield factory
-    finally:
-        for made in started:
-            await stop_stack(made)
 
 
 @pytest.fixture
@@ -214,10 +146,10 @@ async def test_connect_failures_retried_within_retries() -> None:
 
 
 async def test_upstream_down_without_catalog(
-    custom_stacks: Callable[..., Awaitable[Stack]], session: aiohttp.ClientSession
+    stacks: Callable[..., Awaitable[Stack]], session: aiohttp.ClientSession
 ) -> None:
     """Clipia unreachable from the start: fast 502 upstream_unavailable, /readyz 503."""
-    stack = await custom_stacks(base_url=DEAD_UPSTREAM)
+    stack = await stacks(base_url=DEAD_UPSTREAM)
     async with session.get(f"{stack.admin_url}/readyz") as response:
         assert response.status == 503
         assert "catalog not loaded" in (await response.json())["problems"]
@@ -443,9 +375,9 @@ async def test_redirect_is_never_followed(stack: Stack, session: aiohttp.ClientS
 
 
 async def test_slow_first_byte_is_504_without_retry(
-    custom_stacks: Callable[..., Awaitable[Stack]], session: aiohttp.ClientSession
+    stacks: Callable[..., Awaitable[Stack]], session: aiohttp.ClientSession
 ) -> None:
-    stack = await custom_stacks(upstream={"first_byte_timeout_seconds": 0.3})
+    stack = await stacks(upstream={"first_byte_timeout_seconds": 0.3})
     stack.emulator.push_fault(Fault(first_byte_delay=1.5, times=3))
     started = time.monotonic()
     got, body, headers = await chat(session, stack)
@@ -456,9 +388,9 @@ async def test_slow_first_byte_is_504_without_retry(
 
 
 async def test_slow_stream_first_byte_is_504(
-    custom_stacks: Callable[..., Awaitable[Stack]], session: aiohttp.ClientSession
+    stacks: Callable[..., Awaitable[Stack]], session: aiohttp.ClientSession
 ) -> None:
-    stack = await custom_stacks(upstream={"first_byte_timeout_seconds": 0.3})
+    stack = await stacks(upstream={"first_byte_timeout_seconds": 0.3})
     stack.emulator.push_fault(Fault(first_byte_delay=1.5))
     got, body, headers = await chat(session, stack, {**HELLO, "stream": True})
     assert got == 504
@@ -467,12 +399,10 @@ async def test_slow_stream_first_byte_is_504(
 
 
 async def test_first_byte_within_timeout_longer_than_idle(
-    custom_stacks: Callable[..., Awaitable[Stack]], session: aiohttp.ClientSession
+    stacks: Callable[..., Awaitable[Stack]], session: aiohttp.ClientSession
 ) -> None:
     """The idle (between reads) timeout must not cut the wait for the first byte."""
-    stack = await custom_stacks(
-        upstream={"first_byte_timeout_seconds": 3, "idle_timeout_seconds": 0.3}
-    )
+    stack = await stacks(upstream={"first_byte_timeout_seconds": 3, "idle_timeout_seconds": 0.3})
     stack.emulator.push_fault(Fault(first_byte_delay=0.8))
     got, body, _ = await chat(session, stack)
     assert got == 200, body
