@@ -144,8 +144,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             admin_port=args.admin_port,
             emulator_port=args.emulator_port,
             db_path=args.db,
+            announce=lambda text: print(text, flush=True),
         )
     )
+    print("demo stopped", file=sys.stderr)
     return 0
 
 

@@ -7,7 +7,7 @@ made at every start and printed with ready-to-paste ``curl`` and ``openai`` snip
 from __future__ import annotations
 
 import secrets
-import sys
+from collections.abc import Callable
 from typing import Final
 
 from aiohttp import web
@@ -98,8 +98,9 @@ async def run_demo(
     admin_port: int = 9090,
     emulator_port: int = 8090,
     db_path: str = "clipia-proxy-demo.db",
+    announce: Callable[[str], None],
 ) -> None:
-    """Run the emulator and the gateway until interrupted."""
+    """Run the emulator and the gateway until interrupted; ``announce`` shows the snippets."""
     state = EmulatorState(seed=0)
     emulator = web.AppRunner(create_emulator_app(state), access_log=None)
     await emulator.setup()
@@ -111,11 +112,11 @@ async def run_demo(
     )
     upstream_key = Secret("clipia_test_demo" + secrets.token_hex(16))
 
-    def ready(running: Running) -> None:
-        print(_snippets(running, keys), flush=True)
-
     try:
-        await serve(config, api_key=upstream_key, on_ready=ready)
+        await serve(
+            config,
+            api_key=upstream_key,
+            on_ready=lambda running: announce(_snippets(running, keys)),
+        )
     finally:
         await emulator.cleanup()
-    print("demo stopped", file=sys.stderr)
