@@ -18,7 +18,6 @@ from typing import Final
 
 import aiohttp
 from aiohttp import web
-from cachetools import LRUCache
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from . import __version__, handlers
@@ -34,7 +33,7 @@ from .errors import (
     ProxyError,
     RequestTooLarge,
 )
-from .handlers import RequestInfo
+from .handlers import GenerationOwners, RequestInfo
 from .health import Health
 from .health import create_admin_app as _create_admin_app
 from .keys import (
@@ -98,11 +97,9 @@ def create_app(
     app = web.Application(
         client_max_size=config.server.max_body_bytes,
         # This order matters: the outermost middleware comes first.
-        middlewares=[
-            _error_middleware,  # request id, every error as an OpenAI envelope, access line
-            _draining_middleware,  # refuse new work once shutdown began (before auth: cheap)
-            _identity_middleware,  # every route needs identity, before any body is read
-        ],
+        # One middleware (each layer costs a coroutine per request): request id, draining,
+        # identity, every error as an OpenAI envelope, metrics and the access line.
+        middlewares=[_gateway_middleware],
     )
     tasks = TaskRegistry()
     attempts: list[Callable[[str], None]] = []  # filled below, once metrics exist
@@ -138,7 +135,7 @@ def create_app(
     app[TASKS] = tasks
     app[UPSTREAM] = upstream
     app[CATALOG] = catalog
-    app[GENERATIONS] = LRUCache(maxsize=_GENERATION_OWNERS)
+    app[GENERATIONS] = GenerationOwners(_GENERATION_OWNERS)
     app[HEALTH] = Health(
         catalog_is_warm=catalog.is_warm,
         store_is_reachable=lambda: quotas.fail_open or quotas.store_reachable,
@@ -301,14 +298,41 @@ def _route_name(request: web.Request) -> str:
 
 
 @web.middleware
-async def _error_middleware(request: web.Request, handler: _Handler) -> web.StreamResponse:
-    """Give every request an id and turn every failure into an OpenAI error envelope."""
+async def _gateway_middleware(request: web.Request, handler: _Handler) -> web.StreamResponse:
+    """Wrap every request: id, draining, identity, errors, metrics, access line.
+
+    In order: an id; refused while draining (before auth: cheap); identity from the headers
+    and the socket peer alone, before any body is read; the handler; every failure as an
+    OpenAI error envelope; metrics and the access line.
+    """
     info = RequestInfo(request_id=next(_REQUEST_IDS), started=time.perf_counter())
     request[INFO] = info
+    app = request.app
     response: web.StreamResponse
     rejection: str | None = None
     try:
-        response = await handler(request)
+        health = app[HEALTH]
+        if health.is_draining:
+            raise Draining(  # noqa: TRY301 - rendered like every other refusal, just below
+                "The gateway is shutting down; retry on another replica.", retry_after=1
+            )
+        health.enter()
+        try:
+            authenticator = app[LIVE].authenticator
+            peer = _peer(request) if authenticator.needs_peer else None
+            principal = authenticator.authenticate(request.headers, peer)
+            request[PRINCIPAL] = principal
+            info.team = principal.team
+            info.key_id = principal.key_id
+            metrics = app[METRICS]
+            inflight = metrics.child(metrics.inflight, metrics.team(principal.team))
+            inflight.inc()
+            try:
+                response = await handler(request)
+            finally:
+                inflight.dec()
+        finally:
+            health.leave()
     except ProxyError as exc:
         response = _render(exc)
         rejection = exc.reason
@@ -342,6 +366,12 @@ async def _error_middleware(request: web.Request, handler: _Handler) -> web.Stre
             },
         )
     return response
+
+
+def _peer(request: web.Request) -> str | None:
+    transport = request.transport
+    peername = transport.get_extra_info("peername") if transport is not None else None
+    return peername[0] if isinstance(peername, tuple) and peername else None
 
 
 def _observe(request: web.Request, info: RequestInfo, rejection: str | None) -> None:
@@ -385,36 +415,3 @@ def _render(error: ProxyError) -> web.Response:
         content_type="application/json",
         headers=error.headers(),
     )
-
-
-@web.middleware
-async def _draining_middleware(request: web.Request, handler: _Handler) -> web.StreamResponse:
-    """Refuse new requests with 503 ``draining`` once shutdown has begun; count the others."""
-    health = request.app[HEALTH]
-    if health.is_draining:
-        raise Draining("The gateway is shutting down; retry on another replica.", retry_after=1)
-    health.enter()
-    try:
-        return await handler(request)
-    finally:
-        health.leave()
-
-
-@web.middleware
-async def _identity_middleware(request: web.Request, handler: _Handler) -> web.StreamResponse:
-    """Settle who is calling from the headers and the socket peer alone."""
-    transport = request.transport
-    peername = transport.get_extra_info("peername") if transport is not None else None
-    peer = peername[0] if isinstance(peername, tuple) and peername else None
-    principal = request.app[LIVE].authenticator.authenticate(request.headers, peer)
-    request[PRINCIPAL] = principal
-    info = request[INFO]
-    info.team = principal.team
-    info.key_id = principal.key_id
-    metrics = request.app[METRICS]
-    inflight = metrics.child(metrics.inflight, metrics.team(principal.team))
-    inflight.inc()
-    try:
-        return await handler(request)
-    finally:
-        inflight.dec()

@@ -53,6 +53,7 @@ class _KeyEntry(msgspec.Struct, frozen=True, kw_only=True):
     team: str
     key_id: str
     expires: dt.date | None
+    principal: Principal
 
 
 def generate_key() -> str:
@@ -92,9 +93,21 @@ class Authenticator:
             for key in team.keys:
                 digest = bytes.fromhex(key.sha256)
                 self._keys[digest] = _KeyEntry(
-                    digest=digest, team=team.id, key_id=key.id, expires=key.expires
+                    digest=digest,
+                    team=team.id,
+                    key_id=key.id,
+                    expires=key.expires,
+                    principal=Principal(team=team.id, key_id=key.id),
                 )
         self._today = today or dt.date.today
+        self._known: dict[str, _KeyEntry] = {}
+        """Presented key -> its entry, for keys that already passed the full check once.
+        Only configured keys get in (bounded by the config); rebuilt with each reload."""
+
+    @property
+    def needs_peer(self) -> bool:
+        """Whether ``authenticate`` looks at the socket peer (only the identity-header mode)."""
+        return self._mode == "header"
 
     def authenticate(self, headers: Mapping[str, str], peer: str | None) -> Principal:
         """Return who is calling, or raise :class:`Refusal` (401) / :class:`InvalidRequest`.
@@ -109,6 +122,11 @@ class Authenticator:
         return Principal(team=self._fixed_team)
 
     def _by_key(self, headers: Mapping[str, str]) -> Principal:
+        entry = self._fast_entry(headers)
+        if entry is not None:
+            if entry.expires is not None and self._today() > entry.expires:
+                raise Refusal(f"key {entry.key_id} expired on {entry.expires.isoformat()}")
+            return entry.principal
         presented = _credentials(headers)
         if not presented:
             raise Refusal("no credentials")
@@ -123,7 +141,22 @@ class Authenticator:
             raise Refusal("unknown key")
         if entry.expires is not None and self._today() > entry.expires:
             raise Refusal(f"key {entry.key_id} expired on {entry.expires.isoformat()}")
-        return Principal(team=entry.team, key_id=entry.key_id)
+        self._known[key] = entry
+        return entry.principal
+
+    def _fast_entry(self, headers: Mapping[str, str]) -> _KeyEntry | None:
+        """The common case, cheaply: one ``Authorization: Bearer <known key>`` and nothing else.
+
+        Anything else (another channel, a repeated header, other spacing or scheme) takes the
+        full path, which gives the same answer for the cases this one accepts.
+        """
+        authorization = headers.get("Authorization")
+        if authorization is None or not authorization.startswith("Bearer "):
+            return None
+        entry = self._known.get(authorization[7:])
+        if entry is None or "X-Api-Key" in headers or len(_getall(headers, "Authorization")) != 1:
+            return None
+        return entry
 
     def _by_header(self, headers: Mapping[str, str], peer: str | None) -> Principal:
         values = _getall(headers, self._header)

@@ -48,6 +48,7 @@ from .upstream import UpstreamClient, UpstreamNotSent, UpstreamRefused, read_bod
 from .wire import Usage, decode_json, encode_json, parse_chat_request, usage_from_object
 
 __all__ = [
+    "GenerationOwners",
     "RequestInfo",
     "chat_completions",
     "generation",
@@ -71,6 +72,33 @@ _CODE_BY_STATUS: Final = {
     429: ("rate_limit_error", "rate_limit_exceeded"),
     503: ("api_error", "service_unavailable"),
 }
+
+
+class GenerationOwners:
+    """Which team created a generation id, for the last ``size`` ids (the oldest go first).
+
+    A plain insertion-ordered dict: O(1) per request, no bookkeeping on reads.
+    """
+
+    __slots__ = ("_owners", "_size")
+
+    def __init__(self, size: int) -> None:
+        self._owners: dict[str, str] = {}
+        self._size = size
+
+    def __len__(self) -> int:
+        return len(self._owners)
+
+    def remember(self, upstream_id: str, team: str) -> None:
+        """Note that ``team`` created ``upstream_id``."""
+        owners = self._owners
+        owners[upstream_id] = team
+        if len(owners) > self._size:
+            del owners[next(iter(owners))]
+
+    def get(self, upstream_id: str) -> str | None:
+        """Return the team that created ``upstream_id``, if it is still remembered."""
+        return self._owners.get(upstream_id)
 
 
 class RequestInfo(msgspec.Struct, kw_only=True):
@@ -409,7 +437,7 @@ async def _pass_through_error(
 
 def _remember_generation(request: web.Request, upstream_id: str | None) -> None:
     if upstream_id:
-        request.app[GENERATIONS][upstream_id] = request[PRINCIPAL].team
+        request.app[GENERATIONS].remember(upstream_id, request[PRINCIPAL].team)
 
 
 def _visible_entries(policy: ModelPolicy, snapshot: CatalogSnapshot) -> list[dict[str, object]]:

@@ -7,11 +7,9 @@ from typing import TYPE_CHECKING, Final
 from aiohttp import web
 
 if TYPE_CHECKING:  # the keys name these types in strings only (no import cycles at run time)
-    from cachetools import LRUCache  # noqa: F401
-
     from .auth import Principal  # noqa: F401
     from .catalog import Catalog  # noqa: F401
-    from .handlers import RequestInfo  # noqa: F401
+    from .handlers import GenerationOwners, RequestInfo  # noqa: F401
     from .health import Health  # noqa: F401
     from .ledger import Ledger  # noqa: F401
     from .live import Live  # noqa: F401
@@ -48,14 +46,14 @@ QUOTAS: Final = web.AppKey["QuotaService"]("quotas")
 METRICS: Final = web.AppKey["Metrics"]("metrics")
 """Every Prometheus metric of the app (served on the admin port)."""
 LEDGER: Final = web.AppKey["Ledger"]("ledger")
+"""Settlement rules and crash reconciliation."""
 STREAMS: Final = web.AppKey["OpenStreams"]("streams")
 """Streams being relayed; shutdown ends them cleanly when its grace period runs out."""
-"""Settlement rules and crash reconciliation."""
-GENERATIONS: Final = web.AppKey["LRUCache[str, str]"]("generations")
+GENERATIONS: Final = web.AppKey["GenerationOwners"]("generations")
 """Upstream generation id -> the team that created it (bounded; the ledger replaces it)."""
 
-# Request keys: set by the middlewares in app.py, read by the handlers.
+# Request keys: set by the middleware in app.py, read by the handlers.
 INFO: Final = web.RequestKey["RequestInfo"]("info")
-"""Per-request facts for the access log; set by the outermost middleware."""
+"""Per-request facts for the access log; set by the middleware."""
 PRINCIPAL: Final = web.RequestKey["Principal"]("principal")
 """Who is calling; set by the identity middleware before any handler runs."""

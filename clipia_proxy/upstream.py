@@ -122,10 +122,15 @@ class UpstreamClient:
             "User-Agent": f"clipia-proxy/{__version__}",
         }
         self._key_bytes: Final = api_key.reveal().encode()
-        # Until the headers arrive only the first-byte timeout applies (sock_read would be
-        # the idle timeout); ``send`` restores the idle timeout for the body.
+        # Until the headers arrive, the socket read timeout is the first-byte timeout (the
+        # request is sent before the timer starts, so it measures the wait for Clipia's first
+        # byte; no extra timer per request); ``send`` switches it to the idle timeout for the
+        # body. Waiting for a free pooled connection is bounded by the client, not here.
         self._header_timeout: Final = aiohttp.ClientTimeout(
-            total=None, connect=None, sock_connect=config.connect_timeout_seconds, sock_read=None
+            total=None,
+            connect=None,
+            sock_connect=config.connect_timeout_seconds,
+            sock_read=config.first_byte_timeout_seconds,
         )
         self._urls: dict[str, URL] = {}
 
@@ -199,16 +204,15 @@ class UpstreamClient:
         for attempt in range(1, attempts + 1):
             last = attempt == attempts
             try:
-                async with asyncio.timeout(self._config.first_byte_timeout_seconds):
-                    response = await self.session.request(
-                        method,
-                        url,
-                        data=body,
-                        params=query,
-                        headers=headers,
-                        allow_redirects=False,
-                        timeout=self._header_timeout,
-                    )
+                response = await self.session.request(
+                    method,
+                    url,
+                    data=body,
+                    params=query,
+                    headers=headers,
+                    allow_redirects=False,
+                    timeout=self._header_timeout,
+                )
                 # The idle timeout governs the body only: it must not cut the first-byte wait.
                 if response.connection is not None and response.connection.protocol is not None:
                     response.connection.protocol.read_timeout = self._config.idle_timeout_seconds

@@ -142,6 +142,68 @@ def test_expiry_is_inclusive_of_the_day() -> None:
         later.authenticate(headers(("X-Api-Key", KEY_B)), None)
 
 
+@pytest.mark.parametrize(
+    ("pairs", "reason"),
+    [
+        ((("Authorization", f"Bearer {KEY_A}"), ("X-Api-Key", KEY_B)), "different credentials"),
+        (
+            (("Authorization", f"Bearer {KEY_A}"), ("Authorization", f"Bearer {KEY_B}")),
+            "different credentials",
+        ),
+        (
+            (("Authorization", f"Bearer {KEY_A}"), ("Authorization", f"Bearer {KEY_A}")),
+            "different credentials",
+        ),
+    ],
+)
+def test_a_known_key_is_still_refused_next_to_other_credentials(
+    pairs: tuple[tuple[str, str], ...], reason: str
+) -> None:
+    # Once a key has been accepted, later requests take a shortcut; it must not skip the
+    # checks on the other channels.
+    auth = keys_auth()
+    for _ in range(2):
+        assert (
+            auth.authenticate(headers(("Authorization", f"Bearer {KEY_A}")), None).team == "alpha"
+        )
+        with pytest.raises(Refusal) as caught:
+            auth.authenticate(headers(*pairs), None)
+        assert reason in caught.value.detail
+
+
+def test_a_known_key_still_expires() -> None:
+    day = [TODAY]
+    auth = Authenticator(config(), today=lambda: day[0])
+    presented = headers(("Authorization", f"Bearer {KEY_B}"))
+    assert auth.authenticate(presented, None) == Principal(team="beta", key_id="b-1")
+    assert auth.authenticate(presented, None) == Principal(team="beta", key_id="b-1")
+    day[0] = TODAY + dt.timedelta(days=1)
+    with pytest.raises(Refusal) as caught:
+        auth.authenticate(presented, None)
+    assert "expired" in caught.value.detail
+
+
+def test_the_shortcut_accepts_only_what_the_full_check_accepted() -> None:
+    auth = keys_auth()
+    unknown = generate_key()
+    for _ in range(2):
+        with pytest.raises(Refusal):
+            auth.authenticate(headers(("Authorization", f"Bearer {unknown}")), None)
+    # A key accepted through X-Api-Key is then also known in the Authorization channel.
+    assert auth.authenticate(headers(("X-Api-Key", KEY_A)), None).key_id == "a-1"
+    assert auth.authenticate(headers(("Authorization", f"Bearer {KEY_A}")), None).key_id == "a-1"
+    # A reload builds a new authenticator: a removed key is not remembered.
+    without_a = parse_config(
+        "upstream: {api_key_env: null}\nteams: [{id: beta, keys: []}]\n",
+        source="t.yaml",
+        resolve_secrets=False,
+    )
+    with pytest.raises(Refusal):
+        Authenticator(without_a, today=lambda: TODAY).authenticate(
+            headers(("Authorization", f"Bearer {KEY_A}")), None
+        )
+
+
 def test_plain_mapping_headers_work() -> None:
     assert keys_auth().authenticate({"Authorization": f"Bearer {KEY_A}"}, None).team == "alpha"
 

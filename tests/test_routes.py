@@ -16,6 +16,7 @@ import pytest
 from yarl import URL
 
 from clipia_proxy.auth import generate_key
+from clipia_proxy.handlers import GenerationOwners
 from tests.conftest import Stack
 
 StackFactory = Callable[..., Awaitable[Stack]]
@@ -110,3 +111,17 @@ async def test_every_route_serves_with_identity(stack: Stack) -> None:
             assert status == 404  # an id this team did not create
         else:
             assert status == 200, (method, canonical, status, body[:200])
+
+
+def test_generation_owners_forget_the_oldest_first() -> None:
+    owners = GenerationOwners(3)
+    for number in range(5):
+        owners.remember(f"gen-{number}", f"team-{number % 2}")
+    assert len(owners) == 3
+    assert owners.get("gen-0") is None
+    assert owners.get("gen-1") is None
+    assert [owners.get(f"gen-{number}") for number in (2, 3, 4)] == ["team-0", "team-1", "team-0"]
+    owners.remember("gen-2", "team-1")  # a repeated id keeps its place and takes the new owner
+    owners.remember("gen-5", "team-1")
+    assert owners.get("gen-2") is None
+    assert owners.get("gen-3") == "team-1"
