@@ -6,6 +6,7 @@ are raised as :class:`~clipia_proxy.errors.ProxyError` and rendered by the error
 
 from __future__ import annotations
 
+import logging
 import time
 from decimal import Decimal
 from typing import Final
@@ -41,7 +42,7 @@ from .keys import (
 from .ledger import Flight
 from .policy import ModelPolicy, apply_caps
 from .quotas.estimate import PriceUnknown, estimate
-from .quotas.model import Outcome, credits
+from .quotas.model import Outcome, Settlement, credits
 from .sse import UsageTap
 from .streaming import StreamResult, relay_stream
 from .upstream import UpstreamClient, UpstreamNotSent, UpstreamRefused, read_body
@@ -58,6 +59,7 @@ __all__ = [
     "retrieve_model",
 ]
 
+_LOGGER: Final = logging.getLogger(__name__)
 _MAX_UPSTREAM_BODY: Final = 64 * 1024 * 1024
 """Bound on a non-streaming upstream answer held in memory (streams are never held)."""
 _MAX_ERROR_BODY: Final = 64 * 1024
@@ -237,13 +239,29 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     try:
         return await _forward(request, flight, payload, chat.stream, drop_usage_chunk)
     finally:
-        # 8. Settle exactly once, in a task that survives this handler's cancellation.
-        _ = app[TASKS].spawn(_settle(app, flight), name=f"settle-{info.request_id}")
+        # 8. Settle exactly once: at once when nothing needs waiting for, else in a task;
+        # both survive this handler's cancellation.
+        settlement = _settle_now(app, flight)
+        if settlement is None:
+            _ = app[TASKS].spawn(_settle(app, flight), name=f"settle-{info.request_id}")
+        else:
+            _count_settlement(app, flight, settlement)
+
+
+def _settle_now(app: web.Application, flight: Flight) -> Settlement | None:
+    try:
+        return app[LEDGER].settle_now(flight)
+    except Exception:  # a bug here must not turn a served request into an error
+        _LOGGER.exception("settling %s at once failed", flight.admission.request_id)
+        return None
 
 
 async def _settle(app: web.Application, flight: Flight) -> None:
     """Settle a flight in the ledger, then count its spend and tokens."""
-    settlement = await app[LEDGER].settle(flight)
+    _count_settlement(app, flight, await app[LEDGER].settle(flight))
+
+
+def _count_settlement(app: web.Application, flight: Flight, settlement: Settlement) -> None:
     app[METRICS].record_settlement(
         team=flight.admission.team,
         model=flight.model,

@@ -12,7 +12,9 @@ upstream sees the request). This module decides the settlement, best source firs
 
 After a crash, records left ``dispatched`` are settled by :meth:`Ledger.reconcile`: through
 ``/v1/generation`` when the upstream id is known, else charged their reservation, outcome
-``crashed``. Settlement runs in a TaskRegistry task, so a cancelled handler cannot skip it.
+``crashed``. Settlement runs in the handler's ``finally`` when it needs no waiting (a local
+store and a known cost), else in a TaskRegistry task; either way a cancelled handler cannot
+skip it.
 """
 
 from __future__ import annotations
@@ -156,23 +158,36 @@ class Ledger:
             now=now,
         )
 
+    def settle_now(self, flight: Flight) -> Settlement | None:
+        """Settle a flight without waiting, when that is possible; else return None.
+
+        Possible when the store is local (memory, sqlite: its write is committed in the
+        background) and no ``/v1/generation`` lookup is needed: the common case, which then
+        costs the handler no task. Otherwise the caller runs :meth:`settle` in a task.
+        """
+        if _needs_lookup(flight):
+            return None
+        settlement = self.decide(flight, None)
+        request_id = flight.admission.request_id
+        if flight.admission.reserved and self._quotas.settle_nowait(request_id, settlement) is None:
+            return None  # a remote store: settled by ``settle``, in a task
+        self._count(settlement)
+        return settlement
+
     async def settle(self, flight: Flight) -> Settlement:
         """Settle one flight (from a TaskRegistry task); return what was charged."""
         generation = None
-        needs_lookup = (
-            flight.sent
-            and flight.upstream_status in (None, 200)
-            and (flight.usage is None or flight.usage.cost is None)
-            and flight.upstream_id is not None
-        )
-        if needs_lookup and flight.upstream_id is not None:
+        if _needs_lookup(flight) and flight.upstream_id is not None:
             generation = await self.generation_cost(flight.upstream_id)
         settlement = self.decide(flight, generation)
         if flight.admission.reserved:
             await self._quotas.settle(flight.admission.request_id, settlement)
+        self._count(settlement)
+        return settlement
+
+    def _count(self, settlement: Settlement) -> None:
         source = settlement.usage_source.value
         self.usage_sources[source] = self.usage_sources.get(source, 0) + 1
-        return settlement
 
     async def generation_cost(self, upstream_id: str) -> _GenerationCost | None:
         """Ask ``GET /v1/generation`` for the actual cost, retrying while it lags (404)."""
@@ -238,6 +253,16 @@ class Ledger:
             upstream_id=record.upstream_id,
             now=now,
         )
+
+
+def _needs_lookup(flight: Flight) -> bool:
+    """Whether the cost must be asked of ``/v1/generation`` (answered, but without a cost)."""
+    return (
+        flight.sent
+        and flight.upstream_status in (None, 200)
+        and (flight.usage is None or flight.usage.cost is None)
+        and flight.upstream_id is not None
+    )
 
 
 def _parse_generation(body: bytes) -> _GenerationCost | None:

@@ -642,6 +642,70 @@ async def test_sqlite_settle_retries_until_the_write_lands(
     assert await sq.store.dispatched() == []
 
 
+async def _wait_forgotten(store: SqliteStore, request_id: str) -> None:
+    async with asyncio.timeout(5):
+        while request_id in store.engine.records:  # noqa: ASYNC110 - polls the store's state
+            await asyncio.sleep(0.01)
+
+
+async def test_sqlite_settle_nowait_commits_in_the_background(sq: Harness) -> None:
+    store = sq.store
+    assert isinstance(store, SqliteStore)
+    await store.reserve(sq.request("r", amount=1_000))
+    assert store.settle_nowait("r", settlement(300))
+    assert not store.settle_nowait("r", settlement(1))  # exactly once
+    # Budgets see the settlement at once, before its write is committed.
+    assert (await sq.reserved(DAY), await sq.spent(DAY)) == (0, 300)
+    record = await store.record("r")  # a read is queued behind the write
+    assert record is not None
+    assert (record.state, record.cost) == (RecordState.SETTLED, 300)
+    await _wait_forgotten(store, "r")
+
+
+async def test_sqlite_settle_nowait_retries_until_the_write_lands(
+    sq: Harness, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = sq.store
+    assert isinstance(store, SqliteStore)
+    monkeypatch.setattr(sqlite_module, "_SETTLE_BACKOFF_SECONDS", 0.02)
+    await store.reserve(sq.request("r", amount=1_000))
+    await _set_query_only(store, True)
+    assert store.settle_nowait("r", settlement(300))
+    await asyncio.sleep(0.1)
+    assert "r" in store.engine.records  # not committed yet: still remembered
+    await _set_query_only(store, False)
+    await _wait_forgotten(store, "r")
+    assert "ledger settlement of r failed" in caplog.text
+    assert "not committed" not in caplog.text
+    await store.close()
+    sq.store = await make_sqlite(sq.tmp / "ledger.db", sq.clock)
+    assert await sq.spent(DAY) == 300
+    assert await sq.store.dispatched() == []
+
+
+async def test_sqlite_settle_nowait_gives_up_and_leaves_the_record_to_the_reconciler(
+    sq: Harness, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = sq.store
+    assert isinstance(store, SqliteStore)
+    monkeypatch.setattr(sqlite_module, "_SETTLE_BACKOFF_SECONDS", 0.001)
+    await store.reserve(sq.request("r", amount=1_000))
+    await store.reserve(sq.request("late", amount=1_000))
+    await _set_query_only(store, True)
+    assert store.settle_nowait("r", settlement(300))
+    async with asyncio.timeout(5):
+        while "not committed" not in caplog.text:  # noqa: ASYNC110 - polls the log
+            await asyncio.sleep(0.01)
+    assert "ledger settlement of r not committed" in caplog.text
+    await _set_query_only(store, False)
+    await store.close()
+    # The store is closed: a settlement now cannot be written either, and says so.
+    assert store.settle_nowait("late", settlement(5))
+    assert "ledger settlement of late not committed" in caplog.text
+    sq.store = await make_sqlite(sq.tmp / "ledger.db", sq.clock)
+    assert sorted(r.request_id for r in await sq.store.dispatched()) == ["late", "r"]
+
+
 async def test_sqlite_replayed_reserve_after_restart(sq: Harness) -> None:
     await sq.store.reserve(sq.request("r", amount=1_000))
     await sq.store.settle("r", settlement(10))

@@ -20,7 +20,7 @@ from .model import (
     ReserveResult,
     Settlement,
 )
-from .store import LedgerRecord, Store, WindowUsage
+from .store import LedgerRecord, LocalStore, WindowUsage
 
 __all__ = ["MemoryEngine", "MemoryStore"]
 
@@ -303,6 +303,10 @@ class MemoryStore:
 
     async def settle(self, request_id: str, settlement: Settlement) -> bool:
         """See ``Store.settle``."""
+        return self.settle_nowait(request_id, settlement)
+
+    def settle_nowait(self, request_id: str, settlement: Settlement) -> bool:
+        """See ``LocalStore.settle_nowait`` (nothing to persist)."""
         record = self.engine.settle(request_id, settlement)
         if record is None:
             return False
@@ -341,4 +345,4 @@ class MemoryStore:
         return sorted(found, key=lambda r: r.created_at)
 
 
-_STORE_CHECK: type[Store] = MemoryStore
+_STORE_CHECK: type[LocalStore] = MemoryStore

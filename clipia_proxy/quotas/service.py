@@ -42,7 +42,7 @@ from .model import (
     to_micro,
 )
 from .periods import Window, windows
-from .store import Store, StoreUnavailable
+from .store import LocalStore, Store, StoreUnavailable
 
 __all__ = ["ALL_PERIODS", "Admission", "QuotaService", "limits_of"]
 
@@ -100,6 +100,10 @@ class QuotaService:
         self._timeout = config.store.timeout_seconds
         # Local stores answer in microseconds (sqlite has its own busy timeout): no timer.
         self._remote = store.is_remote
+        self._local: LocalStore | None = (
+            store if not store.is_remote and isinstance(store, LocalStore) else None
+        )
+        """The store again when it can settle without waiting (memory, sqlite), else None."""
         self._fail_open = config.store.on_error == "fail_open"
         self._limits = {team.id: limits_of(team) for team in config.teams}
         self._windows: tuple[float, float, dict[Period, Window]] | None = None
@@ -307,6 +311,12 @@ class QuotaService:
             "settlement of %s could not be written; the reconciler will charge it", request_id
         )
         return False
+
+    def settle_nowait(self, request_id: str, settlement: Settlement) -> bool | None:
+        """Settle at once when the store is local; None when it is not (use ``settle``)."""
+        if self._local is None:
+            return None
+        return self._local.settle_nowait(request_id, settlement)
 
     async def budgets(self, team: str) -> list[dict[str, Decimal | str | None]]:
         """Return the team's budget periods for ``GET /v1/key``."""

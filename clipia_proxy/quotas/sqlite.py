@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import queue
 import sqlite3
@@ -27,7 +28,7 @@ import msgspec
 
 from .memory import RATE_WINDOW_SECONDS, MemoryEngine
 from .model import Outcome, Period, RecordState, ReserveRequest, ReserveResult, Settlement
-from .store import LedgerRecord, Store, StoreUnavailable, WindowUsage
+from .store import LedgerRecord, LocalStore, StoreUnavailable, WindowUsage
 
 __all__ = ["SqliteStore"]
 
@@ -132,8 +133,9 @@ class _Worker:
     """One thread owns the connection and runs queued calls in order.
 
     Writes waiting together share one transaction (group commit): under concurrency many
-    reservations and settlements cost one commit and one wake-up of the event loop. Each write
-    runs in its own savepoint, so one failing write does not undo the others.
+    reservations and settlements cost one commit and one wake-up of the event loop. Calls run
+    in queue order. When a write of a group fails, the group is replayed with a savepoint per
+    write, so one failing write does not undo the others.
     """
 
     def __init__(self, connection: Callable[[], sqlite3.Connection]) -> None:
@@ -190,20 +192,30 @@ class _Worker:
                 return
 
     def _execute(self, batch: list[_Call]) -> list[tuple[_Call, bool, Any]]:
+        # In queue order: consecutive writes share a transaction; a read sees every write
+        # queued before it (settlements are not awaited, so a read may follow one at once).
         results: list[tuple[_Call, bool, Any]] = []
-        writes = [call for call in batch if call.write]
+        writes: list[_Call] = []
         for call in batch:
-            if not call.write:
-                try:
-                    results.append((call, True, call.fn(*call.args)))
-                except Exception as exc:  # noqa: BLE001 - handed to the awaiting coroutine
-                    results.append((call, False, exc))
-        if not writes:
-            return results
+            if call.write:
+                writes.append(call)
+                continue
+            if writes:
+                results += self._write(writes)
+                writes = []
+            try:
+                results.append((call, True, call.fn(*call.args)))
+            except Exception as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+                results.append((call, False, exc))
+        if writes:
+            results += self._write(writes)
+        return results
+
+    def _write(self, writes: list[_Call]) -> list[tuple[_Call, bool, Any]]:
         try:
             db = self._connection()
         except sqlite3.Error as exc:
-            return results + [(call, False, exc) for call in writes]
+            return [(call, False, exc) for call in writes]
         # Fast path: every write in one transaction. Writes rarely fail; when one does, the
         # batch is rolled back and replayed with a savepoint per write, so only it fails.
         try:
@@ -214,10 +226,8 @@ class _Worker:
             if db.in_transaction:
                 db.execute("ROLLBACK")
         else:
-            return results + [
-                (call, True, value) for call, value in zip(writes, values, strict=True)
-            ]
-        return results + self._one_by_one(db, writes)
+            return [(call, True, value) for call, value in zip(writes, values, strict=True)]
+        return self._one_by_one(db, writes)
 
     @staticmethod
     def _one_by_one(db: sqlite3.Connection, writes: list[_Call]) -> list[tuple[_Call, bool, Any]]:
@@ -388,7 +398,10 @@ class SqliteStore:
         return result
 
     async def settle(self, request_id: str, settlement: Settlement) -> bool:
-        """See ``Store.settle``: applied in memory at once, committed with retries."""
+        """See ``Store.settle``: applied in memory at once, committed with retries.
+
+        Returns once the record is committed (or its last retry failed).
+        """
         record = self.engine.settle(request_id, settlement)
         if record is None:
             return False
@@ -398,15 +411,57 @@ class SqliteStore:
                 break
             except StoreUnavailable as exc:
                 if attempt == _SETTLE_ATTEMPTS - 1:
-                    _LOGGER.error(  # noqa: TRY400 - the cause is in the message; no traceback needed
-                        "ledger settlement of %s not committed (%s); the reconciler will charge it",
-                        request_id,
-                        exc,
-                    )
+                    self._not_committed(record, exc)
                     return True
                 await asyncio.sleep(_SETTLE_BACKOFF_SECONDS * 2**attempt)
         self.engine.forget(request_id)
         return True
+
+    def settle_nowait(self, request_id: str, settlement: Settlement) -> bool:
+        """See ``LocalStore.settle_nowait``: applied in memory now, committed by the worker.
+
+        The same retries as ``settle``, driven by callbacks instead of a task: the request's
+        handler spends no task (nor coroutine) on its settlement.
+        """
+        record = self.engine.settle(request_id, settlement)
+        if record is None:
+            return False
+        self._commit(record, 0)
+        return True
+
+    def _commit(self, record: LedgerRecord, attempt: int) -> None:
+        try:
+            future = self._worker.call(self._settle, (record,), write=True)
+        except sqlite3.Error as exc:  # the store is closed: the reconciler will charge it
+            self._not_committed(record, exc)
+            return
+        future.add_done_callback(functools.partial(self._committed, record, attempt))
+
+    def _committed(self, record: LedgerRecord, attempt: int, future: asyncio.Future[None]) -> None:
+        exc = None if future.cancelled() else future.exception()
+        if exc is None:
+            self.engine.forget(record.request_id)
+        elif attempt == _SETTLE_ATTEMPTS - 1:
+            self._not_committed(record, exc)
+        else:
+            _LOGGER.warning(
+                "ledger settlement of %s failed (%s); retry %d",
+                record.request_id,
+                exc.__class__.__name__,
+                attempt + 1,
+            )
+            future.get_loop().call_later(
+                _SETTLE_BACKOFF_SECONDS * 2**attempt, self._commit, record, attempt + 1
+            )
+
+    @staticmethod
+    def _not_committed(record: LedgerRecord, exc: BaseException) -> None:
+        _LOGGER.error(
+            "ledger settlement of %s not committed (%s: %s); the reconciler will charge it",
+            record.request_id,
+            exc.__class__.__name__,
+            exc,
+        )
 
     async def renew(self, request_id: str, now: float, lease_seconds: float) -> None:
         """See ``Store.renew`` (leases live in memory: one replica)."""
@@ -438,4 +493,4 @@ class SqliteStore:
         return await self._run(self._select, "created_at >= ? AND created_at < ?", (since, until))
 
 
-_STORE_CHECK: type[Store] = SqliteStore
+_STORE_CHECK: type[LocalStore] = SqliteStore

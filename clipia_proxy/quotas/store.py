@@ -12,13 +12,13 @@ while their record stays ``dispatched`` for the reconciler. Every method may rai
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import msgspec
 
 from .model import Outcome, Period, RecordState, ReserveRequest, ReserveResult, Settlement
 
-__all__ = ["LedgerRecord", "Store", "StoreUnavailable", "WindowUsage"]
+__all__ = ["LedgerRecord", "LocalStore", "Store", "StoreUnavailable", "WindowUsage"]
 
 
 class StoreUnavailable(Exception):
@@ -98,3 +98,16 @@ class Store(Protocol):
 
     async def records(self, *, since: float, until: float) -> list[LedgerRecord]:
         """Return records created in ``[since, until)``, oldest first."""
+
+
+@runtime_checkable
+class LocalStore(Store, Protocol):
+    """A store whose decisions live in this process (memory, sqlite): it can settle at once."""
+
+    def settle_nowait(self, request_id: str, settlement: Settlement) -> bool:
+        """Apply ``settlement`` now (budgets see it at once) and persist it in the background.
+
+        Returns False if already settled or unknown, like ``settle``. A failed write is
+        retried in the background; if it never lands, the record stays ``dispatched`` for
+        the reconciler, as with ``settle``.
+        """
