@@ -16,7 +16,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from decimal import Decimal
 from typing import Final
 
-import aiohttp
 from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
 
@@ -82,7 +81,6 @@ def create_app(
     config: Config,
     *,
     api_key: Secret | None = None,
-    connector: aiohttp.BaseConnector | None = None,
     today: Callable[[], dt.date] | None = None,
     store: Store | None = None,
     clock: Callable[[], float] | None = None,
@@ -90,13 +88,12 @@ def create_app(
     """Build the data-port application for ``config``.
 
     ``api_key`` overrides the Clipia key named by the config (the demo and tests use it);
-    ``connector`` the upstream connector; ``today`` the date used for key expiry; ``store``
-    the quota store (else built from ``config.store``); ``clock`` the quota clock (epoch s).
+    ``today`` the date used for key expiry; ``store`` the quota store (else built from
+    ``config.store``); ``clock`` the quota clock (epoch s).
     """
     key = api_key if api_key is not None else read_api_key(config.upstream)
     app = web.Application(
         client_max_size=config.server.max_body_bytes,
-        # This order matters: the outermost middleware comes first.
         # One middleware (each layer costs a coroutine per request): request id, draining,
         # identity, every error as an OpenAI envelope, metrics and the access line.
         middlewares=[_gateway_middleware],
@@ -106,7 +103,6 @@ def create_app(
     upstream = UpstreamClient(
         config.upstream,
         key,
-        connector=connector,
         on_attempt=lambda code: attempts[0](code) if attempts else None,
     )
     catalog = Catalog(upstream, config.catalog, tasks)

@@ -45,7 +45,13 @@ from .quotas.estimate import PriceUnknown, estimate
 from .quotas.model import Outcome, Settlement, credits
 from .sse import UsageTap
 from .streaming import StreamResult, relay_stream
-from .upstream import UpstreamClient, UpstreamNotSent, UpstreamRefused, read_body
+from .upstream import (
+    UpstreamClient,
+    UpstreamNotSent,
+    UpstreamRefused,
+    UpstreamResponse,
+    read_body,
+)
 from .wire import Usage, decode_json, encode_json, parse_chat_request, usage_from_object
 
 __all__ = [
@@ -418,9 +424,7 @@ def _upstream_broke() -> UpstreamUnavailable:
     return UpstreamUnavailable("The upstream AI gateway broke off its answer.")
 
 
-async def _pass_through_error(
-    upstream: UpstreamClient, response: aiohttp.ClientResponse
-) -> web.Response:
+async def _pass_through_error(upstream: UpstreamClient, response: UpstreamResponse) -> web.Response:
     """Relay an upstream error about the request: its status and a clean envelope.
 
     Only the envelope's four fields are kept; a non-JSON body, or one that mentions our key,

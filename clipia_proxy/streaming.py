@@ -29,6 +29,7 @@ from aiohttp import web
 
 from .quotas.model import Outcome
 from .sse import UsageChunkFilter, UsageTap, sse_error_event
+from .upstream import UpstreamResponse
 
 __all__ = ["OpenStreams", "Outcome", "StreamResult", "relay_stream"]
 
@@ -56,12 +57,12 @@ class OpenStreams:
     """The streams being relayed, so shutdown can end them cleanly at its deadline."""
 
     def __init__(self) -> None:
-        self._open: dict[int, tuple[aiohttp.ClientResponse, StreamResult]] = {}
+        self._open: dict[int, tuple[UpstreamResponse, StreamResult]] = {}
 
     def __len__(self) -> int:
         return len(self._open)
 
-    def add(self, upstream: aiohttp.ClientResponse, result: StreamResult) -> int:
+    def add(self, upstream: UpstreamResponse, result: StreamResult) -> int:
         """Register a stream; return the token for ``discard``."""
         token = id(result)
         self._open[token] = (upstream, result)
@@ -85,7 +86,7 @@ class OpenStreams:
 
 async def relay_stream(
     request: web.Request,
-    upstream: aiohttp.ClientResponse,
+    upstream: UpstreamResponse,
     *,
     headers: dict[str, str],
     drop_usage_chunk: bool,

@@ -128,7 +128,7 @@ async def chat(env: Env, *, fault: Fault | None = None) -> tuple[str, Decimal, i
     )
     try:
         assert response.status == 200
-        data = msgspec.json.decode(await response.read())
+        data = msgspec.json.decode(await response.content.read())
     finally:
         response.release()
     bill = env.state.bills[data["id"]]

@@ -172,7 +172,10 @@ class QuotaService:
             stream=stream,
         )
         try:
-            async with asyncio.timeout(self._timeout if self._remote else None):
+            if self._remote:
+                async with asyncio.timeout(self._timeout):
+                    result = await self.store.reserve(request)
+            else:  # local stores answer at once (sqlite has its own busy timeout): no timer
                 result = await self.store.reserve(request)
         except (StoreUnavailable, TimeoutError) as exc:
             self.store_reachable = False
@@ -297,7 +300,9 @@ class QuotaService:
         """Replace the reservation by the actual cost (idempotent; retried while the store fails)."""
         for attempt in range(6):
             try:
-                async with asyncio.timeout(self._timeout * 2 if self._remote else None):
+                if not self._remote:
+                    return await self.store.settle(request_id, settlement)
+                async with asyncio.timeout(self._timeout * 2):
                     return await self.store.settle(request_id, settlement)
             except (StoreUnavailable, TimeoutError) as exc:
                 _LOGGER.warning(
