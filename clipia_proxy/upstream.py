@@ -285,8 +285,11 @@ class UpstreamClient:
         *,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         on_attempt: Callable[[str], None] = lambda _code: None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self._config = config
+        self._tls = tls
+        """For an https base URL: the TLS context (default: the system's CAs, verified)."""
         self._on_attempt = on_attempt
         """Told of every attempt: the upstream status, or ``connect_error``/``timeout``/``error``."""
         self._sleep = sleep
@@ -312,7 +315,9 @@ class UpstreamClient:
     async def start(self) -> None:
         """Open the pool (connections are made on first use)."""
         base = self._base
-        tls = ssl.create_default_context() if base.scheme == "https" else None
+        tls = None
+        if base.scheme == "https":
+            tls = self._tls or ssl.create_default_context()
         self._pool = _Pool(
             asyncio.get_running_loop(),
             host=base.raw_host or "",

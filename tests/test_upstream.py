@@ -26,7 +26,7 @@ from multidict import CIMultiDict
 from clipia_proxy.config import Secret, UpstreamConfig
 from clipia_proxy.emulator import Fault
 from clipia_proxy.errors import UpstreamUnavailable
-from clipia_proxy.upstream import UpstreamClient, parse_retry_after
+from clipia_proxy.upstream import UpstreamClient, parse_retry_after, read_body
 from tests.conftest import Stack
 
 Json = Any
@@ -483,5 +483,374 @@ async def test_read_body_reads_every_chunk_and_stops_at_the_limit() -> None:
             async with session.get(url) as response:
                 capped = await read_body(response, 10)
                 assert capped == expected[:11]  # one byte past the limit says "too large"
+    finally:
+        await runner.cleanup()
+
+
+# --------------------------------------------------------------------------------------------
+# The connection pool, against a raw HTTP server that records every connection and request
+
+
+class RawServer:
+    """An HTTP/1.1 server on 127.0.0.1 whose answers the test scripts as raw bytes."""
+
+    def __init__(self, answer: Callable[[bytes], Awaitable[bytes | None]]) -> None:
+        self.answer = answer
+        self.requests: list[tuple[int, bytes]] = []
+        """(connection number, request head) in arrival order."""
+        self.connections = 0
+        self.open = 0
+        self.most_open = 0
+        self.server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def __aenter__(self) -> RawServer:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        for writer in self._writers:
+            writer.close()
+        await self.server.wait_closed()
+        await asyncio.wait_for(self._idle.wait(), 5)  # every connection handler returned
+
+    @property
+    def base_url(self) -> str:
+        assert self.server is not None
+        port = self.server.sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}/v1"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        number = self.connections
+        self._writers.add(writer)
+        self._idle.clear()
+        self.open += 1
+        self.most_open = max(self.most_open, self.open)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value)
+                if length:
+                    await reader.readexactly(length)
+                self.requests.append((number, head))
+                reply = await self.answer(head)
+                if reply is None:
+                    return  # hang up without answering
+                writer.write(reply)
+                await writer.drain()
+                if b"connection: close" in reply.lower():
+                    return
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return
+        finally:
+            self.open -= 1
+            self._writers.discard(writer)
+            if not self._writers:
+                self._idle.set()
+            writer.close()
+
+
+def ok(body: bytes = b"{}", *extra: str) -> bytes:
+    head = "".join(f"{line}\r\n" for line in extra)
+    return (
+        f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        f"{head}\r\n"
+    ).encode() + body
+
+
+def raw_client(base_url: str, **settings: Any) -> UpstreamClient:
+    config = UpstreamConfig(base_url=base_url, api_key_env=None, **settings)
+    return UpstreamClient(config, Secret("clipia_live_pool"))
+
+
+async def get(client: UpstreamClient, path: str = "/models", **kwargs: Any) -> tuple[int, bytes]:
+    response = await client.send("GET", path, request_id="r1", **kwargs)
+    try:
+        return response.status, await read_body(response, 1 << 20)
+    finally:
+        response.release()
+
+
+async def test_pool_reuses_one_connection_for_sequential_requests() -> None:
+    async def answer(_head: bytes) -> bytes:
+        return ok(b'{"n": 1}')
+
+    async with RawServer(answer) as server:
+        client = raw_client(server.base_url)
+        await client.start()
+        try:
+            for _ in range(5):
+                assert await get(client) == (200, b'{"n": 1}')
+        finally:
+            await client.close()
+    assert server.connections == 1
+    assert [number for number, _ in server.requests] == [1] * 5
+
+
+async def test_pool_never_opens_more_than_max_connections() -> None:
+    async def answer(_head: bytes) -> bytes:
+        await asyncio.sleep(0.05)
+        return ok()
+
+    async with RawServer(answer) as server:
+        client = raw_client(server.base_url, max_connections=2)
+        await client.start()
+        try:
+            results = await asyncio.gather(*(get(client) for _ in range(8)))
+        finally:
+            await client.close()
+    assert results == [(200, b"{}")] * 8
+    assert server.most_open <= 2
+    assert server.connections == 2
+
+
+async def test_a_cancelled_wait_for_a_connection_frees_nothing_it_did_not_take() -> None:
+    gate = asyncio.Event()
+
+    async def answer(_head: bytes) -> bytes:
+        await gate.wait()
+        return ok()
+
+    async with RawServer(answer) as server:
+        client = raw_client(server.base_url, max_connections=1)
+        await client.start()
+        try:
+            async with asyncio.TaskGroup() as group:
+                first = group.create_task(get(client))
+                waiting = group.create_task(get(client))
+                await asyncio.sleep(0.05)
+                waiting.cancel()  # cancelled while waiting for the only connection
+                await asyncio.wait([waiting])
+                assert waiting.cancelled()
+                gate.set()
+            assert first.result() == (200, b"{}")
+            assert await get(client) == (200, b"{}")  # the connection came back to the pool
+        finally:
+            await client.close()
+    assert server.connections == 1
+
+
+async def test_a_connection_the_server_closes_is_not_reused() -> None:
+    async def answer(_head: bytes) -> bytes:
+        return ok(b"{}", "Connection: close")
+
+    async with RawServer(answer) as server:
+        client = raw_client(server.base_url)
+        await client.start()
+        try:
+            for _ in range(3):
+                assert await get(client) == (200, b"{}")
+                await asyncio.sleep(0.01)
+        finally:
+            await client.close()
+    assert server.connections == 3
+
+
+async def test_an_unread_body_closes_its_connection() -> None:
+    async def answer(_head: bytes) -> bytes:
+        return ok(b"x" * 300_000)
+
+    async with RawServer(answer) as server:
+        client = raw_client(server.base_url)
+        await client.start()
+        try:
+            response = await client.send("GET", "/models", request_id="r1")
+            assert await response.content.read(10) == b"x" * 10
+            response.release()  # most of the body unread: the connection cannot be reused
+            assert await get(client) == (200, b"x" * 300_000)
+        finally:
+            await client.close()
+    assert server.connections == 2
+
+
+async def test_close_fails_a_pending_body_read() -> None:
+    async def answer(_head: bytes) -> bytes:
+        # A chunked body that never ends: the reader waits for the next chunk.
+        return b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n"
+
+    async with RawServer(answer) as server:
+        client = raw_client(server.base_url, idle_timeout_seconds=30)
+        await client.start()
+        try:
+            response = await client.send("GET", "/models", request_id="r1")
+            assert await response.content.readany() == b"hi"
+
+            async def next_chunk() -> BaseException | bytes:
+                try:
+                    return await response.content.readany()
+                except aiohttp.ClientConnectionError as exc:
+                    return exc
+
+            async with asyncio.TaskGroup() as group:
+                pending = group.create_task(next_chunk())
+                await asyncio.sleep(0.01)
+                response.close()
+                await asyncio.wait([pending], timeout=2)
+            assert isinstance(pending.result(), aiohttp.ClientConnectionError)
+            response.release()  # after close: nothing left to do
+        finally:
+            await client.close()
+
+
+async def test_request_line_headers_and_query_are_exact() -> None:
+    async def answer(_head: bytes) -> bytes:
+        return ok()
+
+    async with RawServer(answer) as server:
+        base_url = server.base_url
+        client = raw_client(base_url)
+        await client.start()
+        try:
+            tricky = "gen 1&x=2/\r\nX-Injected: yes"
+            assert (await get(client, "/generation", query={"id": tricky}))[0] == 200
+            response = await client.send(
+                "POST", "/chat/completions", request_id="req-7", body=b'{"a":1}'
+            )
+            response.release()
+        finally:
+            await client.close()
+    port = base_url.split(":")[2].split("/")[0]
+    first = server.requests[0][1].decode("latin-1")
+    request_line, *header_lines = first.split("\r\n")
+    assert request_line == (
+        "GET /v1/generation?id=gen%201%26x%3D2%2F%0D%0AX-Injected%3A%20yes HTTP/1.1"
+    )
+    assert "X-Injected" not in first.split("?")[0] + "".join(header_lines)
+    headers = dict(line.split(": ", 1) for line in header_lines if line)
+    assert headers["Host"] == f"127.0.0.1:{port}"
+    assert headers["Authorization"] == "Bearer clipia_live_pool"
+    assert headers["Accept-Encoding"] == "identity"
+    post = server.requests[1][1].decode("latin-1")
+    assert post.startswith("POST /v1/chat/completions HTTP/1.1\r\n")
+    assert "Content-Length: 7\r\n" in post
+    assert "X-Request-Id: req-7\r\n" in post
+
+
+async def test_interim_1xx_answers_are_skipped() -> None:
+    async def answer(_head: bytes) -> bytes:
+        return b"HTTP/1.1 100 Continue\r\n\r\n" + ok(b'{"after": "continue"}')
+
+    async with RawServer(answer) as server:
+        client = raw_client(server.base_url)
+        await client.start()
+        try:
+            assert await get(client) == (200, b'{"after": "continue"}')
+        finally:
+            await client.close()
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        b"NOT HTTP AT ALL\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: nope\r\n\r\n",
+        None,  # the server hangs up without answering
+    ],
+    ids=["garbage", "bad-length", "hang-up"],
+)
+async def test_a_broken_answer_is_502_and_its_connection_is_dropped(reply: bytes | None) -> None:
+    replies = [reply, ok(b'{"fine": true}')]
+
+    async def answer(_head: bytes) -> bytes | None:
+        return replies.pop(0)
+
+    async with RawServer(answer) as server:
+        client = raw_client(server.base_url)
+        await client.start()
+        try:
+            with pytest.raises(UpstreamUnavailable):
+                await get(client)
+            assert await get(client) == (200, b'{"fine": true}')  # on a new connection
+        finally:
+            await client.close()
+    assert server.connections == 2
+
+
+async def test_an_idle_connection_past_keep_alive_is_not_reused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import clipia_proxy.upstream as upstream_module
+
+    monkeypatch.setattr(upstream_module, "_KEEPALIVE_SECONDS", 0.05)
+
+    async def answer(_head: bytes) -> bytes:
+        return ok()
+
+    async with RawServer(answer) as server:
+        client = raw_client(server.base_url)
+        await client.start()
+        try:
+            assert await get(client) == (200, b"{}")
+            assert await get(client) == (200, b"{}")
+            await asyncio.sleep(0.1)
+            assert await get(client) == (200, b"{}")
+        finally:
+            await client.close()
+    assert [number for number, _ in server.requests] == [1, 1, 2]
+
+
+async def test_a_closed_client_refuses_to_send() -> None:
+    client = raw_client(DEAD_UPSTREAM)
+    with pytest.raises(RuntimeError):
+        await client.send("GET", "/models", request_id="r1")
+    await client.start()
+    await client.close()
+    with pytest.raises(RuntimeError):
+        await client.send("GET", "/models", request_id="r1")
+
+
+async def test_https_upstream_is_verified_and_used() -> None:
+    import ssl
+
+    import trustme
+
+    authority = trustme.CA()
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    authority.issue_cert("localhost").configure_cert(server_tls)
+
+    async def models(request: web.Request) -> web.Response:
+        assert request.headers["Host"].startswith("localhost:")
+        return web.json_response({"data": [], "secure": request.secure})
+
+    app = web.Application()
+    app.router.add_get("/v1/models", models)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_tls).start()
+    base_url = f"https://localhost:{runner.addresses[0][1]}/v1"
+    try:
+        trusting = ssl.create_default_context()
+        authority.configure_trust(trusting)
+        client = UpstreamClient(
+            UpstreamConfig(base_url=base_url, api_key_env=None),
+            Secret("clipia_live_tls"),
+            tls=trusting,
+        )
+        await client.start()
+        try:
+            status, body = await get(client)
+        finally:
+            await client.close()
+        assert status == 200
+        assert msgspec.json.decode(body) == {"data": [], "secure": True}
+        # The default context trusts only the system's CAs: this certificate is refused, and
+        # nothing was sent.
+        untrusting = raw_client(base_url, retries=0)
+        await untrusting.start()
+        try:
+            with pytest.raises(UpstreamUnavailable) as caught:
+                await get(untrusting)
+        finally:
+            await untrusting.close()
+        assert "cannot be reached" in caught.value.message
     finally:
         await runner.cleanup()
