@@ -27,6 +27,10 @@ class ModelPolicy:
         self.allow: Final = team.models.allow
         self.deny: Final = team.models.deny
         self.aliases: Final[Mapping[str, str]] = dict(team.models.aliases)
+        self._resolved: dict[str, str] = {}
+        """Requested id -> canonical id, for requests ``resolve`` accepted against the chat
+        models in ``_resolved_for`` (so bounded by the catalog and the aliases)."""
+        self._resolved_for: object = None
 
     def canonical(self, requested: str) -> str:
         """Return the canonical id for ``requested`` (aliases resolved; others unchanged)."""
@@ -47,8 +51,15 @@ class ModelPolicy:
         """Return the canonical id to forward, or raise 403 ``model_not_allowed`` / 404.
 
         A model the policy refuses is 403 whether or not it exists; an allowed id missing
-        from the catalog's chat models is 404 ``model_not_found``.
+        from the catalog's chat models is 404 ``model_not_found``. Accepted answers are
+        remembered for the same ``chat_models`` object (a catalog snapshot's).
         """
+        if chat_models is self._resolved_for:
+            known = self._resolved.get(requested)
+            if known is not None:
+                return known
+        else:
+            self._resolved_for, self._resolved = chat_models, {}
         canonical = self.canonical(requested)
         if not self.allows(canonical):
             raise ModelNotAllowed(
@@ -61,6 +72,7 @@ class ModelPolicy:
                 f"The model {_show(requested)} does not exist or is not a chat model.",
                 param="model",
             )
+        self._resolved[requested] = canonical
         return canonical
 
     def visible(self, chat_models: Container[str], ids: list[str]) -> list[tuple[str, str]]:

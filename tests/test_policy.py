@@ -185,3 +185,21 @@ def test_apply_caps_without_caps_checks_only_agreement() -> None:
     body: dict[str, object] = {"max_tokens": 10**9, "n": 10**6}
     apply_caps(body, caps(None, None))
     assert body == {"max_tokens": 10**9, "n": 10**6}
+
+
+def test_remembered_answers_follow_the_catalog() -> None:
+    policy = ModelPolicy(teams()["search"])
+    before = set(CHAT_IDS)
+    assert policy.resolve("fast", before) == "claude-sonnet-4-6"
+    assert policy.resolve("fast", before) == "claude-sonnet-4-6"  # remembered
+    with pytest.raises(ModelNotAllowed):  # refusals are never remembered as answers
+        policy.resolve("claude-sonnet-4-5", before)
+    with pytest.raises(ModelNotAllowed):
+        policy.resolve("claude-sonnet-4-5", before)
+    # A new catalog snapshot without the model: the remembered answer is not used.
+    after = before - {"claude-sonnet-4-6"}
+    with pytest.raises(ModelNotFound):
+        policy.resolve("fast", after)
+    with pytest.raises(ModelNotFound):
+        policy.resolve("claude-sonnet-4-6", after)
+    assert policy.resolve("gpt-5.5", after) == "gpt-5.5"

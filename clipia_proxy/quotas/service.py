@@ -109,6 +109,7 @@ class QuotaService:
         self._windows: tuple[float, float, dict[Period, Window]] | None = None
         """(computed at, valid until, windows): windows only change at a local midnight."""
         self._shadow = {team.id: team.shadow for team in config.teams}
+        self._reset_texts: dict[dt.datetime, str] = {}
         self.rejections: Counter[tuple[str, str]] = Counter()
         """(team, reason) -> refusals; reason ``store_unavailable`` included."""
         self.would_reject: Counter[tuple[str, str]] = Counter()
@@ -278,10 +279,17 @@ class QuotaService:
             headers["x-clipia-budget-remaining"] = str(credits(result.budget_remaining))
             resets_at = current[result.budget_period].resets_at
             if resets_at is not None:
-                headers["x-clipia-budget-reset"] = (
-                    resets_at.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
-                )
+                headers["x-clipia-budget-reset"] = self._reset_text(resets_at)
         return headers
+
+    def _reset_text(self, resets_at: dt.datetime) -> str:
+        cached = self._reset_texts.get(resets_at)
+        if cached is None:
+            cached = resets_at.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
+            if len(self._reset_texts) >= 16:  # a few current windows; old ones go
+                self._reset_texts.clear()
+            self._reset_texts[resets_at] = cached
+        return cached
 
     async def _void(self, request_id: str) -> None:
         void = Settlement(

@@ -140,24 +140,37 @@ class _Worker:
 
     def __init__(self, connection: Callable[[], sqlite3.Connection]) -> None:
         self._connection = connection
-        self._queue: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[list[_Call] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._main, name="clipia-sqlite", daemon=True)
+        self._started = False
         self._stopped = False
+        self._pending: list[_Call] = []
+        """Calls made during this turn of the event loop, handed over together at its end:
+        one wake-up of the thread per turn, not one per call."""
 
     def call(
         self, fn: Callable[..., _T], args: tuple[Any, ...], *, write: bool
     ) -> asyncio.Future[_T]:
         if self._stopped:
             raise sqlite3.OperationalError("the store is closed")
-        if not self._thread.is_alive():
+        if not self._started:
+            self._started = True
             self._thread.start()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[_T] = loop.create_future()
-        self._queue.put(_Call(fn, args, write, loop, future))
+        if not self._pending:
+            loop.call_soon(self._hand_over)
+        self._pending.append(_Call(fn, args, write, loop, future))
         return future
+
+    def _hand_over(self) -> None:
+        if self._pending:
+            pending, self._pending = self._pending, []
+            self._queue.put(pending)
 
     def stop(self) -> None:
         self._stopped = True
+        self._hand_over()
         self._queue.put(None)
 
     def _main(self) -> None:
@@ -165,7 +178,7 @@ class _Worker:
             first = self._queue.get()
             if first is None:
                 return
-            batch = [first]
+            batch = list(first)
             stop = False
             while True:
                 try:
@@ -175,7 +188,7 @@ class _Worker:
                 if item is None:
                     stop = True
                     break
-                batch.append(item)
+                batch.extend(item)
             by_loop: dict[
                 asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]
             ] = {}
