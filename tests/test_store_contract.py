@@ -662,6 +662,32 @@ async def test_sqlite_settle_nowait_commits_in_the_background(sq: Harness) -> No
     await _wait_forgotten(store, "r")
 
 
+async def test_sqlite_a_lingering_settlement_commits_on_its_own(sq: Harness) -> None:
+    store = sq.store
+    assert isinstance(store, SqliteStore)
+    await store.reserve(sq.request("r", amount=1_000))
+    assert store.settle_nowait("r", settlement(300))
+    assert "r" in store.engine.records  # lingering: not handed to the writer yet
+    await _wait_forgotten(store, "r")  # no other call came: the linger timer sent it
+
+
+async def test_sqlite_a_lingering_settlement_rides_with_the_next_write(
+    sq: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = sq.store
+    assert isinstance(store, SqliteStore)
+    monkeypatch.setattr(sqlite_module, "_LINGER_SECONDS", 60.0)  # the timer never fires here
+    await store.reserve(sq.request("a", amount=1_000))
+    assert store.settle_nowait("a", settlement(300))
+    await asyncio.sleep(0.05)
+    assert "a" in store.engine.records
+    await store.reserve(sq.request("b", amount=1_000))  # takes the settlement along, first
+    await _wait_forgotten(store, "a")
+    record = await store.record("a")
+    assert record is not None
+    assert (record.state, record.cost) == (RecordState.SETTLED, 300)
+
+
 async def test_sqlite_settle_nowait_retries_until_the_write_lands(
     sq: Harness, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
