@@ -6,10 +6,12 @@ after the ``dispatched`` record is committed; a failed commit undoes the decisio
 :class:`StoreUnavailable`. ``settle`` updates the engine at once and commits the record,
 retrying a failed commit until it lands (the record stays ``dispatched`` meanwhile, and the
 start-up reconciler is the backstop); ``settle_nowait`` does the same without being awaited,
-its write lingering up to ``_LINGER_SECONDS`` to share the next write's transaction. On start-up, spent per window is summed from settled
-records (``json_extract`` of their window keys; day/week/month over the last 40 days only), the last minute of RPM/TPM is rebuilt, and unsettled records are handed to the
-reconciler. sqlite3 runs on one worker thread: nothing blocks the event loop. WAL journal with
-``synchronous=NORMAL``: a commit survives a crash of the process (not of the machine's power).
+its write lingering up to ``_LINGER_SECONDS`` to share the next write's transaction. On
+start-up, spent per window is summed from settled records (``json_extract`` of their window keys;
+day/week/month over the last 40 days only), the last minute of RPM/TPM is rebuilt, and
+unsettled records are handed to the reconciler. sqlite3 runs on one worker thread: nothing
+blocks the event loop. WAL journal with ``synchronous=NORMAL``: a commit survives a crash of
+the process (not of the machine's power).
 """
 
 from __future__ import annotations
