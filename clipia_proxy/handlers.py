@@ -52,7 +52,7 @@ from .upstream import (
     UpstreamResponse,
     read_body,
 )
-from .wire import Usage, decode_json, encode_json, parse_chat_request, usage_from_object
+from .wire import Usage, answer_summary, decode_json, encode_json, parse_chat_request
 
 __all__ = [
     "GenerationOwners",
@@ -396,17 +396,13 @@ async def _forward(
         info.upstream_done = time.perf_counter()
         info.ttft = info.upstream_done - info.started
         info.outcome = Outcome.COMPLETED.value
-        try:
-            decoded = decode_json(data)
-        except (msgspec.DecodeError, ValueError):
-            decoded = None
-        if isinstance(decoded, dict):
-            upstream_id = decoded.get("id")
-            if isinstance(upstream_id, str):
+        summary = answer_summary(data)
+        if summary is not None:
+            upstream_id, flight.usage = summary
+            if upstream_id is not None:
                 flight.upstream_id = upstream_id
                 info.upstream_id = upstream_id
                 _remember_generation(request, upstream_id)
-            flight.usage = usage_from_object(decoded)
             info.record_usage(flight.usage, "response")
         return web.Response(body=data, status=200, content_type=_JSON, headers=headers)
     except aiohttp.ClientError as exc:

@@ -6,10 +6,13 @@ from decimal import Decimal
 
 import msgspec
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from clipia_proxy.errors import InvalidRequest
 from clipia_proxy.wire import (
     Usage,
+    answer_summary,
     decode_json,
     encode_json,
     parse_chat_request,
@@ -205,3 +208,64 @@ def test_reserialisation_is_exact_for_client_numbers() -> None:
     assert b"0.70" in out
     assert b"9223372036854775807" in out
     assert decode_json(out) == decode_json(raw)
+
+
+def _generic_summary(data: bytes) -> tuple[str | None, Usage | None] | None:
+    """What the handler did before ``answer_summary``: decode everything, then pick."""
+    try:
+        decoded = decode_json(data)
+    except (msgspec.DecodeError, ValueError):
+        return None
+    if not isinstance(decoded, dict):
+        return None
+    upstream_id = decoded.get("id")
+    return (upstream_id if isinstance(upstream_id, str) else None), usage_from_object(decoded)
+
+
+_ODD_VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-5, max_value=10**12),
+    st.sampled_from(["12", "0.5", "-1", "abc", "NaN", "1e5", "", "0.000123"]),
+    st.sampled_from([0.0, 0.00123, -0.5, 1.5e-7, 12.25]),
+    st.lists(st.integers(), max_size=2),
+    st.dictionaries(st.sampled_from(["a", "cost"]), st.integers(), max_size=2),
+)
+
+
+@given(
+    upstream_id=_ODD_VALUES | st.text(max_size=8),
+    usage=st.none()
+    | _ODD_VALUES
+    | st.dictionaries(
+        st.sampled_from(["prompt_tokens", "completion_tokens", "total_tokens", "cost", "x"]),
+        _ODD_VALUES,
+    ),
+    with_usage=st.booleans(),
+    extra=st.dictionaries(st.sampled_from(["choices", "model", "object"]), _ODD_VALUES),
+)
+def test_answer_summary_equals_the_tolerant_path(
+    upstream_id: object, usage: object, with_usage: bool, extra: dict[str, object]
+) -> None:
+    body: dict[str, object] = {**extra, "id": upstream_id}
+    if with_usage:
+        body["usage"] = usage
+    data = msgspec.json.encode(body)
+    assert answer_summary(data) == _generic_summary(data)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"[]",
+        b"not json",
+        b'{"id": "x", "usage": {"cost": 1e999}}',
+        b'{"id": "x", "usage": {"cost": 5e-401}}',
+        b'{"id": "x", "usage": {"cost": -0.0}}',
+        b'{"id": "x"',
+        b'{"id": "x", "usage": {"prompt_tokens": 3, "cost": "0.25"}}',
+        b'{"id": "chatcmpl-1", "usage": null}',
+    ],
+)
+def test_answer_summary_edge_bodies(data: bytes) -> None:
+    assert answer_summary(data) == _generic_summary(data)
