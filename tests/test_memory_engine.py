@@ -52,3 +52,63 @@ def test_running_token_sum_matches_the_log(steps: list[tuple[str, int]]) -> None
         log = list(engine._rates.get("t", ()))
         assert tokens == sum(entry.tokens for entry in log)
         assert requests == len(log)
+
+
+LEASE_STEP = st.one_of(
+    st.tuples(st.just("reserve"), st.integers(1, 100)),  # lease seconds
+    st.tuples(st.just("settle"), st.integers(0, 500)),
+    st.tuples(st.just("renew"), st.integers(0, 500)),
+    st.tuples(st.just("unreserve"), st.integers(0, 0)),
+    st.tuples(st.just("wait"), st.integers(1, 60)),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(LEASE_STEP, max_size=80))
+def test_lease_expiry_matches_a_full_scan(steps: list[tuple[str, int]]) -> None:
+    """Expiry looks only at the earliest lease; it must release exactly what a scan would."""
+    engine = MemoryEngine()
+    now = 1_000.0
+    issued: list[str] = []
+    leases: dict[str, float] = {}  # the model: live reservation -> lease end
+    for index, (kind, value) in enumerate(steps):
+        if kind == "reserve":
+            rid = f"r{index}"
+            engine.reserve(
+                ReserveRequest(
+                    request_id=rid,
+                    team="t",
+                    amount=Micro(10),
+                    tokens=1,
+                    periods={Period.TOTAL: "total"},
+                    now=now,
+                    lease_seconds=value,
+                    limits=TeamLimits(),
+                )
+            )
+            issued.append(rid)
+            leases[rid] = now + value
+        elif kind == "settle" and issued:
+            rid = issued[value % len(issued)]
+            engine.settle(rid, Settlement(cost=Micro(1), now=now))
+            leases.pop(rid, None)
+        elif kind == "renew" and issued:
+            rid = issued[value % len(issued)]
+            engine.renew(rid, now + value, now)
+            if rid in leases:
+                if leases[rid] <= now:
+                    del leases[rid]
+                else:
+                    leases[rid] = max(leases[rid], now + value)
+        elif kind == "unreserve" and issued:
+            rid = issued.pop()
+            engine.unreserve(rid)
+            leases.pop(rid, None)
+        elif kind == "wait":
+            now += value
+        usage = engine.usage("t", ["total"], now)["total"]
+        for rid in [r for r, end in leases.items() if end <= now]:
+            del leases[rid]
+        assert usage.reserved == 10 * len(leases)
+        assert engine._live.get("t", set()) == set(leases)
+        assert len(engine._leases.get("t", [])) <= 2 * len(leases) + 65

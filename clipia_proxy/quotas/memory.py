@@ -8,6 +8,7 @@ settle and lease expiry, so a decision costs O(live reservations of the team).
 
 from __future__ import annotations
 
+import heapq
 from collections import deque
 from typing import Final
 
@@ -45,6 +46,10 @@ class MemoryEngine:
         self.records: dict[str, LedgerRecord] = {}
         self._live: dict[str, set[str]] = {}
         """Team -> request ids whose lease is live and that are not settled."""
+        self._leases: dict[str, list[tuple[float, str]]] = {}
+        """Team -> heap of (lease_until, request id) over its live reservations: expiry looks
+        at the earliest lease only. Entries of released reservations are skipped when they
+        surface, and the heap is rebuilt when they outnumber the live ones."""
         self._spent: dict[tuple[str, str], int] = {}
         self._reserved: dict[tuple[str, str], int] = {}
         self._rates: dict[str, deque[_RateEntry]] = {}
@@ -85,9 +90,17 @@ class MemoryEngine:
         table[team, key] = table.get((team, key), 0) + amount
 
     def _hold(self, record: LedgerRecord) -> None:
-        self._live.setdefault(record.team, set()).add(record.request_id)
+        team = record.team
+        live = self._live.setdefault(team, set())
+        live.add(record.request_id)
+        leases = self._leases.setdefault(team, [])
+        heapq.heappush(leases, (record.lease_until, record.request_id))
+        if len(leases) > 2 * len(live) + 64:
+            records = self.records
+            leases[:] = [(records[r].lease_until, r) for r in live]
+            heapq.heapify(leases)
         for key in record.windows.values():
-            self._add(self._reserved, record.team, key, record.reserved)
+            self._add(self._reserved, team, key, record.reserved)
 
     def _release(self, record: LedgerRecord) -> None:
         live = self._live.get(record.team)
@@ -99,10 +112,18 @@ class MemoryEngine:
 
     def _expire(self, team: str, now: float) -> None:
         live = self._live.get(team)
-        if not live:
+        leases = self._leases.get(team)
+        if not live or not leases:
             return
-        for request_id in [r for r in live if self.records[r].lease_until <= now]:
-            self._release(self.records[request_id])
+        while leases and leases[0][0] <= now:
+            _, request_id = heapq.heappop(leases)
+            if request_id not in live:
+                continue  # released already
+            record = self.records[request_id]
+            if record.lease_until <= now:
+                self._release(record)
+            else:  # renewed since: back in at its new lease
+                heapq.heappush(leases, (record.lease_until, request_id))
 
     def _window(self, team: str, now: float) -> deque[_RateEntry]:
         log = self._rates.setdefault(team, deque())
