@@ -257,6 +257,7 @@ def format_table(report: Report) -> str:
         f"best of {report.settings.get('rounds')} interleaved rounds per metric; "
         f"max_tokens={report.settings.get('max_tokens')}; "
         f"gateway store: {report.settings.get('gateway_store')}; "
+        f"quotas: {report.settings.get('gateway_quotas', 'on')}; "
         f"LiteLLM: {report.litellm.get('status')}"
         + (f" ({report.litellm.get('note')})" if report.litellm.get("note") else ""),
         "",

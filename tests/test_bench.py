@@ -75,3 +75,18 @@ def test_quick_bench_reports_every_field(tmp_path: Path) -> None:
         assert field in report["summary"]
     assert {t["status"] for t in report["targets"]} <= {"PASS", "FAIL", "N/A"}
     assert len(report["targets"]) == 5
+
+
+@pytest.mark.parametrize("quotas", [True, False])
+def test_gateway_config_with_and_without_quotas(quotas: bool) -> None:
+    from bench.run import gateway_config
+    from clipia_proxy.config import parse_config
+
+    text = gateway_config(
+        port=1, admin_port=2, emulator_port=3, team_key="k", store="memory", quotas=quotas
+    )
+    config = parse_config(text, source="bench.yaml", resolve_secrets=False)
+    (team,) = config.teams
+    assert config.store.backend == "memory"
+    assert (team.budget.day is not None) is quotas
+    assert (team.limits.rpm is not None) is quotas
