@@ -122,7 +122,7 @@ def create_app(
         store_errors=lambda: quotas.store_errors,
         models=catalog.model_ids,
     )
-    attempts.append(lambda code: metrics.child(metrics.upstream_requests, code).inc())
+    attempts.append(lambda code: metrics.add(metrics.upstream_requests, (code,)))
     app[METRICS] = metrics
     app[STREAMS] = OpenStreams()
     app[QUOTAS] = quotas
@@ -321,12 +321,12 @@ async def _gateway_middleware(request: web.Request, handler: _Handler) -> web.St
             info.team = principal.team
             info.key_id = principal.key_id
             metrics = app[METRICS]
-            inflight = metrics.child(metrics.inflight, metrics.team(principal.team))
-            inflight.inc()
+            inflight = (metrics.team(principal.team),)
+            metrics.add(metrics.inflight, inflight)
             try:
                 response = await handler(request)
             finally:
-                inflight.dec()
+                metrics.add(metrics.inflight, inflight, -1.0)
         finally:
             health.leave()
     except ProxyError as exc:
@@ -387,12 +387,12 @@ def _observe(request: web.Request, info: RequestInfo, rejection: str | None) -> 
         metrics.record_rejection(info.team, rejection)
     if info.upstream_sent is not None:
         after = now - info.upstream_done if info.upstream_done is not None else 0.0
-        metrics.child(metrics.overhead, metrics.route(route)).observe(
-            info.upstream_sent - info.started + after
+        metrics.observe(
+            metrics.overhead, (metrics.route(route),), info.upstream_sent - info.started + after
         )
     if info.ttft is not None and info.model is not None:
-        metrics.child(metrics.ttft, metrics.team(info.team), metrics.model(info.model)).observe(
-            info.ttft
+        metrics.observe(
+            metrics.ttft, (metrics.team(info.team), metrics.model(info.model)), info.ttft
         )
 
 

@@ -371,11 +371,11 @@ async def _forward(
                 flight.usage_from_stream = True
                 flight.upstream_id = tap.upstream_id
                 info.upstream_done = result.upstream_done_at
-                app[METRICS].child(
-                    app[METRICS].stream_terminations,
-                    app[METRICS].team(info.team),
-                    result.outcome.value,
-                ).inc()
+                metrics = app[METRICS]
+                metrics.add(
+                    metrics.stream_terminations,
+                    (metrics.team(info.team), result.outcome.value),
+                )
             info.outcome = result.outcome.value
             info.upstream_id = tap.upstream_id
             if result.first_byte_at is not None:

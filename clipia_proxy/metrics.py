@@ -11,6 +11,7 @@ same shared values (dashboards aggregate them with ``max by (team)``).
 
 from __future__ import annotations
 
+import bisect
 import datetime as dt
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -185,6 +186,8 @@ class Metrics:
         self.store_errors = store_errors
         self._catalog_models = models
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        self._adders: dict[tuple[int, tuple[str, ...]], Callable[[float], None]] = {}
+        self._observers: dict[tuple[int, tuple[str, ...]], Callable[[float], None]] = {}
         self.budgets: dict[tuple[str, str], BudgetSnapshot] = {}
         """(team, period) -> numbers; replaced by ``set_budgets``."""
         r = self.registry
@@ -309,6 +312,8 @@ class Metrics:
                         metric.remove(*labels)
             self.budgets = {k: v for k, v in self.budgets.items() if k[0] != gone}
         self._children.clear()
+        self._adders.clear()
+        self._observers.clear()
         self._teams = new
         self._init_team_series(new)
 
@@ -317,6 +322,29 @@ class Metrics:
         self.budgets = budgets
 
     # -- recording --------------------------------------------------------------------------
+    def add(self, metric: Counter | Gauge, labels: tuple[str, ...], amount: float = 1.0) -> None:
+        """Add ``amount`` to a counter's (or gauge's) child: ``child.inc(amount)``, faster.
+
+        Goes straight to the child's value (prometheus_client's ``_value``), skipping the
+        per-call checks of ``inc``; amounts are the gateway's own (never negative for a
+        counter). ``tests/test_metrics.py`` holds the result equal to the public API's.
+        """
+        key = (id(metric), labels)
+        adder = self._adders.get(key)
+        if adder is None:
+            adder = self.child(metric, *labels)._value.inc
+            self._adders[key] = adder
+        adder(amount)
+
+    def observe(self, metric: Histogram, labels: tuple[str, ...], value: float) -> None:
+        """``child.observe(value)`` for a histogram's child, faster (a bisect, no checks)."""
+        key = (id(metric), labels)
+        observer = self._observers.get(key)
+        if observer is None:
+            observer = _fast_observer(self.child(metric, *labels))
+            self._observers[key] = observer
+        observer(value)
+
     def record_request(
         self,
         *,
@@ -329,10 +357,12 @@ class Metrics:
     ) -> None:
         """Count one answered request and its duration."""
         team_label, route_label = self.team(team), self.route(route)
-        self.child(self.requests, team_label, self.model(model), route_label, str(code)).inc()
-        self.child(
-            self.request_duration, team_label, route_label, "true" if stream else "false"
-        ).observe(duration)
+        self.add(self.requests, (team_label, self.model(model), route_label, str(code)))
+        self.observe(
+            self.request_duration,
+            (team_label, route_label, "true" if stream else "false"),
+            duration,
+        )
 
     def record_rejection(self, team: str, reason: str) -> None:
         """Count a request refused before the upstream."""
@@ -344,14 +374,24 @@ class Metrics:
     ) -> None:
         """Count settled spend and tokens."""
         team_label, model_label = self.team(team), self.model(model)
-        if cost:
-            self.child(self.spend, team_label, model_label).inc(float(cost))
-        else:
-            self.child(self.spend, team_label, model_label)
+        self.add(self.spend, (team_label, model_label), float(cost))  # 0 still makes the series
         if prompt_tokens:
-            self.child(self.tokens, team_label, model_label, "prompt").inc(prompt_tokens)
+            self.add(self.tokens, (team_label, model_label, "prompt"), prompt_tokens)
         if completion_tokens:
-            self.child(self.tokens, team_label, model_label, "completion").inc(completion_tokens)
+            self.add(self.tokens, (team_label, model_label, "completion"), completion_tokens)
+
+
+def _fast_observer(child: Histogram) -> Callable[[float], None]:
+    """Return ``child.observe`` without its checks: the sum and the first bucket >= value."""
+    bounds = list(child._upper_bounds)
+    bucket_adders = [bucket.inc for bucket in child._buckets]
+    add_to_sum = child._sum.inc
+
+    def observe(value: float) -> None:
+        add_to_sum(value)
+        bucket_adders[bisect.bisect_left(bounds, value)](1.0)
+
+    return observe
 
 
 def resets_timestamp(resets_at: dt.datetime | None) -> float | None:

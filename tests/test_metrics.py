@@ -28,7 +28,7 @@ from clipia_proxy.auth import generate_key
 from clipia_proxy.config import Secret
 from clipia_proxy.emulator import EmulatorState, Fault, create_emulator_app
 from clipia_proxy.keys import CATALOG, QUOTAS
-from clipia_proxy.metrics import REJECTION_REASONS, STREAM_REASONS
+from clipia_proxy.metrics import REJECTION_REASONS, STREAM_REASONS, Metrics
 from clipia_proxy.quotas.model import MICRO_PER_CREDIT, RecordState, UsageSource
 from clipia_proxy.quotas.store import LedgerRecord
 from clipia_proxy.server import start
@@ -557,3 +557,45 @@ async def test_store_unavailable_is_counted(stacks: Any, monkeypatch: pytest.Mon
     assert got.value(P + "store_errors_total", on_error="fail_closed") == 2.0
     assert got.by(P + "inflight_requests", "team") == {("search",): 0.0, ("research",): 0.0}
     assert got.series(P + "overhead_seconds_count") == {}
+
+
+def _samples(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in metrics.registry.collect()
+        for sample in family.samples
+        if not sample.name.endswith("_created")
+    }
+
+
+def test_fast_recording_equals_the_public_api() -> None:
+    fast, public = (Metrics(["search"], version="test") for _ in range(2))
+    route = ("/v1/chat/completions",)
+    # Every bucket bound exactly, values between them, below the first and above the last.
+    values = [0.0, 0.00005, 0.0001, 0.00025, 0.0004, 0.001, 0.025, 0.5, 1.0, 2.5, 599.0, 600.0]
+    values += [601.0, 1e9, 0.05, 0.1, 120.0, 300.0]
+    for value in values:
+        fast.observe(fast.overhead, route, value)
+        public.overhead.labels(*route).observe(value)
+        fast.observe(fast.ttft, ("search", "other"), value)
+        public.ttft.labels("search", "other").observe(value)
+        fast.observe(fast.request_duration, ("search", route[0], "false"), value)
+        public.request_duration.labels("search", route[0], "false").observe(value)
+    for amount in (1.0, 0.0, 2.5, 0.000123):
+        fast.add(fast.spend, ("search", "other"), amount)
+        public.spend.labels("search", "other").inc(amount)
+    for _ in range(3):
+        fast.add(fast.inflight, ("search",))
+        public.inflight.labels("search").inc()
+    fast.add(fast.inflight, ("search",), -1.0)
+    public.inflight.labels("search").dec()
+    fast.add(fast.upstream_requests, ("200",))
+    public.upstream_requests.labels("200").inc()
+    assert _samples(fast) == _samples(public)
+    assert _samples(fast)[("clipia_proxy_inflight_requests", (("team", "search"),))] == 2.0
+    # After a reload that drops the team, the fast paths do not write to removed series.
+    fast.set_teams(["research"])
+    public.set_teams(["research"])
+    fast.add(fast.inflight, ("research",))
+    public.inflight.labels("research").inc()
+    assert _samples(fast) == _samples(public)
