@@ -34,11 +34,14 @@ Micro = NewType("Micro", int)
 """An amount of Clipia credits in millionths (1 credit = 1 000 000 micro-credits)."""
 
 MICRO_PER_CREDIT: Final = 1_000_000
+_MICRO: Final = Decimal(MICRO_PER_CREDIT)
 
 
 def to_micro(amount: Decimal | int) -> Micro:
     """Return ``amount`` credits in micro-credits, rounded up (never under-counts)."""
-    scaled = (Decimal(amount) * MICRO_PER_CREDIT).to_integral_value(rounding=ROUND_CEILING)
+    if type(amount) is int:
+        return Micro(amount * MICRO_PER_CREDIT)
+    scaled = (amount * _MICRO).to_integral_value(rounding=ROUND_CEILING)
     return Micro(int(scaled))
 
 
