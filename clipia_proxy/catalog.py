@@ -136,6 +136,13 @@ class Catalog:
         age = self.age()
         return age is not None and age <= self._config.max_stale_seconds
 
+    def fresh(self) -> CatalogSnapshot | None:
+        """Return the snapshot if it is within its TTL (no refresh due), else ``None``."""
+        snapshot = self._snapshot
+        if snapshot is not None and self._clock() - snapshot.fetched_at <= self._config.ttl_seconds:
+            return snapshot
+        return None
+
     async def get(self) -> CatalogSnapshot:
         """Return a snapshot that follows the freshness rules of the module docstring."""
         snapshot = self._snapshot

@@ -188,7 +188,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     info.stream = chat.stream
     # 3. Policy: alias -> canonical id, allow/deny, catalog, caps.
     policy = _policy(request)
-    snapshot = await app[CATALOG].get()
+    catalog = app[CATALOG]
+    snapshot = catalog.fresh() or await catalog.get()
     canonical_model = policy.resolve(chat.requested_model, snapshot.entries)
     info.model = canonical_model
     team = config.team(policy.team_id)

@@ -205,10 +205,14 @@ async def test_cold_catalog_is_not_warm(harness: Harness) -> None:
 
 
 async def test_within_ttl_no_refetch(harness: Harness) -> None:
+    assert harness.catalog.fresh() is None  # cold
     first = await harness.catalog.get()
     for step in (1.0, 5.0, TTL):
         harness.clock.now = first.fetched_at + step
         assert await harness.catalog.get() is first
+        assert harness.catalog.fresh() is first
+    harness.clock.now = first.fetched_at + TTL + 0.001
+    assert harness.catalog.fresh() is None  # due for a refresh: the caller must go to get()
     await harness.settle()
     assert harness.model_fetches() == 1
 
