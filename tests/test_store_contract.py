@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -730,6 +731,54 @@ async def test_sqlite_settle_nowait_gives_up_and_leaves_the_record_to_the_reconc
     assert "ledger settlement of late not committed" in caplog.text
     sq.store = await make_sqlite(sq.tmp / "ledger.db", sq.clock)
     assert sorted(r.request_id for r in await sq.store.dispatched()) == ["late", "r"]
+
+
+async def test_sqlite_file_settings(sq: Harness) -> None:
+    store = sq.store
+    assert isinstance(store, SqliteStore)
+
+    def pragmas() -> tuple[object, ...]:
+        db = store._conn()
+        return tuple(
+            db.execute(f"PRAGMA {name}").fetchone()[0]
+            for name in ("page_size", "journal_mode", "synchronous", "wal_autocheckpoint")
+        )
+
+    assert await store._run(pragmas) == (1024, "wal", 1, 10_000)  # synchronous 1 = NORMAL
+
+
+async def test_sqlite_an_existing_file_keeps_its_page_size(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+
+    def create_old_file() -> None:
+        db = sqlite3.connect(path)
+        db.execute("PRAGMA page_size=4096")
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("CREATE TABLE early (x)")
+        db.close()
+
+    await asyncio.to_thread(create_old_file)
+    store = await make_sqlite(path, Clock(T0))
+    try:
+        await store.reserve(
+            ReserveRequest(
+                request_id="r",
+                team=TEAM,
+                amount=Micro(5),
+                tokens=1,
+                periods={Period.DAY: DAY},
+                now=T0,
+                lease_seconds=60,
+                limits=TeamLimits(),
+            )
+        )
+        page_size = await store._run(
+            lambda: store._conn().execute("PRAGMA page_size").fetchone()[0]
+        )
+        assert page_size == 4096
+        assert (await store.record("r")) is not None
+    finally:
+        await store.close()
 
 
 async def test_sqlite_replayed_reserve_after_restart(sq: Harness) -> None:
