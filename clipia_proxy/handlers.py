@@ -180,20 +180,21 @@ def _policy(request: web.Request) -> ModelPolicy:
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     """``POST /v1/chat/completions``: check, admit, forward, relay, settle."""
     app = request.app
-    config = app[LIVE].config
+    # The config in force when identity was settled (same turn of the loop), kept for the
+    # whole request: a reload while the body arrives does not change it midway.
+    live = app[LIVE]
+    config, policy = live.config, live.policies[request[PRINCIPAL].team]
     info = request[INFO]
     # 2. Read and parse strictly.
     raw = await read_json_body(request, config.server.max_body_bytes)
     chat = parse_chat_request(raw)
     info.stream = chat.stream
     # 3. Policy: alias -> canonical id, allow/deny, catalog, caps.
-    policy = _policy(request)
     catalog = app[CATALOG]
     snapshot = catalog.fresh() or await catalog.get()
     canonical_model = policy.resolve(chat.requested_model, snapshot.entries)
     info.model = canonical_model
-    team = config.team(policy.team_id)
-    assert team is not None  # policies are built from the config's teams
+    team = policy.team
     apply_caps(chat.body, team.caps)
     body = chat.body
     body["model"] = canonical_model
@@ -493,10 +494,8 @@ def _remaining(budget: dict[str, Decimal | str | None]) -> Decimal:
 async def key_info(request: web.Request) -> web.Response:
     """``GET /v1/key``: the calling team's view (never the gateway's Clipia key)."""
     principal = request[PRINCIPAL]
-    config = request.app[LIVE].config
-    team = config.team(principal.team)
-    assert team is not None
     policy = _policy(request)
+    team = policy.team
     quotas = request.app[QUOTAS]
     limits = quotas.limits(team.id)
     budgets = await quotas.budgets(team.id)

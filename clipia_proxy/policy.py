@@ -23,6 +23,8 @@ class ModelPolicy:
     """One team's model policy, built from its config."""
 
     def __init__(self, team: TeamConfig) -> None:
+        self.team: Final = team
+        """The team's whole config (its caps, limits and budgets)."""
         self.team_id: Final = team.id
         self.allow: Final = team.models.allow
         self.deny: Final = team.models.deny

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
+import msgspec
 import pytest
 from aiohttp import web
 
@@ -198,3 +199,47 @@ def test_restart_only_changes_are_named() -> None:
         resolve_secrets=False,
     )
     assert restart_only_changes(old, new) == ["server.port", "store.backend"]
+
+
+async def test_a_request_whose_team_is_removed_mid_body_finishes_under_its_config(
+    reloadable: Reloadable,
+) -> None:
+    gw = reloadable
+    reloader = gw.running.reloader
+    assert reloader is not None
+    body = msgspec.json.encode(
+        {"model": "gpt-5.5", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
+    )
+    halfway = asyncio.Event()
+    go_on = asyncio.Event()
+
+    async def slow_body() -> AsyncIterator[bytes]:
+        yield body[:10]
+        halfway.set()
+        await go_on.wait()
+        yield body[10:]
+
+    async with aiohttp.ClientSession() as session:
+
+        async def send() -> tuple[int, bytes]:
+            async with session.post(
+                f"{gw.base}/chat/completions",
+                headers={
+                    **gw.auth("research"),
+                    "Content-Type": "application/json",
+                    "Content-Length": str(len(body)),
+                },
+                data=slow_body(),
+            ) as reply:
+                return reply.status, await reply.read()
+
+        async with asyncio.TaskGroup() as group:
+            sending = group.create_task(send())
+            await asyncio.wait_for(halfway.wait(), 5)
+            await asyncio.sleep(0.05)  # the gateway is now waiting for the rest of the body
+            gw.write(drop_research=True)
+            assert await reloader.reload() is True
+            go_on.set()
+        status, answer = sending.result()
+        assert status == 200, answer  # served under the config it started with
+        assert (await _chat(session, gw, "research", "gpt-5.5"))[0] == 401  # new requests: gone
