@@ -99,16 +99,18 @@ class MemoryEngine:
             records = self.records
             leases[:] = [(records[r].lease_until, r) for r in live]
             heapq.heapify(leases)
+        reserved, amount = self._reserved, record.reserved
         for key in record.windows.values():
-            self._add(self._reserved, team, key, record.reserved)
+            reserved[team, key] = reserved.get((team, key), 0) + amount
 
     def _release(self, record: LedgerRecord) -> None:
         live = self._live.get(record.team)
         if live is None or record.request_id not in live:
             return
         live.discard(record.request_id)
+        reserved, team, amount = self._reserved, record.team, record.reserved
         for key in record.windows.values():
-            self._add(self._reserved, record.team, key, -record.reserved)
+            reserved[team, key] = reserved.get((team, key), 0) - amount
 
     def _expire(self, team: str, now: float) -> None:
         live = self._live.get(team)
@@ -252,8 +254,9 @@ class MemoryEngine:
         if record is None or record.state is RecordState.SETTLED:
             return None
         self._release(record)
+        spent, team, cost = self._spent, record.team, settlement.cost
         for key in record.windows.values():
-            self._add(self._spent, record.team, key, settlement.cost)
+            spent[team, key] = spent.get((team, key), 0) + cost
         entry = self._rate_index.get(request_id)
         if entry is not None:
             actual = settlement.prompt_tokens + settlement.completion_tokens
