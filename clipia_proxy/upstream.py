@@ -79,6 +79,10 @@ async def read_body(response: _HasContent, limit: int) -> bytes:
     A result longer than ``limit`` means the body was larger (the rest is left unread).
     ``StreamReader.read(n)`` alone returns whatever has arrived, not the whole body.
     """
+    content = response.content
+    if content.is_eof():  # the whole body arrived with the headers (the common case)
+        data = content.read_nowait()
+        return data[: limit + 1]
     parts: list[bytes] = []
     size = 0
     while size <= limit:

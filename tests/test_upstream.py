@@ -854,3 +854,27 @@ async def test_https_upstream_is_verified_and_used() -> None:
         assert "cannot be reached" in caught.value.message
     finally:
         await runner.cleanup()
+
+
+async def test_read_body_of_an_answer_that_arrived_whole() -> None:
+    async def answer(_head: bytes) -> bytes:
+        return ok(b"0123456789" * 5)
+
+    async with RawServer(answer) as server:
+        client = raw_client(server.base_url)
+        await client.start()
+        try:
+            for limit, expected in (
+                (1000, b"0123456789" * 5),
+                (50, b"0123456789" * 5),
+                (10, b"0123456789" + b"0"),
+            ):
+                response = await client.send("GET", "/models", request_id="r1")
+                try:
+                    await asyncio.sleep(0.01)  # the body is in the buffer, complete
+                    assert response.content.is_eof()
+                    assert await read_body(response, limit) == expected
+                finally:
+                    response.release()
+        finally:
+            await client.close()
