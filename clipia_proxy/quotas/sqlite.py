@@ -160,6 +160,7 @@ class _Worker:
         self._pending: list[_Call] = []
         """Calls made during this turn of the event loop, handed over together at its end:
         one wake-up of the thread per turn, not one per call."""
+        self._pending_loop: asyncio.AbstractEventLoop | None = None
         self._lingering: list[_Call] = []
         self._linger_timer: asyncio.TimerHandle | None = None
 
@@ -185,7 +186,9 @@ class _Worker:
                 self._linger_timer = loop.call_later(_LINGER_SECONDS, self._end_linger)
             self._lingering.append(item)
             return future
-        if not self._pending:
+        if not self._pending or self._pending_loop is not loop:
+            # (A hand-over scheduled on another loop, since closed, would never run.)
+            self._pending_loop = loop
             loop.call_soon(self._hand_over)
         if self._lingering:
             self._take_lingering()
