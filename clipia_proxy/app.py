@@ -321,12 +321,12 @@ async def _gateway_middleware(request: web.Request, handler: _Handler) -> web.St
             info.team = principal.team
             info.key_id = principal.key_id
             metrics = app[METRICS]
-            inflight = (metrics.team(principal.team),)
-            metrics.add(metrics.inflight, inflight)
+            inflight = metrics.adder(metrics.inflight, (metrics.team(principal.team),))
+            inflight(1.0)
             try:
                 response = await handler(request)
             finally:
-                metrics.add(metrics.inflight, inflight, -1.0)
+                inflight(-1.0)  # the same series, even if a reload dropped the team meanwhile
         finally:
             health.leave()
     except ProxyError as exc:

@@ -329,12 +329,20 @@ class Metrics:
         per-call checks of ``inc``; amounts are the gateway's own (never negative for a
         counter). ``tests/test_metrics.py`` holds the result equal to the public API's.
         """
+        self.adder(metric, labels)(amount)
+
+    def adder(self, metric: Counter | Gauge, labels: tuple[str, ...]) -> Callable[[float], None]:
+        """Return the function ``add`` calls for this series.
+
+        Keep it to undo a gauge change on the same series, even if a reload removes the label
+        meanwhile (looking it up again would make a new series).
+        """
         key = (id(metric), labels)
         adder = self._adders.get(key)
         if adder is None:
             adder = self.child(metric, *labels)._value.inc
             self._adders[key] = adder
-        adder(amount)
+        return adder
 
     def observe(self, metric: Histogram, labels: tuple[str, ...], value: float) -> None:
         """``child.observe(value)`` for a histogram's child, faster (a bisect, no checks)."""

@@ -243,3 +243,11 @@ async def test_a_request_whose_team_is_removed_mid_body_finishes_under_its_confi
         status, answer = sending.result()
         assert status == 200, answer  # served under the config it started with
         assert (await _chat(session, gw, "research", "gpt-5.5"))[0] == 401  # new requests: gone
+    # The in-flight gauge of the removed team went with it (no series left at -1).
+    inflight = {
+        sample.labels["team"]: sample.value
+        for family in gw.running.app[METRICS].registry.collect()
+        if family.name == "clipia_proxy_inflight_requests"
+        for sample in family.samples
+    }
+    assert inflight == {"search": 0.0}
