@@ -182,9 +182,12 @@ class _Worker:
         future: asyncio.Future[_T] = loop.create_future()
         item = _Call(fn, args, write, loop, future)
         if linger:
-            if not self._lingering:
-                self._linger_timer = loop.call_later(_LINGER_SECONDS, self._end_linger)
-            self._lingering.append(item)
+            if self._pending and self._pending_loop is loop:
+                self._pending.append(item)  # a hand-over is due this turn anyway: ride along
+            else:
+                self._lingering.append(item)
+                if self._linger_timer is None:
+                    self._linger_timer = loop.call_later(_LINGER_SECONDS, self._end_linger)
             return future
         if not self._pending or self._pending_loop is not loop:
             # (A hand-over scheduled on another loop, since closed, would never run.)
@@ -196,9 +199,8 @@ class _Worker:
         return future
 
     def _take_lingering(self) -> None:
-        if self._linger_timer is not None:
-            self._linger_timer.cancel()
-            self._linger_timer = None
+        # The linger timer stays armed (one timer per linger period, not one per settlement):
+        # when it fires with nothing lingering it does nothing.
         self._pending += self._lingering
         self._lingering = []
 
@@ -215,6 +217,9 @@ class _Worker:
 
     def stop(self) -> None:
         self._stopped = True
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+            self._linger_timer = None
         self._take_lingering()
         self._hand_over()
         self._queue.put(None)
