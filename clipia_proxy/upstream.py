@@ -123,6 +123,58 @@ class _ConnectFailed(Exception):
     """A new connection to Clipia could not be opened: nothing was sent."""
 
 
+class _Protocol(ResponseHandler):
+    """aiohttp's response protocol with a lazy read timer.
+
+    aiohttp restarts its socket-read timer on every chunk received (a timer cancelled and
+    created per chunk: per SSE event, on a stream). Here a restart only notes the time; one
+    watchdog timer wakes at the earliest possible deadline and either fires the timeout or
+    sleeps again until the new deadline. Same deadlines, one timer per quiet period.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop)
+        self._last_read = 0.0
+        self._watch: asyncio.TimerHandle | None = None
+        self._watch_at = 0.0
+
+    def _reschedule_timeout(self) -> None:
+        timeout = self._read_timeout
+        now = self._loop.time()
+        self._last_read = now
+        if not timeout:
+            self._unwatch()
+            return
+        deadline = now + timeout
+        if self._watch is None or self._watch_at > deadline:  # none yet, or a later one
+            self._unwatch()
+            self._arm(deadline)
+
+    def _drop_timeout(self) -> None:
+        super()._drop_timeout()
+        self._unwatch()
+
+    def _unwatch(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
+
+    def _on_watch(self) -> None:
+        self._watch = None
+        timeout = self._read_timeout
+        if not timeout:
+            return
+        deadline = self._last_read + timeout
+        if self._loop.time() >= deadline:
+            self._on_read_timeout()
+        else:
+            self._arm(deadline)
+
+    def _arm(self, deadline: float) -> None:
+        self._watch_at = deadline
+        self._watch = self._loop.call_at(deadline, self._on_watch)
+
+
 class UpstreamResponse:
     """Clipia's answer, at its headers: ``status``, ``headers``, and the body in ``content``.
 
@@ -231,7 +283,7 @@ class _Pool:
         try:
             async with asyncio.timeout(self._connect_timeout):
                 _, protocol = await loop.create_connection(
-                    lambda: ResponseHandler(loop),
+                    lambda: _Protocol(loop),
                     self._host,
                     self._port,
                     ssl=self._tls,

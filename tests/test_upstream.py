@@ -878,3 +878,68 @@ async def test_read_body_of_an_answer_that_arrived_whole() -> None:
                     response.release()
         finally:
             await client.close()
+
+
+async def test_idle_timeout_after_headers_is_the_idle_one_not_the_first_byte_one() -> None:
+    async def answer(_head: bytes) -> bytes:
+        # Headers and one chunk at once, then silence.
+        return b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n"
+
+    async with RawServer(answer) as server:
+        client = raw_client(
+            server.base_url, first_byte_timeout_seconds=30, idle_timeout_seconds=0.2
+        )
+        await client.start()
+        try:
+            response = await client.send("GET", "/models", request_id="r1")
+            try:
+                assert await response.content.readany() == b"hi"
+                async with asyncio.timeout(10):  # far below the 30 s first-byte timeout
+                    with pytest.raises(aiohttp.ServerTimeoutError):
+                        await response.content.readany()
+            finally:
+                response.release()
+        finally:
+            await client.close()
+
+
+async def test_a_steady_stream_needs_one_read_timer_not_one_per_chunk() -> None:
+    async def slow_chunks(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        for _ in range(40):
+            await response.write(b"data: {}\n\n")
+            await asyncio.sleep(0.005)
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_get("/v1/models", slow_chunks)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    client = raw_client(f"http://127.0.0.1:{runner.addresses[0][1]}/v1", idle_timeout_seconds=0.5)
+    await client.start()
+    timers: list[float] = []
+    import clipia_proxy.upstream as upstream_module
+
+    arm = upstream_module._Protocol._arm
+
+    def counting_arm(protocol: Any, deadline: float) -> None:
+        timers.append(deadline)
+        arm(protocol, deadline)
+
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(upstream_module._Protocol, "_arm", counting_arm)
+            response = await client.send("GET", "/models", request_id="r1")
+            try:
+                body = await read_body(response, 1 << 20)
+            finally:
+                response.release()
+    finally:
+        await client.close()
+        await runner.cleanup()
+    assert body == b"data: {}\n\n" * 40
+    # The first-byte timer, the switch to the idle timeout, at most a few re-arms in 0.2 s.
+    assert 2 <= len(timers) <= 5
