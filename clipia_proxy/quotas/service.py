@@ -107,6 +107,8 @@ class QuotaService:
         self._fail_open = config.store.on_error == "fail_open"
         self._limits = {team.id: limits_of(team) for team in config.teams}
         self._windows: tuple[float, float, dict[Period, Window]] | None = None
+        self._window_keys: dict[Period, str] = {}
+        """Period -> window key of ``self._windows`` (set with it)."""
         """(computed at, valid until, windows): windows only change at a local midnight."""
         self._shadow = {team.id: team.shadow for team in config.teams}
         self._reset_texts: dict[dt.datetime, str] = {}
@@ -142,6 +144,7 @@ class QuotaService:
             window.resets_at.timestamp() for window in current.values() if window.resets_at
         )
         self._windows = (now, next_reset, current)
+        self._window_keys = {period: window.key for period, window in current.items()}
         return current
 
     async def admit(
@@ -163,7 +166,7 @@ class QuotaService:
             team=team,
             amount=estimate.amount,
             tokens=estimate.tokens,
-            periods={period: window.key for period, window in current.items()},
+            periods=self._window_keys,  # cached with the windows; the stores copy it
             now=now,
             lease_seconds=self._lease,
             limits=limits,
