@@ -8,7 +8,8 @@ the gateway never under-counts.
 
 from __future__ import annotations
 
-from decimal import ROUND_CEILING, Decimal
+import math
+from decimal import Decimal
 from enum import StrEnum
 from typing import Final, NewType
 
@@ -41,8 +42,7 @@ def to_micro(amount: Decimal | int) -> Micro:
     """Return ``amount`` credits in micro-credits, rounded up (never under-counts)."""
     if type(amount) is int:
         return Micro(amount * MICRO_PER_CREDIT)
-    scaled = (amount * _MICRO).to_integral_value(rounding=ROUND_CEILING)
-    return Micro(int(scaled))
+    return Micro(math.ceil(amount * _MICRO))  # Decimal's ceiling: exact, rounds up
 
 
 def credits(amount: int) -> Decimal:
