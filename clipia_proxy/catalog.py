@@ -145,11 +145,12 @@ class Catalog:
 
     async def get(self) -> CatalogSnapshot:
         """Return a snapshot that follows the freshness rules of the module docstring."""
+        fresh = self.fresh()
+        if fresh is not None:
+            return fresh
         snapshot = self._snapshot
         if snapshot is not None:
             age = self._clock() - snapshot.fetched_at
-            if age <= self._config.ttl_seconds:
-                return snapshot
             if age <= self._config.max_stale_seconds:
                 if self._clock() >= self._retry_at:
                     _refresh = self._start_refresh()  # the registry owns it; serve the stale copy

@@ -165,12 +165,12 @@ class Ledger:
         background) and no ``/v1/generation`` lookup is needed: the common case, which then
         costs the handler no task. Otherwise the caller runs :meth:`settle` in a task.
         """
-        if _needs_lookup(flight):
+        reserved = flight.admission.reserved
+        if _needs_lookup(flight) or (reserved and not self._quotas.settles_locally):
             return None
         settlement = self.decide(flight, None)
-        request_id = flight.admission.request_id
-        if flight.admission.reserved and self._quotas.settle_nowait(request_id, settlement) is None:
-            return None  # a remote store: settled by ``settle``, in a task
+        if reserved:
+            self._quotas.settle_nowait(flight.admission.request_id, settlement)
         self._count(settlement)
         return settlement
 

@@ -86,7 +86,7 @@ async def read_body(response: _HasContent, limit: int) -> bytes:
     parts: list[bytes] = []
     size = 0
     while size <= limit:
-        chunk = await response.content.read(limit + 1 - size)
+        chunk = await content.read(limit + 1 - size)
         if not chunk:
             break
         parts.append(chunk)

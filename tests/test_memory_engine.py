@@ -17,6 +17,21 @@ STEP = st.one_of(
 )
 
 
+def _request(
+    rid: str, now: float, *, amount: int, tokens: int, lease: float, limits: TeamLimits
+) -> ReserveRequest:
+    return ReserveRequest(
+        request_id=rid,
+        team="t",
+        amount=Micro(amount),
+        tokens=tokens,
+        periods={Period.TOTAL: "total"},
+        now=now,
+        lease_seconds=lease,
+        limits=limits,
+    )
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.lists(STEP, max_size=60))
 def test_running_token_sum_matches_the_log(steps: list[tuple[str, int]]) -> None:
@@ -26,18 +41,7 @@ def test_running_token_sum_matches_the_log(steps: list[tuple[str, int]]) -> None
     for index, (kind, value) in enumerate(steps):
         if kind == "reserve":
             rid = f"r{index}"
-            engine.reserve(
-                ReserveRequest(
-                    request_id=rid,
-                    team="t",
-                    amount=Micro(1),
-                    tokens=value,
-                    periods={Period.TOTAL: "total"},
-                    now=now,
-                    lease_seconds=600,
-                    limits=LIMITS,
-                )
-            )
+            engine.reserve(_request(rid, now, amount=1, tokens=value, lease=600, limits=LIMITS))
             issued.append(rid)
         elif kind == "settle" and issued:
             engine.settle(
@@ -75,16 +79,7 @@ def test_lease_expiry_matches_a_full_scan(steps: list[tuple[str, int]]) -> None:
         if kind == "reserve":
             rid = f"r{index}"
             engine.reserve(
-                ReserveRequest(
-                    request_id=rid,
-                    team="t",
-                    amount=Micro(10),
-                    tokens=1,
-                    periods={Period.TOTAL: "total"},
-                    now=now,
-                    lease_seconds=value,
-                    limits=TeamLimits(),
-                )
+                _request(rid, now, amount=10, tokens=1, lease=value, limits=TeamLimits())
             )
             issued.append(rid)
             leases[rid] = now + value

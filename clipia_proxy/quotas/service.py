@@ -328,10 +328,14 @@ class QuotaService:
         )
         return False
 
-    def settle_nowait(self, request_id: str, settlement: Settlement) -> bool | None:
-        """Settle at once when the store is local; None when it is not (use ``settle``)."""
-        if self._local is None:
-            return None
+    @property
+    def settles_locally(self) -> bool:
+        """Whether ``settle_nowait`` can be used (memory, sqlite); else use ``settle``."""
+        return self._local is not None
+
+    def settle_nowait(self, request_id: str, settlement: Settlement) -> bool:
+        """Settle at once (a local store only: see ``settles_locally``)."""
+        assert self._local is not None
         return self._local.settle_nowait(request_id, settlement)
 
     async def budgets(self, team: str) -> list[dict[str, Decimal | str | None]]:

@@ -471,44 +471,52 @@ class SqliteStore:
         record = self.engine.settle(request_id, settlement)
         if record is None:
             return False
-        for attempt in range(_SETTLE_ATTEMPTS):
-            try:
-                await self._run(self._settle, record, write=True)
-                break
-            except StoreUnavailable as exc:
-                if attempt == _SETTLE_ATTEMPTS - 1:
-                    self._not_committed(record, exc)
-                    return True
-                await asyncio.sleep(_SETTLE_BACKOFF_SECONDS * 2**attempt)
-        self.engine.forget(request_id)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._commit(record, 0, done=done)
+        await done
         return True
 
     def settle_nowait(self, request_id: str, settlement: Settlement) -> bool:
         """See ``LocalStore.settle_nowait``: applied in memory now, committed by the worker.
 
-        The same retries as ``settle``, driven by callbacks instead of a task: the request's
-        handler spends no task (nor coroutine) on its settlement.
+        The same retries as ``settle`` (driven by callbacks, not a task: the request's handler
+        spends no task nor coroutine on its settlement); its write may linger.
         """
         record = self.engine.settle(request_id, settlement)
         if record is None:
             return False
-        self._commit(record, 0)
+        self._commit(record, 0, done=None)
         return True
 
-    def _commit(self, record: LedgerRecord, attempt: int) -> None:
-        try:
-            future = self._worker.call(self._settle, (record,), write=True, linger=True)
-        except sqlite3.Error as exc:  # the store is closed: the reconciler will charge it
-            self._not_committed(record, exc)
-            return
-        future.add_done_callback(functools.partial(self._committed, record, attempt))
+    def _commit(
+        self, record: LedgerRecord, attempt: int, *, done: asyncio.Future[None] | None
+    ) -> None:
+        """Queue the record's settlement write; retry with back-off, ``_SETTLE_ATTEMPTS`` in all.
 
-    def _committed(self, record: LedgerRecord, attempt: int, future: asyncio.Future[None]) -> None:
+        ``done`` (if any) resolves when the write landed or the last attempt failed; without
+        it the write may linger to share the next transaction.
+        """
+        try:
+            future = self._worker.call(self._settle, (record,), write=True, linger=done is None)
+        except sqlite3.Error as exc:  # the store is closed: the reconciler will charge it
+            self._not_committed(record, exc, done)
+            return
+        future.add_done_callback(functools.partial(self._committed, record, attempt, done))
+
+    def _committed(
+        self,
+        record: LedgerRecord,
+        attempt: int,
+        done: asyncio.Future[None] | None,
+        future: asyncio.Future[None],
+    ) -> None:
         exc = None if future.cancelled() else future.exception()
         if exc is None:
             self.engine.forget(record.request_id)
+            if done is not None and not done.done():
+                done.set_result(None)
         elif attempt == _SETTLE_ATTEMPTS - 1:
-            self._not_committed(record, exc)
+            self._not_committed(record, exc, done)
         else:
             _LOGGER.warning(
                 "ledger settlement of %s failed (%s); retry %d",
@@ -517,17 +525,22 @@ class SqliteStore:
                 attempt + 1,
             )
             future.get_loop().call_later(
-                _SETTLE_BACKOFF_SECONDS * 2**attempt, self._commit, record, attempt + 1
+                _SETTLE_BACKOFF_SECONDS * 2**attempt,
+                functools.partial(self._commit, record, attempt + 1, done=done),
             )
 
     @staticmethod
-    def _not_committed(record: LedgerRecord, exc: BaseException) -> None:
+    def _not_committed(
+        record: LedgerRecord, exc: BaseException, done: asyncio.Future[None] | None
+    ) -> None:
         _LOGGER.error(
             "ledger settlement of %s not committed (%s: %s); the reconciler will charge it",
             record.request_id,
             exc.__class__.__name__,
             exc,
         )
+        if done is not None and not done.done():
+            done.set_result(None)
 
     async def renew(self, request_id: str, now: float, lease_seconds: float) -> None:
         """See ``Store.renew`` (leases live in memory: one replica)."""
