@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import re
 import secrets
@@ -16,7 +17,11 @@ import pytest
 from aiohttp import web
 
 from clipia_proxy.auth import generate_key, hash_key
+from clipia_proxy.config import Secret
 from clipia_proxy.emulator import EmulatorState, Fault, create_emulator_app
+from clipia_proxy.server import GC_YOUNG_THRESHOLD, Running, serve, tuned_gc
+
+from .conftest import make_config
 
 _LISTENING = re.compile(r"listening on [^:]+:(\d+) \(admin (\d+)\)")
 
@@ -194,3 +199,51 @@ def _ledger_rows(path: Path) -> list[tuple[str, str]]:
 
     with sqlite3.connect(path) as db:
         return [(str(a), str(b)) for a, b in db.execute("SELECT state, outcome FROM ledger")]
+
+
+async def test_serve_tunes_the_collector_while_serving_and_restores_it(
+    emulator: tuple[EmulatorState, str, str],
+) -> None:
+    """`serve` collects cyclic garbage every 20,000 allocations with start-up state frozen."""
+    _, base_url, clipia_key = emulator
+    team_key = generate_key()
+    keys = {"search": team_key, "research": generate_key()}
+    config = make_config(base_url.removesuffix("/v1"), keys)
+    before = gc.get_threshold()
+    seen: list[tuple[tuple[int, ...], int, int]] = []
+
+    async def on_ready(running: Running) -> None:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                f"http://127.0.0.1:{running.port}/v1/chat/completions",
+                json={"model": "gpt-5.5", "messages": [{"role": "user", "content": "hi"}]},
+                headers={"Authorization": f"Bearer {team_key}"},
+            ) as response,
+        ):
+            status = response.status
+        seen.append((gc.get_threshold(), gc.get_freeze_count(), status))
+        signal.raise_signal(signal.SIGTERM)
+
+    async with asyncio.timeout(20):
+        await serve(config, api_key=Secret(clipia_key), on_ready=on_ready)
+    assert seen == [((GC_YOUNG_THRESHOLD, before[1], before[2]), seen[0][1], 200)]
+    assert seen[0][1] > 0  # start-up objects frozen
+    assert gc.get_threshold() == before
+    assert gc.get_freeze_count() == 0
+
+
+def test_tuned_gc_restores_the_settings_after_an_error() -> None:
+    before = gc.get_threshold()
+    inside: list[int] = []
+
+    def fail() -> None:
+        with tuned_gc():
+            inside.append(gc.get_threshold()[0])
+            raise RuntimeError
+
+    with pytest.raises(RuntimeError):
+        fail()
+    assert inside == [GC_YOUNG_THRESHOLD]
+    assert gc.get_threshold() == before
+    assert gc.get_freeze_count() == 0
