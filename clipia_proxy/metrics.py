@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from decimal import Decimal
 from typing import Any, Final
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.metrics import MetricWrapperBase as _Labelled
 from prometheus_client.registry import Collector
@@ -164,6 +164,56 @@ class _StateCollector(Collector):
         yield errors
 
 
+class _LoopValue:
+    """prometheus_client's ``MutexValue`` without its lock, for series written on the loop.
+
+    Every write to the gateway's series happens on the event loop's thread (the SQLite
+    writer thread never touches metrics; scrapes run on the loop), so the lock only cost
+    time: about 3 us a request, over the dozen series a request updates.
+    """
+
+    __slots__ = ("_exemplar", "_value")
+    _multiprocess = False
+
+    def __init__(self, value: float) -> None:
+        self._value = value
+        self._exemplar: Any = None
+
+    def inc(self, amount: float) -> None:
+        self._value += amount
+
+    def set(self, value: float, timestamp: float | None = None) -> None:
+        self._value = value
+
+    def set_exemplar(self, exemplar: Any) -> None:
+        self._exemplar = exemplar
+
+    def get(self) -> float:
+        return self._value
+
+    def get_exemplar(self) -> Any:
+        return self._exemplar
+
+
+def _unlocked(value: Any) -> Any:
+    """Return a :class:`_LoopValue` with ``value``'s number (other value kinds as they are)."""
+    if type(value) is not values.MutexValue:
+        return value  # already unlocked, or a multiprocess value: leave it
+    locked: Any = value  # (prometheus_client's value methods are untyped)
+    unlocked = _LoopValue(locked.get())
+    unlocked.set_exemplar(locked.get_exemplar())
+    return unlocked
+
+
+def _unlock(child: Any) -> None:
+    """Swap a child's values for lock-free ones (once; later calls find them swapped)."""
+    if isinstance(child, Histogram):
+        child._sum = _unlocked(child._sum)
+        child._buckets = [_unlocked(bucket) for bucket in child._buckets]
+    else:
+        child._value = _unlocked(child._value)
+
+
 class Metrics:
     """The gateway's metrics; callers use the ``record_*`` methods."""
 
@@ -188,6 +238,10 @@ class Metrics:
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self._adders: dict[tuple[int, tuple[str, ...]], Callable[[float], None]] = {}
         self._observers: dict[tuple[int, tuple[str, ...]], Callable[[float], None]] = {}
+        self._request_series: dict[
+            tuple[str, str, str, int, bool], tuple[Callable[[float], None], ...]
+        ] = {}
+        self._settlement_series: dict[tuple[str, str], tuple[Callable[[float], None], ...]] = {}
         self.budgets: dict[tuple[str, str], BudgetSnapshot] = {}
         """(team, period) -> numbers; replaced by ``set_budgets``."""
         r = self.registry
@@ -274,12 +328,14 @@ class Metrics:
     def child(self, metric: _Labelled, *labels: str) -> Any:
         """Return ``metric.labels(*labels)``, cached: the hot path skips prometheus' lock.
 
-        Safe to cache because every label value is bounded (see the module docstring).
+        Safe to cache because every label value is bounded (see the module docstring). The
+        child's values are made lock-free (:class:`_LoopValue`) on the way.
         """
         key = (id(metric), labels)
         found = self._children.get(key)
         if found is None:
             found = metric.labels(*labels)
+            _unlock(found)
             self._children[key] = found
         return found
 
@@ -314,6 +370,8 @@ class Metrics:
         self._children.clear()
         self._adders.clear()
         self._observers.clear()
+        self._request_series.clear()
+        self._settlement_series.clear()
         self._teams = new
         self._init_team_series(new)
 
@@ -346,12 +404,16 @@ class Metrics:
 
     def observe(self, metric: Histogram, labels: tuple[str, ...], value: float) -> None:
         """``child.observe(value)`` for a histogram's child, faster (a bisect, no checks)."""
+        self.observer(metric, labels)(value)
+
+    def observer(self, metric: Histogram, labels: tuple[str, ...]) -> Callable[[float], None]:
+        """Return the function ``observe`` calls for this series."""
         key = (id(metric), labels)
         observer = self._observers.get(key)
         if observer is None:
             observer = _fast_observer(self.child(metric, *labels))
             self._observers[key] = observer
-        observer(value)
+        return observer
 
     def record_request(
         self,
@@ -364,13 +426,20 @@ class Metrics:
         duration: float,
     ) -> None:
         """Count one answered request and its duration."""
-        team_label, route_label = self.team(team), self.route(route)
-        self.add(self.requests, (team_label, self.model(model), route_label, str(code)))
-        self.observe(
-            self.request_duration,
-            (team_label, route_label, "true" if stream else "false"),
-            duration,
-        )
+        key = (self.team(team), self.model(model), self.route(route), code, stream)
+        series = self._request_series.get(key)
+        if series is None:
+            team_label, model_label, route_label = key[:3]
+            series = (
+                self.adder(self.requests, (team_label, model_label, route_label, str(code))),
+                self.observer(
+                    self.request_duration, (team_label, route_label, "true" if stream else "false")
+                ),
+            )
+            self._request_series[key] = series
+        count, observe_duration = series
+        count(1.0)
+        observe_duration(duration)
 
     def record_rejection(self, team: str, reason: str) -> None:
         """Count a request refused before the upstream."""
@@ -381,12 +450,21 @@ class Metrics:
         self, *, team: str, model: str, cost: Decimal, prompt_tokens: int, completion_tokens: int
     ) -> None:
         """Count settled spend and tokens."""
-        team_label, model_label = self.team(team), self.model(model)
-        self.add(self.spend, (team_label, model_label), float(cost))  # 0 still makes the series
+        key = (self.team(team), self.model(model))
+        series = self._settlement_series.get(key)
+        if series is None:
+            series = (
+                self.adder(self.spend, key),
+                self.adder(self.tokens, (*key, "prompt")),
+                self.adder(self.tokens, (*key, "completion")),
+            )
+            self._settlement_series[key] = series
+        add_spend, add_prompt, add_completion = series
+        add_spend(float(cost))  # 0 still makes the series
         if prompt_tokens:
-            self.add(self.tokens, (team_label, model_label, "prompt"), prompt_tokens)
+            add_prompt(prompt_tokens)
         if completion_tokens:
-            self.add(self.tokens, (team_label, model_label, "completion"), completion_tokens)
+            add_completion(completion_tokens)
 
 
 def _fast_observer(child: Histogram) -> Callable[[float], None]:

@@ -599,3 +599,50 @@ def test_fast_recording_equals_the_public_api() -> None:
     fast.add(fast.inflight, ("research",))
     public.inflight.labels("research").inc()
     assert _samples(fast) == _samples(public)
+
+
+def test_recording_helpers_equal_the_public_api_across_a_reload() -> None:
+    """record_request/record_settlement (cached series, lock-free values) == prometheus' API.
+
+    The public API keeps writing to the same series as the fast path once its values are
+    swapped, and an adder kept across a reload that keeps the team still counts.
+    """
+    models = frozenset({"gpt-5.5"})
+    fast, public = (Metrics(["search"], version="test", models=lambda: models) for _ in range(2))
+    chat = "/v1/chat/completions"
+    kept = fast.adder(fast.inflight, ("search",))
+    kept(1.0)
+    public.inflight.labels("search").inc()
+    for code, model in ((200, "gpt-5.5"), (200, "nope"), (429, None)):
+        for metrics in (fast, public):
+            if metrics is fast:
+                metrics.record_request(
+                    team="search", model=model, route=chat, code=code, stream=False, duration=0.3
+                )
+            else:
+                label = model if model in models else "other"
+                metrics.requests.labels("search", label, chat, str(code)).inc()
+                metrics.request_duration.labels("search", chat, "false").observe(0.3)
+    fast.record_settlement(
+        team="search", model="gpt-5.5", cost=Decimal("0.25"), prompt_tokens=7, completion_tokens=3
+    )
+    fast.record_settlement(
+        team="ghost", model="x", cost=Decimal(0), prompt_tokens=0, completion_tokens=0
+    )
+    public.spend.labels("search", "gpt-5.5").inc(0.25)
+    public.tokens.labels("search", "gpt-5.5", "prompt").inc(7)
+    public.tokens.labels("search", "gpt-5.5", "completion").inc(3)
+    public.spend.labels("unknown", "other").inc(0)
+    public.tokens.labels("unknown", "other", "prompt")
+    public.tokens.labels("unknown", "other", "completion")
+    # The public API on a child whose values the fast path swapped.
+    fast.requests.labels("search", "gpt-5.5", chat, "200").inc()
+    public.requests.labels("search", "gpt-5.5", chat, "200").inc()
+    assert _samples(fast) == _samples(public)
+    for metrics in (fast, public):
+        metrics.set_teams(["search"])
+    fast.add(fast.inflight, ("search",), 2.0)  # looked up again after the reload
+    kept(-1.0)  # the request that began before the reload ends after it
+    public.inflight.labels("search").inc(-1.0 + 2.0)
+    assert _samples(fast) == _samples(public)
+    assert _samples(fast)[("clipia_proxy_inflight_requests", (("team", "search"),))] == 2.0
