@@ -130,11 +130,18 @@ class _Protocol(ResponseHandler):
     created per chunk: per SSE event, on a stream). Here a restart only notes the time; one
     watchdog timer wakes at the earliest possible deadline and either fires the timeout or
     sleeps again until the new deadline. Same deadlines, one timer per quiet period.
+
+    Stopping the timeout (the answer is complete) does not cancel the watchdog either: it
+    wakes, finds nothing to watch and ends, or finds the next request on the connection and
+    watches it. Back-to-back requests on a kept-alive connection so share one timer instead
+    of making and cancelling one each.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(loop)
         self._last_read = 0.0
+        self._watching = False
+        """A read is being timed (between ``start_timeout`` and the end of the answer)."""
         self._watch: asyncio.TimerHandle | None = None
         self._watch_at = 0.0
 
@@ -142,8 +149,8 @@ class _Protocol(ResponseHandler):
         timeout = self._read_timeout
         now = self._loop.time()
         self._last_read = now
+        self._watching = bool(timeout)
         if not timeout:
-            self._unwatch()
             return
         deadline = now + timeout
         if self._watch is None or self._watch_at > deadline:  # none yet, or a later one
@@ -152,7 +159,11 @@ class _Protocol(ResponseHandler):
 
     def _drop_timeout(self) -> None:
         super()._drop_timeout()
+        self._watching = False
+
+    def connection_lost(self, exc: BaseException | None) -> None:
         self._unwatch()
+        super().connection_lost(exc)
 
     def _unwatch(self) -> None:
         if self._watch is not None:
@@ -162,7 +173,7 @@ class _Protocol(ResponseHandler):
     def _on_watch(self) -> None:
         self._watch = None
         timeout = self._read_timeout
-        if not timeout:
+        if not self._watching or not timeout:
             return
         deadline = self._last_read + timeout
         if self._loop.time() >= deadline:

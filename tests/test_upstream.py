@@ -25,7 +25,7 @@ from multidict import CIMultiDict
 
 from clipia_proxy.config import Secret, UpstreamConfig
 from clipia_proxy.emulator import Fault
-from clipia_proxy.errors import UpstreamUnavailable
+from clipia_proxy.errors import UpstreamTimeout, UpstreamUnavailable
 from clipia_proxy.upstream import UpstreamClient, parse_retry_after, read_body
 from tests.conftest import Stack
 
@@ -943,3 +943,61 @@ async def test_a_steady_stream_needs_one_read_timer_not_one_per_chunk() -> None:
     assert body == b"data: {}\n\n" * 40
     # The first-byte timer, the switch to the idle timeout, at most a few re-arms in 0.2 s.
     assert 2 <= len(timers) <= 5
+
+
+async def test_back_to_back_requests_on_one_connection_share_one_read_timer() -> None:
+    async def answer(_head: bytes) -> bytes:
+        return ok(b'{"id": "x"}')
+
+    async with RawServer(answer) as server:
+        client = raw_client(server.base_url, first_byte_timeout_seconds=30)
+        await client.start()
+        timers: list[float] = []
+        import clipia_proxy.upstream as upstream_module
+
+        arm = upstream_module._Protocol._arm
+
+        def counting_arm(protocol: Any, deadline: float) -> None:
+            timers.append(deadline)
+            arm(protocol, deadline)
+
+        try:
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(upstream_module._Protocol, "_arm", counting_arm)
+                for _ in range(20):
+                    assert await get(client) == (200, b'{"id": "x"}')
+        finally:
+            await client.close()
+    assert server.connections == 1
+    assert len(timers) == 1  # one per request would be 20
+
+
+async def test_a_later_request_on_a_kept_connection_still_times_out_on_time() -> None:
+    """A watchdog left by an earlier answer neither fires early nor misses a silence."""
+    answers = 0
+    done = asyncio.Event()
+
+    async def answer(_head: bytes) -> bytes | None:
+        nonlocal answers
+        answers += 1
+        if answers == 1:
+            return ok()
+        await done.wait()  # the second request gets no answer
+        return None
+
+    async with RawServer(answer) as server:
+        client = raw_client(server.base_url, first_byte_timeout_seconds=0.4)
+        await client.start()
+        try:
+            assert await get(client) == (200, b"{}")
+            await asyncio.sleep(0.3)  # the first request's watchdog is due in 0.1 s
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            with pytest.raises(UpstreamTimeout):
+                await get(client)
+            waited = loop.time() - started
+        finally:
+            done.set()
+            await client.close()
+    assert server.connections == 1
+    assert 0.35 <= waited < 5  # the full first-byte timeout from the second request's start
