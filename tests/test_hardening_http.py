@@ -103,13 +103,21 @@ async def post_chat(
     return await http(stack, "POST", "/v1/chat/completions", headers=merged, body=body)
 
 
-async def raw_http(stack: Stack, data: bytes, *, admin: bool = False, head: bool = False) -> Reply:
-    """Write raw HTTP/1.1 bytes on a new connection and parse the one answer."""
+async def raw_http(
+    stack: Stack, data: bytes | list[bytes], *, admin: bool = False, head: bool = False
+) -> Reply:
+    """Write raw HTTP/1.1 bytes on a new connection and parse the one answer.
+
+    A list of parts is written part by part, 50 ms apart (a body that arrives late).
+    """
     port = stack.running.admin_port if admin else stack.running.port
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
-        writer.write(data)
-        await writer.drain()
+        for index, part in enumerate([data] if isinstance(data, bytes) else data):
+            if index:
+                await asyncio.sleep(0.05)
+            writer.write(part)
+            await writer.drain()
         block = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
         lines = block.decode("latin-1").split("\r\n")
         status = int(lines[0].split(" ", 2)[1])
@@ -1469,6 +1477,37 @@ async def test_over_max_body_bytes_is_413(small_stack: Stack) -> None:
     fits = chat(padding="x" * (4096 - len(chat(padding="")) - 1))
     assert len(fits) < 4096
     assert (await post_chat(stack, fits)).status == 200
+
+
+@pytest.mark.parametrize("size", [4096, 4097])
+@pytest.mark.parametrize("late", [False, True], ids=["whole", "late"])
+async def test_the_body_cap_is_exact_whether_the_body_came_whole_or_late(
+    small_stack: Stack, size: int, late: bool
+) -> None:
+    """A chunked body of exactly the cap is served and one byte more is 413.
+
+    Both when it arrives with the headers and when it is still arriving as the handler reads.
+    """
+    stack = small_stack
+    body = chat(padding="x" * (size - len(chat(padding=""))))
+    assert len(body) == size
+    head = raw_request(
+        "POST",
+        "/v1/chat/completions",
+        [bearer(stack), ("Content-Type", "application/json"), ("Transfer-Encoding", "chunked")],
+        b"",
+        content_length=False,
+    )
+    chunks = [f"{len(part):x}\r\n".encode() + part + b"\r\n" for part in (body[:100], body[100:])]
+    before = len(stack.emulator.requests)
+    if late:
+        reply = await raw_http(stack, [head + chunks[0], chunks[1] + b"0\r\n\r\n"])
+    else:
+        reply = await raw_http(stack, head + b"".join(chunks) + b"0\r\n\r\n")
+    if size == 4096:
+        assert reply.status == 200, reply.body
+    else:
+        await assert_refused(stack, before, reply, 413, "request_too_large")
 
 
 async def test_refusal_order_401_before_415_before_413(small_stack: Stack) -> None:
