@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import datetime
 import email.utils
 import logging
@@ -41,6 +42,7 @@ from .config import Secret, UpstreamConfig
 from .errors import UpstreamTimeout, UpstreamUnavailable
 
 __all__ = [
+    "UpstreamBusy",
     "UpstreamClient",
     "UpstreamNotSent",
     "UpstreamRefused",
@@ -52,6 +54,10 @@ __all__ = [
 
 class UpstreamNotSent(UpstreamUnavailable):
     """Raised when Clipia could not be reached at all: it certainly received nothing."""
+
+
+class UpstreamBusy(UpstreamNotSent):
+    """Raised when every pooled connection stayed busy for the connect timeout: not sent."""
 
 
 class UpstreamRefused(UpstreamUnavailable):
@@ -121,6 +127,10 @@ _DEFAULT_PORTS: Final = {"http": 80, "https": 443}
 
 class _ConnectFailed(Exception):
     """A new connection to Clipia could not be opened: nothing was sent."""
+
+
+class _PoolBusy(Exception):
+    """Every connection stayed busy (``limit`` open) for the whole wait: nothing was sent."""
 
 
 class _Protocol(ResponseHandler):
@@ -230,7 +240,8 @@ class UpstreamResponse:
 class _Pool:
     """Keep-alive connections to one host: reused last-in first-out, at most ``limit`` open.
 
-    A request that finds every connection busy waits for one (first come, first served).
+    A request that finds every connection busy waits for one (first come, first served), for
+    the connect timeout at most: an overloaded gateway refuses rather than queueing without end.
     """
 
     def __init__(
@@ -256,7 +267,8 @@ class _Pool:
         self._closed = False
 
     async def acquire(self) -> ResponseHandler:
-        """Return a connected protocol, reused or new; raise ``_ConnectFailed``."""
+        """Return a connected protocol, reused or new; raise ``_ConnectFailed``, ``_PoolBusy``."""
+        deadline: float | None = None
         while True:
             if self._closed:
                 raise _ConnectFailed("the upstream client is closed")
@@ -278,15 +290,21 @@ class _Pool:
                     self._open -= 1
                     self._wake()
                     raise
+            if deadline is None:
+                deadline = self._loop.time() + self._connect_timeout
             waiter: asyncio.Future[None] = self._loop.create_future()
             self._waiters.append(waiter)
             try:
-                await waiter
-            except BaseException:
+                async with asyncio.timeout_at(deadline):
+                    await waiter
+            except BaseException as exc:
                 if waiter.done() and not waiter.cancelled():
-                    self._wake()  # woken, then cancelled: pass the turn on
+                    self._wake()  # woken, then cancelled or out of time: pass the turn on
                 else:
-                    self._waiters.remove(waiter)
+                    with contextlib.suppress(ValueError):  # a wake may have dropped it already
+                        self._waiters.remove(waiter)
+                if isinstance(exc, TimeoutError):
+                    raise _PoolBusy from None
                 raise
 
     async def _connect(self) -> ResponseHandler:
@@ -449,6 +467,18 @@ class UpstreamClient:
             last = attempt == attempts
             try:
                 protocol = await pool.acquire()
+            except _PoolBusy:
+                # Waiting longer would only queue without end; nothing reached Clipia.
+                _LOGGER.warning(
+                    "all %d upstream connections stayed busy for %.1fs; request not sent",
+                    self._config.max_connections,
+                    self._config.connect_timeout_seconds,
+                )
+                raise UpstreamBusy(
+                    f"All {self._config.max_connections} connections to the upstream AI gateway "
+                    "are busy; the request was not sent. Retry shortly.",
+                    retry_after=1,
+                ) from None
             except _ConnectFailed as exc:
                 self._on_attempt("connect_error")
                 # Nothing reached Clipia: safe to try again.

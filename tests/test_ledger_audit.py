@@ -273,6 +273,30 @@ async def test_upstream_down_is_not_sent_at_zero(clusters: ClusterFactory) -> No
         assert (record.outcome, record.cost) == (Outcome.NOT_SENT, 0)
 
 
+async def test_a_busy_upstream_pool_refuses_in_time_and_is_not_sent_at_zero(
+    clusters: ClusterFactory,
+) -> None:
+    """All ``max_connections`` busy: a request waits the connect timeout at most, then 502."""
+    cluster = await clusters(upstream="max_connections: 1\nconnect_timeout_seconds: 0.3")
+    gateway = cluster.gateways[0]
+    await chat(gateway, stream=False)  # the catalog is warm: no fetch needs the connection
+    arrived = len(cluster.emulator.requests)
+    cluster.emulator.push_fault(Fault(first_byte_delay=1.5))
+    async with asyncio.TaskGroup() as group:
+        slow = group.create_task(chat(gateway, stream=False))
+        await eventually(lambda: len(cluster.emulator.requests) > arrived)  # it holds the one
+        busy = await chat(gateway, stream=True)
+        assert not slow.done()  # refused while the slow one still held the only connection
+    assert slow.result().status == 200
+    await audit(cluster.gateways, cluster.emulator)
+    assert busy.status == 502
+    assert decode_json(busy.body)["error"]["code"] == "upstream_unavailable"  # type: ignore[index]
+    assert busy.request_id not in emulator_served(cluster.emulator)
+    record = await record_of(gateway, busy.request_id)
+    assert (record.outcome, record.cost) == (Outcome.NOT_SENT, 0)
+    assert (await chat(gateway, stream=True)).status == 200  # the connection is free again
+
+
 async def test_slow_first_byte_is_504_charged_the_reservation(clusters: ClusterFactory) -> None:
     cluster = await clusters(upstream="first_byte_timeout_seconds: 0.3")
     gateway = cluster.gateways[0]

@@ -26,7 +26,7 @@ from multidict import CIMultiDict
 from clipia_proxy.config import Secret, UpstreamConfig
 from clipia_proxy.emulator import Fault
 from clipia_proxy.errors import UpstreamTimeout, UpstreamUnavailable
-from clipia_proxy.upstream import UpstreamClient, parse_retry_after, read_body
+from clipia_proxy.upstream import UpstreamBusy, UpstreamClient, parse_retry_after, read_body
 from tests.conftest import Stack
 
 Json = Any
@@ -1001,3 +1001,34 @@ async def test_a_later_request_on_a_kept_connection_still_times_out_on_time() ->
             await client.close()
     assert server.connections == 1
     assert 0.35 <= waited < 5  # the full first-byte timeout from the second request's start
+
+
+async def test_every_connection_busy_waits_the_connect_timeout_then_refuses() -> None:
+    release, arrived = asyncio.Event(), asyncio.Event()
+
+    async def answer(head: bytes) -> bytes:
+        if b" /v1/slow " in head:
+            arrived.set()
+            await release.wait()
+        return ok()
+
+    async with RawServer(answer) as server:
+        client = raw_client(server.base_url, max_connections=1, connect_timeout_seconds=0.2)
+        await client.start()
+        try:
+            async with asyncio.TaskGroup() as group:
+                slow = group.create_task(get(client, "/slow"))
+                await asyncio.wait_for(arrived.wait(), 5)
+                with pytest.raises(UpstreamBusy) as caught:
+                    await get(client)
+                assert (caught.value.status, caught.value.retry_after) == (502, 1)
+                assert "busy" in caught.value.message
+                assert not slow.done()
+                release.set()
+            assert slow.result() == (200, b"{}")
+            assert await get(client) == (200, b"{}")  # the pool is whole again
+        finally:
+            release.set()
+            await client.close()
+    assert server.connections == 1
+    assert [head.split(b" ")[1] for _, head in server.requests] == [b"/v1/slow", b"/v1/models"]
