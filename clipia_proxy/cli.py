@@ -13,7 +13,7 @@ from typing import Any
 from . import __version__
 from .auth import generate_key, hash_key
 from .config import Config, ConfigError, load_config
-from .logs import setup_logging
+from .logs import apply_logging, setup_logging
 
 __all__ = ["main"]
 
@@ -56,7 +56,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     config = _load(args.config, resolve_secrets=True)
     if config is None:
         return 1
-    setup_logging(
+    handler = setup_logging(
         args.log_level or config.logging.level,
         fmt=config.logging.format,
         access_log=config.logging.access_log,
@@ -65,7 +65,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         logging.getLogger("clipia_proxy").warning("%s", warning)
     from .server import serve
 
-    _run(serve(config, config_path=args.config))
+    def reload_logging(new: Config) -> None:
+        # --log-level stays in force over a reloaded logging.level.
+        settings = new.logging
+        level = args.log_level or settings.level
+        apply_logging(handler, level, fmt=settings.format, access_log=settings.access_log)
+
+    _run(serve(config, config_path=args.config, on_reload=reload_logging))
     return 0
 
 

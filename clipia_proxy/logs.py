@@ -21,6 +21,7 @@ __all__ = [
     "RedactingFilter",
     "TextFormatter",
     "access_fields",
+    "apply_logging",
     "redact",
     "setup_logging",
 ]
@@ -97,16 +98,26 @@ def setup_logging(
 ) -> logging.Handler:
     """Send every log record to ``stream`` (stderr), redacted, one line each; return the handler."""
     handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler.addFilter(RedactingFilter())
     root = logging.getLogger()
     for existing in list(root.handlers):
         root.removeHandler(existing)
     root.addHandler(handler)
-    root.setLevel(level.upper())
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-    ACCESS_LOGGER.disabled = not access_log
+    apply_logging(handler, level, fmt=fmt, access_log=access_log)
     return handler
+
+
+def apply_logging(handler: logging.Handler, level: str, *, fmt: str, access_log: bool) -> None:
+    """Set the level, the line format and the access log of what ``setup_logging`` installed.
+
+    Used at start-up and by a config reload (``logging.*`` applies at once).
+    """
+    formatter = JsonFormatter() if fmt == "json" else TextFormatter()
+    if type(handler.formatter) is not type(formatter):
+        handler.setFormatter(formatter)
+    logging.getLogger().setLevel(level.upper())
+    ACCESS_LOGGER.disabled = not access_log
 
 
 def access_fields(info: Any, *, route: str, method: str) -> dict[str, Any]:

@@ -98,10 +98,12 @@ async def start(
     *,
     api_key: Secret | None = None,
     config_path: str | os.PathLike[str] | None = None,
+    on_reload: Callable[[Config], None] | None = None,
 ) -> Running:
     """Start both ports (a port of 0 picks a free one) and return the running gateway.
 
-    With ``config_path`` the file is watched and reloaded when it changes.
+    With ``config_path`` the file is watched and reloaded when it changes; ``on_reload`` is
+    called with each new config after the gateway applied it (the CLI applies ``logging``).
     """
     app = create_app(config, api_key=api_key)
     admin = create_admin_app(app)
@@ -115,10 +117,16 @@ async def start(
     reloader = None
     if config_path is not None:
         metrics = app[METRICS]
+
+        def apply(new: Config) -> None:
+            apply_config(app, new)
+            if on_reload is not None:
+                on_reload(new)
+
         reloader = Reloader(
             config_path,
             current=lambda: app[LIVE].config,
-            apply=lambda new: apply_config(app, new),
+            apply=apply,
             record=lambda result: metrics.config_reloads.labels(result).inc(),
         )
         await reloader.prime()
@@ -164,15 +172,10 @@ async def serve(
     api_key: Secret | None = None,
     config_path: str | os.PathLike[str] | None = None,
     on_ready: Callable[[Running], Awaitable[None] | None] | None = None,
+    on_reload: Callable[[Config], None] | None = None,
 ) -> None:
     """Run until SIGTERM/SIGINT, then stop gracefully; SIGHUP reloads the config file."""
-    running = await start(config, api_key=api_key, config_path=config_path)
-    _LOGGER.info(
-        "clipia-proxy listening on %s:%d (admin %d)",
-        config.server.host,
-        running.port,
-        running.admin_port,
-    )
+    running = await start(config, api_key=api_key, config_path=config_path, on_reload=on_reload)
     with tuned_gc():
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -186,6 +189,13 @@ async def serve(
                 signal.SIGHUP,
                 lambda: running.app[TASKS].spawn(reloader.reload(), name="config-reload-sighup"),
             )
+        # Announced once the signals are handled: a SIGHUP right after this line reloads.
+        _LOGGER.info(
+            "clipia-proxy listening on %s:%d (admin %d)",
+            config.server.host,
+            running.port,
+            running.admin_port,
+        )
         try:
             if on_ready is not None:
                 result = on_ready(running)

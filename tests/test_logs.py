@@ -8,7 +8,14 @@ import logging
 import msgspec
 import pytest
 
-from clipia_proxy.logs import JsonFormatter, RedactingFilter, redact, setup_logging
+from clipia_proxy.logs import (
+    ACCESS_LOGGER,
+    JsonFormatter,
+    RedactingFilter,
+    apply_logging,
+    redact,
+    setup_logging,
+)
 
 SECRETS = [
     "Bearer cpx_abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG",
@@ -74,3 +81,30 @@ def test_setup_logging_installs_one_redacting_json_handler() -> None:
         for existing in saved[0]:
             root.addHandler(existing)
         root.setLevel(saved[1])
+
+
+def test_apply_logging_switches_format_level_and_access_log_in_place() -> None:
+    stream = io.StringIO()
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level, ACCESS_LOGGER.disabled)
+    try:
+        handler = setup_logging("INFO", stream=stream, fmt="json", access_log=True)
+        apply_logging(handler, "warning", fmt="text", access_log=False)
+        assert root.handlers == [handler]  # the same handler (and its redaction), re-formatted
+        assert (root.level, ACCESS_LOGGER.disabled) == (logging.WARNING, True)
+        logging.getLogger("clipia_proxy.test").info("hidden")
+        logging.getLogger("clipia_proxy.test").warning("Bearer %s", "cpx_secretsecretsecret")
+        assert stream.getvalue().count("\n") == 1
+        assert not stream.getvalue().startswith("{")
+        assert "[REDACTED]" in stream.getvalue()
+        apply_logging(handler, "INFO", fmt="json", access_log=True)
+        assert (root.level, ACCESS_LOGGER.disabled) == (logging.INFO, False)
+        logging.getLogger("clipia_proxy.test").info("shown")
+        assert msgspec.json.decode(stream.getvalue().splitlines()[-1])["msg"] == "shown"
+    finally:
+        for existing in list(root.handlers):
+            root.removeHandler(existing)
+        for existing in saved[0]:
+            root.addHandler(existing)
+        root.setLevel(saved[1])
+        ACCESS_LOGGER.disabled = saved[2]

@@ -40,12 +40,10 @@ async def emulator() -> AsyncIterator[tuple[EmulatorState, str, str]]:
         await runner.cleanup()
 
 
-async def _start_serve(
-    tmp_path: Path, base_url: str, clipia_key: str, team_key: str, grace: float
-) -> tuple[asyncio.subprocess.Process, int, int, list[str]]:
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        f"""
+def _serve_config(
+    tmp_path: Path, base_url: str, team_key: str, grace: float, extra: str = ""
+) -> str:
+    return f"""
 server: {{host: 127.0.0.1, port: 0, admin_port: 0, shutdown_grace_seconds: {grace}}}
 upstream: {{base_url: "{base_url}", api_key_env: TEST_CLIPIA_KEY}}
 store: {{backend: sqlite, sqlite_path: "{tmp_path / "ledger.db"}"}}
@@ -53,8 +51,22 @@ teams:
   - id: search
     keys: [{{id: k, sha256: {hash_key(team_key)}}}]
     models: {{allow: ["*"]}}
+{extra}
 """
-    )
+
+
+async def _start_serve(
+    tmp_path: Path,
+    base_url: str,
+    clipia_key: str,
+    team_key: str,
+    grace: float,
+    *,
+    extra: str = "",
+    args: tuple[str, ...] = (),
+) -> tuple[asyncio.subprocess.Process, int, int, list[str]]:
+    config = tmp_path / "config.yaml"
+    config.write_text(_serve_config(tmp_path, base_url, team_key, grace, extra))
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -62,6 +74,7 @@ teams:
         "serve",
         "--config",
         str(config),
+        *args,
         env={**os.environ, "TEST_CLIPIA_KEY": clipia_key},
         stderr=asyncio.subprocess.PIPE,
     )
@@ -247,3 +260,62 @@ def test_tuned_gc_restores_the_settings_after_an_error() -> None:
     assert inside == [GC_YOUNG_THRESHOLD]
     assert gc.get_threshold() == before
     assert gc.get_freeze_count() == 0
+
+
+@pytest.mark.parametrize("pinned", [False, True], ids=["config", "log-level-flag"])
+async def test_a_reload_applies_logging_at_once_and_the_flag_keeps_its_level(
+    tmp_path: Path, emulator: tuple[EmulatorState, str, str], pinned: bool
+) -> None:
+    """logging.* is applied by a reload; `serve --log-level` still wins over logging.level."""
+    _, base_url, clipia_key = emulator
+    team_key = generate_key()
+    process, port, _, lines = await _start_serve(
+        tmp_path,
+        base_url,
+        clipia_key,
+        team_key,
+        grace=1,
+        extra="logging: {level: INFO, format: json}",
+        args=("--log-level", "INFO") if pinned else (),
+    )
+    config = tmp_path / "config.yaml"
+    assert process.stderr is not None
+    stderr = process.stderr
+
+    async def reload(grace: float) -> list[str]:
+        """Rewrite the file (WARNING, text) with a restart-only change, SIGHUP; lines to its warning."""
+        text = _serve_config(
+            tmp_path, base_url, team_key, grace, "logging: {level: WARNING, format: text}"
+        )
+        config.write_text(text)
+        process.send_signal(signal.SIGHUP)
+        seen: list[str] = []
+        async with asyncio.timeout(10):
+            while "wait for a restart" not in (seen[-1] if seen else ""):
+                line = (await stderr.readline()).decode()
+                assert line, "serve exited: " + "".join(lines + seen)
+                seen.append(line)
+        return seen
+
+    try:
+        first = await reload(grace=2)
+        assert not first[-1].startswith("{")  # the warning already has the text format
+        assert "server.shutdown_grace_seconds" in first[-1]
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                f"http://127.0.0.1:{port}/v1/chat/completions",
+                json={"model": "gpt-5.5", "messages": [{"role": "user", "content": "hi"}]},
+                headers={"Authorization": f"Bearer {team_key}"},
+            ) as response,
+        ):
+            assert response.status == 200
+        between = await reload(grace=3)
+        access = [line for line in between if "access" in line and "chat/completions" in line]
+        # WARNING from the file hides the INFO access line, unless --log-level pins INFO.
+        assert len(access) == (1 if pinned else 0), between
+        assert all(not line.startswith("{") for line in between)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(15):
+            await process.wait()
