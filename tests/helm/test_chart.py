@@ -24,6 +24,7 @@ from helm_python import HelmRenderError, HelmValuesError
 from helm_python.chart import Chart, lint, values_from_yaml
 
 from clipia_proxy.cli import main
+from clipia_proxy.config import load_config
 
 from .manifests import Rendered, container, find, find_all, kinds, pod_spec
 
@@ -201,6 +202,29 @@ def test_rendered_config_passes_check_config(
     assert "config.yaml: ok:" in capsys.readouterr().out
 
 
+def test_logging_values_reach_the_config_and_pass_check_config(
+    chart: Chart, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    logging_values = {"level": "WARNING", "format": "text", "access_log": False}
+    rendered = _render(chart, {**API_KEY, "config": {"logging": logging_values}})
+    text = find(rendered.docs, "ConfigMap")["data"]["config.yaml"]
+    assert yaml.safe_load(text)["logging"] == logging_values
+    path = tmp_path / "config.yaml"
+    path.write_text(text, encoding="utf-8")
+    assert main(["check-config", str(path)]) == 0, capsys.readouterr().err
+    config = load_config(path, resolve_secrets=False)
+    assert (config.logging.level, config.logging.format, config.logging.access_log) == (
+        "WARNING",
+        "text",
+        False,
+    )
+
+
+def test_schema_refuses_an_unknown_log_level(chart: Chart) -> None:
+    with pytest.raises(HelmValuesError, match="/config/logging/level"):
+        chart.render(values={**API_KEY, "config": {"logging": {"level": "VERBOSE"}}}, name=RELEASE)
+
+
 @pytest.mark.parametrize("name", CI_IDS)
 def test_secrets_never_reach_the_config_map(ci: dict[str, Rendered], name: str) -> None:
     rendered = ci[name]
@@ -334,6 +358,9 @@ def test_checksums_roll_pods_on_restart_only_config_and_secret_changes(chart: Ch
     new_team = annotations({**API_KEY, "config": {"teams": [{"id": "search"}]}})
     assert new_team["checksum/config"] == base["checksum/config"]
     assert new_team["checksum/secret"] == base["checksum/secret"]
+    # So is logging (level, format, access log).
+    new_logging = annotations({**API_KEY, "config": {"logging": {"level": "DEBUG"}}})
+    assert new_logging["checksum/config"] == base["checksum/config"]
     # A restart-only setting rolls the pods.
     new_timeout = annotations(
         {**API_KEY, "config": {"upstream": {"first_byte_timeout_seconds": 30}}}

@@ -179,6 +179,7 @@ the Clipia key and the Redis URL are named (env vars), never written here.
 {{- $config := dict "server" $server "upstream" $upstream "store" $store "auth" $auth }}
 {{- $_ := set $config "catalog" (default (dict) $v.catalog) }}
 {{- $_ := set $config "accounting" (default (dict) $v.accounting) }}
+{{- $_ := set $config "logging" (default (dict) $v.logging) }}
 {{- $_ := set $config "teams" (default (list) $v.teams) }}
 {{- toYaml $config }}
 {{- end }}
