@@ -83,6 +83,9 @@ class ServerConfig(msgspec.Struct, **_STRUCT):
     host: str = "0.0.0.0"  # noqa: S104 - a gateway serves the cluster; sidecars set 127.0.0.1
     port: int = 8080
     admin_port: int = 9090
+    admin_host: str | None = None
+    """The admin port's listen address (default: ``host``): a sidecar keeps the API on
+    127.0.0.1 and may open ``/metrics`` and the probes to the pod network."""
     max_body_bytes: int = 4 * 1024 * 1024
     shutdown_grace_seconds: float = 25.0
 

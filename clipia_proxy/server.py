@@ -108,9 +108,10 @@ async def start(
     app = create_app(config, api_key=api_key)
     admin = create_admin_app(app)
     host = config.server.host
+    admin_host = config.server.admin_host or host
     admin_runner = web.AppRunner(admin, access_log=None, shutdown_timeout=1.0)
     await admin_runner.setup()
-    await web.TCPSite(admin_runner, host, config.server.admin_port, backlog=_BACKLOG).start()
+    await web.TCPSite(admin_runner, admin_host, config.server.admin_port, backlog=_BACKLOG).start()
     data_runner = web.AppRunner(app, access_log=None, shutdown_timeout=_FINAL_WAIT_SECONDS)
     await data_runner.setup()  # start-up work: store, reconciliation, catalog warm-up
     await web.TCPSite(data_runner, host, config.server.port, backlog=_BACKLOG).start()

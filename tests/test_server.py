@@ -13,13 +13,14 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
+import msgspec
 import pytest
 from aiohttp import web
 
 from clipia_proxy.auth import generate_key, hash_key
 from clipia_proxy.config import Secret
 from clipia_proxy.emulator import EmulatorState, Fault, create_emulator_app
-from clipia_proxy.server import GC_YOUNG_THRESHOLD, Running, serve, tuned_gc
+from clipia_proxy.server import GC_YOUNG_THRESHOLD, Running, serve, start, tuned_gc
 
 from .conftest import make_config
 
@@ -319,3 +320,26 @@ async def test_a_reload_applies_logging_at_once_and_the_flag_keeps_its_level(
         process.send_signal(signal.SIGTERM)
         async with asyncio.timeout(15):
             await process.wait()
+
+
+async def test_admin_host_opens_the_admin_port_alone(
+    emulator: tuple[EmulatorState, str, str],
+) -> None:
+    """server.admin_host: the admin port on all addresses, the API still on 127.0.0.1 only."""
+    _, base_url, clipia_key = emulator
+    keys = {"search": generate_key(), "research": generate_key()}
+    config = make_config(base_url.removesuffix("/v1"), keys)
+    server = msgspec.structs.replace(config.server, admin_host="0.0.0.0")  # noqa: S104
+    running = await start(
+        msgspec.structs.replace(config, server=server), api_key=Secret(clipia_key)
+    )
+    try:
+        assert [address[0] for address in running.data_runner.addresses] == ["127.0.0.1"]
+        assert [address[0] for address in running.admin_runner.addresses] == ["0.0.0.0"]  # noqa: S104
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{running.admin_port}/readyz") as ready,
+        ):
+            assert ready.status == 200
+    finally:
+        await running.stop()
