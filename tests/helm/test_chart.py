@@ -578,11 +578,21 @@ def test_sidecar_mode_renders_config_only(ci: dict[str, Rendered]) -> None:
     assert kinds(rendered.docs) == {"ConfigMap"}  # both Secrets exist already
     config = yaml.safe_load(find(rendered.docs, "ConfigMap")["data"]["config.yaml"])
     assert config["server"]["host"] == "127.0.0.1"
+    # metrics.enabled (the default): the admin port alone is open to the pod network.
+    assert config["server"]["admin_host"] == "0.0.0.0"  # noqa: S104
     assert config["auth"] == config["auth"] | {"mode": "fixed", "team": "search"}
     assert config["store"]["backend"] == "redis"
     assert "OPENAI_BASE_URL" in rendered.notes
     assert "value: http://127.0.0.1:8080/v1" in rendered.notes
     assert 'include "clipia-proxy.sidecarContainer"' in rendered.notes
+
+
+def test_a_sidecar_without_metrics_keeps_both_ports_on_loopback(chart: Chart) -> None:
+    sidecar = yaml.safe_load((CHART_DIR / "ci" / "sidecar-values.yaml").read_text(encoding="utf-8"))
+    rendered = _render(chart, {**sidecar, "metrics": {"enabled": False}})
+    config = yaml.safe_load(find(rendered.docs, "ConfigMap")["data"]["config.yaml"])
+    assert config["server"]["host"] == "127.0.0.1"
+    assert "admin_host" not in config["server"]
 
 
 def _app_chart(tmp_path: Path) -> Path:
@@ -640,10 +650,11 @@ def test_an_app_chart_can_include_the_sidecar_container(
     spec = pod_spec(deployment)
     gateway = container(deployment, "clipia-proxy")
     central = container(find(ci["central-redis"].docs, "Deployment"))
-    # One container helper: the sidecar is the central container minus ports, probed from inside.
+    # One container helper: the sidecar is the central container minus the API port, probed
+    # from inside; its admin port (metrics.enabled) is named for a PodMonitor.
     for key in ("image", "args", "securityContext", "resources", "lifecycle"):
         assert gateway[key] == central[key], key
-    assert "ports" not in gateway
+    assert gateway["ports"] == [{"name": "clipia-admin", "containerPort": 9090, "protocol": "TCP"}]
     assert gateway["readinessProbe"]["exec"]["command"][-1].endswith(
         "urlopen('http://127.0.0.1:9090/readyz', timeout=2)"
     )

@@ -154,6 +154,9 @@ the Clipia key and the Redis URL are named (env vars), never written here.
 {{- $server := deepCopy (default (dict) $v.server) }}
 {{- if $sidecar }}
 {{- $_ := set $server "host" "127.0.0.1" }}
+{{- if and .Values.metrics.enabled (not (hasKey $server "admin_host")) }}
+{{- $_ := set $server "admin_host" "0.0.0.0" }}
+{{- end }}
 {{- end }}
 {{- $upstream := deepCopy (default (dict) $v.upstream) }}
 {{- $_ := set $upstream "api_key_env" "CLIPIA_API_KEY" }}
@@ -231,6 +234,11 @@ ports:
     containerPort: {{ include "clipia-proxy.port" $root }}
     protocol: TCP
   - name: admin
+    containerPort: {{ include "clipia-proxy.adminPort" $root }}
+    protocol: TCP
+{{- else if $v.metrics.enabled }}
+ports:
+  - name: clipia-admin
     containerPort: {{ include "clipia-proxy.adminPort" $root }}
     protocol: TCP
 {{- end }}
