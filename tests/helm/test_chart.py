@@ -595,7 +595,7 @@ def test_a_sidecar_without_metrics_keeps_both_ports_on_loopback(chart: Chart) ->
     assert "admin_host" not in config["server"]
 
 
-def _app_chart(tmp_path: Path) -> Path:
+def _app_chart(tmp_path: Path, **overrides: Any) -> Path:
     """An app chart that depends on clipia-proxy and adds its container to its own pod."""
     app = tmp_path / "app"
     shutil.copytree(CHART_DIR, app / "charts" / "clipia-proxy", ignore=shutil.ignore_patterns("ci"))
@@ -606,6 +606,7 @@ def _app_chart(tmp_path: Path) -> Path:
         encoding="utf-8",
     )
     sidecar = yaml.safe_load((CHART_DIR / "ci" / "sidecar-values.yaml").read_text(encoding="utf-8"))
+    sidecar.update(overrides)
     (app / "values.yaml").write_text(yaml.safe_dump({"clipia-proxy": sidecar}), encoding="utf-8")
     (app / "templates" / "deployment.yaml").write_text(
         """\
@@ -655,10 +656,9 @@ def test_an_app_chart_can_include_the_sidecar_container(
     for key in ("image", "args", "securityContext", "resources", "lifecycle"):
         assert gateway[key] == central[key], key
     assert gateway["ports"] == [{"name": "clipia-admin", "containerPort": 9090, "protocol": "TCP"}]
-    assert gateway["readinessProbe"]["exec"]["command"][-1].endswith(
-        "urlopen('http://127.0.0.1:9090/readyz', timeout=2)"
-    )
-    assert "httpGet" not in gateway["livenessProbe"]
+    # The admin port is on the pod network: the kubelet probes it (no python started per probe).
+    assert gateway["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "clipia-admin"}
+    assert gateway["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "clipia-admin"}
     env = {item["name"]: item["valueFrom"]["secretKeyRef"]["name"] for item in gateway["env"]}
     assert env == {"CLIPIA_API_KEY": "clipia-upstream", "REDIS_URL": "shared-redis"}
     volumes = {v["name"]: v for v in spec["volumes"]}
@@ -670,6 +670,18 @@ def test_an_app_chart_can_include_the_sidecar_container(
 
 
 # --- the image the chart runs ---------------------------------------------------------------
+
+
+def test_a_sidecar_without_metrics_is_probed_from_inside(tmp_path: Path) -> None:
+    """metrics.enabled false: both ports on 127.0.0.1, which the kubelet cannot reach."""
+    with Chart.load(_app_chart(tmp_path, metrics={"enabled": False})) as app_chart:
+        rendered = Rendered.of(app_chart, {}, RELEASE, NAMESPACE)
+    gateway = container(find(rendered.docs, "Deployment", name="app"), "clipia-proxy")
+    assert "ports" not in gateway
+    assert gateway["readinessProbe"]["exec"]["command"][-1].endswith(
+        "urlopen('http://127.0.0.1:9090/readyz', timeout=2)"
+    )
+    assert "httpGet" not in gateway["livenessProbe"]
 
 
 def test_image_user_and_command_match_the_chart(ci: dict[str, Rendered]) -> None:

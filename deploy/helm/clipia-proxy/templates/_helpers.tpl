@@ -188,13 +188,18 @@ the Clipia key and the Redis URL are named (env vars), never written here.
 {{- end }}
 
 {{/*
-Probes on the admin port. Central pods are probed over HTTP; a sidecar listens on 127.0.0.1,
-which the kubelet cannot reach, so it is probed from inside with the image's python.
+Probes on the admin port, over HTTP. A sidecar's admin port is on the pod network only with
+metrics.enabled (port clipia-admin); without it, it listens on 127.0.0.1, which the kubelet
+cannot reach, so it is probed from inside with the image's python.
 Call with (dict "root" $ "sidecar" BOOL "path" "/readyz" "probe" .Values.readinessProbe).
 */}}
 {{- define "clipia-proxy.probe" -}}
 {{- $port := include "clipia-proxy.adminPort" .root }}
-{{- if .sidecar }}
+{{- if and .sidecar .root.Values.metrics.enabled }}
+httpGet:
+  path: {{ .path }}
+  port: clipia-admin
+{{- else if .sidecar }}
 exec:
   command:
     - python
