@@ -22,6 +22,7 @@ __all__ = [
     "decode_json",
     "encode_json",
     "parse_chat_request",
+    "tolerant_answer_summary",
     "usage_from_object",
 ]
 
@@ -158,6 +159,11 @@ def answer_summary(data: bytes) -> tuple[str | None, Usage | None] | None:
                 )
             )
             return answer.id, usage
+    return tolerant_answer_summary(data)
+
+
+def tolerant_answer_summary(data: bytes) -> tuple[str | None, Usage | None] | None:
+    """``answer_summary`` the slow way: decode the whole body, then read ``id`` and ``usage``."""
     try:
         decoded = decode_json(data)
     except (msgspec.DecodeError, ValueError):

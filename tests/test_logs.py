@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
+from collections.abc import Iterator
 
 import msgspec
 import pytest
@@ -65,29 +67,35 @@ def test_args_and_exceptions_are_redacted_and_lines_are_json() -> None:
     assert key[:20] not in stream.getvalue()
 
 
-def test_setup_logging_installs_one_redacting_json_handler() -> None:
-    stream = io.StringIO()
+@contextlib.contextmanager
+def restored_logging() -> Iterator[logging.Logger]:
+    """Yield the root logger; put its handlers, its level and the access log back after."""
     root = logging.getLogger()
-    saved = (list(root.handlers), root.level)
+    saved = (list(root.handlers), root.level, ACCESS_LOGGER.disabled)
     try:
-        handler = setup_logging("DEBUG", stream=stream)
-        logging.getLogger("clipia_proxy.test").info("Bearer %s", "cpx_secretsecretsecret")
-        assert root.handlers == [handler]
-        line = msgspec.json.decode(stream.getvalue().splitlines()[-1])
-        assert line["msg"] == "[REDACTED]"
+        yield root
     finally:
         for existing in list(root.handlers):
             root.removeHandler(existing)
         for existing in saved[0]:
             root.addHandler(existing)
         root.setLevel(saved[1])
+        ACCESS_LOGGER.disabled = saved[2]
+
+
+def test_setup_logging_installs_one_redacting_json_handler() -> None:
+    stream = io.StringIO()
+    with restored_logging() as root:
+        handler = setup_logging("DEBUG", stream=stream)
+        logging.getLogger("clipia_proxy.test").info("Bearer %s", "cpx_secretsecretsecret")
+        assert root.handlers == [handler]
+        line = msgspec.json.decode(stream.getvalue().splitlines()[-1])
+        assert line["msg"] == "[REDACTED]"
 
 
 def test_apply_logging_switches_format_level_and_access_log_in_place() -> None:
     stream = io.StringIO()
-    root = logging.getLogger()
-    saved = (list(root.handlers), root.level, ACCESS_LOGGER.disabled)
-    try:
+    with restored_logging() as root:
         handler = setup_logging("INFO", stream=stream, fmt="json", access_log=True)
         apply_logging(handler, "warning", fmt="text", access_log=False)
         assert root.handlers == [handler]  # the same handler (and its redaction), re-formatted
@@ -101,10 +109,3 @@ def test_apply_logging_switches_format_level_and_access_log_in_place() -> None:
         assert (root.level, ACCESS_LOGGER.disabled) == (logging.INFO, False)
         logging.getLogger("clipia_proxy.test").info("shown")
         assert msgspec.json.decode(stream.getvalue().splitlines()[-1])["msg"] == "shown"
-    finally:
-        for existing in list(root.handlers):
-            root.removeHandler(existing)
-        for existing in saved[0]:
-            root.addHandler(existing)
-        root.setLevel(saved[1])
-        ACCESS_LOGGER.disabled = saved[2]

@@ -215,6 +215,20 @@ def _ledger_rows(path: Path) -> list[tuple[str, str]]:
         return [(str(a), str(b)) for a, b in db.execute("SELECT state, outcome FROM ledger")]
 
 
+async def _say_hi(port: int, team_key: str) -> int:
+    """POST one small chat completion to a gateway on ``port``; return the status."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            json={"model": "gpt-5.5", "messages": [{"role": "user", "content": "hi"}]},
+            headers={"Authorization": f"Bearer {team_key}"},
+        ) as response,
+    ):
+        await response.read()
+        return response.status
+
+
 async def test_serve_tunes_the_collector_while_serving_and_restores_it(
     emulator: tuple[EmulatorState, str, str],
 ) -> None:
@@ -227,15 +241,7 @@ async def test_serve_tunes_the_collector_while_serving_and_restores_it(
     seen: list[tuple[tuple[int, ...], int, int]] = []
 
     async def on_ready(running: Running) -> None:
-        async with (
-            aiohttp.ClientSession() as session,
-            session.post(
-                f"http://127.0.0.1:{running.port}/v1/chat/completions",
-                json={"model": "gpt-5.5", "messages": [{"role": "user", "content": "hi"}]},
-                headers={"Authorization": f"Bearer {team_key}"},
-            ) as response,
-        ):
-            status = response.status
+        status = await _say_hi(running.port, team_key)
         seen.append((gc.get_threshold(), gc.get_freeze_count(), status))
         signal.raise_signal(signal.SIGTERM)
 
@@ -302,15 +308,7 @@ async def test_a_reload_applies_logging_at_once_and_the_flag_keeps_its_level(
         first = await reload(grace=2)
         assert not first[-1].startswith("{")  # the warning already has the text format
         assert "server.shutdown_grace_seconds" in first[-1]
-        async with (
-            aiohttp.ClientSession() as session,
-            session.post(
-                f"http://127.0.0.1:{port}/v1/chat/completions",
-                json={"model": "gpt-5.5", "messages": [{"role": "user", "content": "hi"}]},
-                headers={"Authorization": f"Bearer {team_key}"},
-            ) as response,
-        ):
-            assert response.status == 200
+        assert await _say_hi(port, team_key) == 200
         between = await reload(grace=3)
         access = [line for line in between if "access" in line and "chat/completions" in line]
         # WARNING from the file hides the INFO access line, unless --log-level pins INFO.

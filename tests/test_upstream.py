@@ -8,10 +8,11 @@ what the emulator received. Tests that need small timeouts or a dead upstream us
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import email.utils
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from decimal import Decimal
 from typing import Any
 
@@ -903,6 +904,23 @@ async def test_idle_timeout_after_headers_is_the_idle_one_not_the_first_byte_one
             await client.close()
 
 
+@contextlib.contextmanager
+def counted_read_timers() -> Iterator[list[float]]:
+    """Record the deadline of every read timer the upstream protocol arms meanwhile."""
+    import clipia_proxy.upstream as upstream_module
+
+    timers: list[float] = []
+    arm = upstream_module._Protocol._arm
+
+    def counting_arm(protocol: Any, deadline: float) -> None:
+        timers.append(deadline)
+        arm(protocol, deadline)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(upstream_module._Protocol, "_arm", counting_arm)
+        yield timers
+
+
 async def test_a_steady_stream_needs_one_read_timer_not_one_per_chunk() -> None:
     async def slow_chunks(request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse()
@@ -920,18 +938,8 @@ async def test_a_steady_stream_needs_one_read_timer_not_one_per_chunk() -> None:
     await web.TCPSite(runner, "127.0.0.1", 0).start()
     client = raw_client(f"http://127.0.0.1:{runner.addresses[0][1]}/v1", idle_timeout_seconds=0.5)
     await client.start()
-    timers: list[float] = []
-    import clipia_proxy.upstream as upstream_module
-
-    arm = upstream_module._Protocol._arm
-
-    def counting_arm(protocol: Any, deadline: float) -> None:
-        timers.append(deadline)
-        arm(protocol, deadline)
-
     try:
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(upstream_module._Protocol, "_arm", counting_arm)
+        with counted_read_timers() as timers:
             response = await client.send("GET", "/models", request_id="r1")
             try:
                 body = await read_body(response, 1 << 20)
@@ -952,18 +960,8 @@ async def test_back_to_back_requests_on_one_connection_share_one_read_timer() ->
     async with RawServer(answer) as server:
         client = raw_client(server.base_url, first_byte_timeout_seconds=30)
         await client.start()
-        timers: list[float] = []
-        import clipia_proxy.upstream as upstream_module
-
-        arm = upstream_module._Protocol._arm
-
-        def counting_arm(protocol: Any, deadline: float) -> None:
-            timers.append(deadline)
-            arm(protocol, deadline)
-
         try:
-            with pytest.MonkeyPatch.context() as patch:
-                patch.setattr(upstream_module._Protocol, "_arm", counting_arm)
+            with counted_read_timers() as timers:
                 for _ in range(20):
                     assert await get(client) == (200, b'{"id": "x"}')
         finally:
