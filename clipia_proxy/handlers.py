@@ -40,7 +40,7 @@ from .keys import (
     UPSTREAM,
 )
 from .ledger import Flight
-from .policy import ModelPolicy, apply_caps
+from .policy import ModelPolicy, apply_caps, bound_output
 from .quotas.estimate import PriceUnknown, estimate
 from .quotas.model import Outcome, Settlement, credits
 from .sse import UsageTap
@@ -205,6 +205,18 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     team = policy.team
     apply_caps(chat.body, team.caps)
     body = chat.body
+    entry = snapshot.entries[canonical_model]
+    context_length = entry.raw.get("context_length")
+    if not isinstance(context_length, int):
+        context_length = None
+    # A budget is a bound: the upstream may write no more than the reservation counts.
+    output_bound = bound_output(
+        body,
+        cap=team.caps.max_tokens,
+        budgeted=policy.budgeted,
+        default_reserve=config.accounting.default_output_reserve_tokens,
+        context_length=context_length,
+    )
     body["model"] = canonical_model
     drop_usage_chunk = chat.stream and not chat.client_wants_usage
     if drop_usage_chunk:
@@ -215,15 +227,13 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         }
     payload = encode_json(body)
     # 4-5. Admit: estimate the worst case, reserve it and write the ledger record.
-    entry = snapshot.entries[canonical_model]
-    context_length = entry.raw.get("context_length")
     try:
         worst_case = estimate(
             raw_body=payload,
             body=body,
             prompt_price=entry.prompt_price,
             completion_price=entry.completion_price,
-            context_length=context_length if isinstance(context_length, int) else None,
+            context_length=context_length,
             team_max_tokens=team.caps.max_tokens,
             default_output_tokens=config.accounting.default_output_reserve_tokens,
             image_reserve_tokens=config.accounting.image_reserve_tokens,
@@ -253,7 +263,14 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         completion_price=entry.completion_price,
     )
     try:
-        return await _forward(request, flight, payload, chat.stream, drop_usage_chunk)
+        return await _forward(
+            request,
+            flight,
+            payload,
+            chat.stream,
+            drop_usage_chunk,
+            None if output_bound is None else worst_case.n * worst_case.output_tokens,
+        )
     finally:
         # 8. Settle exactly once: at once when nothing needs waiting for, else in a task;
         # both survive this handler's cancellation.
@@ -293,6 +310,7 @@ async def _forward(
     payload: bytes,
     stream: bool,
     drop_usage_chunk: bool,
+    output_limit: int | None,
 ) -> web.StreamResponse:
     """Steps 6-7: send to Clipia and relay; record what was learnt on ``flight``."""
     app = request.app
@@ -367,6 +385,7 @@ async def _forward(
                     renew=renew,
                     renew_every=lease / 3,
                     result=result,
+                    output_limit=output_limit,
                 )
                 finished = True
             finally:

@@ -14,7 +14,7 @@ from typing import Final
 from .config import CapsConfig, TeamConfig
 from .errors import InvalidRequest, ModelNotAllowed, ModelNotFound
 
-__all__ = ["ModelPolicy", "apply_caps"]
+__all__ = ["ModelPolicy", "apply_caps", "bound_output"]
 
 _TOKEN_FIELDS: Final = ("max_tokens", "max_completion_tokens")
 
@@ -33,6 +33,11 @@ class ModelPolicy:
         """Requested id -> canonical id, for requests ``resolve`` accepted against the chat
         models in ``_resolved_for`` (so bounded by the catalog and the aliases)."""
         self._resolved_for: object = None
+        budget = team.budget
+        self.budgeted: Final = any(
+            amount is not None for amount in (budget.day, budget.week, budget.month, budget.total)
+        )
+        """Whether any budget period is set (then every request's output must be bounded)."""
 
     def canonical(self, requested: str) -> str:
         """Return the canonical id for ``requested`` (aliases resolved; others unchanged)."""
@@ -135,3 +140,31 @@ def apply_caps(body: dict[str, object], caps: CapsConfig) -> None:
             raise InvalidRequest(
                 f"n={n} is over this team's cap of {caps.n}", param="n", reason="cap"
             )
+
+
+def bound_output(
+    body: dict[str, object],
+    *,
+    cap: int | None,
+    budgeted: bool,
+    default_reserve: int,
+    context_length: int | None,
+) -> int | None:
+    """Make the output the upstream may write the output reserved; return that bound per choice.
+
+    A request that sets ``max_tokens``/``max_completion_tokens`` keeps it (``apply_caps`` has
+    checked it). Otherwise ``max_tokens`` is set to the team's cap, or — for a team with a
+    budget and no cap — to ``default_reserve``, bounded by the model's context length: the
+    same number the reservation counts. A team with neither stays unbounded (``None``).
+    """
+    for name in _TOKEN_FIELDS:
+        value = body.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    bound = cap if cap is not None else (default_reserve if budgeted else None)
+    if bound is None:
+        return None
+    if context_length:
+        bound = min(bound, context_length)
+    body["max_tokens"] = bound
+    return bound

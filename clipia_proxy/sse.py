@@ -116,6 +116,7 @@ class UsageTap:
         "_partial",
         "_skip_event",
         "bad_json",
+        "content_chars",
         "content_chunks",
         "error_event",
         "events",
@@ -147,6 +148,8 @@ class UsageTap:
     """Events read: complete events with ``data``, including ``[DONE]`` and undecodable ones."""
     content_chunks: int
     """Chunks with at least one choice whose delta has non-empty ``content`` or ``tool_calls``."""
+    content_chars: int
+    """Characters of ``content`` in all choice deltas."""
     bad_json: int
     """Events whose data was neither ``[DONE]`` nor decodable JSON."""
     oversized_lines: int
@@ -178,9 +181,20 @@ class UsageTap:
         self.error_event = False
         self.events = 0
         self.content_chunks = 0
+        self.content_chars = 0
         self.bad_json = 0
         self.oversized_lines = 0
         self.truncated = False
+
+    @property
+    def output_tokens_seen(self) -> int:
+        """Return a lower bound of the completion tokens streamed so far.
+
+        Every content chunk holds at least one token, and tokenizers average well under 8
+        characters a token over any real text: an upstream that honours ``max_tokens`` never
+        reaches it by this count.
+        """
+        return max(self.content_chunks, self.content_chars // 8)
 
     def __repr__(self) -> str:
         """Return the tap's findings (no stream content)."""
@@ -313,9 +327,10 @@ class UsageTap:
             if isinstance(delta, dict):
                 content = delta.get("content")
                 tool_calls = delta.get("tool_calls")
-                if (isinstance(content, str) and content) or (
-                    isinstance(tool_calls, list) and tool_calls
-                ):
+                if isinstance(content, str) and content:
+                    has_content = True
+                    self.content_chars += len(content)
+                elif isinstance(tool_calls, list) and tool_calls:
                     has_content = True
         if has_content:
             self.content_chunks += 1

@@ -41,13 +41,22 @@ _STREAM_TERMINATOR: Final = b"\n\n"
 class StreamResult:
     """What the relay learnt: the tap, the outcome and the time to first byte."""
 
-    __slots__ = ("cut_for_shutdown", "first_byte_at", "outcome", "tap", "upstream_done_at")
+    __slots__ = (
+        "cut_at_bound",
+        "cut_for_shutdown",
+        "first_byte_at",
+        "outcome",
+        "tap",
+        "upstream_done_at",
+    )
 
     def __init__(self, tap: UsageTap) -> None:
         self.tap: Final = tap
         self.outcome = Outcome.COMPLETED
         self.cut_for_shutdown = False
         """Set when shutdown's grace period ran out while this stream was open."""
+        self.cut_at_bound = False
+        """Set when the upstream wrote more than the output bound reserved for the request."""
         self.first_byte_at: float | None = None
         self.upstream_done_at: float | None = None
         """perf_counter when the upstream body ended (or broke)."""
@@ -95,6 +104,7 @@ async def relay_stream(
     renew: Callable[[], None] | None = None,
     renew_every: float = 60.0,
     result: StreamResult | None = None,
+    output_limit: int | None = None,
 ) -> tuple[web.StreamResponse, StreamResult]:
     """Relay an upstream SSE body to the client; return the response and what was learnt.
 
@@ -102,7 +112,9 @@ async def relay_stream(
     ``renew`` is called at most every ``renew_every`` seconds while bytes flow (it extends the
     request's reservation lease). Never raises for upstream or client failures: they become
     the result's ``outcome``. Pass ``result`` to read what was learnt even if this coroutine
-    is cancelled half-way (shutdown).
+    is cancelled half-way (shutdown). ``output_limit`` (completion tokens, all choices) is
+    what the request reserved: an upstream counted past it (ignoring ``max_tokens``) is cut,
+    outcome ``upstream_error``, with an SSE error event ``output_limit_exceeded``.
     """
     response = web.StreamResponse(status=200, headers=headers)
     if result is None:
@@ -151,23 +163,31 @@ async def relay_stream(
         if result.first_byte_at is None:
             result.first_byte_at = time.perf_counter()
         tap.feed(chunk)
+        if output_limit is not None and tap.output_tokens_seen > output_limit and not tap.saw_done:
+            # Past the bound reserved: relay this read (already written upstream), then cut.
+            result.cut_at_bound = True
+            upstream.close()
         if renew is not None and loop.time() >= next_renewal:
             next_renewal = loop.time() + renew_every
             renew()
         if not client_alive:
+            if result.cut_at_bound:
+                break
             continue
         out = chunk_filter.feed(chunk) if chunk_filter is not None else chunk
-        if not out:
-            continue
         try:
-            await response.write(out)
+            if out:
+                await response.write(out)
         except ConnectionError:
             client_alive = False
             result.outcome = Outcome.CLIENT_DISCONNECT
-            if on_disconnect != "drain":
+            if on_disconnect != "drain" or result.cut_at_bound:
                 upstream.close()
                 break
             drain_deadline = loop.time() + drain_timeout
+        if result.cut_at_bound:
+            result.outcome = Outcome.UPSTREAM_ERROR
+            break
     tap.close()
     result.upstream_done_at = time.perf_counter()
     if client_alive:
@@ -188,7 +208,13 @@ async def _finish(
         else:
             # Held-back bytes are an incomplete event: dropping them is safer than relaying a
             # fragment that would merge with the error event.
-            if result.cut_for_shutdown:
+            if result.cut_at_bound:
+                message = (
+                    "The upstream wrote more than the output this request reserved "
+                    "(its max_tokens); the stream was cut."
+                )
+                code = "output_limit_exceeded"
+            elif result.cut_for_shutdown:
                 message = "The gateway is shutting down and its grace period ran out."
                 code = "draining"
             elif result.outcome is Outcome.UPSTREAM_ERROR:

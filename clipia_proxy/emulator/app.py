@@ -22,6 +22,7 @@ import hashlib
 import math
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Final, TypeGuard
 
 import msgspec
@@ -234,7 +235,12 @@ async def _chat(request: web.Request) -> web.StreamResponse:
     if state.is_exhausted(key):
         return _error(402, "The key's credit limit is exhausted.")
 
-    choices = generate_choices(state.seed, body)
+    choices = generate_choices(
+        state.seed,
+        body,
+        length=fault.completion_tokens,
+        honour_limit=not fault.ignore_max_tokens,
+    )
     messages = body["messages"]
     prompt = prompt_tokens(messages if isinstance(messages, list) else [], body.get("tools"))
     completion = sum(c.completion_tokens for c in choices)
@@ -257,7 +263,8 @@ async def _chat(request: web.Request) -> web.StreamResponse:
     if state.hold is not None:
         await state.hold.wait()
 
-    usage = usage_object(prompt, completion, bill.cost, with_cost=not fault.usage_without_cost)
+    reported = Decimal(fault.reported_cost) if fault.reported_cost is not None else bill.cost
+    usage = usage_object(prompt, completion, reported, with_cost=not fault.usage_without_cost)
     if not is_stream:
         return web.Response(
             body=completion_body(

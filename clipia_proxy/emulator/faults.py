@@ -64,6 +64,14 @@ class Fault(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     """Interleave ``: keep-alive`` comments and ``event:``/``id:`` fields in the stream."""
     generation_lag: int = 0
     """The first N ``/v1/generation`` lookups of this request's id answer 404."""
+    completion_tokens: int | None = None
+    """Each choice's prose is this many tokens (instead of 8 to 60), still cut by
+    ``max_tokens``/``max_completion_tokens`` unless ``ignore_max_tokens``: a long answer."""
+    ignore_max_tokens: bool = False
+    """Write the whole answer even past ``max_tokens`` (an upstream that does not honour it)."""
+    reported_cost: str | None = None
+    """``usage.cost`` says this many credits (e.g. ``"1e9"``) instead of the bill, which stays
+    true (and is what ``/v1/generation`` answers): an implausible upstream cost."""
     times: int = 1
     """How many consecutive chat requests this fault applies to."""
 

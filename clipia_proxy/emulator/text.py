@@ -461,20 +461,27 @@ def _json_content(response_format: object, rng: random.Random) -> str | None:
     return None
 
 
-def generate_choices(seed: int, body: dict[str, object]) -> list[GeneratedChoice]:
+def generate_choices(
+    seed: int,
+    body: dict[str, object],
+    *,
+    length: int | None = None,
+    honour_limit: bool = True,
+) -> list[GeneratedChoice]:
     """Return the choices of the completion for a validated chat request ``body``.
 
     The text depends only on ``seed``, ``model`` and ``messages`` (and the choice index), so
     a streamed and a non-streamed request produce the same content. Prose is 8 to 60 tokens;
     ``max_completion_tokens`` (else ``max_tokens``) cuts content (tool calls are never cut)
-    and then ``finish_reason`` is ``"length"``.
+    and then ``finish_reason`` is ``"length"``. ``length`` fixes the prose's token count (a
+    long answer); ``honour_limit=False`` ignores ``max_tokens`` (an upstream that does not).
     """
     model = str(body["model"])
     messages = _as_list(body.get("messages"))
     digest = _digest(seed, model, messages)
     n = body.get("n")
     count = n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
-    limit = _completion_limit(body)
+    limit = _completion_limit(body) if honour_limit else None
     tool = _chosen_tool(body.get("tools"), body.get("tool_choice"))
     choices: list[GeneratedChoice] = []
     for index in range(count):
@@ -497,7 +504,8 @@ def generate_choices(seed: int, body: dict[str, object]) -> list[GeneratedChoice
             continue
         text = _json_content(body.get("response_format"), rng)
         if text is None:
-            text = _sentence_text(rng, rng.randint(_MIN_TOKENS, _MAX_TOKENS))
+            target = rng.randint(_MIN_TOKENS, _MAX_TOKENS) if length is None else length
+            text = _sentence_text(rng, target)
         finish_reason = "stop"
         if limit is not None and count_tokens(text) > limit:
             text = truncate_tokens(text, limit)
