@@ -19,7 +19,7 @@ from typing import Final
 from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
 
-from . import __version__, handlers
+from . import __version__, handlers, mcp_http
 from .auth import Refusal
 from .catalog import Catalog
 from .config import Config, Secret, read_api_key
@@ -143,6 +143,7 @@ def create_app(
     router.add_get("/v1/models/{model_id}", handlers.retrieve_model, allow_head=False)
     router.add_get("/v1/key", handlers.key_info, allow_head=False)
     router.add_get("/v1/generation", handlers.generation, allow_head=False)
+    mcp_http.add_routes(router)  # the MCP chat tool: same keys, same chat path
 
     # One cleanup context per resource, in dependency order (released in reverse): background
     # work (settlements) is drained while the store and the upstream client are still open.

@@ -40,6 +40,7 @@ from .keys import (
     UPSTREAM,
 )
 from .ledger import Flight
+from .live import Live
 from .policy import ModelPolicy, apply_caps, bound_output
 from .quotas.estimate import PriceUnknown, estimate
 from .quotas.model import Outcome, Settlement, credits
@@ -52,17 +53,28 @@ from .upstream import (
     UpstreamResponse,
     read_body,
 )
-from .wire import Usage, answer_summary, decode_json, encode_json, parse_chat_request
+from .wire import (
+    ChatRequest,
+    Usage,
+    answer_summary,
+    decode_json,
+    encode_json,
+    parse_chat_request,
+)
 
 __all__ = [
     "GenerationOwners",
     "RequestInfo",
     "chat_completions",
+    "complete_chat",
     "generation",
+    "key_data",
     "key_info",
     "list_models",
     "read_json_body",
     "retrieve_model",
+    "team_model",
+    "team_models",
 ]
 
 _LOGGER: Final = logging.getLogger(__name__)
@@ -187,15 +199,27 @@ def _policy(request: web.Request) -> ModelPolicy:
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     """``POST /v1/chat/completions``: check, admit, forward, relay, settle."""
-    app = request.app
     # The config in force when identity was settled (same turn of the loop), kept for the
     # whole request: a reload while the body arrives does not change it midway.
-    live = app[LIVE]
+    live = request.app[LIVE]
+    # 2. Read and parse strictly.
+    raw = await read_json_body(request, live.config.server.max_body_bytes)
+    return await complete_chat(request, parse_chat_request(raw), live)
+
+
+async def complete_chat(
+    request: web.Request, chat: ChatRequest, live: Live | None = None
+) -> web.StreamResponse:
+    """Steps 3-8 for a parsed chat request: policy, caps, admission, forwarding, settlement.
+
+    The one path for every chat channel (``/v1/chat/completions`` and the MCP ``chat``
+    tool): the same decision and the same accounting. Refusals raise :class:`ProxyError`;
+    an upstream error status comes back as the (relayed) response.
+    """
+    app = request.app
+    live = live if live is not None else app[LIVE]
     config, policy = live.config, live.policies[request[PRINCIPAL].team]
     info = request[INFO]
-    # 2. Read and parse strictly.
-    raw = await read_json_body(request, config.server.max_body_bytes)
-    chat = parse_chat_request(raw)
     info.stream = chat.stream
     # 3. Policy: alias -> canonical id, allow/deny, catalog, caps.
     catalog = app[CATALOG]
@@ -496,21 +520,30 @@ def _visible_entries(policy: ModelPolicy, snapshot: CatalogSnapshot) -> list[dic
     return listed
 
 
+async def team_models(request: web.Request) -> list[dict[str, object]]:
+    """Return the chat models (and aliases) the calling team may use, as catalog entries."""
+    snapshot = await request.app[CATALOG].get()
+    return _visible_entries(_policy(request), snapshot)
+
+
+async def team_model(request: web.Request, model_id: str) -> dict[str, object]:
+    """Return one model (or alias) the team may use; raise 404 otherwise (denied or unknown)."""
+    for entry in await team_models(request):
+        if entry["id"] == model_id:
+            return entry
+    raise ModelNotFound(f"The model {model_id[:80]!r} does not exist.", param="model")
+
+
 async def list_models(request: web.Request) -> web.Response:
     """``GET /v1/models``: the chat models (and aliases) the team may use."""
-    snapshot = await request.app[CATALOG].get()
-    data = _visible_entries(_policy(request), snapshot)
+    data = await team_models(request)
     return web.Response(body=encode_json({"object": "list", "data": data}), content_type=_JSON)
 
 
 async def retrieve_model(request: web.Request) -> web.Response:
     """``GET /v1/models/{id}``: one model the team may use; 404 otherwise (denied or unknown)."""
-    model_id = request.match_info["model_id"]
-    snapshot = await request.app[CATALOG].get()
-    for entry in _visible_entries(_policy(request), snapshot):
-        if entry["id"] == model_id:
-            return web.Response(body=encode_json(entry), content_type=_JSON)
-    raise ModelNotFound(f"The model {model_id[:80]!r} does not exist.", param="model")
+    entry = await team_model(request, request.match_info["model_id"])
+    return web.Response(body=encode_json(entry), content_type=_JSON)
 
 
 def _remaining(budget: dict[str, Decimal | str | None]) -> Decimal:
@@ -520,6 +553,11 @@ def _remaining(budget: dict[str, Decimal | str | None]) -> Decimal:
 
 async def key_info(request: web.Request) -> web.Response:
     """``GET /v1/key``: the calling team's view (never the gateway's Clipia key)."""
+    return web.Response(body=encode_json({"data": await key_data(request)}), content_type=_JSON)
+
+
+async def key_data(request: web.Request) -> dict[str, object]:
+    """Return the calling team's key, limits and budgets (``/v1/key``'s ``data``)."""
     principal = request[PRINCIPAL]
     policy = _policy(request)
     team = policy.team
@@ -528,7 +566,7 @@ async def key_info(request: web.Request) -> web.Response:
     budgets = await quotas.budgets(team.id)
     tightest = min(budgets, key=_remaining, default=None)
     spent_total = await quotas.spent_total(team.id)
-    data = {
+    data: dict[str, object] = {
         "label": team.label or team.id,
         "team": team.id,
         "key_id": principal.key_id,
@@ -554,7 +592,7 @@ async def key_info(request: web.Request) -> web.Response:
             "on_exceed": team.caps.on_exceed,
         },
     }
-    return web.Response(body=encode_json({"data": data}), content_type=_JSON)
+    return data
 
 
 async def generation(request: web.Request) -> web.Response:

@@ -48,6 +48,7 @@ ROUTES: Final = frozenset(
         "/v1/models/{model_id}",
         "/v1/key",
         "/v1/generation",
+        "/mcp",
     }
 )
 

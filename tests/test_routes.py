@@ -27,6 +27,9 @@ DOCUMENTED = {
     ("GET", "/v1/models/{model_id}"),
     ("GET", "/v1/key"),
     ("GET", "/v1/generation"),
+    ("POST", "/mcp"),
+    ("GET", "/mcp"),  # 405: no server-sent stream
+    ("DELETE", "/mcp"),  # 405: no session to end
 }
 PARAMS = {"model_id": "gpt-5.5"}
 BODY = msgspec.json.encode({"model": "gpt-5.5", "messages": [{"role": "user", "content": "hi"}]})
@@ -109,6 +112,10 @@ async def test_every_route_serves_with_identity(stack: Stack) -> None:
         status, body, _ = await _call(stack, method, concrete, stack.auth())
         if canonical == "/v1/generation":
             assert status == 404  # an id this team did not create
+        elif canonical == "/mcp":
+            # A chat body is no JSON-RPC message (400); GET and DELETE are 405 by design.
+            assert status == (400 if method == "POST" else 405), (method, status, body[:200])
+            assert msgspec.json.decode(body)["jsonrpc"] == "2.0"
         else:
             assert status == 200, (method, canonical, status, body[:200])
 
