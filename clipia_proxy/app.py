@@ -119,6 +119,7 @@ def create_app(
         catalog_age=catalog.age,
         catalog_refreshes=lambda: catalog.refresh_results,
         usage_sources=lambda: ledger.usage_sources,
+        implausible_costs=lambda: ledger.implausible_costs,
         store_errors=lambda: quotas.store_errors,
         models=catalog.model_ids,
     )

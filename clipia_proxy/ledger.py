@@ -30,6 +30,7 @@ import aiohttp
 import msgspec
 
 from .errors import ProxyError
+from .quotas.estimate import plausible_cost
 from .quotas.model import Micro, Outcome, Settlement, UsageSource, to_micro
 from .quotas.service import Admission, QuotaService
 from .quotas.store import LedgerRecord
@@ -96,6 +97,8 @@ class Ledger:
         self._sleep = sleep
         self.usage_sources: dict[str, int] = {}
         """usage_source -> settlements (exported as metrics)."""
+        self.implausible_costs = 0
+        """Upstream costs not believed (settled from tokens instead; exported as a metric)."""
 
     def decide(self, flight: Flight, generation: _GenerationCost | None) -> Settlement:
         """Return the settlement for a flight, given the generation lookup's answer if any."""
@@ -114,7 +117,7 @@ class Ledger:
                 now=now,
             )
         usage = flight.usage
-        if usage is not None and usage.cost is not None:
+        if usage is not None and usage.cost is not None and self._believed(flight, usage):
             return Settlement(
                 cost=to_micro(usage.cost),
                 prompt_tokens=usage.prompt_tokens or 0,
@@ -126,23 +129,18 @@ class Ledger:
                 upstream_id=flight.upstream_id,
                 now=now,
             )
-        if generation is not None:
-            return generation.settlement(flight.outcome, flight.upstream_id, now)
-        if (
-            usage is not None
-            and usage.prompt_tokens is not None
-            and usage.completion_tokens is not None
-            and flight.prompt_price is not None
-            and flight.completion_price is not None
+        if generation is not None and self._plausible(
+            flight,
+            generation.cost,
+            self._price(flight, generation.prompt_tokens, generation.completion_tokens),
         ):
-            rubles = (
-                usage.prompt_tokens * flight.prompt_price
-                + usage.completion_tokens * flight.completion_price
-            )
+            return generation.settlement(flight.outcome, flight.upstream_id, now)
+        counted = self._counted(flight, usage)
+        if counted is not None and usage is not None:
             return Settlement(
-                cost=to_micro(rubles / self._rubles_per_credit),
-                prompt_tokens=usage.prompt_tokens,
-                completion_tokens=usage.completion_tokens,
+                cost=counted,
+                prompt_tokens=usage.prompt_tokens or 0,
+                completion_tokens=usage.completion_tokens or 0,
                 usage_source=UsageSource.COUNTED,
                 outcome=flight.outcome,
                 upstream_id=flight.upstream_id,
@@ -157,6 +155,44 @@ class Ledger:
             upstream_id=flight.upstream_id,
             now=now,
         )
+
+    def _price(
+        self, flight: Flight, prompt_tokens: int | None, completion_tokens: int | None
+    ) -> Micro | None:
+        """Return tokens x catalog prices, when the tokens and both prices are known."""
+        if (
+            prompt_tokens is None
+            or completion_tokens is None
+            or flight.prompt_price is None
+            or flight.completion_price is None
+        ):
+            return None
+        rubles = prompt_tokens * flight.prompt_price + completion_tokens * flight.completion_price
+        return to_micro(rubles / self._rubles_per_credit)
+
+    def _counted(self, flight: Flight, usage: Usage | None) -> Micro | None:
+        """Return the cost of the usage's tokens at catalog prices, when all are known."""
+        if usage is None:
+            return None
+        return self._price(flight, usage.prompt_tokens, usage.completion_tokens)
+
+    def _believed(self, flight: Flight, usage: Usage) -> bool:
+        """Sanity-check a reported ``usage.cost`` against its tokens and the reservation."""
+        assert usage.cost is not None
+        return self._plausible(flight, to_micro(usage.cost), self._counted(flight, usage))
+
+    def _plausible(self, flight: Flight, cost: Micro, counted: Micro | None) -> bool:
+        """Return whether an upstream cost is believed; count and log one that is not."""
+        if plausible_cost(cost, reserved=flight.admission.amount, counted=counted):
+            return True
+        self.implausible_costs += 1
+        _LOGGER.warning(
+            "upstream cost %s credits for %s is implausible (reserved %s); settled from tokens",
+            Decimal(cost) / 1_000_000,
+            flight.admission.request_id,
+            Decimal(flight.admission.amount) / 1_000_000,
+        )
+        return False
 
     def settle_now(self, flight: Flight) -> Settlement | None:
         """Settle a flight without waiting, when that is possible; else return None.

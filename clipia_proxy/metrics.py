@@ -155,6 +155,12 @@ class _StateCollector(Collector):
         for source in ("response", "stream", "generation", "counted", "reserved"):
             sources.add_metric([source], metrics.usage_sources().get(source, 0))
         yield sources
+        implausible = CounterMetricFamily(
+            PREFIX + "upstream_cost_implausible",
+            "Upstream costs not believed (over the reservation and 2x tokens x prices).",
+        )
+        implausible.add_metric([], metrics.implausible_costs())
+        yield implausible
         errors = CounterMetricFamily(
             PREFIX + "store_errors",
             "Quota store failures, by what store.on_error made of them.",
@@ -226,6 +232,7 @@ class Metrics:
         catalog_age: Callable[[], float | None] = lambda: None,
         catalog_refreshes: Callable[[], Mapping[str, int]] = dict,
         usage_sources: Callable[[], Mapping[str, int]] = dict,
+        implausible_costs: Callable[[], int] = lambda: 0,
         store_errors: Callable[[], Mapping[str, int]] = dict,
         models: Callable[[], frozenset[str]] = frozenset,
     ) -> None:
@@ -234,6 +241,7 @@ class Metrics:
         self.catalog_age = catalog_age
         self.catalog_refreshes = catalog_refreshes
         self.usage_sources = usage_sources
+        self.implausible_costs = implausible_costs
         self.store_errors = store_errors
         self._catalog_models = models
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}

@@ -28,8 +28,8 @@ from clipia_proxy.upstream import UpstreamClient
 from clipia_proxy.wire import Usage
 
 NOW = 1_795_000_000.0
-PROMPT_PRICE = Decimal("0.000003")
-COMPLETION_PRICE = Decimal("0.000015")
+PROMPT_PRICE = Decimal("0.0004")  # gpt-5.5 in the emulator's catalog: what it bills
+COMPLETION_PRICE = Decimal("0.0024")
 RUBLES = Decimal(3)
 
 
@@ -204,7 +204,7 @@ async def test_counted_from_tokens_and_catalog_prices(env: Env) -> None:
     got = env.ledger.decide(flight(usage=Usage(prompt_tokens=1000, completion_tokens=333)), None)
     rubles = 1000 * PROMPT_PRICE + 333 * COMPLETION_PRICE
     assert got.cost == to_micro(rubles / RUBLES)
-    assert got.cost == 2_665  # 0.007995 ₽ / 3 = 0.002665 credits
+    assert got.cost == 399_734  # 1.1992 ₽ / 3 = 0.39973(3) credits, rounded up
     assert got.usage_source is UsageSource.COUNTED
     assert (got.prompt_tokens, got.completion_tokens) == (1000, 333)
 
@@ -326,10 +326,12 @@ async def test_no_upstream_id_means_no_lookup(env: Env) -> None:
 async def test_fail_open_admission_is_not_written(env: Env) -> None:
     got = await env.ledger.settle(
         flight(
-            "never", admission=admission("never", reserved=False), usage=Usage(cost=Decimal("0.5"))
+            "never",
+            admission=admission("never", reserved=False),
+            usage=Usage(cost=Decimal("0.012")),
         )
     )
-    assert got.cost == 500_000
+    assert got.cost == 12_000
     assert await env.store.record("never") is None
     assert env.ledger.usage_sources == {"response": 1}
 

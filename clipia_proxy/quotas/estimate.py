@@ -19,7 +19,7 @@ import msgspec
 
 from .model import Micro, to_micro
 
-__all__ = ["Estimate", "PriceUnknown", "estimate"]
+__all__ = ["Estimate", "PriceUnknown", "estimate", "plausible_cost"]
 
 _IMAGE_MARKER: Final = b'"type":"image_url"'
 """One per image part in the gateway's own compact re-serialisation (the body estimated);
@@ -84,3 +84,26 @@ def estimate(
         rubles = prompt_tokens * prompt_price + n * output * completion_price
         amount = to_micro(rubles / rubles_per_credit)
     return Estimate(prompt_tokens=prompt_tokens, output_tokens=output, n=n, amount=amount)
+
+
+PLAUSIBLE_FACTOR: Final = 2
+"""An upstream cost up to this many times its tokens x catalog prices is believed."""
+
+
+def plausible_cost(
+    cost: Micro,
+    *,
+    reserved: Micro,
+    counted: Micro | None,
+) -> bool:
+    """Return whether an upstream-reported ``cost`` is believable.
+
+    Believed: a cost from 0 up to the larger of the reservation and ``PLAUSIBLE_FACTOR`` x the
+    cost ``counted`` from the reported tokens x catalog prices (``None``: no tokens or prices
+    known, so the reservation alone bounds it). A negative cost, or one above both (a ``1e9``
+    that would lock the team out), is not: the caller then settles from tokens.
+    """
+    if cost < 0:
+        return False
+    ceiling = reserved if counted is None else max(reserved, PLAUSIBLE_FACTOR * counted)
+    return cost <= ceiling
