@@ -34,6 +34,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "KeyConfig",
+    "LedgerConfig",
     "LimitsConfig",
     "LoggingConfig",
     "ModelsConfig",
@@ -125,6 +126,22 @@ class StoreConfig(msgspec.Struct, **_STRUCT):
     on_error: Literal["fail_closed", "fail_open"] = "fail_closed"
     replicas: int = 1
     """How many gateway processes share this store (the chart sets it); sqlite allows one."""
+
+
+class LedgerConfig(msgspec.Struct, **_STRUCT):
+    """``ledger``: where the durable per-request records live (``store`` holds the counters)."""
+
+    backend: Literal["sqlite", "postgres"] = "sqlite"
+    """``sqlite``: the file ``store.sqlite_path`` (one replica); ``postgres``: a server."""
+    postgres_dsn_env: str = "CLIPIA_LEDGER_DSN"
+    """The env var holding the PostgreSQL DSN (it may carry a password)."""
+    retention_months: int | None = None
+    """Whole months kept by ``clipia-proxy ledger prune`` (``None``: keep everything)."""
+    pool_size: int = 4
+    """PostgreSQL connections per replica (the pool's upper bound)."""
+    statement_cache: bool = True
+    """Prepared statements (asyncpg's cache); set false behind PgBouncer < 1.21 in
+    transaction mode."""
 
 
 class AccountingConfig(msgspec.Struct, **_STRUCT):
@@ -223,6 +240,7 @@ class Config(msgspec.Struct, **_STRUCT):
     upstream: UpstreamConfig = msgspec.field(default_factory=UpstreamConfig)
     catalog: CatalogConfig = msgspec.field(default_factory=CatalogConfig)
     store: StoreConfig = msgspec.field(default_factory=StoreConfig)
+    ledger: LedgerConfig = msgspec.field(default_factory=LedgerConfig)
     accounting: AccountingConfig = msgspec.field(default_factory=AccountingConfig)
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
@@ -275,6 +293,7 @@ _SECTIONS: Final[dict[str, type[msgspec.Struct]]] = {
     "upstream": UpstreamConfig,
     "catalog": CatalogConfig,
     "store": StoreConfig,
+    "ledger": LedgerConfig,
     "accounting": AccountingConfig,
     "auth": AuthConfig,
     "logging": LoggingConfig,
@@ -345,6 +364,12 @@ def parse_config(
         (problems if resolve_secrets else warnings).append(
             f"{source}: store.redis_url_env: the environment variable "
             f"{config.store.redis_url_env} is not set"
+        )
+    ledger = config.ledger
+    if ledger.backend == "postgres" and not env.get(ledger.postgres_dsn_env, "").strip():
+        (problems if resolve_secrets else warnings).append(
+            f"{source}: ledger.postgres_dsn_env: the environment variable "
+            f"{ledger.postgres_dsn_env} is not set"
         )
     if problems:
         raise ConfigError(problems)
@@ -578,6 +603,7 @@ def _check(
         problem("store.timeout_seconds", "must be a positive number of seconds")
     if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", store.redis_key_prefix):
         problem("store.redis_key_prefix", "must be 1-64 characters of letters, digits, _.:-")
+    _check_ledger(config, problem)
     try:
         ZoneInfo(accounting.timezone)
     except (ZoneInfoNotFoundError, ValueError):
@@ -663,6 +689,19 @@ def _check(
             value = getattr(team.limits, name)
             if value is not None and value <= 0:
                 problem(f"{path}.limits.{name}", f"must be a positive integer (got {value})")
+
+
+def _check_ledger(config: Config, problem: Any) -> None:
+    ledger = config.ledger
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,127}", ledger.postgres_dsn_env):
+        problem("ledger.postgres_dsn_env", "must be an environment variable name")
+    if ledger.retention_months is not None and ledger.retention_months < 2:
+        problem(
+            "ledger.retention_months",
+            "must be at least 2 (the current and the previous month are always kept)",
+        )
+    if not 1 <= ledger.pool_size <= 100:
+        problem("ledger.pool_size", f"must be between 1 and 100 (got {ledger.pool_size})")
 
 
 def _check_models(team: TeamConfig, path: str, problem: Any) -> None:

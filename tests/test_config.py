@@ -87,6 +87,21 @@ def test_defaults_match_design() -> None:
             "c.yaml: store.backend: sqlite serves one replica only (store.replicas is 2); use redis",
         ),
         ("store: {backend: mongo}", "c.yaml: store.backend: invalid enum value 'mongo'"),
+        ("ledger: {backend: mysql}", "c.yaml: ledger.backend: invalid enum value 'mysql'"),
+        (
+            "ledger: {retention_months: 1}",
+            "c.yaml: ledger.retention_months: must be at least 2 (the current and the previous "
+            "month are always kept)",
+        ),
+        ("ledger: {pool_size: 0}", "c.yaml: ledger.pool_size: must be between 1 and 100 (got 0)"),
+        (
+            "ledger: {postgres_dsn_env: 'not a name'}",
+            "c.yaml: ledger.postgres_dsn_env: must be an environment variable name",
+        ),
+        (
+            "ledger: {backend: postgres, postgres_dsn_env: CLIPIA_TEST_NO_DSN}",
+            "c.yaml: ledger.postgres_dsn_env: the environment variable CLIPIA_TEST_NO_DSN is not set",
+        ),
         (
             "accounting: {timezone: Mars/Olympus}",
             "c.yaml: accounting.timezone: unknown time zone 'Mars/Olympus'",
@@ -225,3 +240,29 @@ def test_unreadable_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(tmp_path / "missing.yaml")
     assert info.value.problems == ("missing.yaml: cannot read: FileNotFoundError",)
+
+
+def test_ledger_section_defaults_to_the_sqlite_file() -> None:
+    config = parse_config("store: {sqlite_path: /data/l.db}", environ=ENV)
+    assert config.ledger.backend == "sqlite"
+    assert config.ledger.postgres_dsn_env == "CLIPIA_LEDGER_DSN"
+    assert config.ledger.retention_months is None
+    assert config.ledger.pool_size == 4
+
+
+def test_postgres_ledger_dsn_missing_is_a_warning_for_check_config() -> None:
+    config = parse_config(
+        "ledger: {backend: postgres, postgres_dsn_env: CLIPIA_TEST_NO_DSN}",
+        source="c.yaml",
+        resolve_secrets=False,
+        environ=ENV,
+    )
+    assert config.warnings == (
+        "c.yaml: ledger.postgres_dsn_env: the environment variable CLIPIA_TEST_NO_DSN is not set",
+    )
+    ok = parse_config(
+        "ledger: {backend: postgres, postgres_dsn_env: DSN, retention_months: 13}",
+        environ={**ENV, "DSN": "postgresql://u:p@h/db"},
+    )
+    assert ok.ledger.backend == "postgres"
+    assert ok.ledger.retention_months == 13
