@@ -216,8 +216,14 @@ async def _tasks_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 def build_store(config: Config, *, clock: Callable[[], float]) -> Store:
-    """Return the store ``config.store.backend`` names (not started)."""
+    """Return the store ``config.store.backend`` names over ``config.ledger`` (not started)."""
     backend = config.store.backend
+    if config.ledger.backend == "postgres" and backend != "redis":
+        from .ledgers.postgres import PostgresLedger
+        from .quotas.ledgered import EngineStore
+
+        ledger = PostgresLedger.from_config(config.ledger, timeout=config.store.timeout_seconds)
+        return EngineStore(ledger, clock=clock)
     if backend == "memory":
         return MemoryStore()
     if backend == "sqlite":

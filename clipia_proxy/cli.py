@@ -1,4 +1,4 @@
-"""The ``clipia-proxy`` command line: serve, check-config, keygen, emulator, demo."""
+"""The ``clipia-proxy`` command line: serve, check-config, keygen, report, migrate, emulator, demo."""
 
 from __future__ import annotations
 
@@ -120,6 +120,40 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_migrate(args: argparse.Namespace) -> int:
+    config = _load(args.config, resolve_secrets=False)
+    if config is None:
+        return 1
+    if config.ledger.backend != "postgres":
+        print(
+            "migrate: ledger.backend is sqlite: its schema is created when the file is opened",
+            file=sys.stderr,
+        )
+        return 0
+    from .ledgers.postgres import PostgresLedger
+    from .quotas.store import StoreUnavailable
+
+    async def run() -> list[int]:
+        ledger = PostgresLedger.from_config(
+            config.ledger, timeout=max(config.store.timeout_seconds, 30.0)
+        )
+        try:
+            return await ledger.migrate()
+        finally:
+            await ledger.close()
+
+    try:
+        applied = asyncio.run(run())
+    except StoreUnavailable as exc:
+        print(f"migrate: the PostgreSQL ledger is unavailable: {exc}", file=sys.stderr)
+        return 1
+    if applied:
+        print(f"migrate: applied schema version(s) {', '.join(map(str, applied))}")
+    else:
+        print("migrate: the schema is up to date")
+    return 0
+
+
 def _cmd_keygen(args: argparse.Namespace) -> int:
     key = generate_key()
     key_id = args.key_id or f"{args.team}-{secrets.token_hex(3)}"
@@ -187,6 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--team", default=None)
     report.add_argument("--format", choices=("csv", "json"), default="csv")
     report.set_defaults(func=_cmd_report)
+
+    migrate = commands.add_parser(
+        "migrate", help="apply the PostgreSQL ledger's schema migrations (serve also does)"
+    )
+    migrate.add_argument("--config", required=True, help="path to config.yaml (names the ledger)")
+    migrate.set_defaults(func=_cmd_migrate)
 
     emulator = commands.add_parser("emulator", help="run the local Clipia emulator")
     emulator.add_argument("--host", default="127.0.0.1")

@@ -13,6 +13,7 @@ import logging
 import secrets
 import tempfile
 import threading
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -263,6 +264,28 @@ def redis_url() -> Iterator[str]:
         yield url
 
 
+@pytest.fixture(scope="session")
+def postgres_dsn() -> Iterator[str]:
+    """A real PostgreSQL for the whole session (see tests/pg_server.py); fails if none starts."""
+    from tests.pg_server import postgres_server
+
+    with postgres_server() as dsn:
+        yield dsn
+
+
+async def fresh_postgres_schema(dsn: str) -> str:
+    """Create an empty schema in the test server; return a DSN whose search_path is it."""
+    import asyncpg
+
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(f"CREATE SCHEMA {name}")
+    finally:
+        await conn.close()
+    return f"{dsn}?search_path={name}"
+
+
 @pytest.fixture(autouse=True)
 def blockbuster() -> Iterator[None]:
     """Fail any test in which clipia_proxy blocks the event loop (file, socket, sqlite, sleep)."""
@@ -275,4 +298,7 @@ def blockbuster() -> Iterator[None]:
             function.can_block_in(
                 "clipia_proxy/config.py", {"parse_config", "load_config", "read_api_key"}
             )
+            # asyncpg looks for ~/.pgpass and ~/.postgresql certificates: once per new pooled
+            # connection (a pool of ledger.pool_size), never per request.
+            function.can_block_in("asyncpg/connect_utils.py", {"_parse_connect_dsn_and_args"})
         yield

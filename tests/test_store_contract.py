@@ -21,7 +21,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from clipia_proxy.config import StoreConfig
+from clipia_proxy.ledgers.postgres import PostgresLedger
 from clipia_proxy.quotas import sqlite as sqlite_module
+from clipia_proxy.quotas.ledgered import EngineStore
 from clipia_proxy.quotas.memory import MemoryStore
 from clipia_proxy.quotas.model import (
     Micro,
@@ -37,6 +39,7 @@ from clipia_proxy.quotas.model import (
 from clipia_proxy.quotas.redis import RedisStore
 from clipia_proxy.quotas.sqlite import SqliteStore
 from clipia_proxy.quotas.store import Store, StoreUnavailable
+from tests.conftest import fresh_postgres_schema
 from tests.fault_proxy import FaultProxy
 
 TEAM = "team-a"
@@ -126,8 +129,12 @@ async def make_sqlite(path: Path, clock: Clock) -> SqliteStore:
     return store
 
 
-@pytest.fixture(params=["memory", "sqlite", "redis"])
+@pytest.fixture(params=["memory", "sqlite", "memory+postgres", "sqlite+postgres", "redis"])
 async def h(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Harness]:
+    """Every counters and ledger combination (``counters+ledger``; alone: the same store).
+
+    memory and sqlite counters over the PostgreSQL ledger are one implementation.
+    """
     clock = Clock(T0)
     kind: str = request.param
     prefix = f"test-{uuid.uuid4().hex[:10]}"
@@ -137,6 +144,10 @@ async def h(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Har
         await store.start()
     elif kind == "sqlite":
         store = await make_sqlite(tmp_path / "ledger.db", clock)
+    elif kind.endswith("+postgres"):
+        dsn = await fresh_postgres_schema(request.getfixturevalue("postgres_dsn"))
+        store = EngineStore(PostgresLedger(dsn), clock=clock)
+        await store.start()
     else:
         url: str = request.getfixturevalue("redis_url")
         store = RedisStore.from_config(

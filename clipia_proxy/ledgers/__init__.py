@@ -1,0 +1,97 @@
+"""The durable ledger: one record per request, apart from the hot counters.
+
+Two roles, two stores. The *counters* (``store.backend``: memory, sqlite, redis) decide
+admission: reserved and spent per team and period, RPM/TPM windows, concurrency, leases. The
+*ledger* (``ledger.backend``: sqlite, postgres) keeps one record per request, durably, and is
+what chargeback reads; counters are rebuilt from it, never trusted alone.
+
+:class:`LedgerStore` is the ledger's whole interface; implementations:
+:class:`~clipia_proxy.ledgers.postgres.PostgresLedger` and
+:class:`~clipia_proxy.ledgers.sqlite.SqliteLedger`. Every method may raise
+:class:`~clipia_proxy.quotas.store.StoreUnavailable`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Final, Protocol
+
+import msgspec
+
+from clipia_proxy.quotas.model import Settlement
+from clipia_proxy.quotas.store import LedgerRecord
+
+__all__ = ["GROUPINGS", "LedgerStore", "ReportLine", "WindowSpent"]
+
+GROUPINGS: Final = ("team", "model", "key", "day")
+"""What ``report --by`` may group on (any combination, in this order of columns)."""
+
+
+class WindowSpent(msgspec.Struct, frozen=True):
+    """Settled micro-credits of one team in one budget window (counters' rebuild)."""
+
+    team: str
+    window: str
+    spent: int
+
+
+class ReportLine(msgspec.Struct, frozen=True, kw_only=True):
+    """One aggregated line of a report: the group's values (in ``by`` order) and its sums."""
+
+    group: tuple[str, ...]
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost: int
+    """Micro-credits."""
+
+
+class LedgerStore(Protocol):
+    """The per-request record, durable before dispatch, settled exactly once."""
+
+    async def start(self) -> None:
+        """Connect and bring the schema up to date (migrations)."""
+
+    async def close(self) -> None:
+        """Close connections."""
+
+    async def insert(self, record: LedgerRecord) -> bool:
+        """Write a ``dispatched`` record, committed on return; False if its id exists."""
+
+    async def settle(self, request_id: str, settlement: Settlement) -> LedgerRecord | None:
+        """Settle a dispatched record once; return it (settled) or None if nothing changed."""
+
+    async def renew(self, request_id: str, lease_until: float) -> None:
+        """Record a dispatched record's extended lease (the reconciler reads it)."""
+
+    async def record(self, request_id: str) -> LedgerRecord | None:
+        """Return one record."""
+
+    async def owner_of(self, upstream_id: str) -> str | None:
+        """Return the team whose request produced this upstream (generation) id."""
+
+    async def dispatched(self) -> list[LedgerRecord]:
+        """Return every record not yet settled (open reservations included)."""
+
+    async def records(self, *, since: float, until: float) -> list[LedgerRecord]:
+        """Return records created in ``[since, until)``, oldest first (small ranges only)."""
+
+    async def spent(self, *, since: float) -> list[WindowSpent]:
+        """Return settled spend per team and window key (SQL aggregates).
+
+        Day/week/month windows of records created after ``since``; ``total`` of every record.
+        """
+
+    def report(
+        self, *, since: float, until: float, by: tuple[str, ...], team: str | None
+    ) -> AsyncIterator[ReportLine]:
+        """Yield settled sums of ``[since, until)`` grouped by ``by`` (see GROUPINGS)."""
+
+    async def open_count(self, *, since: float, until: float, team: str | None) -> int:
+        """Return how many records of ``[since, until)`` are not settled yet."""
+
+    def export(self, *, since: float, until: float) -> AsyncIterator[LedgerRecord]:
+        """Yield every record of ``[since, until)``, oldest first, without loading them all."""
+
+    async def prune(self, *, before: float) -> int:
+        """Delete records created before ``before`` (a month start); return how many."""

@@ -1,0 +1,182 @@
+"""The PostgreSQL ledger on a real server: migrations, partitions, the gateway over it, the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from collections.abc import Awaitable, Callable
+from decimal import Decimal
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+import pytest
+
+from clipia_proxy import cli
+from clipia_proxy.ledgers.postgres import MIGRATIONS, PostgresLedger
+from clipia_proxy.quotas.model import Micro, Period, Settlement
+from clipia_proxy.quotas.store import LedgerRecord, StoreUnavailable
+from tests.conftest import Stack, fresh_postgres_schema, wait_settled
+
+Factory = Callable[..., Awaitable[Stack]]
+ENV = "CLIPIA_TEST_LEDGER_DSN"
+TEAMS = """
+teams:
+  - id: search
+    keys: [{{id: s, sha256: {search}}}]
+    models: {{allow: ["gpt-5.5"]}}
+    budget: {{month: 50, total: 100}}
+  - id: research
+    keys: [{{id: r, sha256: {research}}}]
+    models: {{allow: ["*"]}}
+"""
+BODY = {"model": "gpt-5.5", "max_tokens": 20, "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.fixture
+async def dsn(postgres_dsn: str) -> str:
+    return await fresh_postgres_schema(postgres_dsn)
+
+
+def record(request_id: str, created_at: float, team: str = "search") -> LedgerRecord:
+    return LedgerRecord(
+        request_id=request_id,
+        team=team,
+        model="gpt-5.5",
+        reserved=1000,
+        windows={Period.MONTH: "month:2026-11", Period.TOTAL: "total"},
+        created_at=created_at,
+        lease_until=created_at + 600,
+    )
+
+
+async def test_migrations_apply_once_under_concurrent_starts(dsn: str) -> None:
+    ledgers = [PostgresLedger(dsn) for _ in range(4)]
+    try:
+        applied = await asyncio.gather(*(ledger.migrate() for ledger in ledgers))
+        assert sorted(v for versions in applied for v in versions) == [
+            version for version, _ in MIGRATIONS
+        ]
+        assert await ledgers[0].migrate() == []
+    finally:
+        for ledger in ledgers:
+            await ledger.close()
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch("SELECT version FROM clipia_schema_migrations")
+        assert [r[0] for r in rows] == [version for version, _ in MIGRATIONS]
+        now = dt.datetime.now(dt.UTC)
+        name = f"clipia_ledger_y{now.year:04d}m{now.month:02d}"
+        assert await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", name)
+    finally:
+        await conn.close()
+
+
+async def test_records_land_in_their_month_partition_and_settle_once(dsn: str) -> None:
+    ledger = PostgresLedger(dsn)
+    await ledger.start()
+    try:
+        now = dt.datetime.now(dt.UTC).timestamp()
+        assert await ledger.insert(record("r1", now))
+        assert not await ledger.insert(record("r1", now + 5))  # the same id: a replay
+        settlement = Settlement(cost=Micro(700), prompt_tokens=3, completion_tokens=4, now=now)
+        settled = await ledger.settle("r1", settlement)
+        assert settled is not None
+        assert settled.cost == 700
+        assert await ledger.settle("r1", settlement) is None
+        spent = {(s.team, s.window): s.spent for s in await ledger.spent(since=now - 86400)}
+        assert spent == {("search", "month:2026-11"): 700, ("search", "total"): 700}
+    finally:
+        await ledger.close()
+    conn = await asyncpg.connect(dsn)
+    try:
+        when = dt.datetime.fromtimestamp(now, dt.UTC)
+        partition = f"clipia_ledger_y{when.year:04d}m{when.month:02d}"
+        rows = await conn.fetch(
+            "SELECT tableoid::regclass::text AS part FROM clipia_ledger WHERE request_id = 'r1'"
+        )
+        assert [r["part"].split(".")[-1] for r in rows] == [partition]
+    finally:
+        await conn.close()
+
+
+async def test_prune_drops_whole_months_before_the_cut(dsn: str) -> None:
+    ledger = PostgresLedger(dsn)
+    await ledger.start()
+    try:
+        now = dt.datetime.now(dt.UTC)
+        this_month = dt.datetime(now.year, now.month, 1, tzinfo=dt.UTC).timestamp()
+        old = this_month - 80 * 86400  # two or three months back: the default partition
+        await ledger.insert(record("old", old))
+        await ledger.insert(record("new", this_month + 60))
+        assert await ledger.prune(before=this_month) == 1
+        assert await ledger.record("old") is None
+        assert await ledger.record("new") is not None
+    finally:
+        await ledger.close()
+
+
+async def test_unreachable_server_never_shows_the_password(unused_tcp_port: int) -> None:
+    ledger = PostgresLedger(
+        f"postgresql://clipia:s3cret-pw@127.0.0.1:{unused_tcp_port}/db", timeout=0.5
+    )
+    with pytest.raises(StoreUnavailable) as info:
+        await ledger.start()
+    assert "s3cret-pw" not in str(info.value)
+
+
+async def post(stack: Stack, session: aiohttp.ClientSession, *, stream: bool = False) -> int:
+    async with session.post(
+        f"{stack.base_url}/chat/completions",
+        headers=stack.auth("search"),
+        json={**BODY, "stream": stream},
+    ) as reply:
+        await reply.read()
+        return reply.status
+
+
+async def test_gateway_over_the_postgres_ledger_survives_a_restart(
+    stacks: Factory, dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(ENV, dsn)
+    extra = f"ledger: {{backend: postgres, postgres_dsn_env: {ENV}, pool_size: 2}}"
+    first = await stacks(teams=TEAMS, store="{backend: sqlite}", extra=extra)
+    async with aiohttp.ClientSession() as session:
+        assert await post(first, session) == 200
+        assert await post(first, session, stream=True) == 200
+        await wait_settled(first)
+    billed = sum(bill.cost for bill in first.emulator.bills.values())
+    assert billed > 0
+    await first.running.stop()
+    # A new process over the same ledger: the counters come back from PostgreSQL.
+    second = await stacks(teams=TEAMS, store="{backend: sqlite}", extra=extra)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{second.base_url}/key", headers=second.auth("search")) as reply,
+    ):
+        data = (await reply.json())["data"]
+    budgets = {b["period"]: b for b in data["budgets"]}
+    assert Decimal(str(budgets["month"]["spent"])) == billed
+    assert Decimal(str(data["usage"])) == billed
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch("SELECT state, cost FROM clipia_ledger")
+    finally:
+        await conn.close()
+    assert [r["state"] for r in rows] == ["settled", "settled"]
+    assert Decimal(sum(r["cost"] for r in rows)) / 1_000_000 == billed
+
+
+def test_migrate_command(
+    dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv(ENV, dsn)
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        f"ledger: {{backend: postgres, postgres_dsn_env: {ENV}}}\nupstream: {{api_key_env: null, "
+        "api_key_file: null}\n"
+    )
+    assert cli.main(["migrate", "--config", str(path)]) == 0
+    assert "applied schema version(s) 1" in capsys.readouterr().out
+    assert cli.main(["migrate", "--config", str(path)]) == 0
+    assert "the schema is up to date" in capsys.readouterr().out
