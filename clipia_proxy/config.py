@@ -3,7 +3,9 @@
 Loading has two stages. First every section (and every team) is converted into msgspec Structs
 (`frozen`, `forbid_unknown_fields`, `kw_only`); a section with several problems is converted
 again without the offending field until all of its problems are known. Then a cross-field pass
-checks what no single field can (duplicate ids and hashes, alias cycles, identity modes). Every
+checks what no single field can (duplicate ids and hashes, alias cycles, identity modes): one
+``_check_<section>`` function per section, listed in ``_SECTION_CHECKS``, and ``_check_teams``
+(a new key adds its field to the section's Struct and its rules to that function). Every
 problem is collected and raised at once as one :class:`ConfigError`, each line shaped
 ``config.yaml: teams[2].models.allow: expected array, got str``. Secret values are never echoed:
 they are named (``api_key_env`` / ``api_key_file``) and read once into a :class:`Secret`.
@@ -16,7 +18,7 @@ import fnmatch
 import ipaddress
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -336,49 +338,65 @@ def parse_config(
         raise ConfigError([f"{source}: the top level must be a mapping of sections"])
     problems: list[str] = []
     warnings: list[str] = []
-    team_paths: list[str] = []
     _scan_inline_secrets(raw, "", source, problems)
-    values: dict[str, Any] = {}
-    for key, section in raw.items():
-        if key in _SECTIONS:
-            if section is None:
-                continue
-            values[key] = _convert(section, _SECTIONS[key], str(key), source, problems)
-        elif key == "teams":
-            converted = _convert_teams(section, source, problems)
-            if converted is not None:
-                team_paths = [path for path, _ in converted]
-                values["teams"] = tuple(team for _, team in converted)
-        else:
-            problems.append(f"{source}: {key}: unknown section")
-    config = Config(
-        **{k: v for k, v in values.items() if v is not None},
-        source=source,
-    )
+    values, team_paths = _convert_sections(raw, source, problems)
+    config = Config(**values, source=source)
     _check(config, team_paths, source, problems, warnings)
-    api_key_problem = _check_secret_source(config.upstream, source, environ, resolve_secrets)
-    if api_key_problem:
-        (problems if resolve_secrets else warnings).append(api_key_problem)
-    env = os.environ if environ is None else environ
-    if config.store.backend == "redis" and not env.get(config.store.redis_url_env, "").strip():
-        (problems if resolve_secrets else warnings).append(
-            f"{source}: store.redis_url_env: the environment variable "
-            f"{config.store.redis_url_env} is not set"
-        )
-    ledger = config.ledger
-    if ledger.backend == "postgres" and not env.get(ledger.postgres_dsn_env, "").strip():
-        (problems if resolve_secrets else warnings).append(
-            f"{source}: ledger.postgres_dsn_env: the environment variable "
-            f"{ledger.postgres_dsn_env} is not set"
-        )
+    _check_environment(config, source, environ, problems if resolve_secrets else warnings)
     if problems:
         raise ConfigError(problems)
     return msgspec.structs.replace(config, warnings=tuple(warnings))
 
 
+def _convert_sections(
+    raw: dict[Any, Any], source: str, problems: list[str]
+) -> tuple[dict[str, Any], list[str]]:
+    """Convert each top-level section; return the converted ones and the teams' paths."""
+    values: dict[str, Any] = {}
+    team_paths: list[str] = []
+    for key, section in raw.items():
+        if key in _SECTIONS:
+            converted = (
+                None
+                if section is None
+                else _convert(section, _SECTIONS[key], str(key), source, problems)
+            )
+            if converted is not None:
+                values[key] = converted
+        elif key == "teams":
+            teams = _convert_teams(section, source, problems)
+            if teams is not None:
+                team_paths = [path for path, _ in teams]
+                values["teams"] = tuple(team for _, team in teams)
+        else:
+            problems.append(f"{source}: {key}: unknown section")
+    return values, team_paths
+
+
+def _check_environment(
+    config: Config, source: str, environ: Mapping[str, str] | None, found: list[str]
+) -> None:
+    """The secrets the config names must be there (problems, or warnings when not resolved)."""
+    api_key_problem = _check_secret_source(config.upstream, source, environ)
+    if api_key_problem:
+        found.append(api_key_problem)
+    env = os.environ if environ is None else environ
+    if config.store.backend == "redis" and not env.get(config.store.redis_url_env, "").strip():
+        found.append(
+            f"{source}: store.redis_url_env: the environment variable "
+            f"{config.store.redis_url_env} is not set"
+        )
+    ledger = config.ledger
+    if ledger.backend == "postgres" and not env.get(ledger.postgres_dsn_env, "").strip():
+        found.append(
+            f"{source}: ledger.postgres_dsn_env: the environment variable "
+            f"{ledger.postgres_dsn_env} is not set"
+        )
+
+
 def read_api_key(upstream: UpstreamConfig, environ: Mapping[str, str] | None = None) -> Secret:
     """Return the Clipia key named by the config; raise :class:`ConfigError` if it is missing."""
-    problem = _check_secret_source(upstream, "config", environ, resolve=True)
+    problem = _check_secret_source(upstream, "config", environ)
     if problem:
         raise ConfigError([problem])
     env = os.environ if environ is None else environ
@@ -391,7 +409,7 @@ def read_api_key(upstream: UpstreamConfig, environ: Mapping[str, str] | None = N
 
 
 def _check_secret_source(
-    upstream: UpstreamConfig, source: str, environ: Mapping[str, str] | None, resolve: bool
+    upstream: UpstreamConfig, source: str, environ: Mapping[str, str] | None
 ) -> str | None:
     env = os.environ if environ is None else environ
     if upstream.api_key_file:
@@ -550,161 +568,221 @@ def _convert_teams(
     return teams
 
 
+class _Findings:
+    """The problems and warnings of one load, each line prefixed with the config's name."""
+
+    __slots__ = ("problems", "source", "warnings")
+
+    def __init__(self, source: str, problems: list[str], warnings: list[str]) -> None:
+        self.source = source
+        self.problems = problems
+        self.warnings = warnings
+
+    def problem(self, path: str, message: str) -> None:
+        """Record a problem that stops the gateway: ``source: path: message``."""
+        self.problems.append(f"{self.source}: {path}: {message}")
+
+    def warn(self, path: str, message: str) -> None:
+        """Record a problem the gateway runs with (``check-config`` prints it)."""
+        self.warnings.append(f"{self.source}: {path}: {message}")
+
+
 def _check(
     config: Config, team_paths: list[str], source: str, problems: list[str], warnings: list[str]
 ) -> None:
-    """The cross-field pass: what no single field can tell."""
+    """The cross-field pass: what no single field can tell, one function per section."""
+    found = _Findings(source, problems, warnings)
+    for check in _SECTION_CHECKS:
+        check(config, found)
+    _check_teams(config, team_paths, found)
 
-    def problem(path: str, message: str) -> None:
-        problems.append(f"{source}: {path}: {message}")
 
-    server, upstream, auth = config.server, config.upstream, config.auth
+def _check_server(config: Config, found: _Findings) -> None:
+    server = config.server
     for name in ("port", "admin_port"):
         port = getattr(server, name)
         if not 0 <= port <= 65535:
-            problem(f"server.{name}", f"must be a TCP port 0-65535 (got {port})")
+            found.problem(f"server.{name}", f"must be a TCP port 0-65535 (got {port})")
     if server.port == server.admin_port and server.port != 0:
-        problem("server.admin_port", "must differ from server.port")
+        found.problem("server.admin_port", "must differ from server.port")
     if server.max_body_bytes <= 0:
-        problem("server.max_body_bytes", "must be a positive number of bytes")
+        found.problem("server.max_body_bytes", "must be a positive number of bytes")
     if server.shutdown_grace_seconds < 0:
-        problem("server.shutdown_grace_seconds", "must not be negative")
+        found.problem("server.shutdown_grace_seconds", "must not be negative")
+
+
+def _check_upstream(config: Config, found: _Findings) -> None:
+    upstream = config.upstream
     if not re.match(r"https?://[^/\s?#]+(/[^\s?#]*)?$", upstream.base_url):
-        problem("upstream.base_url", "must be an http(s) URL without query or fragment")
+        found.problem("upstream.base_url", "must be an http(s) URL without query or fragment")
     if upstream.api_key_env and upstream.api_key_file:
-        problem("upstream", "set only one of api_key_env and api_key_file")
+        found.problem("upstream", "set only one of api_key_env and api_key_file")
     for name in (
         "connect_timeout_seconds",
         "first_byte_timeout_seconds",
         "idle_timeout_seconds",
     ):
         if getattr(upstream, name) <= 0:
-            problem(f"upstream.{name}", "must be a positive number of seconds")
+            found.problem(f"upstream.{name}", "must be a positive number of seconds")
     if upstream.max_connections <= 0:
-        problem("upstream.max_connections", "must be positive")
+        found.problem("upstream.max_connections", "must be positive")
     if not 0 <= upstream.retries <= 10:
-        problem("upstream.retries", f"must be between 0 and 10 (got {upstream.retries})")
+        found.problem("upstream.retries", f"must be between 0 and 10 (got {upstream.retries})")
     if upstream.max_retry_wait_seconds < 0:
-        problem("upstream.max_retry_wait_seconds", "must not be negative")
-    if config.catalog.ttl_seconds <= 0:
-        problem("catalog.ttl_seconds", "must be positive")
-    if config.catalog.max_stale_seconds < config.catalog.ttl_seconds:
-        problem("catalog.max_stale_seconds", "must be at least catalog.ttl_seconds")
+        found.problem("upstream.max_retry_wait_seconds", "must not be negative")
 
-    store, accounting = config.store, config.accounting
+
+def _check_catalog(config: Config, found: _Findings) -> None:
+    if config.catalog.ttl_seconds <= 0:
+        found.problem("catalog.ttl_seconds", "must be positive")
+    if config.catalog.max_stale_seconds < config.catalog.ttl_seconds:
+        found.problem("catalog.max_stale_seconds", "must be at least catalog.ttl_seconds")
+
+
+def _check_store(config: Config, found: _Findings) -> None:
+    store = config.store
     if store.backend == "sqlite" and store.replicas > 1:
-        problem(
+        found.problem(
             "store.backend",
             f"sqlite serves one replica only (store.replicas is {store.replicas}); use redis",
         )
     if store.replicas < 1:
-        problem("store.replicas", "must be at least 1")
+        found.problem("store.replicas", "must be at least 1")
     if store.timeout_seconds <= 0:
-        problem("store.timeout_seconds", "must be a positive number of seconds")
+        found.problem("store.timeout_seconds", "must be a positive number of seconds")
     if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", store.redis_key_prefix):
-        problem("store.redis_key_prefix", "must be 1-64 characters of letters, digits, _.:-")
-    _check_ledger(config, problem)
+        found.problem("store.redis_key_prefix", "must be 1-64 characters of letters, digits, _.:-")
+
+
+def _check_ledger(config: Config, found: _Findings) -> None:
+    ledger = config.ledger
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,127}", ledger.postgres_dsn_env):
+        found.problem("ledger.postgres_dsn_env", "must be an environment variable name")
+    if ledger.retention_months is not None and ledger.retention_months < 2:
+        found.problem(
+            "ledger.retention_months",
+            "must be at least 2 (the current and the previous month are always kept)",
+        )
+    if not 1 <= ledger.pool_size <= 100:
+        found.problem("ledger.pool_size", f"must be between 1 and 100 (got {ledger.pool_size})")
+
+
+def _check_accounting(config: Config, found: _Findings) -> None:
+    accounting = config.accounting
     try:
         ZoneInfo(accounting.timezone)
     except (ZoneInfoNotFoundError, ValueError):
-        problem("accounting.timezone", f"unknown time zone {accounting.timezone[:40]!r}")
+        found.problem("accounting.timezone", f"unknown time zone {accounting.timezone[:40]!r}")
     if accounting.rubles_per_credit <= 0:
-        problem("accounting.rubles_per_credit", "must be a positive number")
+        found.problem("accounting.rubles_per_credit", "must be a positive number")
     for name in ("default_output_reserve_tokens", "image_reserve_tokens"):
         if getattr(accounting, name) <= 0:
-            problem(f"accounting.{name}", "must be a positive number of tokens")
+            found.problem(f"accounting.{name}", "must be a positive number of tokens")
     if accounting.drain_timeout_seconds < 0:
-        problem("accounting.drain_timeout_seconds", "must not be negative")
-    if accounting.lease_seconds <= upstream.first_byte_timeout_seconds:
-        problem(
+        found.problem("accounting.drain_timeout_seconds", "must not be negative")
+    if accounting.lease_seconds <= config.upstream.first_byte_timeout_seconds:
+        found.problem(
             "accounting.lease_seconds",
             "must be longer than upstream.first_byte_timeout_seconds "
             "(a reservation must outlive the wait for Clipia's answer)",
         )
 
+
+def _check_auth(config: Config, found: _Findings) -> None:
+    auth = config.auth
     for index, cidr in enumerate(auth.trusted_proxies):
         try:
             ipaddress.ip_network(cidr, strict=False)
         except ValueError:
-            problem(f"auth.trusted_proxies[{index}]", f"not an IP network: {cidr!r}")
+            found.problem(f"auth.trusted_proxies[{index}]", f"not an IP network: {cidr!r}")
     if not re.fullmatch(r"[A-Za-z0-9-]+", auth.header):
-        problem("auth.header", "must be an HTTP header name")
+        found.problem("auth.header", "must be an HTTP header name")
     elif auth.header.lower() in {"authorization", "x-api-key", "cookie", "host"}:
-        problem("auth.header", "must not be a credential or routing header")
+        found.problem("auth.header", "must not be a credential or routing header")
     if auth.mode == "header" and not auth.trusted_proxies:
-        problem("auth.trusted_proxies", "mode header needs at least one trusted proxy")
+        found.problem("auth.trusted_proxies", "mode header needs at least one trusted proxy")
     if auth.mode == "fixed":
         if not auth.team:
-            problem("auth.team", "mode fixed needs the team every request belongs to")
+            found.problem("auth.team", "mode fixed needs the team every request belongs to")
         elif config.team(auth.team) is None:
-            problem("auth.team", f"no team with id {auth.team!r}")
-        if server.host not in {"127.0.0.1", "::1", "localhost"}:
-            warnings.append(
-                f"{source}: server.host: auth.mode fixed serves anyone who can connect; "
-                "bind the sidecar to 127.0.0.1"
+            found.problem("auth.team", f"no team with id {auth.team!r}")
+        if config.server.host not in {"127.0.0.1", "::1", "localhost"}:
+            found.warn(
+                "server.host",
+                "auth.mode fixed serves anyone who can connect; bind the sidecar to 127.0.0.1",
             )
     elif auth.team is not None:
-        problem("auth.team", "only used with auth.mode fixed")
+        found.problem("auth.team", "only used with auth.mode fixed")
 
-    seen_ids: dict[str, int] = {}
+
+_SECTION_CHECKS: Final = (
+    _check_server,
+    _check_upstream,
+    _check_catalog,
+    _check_store,
+    _check_ledger,
+    _check_accounting,
+    _check_auth,
+)
+"""The per-section checks, run in this order (a new section adds its function here)."""
+
+
+def _check_teams(config: Config, team_paths: list[str], found: _Findings) -> None:
+    """Team ids and key hashes unique across teams; each team's own fields."""
+    seen_ids: dict[str, str] = {}
     seen_hashes: dict[str, str] = {}
-    for index, (path, team) in enumerate(zip(team_paths, config.teams, strict=True)):
+    for path, team in zip(team_paths, config.teams, strict=True):
         if not _ID_RE.fullmatch(team.id):
-            problem(f"{path}.id", "must be 1-63 characters of letters, digits, '.', '_', '-'")
+            found.problem(f"{path}.id", "must be 1-63 characters of letters, digits, '.', '_', '-'")
         if team.id in seen_ids:
-            problem(
-                f"{path}.id",
-                f"duplicate team id {team.id!r} (also {team_paths[seen_ids[team.id]]})",
+            found.problem(f"{path}.id", f"duplicate team id {team.id!r} (also {seen_ids[team.id]})")
+        seen_ids.setdefault(team.id, path)
+        if config.auth.mode == "keys" and not team.keys:
+            found.warn(f"{path}.keys", f"team {team.id!r} has no key and cannot call")
+        _check_team_keys(team, path, seen_hashes, found)
+        _check_models(team, path, found.problem)
+        _check_team_numbers(team, path, found)
+
+
+def _check_team_keys(
+    team: TeamConfig, path: str, seen_hashes: dict[str, str], found: _Findings
+) -> None:
+    key_ids: set[str] = set()
+    for k_index, key in enumerate(team.keys):
+        k_path = f"{path}.keys[{k_index}]"
+        if key.id in key_ids:
+            found.problem(f"{k_path}.id", f"duplicate key id {key.id!r} in this team")
+        key_ids.add(key.id)
+        if not _SHA256_RE.fullmatch(key.sha256):
+            found.problem(f"{k_path}.sha256", "must be 64 lowercase hex characters (a SHA-256)")
+        elif key.sha256 in seen_hashes:
+            found.problem(
+                f"{k_path}.sha256", f"the same key hash is used by {seen_hashes[key.sha256]}"
             )
-        seen_ids.setdefault(team.id, index)
-        if auth.mode == "keys" and not team.keys:
-            warnings.append(f"{source}: {path}.keys: team {team.id!r} has no key and cannot call")
-        key_ids: set[str] = set()
-        for k_index, key in enumerate(team.keys):
-            k_path = f"{path}.keys[{k_index}]"
-            if key.id in key_ids:
-                problem(f"{k_path}.id", f"duplicate key id {key.id!r} in this team")
-            key_ids.add(key.id)
-            if not _SHA256_RE.fullmatch(key.sha256):
-                problem(f"{k_path}.sha256", "must be 64 lowercase hex characters (a SHA-256)")
-            elif key.sha256 in seen_hashes:
-                problem(
-                    f"{k_path}.sha256", f"the same key hash is used by {seen_hashes[key.sha256]}"
-                )
-            else:
-                seen_hashes[key.sha256] = k_path
-        _check_models(team, path, problem)
-        caps = team.caps
-        if caps.max_tokens is not None and caps.max_tokens <= 0:
-            problem(f"{path}.caps.max_tokens", "must be a positive number of tokens")
-        if caps.n is not None and caps.n <= 0:
-            problem(f"{path}.caps.n", "must be positive")
-        if caps.max_request_credits is not None and caps.max_request_credits <= 0:
-            problem(f"{path}.caps.max_request_credits", "must be a positive number")
-        for period in ("day", "week", "month", "total"):
-            amount = getattr(team.budget, period)
-            if amount is not None and (not amount.is_finite() or amount < 0):
-                problem(f"{path}.budget.{period}", f"must be a positive number (got {amount})")
-        for name in ("rpm", "tpm", "concurrency"):
-            value = getattr(team.limits, name)
-            if value is not None and value <= 0:
-                problem(f"{path}.limits.{name}", f"must be a positive integer (got {value})")
+        else:
+            seen_hashes[key.sha256] = k_path
 
 
-def _check_ledger(config: Config, problem: Any) -> None:
-    ledger = config.ledger
-    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,127}", ledger.postgres_dsn_env):
-        problem("ledger.postgres_dsn_env", "must be an environment variable name")
-    if ledger.retention_months is not None and ledger.retention_months < 2:
-        problem(
-            "ledger.retention_months",
-            "must be at least 2 (the current and the previous month are always kept)",
-        )
-    if not 1 <= ledger.pool_size <= 100:
-        problem("ledger.pool_size", f"must be between 1 and 100 (got {ledger.pool_size})")
+def _check_team_numbers(team: TeamConfig, path: str, found: _Findings) -> None:
+    """Caps, budgets and limits: positive where set."""
+    caps = team.caps
+    if caps.max_tokens is not None and caps.max_tokens <= 0:
+        found.problem(f"{path}.caps.max_tokens", "must be a positive number of tokens")
+    if caps.n is not None and caps.n <= 0:
+        found.problem(f"{path}.caps.n", "must be positive")
+    if caps.max_request_credits is not None and caps.max_request_credits <= 0:
+        found.problem(f"{path}.caps.max_request_credits", "must be a positive number")
+    for period in ("day", "week", "month", "total"):
+        amount = getattr(team.budget, period)
+        if amount is not None and (not amount.is_finite() or amount < 0):
+            found.problem(f"{path}.budget.{period}", f"must be a positive number (got {amount})")
+    for name in ("rpm", "tpm", "concurrency"):
+        value = getattr(team.limits, name)
+        if value is not None and value <= 0:
+            found.problem(f"{path}.limits.{name}", f"must be a positive integer (got {value})")
 
 
-def _check_models(team: TeamConfig, path: str, problem: Any) -> None:
+def _check_models(team: TeamConfig, path: str, problem: Callable[[str, str], None]) -> None:
     models = team.models
     for kind in ("allow", "deny"):
         for index, pattern in enumerate(getattr(models, kind)):
@@ -712,23 +790,29 @@ def _check_models(team: TeamConfig, path: str, problem: Any) -> None:
                 problem(
                     f"{path}.models.{kind}[{index}]", "must be a non-empty pattern without spaces"
                 )
-    aliases = models.aliases
-    for alias, target in aliases.items():
+    for alias in models.aliases:
         a_path = f"{path}.models.aliases.{alias}"
         if not alias or alias != alias.strip() or any(c in alias for c in "*?[]"):
             problem(a_path, "alias names must be plain, non-empty model names")
-        if alias in models.allow or alias in models.deny or alias in aliases.values():
+        if alias in models.allow or alias in models.deny or alias in models.aliases.values():
             problem(a_path, "alias shadows a model id named in this team's policy")
-        seen = [alias]
-        current = target
-        while current in aliases:
-            if current in seen:
-                problem(a_path, f"alias cycle: {' -> '.join([*seen, current])}")
-                break
-            seen.append(current)
-            current = aliases[current]
-        else:
-            if any(fnmatch.fnmatchcase(current, p) for p in models.deny):
-                problem(a_path, f"alias points at {current!r}, which the team's deny list refuses")
-            elif not any(fnmatch.fnmatchcase(current, p) for p in models.allow):
-                problem(a_path, f"alias points at {current!r}, which the team's allow list lacks")
+        message = _alias_target_problem(models, alias)
+        if message:
+            problem(a_path, message)
+
+
+def _alias_target_problem(models: ModelsConfig, alias: str) -> str | None:
+    """Follow ``alias`` to the model it names: a cycle, or a target the policy refuses."""
+    aliases = models.aliases
+    seen = [alias]
+    current = aliases[alias]
+    while current in aliases:
+        if current in seen:
+            return f"alias cycle: {' -> '.join([*seen, current])}"
+        seen.append(current)
+        current = aliases[current]
+    if any(fnmatch.fnmatchcase(current, p) for p in models.deny):
+        return f"alias points at {current!r}, which the team's deny list refuses"
+    if not any(fnmatch.fnmatchcase(current, p) for p in models.allow):
+        return f"alias points at {current!r}, which the team's allow list lacks"
+    return None
