@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 from .app import create_admin_app, create_app
 from .config import Config, ConfigError, load_config
+from .version import __version__
 
 __all__ = ["Config", "ConfigError", "__version__", "create_admin_app", "create_app", "load_config"]

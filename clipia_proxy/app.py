@@ -19,7 +19,7 @@ from typing import Final
 from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
 
-from . import __version__, handlers, mcp_http
+from . import handlers, mcp_http
 from .auth import Refusal
 from .catalog import Catalog
 from .config import Config, Secret, read_api_key
@@ -60,6 +60,7 @@ from .quotas.store import Store, StoreUnavailable
 from .streaming import OpenStreams
 from .tasks import TaskRegistry
 from .upstream import UpstreamClient
+from .version import __version__
 
 __all__ = ["apply_config", "create_admin_app", "create_app"]
 

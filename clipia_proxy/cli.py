@@ -10,10 +10,10 @@ import sys
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
-from . import __version__
 from .auth import generate_key, hash_key
 from .config import Config, ConfigError, load_config
 from .logs import apply_logging, setup_logging
+from .version import __version__
 
 __all__ = ["main"]
 

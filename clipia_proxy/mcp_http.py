@@ -36,9 +36,10 @@ from typing import Final
 import msgspec
 from aiohttp import web
 
-from . import __version__, handlers
+from . import handlers
 from .errors import InvalidRequest, ProxyError, UpstreamUnavailable
 from .keys import LIVE, METRICS, PRINCIPAL
+from .version import __version__
 from .wire import decode_json, encode_json, parse_chat_request
 
 __all__ = ["PATH", "PROTOCOL_VERSIONS", "TOOLS", "add_routes"]

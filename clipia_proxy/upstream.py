@@ -37,9 +37,9 @@ from aiohttp.streams import StreamReader
 from multidict import CIMultiDictProxy
 from yarl import URL
 
-from . import __version__
 from .config import Secret, UpstreamConfig
 from .errors import UpstreamTimeout, UpstreamUnavailable
+from .version import __version__
 
 __all__ = [
     "UpstreamBusy",
