@@ -6,6 +6,7 @@ are raised as :class:`~clipia_proxy.errors.ProxyError` and rendered by the error
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import time
 from decimal import Decimal
@@ -43,7 +44,8 @@ from .ledger import Flight
 from .live import Live
 from .policy import ModelPolicy, apply_caps, bound_output
 from .quotas.estimate import PriceUnknown, estimate
-from .quotas.model import Outcome, Settlement, credits
+from .quotas.model import Outcome, RecordState, Settlement, UsageSource, credits
+from .quotas.store import LedgerRecord
 from .sse import UsageTap
 from .streaming import StreamResult, relay_stream
 from .upstream import (
@@ -103,22 +105,28 @@ class GenerationOwners:
     __slots__ = ("_owners", "_size")
 
     def __init__(self, size: int) -> None:
-        self._owners: dict[str, str] = {}
+        self._owners: dict[str, tuple[str, str | None]] = {}
         self._size = size
 
     def __len__(self) -> int:
         return len(self._owners)
 
-    def remember(self, upstream_id: str, team: str) -> None:
-        """Note that ``team`` created ``upstream_id``."""
+    def remember(self, upstream_id: str, team: str, request_id: str | None = None) -> None:
+        """Note that ``team`` created ``upstream_id`` (with the gateway's ``request_id``)."""
         owners = self._owners
-        owners[upstream_id] = team
+        owners[upstream_id] = (team, request_id)
         if len(owners) > self._size:
             del owners[next(iter(owners))]
 
     def get(self, upstream_id: str) -> str | None:
         """Return the team that created ``upstream_id``, if it is still remembered."""
-        return self._owners.get(upstream_id)
+        known = self._owners.get(upstream_id)
+        return None if known is None else known[0]
+
+    def request_id(self, upstream_id: str) -> str | None:
+        """Return the request id (its ledger record) of ``upstream_id``, if remembered."""
+        known = self._owners.get(upstream_id)
+        return None if known is None else known[1]
 
 
 class RequestInfo(msgspec.Struct, kw_only=True):
@@ -508,7 +516,9 @@ async def _pass_through_error(upstream: UpstreamClient, response: UpstreamRespon
 
 def _remember_generation(request: web.Request, upstream_id: str | None) -> None:
     if upstream_id:
-        request.app[GENERATIONS].remember(upstream_id, request[PRINCIPAL].team)
+        request.app[GENERATIONS].remember(
+            upstream_id, request[PRINCIPAL].team, request[INFO].request_id
+        )
 
 
 def _visible_entries(policy: ModelPolicy, snapshot: CatalogSnapshot) -> list[dict[str, object]]:
@@ -596,14 +606,31 @@ async def key_data(request: web.Request) -> dict[str, object]:
 
 
 async def generation(request: web.Request) -> web.Response:
-    """``GET /v1/generation?id=``: proxied only for an id this team created, else 404."""
+    """``GET /v1/generation?id=``: for an id this team created, else 404; counts in its RPM.
+
+    Answered from the ledger when its record holds the upstream's own settled cost (no call
+    to Clipia); otherwise proxied.
+    """
     ids = request.query.getall("id", [])
     team = request[PRINCIPAL].team
-    owner = request.app[GENERATIONS].get(ids[0]) if len(ids) == 1 else None
+    quotas = request.app[QUOTAS]
+    await quotas.count_lookup(team)
+    generations = request.app[GENERATIONS]
+    owner = generations.get(ids[0]) if len(ids) == 1 else None
     if owner is None and len(ids) == 1 and len(ids[0]) <= 128:
-        owner = await request.app[QUOTAS].store.owner_of(ids[0])
+        owner = await quotas.store.owner_of(ids[0])
     if len(ids) != 1 or owner != team:
         raise NotFound("No generation with that id was created by this team.", param="id")
+    request_id = generations.request_id(ids[0])
+    if request_id is not None:
+        record = await quotas.store.record(request_id)
+        if (
+            record is not None
+            and record.team == team
+            and record.state is RecordState.SETTLED
+            and record.usage_source in _UPSTREAM_SOURCES
+        ):
+            return web.Response(body=_generation_from_ledger(ids[0], record), content_type=_JSON)
     upstream = request.app[UPSTREAM]
     response = await upstream.send(
         "GET", "/generation", request_id=request[INFO].request_id, query={"id": ids[0]}
@@ -617,3 +644,27 @@ async def generation(request: web.Request) -> web.Response:
         return web.Response(body=payload, content_type=_JSON)
     finally:
         response.release()
+
+
+_UPSTREAM_SOURCES: Final = frozenset(
+    {UsageSource.RESPONSE.value, UsageSource.STREAM.value, UsageSource.GENERATION.value}
+)
+"""A ledger cost that is Clipia's own figure (not counted from tokens, not the reservation)."""
+
+
+def _generation_from_ledger(upstream_id: str, record: LedgerRecord) -> bytes:
+    """Return a ``/v1/generation`` answer built from a settled ledger record."""
+    created = dt.datetime.fromtimestamp(record.created_at, dt.UTC)
+    return encode_json(
+        {
+            "data": {
+                "id": upstream_id,
+                "model": record.model,
+                "streamed": record.stream,
+                "total_cost": credits(record.cost),
+                "tokens_prompt": record.prompt_tokens,
+                "tokens_completion": record.completion_tokens,
+                "created_at": created.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            }
+        }
+    )

@@ -11,7 +11,7 @@ import datetime as dt
 import logging
 import math
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from decimal import Decimal
 from typing import Final
@@ -48,6 +48,7 @@ __all__ = ["ALL_PERIODS", "Admission", "QuotaService", "limits_of"]
 
 _LOGGER: Final = logging.getLogger(__name__)
 ALL_PERIODS: Final = [Period.DAY, Period.WEEK, Period.MONTH, Period.TOTAL]
+_RATE_WINDOW_SECONDS: Final = 60.0
 
 
 def limits_of(team: TeamConfig) -> TeamLimits:
@@ -121,6 +122,8 @@ class QuotaService:
         self.store_reachable = True
         """False since the last store call failed, until one succeeds (feeds ``/readyz``)."""
         self.fail_open: Final = self._fail_open
+        self._lookups: dict[str, deque[float]] = {}
+        """Team -> times of its ``/v1/generation`` lookups in the last minute (this replica)."""
 
     def apply(self, config: Config) -> None:
         """Take a reloaded config's team limits, shadow flags and accounting (store kept)."""
@@ -161,6 +164,7 @@ class QuotaService:
         now = self._clock()
         current = self.windows(now)
         limits = self._limits.get(team, TeamLimits())
+        lookups = self._lookups_in_window(team, now) if self._lookups else 0
         request = ReserveRequest(
             request_id=request_id,
             team=team,
@@ -169,7 +173,10 @@ class QuotaService:
             periods=self._window_keys,  # cached with the windows; the stores copy it
             now=now,
             lease_seconds=self._lease,
-            limits=limits,
+            # This replica's /v1/generation lookups take their places in the team's RPM.
+            limits=limits
+            if not lookups or limits.rpm is None
+            else msgspec.structs.replace(limits, rpm=max(limits.rpm - lookups, 0)),
             shadow=self._shadow.get(team, False),
             model=model,
             key_id=key_id,
@@ -226,6 +233,48 @@ class QuotaService:
             would_reject=result.reason,
         )
 
+    def _lookups_in_window(self, team: str, now: float) -> int:
+        log = self._lookups.get(team)
+        if log is None:
+            return 0
+        while log and log[0] <= now - _RATE_WINDOW_SECONDS:
+            log.popleft()
+        if not log:
+            del self._lookups[team]
+            return 0
+        return len(log)
+
+    async def count_lookup(self, team: str) -> None:
+        """Count one ``GET /v1/generation`` against the team's RPM, or raise 429.
+
+        A lookup is admitted while the team's requests in the shared window plus this
+        replica's lookups are under ``limits.rpm``; it then takes a place in the RPM of the
+        team's chat requests on this replica for a minute. No budget, no ledger record.
+        """
+        rpm = self._limits.get(team, TeamLimits()).rpm
+        if rpm is None:
+            return
+        now = self._clock()
+        lookups = self._lookups_in_window(team, now)
+        try:
+            if self._remote:
+                async with asyncio.timeout(self._timeout):
+                    requests, _ = await self.store.rates(team, now)
+            else:
+                requests, _ = await self.store.rates(team, now)
+        except (StoreUnavailable, TimeoutError):
+            requests = 0  # the lookup spends no budget: this replica's own count still holds
+        if requests + lookups >= rpm:
+            self.rejections[team, Reason.RPM.value] += 1
+            log = self._lookups.get(team)
+            wait = log[0] + _RATE_WINDOW_SECONDS - now if log else 1.0
+            raise RateLimited(
+                f"Team {team!r} reached {rpm} requests per minute; retry in "
+                f"{_humanise_seconds(wait)}.",
+                retry_after=max(math.ceil(wait), 1),
+            )
+        self._lookups.setdefault(team, deque()).append(now)
+
     def _refusal(
         self,
         team: str,
@@ -253,8 +302,9 @@ class QuotaService:
                     retry_after=1,
                 )
             case Reason.RPM:
+                rpm = self._limits.get(team, TeamLimits()).rpm
                 return RateLimited(
-                    f"Team {team!r} reached {result.limit} requests per minute; retry in "
+                    f"Team {team!r} reached {rpm or result.limit} requests per minute; retry in "
                     f"{_humanise_seconds(result.retry_after)}.",
                     retry_after=math.ceil(result.retry_after),
                 )
