@@ -123,8 +123,10 @@ def create_app(
         implausible_costs=lambda: ledger.implausible_costs,
         store_errors=lambda: quotas.store_errors,
         models=catalog.model_ids,
+        allows=lambda team, model: _allows(app, team, model),
     )
-    attempts.append(lambda code: metrics.add(metrics.upstream_requests, (code,)))
+    catalog.on_change = metrics.set_models
+    attempts.append(metrics.record_upstream_attempt)
     app[METRICS] = metrics
     app[STREAMS] = OpenStreams()
     app[QUOTAS] = quotas
@@ -158,6 +160,12 @@ def create_app(
     app.cleanup_ctx.append(_budget_gauges_ctx)
     app.on_shutdown.append(_on_shutdown)
     return app
+
+
+def _allows(app: web.Application, team: str, model: str) -> bool:
+    """Whether ``team``'s policy in force allows the canonical ``model`` (metrics' series)."""
+    policy = app[LIVE].policies.get(team) if LIVE in app else None
+    return policy is not None and policy.allows(model)
 
 
 def apply_config(app: web.Application, config: Config) -> None:
@@ -329,13 +337,11 @@ async def _gateway_middleware(request: web.Request, handler: _Handler) -> web.St
             request[PRINCIPAL] = principal
             info.team = principal.team
             info.key_id = principal.key_id
-            metrics = app[METRICS]
-            inflight = metrics.adder(metrics.inflight, (metrics.team(principal.team),))
-            inflight(1.0)
+            ended = app[METRICS].record_request_started(principal.team)
             try:
                 response = await handler(request)
             finally:
-                inflight(-1.0)  # the same series, even if a reload dropped the team meanwhile
+                ended()  # the same series, even if a reload dropped the team meanwhile
         finally:
             health.leave()
     except ProxyError as exc:
@@ -396,13 +402,9 @@ def _observe(request: web.Request, info: RequestInfo, rejection: str | None) -> 
         metrics.record_rejection(info.team, rejection)
     if info.upstream_sent is not None:
         after = now - info.upstream_done if info.upstream_done is not None else 0.0
-        metrics.observe(
-            metrics.overhead, (metrics.route(route),), info.upstream_sent - info.started + after
-        )
+        metrics.record_overhead(route, info.upstream_sent - info.started + after)
     if info.ttft is not None and info.model is not None:
-        metrics.observe(
-            metrics.ttft, (metrics.team(info.team), metrics.model(info.model)), info.ttft
-        )
+        metrics.record_ttft(info.team, info.model, info.ttft)
 
 
 def _status_error(status: int) -> ProxyError:

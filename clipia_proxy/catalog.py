@@ -116,6 +116,8 @@ class Catalog:
         """After a failed fetch, no new one starts before this (monotonic) time."""
         self.refresh_results: dict[str, int] = {"success": 0, "error": 0}
         """Counts of refresh outcomes (exported as metrics)."""
+        self.on_change: Callable[[], None] | None = None
+        """Called after a refresh installed a snapshot (metrics make its models' series)."""
 
     def age(self) -> float | None:
         """Return the snapshot's age in seconds, or ``None`` before the first fetch."""
@@ -211,4 +213,6 @@ class Catalog:
         self._retry_at = 0.0
         self._snapshot = snapshot
         self._model_ids = frozenset(snapshot.entries)
+        if self.on_change is not None:
+            self.on_change()
         return snapshot

@@ -19,6 +19,7 @@ from aiohttp import web
 from .catalog import CatalogSnapshot
 from .errors import (
     BudgetExceeded,
+    ModelNotAllowed,
     ModelNotFound,
     NotFound,
     RequestTooLarge,
@@ -232,7 +233,11 @@ async def complete_chat(
     # 3. Policy: alias -> canonical id, allow/deny, catalog, caps.
     catalog = app[CATALOG]
     snapshot = catalog.fresh() or await catalog.get()
-    canonical_model = policy.resolve(chat.requested_model, snapshot.entries)
+    try:
+        canonical_model = policy.resolve(chat.requested_model, snapshot.entries)
+    except ModelNotAllowed:
+        info.model = policy.canonical(chat.requested_model)  # labelled if in the catalog
+        raise
     info.model = canonical_model
     team = policy.team
     apply_caps(chat.body, team.caps)
@@ -278,6 +283,7 @@ async def complete_chat(
             "bounded; the platform team can set caps.max_request_credits for it.",
             param="model",
         ) from exc
+    app[METRICS].record_reservation(team.id, credits(worst_case.amount))
     admission = await app[QUOTAS].admit(
         request_id=info.request_id,
         team=team.id,
@@ -287,7 +293,7 @@ async def complete_chat(
         estimate=worst_case,
     )
     if admission.would_reject is not None:
-        app[METRICS].would_reject.labels(team.id, admission.would_reject.value).inc()
+        app[METRICS].record_shadow_rejection(team.id, admission.would_reject.value)
     flight = Flight(
         admission=admission,
         model=canonical_model,
@@ -432,11 +438,7 @@ async def _forward(
                 flight.usage_from_stream = True
                 flight.upstream_id = tap.upstream_id
                 info.upstream_done = result.upstream_done_at
-                metrics = app[METRICS]
-                metrics.add(
-                    metrics.stream_terminations,
-                    (metrics.team(info.team), result.outcome.value),
-                )
+                app[METRICS].record_stream_end(info.team, result.outcome.value)
             info.outcome = result.outcome.value
             info.upstream_id = tap.upstream_id
             if result.first_byte_at is not None:

@@ -11,16 +11,14 @@ same shared values (dashboards aggregate them with ``max by (team)``).
 
 from __future__ import annotations
 
-import bisect
 import datetime as dt
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from decimal import Decimal
 from typing import Any, Final
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.metrics import MetricWrapperBase as _Labelled
 from prometheus_client.registry import Collector
 
 __all__ = ["REJECTION_REASONS", "Metrics"]
@@ -41,6 +39,10 @@ REJECTION_REASONS: Final = (
     "store_unavailable",
 )
 STREAM_REASONS: Final = ("completed", "client_disconnect", "upstream_error", "timeout")
+_TOKEN_TYPES: Final = ("prompt", "completion")
+# The headroom's "typical request": a moving average of the team's reservations, each new one
+# weighing this much (about the last 20 requests count).
+_TYPICAL_WEIGHT: Final = 0.1
 ROUTES: Final = frozenset(
     {
         "/v1/chat/completions",
@@ -95,10 +97,10 @@ class _StateCollector(Collector):
     """Gauges and foreign counters read at scrape time, from memory only."""
 
     def __init__(self, metrics: Metrics) -> None:
-        self._metrics = metrics
+        self._source = metrics
 
     def collect(self) -> Iterator[Metric]:
-        metrics = self._metrics
+        metrics = self._source
         families = {
             "limit": GaugeMetricFamily(
                 PREFIX + "budget_limit_credits",
@@ -125,6 +127,13 @@ class _StateCollector(Collector):
                 "When the current period ends (Unix time).",
                 labels=["team", "period"],
             ),
+            "headroom": GaugeMetricFamily(
+                PREFIX + "budget_headroom_requests",
+                "How many more typical requests of the team the remaining budget admits "
+                "(remaining credits / the average reservation of its recent requests); "
+                "below 1, its next typical request is refused with 402.",
+                labels=["team", "period"],
+            ),
         }
         for (team, period), snap in sorted(metrics.budgets.items()):
             labels = [team, period]
@@ -134,6 +143,9 @@ class _StateCollector(Collector):
             families["remaining"].add_metric(labels, float(snap.remaining))
             if snap.resets_at is not None:
                 families["resets"].add_metric(labels, snap.resets_at)
+            typical = metrics.typical_reservation.get(team)
+            if typical:
+                families["headroom"].add_metric(labels, max(float(snap.remaining), 0.0) / typical)
         yield from families.values()
         age = metrics.catalog_age()
         catalog_age = GaugeMetricFamily(
@@ -171,58 +183,20 @@ class _StateCollector(Collector):
         yield errors
 
 
-class _LoopValue:
-    """prometheus_client's ``MutexValue`` without its lock, for series written on the loop.
-
-    Every write to the gateway's series happens on the event loop's thread (the SQLite
-    writer thread never touches metrics; scrapes run on the loop), so the lock only cost
-    time: about 3 us a request, over the dozen series a request updates.
-    """
-
-    __slots__ = ("_exemplar", "_value")
-    _multiprocess = False
-
-    def __init__(self, value: float) -> None:
-        self._value = value
-        self._exemplar: Any = None
-
-    def inc(self, amount: float) -> None:
-        self._value += amount
-
-    def set(self, value: float, timestamp: float | None = None) -> None:
-        self._value = value
-
-    def set_exemplar(self, exemplar: Any) -> None:
-        self._exemplar = exemplar
-
-    def get(self) -> float:
-        return self._value
-
-    def get_exemplar(self) -> Any:
-        return self._exemplar
-
-
-def _unlocked(value: Any) -> Any:
-    """Return a :class:`_LoopValue` with ``value``'s number (other value kinds as they are)."""
-    if type(value) is not values.MutexValue:
-        return value  # already unlocked, or a multiprocess value: leave it
-    locked: Any = value  # (prometheus_client's value methods are untyped)
-    unlocked = _LoopValue(locked.get())
-    unlocked.set_exemplar(locked.get_exemplar())
-    return unlocked
-
-
-def _unlock(child: Any) -> None:
-    """Swap a child's values for lock-free ones (once; later calls find them swapped)."""
-    if isinstance(child, Histogram):
-        child._sum = _unlocked(child._sum)
-        child._buckets = [_unlocked(bucket) for bucket in child._buckets]
-    else:
-        child._value = _unlocked(child._value)
-
-
 class Metrics:
-    """The gateway's metrics; callers use the ``record_*`` methods."""
+    """The gateway's metrics façade: the ``record_*`` methods are the only way to record.
+
+    The metric objects are private: callers say what happened (a request answered, a
+    settlement, a stream's end) and the façade picks the series and bounds every label.
+    Children come from prometheus-client's public ``labels()``, looked up once per label tuple
+    (every label value is bounded, see the module docstring), and are written with the public
+    ``inc``/``dec``/``observe``.
+
+    Spend and token series exist at 0 before their first request, for every team and every
+    catalog model its policy allows (plus ``other``), so that Prometheus' ``increase()`` also
+    counts a series' first request. They follow reloads (``set_teams``) and catalog refreshes
+    (``set_models``): new pairs appear at 0, pairs no longer possible are removed.
+    """
 
     def __init__(
         self,
@@ -235,118 +209,98 @@ class Metrics:
         implausible_costs: Callable[[], int] = lambda: 0,
         store_errors: Callable[[], Mapping[str, int]] = dict,
         models: Callable[[], frozenset[str]] = frozenset,
+        allows: Callable[[str, str], bool] = lambda team, model: True,
     ) -> None:
+        """``models`` returns the catalog's chat model ids; ``allows(team, model)`` the policy."""
         self.registry: Final = CollectorRegistry(auto_describe=True)
-        self._teams = frozenset(teams)
         self.catalog_age = catalog_age
         self.catalog_refreshes = catalog_refreshes
         self.usage_sources = usage_sources
         self.implausible_costs = implausible_costs
         self.store_errors = store_errors
         self._catalog_models = models
+        self._allows = allows
+        self._teams: frozenset[str] = frozenset()
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
-        self._adders: dict[tuple[int, tuple[str, ...]], Callable[[float], None]] = {}
-        self._observers: dict[tuple[int, tuple[str, ...]], Callable[[float], None]] = {}
-        self._request_series: dict[
-            tuple[str, str, str, int, bool], tuple[Callable[[float], None], ...]
-        ] = {}
-        self._settlement_series: dict[tuple[str, str], tuple[Callable[[float], None], ...]] = {}
+        """(id of the metric, labels) -> its child: the hot path's cache (bounded labels)."""
+        self._settlement_pairs: frozenset[tuple[str, str]] = frozenset()
+        """(team, model) pairs whose spend and token series exist."""
+        self.typical_reservation: dict[str, float] = {}
+        """team -> moving average of its requests' reservations, in credits (headroom)."""
         self.budgets: dict[tuple[str, str], BudgetSnapshot] = {}
         """(team, period) -> numbers; replaced by ``set_budgets``."""
         r = self.registry
-        self.requests: Final = Counter(
+        self._requests: Final = Counter(
             PREFIX + "requests",
             "Requests answered, by HTTP status.",
             ["team", "model", "route", "code"],
             registry=r,
         )
-        self.request_duration: Final = Histogram(
+        self._request_duration: Final = Histogram(
             PREFIX + "request_duration_seconds",
             "Time from request received to response end (streams: the whole stream).",
             ["team", "route", "stream"],
             buckets=_DURATION_BUCKETS,
             registry=r,
         )
-        self.ttft: Final = Histogram(
+        self._ttft: Final = Histogram(
             PREFIX + "time_to_first_token_seconds",
             "Time from request received to the first upstream byte relayed.",
             ["team", "model"],
             buckets=_TTFT_BUCKETS,
             registry=r,
         )
-        self.overhead: Final = Histogram(
+        self._overhead: Final = Histogram(
             PREFIX + "overhead_seconds",
             "Time the gateway itself added: before the upstream request and after its end.",
             ["route"],
             buckets=_OVERHEAD_BUCKETS,
             registry=r,
         )
-        self.spend: Final = Counter(
+        self._spend: Final = Counter(
             PREFIX + "spend_credits", "Settled spend, in credits.", ["team", "model"], registry=r
         )
-        self.tokens: Final = Counter(
+        self._tokens: Final = Counter(
             PREFIX + "tokens", "Settled tokens.", ["team", "model", "type"], registry=r
         )
-        self.rejections: Final = Counter(
+        self._rejections: Final = Counter(
             PREFIX + "rejections",
             "Requests refused before the upstream, by reason.",
             ["team", "reason"],
             registry=r,
         )
-        self.would_reject: Final = Counter(
+        self._would_reject: Final = Counter(
             PREFIX + "shadow_would_reject",
             "Requests of shadow teams that limits would have refused.",
             ["team", "reason"],
             registry=r,
         )
-        self.inflight: Final = Gauge(
+        self._inflight: Final = Gauge(
             PREFIX + "inflight_requests", "Requests being served.", ["team"], registry=r
         )
-        self.stream_terminations: Final = Counter(
+        self._stream_terminations: Final = Counter(
             PREFIX + "stream_terminations",
             "Streams by how they ended.",
             ["team", "reason"],
             registry=r,
         )
-        self.upstream_requests: Final = Counter(
+        self._upstream_requests: Final = Counter(
             PREFIX + "upstream_requests",
             "Requests sent to Clipia (every attempt), by its status or error kind.",
             ["code"],
             registry=r,
         )
-        self.config_reloads: Final = Counter(
+        self._config_reloads: Final = Counter(
             PREFIX + "config_reloads", "Config reloads by result.", ["result"], registry=r
         )
-        self.build_info: Final = Gauge(
+        build_info = Gauge(
             PREFIX + "build_info", "Always 1; the version is a label.", ["version"], registry=r
         )
-        self.build_info.labels(version=version).set(1)
+        build_info.labels(version).set(1)
         r.register(_StateCollector(self))
         for result in ("success", "error"):
-            self.config_reloads.labels(result=result)
-        self._init_team_series(self._teams)
-
-    def _init_team_series(self, teams: Iterable[str]) -> None:
-        for team in teams:
-            self.inflight.labels(team=team)
-            for reason in REJECTION_REASONS:
-                self.rejections.labels(team=team, reason=reason)
-            for reason in STREAM_REASONS:
-                self.stream_terminations.labels(team=team, reason=reason)
-
-    def child(self, metric: _Labelled, *labels: str) -> Any:
-        """Return ``metric.labels(*labels)``, cached: the hot path skips prometheus' lock.
-
-        Safe to cache because every label value is bounded (see the module docstring). The
-        child's values are made lock-free (:class:`_LoopValue`) on the way.
-        """
-        key = (id(metric), labels)
-        found = self._children.get(key)
-        if found is None:
-            found = metric.labels(*labels)
-            _unlock(found)
-            self._children[key] = found
-        return found
+            self._config_reloads.labels(result)
+        self.set_teams(teams)
 
     # -- label bounding ---------------------------------------------------------------------
     def team(self, team: str | None) -> str:
@@ -362,67 +316,80 @@ class Metrics:
         """Return the label for a route: the gateway's own routes only, else ``other``."""
         return route if route in ROUTES else "other"
 
+    # -- state changes ----------------------------------------------------------------------
     def set_teams(self, teams: Iterable[str]) -> None:
-        """Install a new team list (reload): dropped teams' series are removed."""
+        """Install the team list (start-up, reload); dropped teams' series are removed.
+
+        Every configured team has its in-flight, rejection and stream series at 0, and its
+        spend and token series for each model its policy allows.
+        """
         new = frozenset(teams)
         for gone in self._teams - new:
-            for metric in (
-                self.inflight,
-                self.rejections,
-                self.stream_terminations,
-                self.would_reject,
-            ):
-                for labels in list(metric._metrics):
-                    if labels[0] == gone:
-                        metric.remove(*labels)
+            for metric, labels in self._team_series(gone):
+                metric.remove(*labels)
+            self.typical_reservation.pop(gone, None)
             self.budgets = {k: v for k, v in self.budgets.items() if k[0] != gone}
-        self._children.clear()
-        self._adders.clear()
-        self._observers.clear()
-        self._request_series.clear()
-        self._settlement_series.clear()
         self._teams = new
-        self._init_team_series(new)
+        for team in sorted(new):
+            for metric, labels in self._team_series(team):
+                if metric is not self._would_reject:
+                    metric.labels(*labels)
+        self._sync_settlement_series()
+
+    def set_models(self) -> None:
+        """The catalog's chat models changed: make (and drop) spend and token series."""
+        self._sync_settlement_series()
 
     def set_budgets(self, budgets: dict[tuple[str, str], BudgetSnapshot]) -> None:
         """Replace the budget snapshot read at scrape time."""
         self.budgets = budgets
 
+    def _team_series(self, team: str) -> list[tuple[Counter | Gauge, tuple[str, ...]]]:
+        """Every series of ``team`` outside spend and tokens."""
+        series: list[tuple[Counter | Gauge, tuple[str, ...]]] = [(self._inflight, (team,))]
+        for reason in REJECTION_REASONS:
+            series += [(self._rejections, (team, reason)), (self._would_reject, (team, reason))]
+        series += [(self._stream_terminations, (team, reason)) for reason in STREAM_REASONS]
+        return series
+
+    def _sync_settlement_series(self) -> None:
+        models = self._catalog_models()
+        wanted = frozenset(
+            (team, model)
+            for team in self._teams
+            for model in (*models, "other")
+            if model == "other" or self._allows(team, model)
+        )
+        for team, model in self._settlement_pairs - wanted:
+            self._spend.remove(team, model)
+            for kind in _TOKEN_TYPES:
+                self._tokens.remove(team, model, kind)
+        for team, model in wanted - self._settlement_pairs:
+            self._spend.labels(team, model)
+            for kind in _TOKEN_TYPES:
+                self._tokens.labels(team, model, kind)
+        self._settlement_pairs = wanted
+        self._children.clear()  # removed children must not be written to any more
+
+    def _child(self, metric: Counter | Gauge | Histogram, *labels: str) -> Any:
+        """Return ``metric.labels(*labels)``, looked up once per label tuple."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     # -- recording --------------------------------------------------------------------------
-    def add(self, metric: Counter | Gauge, labels: tuple[str, ...], amount: float = 1.0) -> None:
-        """Add ``amount`` to a counter's (or gauge's) child: ``child.inc(amount)``, faster.
+    def record_request_started(self, team: str) -> Callable[[], None]:
+        """Count a request in flight; return what records its end.
 
-        Goes straight to the child's value (prometheus_client's ``_value``), skipping the
-        per-call checks of ``inc``; amounts are the gateway's own (never negative for a
-        counter). ``tests/test_metrics.py`` holds the result equal to the public API's.
+        The returned function writes the same series even if a reload removed the team
+        meanwhile (looking it up again would make a new series at -1).
         """
-        self.adder(metric, labels)(amount)
-
-    def adder(self, metric: Counter | Gauge, labels: tuple[str, ...]) -> Callable[[float], None]:
-        """Return the function ``add`` calls for this series.
-
-        Keep it to undo a gauge change on the same series, even if a reload removes the label
-        meanwhile (looking it up again would make a new series).
-        """
-        key = (id(metric), labels)
-        adder = self._adders.get(key)
-        if adder is None:
-            adder = self.child(metric, *labels)._value.inc
-            self._adders[key] = adder
-        return adder
-
-    def observe(self, metric: Histogram, labels: tuple[str, ...], value: float) -> None:
-        """``child.observe(value)`` for a histogram's child, faster (a bisect, no checks)."""
-        self.observer(metric, labels)(value)
-
-    def observer(self, metric: Histogram, labels: tuple[str, ...]) -> Callable[[float], None]:
-        """Return the function ``observe`` calls for this series."""
-        key = (id(metric), labels)
-        observer = self._observers.get(key)
-        if observer is None:
-            observer = _fast_observer(self.child(metric, *labels))
-            self._observers[key] = observer
-        return observer
+        gauge = self._child(self._inflight, self.team(team))
+        gauge.inc()
+        end: Callable[[], None] = gauge.dec
+        return end
 
     def record_request(
         self,
@@ -435,58 +402,63 @@ class Metrics:
         duration: float,
     ) -> None:
         """Count one answered request and its duration."""
-        key = (self.team(team), self.model(model), self.route(route), code, stream)
-        series = self._request_series.get(key)
-        if series is None:
-            team_label, model_label, route_label = key[:3]
-            series = (
-                self.adder(self.requests, (team_label, model_label, route_label, str(code))),
-                self.observer(
-                    self.request_duration, (team_label, route_label, "true" if stream else "false")
-                ),
-            )
-            self._request_series[key] = series
-        count, observe_duration = series
-        count(1.0)
-        observe_duration(duration)
+        team_label, route_label = self.team(team), self.route(route)
+        self._child(self._requests, team_label, self.model(model), route_label, str(code)).inc()
+        self._child(
+            self._request_duration, team_label, route_label, "true" if stream else "false"
+        ).observe(duration)
+
+    def record_overhead(self, route: str, seconds: float) -> None:
+        """Observe the time the gateway itself added to a request sent upstream."""
+        self._child(self._overhead, self.route(route)).observe(seconds)
+
+    def record_ttft(self, team: str, model: str, seconds: float) -> None:
+        """Observe a request's time to its first upstream byte."""
+        self._child(self._ttft, self.team(team), self.model(model)).observe(seconds)
 
     def record_rejection(self, team: str, reason: str) -> None:
         """Count a request refused before the upstream."""
         if reason in REJECTION_REASONS:
-            self.rejections.labels(self.team(team), reason).inc()
+            self._child(self._rejections, self.team(team), reason).inc()
+
+    def record_shadow_rejection(self, team: str, reason: str) -> None:
+        """Count a shadow team's request that its limits would have refused."""
+        if reason in REJECTION_REASONS:
+            self._child(self._would_reject, self.team(team), reason).inc()
+
+    def record_reservation(self, team: str, amount: Decimal) -> None:
+        """Note a request's worst-case cost (credits), admitted or not, for the headroom."""
+        if team not in self._teams:
+            return
+        value = float(amount)
+        typical = self.typical_reservation.get(team)
+        self.typical_reservation[team] = (
+            value if typical is None else typical + _TYPICAL_WEIGHT * (value - typical)
+        )
 
     def record_settlement(
         self, *, team: str, model: str, cost: Decimal, prompt_tokens: int, completion_tokens: int
     ) -> None:
         """Count settled spend and tokens."""
-        key = (self.team(team), self.model(model))
-        series = self._settlement_series.get(key)
-        if series is None:
-            series = (
-                self.adder(self.spend, key),
-                self.adder(self.tokens, (*key, "prompt")),
-                self.adder(self.tokens, (*key, "completion")),
-            )
-            self._settlement_series[key] = series
-        add_spend, add_prompt, add_completion = series
-        add_spend(float(cost))  # 0 still makes the series
+        team_label, model_label = self.team(team), self.model(model)
+        self._child(self._spend, team_label, model_label).inc(float(cost))
         if prompt_tokens:
-            add_prompt(prompt_tokens)
+            self._child(self._tokens, team_label, model_label, "prompt").inc(prompt_tokens)
         if completion_tokens:
-            add_completion(completion_tokens)
+            self._child(self._tokens, team_label, model_label, "completion").inc(completion_tokens)
 
+    def record_stream_end(self, team: str, reason: str) -> None:
+        """Count a stream by how it ended (one of ``STREAM_REASONS``)."""
+        if reason in STREAM_REASONS:
+            self._child(self._stream_terminations, self.team(team), reason).inc()
 
-def _fast_observer(child: Histogram) -> Callable[[float], None]:
-    """Return ``child.observe`` without its checks: the sum and the first bucket >= value."""
-    bounds = list(child._upper_bounds)
-    bucket_adders = [bucket.inc for bucket in child._buckets]
-    add_to_sum = child._sum.inc
+    def record_upstream_attempt(self, code: str) -> None:
+        """Count one attempt against Clipia: its status, or an error kind (bounded by caller)."""
+        self._child(self._upstream_requests, code).inc()
 
-    def observe(value: float) -> None:
-        add_to_sum(value)
-        bucket_adders[bisect.bisect_left(bounds, value)](1.0)
-
-    return observe
+    def record_config_reload(self, result: str) -> None:
+        """Count a config reload: ``success`` or ``error``."""
+        self._child(self._config_reloads, result).inc()
 
 
 def resets_timestamp(resets_at: dt.datetime | None) -> float | None:

@@ -128,7 +128,7 @@ async def start(
             config_path,
             current=lambda: app[LIVE].config,
             apply=apply,
-            record=lambda result: metrics.config_reloads.labels(result).inc(),
+            record=metrics.record_config_reload,
         )
         await reloader.prime()
         _ = app[TASKS].spawn(reloader.watch(app[HEALTH].pause), name="config-watcher")

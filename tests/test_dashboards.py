@@ -104,10 +104,11 @@ def _exercise(metrics: Metrics) -> None:
     metrics.record_settlement(
         team="search", model="m", cost=Decimal(1), prompt_tokens=1, completion_tokens=1
     )
-    metrics.ttft.labels("search", "other").observe(0.5)
-    metrics.overhead.labels("/v1/chat/completions").observe(0.001)
-    metrics.would_reject.labels("search", "budget").inc()
-    metrics.upstream_requests.labels("200").inc()
+    metrics.record_ttft("search", "other", 0.5)
+    metrics.record_overhead("/v1/chat/completions", 0.001)
+    metrics.record_shadow_rejection("search", "budget")
+    metrics.record_upstream_attempt("200")
+    metrics.record_reservation("search", Decimal("0.1"))
     metrics.set_budgets(
         {
             ("search", "day"): BudgetSnapshot(
@@ -134,16 +135,13 @@ def exposed() -> dict[str, Series]:
     series: dict[str, Series] = {}
     for family in metrics.registry.collect():
         counter = family.type in {"counter", "histogram"}
+        assert family.samples, f"{family.name}: _exercise gives it no series"
         for sample in family.samples:
             labels = frozenset(sample.labels)
             known = series.get(sample.name)
             if known is not None:
                 labels |= known.labels
             series[sample.name] = Series(family.name, labels, counter)
-        declared: tuple[str, ...] | None = getattr(family, "_labelnames", None)
-        if not family.samples and declared is not None and family.type in {"counter", "gauge"}:
-            name = family.name + ("_total" if family.type == "counter" else "")
-            series[name] = Series(family.name, frozenset(declared), family.type == "counter")
     return series
 
 
@@ -195,7 +193,7 @@ class Checker:
             ):
                 self.problems.append(
                     f"{name}: budget gauges are reported by every replica; "
-                    "aggregate them with max by (team, period)"
+                    "aggregate them with max (or min) by (team, period)"
                 )
         else:
             self.problems.append(f"{name}: not a clipia_proxy metric")
@@ -260,7 +258,7 @@ class Checker:
         grouping = list(modifier.labels) if modifier is not None else []
         by = modifier is not None and modifier.type == pp.AggModifierType.By
         inner = self.labels_of(
-            node.expr, max_by=frozenset(grouping) if op == "max" and by else None
+            node.expr, max_by=frozenset(grouping) if op in {"max", "min"} and by else None
         )
         if node.param is not None:
             self.labels_of(node.param, max_by=None)
@@ -405,7 +403,7 @@ def test_the_registry_is_read() -> None:
         ('clipia_proxy_spend_credits_total{route="x"}', "no label 'route'"),
         ("sum by (team) (sum by (model) (clipia_proxy_spend_credits_total))", "label 'team'"),
         ("rate(clipia_proxy_inflight_requests[5m])", "over the gauge"),
-        ("sum(clipia_proxy_budget_spent_credits)", "max by (team, period)"),
+        ("sum(clipia_proxy_budget_spent_credits)", "by (team, period)"),
         ("histogram_quantile(0.9, sum by (team) (rate(x_bucket[5m])))", "not a clipia_proxy"),
         (
             "histogram_quantile(0.9, sum by (team) "
@@ -592,3 +590,49 @@ def test_operations_doc_queries_use_exported_metrics_and_labels() -> None:
     for block in blocks:
         checker = check(substitute(block))
         assert checker.problems == [], block
+
+
+def _unit_and_decimals(panel: dict[str, Any], field_name: str | None = None) -> tuple[str, int]:
+    """The unit and decimals a panel shows a field with (its overrides applied)."""
+    config = panel["fieldConfig"]
+    properties = dict(config["defaults"])
+    for override in config.get("overrides", []):
+        if field_name is not None and override["matcher"]["options"] == field_name:
+            properties.update({p["id"]: p["value"] for p in override["properties"]})
+    return str(properties.get("unit", "")), int(properties.get("decimals", -1))
+
+
+def test_every_panel_names_its_unit_with_enough_decimals() -> None:
+    """Credits as a named unit, ₽, tokens, seconds; one micro-credit still shows in tables."""
+    for panel in data_panels():
+        title = panel["title"]
+        unit, decimals = _unit_and_decimals(panel)
+        assert unit not in {"", "short", "none"}, title
+        assert decimals >= 0, title
+        exprs = [str(target["expr"]) for target in panel["targets"]]
+        money = [expr for expr in exprs if "_credits" in expr and "headroom" not in expr]
+        for index, expr in enumerate(money):
+            field_name = None
+            if panel["type"] == "table":
+                renames = {
+                    key: value
+                    for transformation in panel.get("transformations", [])
+                    for key, value in transformation["options"].get("renameByName", {}).items()
+                }
+                field_name = renames.get(f"Value #{panel['targets'][index]['refId']}")
+            shown, places = _unit_and_decimals(panel, field_name)
+            if "reset_timestamp" in expr:
+                assert shown in {"s", "dateTimeAsIso"}, title
+                continue
+            if shown == "percentunit":  # a ratio of credits (spent / limit)
+                continue
+            if "$rubles_per_credit" in expr:
+                assert shown == "currencyRUB", title
+            else:
+                assert "credits" in shown, title
+            # Tables list exact amounts: 6 places show one micro-credit (0.000001).
+            assert places >= (6 if panel["type"] == "table" else 4), title
+        if any("tokens_total" in expr for expr in exprs):
+            assert "tokens" in unit, title
+        if any("_seconds_bucket" in expr or "age_seconds" in expr for expr in exprs):
+            assert unit == "s", title

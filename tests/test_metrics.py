@@ -10,25 +10,31 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import re
 import secrets
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
+from pathlib import Path
 from typing import Any, Final
 
 import aiohttp
 import pytest
 from aiohttp import web
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import Counter as PCounter
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.parser import text_string_to_metric_families
 
+import clipia_proxy
 from clipia_proxy import __version__
 from clipia_proxy.app import refresh_budget_gauges
 from clipia_proxy.auth import generate_key
 from clipia_proxy.config import Secret
 from clipia_proxy.emulator import EmulatorState, Fault, create_emulator_app
-from clipia_proxy.keys import CATALOG, QUOTAS
-from clipia_proxy.metrics import REJECTION_REASONS, STREAM_REASONS, Metrics
+from clipia_proxy.keys import CATALOG, LIVE, QUOTAS
+from clipia_proxy.metrics import REJECTION_REASONS, STREAM_REASONS, BudgetSnapshot, Metrics
 from clipia_proxy.quotas.model import MICRO_PER_CREDIT, RecordState, UsageSource
 from clipia_proxy.quotas.store import LedgerRecord
 from clipia_proxy.server import start
@@ -225,6 +231,18 @@ async def test_series_for_configured_teams_exist_before_any_traffic(mixed: Stack
     assert terminations == {(t, r): 0.0 for t in TEAM_IDS for r in STREAM_REASONS}
     assert got.series(P + "requests_total") == {}
     assert got.value(P + "build_info", version=__version__) == 1.0
+    # Spend and tokens: every (team, catalog model its policy allows) and other, at 0, so that
+    # increase() over any range also counts each series' first request.
+    app = mixed.running.app
+    policies, models = app[LIVE].policies, app[CATALOG].model_ids()
+    pairs = {(t, m) for t in TEAM_IDS for m in models if policies[t].allows(m)}
+    pairs |= {(t, "other") for t in TEAM_IDS}
+    assert ("broke", "gpt-5.5") in pairs
+    assert ("search", "claude-opus-4-8") not in pairs
+    assert got.by(P + "spend_credits_total", "team", "model") == dict.fromkeys(pairs, 0.0)
+    assert got.by(P + "tokens_total", "team", "model", "type") == {
+        (t, m, kind): 0.0 for t, m in pairs for kind in ("prompt", "completion")
+    }
     assert got.by(P + "usage_source_total", "source") == {(s.value,): 0.0 for s in UsageSource}
 
 
@@ -282,7 +300,14 @@ async def test_exact_counters_after_a_scripted_mix(mixed: Stack) -> None:
             "POST",
             CHAT,
             body=chat_body("claude-opus-4-8"),
-            expect=(403, "other", CHAT),
+            expect=(403, "claude-opus-4-8", CHAT),  # in the catalog: its canonical id
+            rejection="model_not_allowed",
+        )
+        await t.send(
+            "POST",
+            CHAT,
+            body=chat_body("claude-opus-0-nope"),
+            expect=(403, "other", CHAT),  # denied and not in the catalog: still bounded
             rejection="model_not_allowed",
         )
         await t.send(
@@ -447,10 +472,11 @@ def check_all(
         ledger_spend[r.team, r.model] += r.cost
         ledger_tokens[r.team, r.model, "prompt"] += r.prompt_tokens
         ledger_tokens[r.team, r.model, "completion"] += r.completion_tokens
-    assert set(spend) == set(ledger_spend)
-    for key, micro in ledger_spend.items():
-        assert spend[key] == pytest.approx(micro / MICRO_PER_CREDIT, abs=TOLERANCE), key
-    assert tokens == {k: float(v) for k, v in ledger_tokens.items() if v}
+    assert set(ledger_spend) <= set(spend)
+    for key, value in spend.items():
+        expected = ledger_spend.get(key, 0) / MICRO_PER_CREDIT
+        assert value == pytest.approx(expected, abs=TOLERANCE), key
+    assert nonzero(tokens) == {k: float(v) for k, v in ledger_tokens.items() if v}
     for team in TEAM_IDS:  # and so per team, as the issue words it
         team_spend = sum(v for (tm, _), v in spend.items() if tm == team)
         team_micro = sum(r.cost for r in records if r.team == team)
@@ -568,81 +594,170 @@ def _samples(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], 
     }
 
 
-def test_fast_recording_equals_the_public_api() -> None:
-    fast, public = (Metrics(["search"], version="test") for _ in range(2))
-    route = ("/v1/chat/completions",)
-    # Every bucket bound exactly, values between them, below the first and above the last.
-    values = [0.0, 0.00005, 0.0001, 0.00025, 0.0004, 0.001, 0.025, 0.5, 1.0, 2.5, 599.0, 600.0]
-    values += [601.0, 1e9, 0.05, 0.1, 120.0, 300.0]
-    for value in values:
-        fast.observe(fast.overhead, route, value)
-        public.overhead.labels(*route).observe(value)
-        fast.observe(fast.ttft, ("search", "other"), value)
-        public.ttft.labels("search", "other").observe(value)
-        fast.observe(fast.request_duration, ("search", route[0], "false"), value)
-        public.request_duration.labels("search", route[0], "false").observe(value)
-    for amount in (1.0, 0.0, 2.5, 0.000123):
-        fast.add(fast.spend, ("search", "other"), amount)
-        public.spend.labels("search", "other").inc(amount)
-    for _ in range(3):
-        fast.add(fast.inflight, ("search",))
-        public.inflight.labels("search").inc()
-    fast.add(fast.inflight, ("search",), -1.0)
-    public.inflight.labels("search").dec()
-    fast.add(fast.upstream_requests, ("200",))
-    public.upstream_requests.labels("200").inc()
-    assert _samples(fast) == _samples(public)
-    assert _samples(fast)[("clipia_proxy_inflight_requests", (("team", "search"),))] == 2.0
-    # After a reload that drops the team, the fast paths do not write to removed series.
-    fast.set_teams(["research"])
-    public.set_teams(["research"])
-    fast.add(fast.inflight, ("research",))
-    public.inflight.labels("research").inc()
-    assert _samples(fast) == _samples(public)
+def _pairs(metrics: Metrics) -> set[tuple[str, str]]:
+    """(team, model) of every spend series, each checked to have both token series at 0."""
+    samples = _samples(metrics)
+    pairs = set()
+    for (name, labels), value in samples.items():
+        if name == P + "spend_credits_total":
+            found = dict(labels)
+            pairs.add((found["team"], found["model"]))
+            assert value == 0.0
+            for kind in ("prompt", "completion"):
+                key = (P + "tokens_total", tuple(sorted({**found, "type": kind}.items())))
+                assert samples[key] == 0.0, key
+    return pairs
 
 
-def test_recording_helpers_equal_the_public_api_across_a_reload() -> None:
-    """record_request/record_settlement (cached series, lock-free values) == prometheus' API.
+def test_spend_series_follow_teams_policies_and_the_catalog() -> None:
+    """Every (team, allowed catalog model) pair, and other, at 0; reloads and refreshes too."""
+    catalog = {"models": frozenset({"gpt-5.5", "claude-opus-4-8"})}
+    policy = {"search": ["gpt-5.5", "claude-opus-4-8"], "ops": ["gpt-5.5"]}
+    metrics = Metrics(
+        ["search", "ops"],
+        version="test",
+        models=lambda: catalog["models"],
+        allows=lambda team, model: model in policy.get(team, []),
+    )
+    assert _pairs(metrics) == {
+        ("search", "gpt-5.5"),
+        ("search", "claude-opus-4-8"),
+        ("search", "other"),
+        ("ops", "gpt-5.5"),
+        ("ops", "other"),
+    }
+    # A catalog refresh adds a model the policy allows and drops one.
+    catalog["models"] = frozenset({"gpt-5.5", "gpt-6"})
+    policy["ops"].append("gpt-6")
+    metrics.set_models()
+    assert _pairs(metrics) == {
+        ("search", "gpt-5.5"),
+        ("search", "other"),
+        ("ops", "gpt-5.5"),
+        ("ops", "gpt-6"),
+        ("ops", "other"),
+    }
+    # Spend recorded on a kept pair survives a reload that changes another team.
+    metrics.record_settlement(
+        team="search", model="gpt-5.5", cost=Decimal("0.5"), prompt_tokens=3, completion_tokens=2
+    )
+    policy["new"] = ["gpt-6"]
+    metrics.set_teams(["search", "new"])
+    samples = _samples(metrics)
+    spend = {
+        dict(labels)["team"] + "/" + dict(labels)["model"]: value
+        for (name, labels), value in samples.items()
+        if name == P + "spend_credits_total"
+    }
+    assert spend == {
+        "search/gpt-5.5": 0.5,
+        "search/other": 0.0,
+        "new/gpt-6": 0.0,
+        "new/other": 0.0,
+    }
+    assert not any(dict(labels).get("team") == "ops" for _name, labels in samples)
 
-    The public API keeps writing to the same series as the fast path once its values are
-    swapped, and an adder kept across a reload that keeps the team still counts.
-    """
+
+def test_record_functions_equal_the_public_api() -> None:
+    """The façade writes what prometheus-client's own calls would (no shortcut in between)."""
     models = frozenset({"gpt-5.5"})
-    fast, public = (Metrics(["search"], version="test", models=lambda: models) for _ in range(2))
+    metrics = Metrics(["search"], version="test", models=lambda: models)
     chat = "/v1/chat/completions"
-    kept = fast.adder(fast.inflight, ("search",))
-    kept(1.0)
-    public.inflight.labels("search").inc()
+    registry = CollectorRegistry()
+    requests = PCounter(P + "requests", "", ["team", "model", "route", "code"], registry=registry)
+    duration = Histogram(
+        P + "request_duration_seconds",
+        "",
+        ["team", "route", "stream"],
+        buckets=(0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600),
+        registry=registry,
+    )
     for code, model in ((200, "gpt-5.5"), (200, "nope"), (429, None)):
-        for metrics in (fast, public):
-            if metrics is fast:
-                metrics.record_request(
-                    team="search", model=model, route=chat, code=code, stream=False, duration=0.3
-                )
-            else:
-                label = model if model in models else "other"
-                metrics.requests.labels("search", label, chat, str(code)).inc()
-                metrics.request_duration.labels("search", chat, "false").observe(0.3)
-    fast.record_settlement(
-        team="search", model="gpt-5.5", cost=Decimal("0.25"), prompt_tokens=7, completion_tokens=3
+        metrics.record_request(
+            team="search", model=model, route=chat, code=code, stream=False, duration=0.3
+        )
+        label = model if model in models else "other"
+        requests.labels("search", label, chat, str(code)).inc()
+        duration.labels("search", chat, "false").observe(0.3)
+    mine = {
+        k: v for k, v in _samples(metrics).items() if "request" in k[0] and "inflight" not in k[0]
+    }
+    reference = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in registry.collect()
+        for sample in family.samples
+        if not sample.name.endswith("_created")
+    }
+    assert mine == reference
+    # In-flight: the end recorded on the same series even after a reload dropped the team.
+    ended = metrics.record_request_started("search")
+    assert _samples(metrics)[(P + "inflight_requests", (("team", "search"),))] == 1.0
+    metrics.set_teams(["search"])
+    ended()
+    assert _samples(metrics)[(P + "inflight_requests", (("team", "search"),))] == 0.0
+
+
+def test_budget_headroom_is_remaining_over_the_typical_reservation() -> None:
+    metrics = Metrics(["search", "ops"], version="test")
+    snapshot = BudgetSnapshot(
+        limit=Decimal(10),
+        spent=Decimal(7),
+        reserved=Decimal(1),
+        remaining=Decimal(2),
+        resets_at=None,
     )
-    fast.record_settlement(
-        team="ghost", model="x", cost=Decimal(0), prompt_tokens=0, completion_tokens=0
+    metrics.set_budgets({("search", "day"): snapshot, ("ops", "day"): snapshot})
+    headroom = P + "budget_headroom_requests"
+    assert not [key for key in _samples(metrics) if key[0] == headroom]  # no request seen yet
+    metrics.record_reservation("search", Decimal("0.5"))
+    assert _samples(metrics)[(headroom, (("period", "day"), ("team", "search")))] == 4.0
+    for _ in range(200):  # the average follows the team's recent requests
+        metrics.record_reservation("search", Decimal("0.25"))
+    assert _samples(metrics)[(headroom, (("period", "day"), ("team", "search")))] == pytest.approx(
+        8.0, rel=1e-6
     )
-    public.spend.labels("search", "gpt-5.5").inc(0.25)
-    public.tokens.labels("search", "gpt-5.5", "prompt").inc(7)
-    public.tokens.labels("search", "gpt-5.5", "completion").inc(3)
-    public.spend.labels("unknown", "other").inc(0)
-    public.tokens.labels("unknown", "other", "prompt")
-    public.tokens.labels("unknown", "other", "completion")
-    # The public API on a child whose values the fast path swapped.
-    fast.requests.labels("search", "gpt-5.5", chat, "200").inc()
-    public.requests.labels("search", "gpt-5.5", chat, "200").inc()
-    assert _samples(fast) == _samples(public)
-    for metrics in (fast, public):
-        metrics.set_teams(["search"])
-    fast.add(fast.inflight, ("search",), 2.0)  # looked up again after the reload
-    kept(-1.0)  # the request that began before the reload ends after it
-    public.inflight.labels("search").inc(-1.0 + 2.0)
-    assert _samples(fast) == _samples(public)
-    assert _samples(fast)[("clipia_proxy_inflight_requests", (("team", "search"),))] == 2.0
+    metrics.record_reservation("ghost", Decimal(1))  # unknown teams are not tracked
+    assert metrics.typical_reservation.keys() == {"search"}
+
+
+PRIVATE_PROMETHEUS: Final = re.compile(
+    r"(?<!\bself)\._(value|sum|buckets|upper_bounds|metrics|labelnames|lock|multiprocess|created)\b"
+    r"|prometheus_client\.(values|metrics|utils)\b|\bMutexValue\b"
+)
+
+
+def test_the_package_uses_no_private_prometheus_client_attribute() -> None:
+    """Nothing reads or swaps prometheus-client's private parts (an object's own are fine).
+
+    Scans every module that imports prometheus-client (the metric objects never leave them:
+    see the next test).
+    """
+    package = Path(clipia_proxy.__file__).parent
+    users = [p for p in sorted(package.rglob("*.py")) if "prometheus_client" in p.read_text()]
+    assert {p.name for p in users} >= {"metrics.py"}
+    found = [
+        f"{path.relative_to(package)}:{number}: {line.strip()}"
+        for path in users
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if PRIVATE_PROMETHEUS.search(line)
+    ]
+    assert found == []
+
+
+def test_the_record_functions_are_the_only_way_to_record() -> None:
+    """No metric object is reachable from outside the façade, nor written outside metrics.py."""
+    metrics = Metrics(["search"], version="test")
+    public = {name: getattr(metrics, name) for name in dir(metrics) if not name.startswith("_")}
+    exposed = [name for name, value in public.items() if isinstance(value, MetricWrapperBase)]
+    assert exposed == []
+    package = Path(clipia_proxy.__file__).parent
+    writes = re.compile(r"\.labels\(|prometheus_client")
+    outside = [
+        f"{path.relative_to(package)}:{number}"
+        for path in sorted(package.rglob("*.py"))
+        if path.name != "metrics.py"
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if writes.search(line)
+    ]
+    # The admin app serves the registry with prometheus-client's aiohttp handler: a read.
+    assert all(where.startswith("app.py") for where in outside), outside

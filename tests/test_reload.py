@@ -150,7 +150,12 @@ async def test_valid_change_under_load_fails_no_request(reloadable: Reloadable) 
     assert sum(counts) > 10
     assert slow_status == 200
     assert slow_body.endswith(b"data: [DONE]\n\n")
-    assert gw.running.app[METRICS].config_reloads.labels("success")._value.get() == 1
+    assert (
+        gw.running.app[METRICS].registry.get_sample_value(
+            "clipia_proxy_config_reloads_total", {"result": "success"}
+        )
+        == 1
+    )
 
 
 async def test_broken_file_changes_nothing(reloadable: Reloadable) -> None:
@@ -164,7 +169,12 @@ async def test_broken_file_changes_nothing(reloadable: Reloadable) -> None:
     async with aiohttp.ClientSession() as session:
         assert (await _chat(session, gw, "search", "gpt-5.5"))[0] == 200
         assert (await _chat(session, gw, "research", "gpt-5.5"))[0] == 200
-    assert gw.running.app[METRICS].config_reloads.labels("error")._value.get() == 1
+    assert (
+        gw.running.app[METRICS].registry.get_sample_value(
+            "clipia_proxy_config_reloads_total", {"result": "error"}
+        )
+        == 1
+    )
 
 
 async def test_lowered_budget_applies_and_spend_is_kept(reloadable: Reloadable) -> None:
