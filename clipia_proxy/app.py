@@ -8,9 +8,7 @@ Tests swap the world through keyword-only overrides instead of patching.
 from __future__ import annotations
 
 import datetime as dt
-import itertools
 import logging
-import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from decimal import Decimal
@@ -25,6 +23,7 @@ from .catalog import Catalog
 from .config import Config, Secret, read_api_key
 from .errors import (
     Draining,
+    ExpectationFailed,
     InternalError,
     InvalidRequest,
     MethodNotAllowed,
@@ -35,6 +34,7 @@ from .errors import (
 from .handlers import GenerationOwners, RequestInfo
 from .health import Health
 from .health import create_admin_app as _create_admin_app
+from .ids import new_request_id
 from .keys import (
     CATALOG,
     GENERATIONS,
@@ -68,14 +68,30 @@ _LOGGER: Final = logging.getLogger(__name__)
 _GENERATION_OWNERS: Final = 100_000
 """Bound on remembered generation ids (about 10 MiB); the oldest are forgotten first."""
 
-_REQUEST_IDS: Final = map(f"{secrets.token_hex(10)}{{:012x}}".format, itertools.count(1))
-"""Request ids: 80 random bits per process (replicas never collide) + a counter (no syscall
-per request, unlike uuid4). Unique, not secret: they are in every response header."""
-
 _BUDGET_GAUGE_SECONDS: Final = 5.0
 """How often budget gauges are re-read from the store (a scrape never waits on the store)."""
 
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_UNMATCHED: Final = "unmatched"
+"""The name of the catch-all route (and the ``route`` label of what it answers)."""
+
+
+async def _defer_expectation(_request: web.Request) -> None:
+    """Answer no ``Expect`` before the middleware: see ``handlers.read_json_body``."""
+
+
+async def _unmatched(request: web.Request) -> web.StreamResponse:
+    """No route matched: 405 when another method of the path exists, else 404."""
+    allowed: set[str] = set()
+    for resource in request.app.router.resources():
+        if resource.name == _UNMATCHED:
+            continue
+        match, methods = await resource.resolve(request)
+        if match is None:
+            allowed |= methods
+    if allowed:
+        raise MethodNotAllowed(f"The method {request.method[:16]} is not allowed on this route.")
+    raise NotFound("Unknown route.")
 
 
 def create_app(
@@ -142,12 +158,23 @@ def create_app(
     )
 
     router = app.router
-    router.add_post("/v1/chat/completions", handlers.chat_completions)
-    router.add_get("/v1/models", handlers.list_models, allow_head=False)
-    router.add_get("/v1/models/{model_id}", handlers.retrieve_model, allow_head=False)
-    router.add_get("/v1/key", handlers.key_info, allow_head=False)
-    router.add_get("/v1/generation", handlers.generation, allow_head=False)
+    # Every route defers ``Expect`` to the middleware and the handler: ``100 Continue`` only
+    # after authentication (aiohttp's default answers it before any middleware runs).
+    router.add_post(
+        "/v1/chat/completions", handlers.chat_completions, expect_handler=_defer_expectation
+    )
+    for path, handler in (
+        ("/v1/models", handlers.list_models),
+        ("/v1/models/{model_id}", handlers.retrieve_model),
+        ("/v1/key", handlers.key_info),
+        ("/v1/generation", handlers.generation),
+    ):
+        router.add_get(path, handler, allow_head=False, expect_handler=_defer_expectation)
     mcp_http.add_routes(router)  # the MCP chat tool: same keys, same chat path
+    # Last: whatever no route above matches (the 404/405 of the middleware, after identity).
+    router.add_route(
+        "*", "/{path:.*}", _unmatched, name=_UNMATCHED, expect_handler=_defer_expectation
+    )
 
     # One cleanup context per resource, in dependency order (released in reverse): background
     # work (settlements) is drained while the store and the upstream client are still open.
@@ -307,7 +334,9 @@ async def _on_shutdown(app: web.Application) -> None:
 
 def _route_name(request: web.Request) -> str:
     resource = request.match_info.route.resource
-    return resource.canonical if resource is not None else "unmatched"
+    if resource is None or resource.name == _UNMATCHED:
+        return _UNMATCHED
+    return resource.canonical
 
 
 @web.middleware
@@ -318,7 +347,7 @@ async def _gateway_middleware(request: web.Request, handler: _Handler) -> web.St
     and the socket peer alone, before any body is read; the handler; every failure as an
     OpenAI error envelope; metrics and the access line.
     """
-    info = RequestInfo(request_id=next(_REQUEST_IDS), started=time.perf_counter())
+    info = RequestInfo(request_id=new_request_id(), started=time.perf_counter())
     request[INFO] = info
     app = request.app
     response: web.StreamResponse
@@ -334,6 +363,8 @@ async def _gateway_middleware(request: web.Request, handler: _Handler) -> web.St
             authenticator = app[LIVE].authenticator
             peer = _peer(request) if authenticator.needs_peer else None
             principal = authenticator.authenticate(request.headers, peer)
+            if "Expect" in request.headers:
+                _check_expectation(request)
             request[PRINCIPAL] = principal
             info.team = principal.team
             info.key_id = principal.key_id
@@ -377,6 +408,14 @@ async def _gateway_middleware(request: web.Request, handler: _Handler) -> web.St
             },
         )
     return response
+
+
+def _check_expectation(request: web.Request) -> None:
+    """Refuse an ``Expect`` other than ``100-continue`` (417); the handler answers that one."""
+    if request.headers.getone("Expect").strip().lower() != "100-continue":
+        raise ExpectationFailed(
+            "The only expectation this gateway meets is 'Expect: 100-continue'."
+        )
 
 
 def _peer(request: web.Request) -> str | None:

@@ -91,6 +91,20 @@ class ServerConfig(msgspec.Struct, **_STRUCT):
     127.0.0.1 and may open ``/metrics`` and the probes to the pod network."""
     max_body_bytes: int = 4 * 1024 * 1024
     shutdown_grace_seconds: float = 25.0
+    header_timeout_seconds: float = 10.0
+    """A connection's request head must be complete this long after it opened (or after the
+    first byte following the previous answer), else the connection is closed."""
+    body_timeout_seconds: float = 60.0
+    """A request body must have arrived whole this long after its head, else 408."""
+    keepalive_timeout_seconds: float = 75.0
+    """An idle kept-alive connection is closed after this long."""
+    max_header_bytes: int = 64 * 1024
+    """Cap on a request head in all (request line and every header): 431 and closed past it."""
+    max_connections: int = 4096
+    """Open connections on the data port; past it new ones get 503 ``overloaded`` and close.
+    Lowered at start-up (with a warning) when the file descriptor limit cannot hold it."""
+    admin_max_connections: int = 64
+    """Open connections on the admin port (its own cap: probes answer at the data port's)."""
 
 
 class UpstreamConfig(msgspec.Struct, **_STRUCT):
@@ -609,6 +623,14 @@ def _check_server(config: Config, found: _Findings) -> None:
         found.problem("server.max_body_bytes", "must be a positive number of bytes")
     if server.shutdown_grace_seconds < 0:
         found.problem("server.shutdown_grace_seconds", "must not be negative")
+    for name in ("header_timeout_seconds", "body_timeout_seconds", "keepalive_timeout_seconds"):
+        if getattr(server, name) <= 0:
+            found.problem(f"server.{name}", "must be a positive number of seconds")
+    if server.max_header_bytes < 1024:
+        found.problem("server.max_header_bytes", "must be at least 1024 bytes")
+    for name in ("max_connections", "admin_max_connections"):
+        if getattr(server, name) < 1:
+            found.problem(f"server.{name}", "must be at least 1")
 
 
 def _check_upstream(config: Config, found: _Findings) -> None:

@@ -11,13 +11,17 @@ Every error the proxy itself returns is a :class:`ProxyError`; one middleware re
     ├── NotFound                404 not_found              unknown route or generation id
     │   └── ModelNotFound       404 model_not_found        model not in the (team's view of the) catalog
     ├── MethodNotAllowed        405 method_not_allowed     known route, wrong method
+    ├── RequestTimeout          408 request_timeout        body not received within ``server.body_timeout_seconds``
     ├── RequestTooLarge         413 request_too_large      body over ``server.max_body_bytes``
     ├── UnsupportedMediaType    415 unsupported_media_type body is not ``application/json``
+    ├── ExpectationFailed       417 expectation_failed     an ``Expect`` other than ``100-continue``
+    ├── HeadersTooLarge         431 request_header_fields_too_large  a header line or the whole head too large
     ├── RateLimited             429 rate_limit_exceeded    RPM/TPM (``Retry-After``)
     │   └── ConcurrencyLimited  429 concurrency_limit_exceeded
     ├── InternalError           500 internal_error         a bug; the body holds only the request id
     ├── UpstreamUnavailable     502 upstream_unavailable   Clipia unreachable, redirected, or it rejected *our* key
     ├── QuotaStoreUnavailable   503 quota_store_unavailable
+    ├── Overloaded              503 overloaded             the port already holds ``server.max_connections``
     ├── Draining                503 draining               shutting down
     └── UpstreamTimeout         504 upstream_timeout       no first byte within ``first_byte_timeout_seconds``
 
@@ -34,6 +38,8 @@ __all__ = [
     "BudgetExceeded",
     "ConcurrencyLimited",
     "Draining",
+    "ExpectationFailed",
+    "HeadersTooLarge",
     "InternalError",
     "InvalidApiKey",
     "InvalidRequest",
@@ -41,9 +47,11 @@ __all__ = [
     "ModelNotAllowed",
     "ModelNotFound",
     "NotFound",
+    "Overloaded",
     "ProxyError",
     "QuotaStoreUnavailable",
     "RateLimited",
+    "RequestTimeout",
     "RequestTooLarge",
     "UnsupportedMediaType",
     "UpstreamTimeout",
@@ -154,6 +162,19 @@ class MethodNotAllowed(ProxyError):
     code = "method_not_allowed"
 
 
+class RequestTimeout(ProxyError):
+    """Raised when the body did not arrive within ``server.body_timeout_seconds``."""
+
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+    default_reason = "bad_request"
+
+    def headers(self) -> dict[str, str]:
+        """Also close the connection: the rest of a late body is not worth reading."""
+        return {**super().headers(), "Connection": "close"}
+
+
 class RequestTooLarge(ProxyError):
     """Raised when the body is larger than ``server.max_body_bytes``."""
 
@@ -169,6 +190,24 @@ class UnsupportedMediaType(ProxyError):
     status = 415
     type = "invalid_request_error"
     code = "unsupported_media_type"
+    default_reason = "bad_request"
+
+
+class ExpectationFailed(ProxyError):
+    """Raised for an ``Expect`` header other than ``100-continue``."""
+
+    status = 417
+    type = "invalid_request_error"
+    code = "expectation_failed"
+    default_reason = "bad_request"
+
+
+class HeadersTooLarge(ProxyError):
+    """Raised when a header line, or the request head as a whole, passes the gateway's caps."""
+
+    status = 431
+    type = "invalid_request_error"
+    code = "request_header_fields_too_large"
     default_reason = "bad_request"
 
 
@@ -207,6 +246,18 @@ class QuotaStoreUnavailable(ProxyError):
     type = "api_error"
     code = "quota_store_unavailable"
     default_reason = "store_unavailable"
+
+
+class Overloaded(ProxyError):
+    """Raised when the gateway sheds load (a port at ``server.max_connections``)."""
+
+    status = 503
+    type = "api_error"
+    code = "overloaded"
+
+    def headers(self) -> dict[str, str]:
+        """Also close the connection: it is the one over the cap."""
+        return {**super().headers(), "Connection": "close"}
 
 
 class Draining(ProxyError):

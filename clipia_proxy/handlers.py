@@ -6,6 +6,7 @@ are raised as :class:`~clipia_proxy.errors.ProxyError` and rendered by the error
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 import time
@@ -22,6 +23,7 @@ from .errors import (
     ModelNotAllowed,
     ModelNotFound,
     NotFound,
+    RequestTimeout,
     RequestTooLarge,
     UnsupportedMediaType,
     UpstreamTimeout,
@@ -162,10 +164,15 @@ class RequestInfo(msgspec.Struct, kw_only=True):
         self.usage_source = source
 
 
-async def read_json_body(request: web.Request, limit: int) -> bytes:
+async def read_json_body(
+    request: web.Request, limit: int, deadline: float | None = None
+) -> bytes:
     """Return the raw body after the media-type and size checks (415, 413) — in that order.
 
-    The body is not read at all when the headers already condemn it.
+    The body is not read at all when the headers already condemn it; a client that asked
+    ``Expect: 100-continue`` gets ``100 Continue`` only here, after authentication and these
+    checks. The body must arrive whole within ``deadline`` seconds (else 408; by default
+    ``server.body_timeout_seconds``).
     """
     content_type = request.headers.get("Content-Type", "")
     mime, _, params = content_type.partition(";")
@@ -194,12 +201,28 @@ async def read_json_body(request: web.Request, limit: int) -> bytes:
         if len(data) > limit:
             raise RequestTooLarge(f"The body is larger than this gateway's limit of {limit} bytes.")
         return data
+    if deadline is None:
+        deadline = request.app[LIVE].config.server.body_timeout_seconds
+    await _continue(request)
     try:
-        return await request.read()
+        async with asyncio.timeout(deadline):
+            return await request.read()
     except web.HTTPRequestEntityTooLarge as exc:
         raise RequestTooLarge(
             f"The body is larger than this gateway's limit of {limit} bytes."
         ) from exc
+    except TimeoutError as exc:
+        raise RequestTimeout(
+            f"The body did not arrive within {deadline:g} seconds of the request's headers."
+        ) from exc
+
+
+async def _continue(request: web.Request) -> None:
+    """Answer ``Expect: 100-continue`` (the middleware refused any other expectation)."""
+    if request.version >= aiohttp.HttpVersion11 and "Expect" in request.headers:
+        writer = request.writer
+        await writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        writer.output_size = 0  # the answer itself has not started
 
 
 def _policy(request: web.Request) -> ModelPolicy:
@@ -212,7 +235,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     # whole request: a reload while the body arrives does not change it midway.
     live = request.app[LIVE]
     # 2. Read and parse strictly.
-    raw = await read_json_body(request, live.config.server.max_body_bytes)
+    server = live.config.server
+    raw = await read_json_body(request, server.max_body_bytes, server.body_timeout_seconds)
     return await complete_chat(request, parse_chat_request(raw), live)
 
 

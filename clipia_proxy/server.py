@@ -15,6 +15,7 @@ import contextlib
 import gc
 import logging
 import os
+import resource
 import signal
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Final
@@ -22,7 +23,8 @@ from typing import Final
 from aiohttp import web
 
 from .app import apply_config, create_admin_app, create_app
-from .config import Config, Secret
+from .config import Config, Secret, ServerConfig
+from .connections import ConnectionLimits, GatewayServer, QuietLog, install_accept_error_handler
 from .keys import HEALTH, LIVE, METRICS, STREAMS, TASKS
 from .reload import Reloader
 from .streaming import OpenStreams
@@ -37,6 +39,8 @@ _FINAL_WAIT_SECONDS: Final = 1.0
 _BACKLOG: Final = 1024
 """Listen backlog: aiohttp's default (128) drops bursts of new connections, which then wait
 for TCP's one-second retransmit."""
+_FD_RESERVE: Final = 128
+"""File descriptors kept for everything but connections: listeners, the store, logs, files."""
 
 
 class Running:
@@ -45,15 +49,15 @@ class Running:
     def __init__(
         self,
         app: web.Application,
-        data: web.AppRunner,
-        admin: web.AppRunner,
-        ports: tuple[int, int],
+        data: tuple[web.AppRunner, web.ServerRunner],
+        admin: tuple[web.AppRunner, web.ServerRunner],
         reloader: Reloader | None = None,
     ) -> None:
         self.app: Final = app
-        self.data_runner: Final = data
-        self.admin_runner: Final = admin
-        self.port, self.admin_port = ports
+        self.data_app_runner, self.data_runner = data
+        """The application's runner (start-up, cleanup) and the listening one (connections)."""
+        self.admin_app_runner, self.admin_runner = admin
+        self.port, self.admin_port = _bound_port(self.data_runner), _bound_port(self.admin_runner)
         self.reloader: Final = reloader
         """Reloads the config file (SIGHUP, file change); None without a config file."""
 
@@ -76,9 +80,11 @@ class Running:
             await health.wait_idle(grace)
             # aiohttp then closes the sockets and gives stragglers _FINAL_WAIT_SECONDS.
             await self.data_runner.cleanup()
+            await self.data_app_runner.cleanup()
         finally:
             cut.cancel()
         await self.admin_runner.cleanup()
+        await self.admin_app_runner.cleanup()
 
     @staticmethod
     def _cut(streams: OpenStreams) -> None:
@@ -86,7 +92,7 @@ class Running:
             _LOGGER.warning("shutdown grace ran out: ending %d open stream(s)", count)
 
 
-def _bound_port(runner: web.AppRunner) -> int:
+def _bound_port(runner: web.BaseRunner) -> int:
     for address in runner.addresses:
         if isinstance(address, tuple):
             return int(address[1])
@@ -107,14 +113,17 @@ async def start(
     """
     app = create_app(config, api_key=api_key)
     admin = create_admin_app(app)
-    host = config.server.host
-    admin_host = config.server.admin_host or host
-    admin_runner = web.AppRunner(admin, access_log=None, shutdown_timeout=1.0)
-    await admin_runner.setup()
-    await web.TCPSite(admin_runner, admin_host, config.server.admin_port, backlog=_BACKLOG).start()
-    data_runner = web.AppRunner(app, access_log=None, shutdown_timeout=_FINAL_WAIT_SECONDS)
-    await data_runner.setup()  # start-up work: store, reconciliation, catalog warm-up
-    await web.TCPSite(data_runner, host, config.server.port, backlog=_BACKLOG).start()
+    server = config.server
+    data_limits, admin_limits = connection_limits(server, config.upstream.max_connections)
+    log = QuietLog()
+    install_accept_error_handler(asyncio.get_running_loop(), log)
+    admin_runners = await _listen(
+        admin, admin_limits, "admin", log, server.admin_host or server.host, server.admin_port, 1.0
+    )
+    # The application's start-up work (store, reconciliation, catalog warm-up) runs here.
+    data_runners = await _listen(
+        app, data_limits, "data", log, server.host, server.port, _FINAL_WAIT_SECONDS
+    )
     reloader = None
     if config_path is not None:
         metrics = app[METRICS]
@@ -132,13 +141,74 @@ async def start(
         )
         await reloader.prime()
         _ = app[TASKS].spawn(reloader.watch(app[HEALTH].pause), name="config-watcher")
-    return Running(
-        app,
-        data_runner,
-        admin_runner,
-        (_bound_port(data_runner), _bound_port(admin_runner)),
-        reloader,
-    )
+    return Running(app, data_runners, admin_runners, reloader)
+
+
+async def _listen(
+    app: web.Application,
+    limits: ConnectionLimits,
+    name: str,
+    log: QuietLog,
+    host: str,
+    port: int,
+    shutdown_timeout: float,
+) -> tuple[web.AppRunner, web.ServerRunner]:
+    """Start ``app`` and listen for it through :class:`GatewayServer` (deadlines and caps).
+
+    The ``AppRunner`` runs the application's start-up and cleanup; the ``ServerRunner`` owns
+    the socket and its connections, made by the gateway's own protocol.
+    """
+    app_runner = web.AppRunner(app, access_log=None, shutdown_timeout=shutdown_timeout)
+    await app_runner.setup()
+    assert app_runner.server is not None  # set by setup()
+    gateway = GatewayServer(app_runner.server, limits, name=name, log=log, access_log=None)
+    runner = web.ServerRunner(gateway, shutdown_timeout=shutdown_timeout)
+    await runner.setup()
+    await web.TCPSite(runner, host, port, backlog=_BACKLOG).start()
+    return app_runner, runner
+
+
+def connection_limits(
+    server: ServerConfig, upstream_connections: int
+) -> tuple[ConnectionLimits, ConnectionLimits]:
+    """Return the data and admin ports' limits, the data cap fitted to the descriptor limit.
+
+    Every open connection holds a file descriptor, and a data connection may hold an upstream
+    one too. The soft limit is raised towards the hard one when it cannot hold the caps; if it
+    still cannot, the data port's cap is lowered (with a warning) so that the admin port and
+    the upstream keep their descriptors when the data port is full.
+    """
+    data_cap = server.max_connections
+    admin_cap = server.admin_max_connections
+    wanted = data_cap + min(data_cap, upstream_connections) + admin_cap + _FD_RESERVE
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        raised = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        if raised > soft:
+            with contextlib.suppress(ValueError, OSError):
+                resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+                soft = raised
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        available = max(soft - admin_cap - _FD_RESERVE, 2)
+        fitted = max(available - min(upstream_connections, available // 2), 1)
+        _LOGGER.warning(
+            "server.max_connections %d does not fit the file descriptor limit %d: "
+            "the data port accepts at most %d connections",
+            data_cap,
+            soft,
+            fitted,
+        )
+        data_cap = min(data_cap, fitted)
+
+    def limits(cap: int) -> ConnectionLimits:
+        return ConnectionLimits(
+            header_timeout=server.header_timeout_seconds,
+            keepalive_timeout=server.keepalive_timeout_seconds,
+            max_header_bytes=server.max_header_bytes,
+            max_connections=cap,
+        )
+
+    return limits(data_cap), limits(admin_cap)
 
 
 #: Allocations between young-generation collections while serving (CPython's default: 700).

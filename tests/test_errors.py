@@ -15,13 +15,17 @@ EXPECTED = {
     errors.NotFound: (404, "not_found"),
     errors.ModelNotFound: (404, "model_not_found"),
     errors.MethodNotAllowed: (405, "method_not_allowed"),
+    errors.RequestTimeout: (408, "request_timeout"),
     errors.RequestTooLarge: (413, "request_too_large"),
     errors.UnsupportedMediaType: (415, "unsupported_media_type"),
+    errors.ExpectationFailed: (417, "expectation_failed"),
+    errors.HeadersTooLarge: (431, "request_header_fields_too_large"),
     errors.RateLimited: (429, "rate_limit_exceeded"),
     errors.ConcurrencyLimited: (429, "concurrency_limit_exceeded"),
     errors.InternalError: (500, "internal_error"),
     errors.UpstreamUnavailable: (502, "upstream_unavailable"),
     errors.QuotaStoreUnavailable: (503, "quota_store_unavailable"),
+    errors.Overloaded: (503, "overloaded"),
     errors.Draining: (503, "draining"),
     errors.UpstreamTimeout: (504, "upstream_timeout"),
 }
@@ -53,7 +57,7 @@ def test_status_code_and_envelope(cls: type[errors.ProxyError], expected: tuple[
         }
     }
     expected_headers = {"Retry-After": "7"}
-    if cls is errors.Draining:  # a draining replica also closes the connection
+    if cls in {errors.Draining, errors.Overloaded, errors.RequestTimeout}:  # also close
         expected_headers["Connection"] = "close"
     assert error.headers() == expected_headers
 

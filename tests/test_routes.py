@@ -30,6 +30,7 @@ DOCUMENTED = {
     ("POST", "/mcp"),
     ("GET", "/mcp"),  # 405: no server-sent stream
     ("DELETE", "/mcp"),  # 405: no session to end
+    ("*", "/{path}"),  # anything else: 404 (405 for a known path), after identity
 }
 PARAMS = {"model_id": "gpt-5.5"}
 BODY = msgspec.json.encode({"model": "gpt-5.5", "messages": [{"role": "user", "content": "hi"}]})
@@ -116,6 +117,8 @@ async def test_every_route_serves_with_identity(stack: Stack) -> None:
             # A chat body is no JSON-RPC message (400); GET and DELETE are 405 by design.
             assert status == (400 if method == "POST" else 405), (method, status, body[:200])
             assert msgspec.json.decode(body)["jsonrpc"] == "2.0"
+        elif canonical == "/{path}":
+            assert status == 404  # the catch-all: no route of that name
         else:
             assert status == 200, (method, canonical, status, body[:200])
 
