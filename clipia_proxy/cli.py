@@ -7,7 +7,7 @@ import asyncio
 import logging
 import secrets
 import sys
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from .auth import generate_key, hash_key
@@ -22,10 +22,13 @@ def _run(coro: Coroutine[Any, Any, None]) -> None:
     """Run ``coro`` on uvloop when it is installed, else on asyncio's loop."""
     try:
         import uvloop
-
-        uvloop.run(coro)
     except ImportError:
-        asyncio.run(coro)
+        run: Callable[[Coroutine[Any, Any, None]], None] = asyncio.run
+    else:
+        run = uvloop.run
+    # Run outside the except clause: else every exception raised while serving would carry the
+    # ImportError as its context (a spurious "ModuleNotFoundError: uvloop" in each traceback).
+    run(coro)
 
 
 def _load(path: str, *, resolve_secrets: bool) -> Config | None:
