@@ -164,9 +164,7 @@ class RequestInfo(msgspec.Struct, kw_only=True):
         self.usage_source = source
 
 
-async def read_json_body(
-    request: web.Request, limit: int, deadline: float | None = None
-) -> bytes:
+async def read_json_body(request: web.Request, limit: int, deadline: float | None = None) -> bytes:
     """Return the raw body after the media-type and size checks (415, 413) — in that order.
 
     The body is not read at all when the headers already condemn it; a client that asked
