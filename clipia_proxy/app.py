@@ -129,7 +129,12 @@ def create_app(
         config,
         clock=quota_clock,
     )
-    ledger = Ledger(quotas, upstream, rubles_per_credit=config.accounting.rubles_per_credit)
+    ledger = Ledger(
+        quotas,
+        upstream,
+        rubles_per_credit=config.accounting.rubles_per_credit,
+        spawn=lambda coro, name: tasks.spawn(coro, name=name),
+    )
     metrics = Metrics(
         [team.id for team in config.teams],
         version=__version__,
@@ -285,8 +290,11 @@ async def _reconcile_ctx(app: web.Application) -> AsyncIterator[None]:
     # One replica (sqlite/memory): every unsettled record belongs to a dead process. Shared
     # stores: only expired leases, then periodically, for records of crashed replicas.
     shared = app[LIVE].config.store.backend == "redis"
+    started = app[QUOTAS].now()
+    created_before = None if shared else started
+    ledger = app[LEDGER]
     try:
-        settled = await app[LEDGER].reconcile(only_expired=shared)
+        settled = await ledger.reconcile(only_expired=shared, created_before=created_before)
     except StoreUnavailable as exc:
         _LOGGER.warning("reconciliation postponed: quota store unavailable (%s)", exc)
         settled = 0
@@ -294,7 +302,20 @@ async def _reconcile_ctx(app: web.Application) -> AsyncIterator[None]:
         _LOGGER.warning("reconciled %d ledger record(s) left unsettled by a crash", settled)
     if shared:
         _ = app[TASKS].spawn(_reconcile_forever(app), name="ledger-reconciler")
+    elif ledger.postponed:
+        _ = app[TASKS].spawn(_reconcile_postponed(app, started), name="ledger-reconciler")
     yield
+
+
+async def _reconcile_postponed(app: web.Application, started: float) -> None:
+    """Retry (1 s, 2 s, … 60 s apart) what the start-up pass left for ``/v1/generation``."""
+    ledger, wait = app[LEDGER], 1.0
+    while ledger.postponed and not await app[HEALTH].pause(wait):
+        try:
+            await ledger.reconcile(only_expired=False, created_before=started)
+        except StoreUnavailable as exc:
+            _LOGGER.warning("reconciler: store unavailable (%s)", exc)
+        wait = min(wait * 2, 60.0)
 
 
 async def _reconcile_forever(app: web.Application) -> None:

@@ -168,7 +168,9 @@ class AccountingConfig(msgspec.Struct, **_STRUCT):
     default_output_reserve_tokens: int = 4096
     image_reserve_tokens: int = 2000
     """Reserved per image part: an image's token cost is not bounded by its URL's bytes."""
-    on_disconnect: Literal["drain", "cancel"] = "drain"
+    on_disconnect: Literal["drain", "cancel"] = "cancel"
+    """``cancel``: close the upstream once its id is known and settle from /v1/generation;
+    ``drain``: read on (at most ``drain_timeout_seconds``) for the usage in the stream."""
     drain_timeout_seconds: float = 60.0
     lease_seconds: float = 600.0
     """A reservation's lease; renewed while a stream runs, so only a crashed replica's expire."""

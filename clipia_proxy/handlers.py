@@ -426,6 +426,7 @@ async def _forward(
                 )
 
             result = StreamResult(UsageTap())
+            ledger = app[LEDGER]
             finished = False
             token = app[STREAMS].add(response, result)
             try:
@@ -446,6 +447,8 @@ async def _forward(
                     renew_every=lease / 3,
                     result=result,
                     output_limit=output_limit,
+                    on_upstream_id=lambda upstream_id: ledger.note_upstream_id(flight, upstream_id),
+                    on_client_gone=lambda: ledger.release_slot(flight),
                 )
                 finished = True
             finally:
@@ -485,6 +488,9 @@ async def _forward(
         if summary is not None:
             upstream_id, flight.usage = summary
             if upstream_id is not None:
+                if flight.usage is None or flight.usage.cost is None:
+                    # Its cost will be asked of /v1/generation: durable now, in case of a crash.
+                    app[LEDGER].note_upstream_id(flight, upstream_id)
                 flight.upstream_id = upstream_id
                 info.upstream_id = upstream_id
                 _remember_generation(request, upstream_id)

@@ -10,9 +10,15 @@ upstream sees the request). This module decides the settlement, best source firs
 5. tokens from ``usage`` times catalog prices → ``counted``;
 6. otherwise the reservation itself (the worst case) → ``reserved``.
 
-After a crash, records left ``dispatched`` are settled by :meth:`Ledger.reconcile`: through
-``/v1/generation`` when the upstream id is known, else charged their reservation, outcome
-``crashed``. Settlement runs in the handler's ``finally`` when it needs no waiting (a local
+The upstream id is made durable as soon as it is known (:meth:`Ledger.note_upstream_id`: a
+stream's first chunk, a non-streaming answer that lacks its cost), in the store's batch of that
+event-loop turn. After a crash, records left ``dispatched`` are settled by
+:meth:`Ledger.reconcile`, outcome ``crashed``: through ``/v1/generation`` when the upstream id
+is known (while the lookup lags, the record stays ``dispatched`` with its money reserved and is
+tried again, up to ``_CRASH_LOOKUP_HORIZON_SECONDS`` after it was created); without an id the
+upstream may have received the request (the record is written just before it is sent, and a
+request known not to have been sent is settled at 0 at once), so it is charged its
+reservation. Settlement runs in the handler's ``finally`` when it needs no waiting (a local
 store and a known cost), else in a TaskRegistry task; either way a cancelled handler cannot
 skip it.
 """
@@ -22,9 +28,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from decimal import Decimal
-from typing import Final
+from typing import Any, Final
 
 import aiohttp
 import msgspec
@@ -33,7 +39,7 @@ from .errors import ProxyError
 from .quotas.estimate import plausible_cost
 from .quotas.model import Micro, Outcome, Settlement, UsageSource, to_micro
 from .quotas.service import Admission, QuotaService
-from .quotas.store import LedgerRecord
+from .quotas.store import LedgerRecord, StoreUnavailable
 from .upstream import UpstreamClient, read_body
 from .wire import Usage, decode_json
 
@@ -43,6 +49,11 @@ _LOGGER: Final = logging.getLogger(__name__)
 _GENERATION_ATTEMPTS: Final = 4
 _GENERATION_BACKOFF_SECONDS: Final = 0.25
 _MAX_GENERATION_BODY: Final = 64 * 1024
+_CRASH_LOOKUP_HORIZON_SECONDS: Final = 3600.0
+"""How long after its creation a crashed record with an upstream id waits for
+``/v1/generation`` to know it before being charged its reservation instead."""
+_RECONCILE_PARALLEL: Final = 8
+"""Generation lookups run at once by one reconciliation pass."""
 
 
 class Flight(msgspec.Struct, kw_only=True):
@@ -60,6 +71,8 @@ class Flight(msgspec.Struct, kw_only=True):
     usage_from_stream: bool = False
     upstream_id: str | None = None
     outcome: Outcome = Outcome.COMPLETED
+    slot_released: bool = False
+    """The concurrency slot was freed early (the client left before the end)."""
 
 
 class _GenerationCost(msgspec.Struct, frozen=True):
@@ -90,15 +103,65 @@ class Ledger:
         *,
         rubles_per_credit: Decimal,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        spawn: Callable[[Coroutine[Any, Any, None], str], object] | None = None,
     ) -> None:
         self._quotas = quotas
         self._upstream = upstream
         self._rubles_per_credit = rubles_per_credit
         self._sleep = sleep
+        self._spawn = spawn
         self.usage_sources: dict[str, int] = {}
         """usage_source -> settlements (exported as metrics)."""
         self.implausible_costs = 0
         """Upstream costs not believed (settled from tokens instead; exported as a metric)."""
+        self.postponed = 0
+        """Crashed records the last reconciliation left for later (their generation lags)."""
+
+    def _background(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        if self._spawn is None:
+            coro.close()
+            return
+        self._spawn(coro, name)
+
+    def note_upstream_id(self, flight: Flight, upstream_id: str) -> None:
+        """Record the upstream id on the flight and make it durable in the store now.
+
+        A local store queues the write in this event-loop turn's transaction; a remote one
+        gets it from a background task. Failures are logged: the settlement writes it again.
+        """
+        flight.upstream_id = upstream_id
+        if not flight.admission.reserved:
+            return
+        request_id = flight.admission.request_id
+        local = self._quotas.local_store
+        if local is not None:
+            local.note_upstream_id_nowait(request_id, upstream_id)
+        else:
+            self._background(self._note_remote(request_id, upstream_id), "note-upstream-id")
+
+    async def _note_remote(self, request_id: str, upstream_id: str) -> None:
+        try:
+            await self._quotas.call(self._quotas.store.note_upstream_id(request_id, upstream_id))
+        except (StoreUnavailable, TimeoutError) as exc:
+            _LOGGER.warning("upstream id of %s not written: %s", request_id, exc)
+
+    def release_slot(self, flight: Flight) -> None:
+        """Free the flight's concurrency slot now (its client left); its money stays reserved."""
+        if not flight.admission.reserved or flight.slot_released:
+            return
+        flight.slot_released = True
+        request_id = flight.admission.request_id
+        local = self._quotas.local_store
+        if local is not None:
+            local.release_slot_nowait(request_id)
+        else:
+            self._background(self._release_remote(request_id), "release-slot")
+
+    async def _release_remote(self, request_id: str) -> None:
+        try:
+            await self._quotas.call(self._quotas.store.release_slot(request_id))
+        except (StoreUnavailable, TimeoutError) as exc:
+            _LOGGER.warning("slot of %s not released (its lease will run out): %s", request_id, exc)
 
     def decide(self, flight: Flight, generation: _GenerationCost | None) -> Settlement:
         """Return the settlement for a flight, given the generation lookup's answer if any."""
@@ -225,9 +288,13 @@ class Ledger:
         source = settlement.usage_source.value
         self.usage_sources[source] = self.usage_sources.get(source, 0) + 1
 
-    async def generation_cost(self, upstream_id: str) -> _GenerationCost | None:
+    async def generation_cost(
+        self, upstream_id: str, *, attempts: int = _GENERATION_ATTEMPTS
+    ) -> _GenerationCost | None:
         """Ask ``GET /v1/generation`` for the actual cost, retrying while it lags (404)."""
-        for attempt in range(_GENERATION_ATTEMPTS):
+        for attempt in range(attempts):
+            if attempt:
+                await self._sleep(_GENERATION_BACKOFF_SECONDS * 2 ** (attempt - 1))
             try:
                 response = await self._upstream.send(
                     "GET",
@@ -248,37 +315,63 @@ class Ledger:
                 return _parse_generation(body)
             if status not in (404, 0) and status < 500:
                 return None
-            await self._sleep(_GENERATION_BACKOFF_SECONDS * 2**attempt)
         return None
 
-    async def reconcile(self, *, only_expired: bool) -> int:
+    async def reconcile(self, *, only_expired: bool, created_before: float | None = None) -> int:
         """Settle records left ``dispatched`` (after a crash); return how many were settled.
 
         With ``only_expired`` (shared stores), only records whose lease ran out are touched:
-        the others may belong to a live replica.
+        the others may belong to a live replica. ``created_before`` limits a pass to records
+        older than that (a local store's later passes: only what the crash left). A record
+        whose upstream id ``/v1/generation`` does not know yet stays ``dispatched`` (its money
+        reserved) and counts in :attr:`postponed`, until ``_CRASH_LOOKUP_HORIZON_SECONDS``.
         """
         now = self._quotas.now()
-        records = await self._quotas.store.dispatched()
-        settled = 0
-        for record in records:
-            if only_expired and record.lease_until > now:
-                continue
-            settlement = await self._crash_settlement(record, now)
-            if await self._quotas.settle(record.request_id, settlement):
-                settled += 1
-                _LOGGER.warning(
-                    "reconciled %s after a crash: %s credits (%s)",
-                    record.request_id,
-                    Decimal(settlement.cost) / 1_000_000,
-                    settlement.usage_source.value,
-                )
+        records = [
+            record
+            for record in await self._quotas.store.dispatched()
+            if not (only_expired and record.lease_until > now)
+            and not (created_before is not None and record.created_at >= created_before)
+        ]
+        gate = asyncio.Semaphore(_RECONCILE_PARALLEL)
+
+        async def one(record: LedgerRecord) -> int:
+            async with gate:
+                settlement = await self._crash_settlement(record, now)
+            if settlement is None:
+                return 0
+            if not await self._quotas.settle(record.request_id, settlement):
+                return 0
+            self._count(settlement)
+            _LOGGER.warning(
+                "reconciled %s after a crash: %s credits (%s)",
+                record.request_id,
+                Decimal(settlement.cost) / 1_000_000,
+                settlement.usage_source.value,
+            )
+            return 1
+
+        results = await asyncio.gather(*(one(record) for record in records))
+        settled = sum(results)
+        self.postponed = len(records) - settled
         return settled
 
-    async def _crash_settlement(self, record: LedgerRecord, now: float) -> Settlement:
+    async def _crash_settlement(self, record: LedgerRecord, now: float) -> Settlement | None:
         if record.upstream_id:
-            generation = await self.generation_cost(record.upstream_id)
+            # One lookup per pass: a lagging one is tried again by the next pass (start-up
+            # is not held up by retries).
+            generation = await self.generation_cost(record.upstream_id, attempts=1)
             if generation is not None:
                 return generation.settlement(Outcome.CRASHED, record.upstream_id, now)
+            if now - record.created_at < _CRASH_LOOKUP_HORIZON_SECONDS:
+                _LOGGER.info(
+                    "crashed %s: /v1/generation does not know %s yet; retried later",
+                    record.request_id,
+                    record.upstream_id,
+                )
+                return None
+        # No upstream id: the record is written just before the request is sent, and one
+        # known not to have been sent is settled at 0 at once; so it may have been received.
         return Settlement(
             cost=Micro(record.reserved),
             # The worst-case tokens reserved at admission stand in for the unknown real ones.

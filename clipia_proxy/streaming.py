@@ -11,9 +11,16 @@ How a stream ends, and the ``outcome`` recorded for it:
 - the upstream breaks (reset, or a clean end without ``[DONE]``) → ``upstream_error``; the
   client receives an SSE error event, then the end of the body — never a forged ``[DONE]``;
 - the upstream goes quiet for ``idle_timeout_seconds`` → ``timeout``, the same error event;
-- the client goes away → ``client_disconnect``; with ``on_disconnect="drain"`` the upstream is
-  read on (its bytes still tapped) for at most ``drain_timeout_seconds`` so the real usage is
-  known; with ``"cancel"`` the upstream connection is closed at once.
+- the client goes away → ``client_disconnect``, and ``on_client_gone`` is called at once (the
+  handler frees the team's concurrency slot); with ``on_disconnect="cancel"`` (the default) the
+  upstream connection is closed as soon as the upstream id is known (at once if it is; else
+  after the first chunk, within ``drain_timeout_seconds``), so the cost is asked of
+  ``/v1/generation`` and no more tokens are generated for nobody; with ``"drain"`` the upstream
+  is read on (its bytes still tapped) for at most ``drain_timeout_seconds`` so the real usage
+  arrives in the stream.
+
+``on_upstream_id`` is called once, in the event-loop turn whose chunk revealed the upstream id,
+so the ledger can make it durable before anything else happens.
 """
 
 from __future__ import annotations
@@ -105,6 +112,8 @@ async def relay_stream(
     renew_every: float = 60.0,
     result: StreamResult | None = None,
     output_limit: int | None = None,
+    on_upstream_id: Callable[[str], None] | None = None,
+    on_client_gone: Callable[[], None] | None = None,
 ) -> tuple[web.StreamResponse, StreamResult]:
     """Relay an upstream SSE body to the client; return the response and what was learnt.
 
@@ -126,15 +135,27 @@ async def relay_stream(
     client_alive = True
     drain_deadline: float | None = None
     next_renewal = loop.time() + renew_every
+    cancel = on_disconnect != "drain"
+
+    def client_gone() -> bool:
+        """Note the client left; return True when the upstream can be closed at once."""
+        nonlocal client_alive, drain_deadline
+        client_alive = False
+        result.outcome = Outcome.CLIENT_DISCONNECT
+        if on_client_gone is not None:
+            on_client_gone()
+        if cancel and tap.upstream_id is not None:
+            upstream.close()
+            return True
+        # drain: read on for the usage; cancel: only until the upstream id is known.
+        drain_deadline = loop.time() + drain_timeout
+        return False
+
     try:
         await response.prepare(request)
     except ConnectionError:
-        client_alive = False
-        result.outcome = Outcome.CLIENT_DISCONNECT
-        if on_disconnect != "drain":
-            upstream.close()
+        if client_gone():
             return response, result
-        drain_deadline = loop.time() + drain_timeout
     while True:
         try:
             if drain_deadline is None:
@@ -163,6 +184,9 @@ async def relay_stream(
         if result.first_byte_at is None:
             result.first_byte_at = time.perf_counter()
         tap.feed(chunk)
+        if on_upstream_id is not None and tap.upstream_id is not None:
+            on_upstream_id(tap.upstream_id)
+            on_upstream_id = None
         if output_limit is not None and tap.output_tokens_seen > output_limit and not tap.saw_done:
             # Past the bound reserved: relay this read (already written upstream), then cut.
             result.cut_at_bound = True
@@ -173,18 +197,17 @@ async def relay_stream(
         if not client_alive:
             if result.cut_at_bound:
                 break
+            if cancel and tap.upstream_id is not None:
+                upstream.close()
+                break
             continue
         out = chunk_filter.feed(chunk) if chunk_filter is not None else chunk
         try:
             if out:
                 await response.write(out)
         except ConnectionError:
-            client_alive = False
-            result.outcome = Outcome.CLIENT_DISCONNECT
-            if on_disconnect != "drain" or result.cut_at_bound:
-                upstream.close()
+            if client_gone() or result.cut_at_bound:
                 break
-            drain_deadline = loop.time() + drain_timeout
         if result.cut_at_bound:
             result.outcome = Outcome.UPSTREAM_ERROR
             break

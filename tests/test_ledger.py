@@ -300,7 +300,7 @@ async def test_generation_lagging_too_long_falls_back_to_counting(env: Env) -> N
         )
     )
     assert got.usage_source is UsageSource.COUNTED
-    assert len(env.sleeps) == 4
+    assert env.sleeps == [0.25, 0.5, 1.0]  # four lookups, backing off between them
     assert got.cost == to_micro((prompt * PROMPT_PRICE + completion * COMPLETION_PRICE) / RUBLES)
 
 
@@ -365,10 +365,14 @@ async def test_reconcile_charges_the_reservation_without_an_upstream_id(env: Env
 async def test_reconcile_uses_generation_when_the_upstream_id_is_known(env: Env) -> None:
     upstream_id, cost, prompt, completion = await chat(env, fault=Fault(generation_lag=1))
     await reserve(env, "crashed")
-    # No Store method records the upstream id before settlement (see the report); set it as a
-    # store that did would have.
-    env.store.engine.records["crashed"].upstream_id = upstream_id
+    await env.store.note_upstream_id("crashed", upstream_id)
+    # The generation lags: the record waits for the next pass, its money still reserved.
+    assert await env.ledger.reconcile(only_expired=False) == 0
+    assert env.ledger.postponed == 1
+    usage = await env.store.usage("search", ["total"], env.clock.t)
+    assert (usage["total"].spent, usage["total"].reserved) == (0, ESTIMATE.amount)
     assert await env.ledger.reconcile(only_expired=False) == 1
+    assert env.ledger.postponed == 0
     record = await env.store.record("crashed")
     assert record is not None
     assert (record.cost, record.usage_source, record.outcome) == (
@@ -377,7 +381,25 @@ async def test_reconcile_uses_generation_when_the_upstream_id_is_known(env: Env)
         Outcome.CRASHED,
     )
     assert (record.prompt_tokens, record.completion_tokens) == (prompt, completion)
-    assert env.sleeps == [0.25]
+    assert env.sleeps == []  # one lookup per pass: start-up is not held up
+
+
+async def test_reconcile_charges_the_reservation_once_the_generation_never_came(
+    env: Env,
+) -> None:
+    upstream_id, _cost, _prompt, _completion = await chat(env, fault=Fault(generation_lag=100))
+    await reserve(env, "crashed")
+    await env.store.note_upstream_id("crashed", upstream_id)
+    assert await env.ledger.reconcile(only_expired=False) == 0
+    env.clock.t += 3601
+    assert await env.ledger.reconcile(only_expired=False) == 1
+    record = await env.store.record("crashed")
+    assert record is not None
+    assert (record.cost, record.usage_source, record.upstream_id) == (
+        ESTIMATE.amount,
+        "reserved",
+        upstream_id,
+    )
 
 
 async def test_reconcile_only_expired_leaves_live_leases_alone(env: Env) -> None:

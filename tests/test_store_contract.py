@@ -335,28 +335,79 @@ async def test_settle_at_zero_frees_the_budget(h: Harness) -> None:
 # -- leases ----------------------------------------------------------------------------------
 
 
-async def test_lease_expiry_frees_budget_and_concurrency_but_record_stays_dispatched(
+async def test_lease_expiry_frees_concurrency_but_the_money_stays_reserved_until_settled(
     h: Harness,
 ) -> None:
-    limits = TeamLimits(budgets={Period.DAY: Micro(1_000)}, concurrency=1)
+    """A crashed request's lease frees its slot; its money counts until it is settled.
+
+    Between the lease's end and the reconciler's settlement the spend must count somewhere:
+    released at the lease's end, it was neither reserved nor spent (a budget hole).
+    """
+    limits = TeamLimits(budgets={Period.DAY: Micro(1_500)}, concurrency=1)
     assert (
         await h.store.reserve(h.request("old", amount=1_000, lease=0.05, limits=limits))
     ).admitted
-    refused = await h.store.reserve(h.request("new", amount=1_000, limits=limits))
+    refused = await h.store.reserve(h.request("new", amount=100, limits=limits))
     assert not refused.admitted
     assert refused.reason is Reason.CONCURRENCY
     await h.advance(0.15)
-    assert await h.reserved(DAY) == 0
-    assert (await h.store.reserve(h.request("new", amount=1_000, limits=limits))).admitted
+    assert await h.reserved(DAY) == 1_000  # no budget hole
+    over = await h.store.reserve(h.request("big", amount=600, limits=limits))
+    assert (over.admitted, over.reason) == (False, Reason.BUDGET)
+    assert (await h.store.reserve(h.request("new", amount=100, limits=limits))).admitted
     old = await h.store.record("old")
     assert old is not None
     assert old.state is RecordState.DISPATCHED
     assert {r.request_id for r in await h.store.dispatched()} == {"old", "new"}
-    # A late settlement of the expired lease charges its cost once and does not release the
-    # live reservation of another request a second time.
+    # The late settlement releases the old money once and charges its cost once; the live
+    # reservation of "new" stays.
     assert await h.store.settle("old", settlement(400))
     usage = (await h.store.usage(TEAM, [DAY], h.now))[DAY]
-    assert (usage.spent, usage.reserved) == (400, 1_000)
+    assert (usage.spent, usage.reserved) == (400, 100)
+    assert not await h.store.settle("old", settlement(400))
+    usage = (await h.store.usage(TEAM, [DAY], h.now))[DAY]
+    assert (usage.spent, usage.reserved) == (400, 100)
+
+
+async def test_release_slot_frees_concurrency_not_money(h: Harness) -> None:
+    limits = TeamLimits(concurrency=1)
+    await h.store.reserve(h.request("gone", amount=700, limits=limits))
+    assert not (await h.store.reserve(h.request("next", limits=limits))).admitted
+    await h.store.release_slot("gone")
+    assert await h.reserved(DAY) == 700
+    assert (await h.store.reserve(h.request("next", amount=100, limits=limits))).admitted
+    await h.store.release_slot("gone")  # twice: harmless
+    await h.store.renew("gone", h.now, 30.0)  # never revived by a renewal
+    assert not (await h.store.reserve(h.request("third", limits=limits))).admitted
+    assert await h.store.settle("gone", settlement(300))
+    assert (await h.spent(DAY), await h.reserved(DAY)) == (300, 100)
+
+
+async def test_note_upstream_id_is_durable_before_settlement(h: Harness) -> None:
+    await h.store.reserve(h.request("r", amount=700))
+    await h.store.note_upstream_id("r", "chatcmpl-abc")
+    if h.kind == "sqlite":  # from the file, not from memory
+        await h.store.close()
+        h.store = await make_sqlite(h.tmp / "ledger.db", h.clock)
+    (record,) = await h.store.dispatched()
+    assert (record.request_id, record.upstream_id) == ("r", "chatcmpl-abc")
+    assert await h.store.owner_of("chatcmpl-abc") == TEAM
+    assert await h.store.settle("r", settlement(300, upstream_id="chatcmpl-abc"))
+    await h.store.note_upstream_id("r", "chatcmpl-other")  # settled: no-op
+    settled = await h.store.record("r")
+    assert settled is not None
+    assert settled.upstream_id == "chatcmpl-abc"
+
+
+async def test_sqlite_note_upstream_id_nowait_joins_the_turn(sq: Harness) -> None:
+    store = sq.store
+    assert isinstance(store, SqliteStore)
+    await store.reserve(sq.request("r", amount=700))
+    store.note_upstream_id_nowait("r", "chatcmpl-abc")
+    # The next read is queued after the write: it sees it committed.
+    record = await store.record("r")
+    assert record is not None
+    assert record.upstream_id == "chatcmpl-abc"
 
 
 async def test_renew_extends_a_live_lease(h: Harness) -> None:
@@ -380,7 +431,7 @@ async def test_renew_does_not_revive_an_expired_lease(h: Harness) -> None:
     await h.advance(0.15)
     # No other operation ran since the lease ran out: a renew must not bring it back.
     await h.store.renew("gone", h.now, 30.0)
-    assert await h.reserved(DAY) == 0
+    assert await h.reserved(DAY) == 500  # the money waits for its settlement
     assert (await h.store.reserve(h.request("next", limits=limits))).admitted
 
 
@@ -587,14 +638,18 @@ async def test_sqlite_state_survives_close_and_reopen(sq: Harness) -> None:
     assert (await reopened.usage(TEAM, [DAY], sq.now))[DAY].spent == 700
 
 
-async def test_sqlite_expired_lease_after_restart_is_not_reserved(sq: Harness) -> None:
+async def test_sqlite_expired_lease_after_restart_keeps_its_money_reserved(sq: Harness) -> None:
+    limits = TeamLimits(concurrency=1)
     await sq.store.reserve(sq.request("open", amount=1_000, lease=10))
     await sq.store.close()
     sq.clock.t += 120
     sq.store = await make_sqlite(sq.tmp / "ledger.db", sq.clock)
-    assert await sq.reserved(DAY) == 0
+    assert await sq.reserved(DAY) == 1_000  # until the reconciler settles it
     assert await sq.store.rates(TEAM, sq.now) == (0, 0)
     assert [r.request_id for r in await sq.store.dispatched()] == ["open"]
+    assert (await sq.store.reserve(sq.request("next", limits=limits))).admitted  # no slot held
+    assert await sq.store.settle("open", settlement(250))
+    assert (await sq.spent(DAY), await sq.reserved(DAY)) == (250, 1000)
 
 
 async def test_sqlite_failed_write_at_reserve_leaves_nothing(sq: Harness) -> None:

@@ -4,9 +4,10 @@ Rules: reserve (new ids and replays), settle (a cost below, at or a bit above th
 settle again, let time pass (leases expire), renew, and for sqlite a restart. After every step:
 
 - each window's spent equals the sum of the settled costs charged to it (exactly);
-- each window's live reserved equals the model's live reservations (exactly);
+- each window's reserved equals the model's unsettled reservations (exactly: a lease that ran
+  out frees its concurrency slot, never its money, until it is settled);
 - admission alone never overcommits: spent + reserved ≤ limit + the overshoot of settled costs
-  above their reservations + the costs settled after their lease had run out;
+  above their reservations;
 - no id is settled twice, and the unsettled records are exactly the model's.
 
 Redis runs on the server's clock, so its machine never lets time pass (leases stay live).
@@ -68,7 +69,6 @@ class Entry:
     lease_until: float
     lease_in_file: float
     cost: int | None = None
-    late: bool = False
 
 
 class StoreMachine(RuleBasedStateMachine):
@@ -145,8 +145,9 @@ class StoreMachine(RuleBasedStateMachine):
         )
         assert not result.replayed
         live = [e for e in self.entries.values() if self.live(e)]
+        held = [e for e in self.entries.values() if e.cost is None]
         fits = len(live) + 1 <= 6 and all(
-            self.spent(w) + sum(e.amount for e in live if w in e.windows) + amount <= LIMIT_OF[w]
+            self.spent(w) + sum(e.amount for e in held if w in e.windows) + amount <= LIMIT_OF[w]
             for w in (day, MONTH)
         )
         # The store admits exactly when the model says everything fits.
@@ -187,7 +188,6 @@ class StoreMachine(RuleBasedStateMachine):
             assert not applied
             return rid
         assert applied
-        entry.late = entry.lease_until <= self.now
         entry.cost = cost
         return rid
 
@@ -224,16 +224,13 @@ class StoreMachine(RuleBasedStateMachine):
         usage = self.run(self.store.usage(TEAM, WINDOWS, self.now))
         for window in WINDOWS:
             in_window = [e for e in self.entries.values() if window in e.windows]
-            live = sum(e.amount for e in in_window if self.live(e))
+            held = sum(e.amount for e in in_window if e.cost is None)
             assert usage[window].spent == self.spent(window)
-            assert usage[window].reserved == live
+            assert usage[window].reserved == held
             overshoot = sum(
                 max((e.cost or 0) - e.amount, 0) for e in in_window if e.cost is not None
             )
-            late = sum(e.cost or 0 for e in in_window if e.late)
-            assert usage[window].spent + usage[window].reserved <= (
-                LIMIT_OF[window] + overshoot + late
-            )
+            assert usage[window].spent + usage[window].reserved <= LIMIT_OF[window] + overshoot
 
     @invariant()
     def ledger_matches(self) -> None:

@@ -298,8 +298,9 @@ async def test_framing_variants_relayed_and_usage_dropped(
 
 
 async def test_client_disconnect_mid_stream_drains_to_usage(
-    stack: Stack, log_capture: list[str]
+    stacks: Callable[..., Awaitable[Stack]], log_capture: list[str]
 ) -> None:
+    stack = await stacks(extra="accounting: {on_disconnect: drain}")
     stack.emulator.push_fault(Fault(chunk_gap=0.05))
     body = {**HELLO, "n": 2}
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as client:

@@ -64,6 +64,9 @@ class LedgerStore(Protocol):
     async def renew(self, request_id: str, lease_until: float) -> None:
         """Record a dispatched record's extended lease (the reconciler reads it)."""
 
+    async def note_upstream_id(self, request_id: str, upstream_id: str) -> None:
+        """Store the upstream (generation) id on a dispatched record; no-op once settled."""
+
     async def record(self, request_id: str) -> LedgerRecord | None:
         """Return one record."""
 

@@ -89,6 +89,15 @@ class EngineStore:
         if record is not None and record.lease_until == now + lease_seconds:
             await self.ledger.renew(request_id, record.lease_until)
 
+    async def release_slot(self, request_id: str) -> None:
+        """See ``Store.release_slot`` (slots live in memory: one replica)."""
+        self.engine.release_slot(request_id)
+
+    async def note_upstream_id(self, request_id: str, upstream_id: str) -> None:
+        """See ``Store.note_upstream_id``: in memory, and in the ledger (committed on return)."""
+        if self.engine.note_upstream_id(request_id, upstream_id) is not None:
+            await self.ledger.note_upstream_id(request_id, upstream_id)
+
     async def usage(self, team: str, keys: list[str], now: float) -> dict[str, WindowUsage]:
         """See ``Store.usage``."""
         return self.engine.usage(team, keys, now)

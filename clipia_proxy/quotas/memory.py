@@ -2,8 +2,10 @@
 
 Every method body runs without an ``await`` between its checks and its writes, so on one event
 loop each operation is atomic. Windows for RPM/TPM are sliding logs of the last 60 seconds (no
-burst at a minute edge). Reserved sums are kept per budget window and adjusted on reserve,
-settle and lease expiry, so a decision costs O(live reservations of the team).
+burst at a minute edge). A reservation holds two things: a concurrency slot (a lease: freed when
+it runs out, or at once by ``release_slot`` when the client leaves) and money (reserved sums
+per budget window, held until the record is settled, so a crashed replica's spend never counts
+as neither reserved nor spent). A decision costs O(live reservations of the team).
 """
 
 from __future__ import annotations
@@ -45,7 +47,9 @@ class MemoryEngine:
     def __init__(self) -> None:
         self.records: dict[str, LedgerRecord] = {}
         self._live: dict[str, set[str]] = {}
-        """Team -> request ids whose lease is live and that are not settled."""
+        """Team -> request ids holding a concurrency slot (lease live, not settled)."""
+        self._held: set[str] = set()
+        """Request ids whose reservation (money) is counted: every unsettled record."""
         self._leases: dict[str, list[tuple[float, str]]] = {}
         """Team -> heap of (lease_until, request id) over its live reservations: expiry looks
         at the earliest lease only. Entries of released reservations are skipped when they
@@ -66,8 +70,9 @@ class MemoryEngine:
         """
         if record.state is RecordState.DISPATCHED:
             self.records[record.request_id] = record
-            if record.lease_until > now:
-                self._hold(record)
+            # Its money stays reserved until it is settled (the reconciler will); its slot
+            # only while its lease lasts.
+            self._hold(record, slot=record.lease_until > now)
             tokens = record.tokens_reserved
         else:
             tokens = record.prompt_tokens + record.completion_tokens
@@ -89,25 +94,33 @@ class MemoryEngine:
     def _add(table: dict[tuple[str, str], int], team: str, key: str, amount: int) -> None:
         table[team, key] = table.get((team, key), 0) + amount
 
-    def _hold(self, record: LedgerRecord) -> None:
+    def _hold(self, record: LedgerRecord, *, slot: bool = True) -> None:
         team = record.team
-        live = self._live.setdefault(team, set())
-        live.add(record.request_id)
-        leases = self._leases.setdefault(team, [])
-        heapq.heappush(leases, (record.lease_until, record.request_id))
-        if len(leases) > 2 * len(live) + 64:
-            records = self.records
-            leases[:] = [(records[r].lease_until, r) for r in live]
-            heapq.heapify(leases)
+        if slot:
+            live = self._live.setdefault(team, set())
+            live.add(record.request_id)
+            leases = self._leases.setdefault(team, [])
+            heapq.heappush(leases, (record.lease_until, record.request_id))
+            if len(leases) > 2 * len(live) + 64:
+                records = self.records
+                leases[:] = [(records[r].lease_until, r) for r in live]
+                heapq.heapify(leases)
+        self._held.add(record.request_id)
         reserved, amount = self._reserved, record.reserved
         for key in record.windows.values():
             reserved[team, key] = reserved.get((team, key), 0) + amount
 
-    def _release(self, record: LedgerRecord) -> None:
+    def _release_slot(self, record: LedgerRecord) -> None:
         live = self._live.get(record.team)
-        if live is None or record.request_id not in live:
+        if live is not None:
+            live.discard(record.request_id)
+
+    def _release(self, record: LedgerRecord) -> None:
+        """Free the slot and the money (settled, or undone)."""
+        self._release_slot(record)
+        if record.request_id not in self._held:
             return
-        live.discard(record.request_id)
+        self._held.discard(record.request_id)
         reserved, team, amount = self._reserved, record.team, record.reserved
         for key in record.windows.values():
             reserved[team, key] = reserved.get((team, key), 0) - amount
@@ -123,7 +136,7 @@ class MemoryEngine:
                 continue  # released already
             record = self.records[request_id]
             if record.lease_until <= now:
-                self._release(record)
+                self._release_slot(record)  # the money stays reserved until settled
             else:  # renewed since: back in at its new lease
                 heapq.heappush(leases, (record.lease_until, request_id))
 
@@ -278,9 +291,23 @@ class MemoryEngine:
         if record is None or request_id not in self._live.get(record.team, ()):
             return
         if record.lease_until <= now:
-            self._release(record)
+            self._release_slot(record)
             return
         record.lease_until = max(record.lease_until, lease_until)
+
+    def release_slot(self, request_id: str) -> None:
+        """Free a request's concurrency slot now (its client left); the money stays reserved."""
+        record = self.records.get(request_id)
+        if record is not None:
+            self._release_slot(record)
+
+    def note_upstream_id(self, request_id: str, upstream_id: str) -> LedgerRecord | None:
+        """Note the upstream id of an unsettled record; return it (None if settled/unknown)."""
+        record = self.records.get(request_id)
+        if record is None or record.state is RecordState.SETTLED:
+            return None
+        record.upstream_id = upstream_id
+        return record
 
     def usage(self, team: str, keys: list[str], now: float) -> dict[str, WindowUsage]:
         """See ``Store.usage``."""
@@ -342,6 +369,22 @@ class MemoryStore:
     async def renew(self, request_id: str, now: float, lease_seconds: float) -> None:
         """See ``Store.renew``."""
         self.engine.renew(request_id, now + lease_seconds, now)
+
+    async def release_slot(self, request_id: str) -> None:
+        """See ``Store.release_slot``."""
+        self.engine.release_slot(request_id)
+
+    def release_slot_nowait(self, request_id: str) -> None:
+        """See ``LocalStore.release_slot_nowait``."""
+        self.engine.release_slot(request_id)
+
+    async def note_upstream_id(self, request_id: str, upstream_id: str) -> None:
+        """See ``Store.note_upstream_id``."""
+        self.engine.note_upstream_id(request_id, upstream_id)
+
+    def note_upstream_id_nowait(self, request_id: str, upstream_id: str) -> None:
+        """See ``LocalStore.note_upstream_id_nowait`` (nothing to persist)."""
+        self.engine.note_upstream_id(request_id, upstream_id)
 
     async def usage(self, team: str, keys: list[str], now: float) -> dict[str, WindowUsage]:
         """See ``Store.usage``."""

@@ -1,6 +1,6 @@
 """The ``redis`` backend: quota state and the ledger shared by every replica and sidecar.
 
-Each operation is one Lua script (names carry a version: ``clipia_reserve_v1``), so it is
+Each operation is one Lua script (names carry a version: ``clipia_reserve_v2``), so it is
 atomic on the server and all-or-nothing; leases and the RPM/TPM windows run on the server's
 ``TIME``, so replica clock skew changes nothing. ``reserve`` and ``settle`` are keyed by request
 id: a call retried after a lost reply finds its own earlier effect and applies nothing again.
@@ -58,15 +58,20 @@ local P = ARGV[1]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local function expire(team)
+  -- Leases that ran out free their concurrency slot; a record's money stays reserved
+  -- ('held') until it is settled, by its request or by the reconciler.
   local live = P .. ':live:' .. team
   local gone = redis.call('ZRANGEBYSCORE', live, '-inf', now)
   for _, rid in ipairs(gone) do
     local rec = P .. ':rec:' .. rid
-    local amount = tonumber(redis.call('HGET', rec, 'reserved') or '0')
-    local wins = redis.call('HGET', rec, 'windows')
-    if wins then
-      for _, key in pairs(cjson.decode(wins)) do
-        redis.call('DECRBY', P .. ':reserved:' .. team .. ':' .. key, amount)
+    if redis.call('HGET', rec, 'held') ~= '1' then
+      -- a record reserved before money was held apart: its lease held both
+      local amount = tonumber(redis.call('HGET', rec, 'reserved') or '0')
+      local wins = redis.call('HGET', rec, 'windows')
+      if wins then
+        for _, key in pairs(cjson.decode(wins)) do
+          redis.call('DECRBY', P .. ':reserved:' .. team .. ':' .. key, amount)
+        end
       end
     end
     redis.call('ZREM', live, rid)
@@ -86,7 +91,7 @@ end
 """
 
 _RESERVE: Final = (
-    "-- clipia_reserve_v1\n"
+    "-- clipia_reserve_v2\n"
     + _PRELUDE
     + """
 local rid = ARGV[2]
@@ -151,7 +156,7 @@ local lease_until = now + a.lease_seconds
 redis.call('HSET', rec, 'team', team, 'key_id', a.key_id or '', 'model', a.model,
   'stream', a.stream and '1' or '0', 'reserved', a.amount, 'tokens_reserved', a.tokens,
   'windows', cjson.encode(a.windows), 'created_at', now, 'lease_until', lease_until,
-  'state', 'dispatched', 'cost', 0, 'prompt_tokens', 0, 'completion_tokens', 0)
+  'state', 'dispatched', 'cost', 0, 'prompt_tokens', 0, 'completion_tokens', 0, 'held', '1')
 redis.call('EXPIRE', rec, a.record_ttl)
 redis.call('ZADD', live, lease_until, rid)
 redis.call('EXPIRE', live, a.record_ttl)
@@ -186,7 +191,7 @@ return cjson.encode(result)
 )
 
 _SETTLE: Final = (
-    "-- clipia_settle_v1\n"
+    "-- clipia_settle_v2\n"
     + _PRELUDE
     + """
 local rid = ARGV[2]
@@ -198,12 +203,13 @@ local team = redis.call('HGET', rec, 'team')
 local amount = tonumber(redis.call('HGET', rec, 'reserved') or '0')
 local wins = cjson.decode(redis.call('HGET', rec, 'windows'))
 local live = P .. ':live:' .. team
-if redis.call('ZSCORE', live, rid) then
+if redis.call('HGET', rec, 'held') == '1' or redis.call('ZSCORE', live, rid) then
   for _, key in pairs(wins) do
     redis.call('DECRBY', P .. ':reserved:' .. team .. ':' .. key, amount)
   end
-  redis.call('ZREM', live, rid)
+  redis.call('HDEL', rec, 'held')
 end
+redis.call('ZREM', live, rid)
 for period, key in pairs(wins) do
   local spent = P .. ':spent:' .. team .. ':' .. key
   redis.call('INCRBY', spent, s.cost)
@@ -229,7 +235,7 @@ return 1
 )
 
 _RENEW: Final = (
-    "-- clipia_renew_v1\n"
+    "-- clipia_renew_v2\n"
     + _PRELUDE
     + """
 local rid = ARGV[2]
@@ -247,7 +253,7 @@ return 1
 )
 
 _USAGE: Final = (
-    "-- clipia_usage_v1\n"
+    "-- clipia_usage_v2\n"
     + _PRELUDE
     + """
 local team = ARGV[2]
@@ -259,6 +265,30 @@ for i = 3, #ARGV do
   table.insert(out, tonumber(redis.call('GET', P .. ':reserved:' .. team .. ':' .. ARGV[i]) or '0'))
 end
 return out
+"""
+)
+
+_RELEASE_SLOT: Final = (
+    "-- clipia_release_slot_v2\n"
+    + _PRELUDE
+    + """
+local rid = ARGV[2]
+local team = redis.call('HGET', P .. ':rec:' .. rid, 'team')
+if not team then return 0 end
+return redis.call('ZREM', P .. ':live:' .. team, rid)
+"""
+)
+
+_NOTE: Final = (
+    "-- clipia_note_upstream_id_v2\n"
+    + _PRELUDE
+    + """
+local rid = ARGV[2]
+local rec = P .. ':rec:' .. rid
+if redis.call('HGET', rec, 'state') ~= 'dispatched' then return 0 end
+redis.call('HSET', rec, 'upstream_id', ARGV[3])
+redis.call('SET', P .. ':owner:' .. ARGV[3], redis.call('HGET', rec, 'team'), 'EX', ARGV[4])
+return 1
 """
 )
 
@@ -310,6 +340,8 @@ class RedisStore:
         self._settle = client.register_script(_SETTLE)
         self._renew = client.register_script(_RENEW)
         self._usage = client.register_script(_USAGE)
+        self._release_slot = client.register_script(_RELEASE_SLOT)
+        self._note = client.register_script(_NOTE)
 
     @classmethod
     def from_config(cls, config: StoreConfig, url: str | None = None) -> RedisStore:
@@ -416,6 +448,16 @@ class RedisStore:
     async def renew(self, request_id: str, now: float, lease_seconds: float) -> None:
         """See ``Store.renew``; the lease runs on the server's clock (``now`` is unused)."""
         await self._call(self._renew, keys=[], args=[self._prefix, request_id, lease_seconds])
+
+    async def release_slot(self, request_id: str) -> None:
+        """See ``Store.release_slot`` (one Lua script)."""
+        await self._call(self._release_slot, keys=[], args=[self._prefix, request_id])
+
+    async def note_upstream_id(self, request_id: str, upstream_id: str) -> None:
+        """See ``Store.note_upstream_id`` (one Lua script; also records the id's owner)."""
+        await self._call(
+            self._note, keys=[], args=[self._prefix, request_id, upstream_id, _RECORD_TTL]
+        )
 
     async def usage(self, team: str, keys: list[str], now: float) -> dict[str, WindowUsage]:
         """See ``Store.usage``."""

@@ -12,9 +12,9 @@ import logging
 import math
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from decimal import Decimal
-from typing import Final
+from typing import Final, TypeVar
 from zoneinfo import ZoneInfo
 
 import msgspec
@@ -47,6 +47,7 @@ from .store import LocalStore, Store, StoreUnavailable
 __all__ = ["ALL_PERIODS", "Admission", "QuotaService", "limits_of"]
 
 _LOGGER: Final = logging.getLogger(__name__)
+_T = TypeVar("_T")
 ALL_PERIODS: Final = [Period.DAY, Period.WEEK, Period.MONTH, Period.TOTAL]
 _RATE_WINDOW_SECONDS: Final = 60.0
 
@@ -377,6 +378,18 @@ class QuotaService:
             "settlement of %s could not be written; the reconciler will charge it", request_id
         )
         return False
+
+    @property
+    def local_store(self) -> LocalStore | None:
+        """The store when it can act without waiting (memory, sqlite), else None."""
+        return self._local
+
+    async def call(self, operation: Awaitable[_T]) -> _T:
+        """Await one store operation, bounded by ``store.timeout_seconds`` for a remote store."""
+        if not self._remote:
+            return await operation
+        async with asyncio.timeout(self._timeout):
+            return await operation
 
     @property
     def settles_locally(self) -> bool:

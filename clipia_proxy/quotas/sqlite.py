@@ -9,7 +9,9 @@ start-up reconciler is the backstop); ``settle_nowait`` does the same without be
 its write lingering up to ``_LINGER_SECONDS`` to share the next write's transaction. On
 start-up, spent per window is summed from settled records (``json_extract`` of their window keys;
 day/week/month over the last 40 days only), the last minute of RPM/TPM is rebuilt, and
-unsettled records are handed to the reconciler. sqlite3 runs on one worker thread: nothing
+unsettled records are handed to the reconciler (their money stays reserved until it settles
+them). ``note_upstream_id_nowait`` writes a stream's upstream id in the transaction of the
+event-loop turn that saw its first chunk. sqlite3 runs on one worker thread: nothing
 blocks the event loop. WAL journal with ``synchronous=NORMAL``: a commit survives a crash of
 the process (not of the machine's power).
 """
@@ -414,6 +416,12 @@ class SqliteStore:
             ),
         )
 
+    def _note(self, request_id: str, upstream_id: str) -> None:
+        self._conn().execute(
+            "UPDATE ledger SET upstream_id = ? WHERE request_id = ? AND state = 'dispatched'",
+            (upstream_id, request_id),
+        )
+
     def _select(self, where: str, args: tuple[Any, ...]) -> list[LedgerRecord]:
         rows = self._conn().execute(
             f"SELECT {_COLUMNS} FROM ledger WHERE {where} ORDER BY created_at",  # noqa: S608 - constant clauses only
@@ -545,6 +553,41 @@ class SqliteStore:
     async def renew(self, request_id: str, now: float, lease_seconds: float) -> None:
         """See ``Store.renew`` (leases live in memory: one replica)."""
         self.engine.renew(request_id, now + lease_seconds, now)
+
+    async def release_slot(self, request_id: str) -> None:
+        """See ``Store.release_slot`` (slots live in memory: one replica)."""
+        self.engine.release_slot(request_id)
+
+    def release_slot_nowait(self, request_id: str) -> None:
+        """See ``LocalStore.release_slot_nowait``."""
+        self.engine.release_slot(request_id)
+
+    async def note_upstream_id(self, request_id: str, upstream_id: str) -> None:
+        """See ``Store.note_upstream_id``: committed before it returns."""
+        if self.engine.note_upstream_id(request_id, upstream_id) is not None:
+            await self._run(self._note, request_id, upstream_id, write=True)
+
+    def note_upstream_id_nowait(self, request_id: str, upstream_id: str) -> None:
+        """See ``LocalStore.note_upstream_id_nowait``: queued in this turn's transaction.
+
+        Not a lingering write: the worker takes it at the end of the current event-loop turn,
+        with the other writes of that turn (one commit). A failed write is logged; the
+        settlement writes the id again.
+        """
+        if self.engine.note_upstream_id(request_id, upstream_id) is None:
+            return
+        try:
+            future = self._worker.call(self._note, (request_id, upstream_id), write=True)
+        except sqlite3.Error as exc:
+            _LOGGER.warning("upstream id of %s not written: %s", request_id, exc)
+            return
+        future.add_done_callback(functools.partial(self._noted, request_id))
+
+    @staticmethod
+    def _noted(request_id: str, future: asyncio.Future[None]) -> None:
+        exc = None if future.cancelled() else future.exception()
+        if exc is not None:
+            _LOGGER.warning("upstream id of %s not written: %s", request_id, exc)
 
     async def usage(self, team: str, keys: list[str], now: float) -> dict[str, WindowUsage]:
         """See ``Store.usage``."""

@@ -4,10 +4,13 @@ A reservation *is* the request's ledger record: ``reserve`` checks every limit a
 admits, writes the record ``dispatched`` — atomically, all-or-nothing, durably before it
 returns — so a request is never sent without its record, and a refused one leaves nothing.
 ``settle`` replaces the reservation with the actual cost exactly once: calling it again for
-the same request id changes nothing. Reservations are leases: past ``lease_until`` they stop
-counting against budgets and concurrency (a crashed replica cannot hold budget forever),
-while their record stays ``dispatched`` for the reconciler. Every method may raise
-:class:`StoreUnavailable`.
+the same request id changes nothing. A reservation holds a concurrency slot and money. The
+slot is a lease: past ``lease_until`` (or at ``release_slot``, when the client left) it stops
+counting against concurrency. The money stays reserved until the record is settled — by the
+request, or by the reconciler after a crash — so a crashed replica's spend is never counted as
+neither reserved nor spent. ``note_upstream_id`` makes the upstream (generation) id durable as
+soon as it is known, so a crash after it can still be settled from ``/v1/generation``. Every
+method may raise :class:`StoreUnavailable`.
 """
 
 from __future__ import annotations
@@ -81,6 +84,12 @@ class Store(Protocol):
     async def renew(self, request_id: str, now: float, lease_seconds: float) -> None:
         """Extend a live reservation's lease to ``now + lease_seconds`` (long streams)."""
 
+    async def release_slot(self, request_id: str) -> None:
+        """Free the request's concurrency slot now (its client left); the money stays reserved."""
+
+    async def note_upstream_id(self, request_id: str, upstream_id: str) -> None:
+        """Store the upstream (generation) id on an unsettled record; no-op once settled."""
+
     async def usage(self, team: str, keys: list[str], now: float) -> dict[str, WindowUsage]:
         """Return spent and (live) reserved micro-credits of the team's windows ``keys``."""
 
@@ -111,3 +120,9 @@ class LocalStore(Store, Protocol):
         retried in the background; if it never lands, the record stays ``dispatched`` for
         the reconciler, as with ``settle``.
         """
+
+    def release_slot_nowait(self, request_id: str) -> None:
+        """``release_slot`` without waiting (in memory)."""
+
+    def note_upstream_id_nowait(self, request_id: str, upstream_id: str) -> None:
+        """``note_upstream_id`` without waiting: the write joins this event-loop turn's batch."""
