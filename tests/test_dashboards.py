@@ -499,7 +499,10 @@ def test_alerts_cover_the_operational_risks() -> None:
         assert metric in everything, metric
     assert any('"401|403"' in expr for expr in exprs.values())
     assert any(">= 0.8" in expr for expr in exprs.values())
-    assert any(">= 1" in expr for expr in exprs.values())
+    # Refusals start when a reservation does not fit, before 100 %: any budget refusal alerts,
+    # and so does a headroom of few typical requests.
+    assert any('reason="budget"' in expr for expr in exprs.values())
+    assert "clipia_proxy_budget_headroom_requests" in everything
     assert any("== -1" in expr for expr in exprs.values())
 
 
