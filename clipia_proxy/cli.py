@@ -66,7 +66,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     )
     for warning in config.warnings:
         logging.getLogger("clipia_proxy").warning("%s", warning)
-    from .server import serve
+    from .server import BindError, serve
 
     def reload_logging(new: Config) -> None:
         # --log-level stays in force over a reloaded logging.level.
@@ -74,7 +74,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         level = args.log_level or settings.level
         apply_logging(handler, level, fmt=settings.format, access_log=settings.access_log)
 
-    _run(serve(config, config_path=args.config, on_reload=reload_logging))
+    try:
+        _run(serve(config, config_path=args.config, on_reload=reload_logging))
+    except BindError as exc:
+        print(f"clipia-proxy serve: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -29,7 +29,12 @@ from .keys import HEALTH, LIVE, METRICS, STREAMS, TASKS
 from .reload import Reloader
 from .streaming import OpenStreams
 
-__all__ = ["Running", "serve", "start"]
+__all__ = ["BindError", "Running", "serve", "start"]
+
+
+class BindError(Exception):
+    """A port could not be listened on; the message names the address (one line)."""
+
 
 _LOGGER: Final = logging.getLogger(__name__)
 _CUT_MARGIN_SECONDS: Final = 1.0
@@ -121,9 +126,14 @@ async def start(
         admin, admin_limits, "admin", log, server.admin_host or server.host, server.admin_port, 1.0
     )
     # The application's start-up work (store, reconciliation, catalog warm-up) runs here.
-    data_runners = await _listen(
-        app, data_limits, "data", log, server.host, server.port, _FINAL_WAIT_SECONDS
-    )
+    try:
+        data_runners = await _listen(
+            app, data_limits, "data", log, server.host, server.port, _FINAL_WAIT_SECONDS
+        )
+    except BaseException:
+        for runner in reversed(admin_runners):
+            await runner.cleanup()
+        raise
     reloader = None
     if config_path is not None:
         metrics = app[METRICS]
@@ -164,7 +174,14 @@ async def _listen(
     gateway = GatewayServer(app_runner.server, limits, name=name, log=log, access_log=None)
     runner = web.ServerRunner(gateway, shutdown_timeout=shutdown_timeout)
     await runner.setup()
-    await web.TCPSite(runner, host, port, backlog=_BACKLOG).start()
+    try:
+        await web.TCPSite(runner, host, port, backlog=_BACKLOG).start()
+    except OSError as exc:
+        await runner.cleanup()
+        await app_runner.cleanup()
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        reason = exc.strerror or str(exc)
+        raise BindError(f"cannot listen on {address} (the {name} port): {reason}") from exc
     return app_runner, runner
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -79,3 +82,47 @@ def test_keygen_output_pastes_into_config_and_works_with_the_sdk(
     import asyncio
 
     assert asyncio.run(call()) == "gpt-5.5"
+
+
+@pytest.mark.parametrize("busy", ["port", "admin_port"])
+def test_serve_on_a_busy_port_says_so_in_one_line_and_exits_non_zero(
+    tmp_path: Path, busy: str
+) -> None:
+    from bench.run import UPSTREAM_KEY_ENV, gateway_config
+    from clipia_proxy.auth import generate_key
+
+    with contextlib.ExitStack() as stack:
+        occupied = stack.enter_context(socket.socket())
+        occupied.bind(("127.0.0.1", 0))
+        occupied.listen()
+        taken = occupied.getsockname()[1]
+        free = stack.enter_context(socket.socket())
+        free.bind(("127.0.0.1", 0))  # held, never listening: Clipia's address refuses at once
+        ports = {"port": 0, "admin_port": 0, busy: taken}
+        config = tmp_path / "gateway.yaml"
+        config.write_text(
+            gateway_config(
+                port=ports["port"],
+                admin_port=ports["admin_port"],
+                emulator_port=free.getsockname()[1],
+                team_key=generate_key(),
+                store="memory",
+            )
+        )
+        done = subprocess.run(
+            [sys.executable, "-m", "clipia_proxy", "serve", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=tmp_path,
+            env={**os.environ, UPSTREAM_KEY_ENV: "clipia_test_" + "k" * 32},
+            check=False,
+        )
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    about = [line for line in lines if str(taken) in line]
+    name = "admin" if busy == "admin_port" else "data"
+    assert about == [lines[-1]]
+    assert lines[-1].startswith(f"clipia-proxy serve: cannot listen on 127.0.0.1:{taken} ")
+    assert f"(the {name} port)" in lines[-1]
