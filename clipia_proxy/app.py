@@ -20,7 +20,7 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from . import handlers, mcp_http
 from .auth import Refusal
 from .catalog import Catalog
-from .config import Config, Secret, read_api_key
+from .config import Config, Secret, read_api_key, read_test_api_key
 from .errors import (
     Draining,
     ExpectationFailed,
@@ -48,6 +48,7 @@ from .keys import (
     STREAMS,
     TASKS,
     UPSTREAM,
+    UPSTREAMS,
 )
 from .ledger import Ledger
 from .live import Live
@@ -57,6 +58,7 @@ from .quotas.memory import MemoryStore
 from .quotas.service import QuotaService
 from .quotas.sqlite import SqliteStore
 from .quotas.store import Store, StoreUnavailable
+from .sandbox import Upstreams
 from .streaming import OpenStreams
 from .tasks import TaskRegistry
 from .upstream import UpstreamClient
@@ -98,6 +100,7 @@ def create_app(
     config: Config,
     *,
     api_key: Secret | None = None,
+    test_api_key: Secret | None = None,
     today: Callable[[], dt.date] | None = None,
     store: Store | None = None,
     clock: Callable[[], float] | None = None,
@@ -105,6 +108,7 @@ def create_app(
     """Build the data-port application for ``config``.
 
     ``api_key`` overrides the Clipia key named by the config (the demo and tests use it);
+    ``test_api_key`` the sandbox key named by ``upstream.test_api_key_env``;
     ``today`` the date used for key expiry; ``store`` the quota store (else built from
     ``config.store``); ``clock`` the quota clock (epoch s).
     """
@@ -122,6 +126,18 @@ def create_app(
         key,
         on_attempt=lambda code: attempts[0](code) if attempts else None,
     )
+    test_key = test_api_key if test_api_key is not None else read_test_api_key(config.upstream)
+    upstreams = Upstreams(
+        upstream,
+        UpstreamClient(
+            config.upstream,
+            test_key,
+            on_attempt=lambda code: attempts[0](code) if attempts else None,
+        )
+        if test_key is not None
+        else None,
+    )
+    upstreams.apply(config.teams)
     catalog = Catalog(upstream, config.catalog, tasks)
     quota_clock = clock or time.time
     quotas = QuotaService(
@@ -134,6 +150,7 @@ def create_app(
         upstream,
         rubles_per_credit=config.accounting.rubles_per_credit,
         spawn=lambda coro, name: tasks.spawn(coro, name=name),
+        upstream_for=upstreams.for_team,
     )
     metrics = Metrics(
         [team.id for team in config.teams],
@@ -145,6 +162,7 @@ def create_app(
         store_errors=lambda: quotas.store_errors,
         models=catalog.model_ids,
         allows=lambda team, model: _allows(app, team, model),
+        environment=upstreams.environment,
     )
     catalog.on_change = metrics.set_models
     attempts.append(metrics.record_upstream_attempt)
@@ -155,6 +173,7 @@ def create_app(
     app[LIVE] = Live(config, today=today)
     app[TASKS] = tasks
     app[UPSTREAM] = upstream
+    app[UPSTREAMS] = upstreams
     app[CATALOG] = catalog
     app[GENERATIONS] = GenerationOwners(_GENERATION_OWNERS)
     app[HEALTH] = Health(
@@ -203,6 +222,7 @@ def _allows(app: web.Application, team: str, model: str) -> bool:
 def apply_config(app: web.Application, config: Config) -> None:
     """Swap in a reloaded config for new requests (see ``reload``); counters and streams stay."""
     app[LIVE].apply(config)
+    app[UPSTREAMS].apply(config.teams)
     app[QUOTAS].apply(config)
     app[CATALOG].apply(config.catalog)
     app[METRICS].set_teams(team.id for team in config.teams)
@@ -335,9 +355,12 @@ async def _drain_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
-    await app[UPSTREAM].start()
+    clients = app[UPSTREAMS].clients()
+    for client in clients:
+        await client.start()
     yield
-    await app[UPSTREAM].close()
+    for client in clients:
+        await client.close()
 
 
 async def _catalog_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -47,6 +47,8 @@ __all__ = [
     "UpstreamConfig",
     "load_config",
     "parse_config",
+    "read_api_key",
+    "read_test_api_key",
 ]
 
 _STRUCT: Final = {"frozen": True, "forbid_unknown_fields": True, "kw_only": True}
@@ -120,6 +122,9 @@ class UpstreamConfig(msgspec.Struct, **_STRUCT):
     retries: int = 2
     max_retry_wait_seconds: float = 5.0
     """Longest upstream ``Retry-After`` the gateway waits out itself before answering 429."""
+    test_api_key_env: str | None = None
+    """The environment variable holding Clipia's sandbox key (``clipia_test_…``), used for the
+    requests of ``environment: test`` teams only (and never for the others)."""
 
 
 class CatalogConfig(msgspec.Struct, **_STRUCT):
@@ -249,6 +254,9 @@ class TeamConfig(msgspec.Struct, **_STRUCT):
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     shadow: bool = False
     """Evaluate every limit and count would-be refusals, but block nothing."""
+    environment: Literal["live", "test"] = "live"
+    """``test``: the team's requests go upstream with the sandbox key only, and its spend is
+    recorded apart from live spend."""
 
 
 class Config(msgspec.Struct, **_STRUCT):
@@ -359,6 +367,7 @@ def parse_config(
     config = Config(**values, source=source)
     _check(config, team_paths, source, problems, warnings)
     _check_environment(config, source, environ, problems if resolve_secrets else warnings)
+    _check_sandbox(config, team_paths, source, environ, resolve_secrets, problems, warnings)
     if problems:
         raise ConfigError(problems)
     return msgspec.structs.replace(config, warnings=tuple(warnings))
@@ -408,6 +417,81 @@ def _check_environment(
             f"{source}: ledger.postgres_dsn_env: the environment variable "
             f"{ledger.postgres_dsn_env} is not set"
         )
+
+
+_LIVE_PREFIX: Final = "clipia_live_"
+_TEST_PREFIX: Final = "clipia_test_"
+
+
+def _live_key_value(upstream: UpstreamConfig, env: Mapping[str, str]) -> str | None:
+    if upstream.api_key_file:
+        try:
+            return Path(upstream.api_key_file).read_text(encoding="utf-8").strip()
+        except OSError:
+            return None
+    return env.get(upstream.api_key_env, "").strip() if upstream.api_key_env else None
+
+
+def _check_sandbox(
+    config: Config,
+    team_paths: list[str],
+    source: str,
+    environ: Mapping[str, str] | None,
+    resolve: bool,
+    problems: list[str],
+    warnings: list[str],
+) -> None:
+    """Sandbox teams need the sandbox key, and neither key variable may hold the other kind."""
+    env = os.environ if environ is None else environ
+    upstream = config.upstream
+    test_teams = [
+        (path, team)
+        for path, team in zip(team_paths, config.teams, strict=False)
+        if team.environment == "test"
+    ]
+    if upstream.test_api_key_env is None:
+        problems.extend(
+            f"{source}: {path}.environment: a test team needs the sandbox key: set "
+            "upstream.test_api_key_env"
+            for path, _ in test_teams
+        )
+        return
+    if upstream.test_api_key_env == upstream.api_key_env:
+        problems.append(
+            f"{source}: upstream.test_api_key_env: must name another variable than api_key_env"
+        )
+        return
+    test_value = env.get(upstream.test_api_key_env, "").strip()
+    if not test_value:
+        if test_teams:
+            (problems if resolve else warnings).append(
+                f"{source}: upstream.test_api_key_env: the environment variable "
+                f"{upstream.test_api_key_env} is not set"
+            )
+    elif test_value.startswith(_LIVE_PREFIX):
+        problems.append(
+            f"{source}: upstream.test_api_key_env: {upstream.test_api_key_env} holds a live key "
+            f"({_LIVE_PREFIX}…); it must hold the sandbox key ({_TEST_PREFIX}…)"
+        )
+    live_value = _live_key_value(upstream, env)
+    if live_value and live_value.startswith(_TEST_PREFIX):
+        where = "api_key_file" if upstream.api_key_file else "api_key_env"
+        problems.append(
+            f"{source}: upstream.{where}: the live key is a sandbox key ({_TEST_PREFIX}…) while "
+            "upstream.test_api_key_env is set; it must hold the live key "
+            f"({_LIVE_PREFIX}…)"
+        )
+
+
+def read_test_api_key(
+    upstream: UpstreamConfig, environ: Mapping[str, str] | None = None
+) -> Secret | None:
+    """Return the sandbox key named by ``upstream.test_api_key_env``, or ``None`` (unset/empty)."""
+    if upstream.test_api_key_env is None:
+        return None
+    env = os.environ if environ is None else environ
+    value = env.get(upstream.test_api_key_env, "").strip()
+    return Secret(value) if value else None
 
 
 def read_api_key(upstream: UpstreamConfig, environ: Mapping[str, str] | None = None) -> Secret:

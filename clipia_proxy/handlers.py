@@ -41,7 +41,7 @@ from .keys import (
     QUOTAS,
     STREAMS,
     TASKS,
-    UPSTREAM,
+    UPSTREAMS,
 )
 from .ledger import Flight
 from .live import Live
@@ -305,6 +305,8 @@ async def complete_chat(
             "bounded; the platform team can set caps.max_request_credits for it.",
             param="model",
         ) from exc
+    # Refused before any reservation if a test team has no sandbox key to go with.
+    _ = app[UPSTREAMS].for_team(team.id)
     app[METRICS].record_reservation(team.id, credits(worst_case.amount))
     admission = await app[QUOTAS].admit(
         request_id=info.request_id,
@@ -376,7 +378,12 @@ async def _forward(
     app = request.app
     config = app[LIVE].config
     info = request[INFO]
-    upstream = app[UPSTREAM]
+    try:
+        upstream = app[UPSTREAMS].for_team(flight.admission.team)  # test teams: sandbox key
+    except UpstreamUnavailable:
+        flight.sent = False  # a reload removed the sandbox key meanwhile: never sent
+        flight.outcome = Outcome.NOT_SENT
+        raise
     headers = flight.admission.headers
     info.upstream_sent = time.perf_counter()
     try:
@@ -661,7 +668,7 @@ async def generation(request: web.Request) -> web.Response:
             and record.usage_source in _UPSTREAM_SOURCES
         ):
             return web.Response(body=_generation_from_ledger(ids[0], record), content_type=_JSON)
-    upstream = request.app[UPSTREAM]
+    upstream = request.app[UPSTREAMS].for_team(team)  # test teams: the sandbox key
     response = await upstream.send(
         "GET", "/generation", request_id=request[INFO].request_id, query={"id": ids[0]}
     )

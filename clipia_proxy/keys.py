@@ -15,6 +15,7 @@ if TYPE_CHECKING:  # the keys name these types in strings only (no import cycles
     from .live import Live  # noqa: F401
     from .metrics import Metrics  # noqa: F401
     from .quotas.service import QuotaService  # noqa: F401
+    from .sandbox import Upstreams  # noqa: F401
     from .streaming import OpenStreams  # noqa: F401
     from .tasks import TaskRegistry  # noqa: F401
     from .upstream import UpstreamClient  # noqa: F401
@@ -32,6 +33,7 @@ __all__ = [
     "STREAMS",
     "TASKS",
     "UPSTREAM",
+    "UPSTREAMS",
 ]
 
 # Application keys: set once by app.create_app (or its cleanup contexts), read by handlers.
@@ -39,6 +41,9 @@ LIVE: Final = web.AppKey["Live"]("live")
 """The config in force with its authenticator and policies; replaced whole by a reload."""
 TASKS: Final = web.AppKey["TaskRegistry"]("tasks")
 UPSTREAM: Final = web.AppKey["UpstreamClient"]("upstream")
+"""The client with the live Clipia key (the catalog, and every live team's requests)."""
+UPSTREAMS: Final = web.AppKey["Upstreams"]("upstreams")
+"""The live and sandbox clients, and which one each team's requests use."""
 CATALOG: Final = web.AppKey["Catalog"]("catalog")
 HEALTH: Final = web.AppKey["Health"]("health")
 QUOTAS: Final = web.AppKey["QuotaService"]("quotas")

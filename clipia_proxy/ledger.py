@@ -104,9 +104,12 @@ class Ledger:
         rubles_per_credit: Decimal,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         spawn: Callable[[Coroutine[Any, Any, None], str], object] | None = None,
+        upstream_for: Callable[[str], UpstreamClient] | None = None,
     ) -> None:
         self._quotas = quotas
         self._upstream = upstream
+        self._upstream_for = upstream_for
+        """Team -> the client whose key created its generations (sandbox teams: the test key)."""
         self._rubles_per_credit = rubles_per_credit
         self._sleep = sleep
         self._spawn = spawn
@@ -277,7 +280,7 @@ class Ledger:
         """Settle one flight (from a TaskRegistry task); return what was charged."""
         generation = None
         if _needs_lookup(flight) and flight.upstream_id is not None:
-            generation = await self.generation_cost(flight.upstream_id)
+            generation = await self.generation_cost(flight.upstream_id, flight.admission.team)
         settlement = self.decide(flight, generation)
         if flight.admission.reserved:
             await self._quotas.settle(flight.admission.request_id, settlement)
@@ -289,14 +292,26 @@ class Ledger:
         self.usage_sources[source] = self.usage_sources.get(source, 0) + 1
 
     async def generation_cost(
-        self, upstream_id: str, *, attempts: int = _GENERATION_ATTEMPTS
+        self,
+        upstream_id: str,
+        team: str | None = None,
+        *,
+        attempts: int = _GENERATION_ATTEMPTS,
     ) -> _GenerationCost | None:
-        """Ask ``GET /v1/generation`` for the actual cost, retrying while it lags (404)."""
+        """Ask ``GET /v1/generation`` for the actual cost, retrying while it lags (404).
+
+        Asked with the key ``team``'s requests use (a generation is visible to its own key).
+        """
         for attempt in range(attempts):
             if attempt:
                 await self._sleep(_GENERATION_BACKOFF_SECONDS * 2 ** (attempt - 1))
             try:
-                response = await self._upstream.send(
+                upstream = (
+                    self._upstream
+                    if team is None or self._upstream_for is None
+                    else self._upstream_for(team)
+                )
+                response = await upstream.send(
                     "GET",
                     "/generation",
                     request_id=f"ledger-{uuid.uuid4().hex}",
@@ -360,7 +375,7 @@ class Ledger:
         if record.upstream_id:
             # One lookup per pass: a lagging one is tried again by the next pass (start-up
             # is not held up by retries).
-            generation = await self.generation_cost(record.upstream_id, attempts=1)
+            generation = await self.generation_cost(record.upstream_id, record.team, attempts=1)
             if generation is not None:
                 return generation.settlement(Outcome.CRASHED, record.upstream_id, now)
             if now - record.created_at < _CRASH_LOOKUP_HORIZON_SECONDS:

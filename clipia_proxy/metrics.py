@@ -210,8 +210,13 @@ class Metrics:
         store_errors: Callable[[], Mapping[str, int]] = dict,
         models: Callable[[], frozenset[str]] = frozenset,
         allows: Callable[[str, str], bool] = lambda team, model: True,
+        environment: Callable[[str], str] = lambda team: "live",
     ) -> None:
-        """``models`` returns the catalog's chat model ids; ``allows(team, model)`` the policy."""
+        """Build every metric; the callables are read at scrape or settlement time.
+
+        ``models`` returns the catalog's chat model ids; ``allows(team, model)`` the policy;
+        ``environment(team)`` is ``live``, or ``test`` for a sandbox team.
+        """
         self.registry: Final = CollectorRegistry(auto_describe=True)
         self.catalog_age = catalog_age
         self.catalog_refreshes = catalog_refreshes
@@ -220,11 +225,12 @@ class Metrics:
         self.store_errors = store_errors
         self._catalog_models = models
         self._allows = allows
+        self._environment = environment
         self._teams: frozenset[str] = frozenset()
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         """(id of the metric, labels) -> its child: the hot path's cache (bounded labels)."""
-        self._settlement_pairs: frozenset[tuple[str, str]] = frozenset()
-        """(team, model) pairs whose spend and token series exist."""
+        self._settlement_pairs: frozenset[tuple[str, str, str]] = frozenset()
+        """(team, model, environment) whose spend and token series exist."""
         self.typical_reservation: dict[str, float] = {}
         """team -> moving average of its requests' reservations, in credits (headroom)."""
         self.budgets: dict[tuple[str, str], BudgetSnapshot] = {}
@@ -258,10 +264,16 @@ class Metrics:
             registry=r,
         )
         self._spend: Final = Counter(
-            PREFIX + "spend_credits", "Settled spend, in credits.", ["team", "model"], registry=r
+            PREFIX + "spend_credits",
+            "Settled spend, in credits.",
+            ["team", "model", "environment"],
+            registry=r,
         )
         self._tokens: Final = Counter(
-            PREFIX + "tokens", "Settled tokens.", ["team", "model", "type"], registry=r
+            PREFIX + "tokens",
+            "Settled tokens.",
+            ["team", "model", "environment", "type"],
+            registry=r,
         )
         self._rejections: Final = Counter(
             PREFIX + "rejections",
@@ -355,19 +367,19 @@ class Metrics:
     def _sync_settlement_series(self) -> None:
         models = self._catalog_models()
         wanted = frozenset(
-            (team, model)
+            (team, model, self._environment_label(team))
             for team in self._teams
             for model in (*models, "other")
             if model == "other" or self._allows(team, model)
         )
-        for team, model in self._settlement_pairs - wanted:
-            self._spend.remove(team, model)
+        for labels in self._settlement_pairs - wanted:
+            self._spend.remove(*labels)
             for kind in _TOKEN_TYPES:
-                self._tokens.remove(team, model, kind)
-        for team, model in wanted - self._settlement_pairs:
-            self._spend.labels(team, model)
+                self._tokens.remove(*labels, kind)
+        for labels in wanted - self._settlement_pairs:
+            self._spend.labels(*labels)
             for kind in _TOKEN_TYPES:
-                self._tokens.labels(team, model, kind)
+                self._tokens.labels(*labels, kind)
         self._settlement_pairs = wanted
         self._children.clear()  # removed children must not be written to any more
 
@@ -437,15 +449,25 @@ class Metrics:
         )
 
     def record_settlement(
-        self, *, team: str, model: str, cost: Decimal, prompt_tokens: int, completion_tokens: int
+        self,
+        *,
+        team: str,
+        model: str,
+        cost: Decimal,
+        prompt_tokens: int,
+        completion_tokens: int,
     ) -> None:
-        """Count settled spend and tokens."""
-        team_label, model_label = self.team(team), self.model(model)
-        self._child(self._spend, team_label, model_label).inc(float(cost))
+        """Count settled spend and tokens (labelled with the team's environment)."""
+        labels = (self.team(team), self.model(model), self._environment_label(team))
+        self._child(self._spend, *labels).inc(float(cost))
         if prompt_tokens:
-            self._child(self._tokens, team_label, model_label, "prompt").inc(prompt_tokens)
+            self._child(self._tokens, *labels, "prompt").inc(prompt_tokens)
         if completion_tokens:
-            self._child(self._tokens, team_label, model_label, "completion").inc(completion_tokens)
+            self._child(self._tokens, *labels, "completion").inc(completion_tokens)
+
+    def _environment_label(self, team: str) -> str:
+        """``test`` for a sandbox team, else ``live`` (two values: bounded)."""
+        return "test" if self._environment(team) == "test" else "live"
 
     def record_stream_end(self, team: str, reason: str) -> None:
         """Count a stream by how it ended (one of ``STREAM_REASONS``)."""

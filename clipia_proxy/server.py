@@ -108,6 +108,7 @@ async def start(
     config: Config,
     *,
     api_key: Secret | None = None,
+    test_api_key: Secret | None = None,
     config_path: str | os.PathLike[str] | None = None,
     on_reload: Callable[[Config], None] | None = None,
 ) -> Running:
@@ -116,7 +117,7 @@ async def start(
     With ``config_path`` the file is watched and reloaded when it changes; ``on_reload`` is
     called with each new config after the gateway applied it (the CLI applies ``logging``).
     """
-    app = create_app(config, api_key=api_key)
+    app = create_app(config, api_key=api_key, test_api_key=test_api_key)
     admin = create_admin_app(app)
     server = config.server
     data_limits, admin_limits = connection_limits(server, config.upstream.max_connections)

@@ -388,7 +388,7 @@ def query_of(variable: dict[str, Any]) -> str:
 
 def test_the_registry_is_read() -> None:
     names = exposed()
-    assert names["clipia_proxy_spend_credits_total"].labels == {"team", "model"}
+    assert names["clipia_proxy_spend_credits_total"].labels == {"team", "model", "environment"}
     assert "le" in names["clipia_proxy_request_duration_seconds_bucket"].labels
     assert "le" not in names["clipia_proxy_request_duration_seconds_count"].labels
     assert names["clipia_proxy_budget_limit_credits"].labels == {"team", "period"}

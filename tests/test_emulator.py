@@ -652,26 +652,49 @@ async def test_generation_lag(client: Client, state: EmulatorState) -> None:
 
 
 async def test_key_reports_usage_and_limit(aiohttp_client: AiohttpClient) -> None:
-    state = EmulatorState(key_limits={KEY: Decimal("0.01")})
+    live = "clipia_live_abc123"
+    auth = {"Authorization": f"Bearer {live}"}
+    state = EmulatorState(key_limits={live: Decimal("0.01")})
     client = await aiohttp_client(create_emulator_app(state))
-    resp = await client.get("/v1/key", headers=AUTH)
+    resp = await client.get("/v1/key", headers=auth)
     assert (await _json(resp))["data"] == {
-        "label": "sandbox key",
+        "label": "live key",
         "usage": 0,
         "limit": Decimal("0.01"),
         "limit_remaining": Decimal("0.01"),
         "rate_limit": {"requests": 120, "interval": "1m"},
     }
     while True:
-        resp = await _chat(client, HELLO)
+        resp = await _chat(client, HELLO, **auth)
         if resp.status != 200:
             break
     assert resp.status == 402
     assert _error_of(await _json(resp))["code"] == "insufficient_credits"
     used = sum((b.cost for b in state.bills.values()), Decimal(0))
-    data = (await _json(await client.get("/v1/key", headers=AUTH)))["data"]
+    data = (await _json(await client.get("/v1/key", headers=auth)))["data"]
     assert data["usage"] == used
     assert data["limit_remaining"] == 0
+
+
+async def test_sandbox_key_reports_the_cost_but_is_never_charged(
+    aiohttp_client: AiohttpClient,
+) -> None:
+    state = EmulatorState(key_limits={KEY: Decimal("0.000001")})
+    client = await aiohttp_client(create_emulator_app(state))
+    for _ in range(3):
+        resp = await _chat(client, HELLO)
+        assert resp.status == 200  # a limit never bites: nothing is charged
+        assert Decimal(str((await _json(resp))["usage"]["cost"])) > 0
+    assert [bill.charged for bill in state.bills.values()] == [False] * 3
+    data = (await _json(await client.get("/v1/key", headers=AUTH)))["data"]
+    assert (data["label"], data["usage"]) == ("sandbox key", 0)
+    # A generation is visible to the key that created it only.
+    gen_id = next(iter(state.bills))
+    mine = await client.get("/v1/generation", params={"id": gen_id}, headers=AUTH)
+    assert mine.status == 200
+    other = {"Authorization": "Bearer clipia_live_other"}
+    theirs = await client.get("/v1/generation", params={"id": gen_id}, headers=other)
+    assert theirs.status == 404
 
 
 async def test_rpm_limit_429_with_retry_after(

@@ -239,9 +239,12 @@ async def test_series_for_configured_teams_exist_before_any_traffic(mixed: Stack
     pairs |= {(t, "other") for t in TEAM_IDS}
     assert ("broke", "gpt-5.5") in pairs
     assert ("search", "claude-opus-4-8") not in pairs
-    assert got.by(P + "spend_credits_total", "team", "model") == dict.fromkeys(pairs, 0.0)
-    assert got.by(P + "tokens_total", "team", "model", "type") == {
-        (t, m, kind): 0.0 for t, m in pairs for kind in ("prompt", "completion")
+    # Every team of this stack is live: environment="live" on all of them.
+    assert got.by(P + "spend_credits_total", "team", "model", "environment") == {
+        (t, m, "live"): 0.0 for t, m in pairs
+    }
+    assert got.by(P + "tokens_total", "team", "model", "environment", "type") == {
+        (t, m, "live", kind): 0.0 for t, m in pairs for kind in ("prompt", "completion")
     }
     assert got.by(P + "usage_source_total", "source") == {(s.value,): 0.0 for s in UsageSource}
 
@@ -464,8 +467,20 @@ def check_all(
     assert chat_codes["500"] == 3
 
     # Spend and tokens per (team, model) equal the ledger's settled records.
-    spend = got.by(P + "spend_credits_total", "team", "model")
-    tokens = got.by(P + "tokens_total", "team", "model", "type")
+    spend: dict[tuple[str, ...], float] = {
+        (team, model): value
+        for (team, model, environment), value in got.by(
+            P + "spend_credits_total", "team", "model", "environment"
+        ).items()
+        if environment == "live"  # every team of this stack is live
+    }
+    tokens: dict[tuple[str, ...], float] = {
+        (team, model, kind): value
+        for (team, model, environment, kind), value in got.by(
+            P + "tokens_total", "team", "model", "environment", "type"
+        ).items()
+        if environment == "live"
+    }
     ledger_spend: Counter[tuple[str, ...]] = Counter()
     ledger_tokens: Counter[tuple[str, ...]] = Counter()
     for r in records:
@@ -656,6 +671,32 @@ def test_spend_series_follow_teams_policies_and_the_catalog() -> None:
         "new/other": 0.0,
     }
     assert not any(dict(labels).get("team") == "ops" for _name, labels in samples)
+
+
+def test_a_sandbox_teams_spend_is_labelled_test_and_follows_a_reload() -> None:
+    environments = {"search": "live", "ci": "test"}
+    metrics = Metrics(
+        ["search", "ci"],
+        version="test",
+        models=lambda: frozenset({"gpt-5.5"}),
+        environment=lambda team: environments.get(team, "live"),
+    )
+    for team in ("search", "ci"):
+        metrics.record_settlement(
+            team=team, model="gpt-5.5", cost=Decimal("0.5"), prompt_tokens=3, completion_tokens=2
+        )
+
+    def spend() -> dict[tuple[str, str], float]:
+        return {
+            (dict(labels)["team"], dict(labels)["environment"]): value
+            for (name, labels), value in _samples(metrics).items()
+            if name == P + "spend_credits_total" and dict(labels)["model"] == "gpt-5.5"
+        }
+
+    assert spend() == {("search", "live"): 0.5, ("ci", "test"): 0.5}
+    environments["ci"] = "live"  # a reload moves ci to the live key: its series move too
+    metrics.set_teams(["search", "ci"])
+    assert spend() == {("search", "live"): 0.5, ("ci", "live"): 0.0}
 
 
 def test_record_functions_equal_the_public_api() -> None:

@@ -187,6 +187,7 @@ async def test_random_traffic_creates_no_series(stack: Stack) -> None:
         "source": {source.value for source in UsageSource},
         "stream": {"true", "false"},
         "type": {"prompt", "completion"},
+        "environment": {"live", "test"},
         "result": {"success", "error"},
         "on_error": {"fail_closed", "fail_open"},
         "period": {"day", "week", "month"},

@@ -359,12 +359,13 @@ async def _send_stream(
 
 
 async def _generation(request: web.Request) -> web.StreamResponse:
-    if _authenticate(request) is None:
+    key = _authenticate(request)
+    if key is None:
         return _error(401)
     generation_id = request.query.get("id")
     if not generation_id:
         return _error(400, "'id' is required.")
-    bill = request.app[STATE_KEY].lookup_generation(generation_id)
+    bill = request.app[STATE_KEY].lookup_generation(generation_id, key)
     if bill is None:
         return _error(404, f"Generation '{generation_id}' not found.")
     created_at = datetime.fromtimestamp(bill.created, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -433,6 +434,7 @@ def _bill_json(bill: Bill) -> dict[str, object]:
         "streamed": bill.streamed,
         "request_id": bill.request_id,
         "key": bill.key,
+        "charged": bill.charged,
         "finish_reason": bill.finish_reason,
         "created": bill.created,
     }

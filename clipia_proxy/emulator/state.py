@@ -25,7 +25,9 @@ from clipia_proxy.emulator.faults import Fault
 __all__ = ["Bill", "EmulatorState", "RateDecision", "RecordedRequest"]
 
 _WINDOW_SECONDS: Final = 60.0
-_KEY_PREFIXES: Final = ("clipia_live_", "clipia_test_")
+SANDBOX_PREFIX: Final = "clipia_test_"
+"""Sandbox keys: their requests are answered and report their computed cost, but charge nothing."""
+_KEY_PREFIXES: Final = ("clipia_live_", SANDBOX_PREFIX)
 
 
 @dataclass(slots=True, kw_only=True)
@@ -76,6 +78,11 @@ class Bill:
     """The first choice's finish reason."""
     created: int
     """Epoch seconds (the response's ``created``)."""
+
+    @property
+    def charged(self) -> bool:
+        """Whether the key was charged: a sandbox key (``clipia_test_…``) never is."""
+        return not self.key.startswith(SANDBOX_PREFIX)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -203,8 +210,8 @@ class EmulatorState:
         return self._decision(window, allowed=len(window) < self.rpm)
 
     def usage(self, key: str) -> Decimal:
-        """Return the credits billed to ``key`` so far."""
-        return sum((b.cost for b in self.bills.values() if b.key == key), Decimal(0))
+        """Return the credits charged to ``key`` so far (always 0 for a sandbox key)."""
+        return sum((b.cost for b in self.bills.values() if b.key == key and b.charged), Decimal(0))
 
     def is_exhausted(self, key: str) -> bool:
         """Return whether ``key`` has a credit limit and has used all of it."""
@@ -226,10 +233,14 @@ class EmulatorState:
         if lag > 0:
             self._lags[bill.id] = lag
 
-    def lookup_generation(self, generation_id: str) -> Bill | None:
-        """Return the bill for a ``/v1/generation`` lookup, or ``None`` (unknown or lagging)."""
+    def lookup_generation(self, generation_id: str, key: str | None = None) -> Bill | None:
+        """Return the bill for a ``/v1/generation`` lookup, or ``None`` (unknown or lagging).
+
+        With ``key``, only a generation that key created is found (a live key does not see
+        the sandbox's generations, nor the other way round).
+        """
         bill = self.bills.get(generation_id)
-        if bill is None:
+        if bill is None or (key is not None and bill.key != key):
             return None
         lag = self._lags.get(generation_id, 0)
         if lag > 0:

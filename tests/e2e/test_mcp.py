@@ -128,7 +128,10 @@ async def test_chat_tool_is_billed_like_the_rest_route(mcp_stack: Stack) -> None
     # Metrics: the spend, and the request on the /mcp route.
     got = await scrape(stack)
     assert got.value(
-        "clipia_proxy_spend_credits_total", team="search", model="claude-sonnet-4-6"
+        "clipia_proxy_spend_credits_total",
+        team="search",
+        model="claude-sonnet-4-6",
+        environment="live",
     ) == float(cost)
     requests = got.series("clipia_proxy_requests_total")
     mcp_chats = [
