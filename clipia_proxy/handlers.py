@@ -18,6 +18,7 @@ import msgspec
 from aiohttp import web
 
 from .catalog import CatalogSnapshot
+from .config import Config
 from .errors import (
     BudgetExceeded,
     ModelNotAllowed,
@@ -44,7 +45,6 @@ from .keys import (
     UPSTREAMS,
 )
 from .ledger import Flight
-from .live import Live
 from .policy import ModelPolicy, apply_caps, bound_output
 from .quotas.estimate import PriceUnknown, estimate
 from .quotas.model import Outcome, RecordState, Settlement, UsageSource, credits
@@ -230,26 +230,33 @@ def _policy(request: web.Request) -> ModelPolicy:
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     """``POST /v1/chat/completions``: check, admit, forward, relay, settle."""
     # The config in force when identity was settled (same turn of the loop), kept for the
-    # whole request: a reload while the body arrives does not change it midway.
+    # whole request: a reload while the body arrives does not change it midway. (``Live`` is
+    # updated in place by a reload: its parts are taken now, not after the body.)
     live = request.app[LIVE]
+    config, policy = live.config, live.policies[request[PRINCIPAL].team]
     # 2. Read and parse strictly.
-    server = live.config.server
+    server = config.server
     raw = await read_json_body(request, server.max_body_bytes, server.body_timeout_seconds)
-    return await complete_chat(request, parse_chat_request(raw), live)
+    return await complete_chat(request, parse_chat_request(raw), config, policy)
 
 
 async def complete_chat(
-    request: web.Request, chat: ChatRequest, live: Live | None = None
+    request: web.Request,
+    chat: ChatRequest,
+    config: Config | None = None,
+    policy: ModelPolicy | None = None,
 ) -> web.StreamResponse:
     """Steps 3-8 for a parsed chat request: policy, caps, admission, forwarding, settlement.
 
     The one path for every chat channel (``/v1/chat/completions`` and the MCP ``chat``
-    tool): the same decision and the same accounting. Refusals raise :class:`ProxyError`;
-    an upstream error status comes back as the (relayed) response.
+    tool): the same decision and the same accounting. ``config`` and ``policy`` are the ones
+    in force when the request arrived (default: now). Refusals raise :class:`ProxyError`; an
+    upstream error status comes back as the (relayed) response.
     """
     app = request.app
-    live = live if live is not None else app[LIVE]
-    config, policy = live.config, live.policies[request[PRINCIPAL].team]
+    if config is None or policy is None:
+        live = app[LIVE]
+        config, policy = live.config, live.policies[request[PRINCIPAL].team]
     info = request[INFO]
     info.stream = chat.stream
     # 3. Policy: alias -> canonical id, allow/deny, catalog, caps.
