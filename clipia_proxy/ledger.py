@@ -153,6 +153,7 @@ class Ledger:
         if not flight.admission.reserved or flight.slot_released:
             return
         flight.slot_released = True
+        self._quotas.slot_freed(flight.admission.team, flight.admission.admitted_at)
         request_id = flight.admission.request_id
         local = self._quotas.local_store
         if local is not None:
@@ -271,6 +272,7 @@ class Ledger:
         if _needs_lookup(flight) or (reserved and not self._quotas.settles_locally):
             return None
         settlement = self.decide(flight, None)
+        self._slot_ends(flight)
         if reserved:
             self._quotas.settle_nowait(flight.admission.request_id, settlement)
         self._count(settlement)
@@ -282,10 +284,15 @@ class Ledger:
         if _needs_lookup(flight) and flight.upstream_id is not None:
             generation = await self.generation_cost(flight.upstream_id, flight.admission.team)
         settlement = self.decide(flight, generation)
+        self._slot_ends(flight)
         if flight.admission.reserved:
             await self._quotas.settle(flight.admission.request_id, settlement)
         self._count(settlement)
         return settlement
+
+    def _slot_ends(self, flight: Flight) -> None:
+        if flight.admission.reserved and not flight.slot_released:
+            self._quotas.slot_freed(flight.admission.team, flight.admission.admitted_at)
 
     def _count(self, settlement: Settlement) -> None:
         source = settlement.usage_source.value

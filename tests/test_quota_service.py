@@ -234,6 +234,21 @@ async def test_concurrency_is_429() -> None:
     assert (await admit(quotas)).reserved
 
 
+async def test_concurrency_retry_after_is_the_estimated_wait_for_a_slot() -> None:
+    """Retry-After: 1 is a lie when the team's requests hold their slots for a minute."""
+    quotas, _, clock = service(config(limits="{concurrency: 2}"))
+    held = [await admit(quotas) for _ in range(2)]
+    clock.t += 60
+    quotas.slot_freed("search", held[0].admitted_at)  # it held its slot 60 s
+    await quotas.settle(held[0].request_id, Settlement(cost=Micro(5)))
+    await admit(quotas)
+    with pytest.raises(ConcurrencyLimited) as caught:
+        await admit(quotas)
+    # Two slots busy with ~60 s requests at random stages: the first frees in ~60 / 3 s.
+    assert caught.value.retry_after == 20
+    assert caught.value.headers()["Retry-After"] == "20"
+
+
 async def test_shadow_counts_would_reject_and_blocks_nothing() -> None:
     quotas, store, _ = service(config(budget="{day: 0.000001}", limits="{rpm: 1}", shadow=True))
     first = await admit(quotas, worst("0.5"))

@@ -78,6 +78,8 @@ class Admission(msgspec.Struct, frozen=True, kw_only=True):
     """False when the store was down and ``fail_open`` let the request through unrecorded."""
     headers: dict[str, str]
     would_reject: Reason | None = None
+    admitted_at: float = 0.0
+    """The service clock at admission (how long the concurrency slot is held is learnt)."""
 
 
 def _humanise_seconds(seconds: float) -> str:
@@ -123,6 +125,8 @@ class QuotaService:
         self.store_reachable = True
         """False since the last store call failed, until one succeeds (feeds ``/readyz``)."""
         self.fail_open: Final = self._fail_open
+        self._slot_seconds: dict[str, float] = {}
+        """Team -> moving average of how long its requests held a concurrency slot."""
         self._lookups: dict[str, deque[float]] = {}
         """Team -> times of its ``/v1/generation`` lookups in the last minute (this replica)."""
 
@@ -209,6 +213,7 @@ class QuotaService:
                     estimate=estimate,
                     reserved=False,
                     headers={},
+                    admitted_at=now,
                 )
             self.store_errors["fail_closed"] += 1
             self.rejections[team, "store_unavailable"] += 1
@@ -232,6 +237,7 @@ class QuotaService:
             reserved=True,
             headers=self._headers(limits, result, current),
             would_reject=result.reason,
+            admitted_at=now,
         )
 
     def _lookups_in_window(self, team: str, now: float) -> int:
@@ -276,6 +282,23 @@ class QuotaService:
             )
         self._lookups.setdefault(team, deque()).append(now)
 
+    def slot_freed(self, team: str, admitted_at: float) -> None:
+        """Learn how long a team's requests hold a concurrency slot (a moving average)."""
+        held = max(self._clock() - admitted_at, 0.0)
+        average = self._slot_seconds.get(team)
+        self._slot_seconds[team] = held if average is None else 0.8 * average + 0.2 * held
+
+    def _slot_wait(self, team: str, limit: int) -> int:
+        """Return the seconds until a slot is likely free (an honest ``Retry-After``).
+
+        With ``limit`` requests of the team's average duration in flight at random stages, the
+        first ends after about average / (limit + 1). At least 1; 1 while nothing was learnt.
+        """
+        average = self._slot_seconds.get(team)
+        if average is None:
+            return 1
+        return max(1, math.ceil(average / (limit + 1)))
+
     def _refusal(
         self,
         team: str,
@@ -300,7 +323,7 @@ class QuotaService:
                 return ConcurrencyLimited(
                     f"Team {team!r} already has {result.used} of {result.limit} requests in "
                     "flight; retry when one finishes.",
-                    retry_after=1,
+                    retry_after=self._slot_wait(team, result.limit),
                 )
             case Reason.RPM:
                 rpm = self._limits.get(team, TeamLimits()).rpm
