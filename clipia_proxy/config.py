@@ -119,6 +119,10 @@ class UpstreamConfig(msgspec.Struct, **_STRUCT):
     first_byte_timeout_seconds: float = 120.0
     idle_timeout_seconds: float = 120.0
     max_connections: int = 512
+    max_connections_per_team: int | None = None
+    """Most requests one team may have in the gateway at once (reading its body, waiting for
+    or holding an upstream connection); also every team's default concurrency. ``None``: a
+    fair fraction of ``max_connections`` — all of it with one team, else 1/2, 1/3 or 1/4."""
     retries: int = 2
     max_retry_wait_seconds: float = 5.0
     """Longest upstream ``Retry-After`` the gateway waits out itself before answering 429."""
@@ -734,6 +738,11 @@ def _check_upstream(config: Config, found: _Findings) -> None:
             found.problem(f"upstream.{name}", "must be a positive number of seconds")
     if upstream.max_connections <= 0:
         found.problem("upstream.max_connections", "must be positive")
+    per_team = upstream.max_connections_per_team
+    if per_team is not None and not 0 < per_team <= upstream.max_connections:
+        found.problem(
+            "upstream.max_connections_per_team", "must be between 1 and upstream.max_connections"
+        )
     if not 0 <= upstream.retries <= 10:
         found.problem("upstream.retries", f"must be between 0 and 10 (got {upstream.retries})")
     if upstream.max_retry_wait_seconds < 0:

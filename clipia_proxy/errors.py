@@ -21,7 +21,7 @@ Every error the proxy itself returns is a :class:`ProxyError`; one middleware re
     ├── InternalError           500 internal_error         a bug; the body holds only the request id
     ├── UpstreamUnavailable     502 upstream_unavailable   Clipia unreachable, redirected, or it rejected *our* key
     ├── QuotaStoreUnavailable   503 quota_store_unavailable
-    ├── Overloaded              503 overloaded             the port already holds ``server.max_connections``
+    ├── Overloaded              503 overloaded             a port at ``server.max_connections``, or every upstream connection in use
     ├── Draining                503 draining               shutting down
     └── UpstreamTimeout         504 upstream_timeout       no first byte within ``first_byte_timeout_seconds``
 
@@ -249,14 +249,19 @@ class QuotaStoreUnavailable(ProxyError):
 
 
 class Overloaded(ProxyError):
-    """Raised when the gateway sheds load (a port at ``server.max_connections``)."""
+    """Raised when the gateway sheds load: a port full, or every upstream connection taken.
+
+    A port at ``server.max_connections``, or every ``upstream.max_connections`` in use: 503
+    rather than 502, since nothing was sent and SDKs retry a 502 at once; the client should
+    come back after ``Retry-After``.
+    """
 
     status = 503
     type = "api_error"
     code = "overloaded"
 
     def headers(self) -> dict[str, str]:
-        """Also close the connection: it is the one over the cap."""
+        """Also close the connection: a shed client comes back on a new one."""
         return {**super().headers(), "Connection": "close"}
 
 

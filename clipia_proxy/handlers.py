@@ -24,6 +24,7 @@ from .errors import (
     ModelNotAllowed,
     ModelNotFound,
     NotFound,
+    Overloaded,
     RequestTimeout,
     RequestTooLarge,
     UnsupportedMediaType,
@@ -52,6 +53,7 @@ from .quotas.store import LedgerRecord
 from .sse import UsageTap
 from .streaming import StreamResult, relay_stream
 from .upstream import (
+    UpstreamBusy,
     UpstreamClient,
     UpstreamNotSent,
     UpstreamRefused,
@@ -234,10 +236,17 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     # updated in place by a reload: its parts are taken now, not after the body.)
     live = request.app[LIVE]
     config, policy = live.config, live.policies[request[PRINCIPAL].team]
-    # 2. Read and parse strictly.
-    server = config.server
-    raw = await read_json_body(request, server.max_body_bytes, server.body_timeout_seconds)
-    return await complete_chat(request, parse_chat_request(raw), config, policy)
+    # 1b. The team's place in the gateway is taken before its body is read: a slow body
+    # counts against its concurrency, and a refused one against its RPM.
+    quotas, team = request.app[QUOTAS], request[PRINCIPAL].team
+    quotas.enter(team)
+    try:
+        # 2. Read and parse strictly.
+        server = config.server
+        raw = await read_json_body(request, server.max_body_bytes, server.body_timeout_seconds)
+        return await _complete_chat(request, parse_chat_request(raw), config, policy)
+    finally:
+        quotas.leave(team, counted=request[INFO].upstream_sent is not None)
 
 
 async def complete_chat(
@@ -253,10 +262,21 @@ async def complete_chat(
     in force when the request arrived (default: now). Refusals raise :class:`ProxyError`; an
     upstream error status comes back as the (relayed) response.
     """
-    app = request.app
+    quotas, team = request.app[QUOTAS], request[PRINCIPAL].team
     if config is None or policy is None:
-        live = app[LIVE]
-        config, policy = live.config, live.policies[request[PRINCIPAL].team]
+        live = request.app[LIVE]
+        config, policy = live.config, live.policies[team]
+    quotas.enter(team)
+    try:
+        return await _complete_chat(request, chat, config, policy)
+    finally:
+        quotas.leave(team, counted=request[INFO].upstream_sent is not None)
+
+
+async def _complete_chat(
+    request: web.Request, chat: ChatRequest, config: Config, policy: ModelPolicy
+) -> web.StreamResponse:
+    app = request.app
     info = request[INFO]
     info.stream = chat.stream
     # 3. Policy: alias -> canonical id, allow/deny, catalog, caps.
@@ -401,10 +421,12 @@ async def _forward(
             body=payload,
             accept="text/event-stream" if stream else _JSON,
         )
-    except UpstreamNotSent:
+    except UpstreamNotSent as exc:
         flight.sent = False
         flight.outcome = Outcome.NOT_SENT
         info.outcome = flight.outcome.value
+        if isinstance(exc, UpstreamBusy):
+            raise _overloaded(exc) from exc
         raise
     except UpstreamRefused as exc:
         flight.upstream_status = exc.upstream_status
@@ -519,6 +541,11 @@ async def _forward(
         raise _upstream_broke() from exc
     finally:
         response.release()
+
+
+def _overloaded(exc: UpstreamBusy) -> Overloaded:
+    """Shed with 503 ``overloaded`` (SDKs retry a 502 at once; a 503 after ``Retry-After``)."""
+    return Overloaded(exc.message, retry_after=exc.retry_after or 1)
 
 
 def _upstream_broke() -> UpstreamUnavailable:
@@ -676,9 +703,12 @@ async def generation(request: web.Request) -> web.Response:
         ):
             return web.Response(body=_generation_from_ledger(ids[0], record), content_type=_JSON)
     upstream = request.app[UPSTREAMS].for_team(team)  # test teams: the sandbox key
-    response = await upstream.send(
-        "GET", "/generation", request_id=request[INFO].request_id, query={"id": ids[0]}
-    )
+    try:
+        response = await upstream.send(
+            "GET", "/generation", request_id=request[INFO].request_id, query={"id": ids[0]}
+        )
+    except UpstreamBusy as exc:
+        raise _overloaded(exc) from exc
     try:
         if response.status != 200:
             return await _pass_through_error(upstream, response)

@@ -23,6 +23,7 @@ from clipia_proxy.config import Config, TeamConfig
 from clipia_proxy.errors import (
     BudgetExceeded,
     ConcurrencyLimited,
+    Overloaded,
     QuotaStoreUnavailable,
     RateLimited,
 )
@@ -128,10 +129,79 @@ class QuotaService:
         self._slot_seconds: dict[str, float] = {}
         """Team -> moving average of how long its requests held a concurrency slot."""
         self._lookups: dict[str, deque[float]] = {}
-        """Team -> times of its ``/v1/generation`` lookups in the last minute (this replica)."""
+        """Team -> times in the last minute of its requests the store did not count in its RPM
+        (``/v1/generation`` lookups, chat requests refused before a reservation; this replica)."""
+        self._active: dict[str, int] = {}
+        """Team -> its chat requests in this gateway (from before the body is read to the end)."""
+        self._active_total = 0
+        self._shares: dict[str, int] = {}
+        self._max_connections = config.upstream.max_connections
+        self._apply_shares(config)
+
+    def _apply_shares(self, config: Config) -> None:
+        """Compute each team's most requests at once (the lower of its share and concurrency)."""
+        total = config.upstream.max_connections
+        share = config.upstream.max_connections_per_team
+        if share is None:
+            share = max(1, total // min(max(len(config.teams), 1), 4))
+        self._max_connections = total
+        self._shares = {
+            team.id: min(share, team.limits.concurrency or share) for team in config.teams
+        }
+
+    def enter(self, team: str) -> None:
+        """Admit a chat request into the gateway, before its body is read; or raise 429/503.
+
+        Refused at once when the team already has its share in the gateway (its
+        ``limits.concurrency``, else ``upstream.max_connections_per_team``: requests still
+        sending their bodies count), when its RPM is already spent by requests the store did
+        not count, or when every upstream connection is taken. Pair with :meth:`leave`.
+        """
+        active = self._active.get(team, 0)
+        shadow = self._shadow.get(team, False)
+        if not shadow:
+            share = self._shares.get(team, self._max_connections)
+            if active >= share:
+                self.rejections[team, Reason.CONCURRENCY.value] += 1
+                raise ConcurrencyLimited(
+                    f"Team {team!r} already has {active} of {share} requests in flight; retry "
+                    "when one finishes.",
+                    retry_after=1,
+                )
+            rpm = self._limits.get(team, TeamLimits()).rpm
+            if rpm is not None and self._lookups:
+                now = self._clock()
+                if self._lookups_in_window(team, now) >= rpm:
+                    self.rejections[team, Reason.RPM.value] += 1
+                    wait = self._lookups[team][0] + _RATE_WINDOW_SECONDS - now
+                    raise RateLimited(
+                        f"Team {team!r} reached {rpm} requests per minute; retry in "
+                        f"{_humanise_seconds(wait)}.",
+                        retry_after=max(math.ceil(wait), 1),
+                    )
+        if self._active_total >= self._max_connections:
+            raise Overloaded(
+                f"All {self._max_connections} upstream connections of this gateway are in use; "
+                "the request was not sent.",
+                retry_after=1,
+            )
+        self._active[team] = active + 1
+        self._active_total += 1
+
+    def leave(self, team: str, *, counted: bool) -> None:
+        """End a request :meth:`enter` let in; ``counted``: the store has it in the RPM."""
+        active = self._active.get(team, 0) - 1
+        if active > 0:
+            self._active[team] = active
+        else:
+            self._active.pop(team, None)
+        self._active_total -= 1
+        if not counted and self._limits.get(team, TeamLimits()).rpm is not None:
+            self._lookups.setdefault(team, deque()).append(self._clock())
 
     def apply(self, config: Config) -> None:
         """Take a reloaded config's team limits, shadow flags and accounting (store kept)."""
+        self._apply_shares(config)
         self._limits = {team.id: limits_of(team) for team in config.teams}
         self._shadow = {team.id: team.shadow for team in config.teams}
         self._zone = ZoneInfo(config.accounting.timezone)
