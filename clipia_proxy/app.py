@@ -279,19 +279,23 @@ async def _tasks_ctx(app: web.Application) -> AsyncIterator[None]:
 def build_store(config: Config, *, clock: Callable[[], float]) -> Store:
     """Return the store ``config.store.backend`` names over ``config.ledger`` (not started)."""
     backend = config.store.backend
-    if config.ledger.backend == "postgres" and backend != "redis":
+    if config.ledger.backend == "postgres":
         from .ledgers.postgres import PostgresLedger
-        from .quotas.ledgered import EngineStore
 
         ledger = PostgresLedger.from_config(config.ledger, timeout=config.store.timeout_seconds)
+        if backend == "redis":
+            from .quotas.redis import RedisStore
+
+            return RedisStore.from_config(config.store, ledger)
+        from .quotas.ledgered import EngineStore
+
         return EngineStore(ledger, clock=clock)
     if backend == "memory":
         return MemoryStore()
     if backend == "sqlite":
         return SqliteStore(config.store.sqlite_path, clock=clock)
-    from .quotas.redis import RedisStore
-
-    return RedisStore.from_config(config.store)
+    # check-config refuses redis counters without the PostgreSQL ledger
+    raise StoreUnavailable("store.backend redis needs ledger.backend: postgres")
 
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -773,6 +773,12 @@ def _check_store(config: Config, found: _Findings) -> None:
 
 def _check_ledger(config: Config, found: _Findings) -> None:
     ledger = config.ledger
+    if config.store.backend == "redis" and ledger.backend != "postgres":
+        found.problem(
+            "store.backend",
+            "redis counters need the PostgreSQL ledger (Redis keeps no records): set "
+            "ledger.backend: postgres and ledger.postgres_dsn_env (the env var with the DSN)",
+        )
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,127}", ledger.postgres_dsn_env):
         found.problem("ledger.postgres_dsn_env", "must be an environment variable name")
     if ledger.retention_months is not None and ledger.retention_months < 2:

@@ -30,7 +30,7 @@ from clipia_proxy.quotas.model import MICRO_PER_CREDIT, Outcome, RecordState, Us
 from clipia_proxy.quotas.service import QuotaService
 from clipia_proxy.quotas.store import LedgerRecord, Store
 from clipia_proxy.server import start
-from tests.conftest import TEAMS_YAML, Stack, stop_stack
+from tests.conftest import TEAMS_YAML, Stack, fresh_postgres_schema_sync, stop_stack
 
 __all__ = [
     "AuditError",
@@ -315,18 +315,28 @@ store: {store}
 
 
 def redis_store(
-    redis_url: str, monkeypatch: pytest.MonkeyPatch, *, replicas: int = 3, label: str = "audit"
+    redis_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    postgres_dsn: str,
+    replicas: int = 3,
+    label: str = "audit",
 ) -> str:
-    """Return a ``store:`` section for gateways sharing one Redis, under a fresh key prefix.
+    """Return ``store:`` and ``ledger:`` sections for gateways sharing one Redis and one ledger.
 
-    The URL reaches the store through a fresh environment variable (set for this test only).
+    Redis under a fresh key prefix; the ledger in a fresh PostgreSQL schema.
+
+    The URL and the DSN reach the gateways through fresh environment variables (set for this
+    test only).
     """
     token = secrets.token_hex(6)
     env = f"CLIPIA_{label.upper()}_REDIS_{token.upper()}"
+    dsn_env = f"CLIPIA_{label.upper()}_DSN_{token.upper()}"
     monkeypatch.setenv(env, redis_url)
+    monkeypatch.setenv(dsn_env, fresh_postgres_schema_sync(postgres_dsn))
     return (
         f"{{backend: redis, redis_url_env: {env}, redis_key_prefix: {label}-{token}, "
-        f"replicas: {replicas}}}"
+        f"replicas: {replicas}}}\nledger: {{backend: postgres, postgres_dsn_env: {dsn_env}}}"
     )
 
 

@@ -286,6 +286,22 @@ async def fresh_postgres_schema(dsn: str) -> str:
     return f"{dsn}?search_path={name}"
 
 
+def fresh_postgres_schema_sync(dsn: str) -> str:
+    """``fresh_postgres_schema`` from synchronous code (a fixture, a helper of a running test)."""
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, fresh_postgres_schema(dsn)).result()
+
+
+@pytest.fixture
+def ledger_section(postgres_dsn: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A ``ledger:`` section naming a fresh PostgreSQL schema (DSN in a fresh env var)."""
+    env = f"CLIPIA_TEST_DSN_{uuid.uuid4().hex[:8].upper()}"
+    monkeypatch.setenv(env, fresh_postgres_schema_sync(postgres_dsn))
+    return f"ledger: {{backend: postgres, postgres_dsn_env: {env}}}"
+
+
 @pytest.fixture(autouse=True)
 def blockbuster() -> Iterator[None]:
     """Fail any test in which clipia_proxy blocks the event loop (file, socket, sqlite, sleep)."""

@@ -11,7 +11,7 @@ from clipia_proxy.config import ConfigError, Secret, load_config, parse_config, 
 
 HASH = "ab" * 32
 OK_TEAM = f"teams:\n  - id: a\n    keys: [{{id: k1, sha256: {HASH}}}]\n    models: {{allow: ['gpt-5.5']}}\n"
-ENV = {"CLIPIA_API_KEY": "clipia_test_x"}
+ENV = {"CLIPIA_API_KEY": "clipia_test_x", "R": "redis://127.0.0.1:1/0"}
 
 
 def problems(text: str) -> list[str]:
@@ -88,6 +88,12 @@ def test_defaults_match_design() -> None:
         ),
         ("store: {backend: mongo}", "c.yaml: store.backend: invalid enum value 'mongo'"),
         ("ledger: {backend: mysql}", "c.yaml: ledger.backend: invalid enum value 'mysql'"),
+        (
+            "store: {backend: redis, redis_url_env: R}",
+            "c.yaml: store.backend: redis counters need the PostgreSQL ledger (Redis keeps no "
+            "records): set ledger.backend: postgres and ledger.postgres_dsn_env (the env var "
+            "with the DSN)",
+        ),
         (
             "ledger: {retention_months: 1}",
             "c.yaml: ledger.retention_months: must be at least 2 (the current and the previous "

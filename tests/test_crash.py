@@ -26,6 +26,7 @@ import pytest
 from clipia_proxy.auth import hash_key
 from clipia_proxy.config import Config, parse_config
 from clipia_proxy.emulator import Fault
+from clipia_proxy.ledgers.postgres import PostgresLedger
 from clipia_proxy.quotas.model import MICRO_PER_CREDIT, Outcome, RecordState, UsageSource
 from clipia_proxy.quotas.redis import RedisStore
 from clipia_proxy.quotas.sqlite import SqliteStore
@@ -172,7 +173,8 @@ async def open_store(harness: Harness, config: Config, redis_url: str | None = N
     if config.store.backend == "sqlite":
         store = SqliteStore(config.store.sqlite_path, clock=time.time)
     else:
-        store = RedisStore.from_config(config.store, url=redis_url)
+        ledger = PostgresLedger.from_config(config.ledger, timeout=5.0)
+        store = RedisStore.from_config(config.store, ledger, url=redis_url)
     await store.start()
     return store
 
@@ -264,7 +266,7 @@ async def test_spend_survives_a_plain_restart(harness: Harness) -> None:
 
 
 async def test_redis_gateways_share_spend(
-    tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, redis_url: str, ledger_section: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     token = secrets.token_hex(6)
     env = f"CLIPIA_CRASH_REDIS_{token.upper()}"
@@ -273,7 +275,8 @@ async def test_redis_gateways_share_spend(
     harness = Harness(
         cluster,
         tmp_path,
-        f"{{backend: redis, redis_url_env: {env}, redis_key_prefix: crash-{token}, replicas: 2}}",
+        f"{{backend: redis, redis_url_env: {env}, redis_key_prefix: crash-{token}, replicas: 2}}"
+        f"\n{ledger_section}",
         {env: redis_url},
     )
     try:

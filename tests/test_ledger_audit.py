@@ -385,6 +385,7 @@ async def test_mixed_load_audits_clean(
     backend: str,
     redis_url: str,
     monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
 ) -> None:
     """~300 requests, 20 at a time, two teams, stream and not, 5% faults, 5% disconnects.
 
@@ -395,7 +396,11 @@ async def test_mixed_load_audits_clean(
     if backend == "sqlite":
         cluster = await clusters()
     else:
-        cluster = await clusters(3, store=redis_store(redis_url, monkeypatch, label="mixed"))
+        postgres_dsn = request.getfixturevalue("postgres_dsn")
+        cluster = await clusters(
+            3,
+            store=redis_store(redis_url, monkeypatch, postgres_dsn=postgres_dsn, label="mixed"),
+        )
     gateways = cluster.gateways
     cluster.emulator.push_fault(
         *(rng.choice(MIXED_FAULTS) if rng.random() < 0.05 else Fault() for _ in range(2 * total))

@@ -331,7 +331,8 @@ async def test_canaries_never_reach_logs_metrics_or_responses(
     dead = await start_teams(
         TEAMS,
         TEAM_IDS,
-        store="{backend: redis, redis_url_env: CLIPIA_TEST_DEAD_REDIS, timeout_seconds: 0.5}",
+        store="{backend: redis, redis_url_env: CLIPIA_TEST_DEAD_REDIS, timeout_seconds: 0.5}"
+        "\nledger: {backend: postgres, postgres_dsn_env: CLIPIA_TEST_DEAD_DSN}",
     )
     stacks = (everything, quotas, dead)
     try:

@@ -580,6 +580,7 @@ async def test_store_unavailable_is_counted(stacks: Any, monkeypatch: pytest.Mon
     monkeypatch.setenv("CLIPIA_TEST_DEAD_REDIS", "redis://127.0.0.1:1/0")
     stack: Stack = await stacks(
         store="{backend: redis, redis_url_env: CLIPIA_TEST_DEAD_REDIS, timeout_seconds: 0.5}"
+        "\nledger: {backend: postgres, postgres_dsn_env: CLIPIA_TEST_DEAD_DSN}"
     )
     async with aiohttp.ClientSession() as session:
         for _ in range(2):

@@ -128,7 +128,8 @@ async def test_store_down_fail_closed_is_503_and_not_ready(
     monkeypatch.setenv("CLIPIA_TEST_DEAD_REDIS", "redis://127.0.0.1:1/0")
     stack = await stacks(
         teams=team(),
-        store="{backend: redis, redis_url_env: CLIPIA_TEST_DEAD_REDIS, timeout_seconds: 0.5}",
+        store="{backend: redis, redis_url_env: CLIPIA_TEST_DEAD_REDIS, timeout_seconds: 0.5}"
+        "\nledger: {backend: postgres, postgres_dsn_env: CLIPIA_TEST_DEAD_DSN}",
     )
     async with aiohttp.ClientSession() as session:
         status, headers, body = await post(stack, session)
@@ -151,7 +152,7 @@ async def test_store_down_fail_open_serves(
         teams=team(),
         store=(
             "{backend: redis, redis_url_env: CLIPIA_TEST_DEAD_REDIS, timeout_seconds: 0.5,"
-            " on_error: fail_open}"
+            " on_error: fail_open}\nledger: {backend: postgres, postgres_dsn_env: CLIPIA_TEST_DEAD_DSN}"
         ),
     )
     async with aiohttp.ClientSession() as session:

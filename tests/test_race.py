@@ -208,9 +208,9 @@ async def clusters() -> AsyncIterator[ClusterFactory]:
 
 
 @pytest.fixture
-def redis_store(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
-    """A ``store:`` section for three gateways sharing one Redis (fresh prefix and env var)."""
-    return shared_redis(redis_url, monkeypatch, replicas=3, label="race")
+def redis_store(redis_url: str, postgres_dsn: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """``store:`` and ``ledger:`` for three gateways sharing one Redis and one PostgreSQL."""
+    return shared_redis(redis_url, monkeypatch, postgres_dsn=postgres_dsn, replicas=3, label="race")
 
 
 async def start_backend(

@@ -38,6 +38,7 @@ from hypothesis.stateful import (
 )
 
 from clipia_proxy.config import StoreConfig
+from clipia_proxy.ledgers.postgres import PostgresLedger
 from clipia_proxy.quotas.memory import MemoryStore
 from clipia_proxy.quotas.model import (
     Micro,
@@ -50,6 +51,7 @@ from clipia_proxy.quotas.model import (
 from clipia_proxy.quotas.redis import RedisStore
 from clipia_proxy.quotas.sqlite import SqliteStore
 from clipia_proxy.quotas.store import Store
+from tests.conftest import fresh_postgres_schema
 
 _T = TypeVar("_T")
 
@@ -76,6 +78,7 @@ class StoreMachine(RuleBasedStateMachine):
 
     backend = "memory"
     redis_url = ""
+    postgres_dsn = ""
 
     ids = Bundle("ids")
     settled_ids = Bundle("settled_ids")
@@ -102,8 +105,11 @@ class StoreMachine(RuleBasedStateMachine):
                 self.tmp = tempfile.mkdtemp(prefix="clipia-hyp-")
             store = SqliteStore(Path(self.tmp) / "ledger.db", clock=lambda: self.now)
         else:
+            dsn = await fresh_postgres_schema(self.postgres_dsn)
             store = RedisStore.from_config(
-                StoreConfig(backend="redis", redis_key_prefix=self.prefix), url=self.redis_url
+                StoreConfig(backend="redis", redis_key_prefix=self.prefix),
+                PostgresLedger(dsn),
+                url=self.redis_url,
             )
         await store.start()
         return store
@@ -241,11 +247,11 @@ class StoreMachine(RuleBasedStateMachine):
         assert all(r.state is RecordState.DISPATCHED for r in dispatched)
 
 
-def machine(backend: str, redis_url: str = "") -> type[StoreMachine]:
+def machine(backend: str, redis_url: str = "", postgres_dsn: str = "") -> type[StoreMachine]:
     return type(
         f"{backend.title()}StoreMachine",
         (StoreMachine,),
-        {"backend": backend, "redis_url": redis_url},
+        {"backend": backend, "redis_url": redis_url, "postgres_dsn": postgres_dsn},
     )
 
 
@@ -264,8 +270,8 @@ def test_store_state_machine(backend: str) -> None:
     )
 
 
-def test_redis_store_state_machine(redis_url: str) -> None:
+def test_redis_store_state_machine(redis_url: str, postgres_dsn: str) -> None:
     run_state_machine_as_test(
-        machine("redis", redis_url),
+        machine("redis", redis_url, postgres_dsn),
         settings=settings(max_examples=15, **COMMON),  # type: ignore[arg-type]
     )

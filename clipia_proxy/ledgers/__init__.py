@@ -21,7 +21,7 @@ import msgspec
 from clipia_proxy.quotas.model import Settlement
 from clipia_proxy.quotas.store import LedgerRecord
 
-__all__ = ["GROUPINGS", "LedgerStore", "ReportLine", "WindowSpent"]
+__all__ = ["GROUPINGS", "CountersSnapshot", "LedgerStore", "ReportLine", "WindowSpent"]
 
 GROUPINGS: Final = ("team", "model", "key", "day")
 """What ``report --by`` may group on (any combination, in this order of columns)."""
@@ -33,6 +33,16 @@ class WindowSpent(msgspec.Struct, frozen=True):
     team: str
     window: str
     spent: int
+
+
+class CountersSnapshot(msgspec.Struct, frozen=True, kw_only=True):
+    """What the counters are rebuilt from, read in one consistent snapshot of the ledger."""
+
+    spent: list[WindowSpent]
+    dispatched: list[LedgerRecord]
+    """Open records: live reservations while their lease lasts."""
+    recent: list[LedgerRecord]
+    """Records of the last minute (RPM/TPM windows)."""
 
 
 class ReportLine(msgspec.Struct, frozen=True, kw_only=True):
@@ -67,6 +77,9 @@ class LedgerStore(Protocol):
     async def note_upstream_id(self, request_id: str, upstream_id: str) -> None:
         """Store the upstream (generation) id on a dispatched record; no-op once settled."""
 
+    async def note_upstream_id(self, request_id: str, upstream_id: str) -> None:
+        """Store the upstream (generation) id on a dispatched record; no-op once settled."""
+
     async def record(self, request_id: str) -> LedgerRecord | None:
         """Return one record."""
 
@@ -83,6 +96,13 @@ class LedgerStore(Protocol):
         """Return settled spend per team and window key (SQL aggregates).
 
         Day/week/month windows of records created after ``since``; ``total`` of every record.
+        """
+
+    async def snapshot(self, *, since: float, recent_since: float) -> CountersSnapshot:
+        """Return what the counters are rebuilt from, in one snapshot.
+
+        ``spent(since)``, the open records and the records created after ``recent_since``: a
+        settlement is in exactly one of ``spent`` and ``dispatched``.
         """
 
     def report(

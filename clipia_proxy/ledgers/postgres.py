@@ -33,7 +33,7 @@ from clipia_proxy.config import LedgerConfig
 from clipia_proxy.quotas.model import Outcome, Period, RecordState, Settlement
 from clipia_proxy.quotas.store import LedgerRecord, StoreUnavailable
 
-from . import GROUPINGS, ReportLine, WindowSpent
+from . import GROUPINGS, CountersSnapshot, ReportLine, WindowSpent
 
 __all__ = ["MIGRATIONS", "PostgresLedger"]
 
@@ -102,6 +102,15 @@ _GROUP_SQL: Final = {
     ),
 }
 _WINDOWS: Final = msgspec.json.Decoder(dict[Period, str])
+_SPENT_WINDOWS: Final = (
+    "SELECT team, w.key, SUM(cost)::bigint FROM clipia_ledger "
+    "CROSS JOIN LATERAL jsonb_each_text(windows) AS w(period, key) "
+    "WHERE state = 'settled' AND created_at > $1 AND w.period <> 'total' GROUP BY 1, 2"
+)
+_SPENT_TOTAL: Final = (
+    "SELECT team, 'total', SUM(cost)::bigint FROM clipia_ledger "
+    "WHERE state = 'settled' AND windows ? 'total' GROUP BY 1"
+)
 
 
 def _record(row: Any) -> LedgerRecord:
@@ -150,8 +159,10 @@ class PostgresLedger:
         pool_size: int = 4,
         statement_cache: bool = True,
         timeout: float = 5.0,
+        dsn_env: str = "CLIPIA_LEDGER_DSN",
     ) -> None:
         self._dsn = dsn
+        self._dsn_env = dsn_env
         self._pool_size = pool_size
         self._statement_cache = statement_cache
         self._timeout = timeout
@@ -163,20 +174,26 @@ class PostgresLedger:
     def from_config(cls, config: LedgerConfig, *, timeout: float) -> PostgresLedger:
         """Build from ``ledger``: the DSN from the env var ``postgres_dsn_env``."""
         dsn = os.environ.get(config.postgres_dsn_env, "").strip()
-        if not dsn:
-            raise StoreUnavailable(f"the environment variable {config.postgres_dsn_env} is not set")
         return cls(
             dsn,
             pool_size=config.pool_size,
             statement_cache=config.statement_cache,
             timeout=timeout,
+            dsn_env=config.postgres_dsn_env,
         )
+
+    @property
+    def dsn(self) -> str:
+        """The DSN (a secret: never logged nor shown)."""
+        return self._dsn
 
     def _unavailable(self, exc: BaseException) -> StoreUnavailable:
         # The class only: a message could quote the DSN (and its password).
         return StoreUnavailable(f"postgres: {exc.__class__.__name__}")
 
     async def _connect(self) -> asyncpg.Pool:
+        if not self._dsn:
+            raise StoreUnavailable(f"the environment variable {self._dsn_env} is not set")
         if self._pool is None:
             try:
                 self._pool = await asyncpg.create_pool(
@@ -327,6 +344,15 @@ class PostgresLedger:
             upstream_id,
         )
 
+    async def note_upstream_id(self, request_id: str, upstream_id: str) -> None:
+        """See ``LedgerStore.note_upstream_id``."""
+        await self._fetch(
+            "UPDATE clipia_ledger SET upstream_id = $2 WHERE request_id = $1 "
+            "AND state = 'dispatched'",
+            request_id,
+            upstream_id,
+        )
+
     async def record(self, request_id: str) -> LedgerRecord | None:
         """See ``LedgerStore.record``."""
         rows = await self._fetch(
@@ -369,18 +395,42 @@ class PostgresLedger:
 
     async def spent(self, *, since: float) -> list[WindowSpent]:
         """See ``LedgerStore.spent``."""
-        rows = await self._fetch(
-            "SELECT team, w.key, SUM(cost)::bigint FROM clipia_ledger "
-            "CROSS JOIN LATERAL jsonb_each_text(windows) AS w(period, key) "
-            "WHERE state = 'settled' AND created_at > $1 AND w.period <> 'total' "
-            "GROUP BY 1, 2",
-            since,
-        )
-        totals = await self._fetch(
-            "SELECT team, 'total', SUM(cost)::bigint FROM clipia_ledger "
-            "WHERE state = 'settled' AND windows ? 'total' GROUP BY 1"
-        )
+        pool = await self._connect()
+        try:
+            async with pool.acquire() as conn, conn.transaction(readonly=True):
+                return await self._spent(conn, since)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            raise self._unavailable(exc) from exc
+
+    @staticmethod
+    async def _spent(conn: asyncpg.Connection, since: float) -> list[WindowSpent]:
+        rows = await conn.fetch(_SPENT_WINDOWS, since)
+        totals = await conn.fetch(_SPENT_TOTAL)
         return [WindowSpent(str(r[0]), str(r[1]), int(r[2])) for r in [*rows, *totals]]
+
+    async def snapshot(self, *, since: float, recent_since: float) -> CountersSnapshot:
+        """See ``LedgerStore.snapshot`` (one REPEATABLE READ transaction)."""
+        pool = await self._connect()
+        try:
+            async with (
+                pool.acquire() as conn,
+                conn.transaction(isolation="repeatable_read", readonly=True),
+            ):
+                spent = await self._spent(conn, since)
+                dispatched = await conn.fetch(
+                    f"SELECT {_COLUMNS} FROM clipia_ledger WHERE state = 'dispatched'"  # noqa: S608 - constant columns
+                )
+                recent = await conn.fetch(
+                    f"SELECT {_COLUMNS} FROM clipia_ledger WHERE created_at > $1",  # noqa: S608 - constant columns
+                    recent_since,
+                )
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            raise self._unavailable(exc) from exc
+        return CountersSnapshot(
+            spent=spent,
+            dispatched=[_record(row) for row in dispatched],
+            recent=[_record(row) for row in recent],
+        )
 
     async def report(
         self, *, since: float, until: float, by: tuple[str, ...], team: str | None

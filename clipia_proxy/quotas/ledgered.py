@@ -40,13 +40,16 @@ class EngineStore:
         """Migrate the ledger, then rebuild the counters from it."""
         await self.ledger.start()
         now = self._clock()
-        for row in await self.ledger.spent(since=now - CALENDAR_HORIZON_SECONDS):
+        snapshot = await self.ledger.snapshot(
+            since=now - CALENDAR_HORIZON_SECONDS, recent_since=now - RATE_WINDOW_SECONDS
+        )
+        for row in snapshot.spent:
             self.engine.add_spent(row.team, row.window, row.spent)
         seen: set[str] = set()
-        for record in await self.ledger.dispatched():
+        for record in snapshot.dispatched:
             seen.add(record.request_id)
             self.engine.load(record, now)
-        for record in await self.ledger.records(since=now - RATE_WINDOW_SECONDS, until=now + 1):
+        for record in snapshot.recent:
             if record.request_id not in seen:
                 self.engine.load(record, now)
 
@@ -95,6 +98,15 @@ class EngineStore:
 
     async def note_upstream_id(self, request_id: str, upstream_id: str) -> None:
         """See ``Store.note_upstream_id``: in memory, and in the ledger (committed on return)."""
+        if self.engine.note_upstream_id(request_id, upstream_id) is not None:
+            await self.ledger.note_upstream_id(request_id, upstream_id)
+
+    async def release_slot(self, request_id: str) -> None:
+        """See ``Store.release_slot`` (in memory: one replica)."""
+        self.engine.release_slot(request_id)
+
+    async def note_upstream_id(self, request_id: str, upstream_id: str) -> None:
+        """See ``Store.note_upstream_id``: in memory and in the ledger."""
         if self.engine.note_upstream_id(request_id, upstream_id) is not None:
             await self.ledger.note_upstream_id(request_id, upstream_id)
 

@@ -1,22 +1,40 @@
-"""The ``redis`` backend: quota state and the ledger shared by every replica and sidecar.
+"""The ``redis`` counters: shared by every replica and sidecar, records in PostgreSQL.
 
-Each operation is one Lua script (names carry a version: ``clipia_reserve_v2``), so it is
-atomic on the server and all-or-nothing; leases and the RPM/TPM windows run on the server's
-``TIME``, so replica clock skew changes nothing. ``reserve`` and ``settle`` are keyed by request
-id: a call retried after a lost reply finds its own earlier effect and applies nothing again.
-Every key has a TTL (counters of a window live until 40 days after it resets; records 400
-days), refreshed on write. Calendar window keys (``day:2026-11-25``) come from the caller.
+Redis holds no per-request records: only counters and leases, O(teams, periods and requests
+in flight), so its memory does not grow with traffic. Each operation is one Lua script (names
+carry a version: ``clipia_reserve_v1``), atomic on the server; leases and the RPM/TPM windows
+run on the server's ``TIME``, so replica clock skew changes nothing. The durable record is the
+PostgreSQL ledger's (``ledger.backend: postgres`` is required): ``reserve`` decides in Redis,
+then commits the record before returning (a failed commit undoes the reservation);
+``settle`` flips the record once in the ledger (idempotent by request id), then applies the
+cost to the counters from the request's lease, which lives until it is settled (so a retry
+after a failure in between applies it exactly once).
 
-Keys, under ``store.redis_key_prefix`` (P): ``P:rec:{id}`` (hash: the ledger record),
-``P:live:{team}`` (zset id→lease end), ``P:reserved:{team}:{window}`` and
-``P:spent:{team}:{window}`` (integers, micro-credits), ``P:win:{team}`` / ``P:wtok:{team}`` /
-``P:wsum:{team}`` (the 60-second request log, its tokens and their sum), ``P:dispatched`` (zset
-id→lease end), ``P:ledger`` (zset id→created), ``P:owner:{upstream id}`` (team).
+Counters are never trusted alone. ``P:epoch`` (no TTL) is written last by a rebuild; every
+script refuses to touch counters while it is missing (Redis flushed, restarted empty or failed
+over to an empty replica). A replica that finds it missing takes the ``P:rebuild`` lock,
+clears stale counters, reads one consistent snapshot of the ledger (spent per team and window,
+open reservations, the last minute for RPM/TPM) and writes it back with the epoch in one
+script; the others wait for the epoch. Admissions meanwhile wait (and past
+``store.timeout_seconds`` get 503 ``quota_store_unavailable``); ``/readyz`` says why.
+
+Keys, under ``store.redis_key_prefix`` (P): ``P:epoch``, ``P:rebuild``, ``P:lease:{id}`` (hash:
+team, amount, windows of a request not yet settled: its money stays reserved until then),
+``P:live:{team}`` (zset id→lease end: the concurrency slots; a lease that runs out or
+``release_slot`` frees the slot only),
+``P:reserved:{team}:{window}`` and ``P:spent:{team}:{window}`` (integers, micro-credits),
+``P:win:{team}`` / ``P:wtok:{team}`` / ``P:wsum:{team}`` (the 60-second request log, its tokens
+and their sum). Every key but the epoch has a TTL, refreshed on write.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import os
+import time
+import uuid
 from typing import Any, Final
 
 import msgspec
@@ -26,29 +44,26 @@ from redis.driver_info import DriverInfo
 from redis.exceptions import RedisError
 
 from clipia_proxy.config import StoreConfig
+from clipia_proxy.ledgers import LedgerStore
 
-from .model import (
-    Micro,
-    Outcome,
-    Period,
-    Reason,
-    RecordState,
-    ReserveRequest,
-    ReserveResult,
-    Settlement,
-)
+from .ledgered import CALENDAR_HORIZON_SECONDS as _CALENDAR_HORIZON_SECONDS
+from .memory import RATE_WINDOW_SECONDS
+from .model import Micro, Period, Reason, RecordState, ReserveRequest, ReserveResult, Settlement
 from .store import LedgerRecord, Store, StoreUnavailable, WindowUsage
 
-__all__ = ["RedisStore"]
+__all__ = ["CountersLost", "RedisStore"]
 
-_RECORD_TTL: Final = 400 * 86400
+_LOGGER: Final = logging.getLogger(__name__)
+_TOTAL_TTL: Final = 400 * 86400
+_LEASE_TTL: Final = 30 * 86400
+"""A lease outlives its request until settled (the reconciler settles crashed ones)."""
 _WINDOW_TTL: Final = (31 + 40) * 86400
 """A window's counters outlive its reset (at most a month away) by 40 days."""
 _WINDOW_TTLS: Final = {
     "day": _WINDOW_TTL,
     "week": _WINDOW_TTL,
     "month": _WINDOW_TTL,
-    "total": _RECORD_TTL,
+    "total": _TOTAL_TTL,
 }
 
 # Shared by every script: release leases that ran out, prune the 60-second window.
@@ -58,24 +73,9 @@ local P = ARGV[1]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local function expire(team)
-  -- Leases that ran out free their concurrency slot; a record's money stays reserved
-  -- ('held') until it is settled, by its request or by the reconciler.
-  local live = P .. ':live:' .. team
-  local gone = redis.call('ZRANGEBYSCORE', live, '-inf', now)
-  for _, rid in ipairs(gone) do
-    local rec = P .. ':rec:' .. rid
-    if redis.call('HGET', rec, 'held') ~= '1' then
-      -- a record reserved before money was held apart: its lease held both
-      local amount = tonumber(redis.call('HGET', rec, 'reserved') or '0')
-      local wins = redis.call('HGET', rec, 'windows')
-      if wins then
-        for _, key in pairs(cjson.decode(wins)) do
-          redis.call('DECRBY', P .. ':reserved:' .. team .. ':' .. key, amount)
-        end
-      end
-    end
-    redis.call('ZREM', live, rid)
-  end
+  -- Leases that ran out free their concurrency slot; the money stays reserved until the
+  -- request is settled (by its request, or by the reconciler after a crash).
+  redis.call('ZREMRANGEBYSCORE', P .. ':live:' .. team, '-inf', now)
 end
 local function prune(team)
   local win, wtok, wsum = P .. ':win:' .. team, P .. ':wtok:' .. team, P .. ':wsum:' .. team
@@ -91,12 +91,13 @@ end
 """
 
 _RESERVE: Final = (
-    "-- clipia_reserve_v2\n"
+    "-- clipia_reserve_v1\n"
     + _PRELUDE
     + """
 local rid = ARGV[2]
 local a = cjson.decode(ARGV[3])
-local rec = P .. ':rec:' .. rid
+if redis.call('EXISTS', P .. ':epoch') == 0 then return cjson.encode({lost = true}) end
+local rec = P .. ':lease:' .. rid
 if redis.call('EXISTS', rec) == 1 then
   return cjson.encode({admitted = true, replayed = true})
 end
@@ -153,13 +154,10 @@ if refusal and not a.shadow then
   return cjson.encode(refusal)
 end
 local lease_until = now + a.lease_seconds
-redis.call('HSET', rec, 'team', team, 'key_id', a.key_id or '', 'model', a.model,
-  'stream', a.stream and '1' or '0', 'reserved', a.amount, 'tokens_reserved', a.tokens,
-  'windows', cjson.encode(a.windows), 'created_at', now, 'lease_until', lease_until,
-  'state', 'dispatched', 'cost', 0, 'prompt_tokens', 0, 'completion_tokens', 0, 'held', '1')
-redis.call('EXPIRE', rec, a.record_ttl)
+redis.call('HSET', rec, 'team', team, 'reserved', a.amount, 'windows', cjson.encode(a.windows))
+redis.call('EXPIRE', rec, a.lease_ttl)
 redis.call('ZADD', live, lease_until, rid)
-redis.call('EXPIRE', live, a.record_ttl)
+redis.call('EXPIRE', live, a.lease_ttl)
 for period, key in pairs(a.windows) do
   local reserved = P .. ':reserved:' .. team .. ':' .. key
   redis.call('INCRBY', reserved, a.amount)
@@ -169,12 +167,8 @@ redis.call('ZADD', win, now, rid)
 redis.call('HSET', wtok, rid, a.tokens)
 redis.call('INCRBY', wsum, a.tokens)
 for _, k in ipairs({win, wtok, wsum}) do redis.call('EXPIRE', k, 120) end
-redis.call('ZADD', P .. ':dispatched', lease_until, rid)
-redis.call('ZADD', P .. ':ledger', now, rid)
-redis.call('ZREMRANGEBYSCORE', P .. ':ledger', '-inf', now - a.record_ttl)
-redis.call('EXPIRE', P .. ':dispatched', a.record_ttl)
-redis.call('EXPIRE', P .. ':ledger', a.record_ttl)
-local result = {admitted = true, now = now}
+local result = {admitted = true, now = now, lease_until = lease_until,
+  epoch = redis.call('GET', P .. ':epoch')}
 if refusal then
   result.reason = refusal.reason
   result.period = refusal.period
@@ -196,24 +190,32 @@ _SETTLE: Final = (
     + """
 local rid = ARGV[2]
 local s = cjson.decode(ARGV[3])
-local rec = P .. ':rec:' .. rid
+if redis.call('EXISTS', P .. ':epoch') == 0 then return -1 end
+local rec = P .. ':lease:' .. rid
 if redis.call('EXISTS', rec) == 0 then return 0 end
-if redis.call('HGET', rec, 'state') == 'settled' then return 0 end
 local team = redis.call('HGET', rec, 'team')
 local amount = tonumber(redis.call('HGET', rec, 'reserved') or '0')
 local wins = cjson.decode(redis.call('HGET', rec, 'windows'))
-local live = P .. ':live:' .. team
-if redis.call('HGET', rec, 'held') == '1' or redis.call('ZSCORE', live, rid) then
-  for _, key in pairs(wins) do
-    redis.call('DECRBY', P .. ':reserved:' .. team .. ':' .. key, amount)
-  end
-  redis.call('HDEL', rec, 'held')
+for _, key in pairs(wins) do
+  redis.call('DECRBY', P .. ':reserved:' .. team .. ':' .. key, amount)
 end
-redis.call('ZREM', live, rid)
+redis.call('ZREM', P .. ':live:' .. team, rid)
+if s.void then
+  -- an admission undone (its ledger write failed, or it was a replay): nothing was spent
+  local win = P .. ':win:' .. team
+  if redis.call('ZREM', win, rid) == 1 then
+    local wtok = P .. ':wtok:' .. team
+    local tokens = tonumber(redis.call('HGET', wtok, rid) or '0')
+    redis.call('HDEL', wtok, rid)
+    redis.call('DECRBY', P .. ':wsum:' .. team, tokens)
+  end
+  redis.call('DEL', rec)
+  return 1
+end
 for period, key in pairs(wins) do
   local spent = P .. ':spent:' .. team .. ':' .. key
   redis.call('INCRBY', spent, s.cost)
-  redis.call('EXPIRE', spent, s.window_ttls[period] or s.record_ttl)
+  redis.call('EXPIRE', spent, s.window_ttls[period] or s.total_ttl)
 end
 local wtok = P .. ':wtok:' .. team
 local old = redis.call('HGET', wtok, rid)
@@ -222,14 +224,7 @@ if old then
   redis.call('HSET', wtok, rid, tokens)
   redis.call('INCRBY', P .. ':wsum:' .. team, tokens - tonumber(old))
 end
-redis.call('HSET', rec, 'state', 'settled', 'cost', s.cost, 'prompt_tokens', s.prompt_tokens,
-  'completion_tokens', s.completion_tokens, 'usage_source', s.usage_source,
-  'outcome', s.outcome, 'settled_at', now)
-if s.upstream_id then
-  redis.call('HSET', rec, 'upstream_id', s.upstream_id)
-  redis.call('SET', P .. ':owner:' .. s.upstream_id, team, 'EX', s.record_ttl)
-end
-redis.call('ZREM', P .. ':dispatched', rid)
+redis.call('DEL', rec)
 return 1
 """
 )
@@ -240,20 +235,18 @@ _RENEW: Final = (
     + """
 local rid = ARGV[2]
 local lease_until = now + tonumber(ARGV[3])
-local rec = P .. ':rec:' .. rid
-if redis.call('HGET', rec, 'state') ~= 'dispatched' then return 0 end
+local rec = P .. ':lease:' .. rid
 local team = redis.call('HGET', rec, 'team')
+if not team then return 0 end
 local held = redis.call('ZSCORE', P .. ':live:' .. team, rid)
 if not held or tonumber(held) <= now then return 0 end  -- ran out: never revived
 redis.call('ZADD', P .. ':live:' .. team, 'XX', lease_until, rid)
-redis.call('HSET', rec, 'lease_until', lease_until)
-redis.call('ZADD', P .. ':dispatched', 'XX', lease_until, rid)
-return 1
+return tostring(lease_until)
 """
 )
 
 _USAGE: Final = (
-    "-- clipia_usage_v2\n"
+    "-- clipia_usage_v1\n"
     + _PRELUDE
     + """
 local team = ARGV[2]
@@ -273,78 +266,97 @@ _RELEASE_SLOT: Final = (
     + _PRELUDE
     + """
 local rid = ARGV[2]
-local team = redis.call('HGET', P .. ':rec:' .. rid, 'team')
+local team = redis.call('HGET', P .. ':lease:' .. rid, 'team')
 if not team then return 0 end
 return redis.call('ZREM', P .. ':live:' .. team, rid)
 """
 )
 
-_NOTE: Final = (
-    "-- clipia_note_upstream_id_v2\n"
+_REBUILD: Final = (
+    "-- clipia_rebuild_v1\n"
     + _PRELUDE
     + """
-local rid = ARGV[2]
-local rec = P .. ':rec:' .. rid
-if redis.call('HGET', rec, 'state') ~= 'dispatched' then return 0 end
-redis.call('HSET', rec, 'upstream_id', ARGV[3])
-redis.call('SET', P .. ':owner:' .. ARGV[3], redis.call('HGET', rec, 'team'), 'EX', ARGV[4])
+local token = ARGV[2]
+if redis.call('GET', P .. ':rebuild') ~= token then return 0 end
+local d = cjson.decode(ARGV[3])
+for _, row in ipairs(d.spent) do
+  local key = P .. ':spent:' .. row[1] .. ':' .. row[2]
+  redis.call('SET', key, string.format('%d', row[3]))
+  redis.call('EXPIRE', key, row[4])
+end
+for _, l in ipairs(d.leases) do
+  local rec = P .. ':lease:' .. l.id
+  redis.call('HSET', rec, 'team', l.team, 'reserved', l.amount, 'windows', cjson.encode(l.windows))
+  redis.call('EXPIRE', rec, d.lease_ttl)
+  if l.lease_until > now then
+    local live = P .. ':live:' .. l.team
+    redis.call('ZADD', live, l.lease_until, l.id)
+    redis.call('EXPIRE', live, d.lease_ttl)
+  end
+  for period, key in pairs(l.windows) do  -- the money is held until settled
+    local reserved = P .. ':reserved:' .. l.team .. ':' .. key
+    redis.call('INCRBY', reserved, l.amount)
+    redis.call('EXPIRE', reserved, d.window_ttls[period] or d.total_ttl)
+  end
+end
+for _, r in ipairs(d.rates) do
+  if r.at > now - 60 then
+    local win, wtok, wsum = P .. ':win:' .. r.team, P .. ':wtok:' .. r.team, P .. ':wsum:' .. r.team
+    redis.call('ZADD', win, r.at, r.id)
+    redis.call('HSET', wtok, r.id, r.tokens)
+    redis.call('INCRBY', wsum, r.tokens)
+    for _, k in ipairs({win, wtok, wsum}) do redis.call('EXPIRE', k, 120) end
+  end
+end
+redis.call('SET', P .. ':epoch', token)
+redis.call('DEL', P .. ':rebuild')
 return 1
 """
 )
 
 _RESULT: Final = msgspec.json.Decoder()
 _DRIVER_INFO: Final = DriverInfo(name="redis-py", lib_version=redis.__version__)
+_REBUILD_LOCK_MS: Final = 120_000
+_REBUILD_WAIT_SECONDS: Final = 60.0
+_SAFE_POLICY: Final = "noeviction"
+
+
+class CountersLost(StoreUnavailable):
+    """Redis lost the counters (flushed, restarted empty, failed over): rebuilding them."""
 
 
 def _str(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _record(request_id: str, raw: dict[Any, Any]) -> LedgerRecord | None:
-    if not raw:
-        return None
-    data = {_str(k): _str(v) for k, v in raw.items()}
-    windows = msgspec.json.decode(data.get("windows", "{}"), type=dict[Period, str])
-    outcome = data.get("outcome")
-    return LedgerRecord(
-        request_id=request_id,
-        team=data["team"],
-        key_id=data.get("key_id") or None,
-        model=data.get("model", ""),
-        stream=data.get("stream") == "1",
-        reserved=int(float(data.get("reserved", "0"))),
-        tokens_reserved=int(float(data.get("tokens_reserved", "0"))),
-        windows=windows,
-        created_at=float(data.get("created_at", "0")),
-        lease_until=float(data.get("lease_until", "0")),
-        state=RecordState(data.get("state", "dispatched")),
-        upstream_id=data.get("upstream_id") or None,
-        cost=int(float(data.get("cost", "0"))),
-        prompt_tokens=int(float(data.get("prompt_tokens", "0"))),
-        completion_tokens=int(float(data.get("completion_tokens", "0"))),
-        usage_source=data.get("usage_source") or None,
-        outcome=Outcome(outcome) if outcome else None,
-        settled_at=float(data["settled_at"]) if data.get("settled_at") else None,
-    )
-
-
 class RedisStore:
-    """Quota state and ledger in Redis (see the module docstring)."""
+    """Counters and leases in Redis, records in the PostgreSQL ledger (see the module docstring)."""
 
     is_remote = True
 
-    def __init__(self, client: aioredis.Redis, *, prefix: str) -> None:
+    def __init__(self, client: aioredis.Redis, ledger: LedgerStore, *, prefix: str) -> None:
         self._client = client
+        self.ledger: Final = ledger
         self._prefix = prefix
         self._reserve = client.register_script(_RESERVE)
         self._settle = client.register_script(_SETTLE)
         self._renew = client.register_script(_RENEW)
         self._usage = client.register_script(_USAGE)
+        self._rebuild_script = client.register_script(_REBUILD)
+        self._rehold_script = client.register_script(_REHOLD)
         self._release_slot = client.register_script(_RELEASE_SLOT)
-        self._note = client.register_script(_NOTE)
+        self._rebuilding: asyncio.Task[None] | None = None
+        self.rebuilds = 0
+        """Counters rebuilt from the ledger by this replica (exported as a metric)."""
+        self.problems: list[str] = []
+        """Why this store cannot admit now (``/readyz``): empty when it can."""
+        self.warnings: list[str] = []
+        """Redis settings that can lose counters (``/readyz`` detail, logged at start)."""
 
     @classmethod
-    def from_config(cls, config: StoreConfig, url: str | None = None) -> RedisStore:
+    def from_config(
+        cls, config: StoreConfig, ledger: LedgerStore, url: str | None = None
+    ) -> RedisStore:
         """Build from ``store``: the URL from ``redis_url_env`` (or ``url``)."""
         address = url or os.environ.get(config.redis_url_env, "")
         if not address:
@@ -358,7 +370,7 @@ class RedisStore:
             # the package metadata from disk (blocking os.stat and read on the event loop).
             driver_info=_DRIVER_INFO,
         )
-        return cls(client, prefix=config.redis_key_prefix)
+        return cls(client, ledger, prefix=config.redis_key_prefix)
 
     def _key(self, *parts: str) -> str:
         return ":".join((self._prefix, *parts))
@@ -370,15 +382,193 @@ class RedisStore:
             raise StoreUnavailable(f"redis: {exc.__class__.__name__}") from exc
 
     async def start(self) -> None:
-        """Check the server answers."""
+        """Migrate the ledger, check Redis's settings, rebuild the counters if they are lost."""
+        await self.ledger.start()
         await self._call(self._client.ping)
+        await self.check_settings()
+        if not await self._call(self._client.exists, self._key("epoch")):
+            await self.ensure_counters()
+
+    async def check_settings(self) -> list[str]:
+        """Read ``maxmemory-policy`` and persistence; warn when they can lose counters."""
+        warnings: list[str] = []
+        try:
+            policy = (await self._client.config_get("maxmemory-policy")).get(
+                "maxmemory-policy", "unknown"
+            )
+            persistence = await self._client.info("persistence")
+            save = (await self._client.config_get("save")).get("save", "")
+        except (RedisError, OSError) as exc:
+            warnings.append(f"redis settings unreadable ({exc.__class__.__name__})")
+        else:
+            if _str(policy) != _SAFE_POLICY:
+                warnings.append(
+                    f"redis maxmemory-policy is {_str(policy)}: counters can be evicted "
+                    f"(use {_SAFE_POLICY})"
+                )
+            if not persistence.get("aof_enabled") and not _str(save).strip():
+                warnings.append(
+                    "redis persistence is off: a restart empties the counters "
+                    "(they are rebuilt from the ledger, admissions wait meanwhile)"
+                )
+        for warning in warnings:
+            _LOGGER.warning("%s", warning)
+        self.warnings = warnings
+        return warnings
 
     async def close(self) -> None:
-        """Close the connection pool."""
+        """Close the connection pool and the ledger."""
+        if self._rebuilding is not None and not self._rebuilding.done():
+            self._rebuilding.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StoreUnavailable):
+                await self._rebuilding
         await self._client.aclose()
+        await self.ledger.close()
 
+    # -- rebuilding the counters from the ledger -------------------------------------------
+    async def ensure_counters(self) -> None:
+        """Rebuild the counters from the ledger (or wait for another replica's rebuild).
+
+        One rebuild at a time per replica (callers share it); across replicas a lock key
+        elects one, the others wait for the epoch key it writes last.
+        """
+        if self._rebuilding is None or self._rebuilding.done():
+            self._rebuilding = asyncio.get_running_loop().create_task(self._rebuild())
+        task = self._rebuilding
+        # A waiter cancelled (its request timed out) leaves the rebuild running for the others.
+        await asyncio.wait({task})
+        task.result()
+
+    async def _rebuild(self) -> None:
+        self.problems = ["quota counters are being rebuilt from the ledger (Redis lost them)"]
+        try:
+            deadline = time.monotonic() + _REBUILD_WAIT_SECONDS
+            while True:
+                if await self._call(self._client.exists, self._key("epoch")):
+                    self.problems = []
+                    return
+                token = uuid.uuid4().hex
+                got = await self._call(
+                    self._client.set, self._key("rebuild"), token, nx=True, px=_REBUILD_LOCK_MS
+                )
+                if got:
+                    await self._rebuild_as(token)
+                    self.problems = []
+                    return
+                if time.monotonic() > deadline:
+                    raise CountersLost("redis: the counters are being rebuilt by another replica")
+                await asyncio.sleep(0.05)
+        except (StoreUnavailable, RedisError, OSError) as exc:
+            self.problems = ["quota counters lost and not yet rebuilt from the ledger"]
+            if isinstance(exc, StoreUnavailable):
+                raise
+            raise StoreUnavailable(f"redis: {exc.__class__.__name__}") from exc
+
+    async def _rebuild_as(self, token: str) -> None:
+        _LOGGER.warning("redis counters lost: rebuilding them from the ledger")
+        started = time.monotonic()
+        # Nothing else writes counters while the epoch key is missing (every script checks
+        # it): stale counters (an eviction, a stale replica) can be cleared safely.
+        stale: list[Any] = []
+        for pattern in ("spent", "reserved", "live", "lease", "win", "wtok", "wsum"):
+            match = self._key(pattern, "*")
+            stale += [key async for key in self._client.scan_iter(match=match, count=1000)]
+        if stale:
+            for start in range(0, len(stale), 1000):
+                await self._call(self._client.delete, *stale[start : start + 1000])
+        now = time.time()
+        snapshot = await self.ledger.snapshot(
+            since=now - _CALENDAR_HORIZON_SECONDS, recent_since=now - RATE_WINDOW_SECONDS
+        )
+        payload = {
+            "spent": [
+                [row.team, row.window, row.spent, _ttl_of(row.window)] for row in snapshot.spent
+            ],
+            "leases": [
+                {
+                    "id": record.request_id,
+                    "team": record.team,
+                    "amount": record.reserved,
+                    "windows": {p.value: k for p, k in record.windows.items()},
+                    "lease_until": record.lease_until,
+                }
+                for record in snapshot.dispatched
+            ],
+            "rates": [
+                {
+                    "id": record.request_id,
+                    "team": record.team,
+                    "at": record.created_at,
+                    "tokens": record.tokens_reserved
+                    if record.state is RecordState.DISPATCHED
+                    else record.prompt_tokens + record.completion_tokens,
+                }
+                for record in snapshot.recent
+            ],
+            "lease_ttl": _LEASE_TTL,
+            "window_ttls": _WINDOW_TTLS,
+            "total_ttl": _TOTAL_TTL,
+        }
+        done = await self._call(
+            self._rebuild_script,
+            keys=[],
+            args=[self._prefix, token, msgspec.json.encode(payload)],
+        )
+        if not done:
+            raise CountersLost("redis: the rebuild lock was lost; retrying")
+        self.rebuilds += 1
+        _LOGGER.warning(
+            "redis counters rebuilt from the ledger in %.2f s (%d windows, %d open reservations)",
+            time.monotonic() - started,
+            len(snapshot.spent),
+            len(snapshot.dispatched),
+        )
+
+    # -- the Store protocol ---------------------------------------------------------------
     async def reserve(self, request: ReserveRequest) -> ReserveResult:
-        """See ``Store.reserve`` (one Lua script)."""
+        """See ``Store.reserve``: one Lua script decides, then the record is committed."""
+        data = await self._reserve_counters(request)
+        if data.get("lost"):
+            await self.ensure_counters()
+            data = await self._reserve_counters(request)
+            if data.get("lost"):
+                raise CountersLost("redis: the counters were lost again during the rebuild")
+        result = _result(data)
+        if not result.admitted:
+            return result
+        record = LedgerRecord(
+            request_id=request.request_id,
+            team=request.team,
+            key_id=request.key_id,
+            model=request.model,
+            stream=request.stream,
+            reserved=request.amount,
+            tokens_reserved=request.tokens,
+            windows=dict(request.periods),
+            created_at=float(data.get("now", request.now)),  # the server's clock, as the lease
+            lease_until=float(data.get("lease_until", request.now + request.lease_seconds)),
+        )
+        if result.replayed:
+            # The lease is there: an earlier call reserved and may have died before its
+            # record was committed. Commit it now (a no-op when it was).
+            await self.ledger.insert(record)
+            return result
+        try:
+            inserted = await self.ledger.insert(record)
+        except BaseException:
+            await self._void(request.request_id)
+            raise
+        if not inserted:  # the id is in the ledger already: a replay (settled before)
+            await self._void(request.request_id)
+            return ReserveResult(admitted=True, replayed=True)
+        epoch = await self._call(self._client.get, self._key("epoch"))
+        if epoch is None or _str(epoch) != str(data.get("epoch")):
+            # The counters were rebuilt between the reservation and the record's commit: the
+            # rebuild may not have seen the record. Hold it again (a no-op if it did).
+            await self._rehold(record)
+        return result
+
+    async def _reserve_counters(self, request: ReserveRequest) -> dict[str, Any]:
         limits = request.limits
         args = {
             "team": request.team,
@@ -391,10 +581,7 @@ class RedisStore:
             "concurrency": limits.concurrency,
             "lease_seconds": request.lease_seconds,
             "shadow": request.shadow,
-            "model": request.model,
-            "key_id": request.key_id,
-            "stream": request.stream,
-            "record_ttl": _RECORD_TTL,
+            "lease_ttl": _LEASE_TTL,
             "window_ttls": _WINDOW_TTLS,
         }
         # cjson turns JSON null into a truthy userdata: absent keys are Lua nils instead.
@@ -406,61 +593,105 @@ class RedisStore:
         )
         data = _RESULT.decode(raw)
         assert isinstance(data, dict)
-        reason = data.get("reason")
-        period = data.get("period")
-        budget_period = data.get("budget_period")
-        return ReserveResult(
-            admitted=bool(data.get("admitted")),
-            reason=Reason(reason) if reason else None,
-            period=Period(period) if period else None,
-            limit=int(data.get("limit", 0)),
-            used=int(data.get("used", 0)),
-            retry_after=float(data.get("retry_after", 0.0)),
-            requests_remaining=(
-                int(data["requests_remaining"]) if "requests_remaining" in data else None
-            ),
-            tokens_remaining=int(data["tokens_remaining"]) if "tokens_remaining" in data else None,
-            budget_remaining=(
-                Micro(int(data["budget_remaining"])) if "budget_remaining" in data else None
-            ),
-            budget_period=Period(budget_period) if budget_period else None,
-            replayed=bool(data.get("replayed", False)),
+        return data
+
+    async def _rehold(self, record: LedgerRecord) -> None:
+        await self.ensure_counters()
+        await self._call(
+            self._rehold_script,
+            keys=[],
+            args=[
+                self._prefix,
+                record.request_id,
+                msgspec.json.encode(
+                    {
+                        "team": record.team,
+                        "amount": record.reserved,
+                        "windows": {p.value: k for p, k in record.windows.items()},
+                        "lease_until": record.lease_until,
+                        "lease_ttl": _LEASE_TTL,
+                        "window_ttls": _WINDOW_TTLS,
+                        "total_ttl": _TOTAL_TTL,
+                    }
+                ),
+            ],
         )
 
+    async def _void(self, request_id: str) -> None:
+        with contextlib.suppress(StoreUnavailable):
+            await self._apply(request_id, {"void": True})
+
+    async def _apply(self, request_id: str, args: dict[str, Any]) -> int:
+        applied = int(
+            await self._call(
+                self._settle, keys=[], args=[self._prefix, request_id, msgspec.json.encode(args)]
+            )
+        )
+        if applied == -1:  # counters lost: the rebuild reads the ledger; apply after it
+            await self.ensure_counters()
+            applied = int(
+                await self._call(
+                    self._settle,
+                    keys=[],
+                    args=[self._prefix, request_id, msgspec.json.encode(args)],
+                )
+            )
+        return applied
+
     async def settle(self, request_id: str, settlement: Settlement) -> bool:
-        """See ``Store.settle`` (one Lua script; a replay applies nothing)."""
+        """See ``Store.settle``: the ledger decides once (by request id), then the counters.
+
+        A failure after the ledger committed is retried by the caller: the ledger answers
+        "already settled" and the counters are applied from the lease (kept until then).
+        """
+        settled = await self.ledger.settle(request_id, settlement)
         args = {
             "cost": settlement.cost,
             "prompt_tokens": settlement.prompt_tokens,
             "completion_tokens": settlement.completion_tokens,
-            "usage_source": settlement.usage_source.value,
-            "outcome": settlement.outcome.value,
-            "upstream_id": settlement.upstream_id,
-            "record_ttl": _RECORD_TTL,
             "window_ttls": _WINDOW_TTLS,
+            "total_ttl": _TOTAL_TTL,
         }
-        present = {name: value for name, value in args.items() if value is not None}
-        applied = await self._call(
-            self._settle, keys=[], args=[self._prefix, request_id, msgspec.json.encode(present)]
-        )
-        return bool(applied)
+        if settled is None:
+            # Already settled in the ledger. If an earlier call failed between the ledger and
+            # Redis, the lease is still there: apply it now with the ledger's own numbers.
+            record = await self.ledger.record(request_id)
+            if record is None:
+                # Never recorded, so never dispatched: release a reservation left behind.
+                await self._apply(request_id, {"void": True})
+                return False
+            if record.state is not RecordState.SETTLED:
+                return False
+            args.update(
+                cost=record.cost,
+                prompt_tokens=record.prompt_tokens,
+                completion_tokens=record.completion_tokens,
+            )
+            await self._apply(request_id, args)
+            return False
+        await self._apply(request_id, args)
+        return True
 
     async def renew(self, request_id: str, now: float, lease_seconds: float) -> None:
         """See ``Store.renew``; the lease runs on the server's clock (``now`` is unused)."""
-        await self._call(self._renew, keys=[], args=[self._prefix, request_id, lease_seconds])
+        lease_until = await self._call(
+            self._renew, keys=[], args=[self._prefix, request_id, lease_seconds]
+        )
+        if lease_until:
+            await self.ledger.renew(request_id, float(_str(lease_until)))
 
     async def release_slot(self, request_id: str) -> None:
-        """See ``Store.release_slot`` (one Lua script)."""
+        """See ``Store.release_slot`` (one Lua script; the money stays reserved)."""
         await self._call(self._release_slot, keys=[], args=[self._prefix, request_id])
 
     async def note_upstream_id(self, request_id: str, upstream_id: str) -> None:
-        """See ``Store.note_upstream_id`` (one Lua script; also records the id's owner)."""
-        await self._call(
-            self._note, keys=[], args=[self._prefix, request_id, upstream_id, _RECORD_TTL]
-        )
+        """See ``Store.note_upstream_id`` (in the ledger: it also answers ``owner_of``)."""
+        await self.ledger.note_upstream_id(request_id, upstream_id)
 
     async def usage(self, team: str, keys: list[str], now: float) -> dict[str, WindowUsage]:
         """See ``Store.usage``."""
+        if not await self._call(self._client.exists, self._key("epoch")):
+            await self.ensure_counters()
         values = await self._call(self._usage, keys=[], args=[self._prefix, team, *keys])
         out: dict[str, WindowUsage] = {}
         for index, key in enumerate(keys):
@@ -474,37 +705,72 @@ class RedisStore:
         return int(values[0]), int(values[1])
 
     async def record(self, request_id: str) -> LedgerRecord | None:
-        """See ``Store.record``."""
-        raw = await self._call(self._client.hgetall, self._key("rec", request_id))
-        return _record(request_id, raw)
+        """See ``Store.record`` (the ledger)."""
+        return await self.ledger.record(request_id)
 
     async def owner_of(self, upstream_id: str) -> str | None:
-        """See ``Store.owner_of``."""
-        value = await self._call(self._client.get, self._key("owner", upstream_id))
-        return None if value is None else _str(value)
-
-    async def _records(self, ids: list[Any]) -> list[LedgerRecord]:
-        if not ids:
-            return []
-        names = [_str(i) for i in ids]
-        try:
-            async with self._client.pipeline(transaction=False) as pipe:
-                for name in names:
-                    _ = pipe.hgetall(self._key("rec", name))
-                rows = await pipe.execute()
-        except (RedisError, OSError) as exc:
-            raise StoreUnavailable(f"redis: {exc.__class__.__name__}") from exc
-        return [r for n, raw in zip(names, rows, strict=True) if (r := _record(n, raw)) is not None]
+        """See ``Store.owner_of`` (the ledger)."""
+        return await self.ledger.owner_of(upstream_id)
 
     async def dispatched(self) -> list[LedgerRecord]:
-        """See ``Store.dispatched``."""
-        ids = await self._call(self._client.zrange, self._key("dispatched"), 0, -1)
-        return await self._records(ids)
+        """See ``Store.dispatched`` (the ledger)."""
+        return await self.ledger.dispatched()
 
     async def records(self, *, since: float, until: float) -> list[LedgerRecord]:
-        """See ``Store.records``."""
-        ids = await self._call(self._client.zrangebyscore, self._key("ledger"), since, f"({until}")
-        return await self._records(ids)
+        """See ``Store.records`` (the ledger)."""
+        return await self.ledger.records(since=since, until=until)
+
+
+_REHOLD: Final = (
+    "-- clipia_rehold_v1\n"
+    + _PRELUDE
+    + """
+local rid = ARGV[2]
+local l = cjson.decode(ARGV[3])
+local rec = P .. ':lease:' .. rid
+if redis.call('EXISTS', rec) == 1 then return 0 end
+redis.call('HSET', rec, 'team', l.team, 'reserved', l.amount, 'windows', cjson.encode(l.windows))
+redis.call('EXPIRE', rec, l.lease_ttl)
+if l.lease_until > now then
+  local live = P .. ':live:' .. l.team
+  redis.call('ZADD', live, l.lease_until, rid)
+  redis.call('EXPIRE', live, l.lease_ttl)
+end
+for period, key in pairs(l.windows) do
+  local reserved = P .. ':reserved:' .. l.team .. ':' .. key
+  redis.call('INCRBY', reserved, l.amount)
+  redis.call('EXPIRE', reserved, l.window_ttls[period] or l.total_ttl)
+end
+return 1
+"""
+)
+
+
+def _ttl_of(window: str) -> int:
+    return _TOTAL_TTL if window == "total" else _WINDOW_TTL
+
+
+def _result(data: dict[str, Any]) -> ReserveResult:
+    reason = data.get("reason")
+    period = data.get("period")
+    budget_period = data.get("budget_period")
+    return ReserveResult(
+        admitted=bool(data.get("admitted")),
+        reason=Reason(reason) if reason else None,
+        period=Period(period) if period else None,
+        limit=int(data.get("limit", 0)),
+        used=int(data.get("used", 0)),
+        retry_after=float(data.get("retry_after", 0.0)),
+        requests_remaining=(
+            int(data["requests_remaining"]) if "requests_remaining" in data else None
+        ),
+        tokens_remaining=int(data["tokens_remaining"]) if "tokens_remaining" in data else None,
+        budget_remaining=(
+            Micro(int(data["budget_remaining"])) if "budget_remaining" in data else None
+        ),
+        budget_period=Period(budget_period) if budget_period else None,
+        replayed=bool(data.get("replayed", False)),
+    )
 
 
 _STORE_CHECK: type[Store] = RedisStore

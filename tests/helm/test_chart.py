@@ -253,8 +253,27 @@ def test_chart_secret_holds_the_key_and_the_redis_url(ci: dict[str, Rendered]) -
     redis_ref = env["REDIS_URL"]["valueFrom"]["secretKeyRef"]
     assert _secret_value(docs, clipia_ref) == "ci-not-a-real-clipia-key-0002"
     assert _secret_value(docs, redis_ref).startswith("redis://:ci-redis-password@")
+    dsn_ref = env["CLIPIA_LEDGER_DSN"]["valueFrom"]["secretKeyRef"]
+    assert _secret_value(docs, dsn_ref).startswith("postgresql://clipia:ci-pg-password@")
     config = yaml.safe_load(find(docs, "ConfigMap")["data"]["config.yaml"])
     assert config["store"]["redis_url_env"] == "REDIS_URL"
+    assert config["ledger"] == {"backend": "postgres", "postgres_dsn_env": "CLIPIA_LEDGER_DSN"}
+    assert "ci-pg-password" not in find(docs, "ConfigMap")["data"]["config.yaml"]
+
+
+def test_migrations_run_in_an_init_container_before_the_gateway(ci: dict[str, Rendered]) -> None:
+    deployment = find(ci["central-redis"].docs, "Deployment")
+    (init,) = pod_spec(deployment)["initContainers"]
+    gateway = container(deployment)
+    assert init["args"] == ["migrate", "--config", "/etc/clipia-proxy/config.yaml"]
+    assert init["image"] == gateway["image"]
+    assert init["securityContext"] == gateway["securityContext"]
+    env = {item["name"]: item["valueFrom"]["secretKeyRef"] for item in init["env"]}
+    assert env["CLIPIA_LEDGER_DSN"] == {
+        "name": find(ci["central-redis"].docs, "Secret")["metadata"]["name"],
+        "key": "ledger-dsn",
+    }
+    assert "initContainers" not in pod_spec(find(ci["central-sqlite"].docs, "Deployment"))
 
 
 def test_existing_secrets_are_referenced_and_no_secret_is_rendered(
@@ -268,6 +287,10 @@ def test_existing_secrets_are_referenced_and_no_secret_is_rendered(
         "key": "token",
     }
     assert env["REDIS_URL"]["valueFrom"]["secretKeyRef"] == {"name": "shared-redis", "key": "url"}
+    assert env["CLIPIA_LEDGER_DSN"]["valueFrom"]["secretKeyRef"] == {
+        "name": "ledger-db",
+        "key": "dsn",
+    }
 
 
 @pytest.mark.parametrize("name", CENTRAL)
@@ -453,6 +476,15 @@ REFUSED: dict[str, tuple[dict[str, Any], str]] = {
     "redis-without-url": (
         {"config": {"store": {"backend": "redis"}}},
         "config.store.backend redis needs redis.url or redis.existingSecret",
+    ),
+    "redis-without-postgres": (
+        {"redis": {"url": "redis://r:6379"}, "config": {"store": {"backend": "redis"}}},
+        "config.store.backend redis needs the PostgreSQL ledger (Redis keeps no records): set "
+        "postgres.dsn or postgres.existingSecret",
+    ),
+    "chart-owned-ledger-key": (
+        {"config": {"ledger": {"postgres_dsn_env": "X"}}},
+        "config.ledger.postgres_dsn_env is set by the chart",
     ),
     "servicemonitor-without-metrics": (
         {"serviceMonitor": {"enabled": True}, "metrics": {"enabled": False}},
@@ -660,7 +692,11 @@ def test_an_app_chart_can_include_the_sidecar_container(
     assert gateway["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "clipia-admin"}
     assert gateway["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "clipia-admin"}
     env = {item["name"]: item["valueFrom"]["secretKeyRef"]["name"] for item in gateway["env"]}
-    assert env == {"CLIPIA_API_KEY": "clipia-upstream", "REDIS_URL": "shared-redis"}
+    assert env == {
+        "CLIPIA_API_KEY": "clipia-upstream",
+        "REDIS_URL": "shared-redis",
+        "CLIPIA_LEDGER_DSN": "shared-ledger",
+    }
     volumes = {v["name"]: v for v in spec["volumes"]}
     config_map = find(rendered.docs, "ConfigMap")["metadata"]["name"]
     assert volumes["clipia-proxy-config"]["configMap"]["name"] == config_map

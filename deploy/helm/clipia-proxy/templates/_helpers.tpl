@@ -121,6 +121,24 @@ clipia-api-key: {{ .Values.clipia.apiKey | b64enc | quote }}
 {{- if and (eq (include "clipia-proxy.backend" .) "redis") (not .Values.redis.existingSecret) .Values.redis.url }}
 redis-url: {{ .Values.redis.url | b64enc | quote }}
 {{- end }}
+{{- if and (not .Values.postgres.existingSecret) .Values.postgres.dsn }}
+ledger-dsn: {{ .Values.postgres.dsn | b64enc | quote }}
+{{- end }}
+{{- end }}
+
+{{/* "true" when the ledger is in PostgreSQL (postgres.dsn or postgres.existingSecret). */}}
+{{- define "clipia-proxy.hasPostgres" -}}
+{{- if or .Values.postgres.dsn .Values.postgres.existingSecret }}true{{ end }}
+{{- end }}
+
+{{- define "clipia-proxy.postgresSecretRef" -}}
+{{- if .Values.postgres.existingSecret -}}
+name: {{ .Values.postgres.existingSecret }}
+key: {{ .Values.postgres.existingSecretKey }}
+{{- else -}}
+name: {{ include "clipia-proxy.fullname" . }}
+key: ledger-dsn
+{{- end }}
 {{- end }}
 
 {{- define "clipia-proxy.clipiaSecretRef" -}}
@@ -180,6 +198,14 @@ the Clipia key and the Redis URL are named (env vars), never written here.
 {{- $_ := unset $auth "team" }}
 {{- end }}
 {{- $config := dict "server" $server "upstream" $upstream "store" $store "auth" $auth }}
+{{- $ledger := deepCopy (default (dict) $v.ledger) }}
+{{- if include "clipia-proxy.hasPostgres" . }}
+{{- $_ := set $ledger "backend" "postgres" }}
+{{- $_ := set $ledger "postgres_dsn_env" "CLIPIA_LEDGER_DSN" }}
+{{- end }}
+{{- if $ledger }}
+{{- $_ := set $config "ledger" $ledger }}
+{{- end }}
 {{- $_ := set $config "catalog" (default (dict) $v.catalog) }}
 {{- $_ := set $config "accounting" (default (dict) $v.accounting) }}
 {{- $_ := set $config "logging" (default (dict) $v.logging) }}
@@ -258,6 +284,12 @@ env:
       secretKeyRef:
         {{- include "clipia-proxy.redisSecretRef" $root | nindent 8 }}
   {{- end }}
+  {{- if include "clipia-proxy.hasPostgres" $root }}
+  - name: CLIPIA_LEDGER_DSN
+    valueFrom:
+      secretKeyRef:
+        {{- include "clipia-proxy.postgresSecretRef" $root | nindent 8 }}
+  {{- end }}
   {{- with $v.extraEnv }}
   {{- toYaml . | nindent 2 }}
   {{- end }}
@@ -297,6 +329,39 @@ volumeMounts:
   - name: clipia-proxy-data
     mountPath: /var/lib/clipia-proxy
   {{- end }}
+{{- end }}
+
+{{/* The init container applying the PostgreSQL ledger's migrations (central mode). */}}
+{{- define "clipia-proxy.migrateContainer" -}}
+{{- $v := .Values }}
+name: clipia-proxy-migrate
+image: {{ include "clipia-proxy.image" . | quote }}
+imagePullPolicy: {{ $v.image.pullPolicy }}
+args:
+  - migrate
+  - --config
+  - /etc/clipia-proxy/config.yaml
+env:
+  - name: CLIPIA_API_KEY
+    valueFrom:
+      secretKeyRef:
+        {{- include "clipia-proxy.clipiaSecretRef" . | nindent 8 }}
+  - name: CLIPIA_LEDGER_DSN
+    valueFrom:
+      secretKeyRef:
+        {{- include "clipia-proxy.postgresSecretRef" . | nindent 8 }}
+{{- with $v.resources }}
+resources:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+securityContext:
+  {{- toYaml $v.securityContext | nindent 2 }}
+volumeMounts:
+  - name: clipia-proxy-config
+    mountPath: /etc/clipia-proxy
+    readOnly: true
+  - name: clipia-proxy-tmp
+    mountPath: /tmp
 {{- end }}
 
 {{/* The volumes the container mounts (the config as a directory, never subPath, so updates reach it). */}}
@@ -360,10 +425,10 @@ Refuse values that cannot work, listing every problem at once.
 {{- $problems = append $problems (printf "config.teams[%d].caps: quote the key n (\"n\": 1); YAML reads a bare n as false" $index) }}
 {{- end }}
 {{- end }}
-{{- range $key := list "upstream.api_key_env" "upstream.api_key_file" "store.sqlite_path" "store.redis_url_env" "store.replicas" }}
+{{- range $key := list "upstream.api_key_env" "upstream.api_key_file" "store.sqlite_path" "store.redis_url_env" "store.replicas" "ledger.backend" "ledger.postgres_dsn_env" }}
 {{- $parts := splitList "." $key }}
 {{- if hasKey (default (dict) (index $v.config (first $parts))) (last $parts) }}
-{{- $problems = append $problems (printf "config.%s is set by the chart (from clipia.*, redis.*, the data volume and the replica count); remove it" $key) }}
+{{- $problems = append $problems (printf "config.%s is set by the chart (from clipia.*, redis.*, postgres.*, the data volume and the replica count); remove it" $key) }}
 {{- end }}
 {{- end }}
 {{- if regexMatch "clipia_(live|test)_|cpx_[A-Za-z0-9]|Bearer\\s" (toYaml $v.config) }}
@@ -413,6 +478,9 @@ Refuse values that cannot work, listing every problem at once.
 {{- end }}
 {{- if and (eq $backend "redis") (not (or $v.redis.url $v.redis.existingSecret)) }}
 {{- $problems = append $problems "config.store.backend redis needs redis.url or redis.existingSecret (the chart never deploys Redis)" }}
+{{- end }}
+{{- if and (eq $backend "redis") (not (include "clipia-proxy.hasPostgres" .)) }}
+{{- $problems = append $problems "config.store.backend redis needs the PostgreSQL ledger (Redis keeps no records): set postgres.dsn or postgres.existingSecret" }}
 {{- end }}
 {{- if and $team (not $sidecar) (ne (default "keys" $auth.mode) "fixed") }}
 {{- $problems = append $problems "config.auth.team is only used with config.auth.mode fixed (or mode sidecar)" }}
