@@ -77,9 +77,6 @@ class LedgerStore(Protocol):
     async def note_upstream_id(self, request_id: str, upstream_id: str) -> None:
         """Store the upstream (generation) id on a dispatched record; no-op once settled."""
 
-    async def note_upstream_id(self, request_id: str, upstream_id: str) -> None:
-        """Store the upstream (generation) id on a dispatched record; no-op once settled."""
-
     async def record(self, request_id: str) -> LedgerRecord | None:
         """Return one record."""
 

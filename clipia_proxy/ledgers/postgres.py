@@ -344,15 +344,6 @@ class PostgresLedger:
             upstream_id,
         )
 
-    async def note_upstream_id(self, request_id: str, upstream_id: str) -> None:
-        """See ``LedgerStore.note_upstream_id``."""
-        await self._fetch(
-            "UPDATE clipia_ledger SET upstream_id = $2 WHERE request_id = $1 "
-            "AND state = 'dispatched'",
-            request_id,
-            upstream_id,
-        )
-
     async def record(self, request_id: str) -> LedgerRecord | None:
         """See ``LedgerStore.record``."""
         rows = await self._fetch(

@@ -101,15 +101,6 @@ class EngineStore:
         if self.engine.note_upstream_id(request_id, upstream_id) is not None:
             await self.ledger.note_upstream_id(request_id, upstream_id)
 
-    async def release_slot(self, request_id: str) -> None:
-        """See ``Store.release_slot`` (in memory: one replica)."""
-        self.engine.release_slot(request_id)
-
-    async def note_upstream_id(self, request_id: str, upstream_id: str) -> None:
-        """See ``Store.note_upstream_id``: in memory and in the ledger."""
-        if self.engine.note_upstream_id(request_id, upstream_id) is not None:
-            await self.ledger.note_upstream_id(request_id, upstream_id)
-
     async def usage(self, team: str, keys: list[str], now: float) -> dict[str, WindowUsage]:
         """See ``Store.usage``."""
         return self.engine.usage(team, keys, now)
