@@ -40,6 +40,7 @@ from .keys import (
     GENERATIONS,
     HEALTH,
     INFO,
+    KEY_SCAN,
     LEDGER,
     LIVE,
     METRICS,
@@ -59,6 +60,7 @@ from .quotas.service import QuotaService
 from .quotas.sqlite import SqliteStore
 from .quotas.store import Store, StoreUnavailable
 from .sandbox import Upstreams
+from .redact import KeyScanner
 from .streaming import OpenStreams
 from .tasks import TaskRegistry
 from .upstream import UpstreamClient
@@ -176,6 +178,7 @@ def create_app(
     app[UPSTREAMS] = upstreams
     app[CATALOG] = catalog
     app[GENERATIONS] = GenerationOwners(_GENERATION_OWNERS)
+    app[KEY_SCAN] = KeyScanner(key.reveal(), *([test_key.reveal()] if test_key else []))
     app[HEALTH] = Health(
         catalog_is_warm=catalog.is_warm,
         store_is_reachable=lambda: quotas.fail_open or quotas.store_reachable,

@@ -20,6 +20,7 @@ Every error the proxy itself returns is a :class:`ProxyError`; one middleware re
     │   └── ConcurrencyLimited  429 concurrency_limit_exceeded
     ├── InternalError           500 internal_error         a bug; the body holds only the request id
     ├── UpstreamUnavailable     502 upstream_unavailable   Clipia unreachable, redirected, or it rejected *our* key
+    │   └── UpstreamInvalidResponse 502 upstream_invalid_response  a 200 that is no valid answer, or quotes our key
     ├── QuotaStoreUnavailable   503 quota_store_unavailable
     ├── Overloaded              503 overloaded             a port at ``server.max_connections``, or every upstream connection in use
     ├── Draining                503 draining               shutting down
@@ -54,6 +55,7 @@ __all__ = [
     "RequestTimeout",
     "RequestTooLarge",
     "UnsupportedMediaType",
+    "UpstreamInvalidResponse",
     "UpstreamTimeout",
     "UpstreamUnavailable",
     "error_body",
@@ -237,6 +239,15 @@ class UpstreamUnavailable(ProxyError):
     status = 502
     type = "api_error"
     code = "upstream_unavailable"
+
+
+class UpstreamInvalidResponse(UpstreamUnavailable):
+    """Raised when Clipia's 200 is no valid answer, or quotes the gateway's own key.
+
+    Not JSON, or an event stream for a non-streaming request: the body is withheld.
+    """
+
+    code = "upstream_invalid_response"
 
 
 class QuotaStoreUnavailable(ProxyError):

@@ -28,6 +28,7 @@ from .errors import (
     RequestTimeout,
     RequestTooLarge,
     UnsupportedMediaType,
+    UpstreamInvalidResponse,
     UpstreamTimeout,
     UpstreamUnavailable,
     error_body,
@@ -36,6 +37,7 @@ from .keys import (
     CATALOG,
     GENERATIONS,
     INFO,
+    KEY_SCAN,
     LEDGER,
     LIVE,
     METRICS,
@@ -90,6 +92,9 @@ _MAX_UPSTREAM_BODY: Final = 64 * 1024 * 1024
 _MAX_ERROR_BODY: Final = 64 * 1024
 _JSON: Final = "application/json"
 _PASSED_THROUGH_ERROR_HEADERS: Final = ("Retry-After",)
+_WITHHELD_MESSAGE: Final = (
+    "The upstream AI gateway's answer quoted the gateway's own credentials and was withheld."
+)
 _CODE_BY_STATUS: Final = {
     400: ("invalid_request_error", "invalid_request"),
     402: ("insufficient_quota", "insufficient_credits"),
@@ -449,8 +454,12 @@ async def _forward(
         if response.status != 200:
             flight.outcome = Outcome.UPSTREAM_ERROR
             info.outcome = flight.outcome.value
-            return await _pass_through_error(upstream, response)
+            return await _pass_through_error(app, response)
         content_type = response.headers.get("Content-Type", _JSON)
+        scan = app[KEY_SCAN]
+        if scan.header_mentions_key(content_type):
+            _withhold(app, "key_echo")
+            content_type = "text/event-stream" if stream else _JSON
         if stream and content_type.startswith("text/event-stream"):
             # 7. Relay the stream byte for byte.
             quotas, request_id = app[QUOTAS], info.request_id
@@ -485,6 +494,7 @@ async def _forward(
                     output_limit=output_limit,
                     on_upstream_id=lambda upstream_id: ledger.note_upstream_id(flight, upstream_id),
                     on_client_gone=lambda: ledger.release_slot(flight),
+                    scan=scan.stream(),
                 )
                 finished = True
             finally:
@@ -500,6 +510,8 @@ async def _forward(
                 flight.upstream_id = tap.upstream_id
                 info.upstream_done = result.upstream_done_at
                 app[METRICS].record_stream_end(info.team, result.outcome.value)
+                if result.cut_for_secret:
+                    _withhold(app, "key_echo")
             info.outcome = result.outcome.value
             info.upstream_id = tap.upstream_id
             if result.first_byte_at is not None:
@@ -520,7 +532,15 @@ async def _forward(
         info.upstream_done = time.perf_counter()
         info.ttft = info.upstream_done - info.started
         info.outcome = Outcome.COMPLETED.value
-        summary = answer_summary(data)
+        if content_type.startswith("text/event-stream"):
+            # SSE for a request that did not ask for a stream: not relayed; its usage (if the
+            # stream carried one) and upstream id still settle the request.
+            tap = UsageTap()
+            tap.feed(data)
+            tap.close()
+            summary: tuple[str | None, Usage | None] | None = (tap.upstream_id, tap.usage)
+        else:
+            summary = answer_summary(data)
         if summary is not None:
             upstream_id, flight.usage = summary
             if upstream_id is not None:
@@ -531,6 +551,19 @@ async def _forward(
                 info.upstream_id = upstream_id
                 _remember_generation(request, upstream_id)
             info.record_usage(flight.usage, "response")
+        if summary is None or content_type.startswith("text/event-stream"):
+            _withhold(app, "invalid_response")
+            flight.outcome = Outcome.UPSTREAM_ERROR
+            info.outcome = flight.outcome.value
+            raise UpstreamInvalidResponse(
+                "The upstream AI gateway answered 200 with a body that is not a chat completion "
+                "(not JSON, or an event stream for a request without stream: true)."
+            )
+        if scan.mentions_key(data):
+            _withhold(app, "key_echo")
+            flight.outcome = Outcome.UPSTREAM_ERROR
+            info.outcome = flight.outcome.value
+            raise UpstreamInvalidResponse(_WITHHELD_MESSAGE)
         return web.Response(body=data, status=200, content_type=_JSON, headers=headers)
     except aiohttp.ClientError as exc:
         info.outcome = Outcome.UPSTREAM_ERROR
@@ -552,17 +585,27 @@ def _upstream_broke() -> UpstreamUnavailable:
     return UpstreamUnavailable("The upstream AI gateway broke off its answer.")
 
 
-async def _pass_through_error(upstream: UpstreamClient, response: UpstreamResponse) -> web.Response:
+def _withhold(app: web.Application, reason: str) -> None:
+    app[METRICS].record_withheld(reason)
+    if reason == "key_echo":
+        _LOGGER.warning("an upstream answer quoted the gateway's Clipia key; it was not relayed")
+
+
+async def _pass_through_error(app: web.Application, response: UpstreamResponse) -> web.Response:
     """Relay an upstream error about the request: its status and a clean envelope.
 
-    Only the envelope's four fields are kept; a non-JSON body, or one that mentions our key,
-    is replaced by an envelope of our own with the same status.
+    Only the envelope's four fields are kept; a non-JSON body, or one that mentions our key
+    (whole, in part or escaped), is replaced by an envelope of our own with the same status.
+    A relayed header that mentions it is dropped.
     """
     status = response.status
     raw = await read_body(response, _MAX_ERROR_BODY)
     type_, code = _CODE_BY_STATUS.get(status, ("api_error", "upstream_error"))
     body = error_body(f"The upstream AI gateway answered {status}.", type_=type_, code=code)
-    if not upstream.mentions_key(raw):
+    scan = app[KEY_SCAN]
+    if scan.mentions_key(raw):
+        _withhold(app, "key_echo")
+    else:
         try:
             decoded = decode_json(raw)
         except (msgspec.DecodeError, ValueError):
@@ -577,11 +620,15 @@ async def _pass_through_error(upstream: UpstreamClient, response: UpstreamRespon
                     }
                 }
             )
-    headers = {
-        name: response.headers[name]
-        for name in _PASSED_THROUGH_ERROR_HEADERS
-        if name in response.headers
-    }
+    headers: dict[str, str] = {}
+    for name in _PASSED_THROUGH_ERROR_HEADERS:
+        value = response.headers.get(name)
+        if value is None:
+            continue
+        if scan.header_mentions_key(value):
+            _withhold(app, "key_echo")
+        else:
+            headers[name] = value
     return web.Response(status=status, body=body, content_type=_JSON, headers=headers)
 
 
@@ -711,10 +758,13 @@ async def generation(request: web.Request) -> web.Response:
         raise _overloaded(exc) from exc
     try:
         if response.status != 200:
-            return await _pass_through_error(upstream, response)
+            return await _pass_through_error(request.app, response)
         payload = await read_body(response, _MAX_ERROR_BODY)
         if len(payload) > _MAX_ERROR_BODY:
             raise UpstreamUnavailable("The upstream AI gateway sent an oversized answer.")
+        if request.app[KEY_SCAN].mentions_key(payload):
+            _withhold(request.app, "key_echo")
+            raise UpstreamInvalidResponse(_WITHHELD_MESSAGE)
         return web.Response(body=payload, content_type=_JSON)
     finally:
         response.release()

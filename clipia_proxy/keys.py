@@ -16,6 +16,7 @@ if TYPE_CHECKING:  # the keys name these types in strings only (no import cycles
     from .metrics import Metrics  # noqa: F401
     from .quotas.service import QuotaService  # noqa: F401
     from .sandbox import Upstreams  # noqa: F401
+    from .redact import KeyScanner  # noqa: F401
     from .streaming import OpenStreams  # noqa: F401
     from .tasks import TaskRegistry  # noqa: F401
     from .upstream import UpstreamClient  # noqa: F401
@@ -25,6 +26,7 @@ __all__ = [
     "GENERATIONS",
     "HEALTH",
     "INFO",
+    "KEY_SCAN",
     "LEDGER",
     "LIVE",
     "METRICS",
@@ -54,6 +56,8 @@ LEDGER: Final = web.AppKey["Ledger"]("ledger")
 """Settlement rules and crash reconciliation."""
 STREAMS: Final = web.AppKey["OpenStreams"]("streams")
 """Streams being relayed; shutdown ends them cleanly when its grace period runs out."""
+KEY_SCAN: Final = web.AppKey["KeyScanner"]("key_scan")
+"""Finds the Clipia key (whole, partial, escaped) in upstream bytes before they are relayed."""
 GENERATIONS: Final = web.AppKey["GenerationOwners"]("generations")
 """Upstream generation id -> the team that created it (bounded; the ledger replaces it)."""
 

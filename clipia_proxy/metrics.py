@@ -39,6 +39,7 @@ REJECTION_REASONS: Final = (
     "store_unavailable",
 )
 STREAM_REASONS: Final = ("completed", "client_disconnect", "upstream_error", "timeout")
+WITHHELD_REASONS: Final = ("key_echo", "invalid_response")
 _TOKEN_TYPES: Final = ("prompt", "completion")
 # The headroom's "typical request": a moving average of the team's reservations, each new one
 # weighing this much (about the last 20 requests count).
@@ -302,6 +303,14 @@ class Metrics:
             ["code"],
             registry=r,
         )
+        self._withheld: Final = Counter(
+            PREFIX + "upstream_answers_withheld",
+            "Upstream answers (or relayed headers) withheld from the client, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        for reason in WITHHELD_REASONS:
+            self._withheld.labels(reason)
         self._config_reloads: Final = Counter(
             PREFIX + "config_reloads", "Config reloads by result.", ["result"], registry=r
         )
@@ -477,6 +486,11 @@ class Metrics:
     def record_upstream_attempt(self, code: str) -> None:
         """Count one attempt against Clipia: its status, or an error kind (bounded by caller)."""
         self._child(self._upstream_requests, code).inc()
+
+    def record_withheld(self, reason: str) -> None:
+        """Count an upstream answer not relayed: ``key_echo`` or ``invalid_response``."""
+        if reason in WITHHELD_REASONS:
+            self._child(self._withheld, reason).inc()
 
     def record_config_reload(self, result: str) -> None:
         """Count a config reload: ``success`` or ``error``."""

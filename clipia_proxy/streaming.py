@@ -35,6 +35,7 @@ import aiohttp
 from aiohttp import web
 
 from .quotas.model import Outcome
+from .redact import StreamScan
 from .sse import UsageChunkFilter, UsageTap, sse_error_event
 from .upstream import UpstreamResponse
 
@@ -50,6 +51,7 @@ class StreamResult:
 
     __slots__ = (
         "cut_at_bound",
+        "cut_for_secret",
         "cut_for_shutdown",
         "first_byte_at",
         "outcome",
@@ -64,6 +66,8 @@ class StreamResult:
         """Set when shutdown's grace period ran out while this stream was open."""
         self.cut_at_bound = False
         """Set when the upstream wrote more than the output bound reserved for the request."""
+        self.cut_for_secret = False
+        """Set when a chunk quoted the gateway's Clipia key: it was not relayed, the stream cut."""
         self.first_byte_at: float | None = None
         self.upstream_done_at: float | None = None
         """perf_counter when the upstream body ended (or broke)."""
@@ -114,6 +118,7 @@ async def relay_stream(
     output_limit: int | None = None,
     on_upstream_id: Callable[[str], None] | None = None,
     on_client_gone: Callable[[], None] | None = None,
+    scan: StreamScan | None = None,
 ) -> tuple[web.StreamResponse, StreamResult]:
     """Relay an upstream SSE body to the client; return the response and what was learnt.
 
@@ -123,7 +128,9 @@ async def relay_stream(
     the result's ``outcome``. Pass ``result`` to read what was learnt even if this coroutine
     is cancelled half-way (shutdown). ``output_limit`` (completion tokens, all choices) is
     what the request reserved: an upstream counted past it (ignoring ``max_tokens``) is cut,
-    outcome ``upstream_error``, with an SSE error event ``output_limit_exceeded``.
+    outcome ``upstream_error``, with an SSE error event ``output_limit_exceeded``. ``scan``
+    looks for the gateway's Clipia key in every chunk: a chunk that quotes it is not relayed and
+    the stream is cut (outcome ``upstream_error``, SSE error ``upstream_invalid_response``).
     """
     response = web.StreamResponse(status=200, headers=headers)
     if result is None:
@@ -194,6 +201,11 @@ async def relay_stream(
         if renew is not None and loop.time() >= next_renewal:
             next_renewal = loop.time() + renew_every
             renew()
+        if scan is not None and scan.feed(chunk):
+            result.cut_for_secret = True
+            result.outcome = Outcome.UPSTREAM_ERROR
+            upstream.close()
+            break
         if not client_alive:
             if result.cut_at_bound:
                 break
@@ -231,7 +243,13 @@ async def _finish(
         else:
             # Held-back bytes are an incomplete event: dropping them is safer than relaying a
             # fragment that would merge with the error event.
-            if result.cut_at_bound:
+            if result.cut_for_secret:
+                message = (
+                    "The upstream stream quoted the gateway's own credentials; the rest was "
+                    "withheld."
+                )
+                code = "upstream_invalid_response"
+            elif result.cut_at_bound:
                 message = (
                     "The upstream wrote more than the output this request reserved "
                     "(its max_tokens); the stream was cut."

@@ -24,6 +24,7 @@ EXPECTED = {
     errors.ConcurrencyLimited: (429, "concurrency_limit_exceeded"),
     errors.InternalError: (500, "internal_error"),
     errors.UpstreamUnavailable: (502, "upstream_unavailable"),
+    errors.UpstreamInvalidResponse: (502, "upstream_invalid_response"),
     errors.QuotaStoreUnavailable: (503, "quota_store_unavailable"),
     errors.Overloaded: (503, "overloaded"),
     errors.Draining: (503, "draining"),

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -163,6 +164,27 @@ async def _not_found(request: web.Request) -> web.StreamResponse:
     return _error(404, f"No route for {request.method} {request.path}.")
 
 
+def _quoted_key(request: web.Request, fault: Fault) -> str | None:
+    """The received key in the form ``fault.quote_key`` names (JSON-string safe), or None."""
+    key = _presented_key(request)
+    if fault.quote_key is None or key is None:
+        return None
+    if fault.quote_key == "json_escaped":
+        return key.replace("_", "\\u005f")
+    if fault.quote_key == "partial":
+        prefix, _, secret = key.rpartition("_")
+        return f"{prefix}_{secret[:10]}..."
+    if fault.quote_key == "percent":
+        return urllib.parse.quote(key, safe="")
+    return key
+
+
+def _quote_into(data: bytes, quoted: str) -> bytes:
+    """Put ``quoted`` at the start of the first ``content`` string of ``data``."""
+    marker = b'"content":"'
+    return data.replace(marker, marker + quoted.encode() + b" ", 1)
+
+
 def _fault_response(request: web.Request, fault: Fault) -> web.StreamResponse | None:
     if fault.redirect_to is not None:
         return web.Response(status=307, headers={"Location": fault.redirect_to})
@@ -171,9 +193,23 @@ def _fault_response(request: web.Request, fault: Fault) -> web.StreamResponse | 
         status = 502
     if status is None and fault.body_quotes_key:
         status = 500
+    quoted = _quoted_key(request, fault) if fault.quote_key_in == "error_body" else None
+    if status is None and quoted is not None:
+        status = 500
+    retry_after = fault.retry_after
+    if fault.quote_key is not None and fault.quote_key_in == "retry_after":
+        status = status or 429
+        retry_after = f"1; key={_quoted_key(request, fault)}"
     if status is None:
         return None
-    headers = {"Retry-After": fault.retry_after} if fault.retry_after is not None else {}
+    headers = {"Retry-After": retry_after} if retry_after is not None else {}
+    if quoted is not None:
+        # Written into the JSON by hand: a json_escaped quote must reach the wire as escapes.
+        body = b'{"error":{"message":"Request failed for key ' + quoted.encode()
+        body += b'.","type":"api_error","param":null,"code":"internal_error"}}'
+        return web.Response(
+            status=status, body=body, content_type="application/json", headers=headers
+        )
     if fault.non_json_body:
         page = f"<html><body><h1>{status} Error</h1><p>upstream trouble</p></body></html>"
         return web.Response(status=status, text=page, content_type="text/html", headers=headers)
@@ -265,19 +301,29 @@ async def _chat(request: web.Request) -> web.StreamResponse:
 
     reported = Decimal(fault.reported_cost) if fault.reported_cost is not None else bill.cost
     usage = usage_object(prompt, completion, reported, with_cost=not fault.usage_without_cost)
-    if not is_stream:
+    quoted = _quoted_key(request, fault) if fault.quote_key_in in {"answer", "stream"} else None
+    if fault.invalid_answer == "not_json":
+        record.stream = False
         return web.Response(
-            body=completion_body(
-                generation_id=bill.id,
-                created=bill.created,
-                model=model,
-                choices=choices,
-                usage=None if fault.no_usage else usage,
-            ),
+            body=b"<html><body>not a chat completion</body></html>",
             content_type="application/json",
         )
+    if not is_stream and fault.invalid_answer != "sse":
+        answer = completion_body(
+            generation_id=bill.id,
+            created=bill.created,
+            model=model,
+            choices=choices,
+            usage=None if fault.no_usage else usage,
+        )
+        if quoted is not None:
+            answer = _quote_into(answer, quoted)
+        return web.Response(body=answer, content_type="application/json")
+    record.stream = True
     options = body.get("stream_options")
-    include_usage = isinstance(options, dict) and options.get("include_usage") is True
+    include_usage = (
+        isinstance(options, dict) and options.get("include_usage") is True
+    ) or not is_stream
     send_usage = (include_usage or fault.usage_unasked) and not fault.no_usage
     plan = stream_plan(
         generation_id=bill.id,
@@ -288,7 +334,13 @@ async def _chat(request: web.Request) -> web.StreamResponse:
         include_usage=include_usage,
         fault=fault,
     )
-    return await _send_stream(request, record, plan.events, plan.finish_end, fault)
+    events = plan.events
+    if quoted is not None:
+        for index, event in enumerate(events):
+            if b'"content":"' in event:
+                events = (*events[:index], _quote_into(event, quoted), *events[index + 1 :])
+                break
+    return await _send_stream(request, record, events, plan.finish_end, fault)
 
 
 def _is_connected(request: web.Request) -> bool:

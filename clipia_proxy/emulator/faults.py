@@ -8,7 +8,7 @@ This module is pure: it decides shapes and bytes, ``app.py`` does the I/O.
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Final, Literal
 
 import msgspec
 
@@ -72,6 +72,16 @@ class Fault(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     reported_cost: str | None = None
     """``usage.cost`` says this many credits (e.g. ``"1e9"``) instead of the bill, which stays
     true (and is what ``/v1/generation`` answers): an implausible upstream cost."""
+    quote_key: Literal["whole", "json_escaped", "partial", "percent"] | None = None
+    """Quote the received key in the form named (``json_escaped``: every ``_`` as ``\\u005f``;
+    ``partial``: the prefix and the first 10 secret characters; ``percent``: URL-encoded)
+    where ``quote_key_in`` says."""
+    quote_key_in: Literal["error_body", "retry_after", "answer", "stream"] = "error_body"
+    """Where ``quote_key`` goes: an error message (status 500 if unset), a ``Retry-After``
+    header of an error (status 429 if unset), a 200 answer's content, or a stream's content."""
+    invalid_answer: Literal["not_json", "sse"] | None = None
+    """Answer 200 (billed) with a body that is not a chat completion: ``not_json`` (an HTML page
+    labelled ``application/json``) or ``sse`` (an event stream, whatever ``stream`` says)."""
     times: int = 1
     """How many consecutive chat requests this fault applies to."""
 
