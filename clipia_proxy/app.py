@@ -59,8 +59,8 @@ from .quotas.memory import MemoryStore
 from .quotas.service import QuotaService
 from .quotas.sqlite import SqliteStore
 from .quotas.store import Store, StoreUnavailable
-from .sandbox import Upstreams
 from .redact import KeyScanner
+from .sandbox import Upstreams
 from .streaming import OpenStreams
 from .tasks import TaskRegistry
 from .upstream import UpstreamClient

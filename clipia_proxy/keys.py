@@ -15,8 +15,8 @@ if TYPE_CHECKING:  # the keys name these types in strings only (no import cycles
     from .live import Live  # noqa: F401
     from .metrics import Metrics  # noqa: F401
     from .quotas.service import QuotaService  # noqa: F401
-    from .sandbox import Upstreams  # noqa: F401
     from .redact import KeyScanner  # noqa: F401
+    from .sandbox import Upstreams  # noqa: F401
     from .streaming import OpenStreams  # noqa: F401
     from .tasks import TaskRegistry  # noqa: F401
     from .upstream import UpstreamClient  # noqa: F401
