@@ -56,7 +56,6 @@ from .sse import UsageTap
 from .streaming import StreamResult, relay_stream
 from .upstream import (
     UpstreamBusy,
-    UpstreamClient,
     UpstreamNotSent,
     UpstreamRefused,
     UpstreamResponse,
