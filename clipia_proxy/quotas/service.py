@@ -166,7 +166,7 @@ class QuotaService:
                 raise ConcurrencyLimited(
                     f"Team {team!r} already has {active} of {share} requests in flight; retry "
                     "when one finishes.",
-                    retry_after=1,
+                    retry_after=self._slot_wait(team, share),
                 )
             rpm = self._limits.get(team, TeamLimits()).rpm
             if rpm is not None and self._lookups:
