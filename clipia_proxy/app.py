@@ -53,7 +53,7 @@ from .keys import (
 )
 from .ledger import Ledger
 from .live import Live
-from .logs import ACCESS_LOGGER, access_fields
+from .logs import log_access
 from .metrics import BudgetSnapshot, Metrics
 from .quotas.memory import MemoryStore
 from .quotas.service import QuotaService
@@ -451,13 +451,7 @@ async def _gateway_middleware(request: web.Request, handler: _Handler) -> web.St
         response.headers["X-Request-Id"] = info.request_id
     info.status = response.status
     _observe(request, info, rejection)
-    if ACCESS_LOGGER.isEnabledFor(logging.INFO):
-        ACCESS_LOGGER.info(
-            "access",
-            extra={
-                "fields": access_fields(info, route=_route_name(request), method=request.method)
-            },
-        )
+    log_access(info, route=_route_name(request), method=request.method)
     return response
 
 

@@ -22,6 +22,7 @@ __all__ = [
     "TextFormatter",
     "access_fields",
     "apply_logging",
+    "log_access",
     "redact",
     "setup_logging",
 ]
@@ -97,6 +98,11 @@ def setup_logging(
     level: str = "INFO", *, stream: Any = None, fmt: str = "json", access_log: bool = True
 ) -> logging.Handler:
     """Send every log record to ``stream`` (stderr), redacted, one line each; return the handler."""
+    # No line shows a thread, process or multiprocessing name: the documented switches that
+    # spare every record those look-ups (the logging HOWTO's "Optimization").
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.addFilter(RedactingFilter())
     root = logging.getLogger()
@@ -141,3 +147,27 @@ def access_fields(info: Any, *, route: str, method: str) -> dict[str, Any]:
         "duration_ms": round((time.perf_counter() - info.started) * 1000, 3),
         "ttft_ms": round(info.ttft * 1000, 3) if info.ttft is not None else None,
     }
+
+
+def log_access(info: Any, *, route: str, method: str) -> None:
+    """Write the access line of a finished request (when ``logging.access_log`` is on).
+
+    The same record ``ACCESS_LOGGER.info("access", extra=...)`` would make, through the same
+    filters and handlers, built with ``Logger.makeRecord`` and passed to ``Logger.handle``:
+    that skips the caller lookup (a walk up the stack for a file and line no access line
+    shows), about a fifth of the line's cost.
+    """
+    if not ACCESS_LOGGER.isEnabledFor(logging.INFO):
+        return
+    fields = access_fields(info, route=route, method=method)
+    record = ACCESS_LOGGER.makeRecord(
+        ACCESS_LOGGER.name,
+        logging.INFO,
+        __file__,
+        0,
+        "access",
+        (),
+        None,
+        extra={"fields": fields},
+    )
+    ACCESS_LOGGER.handle(record)
