@@ -22,7 +22,7 @@ COPY clipia_proxy ./clipia_proxy
 RUN python -m pip wheel --no-deps --wheel-dir /wheels . \
     && python -m venv /opt/venv \
     && wheel="$(ls /wheels/clipia_proxy-*.whl)" \
-    && /opt/venv/bin/pip install "${wheel}[redis,postgres,speed]" \
+    && /opt/venv/bin/pip install "${wheel}[redis,postgres]" \
     && /opt/venv/bin/clipia-proxy --version \
     && /opt/venv/bin/pip uninstall -y pip setuptools
 
