@@ -8,6 +8,7 @@ Tests swap the world through keyword-only overrides instead of patching.
 from __future__ import annotations
 
 import datetime as dt
+import hmac
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -20,11 +21,12 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from . import handlers, mcp_http
 from .auth import Refusal
 from .catalog import Catalog
-from .config import Config, Secret, read_api_key, read_test_api_key
+from .config import Config, Secret, read_admin_token, read_api_key, read_test_api_key
 from .errors import (
     Draining,
     ExpectationFailed,
     InternalError,
+    InvalidApiKey,
     InvalidRequest,
     MethodNotAllowed,
     NotFound,
@@ -231,11 +233,32 @@ def apply_config(app: web.Application, config: Config) -> None:
     app[METRICS].set_teams(team.id for team in config.teams)
 
 
-def create_admin_app(app: web.Application) -> web.Application:
-    """Build the admin-port application (``/metrics``, ``/healthz``, ``/readyz``) for a data app."""
+def create_admin_app(app: web.Application, *, admin_token: Secret | None = None) -> web.Application:
+    """Build the admin-port application (``/metrics``, ``/healthz``, ``/readyz``) for a data app.
+
+    With a token (``admin_token``, else the one ``server.admin_token_env`` names) ``/metrics``
+    answers only ``Authorization: Bearer <token>``; the probes stay open.
+    """
     scrape = make_aiohttp_handler(app[METRICS].registry)
+    token = admin_token or read_admin_token(app[LIVE].config.server)
+    expected = token.reveal().encode() if token is not None else None
 
     async def metrics_route(request: web.Request) -> web.StreamResponse:
+        if expected is not None:
+            presented = request.headers.get("Authorization", "")
+            scheme, _, credential = presented.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                credential.strip().encode("utf-8", "surrogateescape"), expected
+            ):
+                error = InvalidApiKey(
+                    "/metrics needs the admin token: 'Authorization: Bearer <token>'."
+                )
+                return web.Response(
+                    status=error.status,
+                    body=error.body(),
+                    content_type="application/json",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
         return await scrape(request)
 
     return _create_admin_app(app[HEALTH], [web.get("/metrics", metrics_route, allow_head=False)])

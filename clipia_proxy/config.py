@@ -47,6 +47,7 @@ __all__ = [
     "UpstreamConfig",
     "load_config",
     "parse_config",
+    "read_admin_token",
     "read_api_key",
     "read_test_api_key",
 ]
@@ -107,6 +108,9 @@ class ServerConfig(msgspec.Struct, **_STRUCT):
     Lowered at start-up (with a warning) when the file descriptor limit cannot hold it."""
     admin_max_connections: int = 64
     """Open connections on the admin port (its own cap: probes answer at the data port's)."""
+    admin_token_env: str | None = None
+    """An environment variable holding a bearer token: ``/metrics`` then answers only
+    ``Authorization: Bearer <token>`` (``/healthz`` and ``/readyz`` stay open for probes)."""
 
 
 class UpstreamConfig(msgspec.Struct, **_STRUCT):
@@ -410,6 +414,11 @@ def _check_environment(
     if api_key_problem:
         found.append(api_key_problem)
     env = os.environ if environ is None else environ
+    token_env = config.server.admin_token_env
+    if token_env is not None and not env.get(token_env, "").strip():
+        found.append(
+            f"{source}: server.admin_token_env: the environment variable {token_env} is not set"
+        )
     if config.store.backend == "redis" and not env.get(config.store.redis_url_env, "").strip():
         found.append(
             f"{source}: store.redis_url_env: the environment variable "
@@ -496,6 +505,28 @@ def read_test_api_key(
     env = os.environ if environ is None else environ
     value = env.get(upstream.test_api_key_env, "").strip()
     return Secret(value) if value else None
+
+
+def read_admin_token(
+    server: ServerConfig, environ: Mapping[str, str] | None = None
+) -> Secret | None:
+    """Return the admin port's ``/metrics`` token named by ``server.admin_token_env``, or None.
+
+    Raises :class:`ConfigError` when the variable is named but unset (never serve ``/metrics``
+    openly by accident).
+    """
+    if server.admin_token_env is None:
+        return None
+    env = os.environ if environ is None else environ
+    value = env.get(server.admin_token_env, "").strip()
+    if not value:
+        raise ConfigError(
+            [
+                f"server.admin_token_env: the environment variable {server.admin_token_env} "
+                "is not set"
+            ]
+        )
+    return Secret(value)
 
 
 def read_api_key(upstream: UpstreamConfig, environ: Mapping[str, str] | None = None) -> Secret:

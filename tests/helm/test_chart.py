@@ -169,6 +169,13 @@ def test_service_monitor_shape(ci: dict[str, Rendered]) -> None:
     assert endpoint["path"] == "/metrics"
     assert endpoint["interval"] == "15s"
     assert "admin" in {port["name"] for port in service["spec"]["ports"]}
+    # /metrics behind the admin token: the monitor sends it, the gateway is told where it is.
+    assert endpoint["bearerTokenSecret"] == {"name": "clipia-admin-token", "key": "admin-token"}
+    deployment = find(rendered.docs, "Deployment")
+    [env] = [e for e in container(deployment)["env"] if e["name"] == "CLIPIA_ADMIN_TOKEN"]
+    assert env["valueFrom"]["secretKeyRef"] == {"name": "clipia-admin-token", "key": "admin-token"}
+    config = yaml.safe_load(find(rendered.docs, "ConfigMap")["data"]["config.yaml"])
+    assert config["server"]["admin_token_env"] == "CLIPIA_ADMIN_TOKEN"
 
 
 def test_prometheus_rule_renders_the_rules_file(ci: dict[str, Rendered]) -> None:

@@ -176,6 +176,9 @@ the Clipia key and the Redis URL are named (env vars), never written here.
 {{- $_ := set $server "admin_host" "0.0.0.0" }}
 {{- end }}
 {{- end }}
+{{- if .Values.adminToken.existingSecret }}
+{{- $_ := set $server "admin_token_env" "CLIPIA_ADMIN_TOKEN" }}
+{{- end }}
 {{- $upstream := deepCopy (default (dict) $v.upstream) }}
 {{- $_ := set $upstream "api_key_env" "CLIPIA_API_KEY" }}
 {{- $_ := unset $upstream "api_key_file" }}
@@ -278,6 +281,7 @@ env:
     valueFrom:
       secretKeyRef:
         {{- include "clipia-proxy.clipiaSecretRef" $root | nindent 8 }}
+  {{- include "clipia-proxy.adminTokenEnv" $root | nindent 2 }}
   {{- if eq $backend "redis" }}
   - name: REDIS_URL
     valueFrom:
@@ -346,6 +350,7 @@ env:
     valueFrom:
       secretKeyRef:
         {{- include "clipia-proxy.clipiaSecretRef" . | nindent 8 }}
+  {{- include "clipia-proxy.adminTokenEnv" . | nindent 2 }}
   - name: CLIPIA_LEDGER_DSN
     valueFrom:
       secretKeyRef:
@@ -509,3 +514,14 @@ the pods; everything else reaches running pods through the mounted ConfigMap and
 {{- $config := include "clipia-proxy.config" . | fromYaml -}}
 {{- pick $config "server" "upstream" "store" | toYaml -}}
 {{- end -}}
+
+{{/* The admin token's env var (server.admin_token_env), when adminToken.existingSecret is set. */}}
+{{- define "clipia-proxy.adminTokenEnv" -}}
+{{- with .Values.adminToken.existingSecret }}
+- name: CLIPIA_ADMIN_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $.Values.adminToken.key }}
+{{- end }}
+{{- end }}
