@@ -90,7 +90,7 @@ class Settings:
     """Also measure the bare aiohttp pass-through (:mod:`bench.passthrough`)."""
     profile_gateway: Path | None
     """Run the gateway under cProfile and write its stats here (slows the gateway down)."""
-    gateway_log_level: str = "WARNING"
+    gateway_log_level: str = "INFO"
     """INFO writes one access line per request (to the gateway's log file)."""
     quotas: bool = True
     """The bench team has budgets and rate limits (never binding); False: none at all."""
@@ -149,8 +149,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, Path | None]:
     parser.add_argument("--keep-logs", action="store_true", help="keep the children's logs")
     parser.add_argument(
         "--gateway-log-level",
-        default="WARNING",
-        help="the gateway's log level (INFO turns the per-request access line on)",
+        default="INFO",
+        help="the gateway's log level (default INFO, as installed: one access line per request; "
+        "WARNING turns it off)",
     )
     parser.add_argument(
         "--profile-gateway",

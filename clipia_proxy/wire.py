@@ -229,16 +229,7 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
     ``stream`` that is not a boolean; ``stream_options`` that is neither an object nor null;
     ``max_tokens``, ``max_completion_tokens`` or ``n`` that is not a positive integer.
     """
-    try:
-        body = decode_json(raw)
-    except (msgspec.DecodeError, ValueError) as exc:
-        raise InvalidRequest(f"The body is not valid JSON: {exc}") from exc
-    if not isinstance(body, dict):
-        raise InvalidRequest("The body must be a JSON object.")
-    if has_duplicate_keys(raw, body):
-        # msgspec keeps the last of duplicate keys silently, and another parser upstream
-        # might keep the first: refused, whatever the key and however deep.
-        raise InvalidRequest("The body names a key twice in one object; each key must be unique.")
+    body = _decode_body(raw)
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise InvalidRequest("'model' must be a non-empty string.", param="model")
@@ -261,6 +252,29 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise InvalidRequest("'stream_options' must be an object.", param="stream_options")
+    _check_positive_ints(body)
+    wants_usage = bool(stream and options is not None and options.get("include_usage") is True)
+    return ChatRequest(
+        body=body, requested_model=model, stream=stream, client_wants_usage=wants_usage
+    )
+
+
+def _decode_body(raw: bytes) -> dict[str, object]:
+    """Decode one JSON object strictly, with no key given twice in any of its objects."""
+    try:
+        body = decode_json(raw)
+    except (msgspec.DecodeError, ValueError) as exc:
+        raise InvalidRequest(f"The body is not valid JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise InvalidRequest("The body must be a JSON object.")
+    if has_duplicate_keys(raw, body):
+        # msgspec keeps the last of duplicate keys silently, and another parser upstream
+        # might keep the first: refused, whatever the key and however deep.
+        raise InvalidRequest("The body names a key twice in one object; each key must be unique.")
+    return body
+
+
+def _check_positive_ints(body: dict[str, object]) -> None:
     for name in _POSITIVE_INT_FIELDS:
         value = body.get(name)
         if value is None:
@@ -269,7 +283,3 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
             raise InvalidRequest(f"'{name}' must be a positive integer.", param=name)
         if value > 2**31:
             raise InvalidRequest(f"'{name}' is out of range.", param=name)
-    wants_usage = bool(stream and options is not None and options.get("include_usage") is True)
-    return ChatRequest(
-        body=body, requested_model=model, stream=stream, client_wants_usage=wants_usage
-    )
