@@ -164,6 +164,7 @@ def create_app(
         usage_sources=lambda: ledger.usage_sources,
         implausible_costs=lambda: ledger.implausible_costs,
         store_errors=lambda: quotas.store_errors,
+        counters_health=lambda: _counters_health(quotas.store),
         models=catalog.model_ids,
         allows=lambda team, model: _allows(app, team, model),
         environment=upstreams.environment,
@@ -184,6 +185,12 @@ def create_app(
     app[HEALTH] = Health(
         catalog_is_warm=catalog.is_warm,
         store_is_reachable=lambda: quotas.fail_open or quotas.store_reachable,
+        # fail_open serves while the store cannot admit: then its reasons are warnings only.
+        store_problems=lambda: [] if quotas.fail_open else _store_says(quotas.store, "problems"),
+        store_warnings=lambda: (
+            _store_says(quotas.store, "warnings")
+            + (_store_says(quotas.store, "problems") if quotas.fail_open else [])
+        ),
     )
 
     router = app.router
@@ -300,6 +307,16 @@ async def _budget_gauges_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _tasks_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
     await app[TASKS].drain(app[LIVE].config.server.shutdown_grace_seconds)
+
+
+def _store_says(store: Store, what: str) -> list[str]:
+    """The store's own ``problems`` or ``warnings`` (Redis counters), else nothing."""
+    return list(getattr(store, what, ()))
+
+
+def _counters_health(store: Store) -> tuple[int, int]:
+    """(unsafe Redis settings, counter rebuilds) of a Redis store; (0, 0) for the others."""
+    return len(getattr(store, "warnings", ())), int(getattr(store, "rebuilds", 0))
 
 
 def build_store(config: Config, *, clock: Callable[[], float]) -> Store:

@@ -4,6 +4,9 @@
 is loaded, the catalog is warm (or within ``catalog.max_stale_seconds``), the quota store
 answered its last call (unless ``store.on_error`` is ``fail_open``) and the gateway is not
 draining; otherwise 503 with the reasons, so Kubernetes stops routing new requests here.
+The store can name its own reasons (Redis counters being rebuilt from the ledger), and
+``warnings`` in the body name what does not stop readiness but can lose counters (Redis's
+``maxmemory-policy`` or persistence).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable
+from typing import Final
 
 from aiohttp import web
 
@@ -27,9 +31,14 @@ class Health:
         *,
         catalog_is_warm: Callable[[], bool],
         store_is_reachable: Callable[[], bool] = lambda: True,
+        store_problems: Callable[[], list[str]] = list,
+        store_warnings: Callable[[], list[str]] = list,
     ) -> None:
         self._catalog_is_warm = catalog_is_warm
         self._store_is_reachable = store_is_reachable
+        self._store_problems = store_problems
+        self.warnings: Final = store_warnings
+        """What does not stop readiness but can lose counters (``/readyz`` detail)."""
         self._draining = asyncio.Event()
         self._active = 0
         self._idle = asyncio.Event()
@@ -77,7 +86,10 @@ class Health:
             problems.append("draining")
         if not self._catalog_is_warm():
             problems.append("catalog not loaded")
-        if not self._store_is_reachable():
+        store = self._store_problems()
+        if store:
+            problems += store
+        elif not self._store_is_reachable():
             problems.append("quota store unavailable")
         return problems
 
@@ -93,7 +105,13 @@ def create_admin_app(
     async def readyz(_request: web.Request) -> web.Response:
         problems = health.problems()
         status = 503 if problems else 200
-        body = {"status": "not ready" if problems else "ready", "problems": problems}
+        body: dict[str, object] = {
+            "status": "not ready" if problems else "ready",
+            "problems": problems,
+        }
+        warnings = health.warnings()
+        if warnings:
+            body["warnings"] = warnings
         return web.Response(status=status, body=encode_json(body), content_type="application/json")
 
     admin = web.Application()

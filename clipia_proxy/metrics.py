@@ -182,6 +182,20 @@ class _StateCollector(Collector):
         for kind in ("fail_closed", "fail_open"):
             errors.add_metric([kind], metrics.store_errors().get(kind, 0))
         yield errors
+        unsafe, rebuilds = metrics.counters_health()
+        settings = GaugeMetricFamily(
+            PREFIX + "store_unsafe_settings",
+            "Redis settings that can lose counters (maxmemory-policy other than noeviction, "
+            "no persistence); 0 when safe or not Redis.",
+        )
+        settings.add_metric([], unsafe)
+        yield settings
+        rebuilt = CounterMetricFamily(
+            PREFIX + "store_counter_rebuilds",
+            "Times this replica rebuilt the Redis counters from the ledger (Redis lost them).",
+        )
+        rebuilt.add_metric([], rebuilds)
+        yield rebuilt
 
 
 class Metrics:
@@ -209,6 +223,7 @@ class Metrics:
         usage_sources: Callable[[], Mapping[str, int]] = dict,
         implausible_costs: Callable[[], int] = lambda: 0,
         store_errors: Callable[[], Mapping[str, int]] = dict,
+        counters_health: Callable[[], tuple[int, int]] = lambda: (0, 0),
         models: Callable[[], frozenset[str]] = frozenset,
         allows: Callable[[str, str], bool] = lambda team, model: True,
         environment: Callable[[str], str] = lambda team: "live",
@@ -224,6 +239,8 @@ class Metrics:
         self.usage_sources = usage_sources
         self.implausible_costs = implausible_costs
         self.store_errors = store_errors
+        self.counters_health = counters_health
+        """(unsafe Redis settings, counter rebuilds from the ledger), read at scrape time."""
         self._catalog_models = models
         self._allows = allows
         self._environment = environment
