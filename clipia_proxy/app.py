@@ -33,7 +33,6 @@ from .errors import (
     ProxyError,
     RequestTooLarge,
 )
-from .handlers import GenerationOwners, RequestInfo
 from .health import Health
 from .health import create_admin_app as _create_admin_app
 from .ids import new_request_id
@@ -61,6 +60,7 @@ from .quotas.memory import MemoryStore
 from .quotas.service import QuotaService
 from .quotas.sqlite import SqliteStore
 from .quotas.store import Store, StoreUnavailable
+from .record import GenerationOwners, RequestInfo
 from .redact import KeyScanner
 from .sandbox import Upstreams
 from .streaming import OpenStreams

@@ -52,6 +52,7 @@ from .policy import ModelPolicy, apply_caps, bound_output
 from .quotas.estimate import PriceUnknown, estimate
 from .quotas.model import Outcome, RecordState, Settlement, UsageSource, credits
 from .quotas.store import LedgerRecord
+from .record import GenerationOwners, RequestInfo
 from .sse import UsageTap
 from .streaming import StreamResult, relay_stream
 from .upstream import (
@@ -103,71 +104,6 @@ _CODE_BY_STATUS: Final = {
     429: ("rate_limit_error", "rate_limit_exceeded"),
     503: ("api_error", "service_unavailable"),
 }
-
-
-class GenerationOwners:
-    """Which team created a generation id, for the last ``size`` ids (the oldest go first).
-
-    A plain insertion-ordered dict: O(1) per request, no bookkeeping on reads.
-    """
-
-    __slots__ = ("_owners", "_size")
-
-    def __init__(self, size: int) -> None:
-        self._owners: dict[str, tuple[str, str | None]] = {}
-        self._size = size
-
-    def __len__(self) -> int:
-        return len(self._owners)
-
-    def remember(self, upstream_id: str, team: str, request_id: str | None = None) -> None:
-        """Note that ``team`` created ``upstream_id`` (with the gateway's ``request_id``)."""
-        owners = self._owners
-        owners[upstream_id] = (team, request_id)
-        if len(owners) > self._size:
-            del owners[next(iter(owners))]
-
-    def get(self, upstream_id: str) -> str | None:
-        """Return the team that created ``upstream_id``, if it is still remembered."""
-        known = self._owners.get(upstream_id)
-        return None if known is None else known[0]
-
-    def request_id(self, upstream_id: str) -> str | None:
-        """Return the request id (its ledger record) of ``upstream_id``, if remembered."""
-        known = self._owners.get(upstream_id)
-        return None if known is None else known[1]
-
-
-class RequestInfo(msgspec.Struct, kw_only=True):
-    """Mutable facts about one request, filled in as it goes, for the access log."""
-
-    request_id: str
-    started: float
-    team: str = "unknown"
-    key_id: str | None = None
-    model: str | None = None
-    status: int = 0
-    stream: bool = False
-    upstream_id: str | None = None
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    cost: Decimal | None = None
-    usage_source: str | None = None
-    outcome: str | None = None
-    ttft: float | None = None
-    upstream_sent: float | None = None
-    """perf_counter just before the upstream request: the gateway's own time ends here."""
-    upstream_done: float | None = None
-    """perf_counter when the upstream answer ended: the gateway's own time starts again."""
-
-    def record_usage(self, usage: Usage | None, source: str) -> None:
-        """Copy the usage in (when there is one) and note where it came from."""
-        if usage is None:
-            return
-        self.prompt_tokens = usage.prompt_tokens
-        self.completion_tokens = usage.completion_tokens
-        self.cost = usage.cost
-        self.usage_source = source
 
 
 async def read_json_body(request: web.Request, limit: int, deadline: float | None = None) -> bytes:

@@ -9,12 +9,12 @@ from aiohttp import web
 if TYPE_CHECKING:  # the keys name these types in strings only (no import cycles at run time)
     from .auth import Principal  # noqa: F401
     from .catalog import Catalog  # noqa: F401
-    from .handlers import GenerationOwners, RequestInfo  # noqa: F401
     from .health import Health  # noqa: F401
     from .ledger import Ledger  # noqa: F401
     from .live import Live  # noqa: F401
     from .metrics import Metrics  # noqa: F401
     from .quotas.service import QuotaService  # noqa: F401
+    from .record import GenerationOwners, RequestInfo  # noqa: F401
     from .redact import KeyScanner  # noqa: F401
     from .sandbox import Upstreams  # noqa: F401
     from .streaming import OpenStreams  # noqa: F401

@@ -16,7 +16,7 @@ import pytest
 from yarl import URL
 
 from clipia_proxy.auth import generate_key
-from clipia_proxy.handlers import GenerationOwners
+from clipia_proxy.record import GenerationOwners
 from tests.conftest import Stack
 
 StackFactory = Callable[..., Awaitable[Stack]]
