@@ -7,13 +7,16 @@ import asyncio
 import logging
 import secrets
 import sys
-from collections.abc import Callable, Coroutine, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import TYPE_CHECKING, Any
 
 from .auth import generate_key, hash_key
 from .config import Config, ConfigError, load_config
 from .logs import apply_logging, setup_logging
 from .version import __version__
+
+if TYPE_CHECKING:
+    from .ledgers import LedgerStore
 
 __all__ = ["main"]
 
@@ -82,49 +85,129 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ledger_period(
+    config: Config, text: str | None, command: str
+) -> tuple[float, float, str] | None:
+    import datetime as dt
+    from zoneinfo import ZoneInfo
+
+    from .report import parse_period
+
+    zone = ZoneInfo(config.accounting.timezone)
+    try:
+        since, until = parse_period(text, zone, now=dt.datetime.now(dt.UTC))
+    except ValueError as exc:
+        print(f"{command}: {exc}", file=sys.stderr)
+        return None
+    return since, until, text or f"{dt.datetime.now(zone):%Y-%m}"
+
+
+def _with_ledger(
+    config: Config, command: str, work: Callable[[LedgerStore], Awaitable[int]]
+) -> int:
+    """Open the configured ledger, run ``work`` on it, close it; 1 if it is unavailable."""
+    from .ledgers import open_ledger
+    from .quotas.store import StoreUnavailable
+
+    if config.store.backend == "memory" and config.ledger.backend == "sqlite":
+        print(f"{command}: store.backend memory keeps no ledger", file=sys.stderr)
+        return 1
+
+    async def run() -> int:
+        ledger = open_ledger(config)
+        await ledger.start()
+        try:
+            code: int = await work(ledger)
+        finally:
+            await ledger.close()
+        return code
+
+    try:
+        return asyncio.run(run())
+    except StoreUnavailable as exc:
+        print(f"{command}: the ledger is unavailable: {exc}", file=sys.stderr)
+        return 1
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     config = _load(args.config, resolve_secrets=False)
     if config is None:
         return 1
-    import datetime as dt
-    import time
-    from zoneinfo import ZoneInfo
+    from .report import parse_by, write_report
 
-    from .app import build_store
-    from .quotas.store import StoreUnavailable
-    from .report import format_csv, format_json, parse_period, summarise
-
-    zone = ZoneInfo(config.accounting.timezone)
+    window = _ledger_period(config, args.period, "report")
     try:
-        since, until = parse_period(args.period, zone, now=dt.datetime.now(dt.UTC))
+        by = parse_by(args.by)
     except ValueError as exc:
         print(f"report: {exc}", file=sys.stderr)
         return 2
-    period = args.period or f"{dt.datetime.now(zone):%Y-%m}"
+    if window is None:
+        return 2
+    since, until, period = window
 
-    async def load() -> list[Any]:
-        store = build_store(config, clock=time.time)
-        await store.start()
-        try:
-            return await store.records(since=since, until=until)
-        finally:
-            await store.close()
+    async def work(ledger: LedgerStore) -> int:
+        still_open = await write_report(
+            ledger,
+            sys.stdout,
+            since=since,
+            until=until,
+            by=by,
+            team=args.team,
+            rubles_per_credit=config.accounting.rubles_per_credit,
+            fmt=args.format,
+            period=period,
+        )
+        if still_open:
+            print(
+                f"report: {still_open} record(s) of {period} are not settled yet", file=sys.stderr
+            )
+        return 0
 
-    try:
-        records = asyncio.run(load())
-    except StoreUnavailable as exc:
-        print(f"report: the ledger store is unavailable: {exc}", file=sys.stderr)
+    return _with_ledger(config, "report", work)
+
+
+def _cmd_ledger_export(args: argparse.Namespace) -> int:
+    config = _load(args.config, resolve_secrets=False)
+    if config is None:
         return 1
-    rows, still_open = summarise(
-        records, rubles_per_credit=config.accounting.rubles_per_credit, team=args.team
-    )
-    if args.format == "json":
-        print(format_json(rows, period=period, still_open=still_open))
-    else:
-        print(format_csv(rows), end="")
-    if still_open:
-        print(f"report: {still_open} record(s) of {period} are not settled yet", file=sys.stderr)
-    return 0
+    from .report import write_export
+
+    window = _ledger_period(config, args.period, "ledger export")
+    if window is None:
+        return 2
+    since, until, period = window
+
+    async def work(ledger: LedgerStore) -> int:
+        count = await write_export(ledger, sys.stdout, since=since, until=until, fmt=args.format)
+        print(f"ledger export: {count} record(s) of {period}", file=sys.stderr)
+        return 0
+
+    return _with_ledger(config, "ledger export", work)
+
+
+def _cmd_ledger_prune(args: argparse.Namespace) -> int:
+    config = _load(args.config, resolve_secrets=False)
+    if config is None:
+        return 1
+    months = config.ledger.retention_months
+    if months is None:
+        print("ledger prune: ledger.retention_months is not set: nothing to prune")
+        return 0
+    import datetime as dt
+    from zoneinfo import ZoneInfo
+
+    zone = ZoneInfo(config.accounting.timezone)
+    today = dt.datetime.now(zone).date()
+    index = today.year * 12 + today.month - 1 - (months - 1)
+    first_kept = dt.date(index // 12, index % 12 + 1, 1)
+    before = dt.datetime.combine(first_kept, dt.time(0), tzinfo=zone).timestamp()
+
+    async def work(ledger: LedgerStore) -> int:
+        removed = await ledger.prune(before=before)
+        print(f"ledger prune: {removed} record(s) created before {first_kept} removed")
+        return 0
+
+    return _with_ledger(config, "ledger prune", work)
 
 
 def _cmd_migrate(args: argparse.Namespace) -> int:
@@ -227,7 +310,26 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--period", default=None, help="2026-11 | 2026-W48 | 2026-11-25")
     report.add_argument("--team", default=None)
     report.add_argument("--format", choices=("csv", "json"), default="csv")
+    report.add_argument(
+        "--by",
+        action="append",
+        default=None,
+        help="group by team|model|key|day (comma-separated or repeated; default team,model)",
+    )
     report.set_defaults(func=_cmd_report)
+
+    ledger = commands.add_parser("ledger", help="the ledger: export per-request rows, prune")
+    ledger_commands = ledger.add_subparsers(dest="ledger_command", required=True)
+    export = ledger_commands.add_parser("export", help="per-request rows of a period")
+    export.add_argument("--config", required=True, help="path to config.yaml (names the ledger)")
+    export.add_argument("--period", default=None, help="2026-11 | 2026-W48 | 2026-11-25")
+    export.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
+    export.set_defaults(func=_cmd_ledger_export)
+    prune = ledger_commands.add_parser(
+        "prune", help="delete whole months older than ledger.retention_months"
+    )
+    prune.add_argument("--config", required=True, help="path to config.yaml (names the ledger)")
+    prune.set_defaults(func=_cmd_ledger_prune)
 
     migrate = commands.add_parser(
         "migrate", help="apply the PostgreSQL ledger's schema migrations (serve also does)"

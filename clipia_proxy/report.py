@@ -1,43 +1,61 @@
-"""Chargeback reports from the ledger: spend, tokens and requests per team and model.
+"""Chargeback from the ledger: sums grouped in the database, streamed out; per-request export.
 
 A period is a calendar month (``2026-11``), an ISO week (``2026-W48``) or a day
 (``2026-11-25``) in ``accounting.timezone``; a record belongs to the period that contains its
 admission time (the same rule as budgets). Only settled records are summed; records still open
-are counted separately so finance can see the report is not final. Rubles are credits times
-``accounting.rubles_per_credit``. CSV cells that a spreadsheet would run as a formula (starting
-with ``=``, ``+``, ``-``, ``@``, tab or CR) are prefixed with ``'``.
+are counted separately so finance can see the report is not final. ``--by`` groups on any of
+``team``, ``model``, ``key`` (the key id), ``day`` (the budget day in ``accounting.timezone``);
+the default ``team,model`` adds each team's total line (model ``*``). The ledger does the
+``GROUP BY``; lines are written as they come, never collected. Rubles are credits times
+``accounting.rubles_per_credit``. CSV cells that a spreadsheet would run as a formula
+(starting with ``=``, ``+``, ``-``, ``@``, tab or CR) are prefixed with ``'``.
 """
 
 from __future__ import annotations
 
 import csv
 import datetime as dt
-import io
 import re
+from collections.abc import AsyncIterator, Iterable
 from decimal import Decimal
-from typing import Final
+from typing import Final, TextIO
 from zoneinfo import ZoneInfo
 
 import msgspec
 
-from .quotas.model import RecordState, credits
+from .ledgers import GROUPINGS, LedgerStore, ReportLine
+from .quotas.model import credits
 from .quotas.store import LedgerRecord
 
-__all__ = ["ReportRow", "format_csv", "format_json", "parse_period", "summarise"]
+__all__ = [
+    "DEFAULT_BY",
+    "EXPORT_COLUMNS",
+    "parse_by",
+    "parse_period",
+    "write_export",
+    "write_report",
+]
 
 _FORMULA_START: Final = ("=", "+", "-", "@", "\t", "\r")
-
-
-class ReportRow(msgspec.Struct, kw_only=True):
-    """One line of the report; ``model`` is ``*`` on a team's total line."""
-
-    team: str
-    model: str
-    requests: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    credits: Decimal = Decimal(0)
-    rubles: Decimal = Decimal(0)
+DEFAULT_BY: Final = ("team", "model")
+EXPORT_COLUMNS: Final = (
+    "request_id",
+    "team",
+    "key_id",
+    "model",
+    "stream",
+    "state",
+    "outcome",
+    "usage_source",
+    "upstream_id",
+    "created_at",
+    "settled_at",
+    "reserved",
+    "cost",
+    "prompt_tokens",
+    "completion_tokens",
+)
+"""Per-request export columns; amounts in micro-credits, times in epoch seconds."""
 
 
 def parse_period(text: str | None, zone: ZoneInfo, *, now: dt.datetime) -> tuple[float, float]:
@@ -61,28 +79,17 @@ def parse_period(text: str | None, zone: ZoneInfo, *, now: dt.datetime) -> tuple
     return since, until
 
 
-def summarise(
-    records: list[LedgerRecord], *, rubles_per_credit: Decimal, team: str | None = None
-) -> tuple[list[ReportRow], int]:
-    """Return the rows (per team and model, then each team's total) and the open-record count."""
-    rows: dict[tuple[str, str], ReportRow] = {}
-    still_open = 0
-    for record in records:
-        if team is not None and record.team != team:
-            continue
-        if record.state is not RecordState.SETTLED:
-            still_open += 1
-            continue
-        for model in (record.model or "other", "*"):
-            row = rows.setdefault((record.team, model), ReportRow(team=record.team, model=model))
-            row.requests += 1
-            row.prompt_tokens += record.prompt_tokens
-            row.completion_tokens += record.completion_tokens
-            row.credits += credits(record.cost)
-    for row in rows.values():
-        row.rubles = row.credits * rubles_per_credit
-    ordered = sorted(rows.values(), key=lambda r: (r.team, r.model == "*", r.model))
-    return ordered, still_open
+def parse_by(values: Iterable[str] | None) -> tuple[str, ...]:
+    """Return the groupings of ``--by`` (comma-separated or repeated), in GROUPINGS order."""
+    if not values:
+        return DEFAULT_BY
+    asked = {part.strip() for value in values for part in value.split(",") if part.strip()}
+    unknown = asked - set(GROUPINGS)
+    if unknown:
+        raise ValueError(
+            f"unknown --by {', '.join(sorted(unknown))}: use any of {', '.join(GROUPINGS)}"
+        )
+    return tuple(name for name in GROUPINGS if name in asked)
 
 
 def _cell(value: object) -> str:
@@ -90,44 +97,134 @@ def _cell(value: object) -> str:
     return "'" + text if text.startswith(_FORMULA_START) else text
 
 
-def format_csv(rows: list[ReportRow]) -> str:
-    """Return the rows as CSV (with a header), safe to open in a spreadsheet."""
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(
-        ["team", "model", "requests", "prompt_tokens", "completion_tokens", "credits", "rubles"]
-    )
-    for row in rows:
-        writer.writerow(
-            [
-                _cell(row.team),
-                _cell(row.model),
-                row.requests,
-                row.prompt_tokens,
-                row.completion_tokens,
-                row.credits,
-                row.rubles,
-            ]
+async def _with_totals(
+    lines: AsyncIterator[ReportLine], by: tuple[str, ...]
+) -> AsyncIterator[ReportLine]:
+    """Pass ``lines`` on; with the default grouping, add each team's total (model ``*``)."""
+    if by != DEFAULT_BY:
+        async for line in lines:
+            yield line
+        return
+    team: str | None = None
+    total = [0, 0, 0, 0]
+    async for line in lines:
+        if team is not None and line.group[0] != team:
+            yield ReportLine(
+                group=(team, "*"),
+                requests=total[0],
+                prompt_tokens=total[1],
+                completion_tokens=total[2],
+                cost=total[3],
+            )
+            total = [0, 0, 0, 0]
+        team = line.group[0]
+        total[0] += line.requests
+        total[1] += line.prompt_tokens
+        total[2] += line.completion_tokens
+        total[3] += line.cost
+        yield line
+    if team is not None:
+        yield ReportLine(
+            group=(team, "*"),
+            requests=total[0],
+            prompt_tokens=total[1],
+            completion_tokens=total[2],
+            cost=total[3],
         )
-    return out.getvalue()
 
 
-def format_json(rows: list[ReportRow], *, period: str, still_open: int) -> str:
-    """Return the rows as a JSON document (decimals as strings, exact)."""
-    payload = {
-        "period": period,
-        "open_records": still_open,
-        "rows": [
-            {
-                "team": row.team,
-                "model": row.model,
-                "requests": row.requests,
-                "prompt_tokens": row.prompt_tokens,
-                "completion_tokens": row.completion_tokens,
-                "credits": str(row.credits),
-                "rubles": str(row.rubles),
-            }
-            for row in rows
-        ],
-    }
-    return msgspec.json.format(msgspec.json.encode(payload), indent=2).decode()
+async def write_report(
+    ledger: LedgerStore,
+    out: TextIO,
+    *,
+    since: float,
+    until: float,
+    by: tuple[str, ...],
+    team: str | None,
+    rubles_per_credit: Decimal,
+    fmt: str,
+    period: str,
+) -> int:
+    """Write the report of ``[since, until)`` to ``out``; return how many records are open."""
+    lines = _with_totals(ledger.report(since=since, until=until, by=by, team=team), by)
+    sums = ("requests", "prompt_tokens", "completion_tokens", "credits", "rubles")
+    if fmt == "csv":
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow([*by, *sums])
+        async for line in lines:
+            amount = credits(line.cost)
+            writer.writerow(
+                [
+                    *(_cell(value) for value in line.group),
+                    line.requests,
+                    line.prompt_tokens,
+                    line.completion_tokens,
+                    amount,
+                    amount * rubles_per_credit,
+                ]
+            )
+        return await ledger.open_count(since=since, until=until, team=team)
+    head = msgspec.json.encode({"period": period, "by": list(by)}).decode()
+    out.write(head[:-1] + ', "rows": [')
+    first = True
+    async for line in lines:
+        amount = credits(line.cost)
+        row = {
+            **dict(zip(by, line.group, strict=True)),
+            "requests": line.requests,
+            "prompt_tokens": line.prompt_tokens,
+            "completion_tokens": line.completion_tokens,
+            "credits": str(amount),
+            "rubles": str(amount * rubles_per_credit),
+        }
+        out.write(("\n  " if first else ",\n  ") + msgspec.json.encode(row).decode())
+        first = False
+    still_open = await ledger.open_count(since=since, until=until, team=team)
+    out.write(f'\n], "open_records": {still_open}}}\n')
+    return still_open
+
+
+def _export_row(record: LedgerRecord) -> list[object]:
+    return [
+        record.request_id,
+        record.team,
+        record.key_id or "",
+        record.model,
+        int(record.stream),
+        record.state.value,
+        record.outcome.value if record.outcome else "",
+        record.usage_source or "",
+        record.upstream_id or "",
+        record.created_at,
+        "" if record.settled_at is None else record.settled_at,
+        record.reserved,
+        record.cost,
+        record.prompt_tokens,
+        record.completion_tokens,
+    ]
+
+
+async def write_export(
+    ledger: LedgerStore, out: TextIO, *, since: float, until: float, fmt: str
+) -> int:
+    """Write every record of ``[since, until)`` (``jsonl`` or ``csv``); return how many."""
+    count = 0
+    if fmt == "csv":
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(EXPORT_COLUMNS)
+        async for record in ledger.export(since=since, until=until):
+            writer.writerow([_cell(v) if isinstance(v, str) else v for v in _export_row(record)])
+            count += 1
+        return count
+    encoder = msgspec.json.Encoder()
+    async for record in ledger.export(since=since, until=until):
+        row = dict(zip(EXPORT_COLUMNS, _export_row(record), strict=True))
+        row["key_id"] = record.key_id
+        row["outcome"] = record.outcome.value if record.outcome else None
+        row["usage_source"] = record.usage_source
+        row["upstream_id"] = record.upstream_id
+        row["settled_at"] = record.settled_at
+        row["stream"] = record.stream
+        out.write(encoder.encode(row).decode() + "\n")
+        count += 1
+    return count

@@ -14,14 +14,24 @@ what chargeback reads; counters are rebuilt from it, never trusted alone.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 import msgspec
 
 from clipia_proxy.quotas.model import Settlement
 from clipia_proxy.quotas.store import LedgerRecord
 
-__all__ = ["GROUPINGS", "CountersSnapshot", "LedgerStore", "ReportLine", "WindowSpent"]
+if TYPE_CHECKING:
+    from clipia_proxy.config import Config
+
+__all__ = [
+    "GROUPINGS",
+    "CountersSnapshot",
+    "LedgerStore",
+    "ReportLine",
+    "WindowSpent",
+    "open_ledger",
+]
 
 GROUPINGS: Final = ("team", "model", "key", "day")
 """What ``report --by`` may group on (any combination, in this order of columns)."""
@@ -115,3 +125,16 @@ class LedgerStore(Protocol):
 
     async def prune(self, *, before: float) -> int:
         """Delete records created before ``before`` (a month start); return how many."""
+
+
+def open_ledger(config: Config) -> LedgerStore:
+    """Return the ledger ``config.ledger`` names (not started)."""
+    if config.ledger.backend == "postgres":
+        from .postgres import PostgresLedger
+
+        return PostgresLedger.from_config(
+            config.ledger, timeout=max(config.store.timeout_seconds, 30.0)
+        )
+    from .sqlite import SqliteLedger
+
+    return SqliteLedger(config.store.sqlite_path)

@@ -35,7 +35,7 @@ from .memory import RATE_WINDOW_SECONDS, MemoryEngine
 from .model import Outcome, Period, RecordState, ReserveRequest, ReserveResult, Settlement
 from .store import LedgerRecord, LocalStore, StoreUnavailable, WindowUsage
 
-__all__ = ["SqliteStore"]
+__all__ = ["COLUMNS", "SCHEMA", "SqliteStore", "row_to_record"]
 
 _LOGGER: Final = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -52,7 +52,7 @@ _WAL_AUTOCHECKPOINT_PAGES: Final = 10_000
 """WAL pages between checkpoints (SQLite's default is 1000): a busy ledger rewrites the same
 recent pages, which a checkpoint copies once however often they changed (10 MiB of WAL)."""
 
-_SCHEMA: Final = """
+SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS ledger (
     request_id TEXT PRIMARY KEY,
     team TEXT NOT NULL,
@@ -89,7 +89,7 @@ _SPENT_QUERIES: Final = (
     "SELECT team, 'total', SUM(cost) FROM ledger WHERE state = 'settled' AND ? IS NOT NULL "
     "GROUP BY 1",
 )
-_COLUMNS: Final = (
+COLUMNS: Final = (
     "request_id, team, key_id, model, stream, reserved, tokens_reserved, windows, created_at, "
     "lease_until, state, upstream_id, cost, prompt_tokens, completion_tokens, usage_source, "
     "outcome, settled_at"
@@ -97,7 +97,8 @@ _COLUMNS: Final = (
 _WINDOWS: Final = msgspec.json.Decoder(dict[Period, str])
 
 
-def _row_to_record(row: tuple[Any, ...]) -> LedgerRecord:
+def row_to_record(row: tuple[Any, ...]) -> LedgerRecord:
+    """Return the record of one ``SELECT {COLUMNS}`` row."""
     return LedgerRecord(
         request_id=row[0],
         team=row[1],
@@ -348,7 +349,7 @@ class SqliteStore:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
         db.execute(f"PRAGMA wal_autocheckpoint={_WAL_AUTOCHECKPOINT_PAGES}")
-        db.executescript(_SCHEMA)
+        db.executescript(SCHEMA)
         self._db = db
 
     def _conn(self) -> sqlite3.Connection:
@@ -361,9 +362,9 @@ class SqliteStore:
         horizon = now - _CALENDAR_HORIZON_SECONDS
         spent = [row for query in _SPENT_QUERIES for row in db.execute(query, (horizon,))]
         recent = [
-            _row_to_record(row)
+            row_to_record(row)
             for row in db.execute(
-                f"SELECT {_COLUMNS} FROM ledger WHERE created_at > ? OR state = 'dispatched'",  # noqa: S608 - constant columns
+                f"SELECT {COLUMNS} FROM ledger WHERE created_at > ? OR state = 'dispatched'",  # noqa: S608 - constant columns
                 (now - RATE_WINDOW_SECONDS,),
             )
         ]
@@ -374,7 +375,7 @@ class SqliteStore:
 
     def _insert(self, record: LedgerRecord) -> None:
         self._conn().execute(
-            f"INSERT INTO ledger ({_COLUMNS}) VALUES ({', '.join('?' * 18)})",  # noqa: S608 - constant columns
+            f"INSERT INTO ledger ({COLUMNS}) VALUES ({', '.join('?' * 18)})",  # noqa: S608 - constant columns
             (
                 record.request_id,
                 record.team,
@@ -424,10 +425,10 @@ class SqliteStore:
 
     def _select(self, where: str, args: tuple[Any, ...]) -> list[LedgerRecord]:
         rows = self._conn().execute(
-            f"SELECT {_COLUMNS} FROM ledger WHERE {where} ORDER BY created_at",  # noqa: S608 - constant clauses only
+            f"SELECT {COLUMNS} FROM ledger WHERE {where} ORDER BY created_at",  # noqa: S608 - constant clauses only
             args,
         )
-        return [_row_to_record(row) for row in rows]
+        return [row_to_record(row) for row in rows]
 
     def _owner(self, upstream_id: str) -> str | None:
         row = (

@@ -1,0 +1,299 @@
+"""The ``sqlite`` ledger: the file ``store.sqlite_path``, read and pruned by the CLI.
+
+The same table the ``sqlite`` counters write (:mod:`clipia_proxy.quotas.sqlite`, whose
+group-commit worker serves requests); this class is the :class:`LedgerStore` over that file for
+``report``, ``ledger export`` and ``ledger prune`` (and any one-replica use). Every call runs
+on a worker thread (sqlite3 blocks); aggregates are SQL ``GROUP BY`` and long results come in
+chunks, never loaded whole. Prune deletes in batches (one short transaction each), so a
+running gateway is never locked out for long.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+import msgspec
+
+from clipia_proxy.quotas.model import Settlement
+from clipia_proxy.quotas.sqlite import COLUMNS, SCHEMA, row_to_record
+from clipia_proxy.quotas.store import LedgerRecord, StoreUnavailable
+
+from . import GROUPINGS, CountersSnapshot, ReportLine, WindowSpent
+
+__all__ = ["SqliteLedger"]
+
+_T = TypeVar("_T")
+_CHUNK: Final = 2000
+_PRUNE_BATCH: Final = 10_000
+_GROUP_SQL: Final = {
+    "team": "team",
+    "model": "COALESCE(NULLIF(model, ''), 'other')",
+    "key": "COALESCE(key_id, '')",
+    "day": "COALESCE(substr(json_extract(windows, '$.day'), 5), date(created_at, 'unixepoch'))",
+}
+_SPENT_WINDOWS: Final = (
+    "SELECT team, w.value, SUM(cost) FROM ledger, json_each(ledger.windows) AS w "
+    "WHERE state = 'settled' AND created_at > ? AND w.key <> 'total' GROUP BY 1, 2"
+)
+_SPENT_TOTAL: Final = (
+    "SELECT team, 'total', SUM(cost) FROM ledger "
+    "WHERE state = 'settled' AND json_extract(windows, '$.total') IS NOT NULL GROUP BY 1"
+)
+
+
+class SqliteLedger:
+    """The ledger in a SQLite file (see the module docstring)."""
+
+    def __init__(self, path: str | Path, *, timeout: float = 5.0) -> None:
+        self._path = str(path)
+        self._timeout = timeout
+        self._db: sqlite3.Connection | None = None
+        self._lock = threading.Lock()
+
+    async def _run(self, fn: Callable[..., _T], *args: Any) -> _T:
+        def call() -> _T:
+            with self._lock:
+                return fn(*args)
+
+        try:
+            return await asyncio.to_thread(call)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"sqlite: {exc.__class__.__name__}: {exc}") from exc
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise sqlite3.OperationalError("the ledger is not open")
+        return self._db
+
+    def _open(self) -> None:
+        Path(self._path).parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(
+            self._path, timeout=self._timeout, isolation_level=None, check_same_thread=False
+        )
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.executescript(SCHEMA)
+        self._db = db
+
+    async def start(self) -> None:
+        """Open the file (creating the schema if needed)."""
+        await self._run(self._open)
+
+    async def close(self) -> None:
+        """Close the file."""
+
+        def close() -> None:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+        await self._run(close)
+
+    def _select(self, where: str, args: tuple[Any, ...]) -> list[LedgerRecord]:
+        rows = self._conn().execute(
+            f"SELECT {COLUMNS} FROM ledger WHERE {where} ORDER BY created_at",  # noqa: S608 - constant clauses
+            args,
+        )
+        return [row_to_record(row) for row in rows]
+
+    async def insert(self, record: LedgerRecord) -> bool:
+        """See ``LedgerStore.insert``."""
+
+        def insert() -> bool:
+            values = msgspec.structs.asdict(record)
+            values["stream"] = int(record.stream)
+            values["windows"] = msgspec.json.encode(record.windows).decode()
+            values["state"] = record.state.value
+            values["outcome"] = record.outcome.value if record.outcome else None
+            names = COLUMNS.replace(" ", "").split(",")
+            cursor = self._conn().execute(
+                f"INSERT OR IGNORE INTO ledger ({COLUMNS}) VALUES ({', '.join('?' * len(names))})",  # noqa: S608 - constant columns
+                [values[name] for name in names],
+            )
+            return cursor.rowcount == 1
+
+        return await self._run(insert)
+
+    async def settle(self, request_id: str, settlement: Settlement) -> LedgerRecord | None:
+        """See ``LedgerStore.settle``."""
+
+        def settle() -> LedgerRecord | None:
+            cursor = self._conn().execute(
+                "UPDATE ledger SET state = 'settled', upstream_id = COALESCE(?, upstream_id), "
+                "cost = ?, prompt_tokens = ?, completion_tokens = ?, usage_source = ?, "
+                "outcome = ?, settled_at = ? WHERE request_id = ? AND state = 'dispatched'",
+                (
+                    settlement.upstream_id,
+                    settlement.cost,
+                    settlement.prompt_tokens,
+                    settlement.completion_tokens,
+                    settlement.usage_source.value,
+                    settlement.outcome.value,
+                    settlement.now,
+                    request_id,
+                ),
+            )
+            if cursor.rowcount != 1:
+                return None
+            found = self._select("request_id = ?", (request_id,))
+            return found[0] if found else None
+
+        return await self._run(settle)
+
+    async def renew(self, request_id: str, lease_until: float) -> None:
+        """See ``LedgerStore.renew``."""
+        await self._run(
+            lambda: self._conn().execute(
+                "UPDATE ledger SET lease_until = ? WHERE request_id = ? AND state = 'dispatched'",
+                (lease_until, request_id),
+            )
+        )
+
+    async def note_upstream_id(self, request_id: str, upstream_id: str) -> None:
+        """See ``LedgerStore.note_upstream_id``."""
+        await self._run(
+            lambda: self._conn().execute(
+                "UPDATE ledger SET upstream_id = ? WHERE request_id = ? AND state = 'dispatched'",
+                (upstream_id, request_id),
+            )
+        )
+
+    async def record(self, request_id: str) -> LedgerRecord | None:
+        """See ``LedgerStore.record``."""
+        found = await self._run(self._select, "request_id = ?", (request_id,))
+        return found[0] if found else None
+
+    async def owner_of(self, upstream_id: str) -> str | None:
+        """See ``LedgerStore.owner_of``."""
+
+        def owner() -> str | None:
+            row = (
+                self._conn()
+                .execute("SELECT team FROM ledger WHERE upstream_id = ? LIMIT 1", (upstream_id,))
+                .fetchone()
+            )
+            return None if row is None else str(row[0])
+
+        return await self._run(owner)
+
+    async def dispatched(self) -> list[LedgerRecord]:
+        """See ``LedgerStore.dispatched``."""
+        return await self._run(self._select, "state = 'dispatched'", ())
+
+    async def records(self, *, since: float, until: float) -> list[LedgerRecord]:
+        """See ``LedgerStore.records``."""
+        return await self._run(self._select, "created_at >= ? AND created_at < ?", (since, until))
+
+    def _spent(self, since: float) -> list[WindowSpent]:
+        db = self._conn()
+        rows = [*db.execute(_SPENT_WINDOWS, (since,)), *db.execute(_SPENT_TOTAL)]
+        return [WindowSpent(str(r[0]), str(r[1]), int(r[2])) for r in rows]
+
+    async def spent(self, *, since: float) -> list[WindowSpent]:
+        """See ``LedgerStore.spent``."""
+        return await self._run(self._spent, since)
+
+    async def snapshot(self, *, since: float, recent_since: float) -> CountersSnapshot:
+        """See ``LedgerStore.snapshot`` (one read transaction)."""
+
+        def snapshot() -> CountersSnapshot:
+            db = self._conn()
+            db.execute("BEGIN")
+            try:
+                return CountersSnapshot(
+                    spent=self._spent(since),
+                    dispatched=self._select("state = 'dispatched'", ()),
+                    recent=self._select("created_at > ?", (recent_since,)),
+                )
+            finally:
+                db.execute("COMMIT")
+
+        return await self._run(snapshot)
+
+    async def _chunks(self, query: str, args: tuple[Any, ...]) -> AsyncIterator[list[Any]]:
+        """Run ``query`` on its own connection; yield its rows in chunks (a read snapshot)."""
+        db = await self._run(
+            lambda: sqlite3.connect(self._path, timeout=self._timeout, check_same_thread=False)
+        )
+        try:
+            cursor = await self._run(db.execute, query, args)
+            while chunk := await self._run(cursor.fetchmany, _CHUNK):
+                yield chunk
+        finally:
+            await self._run(db.close)
+
+    async def report(
+        self, *, since: float, until: float, by: tuple[str, ...], team: str | None
+    ) -> AsyncIterator[ReportLine]:
+        """See ``LedgerStore.report`` (GROUP BY in SQLite, lines in chunks)."""
+        columns = [_GROUP_SQL[name] for name in by if name in GROUPINGS]
+        select = ", ".join(columns) if columns else "''"
+        order = ", ".join(str(i + 1) for i in range(max(len(columns), 1)))
+        where = "state = 'settled' AND created_at >= ? AND created_at < ?"
+        args: tuple[Any, ...] = (since, until)
+        if team is not None:
+            where += " AND team = ?"
+            args = (*args, team)
+        query = (
+            f"SELECT {select}, count(*), COALESCE(SUM(prompt_tokens), 0), "  # noqa: S608 - constant expressions
+            f"COALESCE(SUM(completion_tokens), 0), COALESCE(SUM(cost), 0) FROM ledger "
+            f"WHERE {where} GROUP BY {order} ORDER BY {order}"
+        )
+        n = max(len(columns), 1)
+        async for chunk in self._chunks(query, args):
+            for row in chunk:
+                yield ReportLine(
+                    group=tuple(str(v) for v in row[: len(columns)]),
+                    requests=int(row[n]),
+                    prompt_tokens=int(row[n + 1]),
+                    completion_tokens=int(row[n + 2]),
+                    cost=int(row[n + 3]),
+                )
+
+    async def open_count(self, *, since: float, until: float, team: str | None) -> int:
+        """See ``LedgerStore.open_count``."""
+
+        def count() -> int:
+            row = (
+                self._conn()
+                .execute(
+                    "SELECT count(*) FROM ledger WHERE state = 'dispatched' AND created_at >= ? "
+                    "AND created_at < ? AND (? IS NULL OR team = ?)",
+                    (since, until, team, team),
+                )
+                .fetchone()
+            )
+            return int(row[0])
+
+        return await self._run(count)
+
+    async def export(self, *, since: float, until: float) -> AsyncIterator[LedgerRecord]:
+        """See ``LedgerStore.export``."""
+        query = (
+            f"SELECT {COLUMNS} FROM ledger WHERE created_at >= ? AND created_at < ? "  # noqa: S608 - constant columns
+            "ORDER BY created_at"
+        )
+        async for chunk in self._chunks(query, (since, until)):
+            for row in chunk:
+                yield row_to_record(row)
+
+    async def prune(self, *, before: float) -> int:
+        """See ``LedgerStore.prune``: deleted in batches of ``_PRUNE_BATCH`` rows."""
+
+        def batch() -> int:
+            cursor = self._conn().execute(
+                "DELETE FROM ledger WHERE rowid IN "
+                "(SELECT rowid FROM ledger WHERE created_at < ? LIMIT ?)",
+                (before, _PRUNE_BATCH),
+            )
+            return int(cursor.rowcount)
+
+        removed = 0
+        while deleted := await self._run(batch):
+            removed += deleted
+        return removed
