@@ -11,6 +11,7 @@ same shared values (dashboards aggregate them with ``max by (team)``).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -364,7 +365,8 @@ class Metrics:
         new = frozenset(teams)
         for gone in self._teams - new:
             for metric, labels in self._team_series(gone):
-                metric.remove(*labels)
+                with contextlib.suppress(KeyError):  # never made (shadow): older clients raise
+                    metric.remove(*labels)
             self.typical_reservation.pop(gone, None)
             self.budgets = {k: v for k, v in self.budgets.items() if k[0] != gone}
         self._teams = new

@@ -22,7 +22,7 @@ import msgspec
 from prometheus_client.parser import text_string_to_metric_families
 
 from clipia_proxy.keys import CATALOG
-from clipia_proxy.metrics import REJECTION_REASONS, ROUTES, STREAM_REASONS
+from clipia_proxy.metrics import REJECTION_REASONS, ROUTES, STREAM_REASONS, WITHHELD_REASONS
 from clipia_proxy.quotas.model import UsageSource
 from tests.conftest import Stack, wait_settled
 
@@ -183,7 +183,7 @@ async def test_random_traffic_creates_no_series(stack: Stack) -> None:
         "team": teams | {"unknown"},
         "model": set(chat_ids) | {"other"},
         "route": set(ROUTES) | {"other"},
-        "reason": set(REJECTION_REASONS) | set(STREAM_REASONS),
+        "reason": set(REJECTION_REASONS) | set(STREAM_REASONS) | set(WITHHELD_REASONS),
         "source": {source.value for source in UsageSource},
         "stream": {"true", "false"},
         "type": {"prompt", "completion"},
