@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import hmac
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from decimal import Decimal
@@ -31,6 +32,7 @@ from .errors import (
     MethodNotAllowed,
     NotFound,
     ProxyError,
+    RateLimited,
     RequestTooLarge,
 )
 from .health import Health
@@ -78,12 +80,52 @@ _BUDGET_GAUGE_SECONDS: Final = 5.0
 """How often budget gauges are re-read from the store (a scrape never waits on the store)."""
 
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_CLIENT_REQUEST_ID: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+"""A client's ``X-Request-Id`` kept and echoed: up to 128 characters of a safe set."""
 _UNMATCHED: Final = "unmatched"
 """The name of the catch-all route (and the ``route`` label of what it answers)."""
 
 
 async def _defer_expectation(_request: web.Request) -> None:
     """Answer no ``Expect`` before the middleware: see ``handlers.read_json_body``."""
+
+
+def _rate_limit_headers(app: web.Application, team: str, error: RateLimited) -> dict[str, str]:
+    """OpenAI's ``x-ratelimit-*`` headers for the gateway's own 429 (what the SDKs read)."""
+    limits = app[QUOTAS].limits(team)
+    reset = f"{max(error.retry_after or 1, 1)}s"
+    if error.reason == "tpm" and limits.tpm is not None:
+        return {
+            "x-ratelimit-limit-tokens": str(limits.tpm),
+            "x-ratelimit-remaining-tokens": "0",
+            "x-ratelimit-reset-tokens": reset,
+        }
+    if error.reason == "rpm" and limits.rpm is not None:
+        return {
+            "x-ratelimit-limit-requests": str(limits.rpm),
+            "x-ratelimit-remaining-requests": "0",
+            "x-ratelimit-reset-requests": reset,
+        }
+    return {"x-ratelimit-reset-requests": reset}
+
+
+_OTHER_OPENAI_ROUTES: Final = (
+    "/v1/responses",
+    "/v1/embeddings",
+    "/v1/completions",
+    "/v1/images",
+    "/v1/audio",
+    "/v1/moderations",
+    "/v1/files",
+    "/v1/batches",
+    "/v1/assistants",
+    "/v1/threads",
+    "/v1/realtime",
+    "/v1/fine_tuning",
+    "/v1/vector_stores",
+    "/v1/uploads",
+)
+"""OpenAI API routes a client may try: their 404 says what the gateway does serve."""
 
 
 async def _unmatched(request: web.Request) -> web.StreamResponse:
@@ -97,6 +139,13 @@ async def _unmatched(request: web.Request) -> web.StreamResponse:
             allowed |= methods
     if allowed:
         raise MethodNotAllowed(f"The method {request.method[:16]} is not allowed on this route.")
+    path = request.raw_path.partition("?")[0]
+    for route in _OTHER_OPENAI_ROUTES:
+        if path == route or path.startswith(route + "/"):
+            raise NotFound(
+                f"This gateway serves chat completions only (POST /v1/chat/completions, plus "
+                f"/v1/models, /v1/key and /v1/generation); {route} is not available here."
+            )
     raise NotFound("Unknown route.")
 
 
@@ -439,6 +488,9 @@ async def _gateway_middleware(request: web.Request, handler: _Handler) -> web.St
     OpenAI error envelope; metrics and the access line.
     """
     info = RequestInfo(request_id=new_request_id(), started=time.perf_counter())
+    client_id = request.headers.get("X-Request-Id")
+    if client_id is not None and _CLIENT_REQUEST_ID.fullmatch(client_id):
+        info.client_request_id = client_id
     request[INFO] = info
     app = request.app
     response: web.StreamResponse
@@ -471,6 +523,8 @@ async def _gateway_middleware(request: web.Request, handler: _Handler) -> web.St
         rejection = exc.reason
         if isinstance(exc, Refusal):
             _LOGGER.info("identity refused: %s", exc.detail)
+        elif isinstance(exc, RateLimited) and PRINCIPAL in request:
+            response.headers.update(_rate_limit_headers(app, request[PRINCIPAL].team, exc))
     except web.HTTPException as exc:
         # aiohttp's own routing errors: 404 for unknown routes, 405 for a wrong method.
         if exc.status == 405:
@@ -488,7 +542,7 @@ async def _gateway_middleware(request: web.Request, handler: _Handler) -> web.St
             InternalError(f"Internal error. Quote request id {info.request_id} when reporting it.")
         )
     if not response.prepared:
-        response.headers["X-Request-Id"] = info.request_id
+        response.headers.update(info.id_headers())
     info.status = response.status
     _observe(request, info, rejection)
     log_access(info, route=_route_name(request), method=request.method)

@@ -131,7 +131,7 @@ class Authenticator:
         if not presented:
             raise Refusal("no credentials")
         if len(presented) > 1:
-            raise Refusal("different credentials in two channels")
+            raise Refusal("one credential channel sent twice")
         (key,) = presented
         if not _KEY_RE.fullmatch(key):
             raise Refusal("malformed key")
@@ -154,7 +154,7 @@ class Authenticator:
         if authorization is None or not authorization.startswith("Bearer "):
             return None
         entry = self._known.get(authorization[7:])
-        if entry is None or "X-Api-Key" in headers or len(_getall(headers, "Authorization")) != 1:
+        if entry is None or len(_getall(headers, "Authorization")) != 1:
             return None
         return entry
 
@@ -189,21 +189,22 @@ def _getall(headers: Mapping[str, str], name: str) -> list[str]:
 
 
 def _credentials(headers: Mapping[str, str]) -> set[str]:
-    """Return the distinct credentials presented in the three channels Clipia accepts."""
-    found: set[str] = set()
+    """Return the credential presented in the channels Clipia accepts (two: ambiguous).
+
+    ``Authorization`` wins: when it is present, it alone is read, and an ``X-Api-Key`` left
+    over from another tool is ignored (never forwarded either). ``X-Api-Key`` is read only
+    without ``Authorization``. A channel sent twice is ambiguous and refused.
+    """
     authorization = _getall(headers, "Authorization")
-    api_key = _getall(headers, "X-Api-Key")
-    if len(authorization) > 1 or len(api_key) > 1:
-        # Two headers of one channel are ambiguous; refuse rather than pick one.
-        found.update(("<several>", "<ambiguous>"))
-        return found
-    for value in authorization:
-        scheme, _, token = value.strip().partition(" ")
+    if len(authorization) > 1:
+        return {"<several>", "<ambiguous>"}
+    if authorization:
+        scheme, _, token = authorization[0].strip().partition(" ")
         token = token.strip()
         if scheme.lower() in {"bearer", "key"} and token:
-            found.add(token[:_MAX_CREDENTIAL_CHARS])
-        else:
-            found.add("<unsupported authorization scheme>")
-    for value in api_key:
-        found.add(value.strip()[:_MAX_CREDENTIAL_CHARS] or "<empty>")
-    return found
+            return {token[:_MAX_CREDENTIAL_CHARS]}
+        return {"<unsupported authorization scheme>"}
+    api_key = _getall(headers, "X-Api-Key")
+    if len(api_key) > 1:
+        return {"<several>", "<ambiguous>"}
+    return {value.strip()[:_MAX_CREDENTIAL_CHARS] or "<empty>" for value in api_key}

@@ -92,7 +92,8 @@ class ServerConfig(msgspec.Struct, **_STRUCT):
     admin_host: str | None = None
     """The admin port's listen address (default: ``host``): a sidecar keeps the API on
     127.0.0.1 and may open ``/metrics`` and the probes to the pod network."""
-    max_body_bytes: int = 4 * 1024 * 1024
+    max_body_bytes: int = 32 * 1024 * 1024
+    """Sized for vision requests (base64 images): a body is held whole while it is checked."""
     shutdown_grace_seconds: float = 25.0
     header_timeout_seconds: float = 10.0
     """A connection's request head must be complete this long after it opened (or after the

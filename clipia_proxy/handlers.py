@@ -418,7 +418,7 @@ async def _forward(
                         "Content-Type": content_type,
                         "Cache-Control": "no-cache",
                         "X-Accel-Buffering": "no",
-                        "X-Request-Id": request_id,
+                        **info.id_headers(),
                     },
                     drop_usage_chunk=drop_usage_chunk,
                     on_disconnect=config.accounting.on_disconnect,

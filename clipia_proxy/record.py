@@ -72,6 +72,22 @@ class RequestInfo(msgspec.Struct, kw_only=True):
     upstream_done: float | None = None
     """perf_counter when the upstream answer ended: the gateway's own time starts again."""
 
+    client_request_id: str | None = None
+    """The client's own ``X-Request-Id`` when it sent a valid one (echoed back)."""
+
+    def id_headers(self) -> dict[str, str]:
+        """The response's id headers: the client's ``X-Request-Id`` kept, else ours.
+
+        Ours (the ledger's and the upstream's id) is always there: ``X-Request-Id``, or
+        ``X-Clipia-Proxy-Request-Id`` when the client's own id is echoed.
+        """
+        if self.client_request_id is None:
+            return {"X-Request-Id": self.request_id}
+        return {
+            "X-Request-Id": self.client_request_id,
+            "X-Clipia-Proxy-Request-Id": self.request_id,
+        }
+
     def record_usage(self, usage: Usage | None, source: str) -> None:
         """Copy the usage in (when there is one) and note where it came from."""
         if usage is None:

@@ -32,7 +32,7 @@ def test_defaults_match_design() -> None:
     config = parse_config("", environ=ENV)
     assert config.server.port == 8080
     assert config.server.admin_port == 9090
-    assert config.server.max_body_bytes == 4 * 1024 * 1024
+    assert config.server.max_body_bytes == 32 * 1024 * 1024
     assert config.upstream.base_url == "https://api.clipia.ai/v1"
     assert config.upstream.retries == 2
     assert config.catalog.ttl_seconds == 300

@@ -309,15 +309,9 @@ BAD_CREDENTIALS: list[tuple[str, Callable[[Stack], dict[str, str]]]] = [
     ("x_api_key_empty", lambda s: {"X-Api-Key": ""}),
     ("api_key_header_variant", lambda s: {"Api-Key": s.keys["search"]}),
     ("proxy_authorization", lambda s: {"Proxy-Authorization": f"Bearer {s.keys['search']}"}),
-    (
-        "conflicting_channels",
-        lambda s: {"Authorization": f"Bearer {s.keys['search']}", "X-Api-Key": "clipia_live_other"},
-    ),
-    (
-        "two_team_keys",
-        lambda s: {"Authorization": f"Bearer {s.keys['search']}", "X-Api-Key": s.keys["research"]},
-    ),
 ]
+# A valid Bearer key next to another X-Api-Key is served as the Bearer key's team (Authorization
+# wins): see test_client_surprises.py.
 
 
 @pytest.mark.parametrize(
@@ -479,10 +473,17 @@ async def test_absolute_form_target_goes_to_configured_upstream(stack: Stack) ->
     assert CIMultiDict(received.headers)["Host"] == URL(stack.emulator_url).raw_authority
 
 
-async def test_client_request_id_is_ignored(stack: Stack) -> None:
+async def test_client_request_id_is_echoed_never_used_as_ours(stack: Stack) -> None:
+    """A client's valid X-Request-Id comes back; the ledger and the upstream use a fresh id."""
     first = await assert_served(stack)
     first_id = first.headers["X-Request-Id"]
-    for client_id in (first_id, "attacker-chosen", "a\tb"):
+    for client_id, kept in (
+        (first_id, True),  # another request's id: echoed, yet served under a fresh id
+        ("attacker-chosen", True),
+        ("a\tb", False),
+        ("x" * 129, False),
+        ("../etc", False),
+    ):
         reply = await http(
             stack,
             "POST",
@@ -491,11 +492,13 @@ async def test_client_request_id_is_ignored(stack: Stack) -> None:
             body=chat(),
         )
         assert reply.status == 200
-        fresh = reply.headers["X-Request-Id"]
-        assert fresh not in {first_id, client_id}
-        assert REQUEST_ID_RE.fullmatch(fresh)
-        assert stack.chat_requests()[-1].request_id == fresh
-        assert CIMultiDict(stack.chat_requests()[-1].headers).getall("X-Request-Id") == [fresh]
+        ours = reply.headers["X-Clipia-Proxy-Request-Id"] if kept else reply.headers["X-Request-Id"]
+        assert reply.headers["X-Request-Id"] == (client_id if kept else ours)
+        assert ("X-Clipia-Proxy-Request-Id" in reply.headers) is kept
+        assert ours not in {first_id, client_id}
+        assert REQUEST_ID_RE.fullmatch(ours)
+        assert stack.chat_requests()[-1].request_id == ours
+        assert CIMultiDict(stack.chat_requests()[-1].headers).getall("X-Request-Id") == [ours]
 
 
 def _assert_no_upstream_session_headers(reply: Reply) -> None:

@@ -115,7 +115,8 @@ async def drive_everything(stack: Stack) -> list[Reply]:
         {"Authorization": f"Basic {base64.b64encode(f'{search}:'.encode()).decode()}"},
         {"Cookie": f"api_key={search}"},
         {"Authorization": f"Bearer {stack.clipia_key}"},
-        {"Authorization": f"Bearer {search}", "X-Api-Key": stack.keys["research"]},
+        # Authorization wins: a valid key in X-Api-Key does not rescue a wrong Bearer key.
+        {"Authorization": f"Bearer {near_miss}", "X-Api-Key": search},
         {"Authorization": f"Bearer {hash_key(search)}"},
     ):
         assert (await post(chat(), headers=headers)).status == 401
