@@ -333,23 +333,10 @@ def schema_value(
     enum = schema.get("enum")
     if isinstance(enum, list) and enum:
         return rng.choice(enum)
-    for keyword in ("anyOf", "oneOf"):
-        branches = schema.get(keyword)
-        if isinstance(branches, list) and branches:
-            chosen = next(
-                (b for b in branches if not (isinstance(b, dict) and b.get("type") == "null")),
-                branches[0],
-            )
-            return schema_value(chosen, rng, root=document, depth=depth + 1)
-    if "allOf" in schema:
-        return schema_value(_merge_all_of(schema), rng, root=document, depth=depth + 1)
-    kind = schema.get("type")
-    if isinstance(kind, list):
-        kinds = [k for k in kind if isinstance(k, str)]
-        kind = next((k for k in kinds if k != "null"), kinds[0] if kinds else None)
-    if kind is None:
-        kind = "object" if "properties" in schema else "array" if "items" in schema else "string"
-    match kind:
+    branch = _branch_schema(schema)
+    if branch is not None:
+        return schema_value(branch, rng, root=document, depth=depth + 1)
+    match _schema_kind(schema):
         case "object":
             return _object_value(schema, rng, document, depth)
         case "array":
@@ -364,6 +351,32 @@ def schema_value(
             return None
         case _:
             return _string_value(schema, rng)
+
+
+def _branch_schema(schema: dict[str, object]) -> object | None:
+    """The schema ``anyOf``/``oneOf`` (the first non-null branch) or ``allOf`` (merged) names."""
+    for keyword in ("anyOf", "oneOf"):
+        branches = schema.get(keyword)
+        if isinstance(branches, list) and branches:
+            chosen: object = next(
+                (b for b in branches if not (isinstance(b, dict) and b.get("type") == "null")),
+                branches[0],
+            )
+            return chosen
+    if "allOf" in schema:
+        return _merge_all_of(schema)
+    return None
+
+
+def _schema_kind(schema: dict[str, object]) -> object:
+    """The ``type`` to produce: the first non-null one of a list, else guessed from keywords."""
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kinds = [k for k in kind if isinstance(k, str)]
+        kind = next((k for k in kinds if k != "null"), kinds[0] if kinds else None)
+    if kind is None:
+        kind = "object" if "properties" in schema else "array" if "items" in schema else "string"
+    return kind
 
 
 def _object_value(
