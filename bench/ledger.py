@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import json
 import os
 import random
 import resource
@@ -30,6 +29,8 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+import msgspec
 
 from clipia_proxy.quotas.sqlite import COLUMNS, SCHEMA, SqliteStore
 
@@ -104,7 +105,8 @@ async def fill_postgres(dsn: str, count: int) -> None:
         rows = _rows(count)
         while True:
             chunk = [
-                (*row[:4], bool(row[4]), *row[5:]) for _, row in zip(range(100_000), rows, strict=False)
+                (*row[:4], bool(row[4]), *row[5:])
+                for _, row in zip(range(100_000), rows, strict=False)
             ]
             if not chunk:
                 break
@@ -195,9 +197,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 results["postgres_report_team_key_day"] = run_report(
                     pg_config, "team,key,day", pg_env
                 )
-    print(json.dumps(results, indent=2))
+    text = msgspec.json.format(msgspec.json.encode(results), indent=2).decode()
+    print(text)
     if args.json is not None:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        args.json.write_text(text + "\n")
     return 0
 
 
