@@ -12,7 +12,6 @@ same shared values (dashboards aggregate them with ``max by (team)``).
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from decimal import Decimal
@@ -514,8 +513,3 @@ class Metrics:
     def record_config_reload(self, result: str) -> None:
         """Count a config reload: ``success`` or ``error``."""
         self._child(self._config_reloads, result).inc()
-
-
-def resets_timestamp(resets_at: dt.datetime | None) -> float | None:
-    """Return a reset time as Unix seconds."""
-    return None if resets_at is None else resets_at.timestamp()

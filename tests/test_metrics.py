@@ -29,7 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import clipia_proxy
 from clipia_proxy import __version__
-from clipia_proxy.app import refresh_budget_gauges
+from clipia_proxy.app import apply_config, refresh_budget_gauges
 from clipia_proxy.auth import generate_key
 from clipia_proxy.config import Secret
 from clipia_proxy.emulator import EmulatorState, Fault, create_emulator_app
@@ -804,3 +804,37 @@ def test_the_record_functions_are_the_only_way_to_record() -> None:
     ]
     # The admin app serves the registry with prometheus-client's aiohttp handler: a read.
     assert all(where.startswith("app.py") for where in outside), outside
+
+
+async def test_spend_series_follow_a_reload_of_the_running_gateway(mixed: Stack) -> None:
+    """A reload adds a team's series at 0, drops a removed team's, keeps counted spend."""
+    stack = mixed
+    async with aiohttp.ClientSession() as session:
+        async with session.post(
+            f"{stack.base_url}/chat/completions", headers=stack.auth("search"), json=chat_body()
+        ) as reply:
+            assert reply.status == 200
+        await wait_settled(stack)
+        before = (await scrape(stack, session)).by(
+            P + "spend_credits_total", "team", "model", "environment"
+        )
+        assert before["search", "gpt-5.5", "live"] > 0
+        # Team "extra" added (claude-sonnet-* only), team "tpm" renamed "gone".
+        keys = {**stack.keys, "extra": generate_key(), "gone": stack.keys["tpm"]}
+        teams = TEAMS.replace(
+            "  - id: shadow\n",
+            "  - id: extra\n    keys: [{{id: extra-1, sha256: {extra}}}]\n"
+            '    models: {{allow: ["claude-sonnet-*"]}}\n  - id: shadow\n',
+        )
+        teams = teams.replace("id: tpm\n", "id: gone\n").replace("{tpm}", "{gone}")
+        apply_config(stack.running.app, make_config(stack.emulator_url, keys, teams=teams))
+        after = (await scrape(stack, session)).by(
+            P + "spend_credits_total", "team", "model", "environment"
+        )
+    assert after["search", "gpt-5.5", "live"] == before["search", "gpt-5.5", "live"]
+    extra = {model for team, model, _env in after if team == "extra"}
+    models = stack.running.app[CATALOG].model_ids()
+    assert extra == {m for m in models if m.startswith("claude-sonnet-")} | {"other"}
+    assert all(after["extra", m, "live"] == 0.0 for m in extra)
+    assert not [key for key in after if key[0] == "tpm"]
+    assert ("gone", "gpt-5.5", "live") in after
