@@ -14,6 +14,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from decimal import Decimal
+from pathlib import Path
 from typing import Final
 
 from aiohttp import web
@@ -22,7 +23,14 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from . import handlers, mcp_http
 from .auth import Refusal
 from .catalog import Catalog
-from .config import Config, Secret, read_admin_token, read_api_key, read_test_api_key
+from .config import (
+    Config,
+    Secret,
+    StoreConfig,
+    read_admin_token,
+    read_api_key,
+    read_test_api_key,
+)
 from .errors import (
     Draining,
     ExpectationFailed,
@@ -58,6 +66,7 @@ from .ledger import Ledger
 from .live import Live
 from .logs import log_access
 from .metrics import BudgetSnapshot, Metrics
+from .quotas.journal import Journal
 from .quotas.memory import MemoryStore
 from .quotas.service import QuotaService
 from .quotas.sqlite import SqliteStore
@@ -197,6 +206,12 @@ def create_app(
         store if store is not None else build_store(config, clock=quota_clock),
         config,
         clock=quota_clock,
+    )
+    quotas.journal = Journal(
+        journal_path(config.store),
+        max_bytes=config.store.journal_max_bytes,
+        lease_seconds=config.accounting.lease_seconds,
+        timeout=config.store.timeout_seconds if quotas.store.is_remote else None,
     )
     ledger = Ledger(
         quotas,
@@ -390,6 +405,13 @@ def build_store(config: Config, *, clock: Callable[[], float]) -> Store:
     raise StoreUnavailable("store.backend redis needs ledger.backend: postgres")
 
 
+def journal_path(store: StoreConfig) -> Path:
+    """Return the outage journal's file (``store.journal_path``, else next to the SQLite file)."""
+    if store.journal_path:
+        return Path(store.journal_path)
+    return Path(store.sqlite_path).parent / "clipia-proxy-outage.jsonl"
+
+
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     quotas = app[QUOTAS]
     try:
@@ -398,8 +420,41 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
         # Keep serving what can be served: requests follow store.on_error, /readyz says why.
         quotas.store_reachable = False
         _LOGGER.error("quota store unavailable at start-up: %s", exc)  # noqa: TRY400 - no traceback needed
+    journal = quotas.journal
+    if journal is not None:
+        await journal.start()
+        _ = app[TASKS].spawn(_replay_journal(app, journal), name="journal-replay")
     yield
+    if journal is not None:
+        await journal.flush()
     await quotas.store.close()
+
+
+async def _replay_journal(app: web.Application, journal: Journal) -> None:
+    """Write what the outage journal holds into the store once it answers.
+
+    Tried 1 s apart, backing off to 10 s while the store stays down.
+    """
+    wait = 1.0
+    while True:
+        wait = 1.0 if await _replay_once(app) else min(wait * 2, 5.0)
+        if await app[HEALTH].pause(wait):
+            return
+
+
+async def _replay_once(app: web.Application) -> bool:
+    """Replay the outage journal if it holds anything; return False if the store is down."""
+    quotas = app[QUOTAS]
+    journal = quotas.journal
+    if journal is None or not journal.pending:
+        return True
+    try:
+        await journal.replay(quotas.store, now=quotas.now())
+    except (StoreUnavailable, TimeoutError) as exc:
+        _LOGGER.info("journal not replayed yet: store unavailable (%s)", exc)
+        return False
+    quotas.store_reachable = True
+    return True
 
 
 async def _reconcile_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -410,6 +465,7 @@ async def _reconcile_ctx(app: web.Application) -> AsyncIterator[None]:
     created_before = None if shared else started
     ledger = app[LEDGER]
     try:
+        await _replay_once(app)  # what a previous process journaled goes in first
         settled = await ledger.reconcile(only_expired=shared, created_before=created_before)
     except StoreUnavailable as exc:
         _LOGGER.warning("reconciliation postponed: quota store unavailable (%s)", exc)
@@ -438,6 +494,9 @@ async def _reconcile_forever(app: web.Application) -> None:
     interval = app[LIVE].config.accounting.lease_seconds / 2
     # health.pause wakes at once when draining starts, so shutdown never waits on this loop.
     while not await app[HEALTH].pause(interval):
+        # The journal first: a void or settlement waiting there must win over a blind charge.
+        if not await _replay_once(app):
+            continue
         try:
             await app[LEDGER].reconcile(only_expired=True)
         except StoreUnavailable as exc:

@@ -154,6 +154,12 @@ class StoreConfig(msgspec.Struct, **_STRUCT):
     timeout_seconds: float = 2.0
     """Longest wait for one store operation before ``on_error`` applies."""
     on_error: Literal["fail_closed", "fail_open"] = "fail_closed"
+    journal_path: str | None = None
+    """The outage journal: requests served under ``fail_open`` and settlements the store could
+    not take wait here (fsync'd in batches) until the store answers again. Default:
+    ``clipia-proxy-outage.jsonl`` in the directory of ``sqlite_path``."""
+    journal_max_bytes: int = 64 * 1024 * 1024
+    """Bound on the journal; when full, ``fail_open`` refuses (503) instead of serving."""
     replicas: int = 1
     """How many gateway processes share this store (the chart sets it); sqlite allows one."""
 
@@ -799,6 +805,8 @@ def _check_store(config: Config, found: _Findings) -> None:
         found.problem("store.replicas", "must be at least 1")
     if store.timeout_seconds <= 0:
         found.problem("store.timeout_seconds", "must be a positive number of seconds")
+    if store.journal_max_bytes < 64 * 1024:
+        found.problem("store.journal_max_bytes", "must be at least 65536")
     if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", store.redis_key_prefix):
         found.problem("store.redis_key_prefix", "must be 1-64 characters of letters, digits, _.:-")
 

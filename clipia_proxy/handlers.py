@@ -25,6 +25,7 @@ from .errors import (
     ModelNotFound,
     NotFound,
     Overloaded,
+    QuotaStoreUnavailable,
     RequestTimeout,
     RequestTooLarge,
     UnsupportedMediaType,
@@ -51,7 +52,7 @@ from .ledger import Flight
 from .policy import ModelPolicy, apply_caps, bound_output
 from .quotas.estimate import PriceUnknown, estimate
 from .quotas.model import Outcome, RecordState, Settlement, UsageSource, credits
-from .quotas.store import LedgerRecord
+from .quotas.store import LedgerRecord, StoreUnavailable
 from .record import GenerationOwners, RequestInfo
 from .sse import UsageTap
 from .streaming import StreamResult, relay_stream
@@ -626,9 +627,14 @@ async def key_data(request: web.Request) -> dict[str, object]:
     team = policy.team
     quotas = request.app[QUOTAS]
     limits = quotas.limits(team.id)
-    budgets = await quotas.budgets(team.id)
+    try:
+        budgets = await quotas.call(quotas.budgets(team.id))
+        spent_total = await quotas.call(quotas.spent_total(team.id))
+    except (StoreUnavailable, TimeoutError) as exc:
+        raise QuotaStoreUnavailable(
+            "The quota store is unavailable; budgets cannot be read now.", retry_after=1
+        ) from exc
     tightest = min(budgets, key=_remaining, default=None)
-    spent_total = await quotas.spent_total(team.id)
     data: dict[str, object] = {
         "label": team.label or team.id,
         "team": team.id,

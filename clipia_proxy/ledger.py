@@ -275,6 +275,8 @@ class Ledger:
         self._slot_ends(flight)
         if reserved:
             self._quotas.settle_nowait(flight.admission.request_id, settlement)
+        elif flight.admission.journaled:
+            self._quotas.journal_settlement(flight.admission.request_id, settlement)
         self._count(settlement)
         return settlement
 
@@ -287,6 +289,8 @@ class Ledger:
         self._slot_ends(flight)
         if flight.admission.reserved:
             await self._quotas.settle(flight.admission.request_id, settlement)
+        elif flight.admission.journaled:
+            self._quotas.journal_settlement(flight.admission.request_id, settlement)
         self._count(settlement)
         return settlement
 

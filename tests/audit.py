@@ -290,6 +290,12 @@ def build_config(
         store = (
             f"{{backend: sqlite, sqlite_path: {tempfile.mkdtemp(prefix='clipia-test-')}/ledger.db}}"
         )
+    if "journal_path" not in store:
+        # The outage journal in a fresh temporary directory too (never the working directory).
+        journal = f"{tempfile.mkdtemp(prefix='clipia-test-')}/outage.jsonl"
+        mapping, newline, rest = store.partition("\n")  # a ledger: section may follow
+        mapping = mapping.rstrip().removesuffix("}") + f", journal_path: {journal}}}"
+        store = mapping + newline + rest
     fields = {
         "base_url": f"{emulator_url}/v1",
         "api_key_env": "null",

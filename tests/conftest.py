@@ -90,6 +90,12 @@ def make_config(
         store = (
             f"{{backend: sqlite, sqlite_path: {tempfile.mkdtemp(prefix='clipia-test-')}/ledger.db}}"
         )
+    if "journal_path" not in store:
+        # The outage journal in a fresh temporary directory too (never the working directory).
+        journal = f"{tempfile.mkdtemp(prefix='clipia-test-')}/outage.jsonl"
+        mapping, newline, rest = store.partition("\n")  # a ledger: section may follow
+        mapping = mapping.rstrip().removesuffix("}") + f", journal_path: {journal}}}"
+        store = mapping + newline + rest
     teams_yaml = (teams or TEAMS_YAML).format(**{team: hash_key(key) for team, key in keys.items()})
     settings: dict[str, object] = {
         "base_url": base_url or f"{emulator_url}/v1",

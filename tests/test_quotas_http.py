@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -145,14 +146,15 @@ async def test_store_down_fail_closed_is_503_and_not_ready(
 
 
 async def test_store_down_fail_open_serves(
-    stacks: Factory, monkeypatch: pytest.MonkeyPatch
+    stacks: Factory, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setenv("CLIPIA_TEST_DEAD_REDIS", "redis://127.0.0.1:1/0")
     stack = await stacks(
         teams=team(),
         store=(
             "{backend: redis, redis_url_env: CLIPIA_TEST_DEAD_REDIS, timeout_seconds: 0.5,"
-            " on_error: fail_open}\nledger: {backend: postgres, postgres_dsn_env: CLIPIA_TEST_DEAD_DSN}"
+            f" on_error: fail_open, journal_path: {tmp_path}/outage.jsonl}}"
+            "\nledger: {backend: postgres, postgres_dsn_env: CLIPIA_TEST_DEAD_DSN}"
         ),
     )
     async with aiohttp.ClientSession() as session:

@@ -29,6 +29,7 @@ from clipia_proxy.errors import (
 )
 
 from .estimate import Estimate
+from .journal import Journal
 from .model import (
     Micro,
     Outcome,
@@ -81,6 +82,8 @@ class Admission(msgspec.Struct, frozen=True, kw_only=True):
     would_reject: Reason | None = None
     admitted_at: float = 0.0
     """The service clock at admission (how long the concurrency slot is held is learnt)."""
+    journaled: bool = False
+    """Served under ``fail_open`` with its record in the outage journal (settled there too)."""
 
 
 def _humanise_seconds(seconds: float) -> str:
@@ -126,6 +129,8 @@ class QuotaService:
         self.store_reachable = True
         """False since the last store call failed, until one succeeds (feeds ``/readyz``)."""
         self.fail_open: Final = self._fail_open
+        self.journal: Journal | None = None
+        """The outage journal (set by the application): see :mod:`clipia_proxy.journal`."""
         self._slot_seconds: dict[str, float] = {}
         """Team -> moving average of how long its requests held a concurrency slot."""
         self._lookups: dict[str, deque[float]] = {}
@@ -265,16 +270,21 @@ class QuotaService:
                 result = await self.store.reserve(request)
         except (StoreUnavailable, TimeoutError) as exc:
             self.store_reachable = False
-            # The store may have applied the reservation before its reply was lost: close the
-            # record at 0 (best effort), or the reconciler would later charge the reservation
-            # for a request that was never sent with it.
-            await self._void(request_id)
-            if self._fail_open:
+            journal = self.journal
+            if self._fail_open and (journal is None or journal.has_room()):
                 self.store_errors["fail_open"] += 1
+                if journal is not None:
+                    # Served: its record and settlement wait in the journal for the store. A
+                    # reservation that did land before its reply was lost is the same record
+                    # (replays are idempotent by request id): never voided, it was sent.
+                    journal.append(journal.reserve_entry(request))
+                else:
+                    await self._void(request_id)
                 _LOGGER.warning(
-                    "quota store unavailable (%s); fail_open serves %s unrecorded",
+                    "quota store unavailable (%s); fail_open serves %s %s",
                     exc.__class__.__name__,
                     request_id,
+                    "journaled" if journal is not None else "unrecorded",
                 )
                 return Admission(
                     request_id=request_id,
@@ -284,7 +294,17 @@ class QuotaService:
                     reserved=False,
                     headers={},
                     admitted_at=now,
+                    journaled=journal is not None,
                 )
+            # Refused, never sent. The store may have applied the reservation before its reply
+            # was lost (or may still apply it: a slow store runs queued commands late): the
+            # record is closed at 0 by a journaled void, replayed once the store answers (and
+            # before this replica's reconciler looks at it), so a request never sent is never
+            # charged. Without a journal, one best-effort void now.
+            if journal is not None:
+                journal.append(journal.void_entry(request_id, now))
+            else:
+                await self._void(request_id)
             self.store_errors["fail_closed"] += 1
             self.rejections[team, "store_unavailable"] += 1
             _LOGGER.warning("quota store unavailable (%s); refusing", exc.__class__.__name__)
@@ -449,7 +469,11 @@ class QuotaService:
             async with asyncio.timeout(self._timeout):
                 await self.store.settle(request_id, void)
         except (StoreUnavailable, TimeoutError):
-            _LOGGER.info("could not void %s (store still unavailable)", request_id)
+            if self.journal is not None:
+                self.journal.append(self.journal.void_entry(request_id, void.now))
+                _LOGGER.info("could not void %s now; journaled", request_id)
+            else:
+                _LOGGER.info("could not void %s (store still unavailable)", request_id)
 
     async def settle(self, request_id: str, settlement: Settlement) -> bool:
         """Replace the reservation by the actual cost (idempotent; retried while the store fails)."""
@@ -467,10 +491,19 @@ class QuotaService:
                     attempt + 1,
                 )
                 await asyncio.sleep(min(0.1 * 2**attempt, 2.0))
+        if self.journal is not None:
+            self.journal.append(self.journal.settle_entry(request_id, settlement))
+            _LOGGER.error("settlement of %s could not be written; journaled", request_id)
+            return False
         _LOGGER.error(
             "settlement of %s could not be written; the reconciler will charge it", request_id
         )
         return False
+
+    def journal_settlement(self, request_id: str, settlement: Settlement) -> None:
+        """Journal the settlement of a request admitted through the journal (fail_open)."""
+        if self.journal is not None:
+            self.journal.append(self.journal.settle_entry(request_id, settlement))
 
     @property
     def local_store(self) -> LocalStore | None:
