@@ -110,7 +110,7 @@ async def test_sigkill_mid_stream_settles_at_the_upstream_bill(harness: Harness,
 
 
 async def test_sigkill_mid_stream_on_a_shared_redis_store(
-    tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, redis_url: str, ledger_section: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Three replicas on one Redis, one killed mid-stream: a survivor settles it at the bill.
 
@@ -124,7 +124,8 @@ async def test_sigkill_mid_stream_on_a_shared_redis_store(
     harness = Harness(
         cluster,
         tmp_path,
-        f"{{backend: redis, redis_url_env: {env}, redis_key_prefix: crash-{token}, replicas: 3}}",
+        f"{{backend: redis, redis_url_env: {env}, redis_key_prefix: crash-{token}, replicas: 3}}"
+        f"\n{ledger_section}",
         {env: redis_url},
     )
     # Short leases so the survivors' reconciler (every lease / 2) gets to the dead one's record.
