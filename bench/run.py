@@ -139,7 +139,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, Path | None]:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="give the bench team budgets and rate limits that never bind (default: on); "
-        "--no-quotas --store memory is the core gateway of issue #2",
+        "--no-quotas --store memory is the core gateway",
     )
     parser.add_argument(
         "--passthrough",
@@ -673,9 +673,9 @@ class Bench:
                 TARGET_CPU_QUOTAS_MS if s.quotas else TARGET_CPU_MS,
                 "<=",
                 (
-                    "issue #4 target: quotas on, SQLite store"
+                    "target: quotas on, SQLite store"
                     if s.quotas
-                    else "issue #2 target: core gateway (--no-quotas --store memory)"
+                    else "target: core gateway (--no-quotas --store memory)"
                 )
                 + f"; all scenarios: {cpu_note}",
             ),
