@@ -55,7 +55,9 @@ __all__ = [
 _LOGGER: Final = logging.getLogger(__name__)
 _HEAD_END: Final = b"\r\n\r\n"
 _LINGER_SECONDS: Final = 1.0
-"""After a 431, how long the rest of the client's bytes are read and discarded."""
+"""After a 431 or a 503 at the cap, how long the client's bytes are read and discarded."""
+_MAX_LINGERING: Final = 256
+"""Refused connections allowed to linger at once; past it they are closed at once."""
 
 # Connection states, as far as this layer follows them.
 _WAITING: Final = 0
@@ -174,6 +176,8 @@ class GatewayServer(web.Server):
         self.log: Final = log
         self.open_connections = 0
         """Connections counted against ``limits.max_connections`` (refused ones are not)."""
+        self.lingering = 0
+        """Refused connections reading out the client's request before closing."""
 
     def _make_request_of(
         self, message: Any, payload: Any, protocol: Any, writer: Any, task: Any
@@ -193,6 +197,7 @@ class GatewayProtocol(web.RequestHandler):
 
     __slots__ = (
         "_gw_counted",
+        "_gw_counted_lingering",
         "_gw_head_bytes",
         "_gw_server",
         "_gw_state",
@@ -208,6 +213,7 @@ class GatewayProtocol(web.RequestHandler):
         self._gw_tail = b""
         self._gw_timer: asyncio.TimerHandle | None = None
         self._gw_counted = False
+        self._gw_counted_lingering = False
 
     # -- asyncio protocol callbacks
 
@@ -228,6 +234,12 @@ class GatewayProtocol(web.RequestHandler):
             )
             if isinstance(transport, asyncio.WriteTransport):
                 transport.write(raw_error_response(error, new_request_id()))
+            if server.lingering < _MAX_LINGERING and self._gw_linger():
+                # Read (and drop) the request the client already sent, so that closing does
+                # not reset the connection before the 503 is read.
+                server.lingering += 1
+                self._gw_counted_lingering = True
+                return
             self.force_close()
             return
         server.open_connections += 1
@@ -239,6 +251,9 @@ class GatewayProtocol(web.RequestHandler):
         if self._gw_counted:
             self._gw_counted = False
             self._gw_server.open_connections -= 1
+        if self._gw_counted_lingering:
+            self._gw_counted_lingering = False
+            self._gw_server.lingering -= 1
         self._gw_disarm()
         super().connection_lost(exc)
 
@@ -353,16 +368,22 @@ class GatewayProtocol(web.RequestHandler):
             f"{server.limits.max_header_bytes} bytes."
         )
         transport.write(raw_error_response(error, new_request_id()))
-        if transport.can_write_eof():
-            # Closing with the client's bytes unread would reset the connection and lose the
-            # answer: end our side, discard what still arrives, close after a short linger.
-            transport.write_eof()
-            self._gw_timer = asyncio.get_running_loop().call_later(
-                _LINGER_SECONDS, self.force_close
-            )
-        else:
+        if not self._gw_linger():
             self.force_close()
         return False
+
+    def _gw_linger(self) -> bool:
+        """End our side, drop what still arrives, close after a short linger; False if not TCP.
+
+        Closing with the client's bytes unread would reset the connection, and the client
+        would lose the answer just written.
+        """
+        transport = self.transport
+        if transport is None or not transport.can_write_eof():
+            return False
+        transport.write_eof()
+        self._gw_timer = asyncio.get_running_loop().call_later(_LINGER_SECONDS, self.force_close)
+        return True
 
     def _gw_arm(self) -> None:
         if self._gw_timer is None and self.transport is not None:

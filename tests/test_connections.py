@@ -335,8 +335,12 @@ async def test_connection_cap_answers_503_and_admin_probes_still_answer(tight: S
         for _ in range(cap):
             await held.enter_async_context(_connection(tight.running.port))
         await asyncio.sleep(0.05)  # let the server accept them
-        async with _connection(tight.running.port) as (reader, _writer):
+        async with _connection(tight.running.port) as (reader, writer):
+            # The request is read out (not left unread, which would reset the connection).
+            writer.write(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+            await writer.drain()
             reply = await _read_reply(reader)
+            assert await _closed_by_server(reader)
         assert_envelope(reply, 503, "overloaded")
         assert reply.headers["Retry-After"] == "1"
         async with aiohttp.ClientSession() as session:
