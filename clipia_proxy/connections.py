@@ -56,8 +56,6 @@ _LOGGER: Final = logging.getLogger(__name__)
 _HEAD_END: Final = b"\r\n\r\n"
 _LINGER_SECONDS: Final = 1.0
 """After a 431 or a 503 at the cap, how long the client's bytes are read and discarded."""
-_MAX_LINGERING: Final = 256
-"""Refused connections allowed to linger at once; past it they are closed at once."""
 
 # Connection states, as far as this layer follows them.
 _WAITING: Final = 0
@@ -79,6 +77,9 @@ class ConnectionLimits(msgspec.Struct, frozen=True, kw_only=True):
     keepalive_timeout: float
     max_header_bytes: int
     max_connections: int
+    max_lingering: int = 0
+    """Connections refused at the cap that may read out their request at once (they hold a
+    descriptor for up to a second); past it they are closed at once."""
 
 
 class QuietLog:
@@ -234,7 +235,7 @@ class GatewayProtocol(web.RequestHandler):
             )
             if isinstance(transport, asyncio.WriteTransport):
                 transport.write(raw_error_response(error, new_request_id()))
-            if server.lingering < _MAX_LINGERING and self._gw_linger():
+            if server.lingering < server.limits.max_lingering and self._gw_linger():
                 # Read (and drop) the request the client already sent, so that closing does
                 # not reset the connection before the 503 is read.
                 server.lingering += 1

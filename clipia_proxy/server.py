@@ -186,6 +186,11 @@ async def _listen(
     return app_runner, runner
 
 
+def _lingering(cap: int) -> int:
+    """Refused connections that may read out their request at once: an eighth of the cap."""
+    return min(256, max(cap // 8, 1))
+
+
 def connection_limits(
     server: ServerConfig, upstream_connections: int
 ) -> tuple[ConnectionLimits, ConnectionLimits]:
@@ -198,7 +203,14 @@ def connection_limits(
     """
     data_cap = server.max_connections
     admin_cap = server.admin_max_connections
-    wanted = data_cap + min(data_cap, upstream_connections) + admin_cap + _FD_RESERVE
+    admin_fds = admin_cap + _lingering(admin_cap)
+    wanted = (
+        data_cap
+        + _lingering(data_cap)
+        + min(data_cap, upstream_connections)
+        + admin_fds
+        + _FD_RESERVE
+    )
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and soft < wanted:
         raised = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
@@ -207,8 +219,9 @@ def connection_limits(
                 resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
                 soft = raised
     if soft != resource.RLIM_INFINITY and soft < wanted:
-        available = max(soft - admin_cap - _FD_RESERVE, 2)
-        fitted = max(available - min(upstream_connections, available // 2), 1)
+        available = max(soft - admin_fds - _FD_RESERVE, 2)
+        # Each data connection may hold an upstream one, and an eighth more linger when refused.
+        fitted = max(int((available - min(upstream_connections, available // 2)) / 1.125), 1)
         _LOGGER.warning(
             "server.max_connections %d does not fit the file descriptor limit %d: "
             "the data port accepts at most %d connections",
@@ -224,6 +237,7 @@ def connection_limits(
             keepalive_timeout=server.keepalive_timeout_seconds,
             max_header_bytes=server.max_header_bytes,
             max_connections=cap,
+            max_lingering=_lingering(cap),
         )
 
     return limits(data_cap), limits(admin_cap)
