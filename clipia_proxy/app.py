@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import hmac
 import logging
+import os
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -21,6 +22,7 @@ from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from . import handlers, mcp_http
+from .attribution import Attributor, hash_key_from
 from .auth import Refusal
 from .catalog import Catalog
 from .config import (
@@ -47,6 +49,7 @@ from .health import Health
 from .health import create_admin_app as _create_admin_app
 from .ids import new_request_id
 from .keys import (
+    ATTRIBUTION,
     CATALOG,
     GENERATIONS,
     HEALTH,
@@ -243,6 +246,7 @@ def create_app(
     app[TASKS] = tasks
     app[UPSTREAM] = upstream
     app[UPSTREAMS] = upstreams
+    app[ATTRIBUTION] = Attributor(config.attribution, _end_user_hash_key(config, key))
     app[CATALOG] = catalog
     app[GENERATIONS] = GenerationOwners(_GENERATION_OWNERS)
     app[KEY_SCAN] = KeyScanner(key.reveal(), *([test_key.reveal()] if test_key else []))
@@ -295,10 +299,18 @@ def _allows(app: web.Application, team: str, model: str) -> bool:
     return policy is not None and policy.allows(model)
 
 
+def _end_user_hash_key(config: Config, api_key: Secret) -> bytes:
+    """The end-user hash key: from ``attribution.end_user_hash_key_env``, else the Clipia key."""
+    name = config.attribution.end_user_hash_key_env
+    named = os.environ.get(name, "").strip() if name else ""
+    return hash_key_from(named or api_key.reveal())
+
+
 def apply_config(app: web.Application, config: Config) -> None:
     """Swap in a reloaded config for new requests (see ``reload``); counters and streams stay."""
     app[LIVE].apply(config)
     app[UPSTREAMS].apply(config.teams)
+    app[ATTRIBUTION].apply(config.attribution)
     app[QUOTAS].apply(config)
     app[CATALOG].apply(config.catalog)
     app[METRICS].set_teams(team.id for team in config.teams)

@@ -29,6 +29,7 @@ import yaml
 
 __all__ = [
     "AccountingConfig",
+    "AttributionConfig",
     "AuthConfig",
     "BudgetConfig",
     "CapsConfig",
@@ -43,6 +44,7 @@ __all__ = [
     "Secret",
     "ServerConfig",
     "StoreConfig",
+    "TagConfig",
     "TeamConfig",
     "UpstreamConfig",
     "load_config",
@@ -180,6 +182,26 @@ class LedgerConfig(msgspec.Struct, **_STRUCT):
     transaction mode."""
 
 
+class TagConfig(msgspec.Struct, **_STRUCT):
+    """``attribution.tags.<name>``: one declared tag key."""
+
+    values: tuple[str, ...] = ()
+    """The values recorded as given; any other value is recorded as ``other``."""
+    metric: bool = False
+    """Also count spend per value in ``clipia_proxy_tag_spend_credits_total``."""
+
+
+class AttributionConfig(msgspec.Struct, **_STRUCT):
+    """``attribution``: who below the team spent it (tags, end user)."""
+
+    tags: dict[str, TagConfig] = msgspec.field(default_factory=dict)
+    """Tag keys recorded from ``X-Clipia-Tags`` / ``metadata``; undeclared keys are dropped."""
+    end_user: Literal["record", "hash", "ignore"] = "hash"
+    """``user`` / ``safety_identifier``: recorded as given, as a keyed hash, or not at all."""
+    end_user_hash_key_env: str | None = None
+    """Env var with the key of the end-user hash (default: derived from the Clipia key)."""
+
+
 class AccountingConfig(msgspec.Struct, **_STRUCT):
     """``accounting``: periods, estimates and what happens when a client hangs up."""
 
@@ -285,6 +307,7 @@ class Config(msgspec.Struct, **_STRUCT):
     accounting: AccountingConfig = msgspec.field(default_factory=AccountingConfig)
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
+    attribution: AttributionConfig = msgspec.field(default_factory=AttributionConfig)
     teams: tuple[TeamConfig, ...] = ()
     source: str = "<config>"
     """Where the config came from (a file name), for messages."""
@@ -338,6 +361,7 @@ _SECTIONS: Final[dict[str, type[msgspec.Struct]]] = {
     "accounting": AccountingConfig,
     "auth": AuthConfig,
     "logging": LoggingConfig,
+    "attribution": AttributionConfig,
 }
 
 
@@ -878,6 +902,33 @@ def _check_auth(config: Config, found: _Findings) -> None:
         found.problem("auth.team", "only used with auth.mode fixed")
 
 
+_MAX_TAGS: Final = 16
+_MAX_TAG_VALUES: Final = 256
+_TAG_VALUE_RE: Final = re.compile(r"[A-Za-z0-9_.:/-]{1,63}")
+
+
+def _check_attribution(config: Config, found: _Findings) -> None:
+    """Tag names and values are short identifiers, and few: they bound the metric's series."""
+    tags = config.attribution.tags
+    if len(tags) > _MAX_TAGS:
+        found.problem("attribution.tags", f"at most {_MAX_TAGS} tag keys")
+    for name, tag in tags.items():
+        path = f"attribution.tags.{name}"
+        if not _ID_RE.fullmatch(name):
+            found.problem(path, "a tag key is letters, digits, '.', '_' or '-' (at most 63)")
+        if tag.metric and not tag.values:
+            found.problem(f"{path}.metric", "a metric tag needs its values declared (bounded)")
+        if len(tag.values) > _MAX_TAG_VALUES:
+            found.problem(f"{path}.values", f"at most {_MAX_TAG_VALUES} values")
+        for value in tag.values:
+            if not _TAG_VALUE_RE.fullmatch(value) or value == "other":
+                found.problem(
+                    f"{path}.values",
+                    f"{value[:40]!r}: a value is 1-63 of letters, digits, '.', '_', ':', '/', "
+                    "'-' (and not 'other', which stands for every undeclared value)",
+                )
+
+
 _SECTION_CHECKS: Final = (
     _check_server,
     _check_upstream,
@@ -886,6 +937,7 @@ _SECTION_CHECKS: Final = (
     _check_ledger,
     _check_accounting,
     _check_auth,
+    _check_attribution,
 )
 """The per-section checks, run in this order (a new section adds its function here)."""
 

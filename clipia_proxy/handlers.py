@@ -35,6 +35,7 @@ from .errors import (
     error_body,
 )
 from .keys import (
+    ATTRIBUTION,
     CATALOG,
     GENERATIONS,
     INFO,
@@ -276,6 +277,8 @@ async def _complete_chat(
     # Refused before any reservation if a test team has no sandbox key to go with.
     _ = app[UPSTREAMS].for_team(team.id)
     app[METRICS].record_reservation(team.id, credits(worst_case.amount))
+    attributor = app[ATTRIBUTION]
+    attribution = attributor.of(request.headers, body)
     admission = await app[QUOTAS].admit(
         request_id=info.request_id,
         team=team.id,
@@ -283,6 +286,9 @@ async def _complete_chat(
         model=canonical_model,
         stream=chat.stream,
         estimate=worst_case,
+        environment=team.environment,
+        tags=attribution.tags,
+        end_user=attribution.end_user,
     )
     if admission.would_reject is not None:
         app[METRICS].record_shadow_rejection(team.id, admission.would_reject.value)
@@ -291,6 +297,7 @@ async def _complete_chat(
         model=canonical_model,
         prompt_price=entry.prompt_price,
         completion_price=entry.completion_price,
+        metric_tags=attributor.metric_tags(attribution.tags),
     )
     try:
         return await _forward(
@@ -332,6 +339,10 @@ def _count_settlement(app: web.Application, flight: Flight, settlement: Settleme
         prompt_tokens=settlement.prompt_tokens,
         completion_tokens=settlement.completion_tokens,
     )
+    if flight.metric_tags:
+        app[METRICS].record_tag_spend(
+            flight.admission.team, flight.metric_tags, credits(settlement.cost)
+        )
 
 
 async def _forward(

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Final
 from aiohttp import web
 
 if TYPE_CHECKING:  # the keys name these types in strings only (no import cycles at run time)
+    from .attribution import Attributor  # noqa: F401
     from .auth import Principal  # noqa: F401
     from .catalog import Catalog  # noqa: F401
     from .health import Health  # noqa: F401
@@ -22,6 +23,7 @@ if TYPE_CHECKING:  # the keys name these types in strings only (no import cycles
     from .upstream import UpstreamClient  # noqa: F401
 
 __all__ = [
+    "ATTRIBUTION",
     "CATALOG",
     "GENERATIONS",
     "HEALTH",
@@ -44,6 +46,8 @@ LIVE: Final = web.AppKey["Live"]("live")
 TASKS: Final = web.AppKey["TaskRegistry"]("tasks")
 UPSTREAM: Final = web.AppKey["UpstreamClient"]("upstream")
 """The client with the live Clipia key (the catalog, and every live team's requests)."""
+ATTRIBUTION: Final = web.AppKey["Attributor"]("attribution")
+"""Tags and end user of each request (``attribution``); follows reloads."""
 UPSTREAMS: Final = web.AppKey["Upstreams"]("upstreams")
 """The live and sandbox clients, and which one each team's requests use."""
 CATALOG: Final = web.AppKey["Catalog"]("catalog")

@@ -73,6 +73,8 @@ class Flight(msgspec.Struct, kw_only=True):
     outcome: Outcome = Outcome.COMPLETED
     slot_released: bool = False
     """The concurrency slot was freed early (the client left before the end)."""
+    metric_tags: dict[str, str] = msgspec.field(default_factory=dict)
+    """The request's tags that are metric labels (``attribution.tags.*.metric``)."""
 
 
 class _GenerationCost(msgspec.Struct, frozen=True):

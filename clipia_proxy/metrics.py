@@ -254,6 +254,12 @@ class Metrics:
         self.budgets: dict[tuple[str, str], BudgetSnapshot] = {}
         """(team, period) -> numbers; replaced by ``set_budgets``."""
         r = self.registry
+        self._tag_spend: Final = Counter(
+            PREFIX + "tag_spend_credits",
+            "Settled spend per declared tag value (attribution.tags.*.metric), in credits.",
+            ["team", "tag", "value"],
+            registry=r,
+        )
         self._requests: Final = Counter(
             PREFIX + "requests",
             "Requests answered, by HTTP status.",
@@ -491,6 +497,12 @@ class Metrics:
             self._child(self._tokens, *labels, "prompt").inc(prompt_tokens)
         if completion_tokens:
             self._child(self._tokens, *labels, "completion").inc(completion_tokens)
+
+    def record_tag_spend(self, team: str, tags: Mapping[str, str], cost: Decimal) -> None:
+        """Count settled spend per metric tag (names and values bounded by the config)."""
+        team_label = self.team(team)
+        for name, value in tags.items():
+            self._child(self._tag_spend, team_label, name, value).inc(float(cost))
 
     def _environment_label(self, team: str) -> str:
         """``test`` for a sandbox team, else ``live`` (two values: bounded)."""

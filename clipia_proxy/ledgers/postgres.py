@@ -73,18 +73,28 @@ CREATE INDEX clipia_ledger_upstream ON clipia_ledger (upstream_id) WHERE upstrea
 CREATE INDEX clipia_ledger_created ON clipia_ledger (created_at);
 """,
     ),
+    (
+        2,
+        """
+ALTER TABLE clipia_ledger
+    ADD COLUMN environment text NOT NULL DEFAULT 'live',
+    ADD COLUMN tags jsonb,
+    ADD COLUMN end_user text;
+""",
+    ),
 )
 """(version, SQL): append only; an applied migration is never edited."""
 
 _COLUMNS: Final = (
     "request_id, team, key_id, model, stream, reserved, tokens_reserved, windows, created_at, "
     "lease_until, state, upstream_id, cost, prompt_tokens, completion_tokens, usage_source, "
-    "outcome, settled_at"
+    "outcome, settled_at, environment, tags, end_user"
 )
 _INSERT: Final = (
     f"INSERT INTO clipia_ledger ({_COLUMNS}) SELECT $1::text, $2::text, $3::text, $4::text, "  # noqa: S608 - constant columns
     "$5::boolean, $6::bigint, $7::bigint, $8::jsonb, $9::float8, $10::float8, $11::text, "
-    "$12::text, $13::bigint, $14::bigint, $15::bigint, $16::text, $17::text, $18::float8 "
+    "$12::text, $13::bigint, $14::bigint, $15::bigint, $16::text, $17::text, $18::float8, "
+    "$19::text, $20::jsonb, $21::text "
     "WHERE NOT EXISTS (SELECT 1 FROM clipia_ledger WHERE request_id = $1) ON CONFLICT DO NOTHING"
 )
 _SETTLE: Final = (
@@ -96,6 +106,8 @@ _GROUP_SQL: Final = {
     "team": "team",
     "model": "COALESCE(NULLIF(model, ''), 'other')",
     "key": "COALESCE(key_id, '')",
+    "environment": "environment",
+    "user": "COALESCE(end_user, '')",
     "day": (
         "COALESCE(substr(windows->>'day', 5), "
         "to_char(to_timestamp(created_at) AT TIME ZONE 'UTC', 'YYYY-MM-DD'))"
@@ -111,6 +123,7 @@ _SPENT_TOTAL: Final = (
     "SELECT team, 'total', SUM(cost)::bigint FROM clipia_ledger "
     "WHERE state = 'settled' AND windows ? 'total' GROUP BY 1"
 )
+_TAGS: Final = msgspec.json.Decoder(dict[str, str])
 
 
 def _record(row: Any) -> LedgerRecord:
@@ -134,7 +147,18 @@ def _record(row: Any) -> LedgerRecord:
         usage_source=row[15],
         outcome=Outcome(row[16]) if row[16] else None,
         settled_at=None if row[17] is None else float(row[17]),
+        environment=row[18] or "live",
+        tags=_tags(row[19]),
+        end_user=row[20],
     )
+
+
+def _tags(value: Any) -> dict[str, str]:
+    if value is None:
+        return {}
+    if isinstance(value, str | bytes):
+        return _TAGS.decode(value)
+    return {str(k): str(v) for k, v in dict(value).items()}
 
 
 def _month_start(when: dt.date) -> dt.datetime:
@@ -305,6 +329,9 @@ class PostgresLedger:
                 record.usage_source,
                 record.outcome.value if record.outcome else None,
                 record.settled_at,
+                record.environment,
+                msgspec.json.encode(record.tags).decode() if record.tags else None,
+                record.end_user,
                 timeout=self._timeout,
             )
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:

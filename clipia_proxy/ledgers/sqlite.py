@@ -41,6 +41,8 @@ _GROUP_SQL: Final = {
     "team": "team",
     "model": "COALESCE(NULLIF(model, ''), 'other')",
     "key": "COALESCE(key_id, '')",
+    "environment": "environment",
+    "user": "COALESCE(end_user, '')",
     "day": "COALESCE(substr(json_extract(windows, '$.day'), 5), date(created_at, 'unixepoch'))",
 }
 
@@ -109,6 +111,7 @@ class SqliteLedger:
             values["windows"] = msgspec.json.encode(record.windows).decode()
             values["state"] = record.state.value
             values["outcome"] = record.outcome.value if record.outcome else None
+            values["tags"] = msgspec.json.encode(record.tags).decode() if record.tags else None
             names = COLUMNS.replace(" ", "").split(",")
             cursor = self._conn().execute(
                 f"INSERT OR IGNORE INTO ledger ({COLUMNS}) VALUES ({', '.join('?' * len(names))})",  # noqa: S608 - constant columns

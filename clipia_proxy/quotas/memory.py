@@ -218,6 +218,9 @@ class MemoryEngine:
             windows=dict(request.periods),
             created_at=now,
             lease_until=now + request.lease_seconds,
+            environment=request.environment,
+            tags=dict(request.tags),
+            end_user=request.end_user,
         )
         self.records[record.request_id] = record
         self._hold(record)

@@ -127,6 +127,9 @@ class ReserveRequest(msgspec.Struct, frozen=True, kw_only=True):
     model: str = ""
     key_id: str | None = None
     stream: bool = False
+    environment: str = "live"
+    tags: dict[str, str] = msgspec.field(default_factory=dict)
+    end_user: str | None = None
 
 
 class ReserveResult(msgspec.Struct, frozen=True, kw_only=True):

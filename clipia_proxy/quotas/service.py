@@ -239,8 +239,14 @@ class QuotaService:
         model: str,
         stream: bool,
         estimate: Estimate,
+        environment: str = "live",
+        tags: dict[str, str] | None = None,
+        end_user: str | None = None,
     ) -> Admission:
-        """Reserve the estimate on every period and check every limit, or raise 402/429/503."""
+        """Reserve the estimate on every period and check every limit, or raise 402/429/503.
+
+        ``environment``, ``tags`` and ``end_user`` are written on the ledger record.
+        """
         now = self._clock()
         current = self.windows(now)
         limits = self._limits.get(team, TeamLimits())
@@ -261,6 +267,9 @@ class QuotaService:
             model=model,
             key_id=key_id,
             stream=stream,
+            environment=environment,
+            tags=tags or {},
+            end_user=end_user,
         )
         try:
             if self._remote:

@@ -82,7 +82,10 @@ CREATE TABLE IF NOT EXISTS ledger (
     completion_tokens INTEGER NOT NULL DEFAULT 0,
     usage_source TEXT,
     outcome TEXT,
-    settled_at REAL
+    settled_at REAL,
+    environment TEXT NOT NULL DEFAULT 'live',
+    tags TEXT,
+    end_user TEXT
 );
 CREATE INDEX IF NOT EXISTS ledger_created ON ledger (created_at);
 CREATE INDEX IF NOT EXISTS ledger_dispatched ON ledger (state) WHERE state = 'dispatched';
@@ -100,6 +103,13 @@ _SPENT_BACKFILL: Final = (
     "WHERE state = 'settled' GROUP BY 1, 2"
 )
 """Once, when an older file gets the summary table: its settled records summed."""
+_ADDED_COLUMNS: Final = (
+    ("environment", "TEXT NOT NULL DEFAULT 'live'"),
+    ("tags", "TEXT"),
+    ("end_user", "TEXT"),
+)
+"""Columns added after the first schema: a ledger file from before gets them at start-up
+(``ALTER TABLE ... ADD COLUMN``; old records read as ``live``, no tags, no end user)."""
 ADD_SPENT: Final = (
     "INSERT INTO ledger_spent (team, window, spent) VALUES (?, ?, ?) "
     "ON CONFLICT (team, window) DO UPDATE SET spent = spent + excluded.spent"
@@ -116,8 +126,9 @@ _SPENT_CURRENT: Final = (
 COLUMNS: Final = (
     "request_id, team, key_id, model, stream, reserved, tokens_reserved, windows, created_at, "
     "lease_until, state, upstream_id, cost, prompt_tokens, completion_tokens, usage_source, "
-    "outcome, settled_at"
+    "outcome, settled_at, environment, tags, end_user"
 )
+_TAGS: Final = msgspec.json.Decoder(dict[str, str])
 _WINDOWS: Final = msgspec.json.Decoder(dict[Period, str])
 
 
@@ -142,15 +153,22 @@ def row_to_record(row: tuple[Any, ...]) -> LedgerRecord:
         usage_source=row[15],
         outcome=Outcome(row[16]) if row[16] else None,
         settled_at=row[17],
+        environment=row[18] or "live",
+        tags=_TAGS.decode(row[19]) if row[19] else {},
+        end_user=row[20],
     )
 
 
 def prepare(db: sqlite3.Connection) -> None:
-    """Create the schema; an older file without the spent summary is summed into it once."""
+    """Create the schema; an older file gets the columns it lacks, and its spent summary once."""
     fresh = not db.execute(
         "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'ledger_spent'"
     ).fetchone()
     db.executescript(SCHEMA)
+    present = {row[1] for row in db.execute("PRAGMA table_info(ledger)")}
+    for name, declaration in _ADDED_COLUMNS:
+        if name not in present:  # a ledger file written before the column existed
+            db.execute(f"ALTER TABLE ledger ADD COLUMN {name} {declaration}")
     if fresh:
         db.execute("BEGIN IMMEDIATE")
         db.execute(_SPENT_BACKFILL)
@@ -421,7 +439,7 @@ class SqliteStore:
 
     def _insert(self, record: LedgerRecord) -> None:
         self._conn().execute(
-            f"INSERT INTO ledger ({COLUMNS}) VALUES ({', '.join('?' * 18)})",  # noqa: S608 - constant columns
+            f"INSERT INTO ledger ({COLUMNS}) VALUES ({', '.join('?' * 21)})",  # noqa: S608 - constant columns
             (
                 record.request_id,
                 record.team,
@@ -441,6 +459,9 @@ class SqliteStore:
                 record.usage_source,
                 record.outcome.value if record.outcome else None,
                 record.settled_at,
+                record.environment,
+                msgspec.json.encode(record.tags).decode() if record.tags else None,
+                record.end_user,
             ),
         )
 

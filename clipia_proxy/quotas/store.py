@@ -50,6 +50,12 @@ class LedgerRecord(msgspec.Struct, kw_only=True):
     usage_source: str | None = None
     outcome: Outcome | None = None
     settled_at: float | None = None
+    environment: str = "live"
+    """``live``, or ``test`` for a sandbox team's request (its spend is not live spend)."""
+    tags: dict[str, str] = msgspec.field(default_factory=dict)
+    """Declared attribution tags (``attribution.tags``): name -> a declared value or ``other``."""
+    end_user: str | None = None
+    """The end user (``user`` / ``safety_identifier``), as given or as a keyed hash."""
 
 
 class WindowUsage(msgspec.Struct, frozen=True, kw_only=True):
