@@ -4,7 +4,9 @@ A period is a calendar month (``2026-11``), an ISO week (``2026-W48``) or a day
 (``2026-11-25``) in ``accounting.timezone``; a record belongs to the period that contains its
 admission time (the same rule as budgets). Only settled records are summed; records still open
 are counted separately so finance can see the report is not final. ``--by`` groups on any of
-``team``, ``model``, ``key`` (the key id), ``day`` (the budget day in ``accounting.timezone``);
+``team``, ``environment`` (``live``, or ``test`` for sandbox teams), ``model``, ``key`` (the
+key id), ``user`` (the recorded end user), ``day`` (the budget day in ``accounting.timezone``)
+and ``tag:NAME`` (a declared tag's value);
 the default ``team,model`` adds each team's total line (model ``*``). The ledger does the
 ``GROUP BY``; lines are written as they come, never collected. Rubles are credits times
 ``accounting.rubles_per_credit``. CSV cells that a spreadsheet would run as a formula
@@ -23,7 +25,7 @@ from zoneinfo import ZoneInfo
 
 import msgspec
 
-from .ledgers import GROUPINGS, LedgerStore, ReportLine
+from .ledgers import GROUPINGS, LedgerStore, ReportLine, tag_name
 from .quotas.model import credits
 from .quotas.store import LedgerRecord
 
@@ -84,12 +86,14 @@ def parse_by(values: Iterable[str] | None) -> tuple[str, ...]:
     if not values:
         return DEFAULT_BY
     asked = {part.strip() for value in values for part in value.split(",") if part.strip()}
-    unknown = asked - set(GROUPINGS)
+    tags = sorted(name for name in asked if tag_name(name) is not None)
+    unknown = asked - set(GROUPINGS) - set(tags)
     if unknown:
         raise ValueError(
-            f"unknown --by {', '.join(sorted(unknown))}: use any of {', '.join(GROUPINGS)}"
+            f"unknown --by {', '.join(sorted(unknown))}: use any of {', '.join(GROUPINGS)} "
+            "or tag:NAME"
         )
-    return tuple(name for name in GROUPINGS if name in asked)
+    return (*(name for name in GROUPINGS if name in asked), *tags)
 
 
 def _cell(value: object) -> str:

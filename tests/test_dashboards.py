@@ -104,6 +104,7 @@ def _exercise(metrics: Metrics) -> None:
     metrics.record_settlement(
         team="search", model="m", cost=Decimal(1), prompt_tokens=1, completion_tokens=1
     )
+    metrics.record_tag_spend("search", {"service": "search-api"}, Decimal(1))
     metrics.record_ttft("search", "other", 0.5)
     metrics.record_overhead("/v1/chat/completions", 0.001)
     metrics.record_shadow_rejection("search", "budget")

@@ -6,9 +6,12 @@ one environment ever carried the other's key; check-config refuses the unsafe co
 
 from __future__ import annotations
 
+import asyncio
 import secrets
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -115,8 +118,30 @@ async def chat(
         return answer
 
 
+async def run_report(tmp_path: Path, db: str, *args: str) -> dict[str, Any]:
+    config = tmp_path / "report.yaml"
+    config.write_text(f"store: {{backend: sqlite, sqlite_path: {db}}}\n")
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "clipia_proxy",
+        "report",
+        "--config",
+        str(config),
+        "--format",
+        "json",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 0, err.decode()
+    doc: dict[str, Any] = msgspec.json.decode(out)
+    return doc
+
+
 async def test_canary_scan_each_team_reaches_clipia_with_its_own_key_only(
-    sandbox: Sandbox,
+    sandbox: Sandbox, tmp_path: Path
 ) -> None:
     stack = sandbox
     async with aiohttp.ClientSession() as http:
@@ -158,6 +183,19 @@ async def test_canary_scan_each_team_reaches_clipia_with_its_own_key_only(
     by_team = {team: [r for r in records if r.team == team] for team in ("prod", "ci")}
     assert len(by_team["prod"]) == len(by_team["ci"]) == 4
     assert all(r.cost > 0 for r in records)
+    # The report keeps them apart: --by team,environment,model and --by environment.
+    db = stack.stack.config.store.sqlite_path
+    default = await run_report(tmp_path, db, "--by", "team,environment,model")
+    assert {(row["team"], row["environment"], row["model"]) for row in default["rows"]} == {
+        ("prod", "live", "gpt-5.5"),
+        ("ci", "test", "gpt-5.5"),
+    }
+    split = await run_report(tmp_path, db, "--by", "environment")
+    credits = {row["environment"]: Decimal(row["credits"]) for row in split["rows"]}
+    assert credits == {
+        "live": Decimal(sum(r.cost for r in by_team["prod"])) / 1_000_000,
+        "test": Decimal(sum(r.cost for r in by_team["ci"])) / 1_000_000,
+    }
     # Metrics: the test team's spend carries environment="test", the live team's "live".
     got = await scrape(stack.stack)
     spend = got.by("clipia_proxy_spend_credits_total", "team", "model", "environment")

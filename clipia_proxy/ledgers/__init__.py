@@ -13,6 +13,7 @@ what chargeback reads; counters are rebuilt from it, never trusted alone.
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Final, Protocol
 
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "GROUPINGS",
+    "TAG_GROUP",
     "CountersSnapshot",
     "LedgerStore",
     "ReportLine",
@@ -33,8 +35,17 @@ __all__ = [
     "open_ledger",
 ]
 
-GROUPINGS: Final = ("team", "model", "key", "day")
-"""What ``report --by`` may group on (any combination, in this order of columns)."""
+GROUPINGS: Final = ("team", "environment", "model", "key", "user", "day")
+"""What ``report --by`` may group on (any combination, in this order of columns), and
+``tag:NAME`` (a declared tag's value, empty without it), after them."""
+TAG_GROUP: Final = re.compile(r"tag:([A-Za-z0-9][A-Za-z0-9_.-]{0,62})")
+"""``--by tag:NAME``: NAME is a tag key (letters, digits, ``.``, ``_``, ``-``: safe in SQL)."""
+
+
+def tag_name(grouping: str) -> str | None:
+    """Return NAME for a ``tag:NAME`` grouping, else ``None``."""
+    match = TAG_GROUP.fullmatch(grouping)
+    return match[1] if match else None
 
 
 class WindowSpent(msgspec.Struct, frozen=True):

@@ -33,7 +33,7 @@ from clipia_proxy.config import LedgerConfig
 from clipia_proxy.quotas.model import Outcome, Period, RecordState, Settlement
 from clipia_proxy.quotas.store import LedgerRecord, StoreUnavailable
 
-from . import GROUPINGS, CountersSnapshot, ReportLine, WindowSpent
+from . import GROUPINGS, CountersSnapshot, ReportLine, WindowSpent, tag_name
 
 __all__ = ["MIGRATIONS", "PostgresLedger"]
 
@@ -171,6 +171,13 @@ def _next_month(start: dt.datetime) -> dt.datetime:
 
 def _partition_name(start: dt.datetime) -> str:
     return f"clipia_ledger_y{start.year:04d}m{start.month:02d}"
+
+
+def _group_sql(name: str) -> str:
+    tag = tag_name(name)
+    if tag is not None:  # a checked identifier: no quote can reach the SQL
+        return f"COALESCE(tags->>'{tag}', '')"
+    return _GROUP_SQL[name]
 
 
 class PostgresLedger:
@@ -454,7 +461,7 @@ class PostgresLedger:
         self, *, since: float, until: float, by: tuple[str, ...], team: str | None
     ) -> AsyncIterator[ReportLine]:
         """See ``LedgerStore.report`` (GROUP BY in the database; a cursor streams the lines)."""
-        columns = [_GROUP_SQL[name] for name in by if name in GROUPINGS]
+        columns = [_group_sql(name) for name in by if name in GROUPINGS or tag_name(name)]
         select = ", ".join([*columns, "''"][: max(len(columns), 1)])
         order = ", ".join(str(i + 1) for i in range(len(columns))) or "1"
         where = "state = 'settled' AND created_at >= $1 AND created_at < $2"

@@ -30,7 +30,7 @@ from clipia_proxy.quotas.sqlite import (
 )
 from clipia_proxy.quotas.store import LedgerRecord, StoreUnavailable
 
-from . import GROUPINGS, CountersSnapshot, ReportLine, WindowSpent
+from . import GROUPINGS, CountersSnapshot, ReportLine, WindowSpent, tag_name
 
 __all__ = ["SqliteLedger"]
 
@@ -45,6 +45,13 @@ _GROUP_SQL: Final = {
     "user": "COALESCE(end_user, '')",
     "day": "COALESCE(substr(json_extract(windows, '$.day'), 5), date(created_at, 'unixepoch'))",
 }
+
+
+def _group_sql(name: str) -> str:
+    tag = tag_name(name)
+    if tag is not None:  # a checked identifier: no quote can reach the SQL
+        return f"""COALESCE(json_extract(tags, '$."{tag}"'), '')"""
+    return _GROUP_SQL[name]
 
 
 class SqliteLedger:
@@ -249,7 +256,7 @@ class SqliteLedger:
         self, *, since: float, until: float, by: tuple[str, ...], team: str | None
     ) -> AsyncIterator[ReportLine]:
         """See ``LedgerStore.report`` (GROUP BY in SQLite, lines in chunks)."""
-        columns = [_GROUP_SQL[name] for name in by if name in GROUPINGS]
+        columns = [_group_sql(name) for name in by if name in GROUPINGS or tag_name(name)]
         select = ", ".join(columns) if columns else "''"
         order = ", ".join(str(i + 1) for i in range(max(len(columns), 1)))
         where = "state = 'settled' AND created_at >= ? AND created_at < ?"
