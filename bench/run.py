@@ -744,7 +744,7 @@ class Bench:
         )
 
 
-def _raise_on_sigterm(signum: int, frame: FrameType | None) -> None:
+def _raise_on_sigterm(signum: int, _frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)
 
 
