@@ -273,10 +273,10 @@ async def test_upstream_down_is_not_sent_at_zero(clusters: ClusterFactory) -> No
         assert (record.outcome, record.cost) == (Outcome.NOT_SENT, 0)
 
 
-async def test_a_busy_upstream_pool_refuses_in_time_and_is_not_sent_at_zero(
+async def test_a_full_upstream_pool_sheds_503_overloaded_and_nothing_is_sent(
     clusters: ClusterFactory,
 ) -> None:
-    """All ``max_connections`` busy: a request waits the connect timeout at most, then 502."""
+    """All ``max_connections`` taken: the next request is shed at once with 503, never sent."""
     cluster = await clusters(upstream="max_connections: 1\nconnect_timeout_seconds: 0.3")
     gateway = cluster.gateways[0]
     await chat(gateway, stream=False)  # the catalog is warm: no fetch needs the connection
@@ -285,15 +285,16 @@ async def test_a_busy_upstream_pool_refuses_in_time_and_is_not_sent_at_zero(
     async with asyncio.TaskGroup() as group:
         slow = group.create_task(chat(gateway, stream=False))
         await eventually(lambda: len(cluster.emulator.requests) > arrived)  # it holds the one
-        busy = await chat(gateway, stream=True)
+        # Another team: the first one's share (the whole pool of 1) is not what refuses it.
+        busy = await chat(gateway, stream=True, team="research")
         assert not slow.done()  # refused while the slow one still held the only connection
     assert slow.result().status == 200
     await audit(cluster.gateways, cluster.emulator)
-    assert busy.status == 502
-    assert decode_json(busy.body)["error"]["code"] == "upstream_unavailable"  # type: ignore[index]
+    assert busy.status == 503
+    assert decode_json(busy.body)["error"]["code"] == "overloaded"  # type: ignore[index]
     assert busy.request_id not in emulator_served(cluster.emulator)
-    record = await record_of(gateway, busy.request_id)
-    assert (record.outcome, record.cost) == (Outcome.NOT_SENT, 0)
+    # Shed before its admission: no reservation, no ledger record.
+    assert await gateway.running.app[QUOTAS].store.record(busy.request_id) is None
     assert (await chat(gateway, stream=True)).status == 200  # the connection is free again
 
 
