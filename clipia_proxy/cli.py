@@ -282,7 +282,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Return the argument parser (one sub-command per DESIGN §5.1 command)."""
+    """Return the argument parser (one sub-command per docs/architecture.md §5.1 command)."""
     parser = argparse.ArgumentParser(
         prog="clipia-proxy", description="A company gateway in front of Clipia AI Gateway."
     )

@@ -1,4 +1,4 @@
-"""Thin route handlers; ``chat_completions`` reads top to bottom like DESIGN §3.
+"""Thin route handlers; ``chat_completions`` reads like docs/architecture.md §3, in order.
 
 Identity is settled by a middleware before any handler runs (``request[PRINCIPAL]``); errors
 are raised as :class:`~clipia_proxy.errors.ProxyError` and rendered by the error middleware.

@@ -127,7 +127,7 @@ def apply_logging(handler: logging.Handler, level: str, *, fmt: str, access_log:
 
 
 def access_fields(info: Any, *, route: str, method: str) -> dict[str, Any]:
-    """Return the access line's fields (DESIGN §5.7) from a ``RequestInfo``."""
+    """Return the access line's fields (docs/architecture.md §5.7) from a ``RequestInfo``."""
     return {
         "event": "access",
         "request_id": info.request_id,

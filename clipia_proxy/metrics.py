@@ -1,4 +1,4 @@
-"""Prometheus metrics: every metric of DESIGN §5.6, defined once, in a registry per app.
+"""Prometheus metrics: every metric of docs/architecture.md §5.6, defined once; a registry per app.
 
 Label values come only from the config (teams), the catalog (models) and small enums; anything
 else is ``other`` (models) or ``unknown`` (teams), so no request can create a new series. Known
