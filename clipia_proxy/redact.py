@@ -5,11 +5,12 @@ message, a header, a completion, a stream. Whatever quotes it is never relayed. 
 built once per key and is cheap enough for every answer and every stream chunk:
 
 - the key's secret part (after ``clipia_live_`` / ``clipia_test_``) is cut into 8-character
-  pieces every 4 characters, plus its last 8: any quoted fragment of 11 characters or more
-  (and the usual masks, its first or last 8 characters) contains one piece whole;
-- the raw bytes are searched for each piece (``bytes.find``: C speed, no regex); only bytes
-  holding an escape (``\u``, ``\/`` or ``%``) are also searched once decoded, so
-  ``clipia\u005flive\u005f…`` or a percent-encoded key is found too.
+  pieces end to end, plus its last 8: any quoted fragment of 15 characters or more (and the
+  usual masks, its first or last 8 characters) contains one piece whole;
+- one regular-expression pass over the raw bytes finds a piece, or an escape; only bytes
+  holding an escape (``\u`` or ``%``) are also searched once decoded, so
+  ``clipia\u005flive\u005f…`` or a percent-encoded key is found too (a key never holds
+  ``/``, so ``\/`` needs no decoding).
 
 A stream is scanned chunk by chunk with the end of the previous chunk kept, so a fragment
 split across two reads is still found.
@@ -24,17 +25,15 @@ from typing import Final
 __all__ = ["KeyScanner", "StreamScan"]
 
 _PIECE: Final = 8
-_STEP: Final = 4
+_STEP: Final = 8
 _PREFIXES: Final = ("clipia_live_", "clipia_test_")
-_JSON_ESCAPE: Final = re.compile(rb"\\u([0-9a-fA-F]{4})|\\(/)")
+_JSON_ESCAPE: Final = re.compile(rb"\\u([0-9a-fA-F]{4})")
 _CARRY: Final = 6 * 48
-"""Bytes of the previous chunk kept for the next one: a fragment written entirely as
+"""Bytes of a read holding escapes kept for the next one: a fragment written entirely as
 ``\\uXXXX`` escapes (6 bytes a character) still fits."""
 
 
 def _unescape_json(match: re.Match[bytes]) -> bytes:
-    if match.group(2) is not None:
-        return b"/"
     code = int(match.group(1), 16)
     return chr(code).encode("utf-8", "surrogatepass") if code < 0x110000 else b""
 
@@ -42,7 +41,7 @@ def _unescape_json(match: re.Match[bytes]) -> bytes:
 class KeyScanner:
     """Find the gateway's Clipia keys (live, sandbox), or a fragment of one, in upstream bytes."""
 
-    __slots__ = ("_pieces",)
+    __slots__ = ("_first_pass", "_pieces")
 
     def __init__(self, *keys: str) -> None:
         pieces: set[bytes] = set()
@@ -58,20 +57,29 @@ class KeyScanner:
             elif secret:
                 pieces.add(secret.encode())
         self._pieces: Final = tuple(sorted(pieces))
+        # One C-level pass finds a piece or a reason to look closer (an escape).
+        self._first_pass: Final = re.compile(
+            b"|".join([*map(re.escape, self._pieces), rb"\\u", b"%"])
+        )
 
     def __bool__(self) -> bool:
         return bool(self._pieces)
+
+    def first_pass(self, data: bytes) -> re.Match[bytes] | None:
+        """The first piece or escape in ``data`` (None: ``data`` cannot quote the key)."""
+        return self._first_pass.search(data) if self._pieces else None
 
     def _raw_hit(self, data: bytes) -> bool:
         return any(piece in data for piece in self._pieces)
 
     def mentions_key(self, data: bytes) -> bool:
         """Whether ``data`` quotes the key or a fragment of it, as is or escaped."""
-        if not self._pieces:
+        found = self.first_pass(data)
+        if found is None:
             return False
-        if self._raw_hit(data):
+        if found.group() in self._pieces or self._raw_hit(data):
             return True
-        if b"\\u" in data or b"\\/" in data:
+        if b"\\u" in data:
             decoded = _JSON_ESCAPE.sub(_unescape_json, data)
             if self._raw_hit(decoded):
                 return True
@@ -100,6 +108,12 @@ class StreamScan:
 
     def feed(self, chunk: bytes) -> bool:
         """Whether the stream so far, ending with ``chunk``, quotes the key."""
-        data = self._carry + chunk if self._carry else chunk
+        data = self._carry + chunk
+        scanner = self._scanner
+        if scanner.first_pass(data) is None:
+            # Nothing to look at: keep enough of the end for a piece split across reads.
+            self._carry = data[-(_PIECE - 1) :]
+            return False
+        # A piece or an escape: keep a whole escaped fragment's worth, and look closer.
         self._carry = data[-_CARRY:]
-        return self._scanner.mentions_key(data)
+        return scanner.mentions_key(data)

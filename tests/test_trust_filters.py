@@ -95,6 +95,17 @@ async def test_s2_stream_quoting_the_key_is_cut(stack: Stack, form: str) -> None
     await assert_served(stack)
 
 
+@pytest.mark.parametrize("form", ["whole", "json_escaped"])
+async def test_s2_key_split_across_reads_is_still_found(stack: Stack, form: str) -> None:
+    """One byte per upstream write: the quoted key arrives over many reads."""
+    fault = Fault(quote_key=form, quote_key_in="stream", tiny_writes=True)  # type: ignore[arg-type]
+    stack.emulator.push_fault(fault)
+    reply = await post_chat(stack, chat(stream=True))
+    assert reply.status == 200
+    _assert_no_key(stack, reply)
+    assert b"upstream_invalid_response" in reply.body
+
+
 async def test_u1_200_that_is_not_json_is_502(stack: Stack) -> None:
     before = await _withheld(stack, "invalid_response")
     stack.emulator.push_fault(Fault(invalid_answer="not_json"))
