@@ -75,3 +75,19 @@ def test_the_pattern_catches_what_it_must(line: str) -> None:
 )
 def test_the_pattern_spares_ordinary_text(line: str) -> None:
     assert not OUTSIDE.search(line)
+
+
+def test_architecture_names_every_config_section_and_command() -> None:
+    """docs/architecture.md's contract tables keep up with the code (sections and commands)."""
+    from clipia_proxy.cli import build_parser
+    from clipia_proxy.config import Config
+
+    text = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    contracts = text[text.index("## 5. Contracts") : text.index("### 5.3 HTTP")]
+    for name in Config.__struct_fields__:
+        if name not in {"source", "warnings"}:
+            assert f"| `{name}" in contracts, f"config section {name!r} is missing"
+    listed = re.search(r"\{([a-z,-]+)\}", build_parser().format_usage())
+    assert listed is not None
+    for command in listed[1].split(","):
+        assert f"| `{command}" in contracts, f"command {command!r} is missing"
