@@ -364,3 +364,17 @@ async def test_the_admin_port_has_its_own_cap() -> None:
             await assert_served(made)  # the data port is unaffected
     finally:
         await stop_stack(made)
+
+
+async def test_a_refusal_with_its_body_unread_closes_the_connection(stack: Stack) -> None:
+    """401 before the body is read: the answer says Connection: close, and the server closes."""
+    async with _connection(stack.running.port) as (reader, writer):
+        writer.write(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n" + b"{" * 1000
+        )
+        await writer.drain()
+        reply = await _read_reply(reader)
+        assert_envelope(reply, 401, "invalid_api_key")
+        assert reply.headers.get("Connection", "").lower() == "close"
+        assert await _closed_by_server(reader)
