@@ -33,6 +33,7 @@ from .config import (
     read_api_key,
     read_test_api_key,
 )
+from .drift import DriftChecker
 from .errors import (
     Draining,
     ExpectationFailed,
@@ -51,6 +52,7 @@ from .ids import new_request_id
 from .keys import (
     ATTRIBUTION,
     CATALOG,
+    DRIFT,
     GENERATIONS,
     HEALTH,
     INFO,
@@ -239,6 +241,15 @@ def create_app(
     catalog.on_change = metrics.set_models
     attempts.append(metrics.record_upstream_attempt)
     app[METRICS] = metrics
+    drift = DriftChecker(
+        ledger,
+        sample_rate=config.accounting.drift_sample_rate,
+        delay=config.accounting.drift_check_delay_seconds,
+        clock=time.monotonic,
+        record=metrics.record_drift_check,
+    )
+    ledger.on_settled = drift.offer
+    app[DRIFT] = drift
     app[STREAMS] = OpenStreams()
     app[QUOTAS] = quotas
     app[LEDGER] = ledger
@@ -289,6 +300,7 @@ def create_app(
     app.cleanup_ctx.append(_reconcile_ctx)
     app.cleanup_ctx.append(_catalog_ctx)
     app.cleanup_ctx.append(_budget_gauges_ctx)
+    app.cleanup_ctx.append(_drift_ctx)
     app.on_shutdown.append(_on_shutdown)
     return app
 
@@ -309,6 +321,8 @@ def _end_user_hash_key(config: Config, api_key: Secret) -> bytes:
 def apply_config(app: web.Application, config: Config) -> None:
     """Swap in a reloaded config for new requests (see ``reload``); counters and streams stay."""
     app[LIVE].apply(config)
+    app[DRIFT].sample_rate = config.accounting.drift_sample_rate
+    app[DRIFT].delay = config.accounting.drift_check_delay_seconds
     app[UPSTREAMS].apply(config.teams)
     app[ATTRIBUTION].apply(config.attribution)
     app[QUOTAS].apply(config)
@@ -440,6 +454,11 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     if journal is not None:
         await journal.flush()
     await quotas.store.close()
+
+
+async def _drift_ctx(app: web.Application) -> AsyncIterator[None]:
+    _ = app[TASKS].spawn(app[DRIFT].run(app[HEALTH].pause), name="drift-check")
+    yield
 
 
 async def _replay_journal(app: web.Application, journal: Journal) -> None:

@@ -214,6 +214,11 @@ class AccountingConfig(msgspec.Struct, **_STRUCT):
     """``cancel``: close the upstream once its id is known and settle from /v1/generation;
     ``drain``: read on (at most ``drain_timeout_seconds``) for the usage in the stream."""
     drain_timeout_seconds: float = 60.0
+    drift_sample_rate: float = 0.01
+    """Share of settled requests checked against ``GET /v1/generation`` (0 to 1); settlements
+    whose cost did not come from the upstream (counted, reserved) are always checked."""
+    drift_check_delay_seconds: float = 60.0
+    """How long after its settlement a request is checked (Clipia's records may lag)."""
     lease_seconds: float = 600.0
     """A reservation's lease; renewed while a stream runs, so only a crashed replica's expire."""
 
@@ -865,6 +870,10 @@ def _check_accounting(config: Config, found: _Findings) -> None:
     for name in ("default_output_reserve_tokens", "image_reserve_tokens"):
         if getattr(accounting, name) <= 0:
             found.problem(f"accounting.{name}", "must be a positive number of tokens")
+    if not 0 <= accounting.drift_sample_rate <= 1:
+        found.problem("accounting.drift_sample_rate", "must be between 0 and 1")
+    if accounting.drift_check_delay_seconds < 0:
+        found.problem("accounting.drift_check_delay_seconds", "must not be negative")
     if accounting.drain_timeout_seconds < 0:
         found.problem("accounting.drain_timeout_seconds", "must not be negative")
     if accounting.lease_seconds <= config.upstream.first_byte_timeout_seconds:

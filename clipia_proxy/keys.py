@@ -10,6 +10,7 @@ if TYPE_CHECKING:  # the keys name these types in strings only (no import cycles
     from .attribution import Attributor  # noqa: F401
     from .auth import Principal  # noqa: F401
     from .catalog import Catalog  # noqa: F401
+    from .drift import DriftChecker  # noqa: F401
     from .health import Health  # noqa: F401
     from .ledger import Ledger  # noqa: F401
     from .live import Live  # noqa: F401
@@ -58,6 +59,8 @@ METRICS: Final = web.AppKey["Metrics"]("metrics")
 """Every Prometheus metric of the app (served on the admin port)."""
 LEDGER: Final = web.AppKey["Ledger"]("ledger")
 """Settlement rules and crash reconciliation."""
+DRIFT: Final = web.AppKey["DriftChecker"]("drift")
+"""Checks a sample of settlements against ``/v1/generation`` and corrects the ledger."""
 STREAMS: Final = web.AppKey["OpenStreams"]("streams")
 """Streams being relayed; shutdown ends them cleanly when its grace period runs out."""
 KEY_SCAN: Final = web.AppKey["KeyScanner"]("key_scan")

@@ -119,6 +119,8 @@ class Ledger:
         """usage_source -> settlements (exported as metrics)."""
         self.implausible_costs = 0
         """Upstream costs not believed (settled from tokens instead; exported as a metric)."""
+        self.on_settled: Callable[[str, str, Settlement], None] | None = None
+        """Called with (request id, team, settlement) after each settlement (the drift check)."""
         self.postponed = 0
         """Crashed records the last reconciliation left for later (their generation lags)."""
 
@@ -280,6 +282,7 @@ class Ledger:
         elif flight.admission.journaled:
             self._quotas.journal_settlement(flight.admission.request_id, settlement)
         self._count(settlement)
+        self._settled(flight.admission.request_id, flight.admission.team, settlement)
         return settlement
 
     async def settle(self, flight: Flight) -> Settlement:
@@ -294,7 +297,16 @@ class Ledger:
         elif flight.admission.journaled:
             self._quotas.journal_settlement(flight.admission.request_id, settlement)
         self._count(settlement)
+        self._settled(flight.admission.request_id, flight.admission.team, settlement)
         return settlement
+
+    def _settled(self, request_id: str, team: str, settlement: Settlement) -> None:
+        if self.on_settled is not None:
+            self.on_settled(request_id, team, settlement)
+
+    async def correct(self, request_id: str, settlement: Settlement) -> int | None:
+        """Correct a settled record from Clipia's own cost (the drift check); see Store.correct."""
+        return await self._quotas.call(self._quotas.store.correct(request_id, settlement))
 
     def _slot_ends(self, flight: Flight) -> None:
         if flight.admission.reserved and not flight.slot_released:
@@ -371,6 +383,7 @@ class Ledger:
             if not await self._quotas.settle(record.request_id, settlement):
                 return 0
             self._count(settlement)
+            self._settled(record.request_id, record.team, settlement)
             _LOGGER.warning(
                 "reconciled %s after a crash: %s credits (%s)",
                 record.request_id,

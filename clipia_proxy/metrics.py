@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-__all__ = ["REJECTION_REASONS", "Metrics"]
+__all__ = ["DRIFT_RESULTS", "REJECTION_REASONS", "Metrics"]
 
 _LOGGER: Final = logging.getLogger(__name__)
 PREFIX: Final = "clipia_proxy_"
@@ -40,6 +40,9 @@ REJECTION_REASONS: Final = (
 )
 STREAM_REASONS: Final = ("completed", "client_disconnect", "upstream_error", "timeout")
 WITHHELD_REASONS: Final = ("key_echo", "invalid_response")
+DRIFT_RESULTS: Final = ("match", "corrected", "unavailable")
+"""``match``: the ledger had Clipia's cost; ``corrected``: it did not and now does;
+``unavailable``: ``/v1/generation`` did not answer (tried again later is not done)."""
 _TOKEN_TYPES: Final = ("prompt", "completion")
 # The headroom's "typical request": a moving average of the team's reservations, each new one
 # weighing this much (about the last 20 requests count).
@@ -337,6 +340,20 @@ class Metrics:
         self._config_reloads: Final = Counter(
             PREFIX + "config_reloads", "Config reloads by result.", ["result"], registry=r
         )
+        self._drift_checks: Final = Counter(
+            PREFIX + "drift_checks",
+            "Settled requests checked against GET /v1/generation, by result.",
+            ["result"],
+            registry=r,
+        )
+        for result in DRIFT_RESULTS:
+            self._drift_checks.labels(result)
+        self._cost_drift: Final = Counter(
+            PREFIX + "cost_drift_credits",
+            "Credits the drift check moved in the ledger (absolute difference, per team).",
+            ["team"],
+            registry=r,
+        )
         build_info = Gauge(
             PREFIX + "build_info", "Always 1; the version is a label.", ["version"], registry=r
         )
@@ -521,6 +538,13 @@ class Metrics:
         """Count an upstream answer not relayed: ``key_echo`` or ``invalid_response``."""
         if reason in WITHHELD_REASONS:
             self._child(self._withheld, reason).inc()
+
+    def record_drift_check(self, team: str, result: str, drift: Decimal) -> None:
+        """Count one drift check (one of ``DRIFT_RESULTS``) and the credits it corrected."""
+        if result in DRIFT_RESULTS:
+            self._child(self._drift_checks, result).inc()
+        if drift:
+            self._child(self._cost_drift, self.team(team)).inc(float(abs(drift)))
 
     def record_config_reload(self, result: str) -> None:
         """Count a config reload: ``success`` or ``error``."""

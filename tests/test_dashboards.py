@@ -110,6 +110,7 @@ def _exercise(metrics: Metrics) -> None:
     metrics.record_shadow_rejection("search", "budget")
     metrics.record_upstream_attempt("200")
     metrics.record_reservation("search", Decimal("0.1"))
+    metrics.record_drift_check("search", "corrected", Decimal("0.01"))
     metrics.set_budgets(
         {
             ("search", "day"): BudgetSnapshot(

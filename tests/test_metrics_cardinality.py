@@ -188,7 +188,7 @@ async def test_random_traffic_creates_no_series(stack: Stack) -> None:
         "stream": {"true", "false"},
         "type": {"prompt", "completion"},
         "environment": {"live", "test"},
-        "result": {"success", "error"},
+        "result": {"success", "error", "match", "corrected", "unavailable"},
         "on_error": {"fail_closed", "fail_open"},
         "period": {"day", "week", "month"},
     }

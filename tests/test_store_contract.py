@@ -395,6 +395,26 @@ async def test_release_slot_frees_concurrency_not_money(h: Harness) -> None:
     assert (await h.spent(DAY), await h.reserved(DAY)) == (300, 100)
 
 
+async def test_correct_moves_a_settled_cost_and_its_windows_spent(h: Harness) -> None:
+    await h.store.reserve(h.request("r", amount=1_000))
+    assert await h.store.correct("r", settlement(5)) is None  # not settled: nothing to correct
+    await h.store.settle("r", settlement(400, upstream_id="chatcmpl-x", prompt_tokens=1))
+    fixed = Settlement(
+        cost=Micro(550),
+        prompt_tokens=3,
+        completion_tokens=4,
+        usage_source=UsageSource.GENERATION,
+        upstream_id="chatcmpl-x",
+    )
+    assert await h.store.correct("r", fixed) == 150
+    assert (await h.spent(DAY), await h.reserved(DAY)) == (550, 0)
+    record = await h.store.record("r")
+    assert record is not None
+    assert (record.cost, record.prompt_tokens, record.completion_tokens) == (550, 3, 4)
+    assert (record.usage_source, record.outcome) == ("generation", Outcome.COMPLETED)
+    assert await h.store.correct("unknown", fixed) is None
+
+
 async def test_note_upstream_id_is_durable_before_settlement(h: Harness) -> None:
     await h.store.reserve(h.request("r", amount=700))
     await h.store.note_upstream_id("r", "chatcmpl-abc")

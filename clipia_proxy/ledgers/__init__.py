@@ -98,6 +98,12 @@ class LedgerStore(Protocol):
     async def note_upstream_id(self, request_id: str, upstream_id: str) -> None:
         """Store the upstream (generation) id on a dispatched record; no-op once settled."""
 
+    async def correct(self, request_id: str, settlement: Settlement) -> LedgerRecord | None:
+        """Replace a settled record's cost, tokens and source (the drift check).
+
+        Return the record as it was before (None when unknown or not settled).
+        """
+
     async def record(self, request_id: str) -> LedgerRecord | None:
         """Return one record."""
 

@@ -369,6 +369,24 @@ class PostgresLedger:
             lease_until,
         )
 
+    async def correct(self, request_id: str, settlement: Settlement) -> LedgerRecord | None:
+        """See ``LedgerStore.correct`` (one statement: the old row locked, then updated)."""
+        rows = await self._fetch(
+            f"WITH old AS (SELECT {_COLUMNS} FROM clipia_ledger WHERE request_id = $1 "  # noqa: S608 - constant columns
+            "AND state = 'settled' FOR UPDATE), changed AS (UPDATE clipia_ledger SET cost = $2, "
+            "prompt_tokens = $3, completion_tokens = $4, usage_source = $5, "
+            "upstream_id = COALESCE($6, clipia_ledger.upstream_id) FROM old "
+            "WHERE clipia_ledger.request_id = old.request_id RETURNING 1) "
+            f"SELECT {_COLUMNS} FROM old",
+            request_id,
+            settlement.cost,
+            settlement.prompt_tokens,
+            settlement.completion_tokens,
+            settlement.usage_source.value,
+            settlement.upstream_id,
+        )
+        return _record(rows[0]) if rows else None
+
     async def note_upstream_id(self, request_id: str, upstream_id: str) -> None:
         """See ``LedgerStore.note_upstream_id``."""
         await self._fetch(

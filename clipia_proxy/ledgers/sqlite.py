@@ -179,6 +179,41 @@ class SqliteLedger:
             )
         )
 
+    async def correct(self, request_id: str, settlement: Settlement) -> LedgerRecord | None:
+        """See ``LedgerStore.correct`` (the record and its windows' spent in one transaction)."""
+
+        def correct() -> LedgerRecord | None:
+            db = self._conn()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                found = self._select("request_id = ? AND state = 'settled'", (request_id,))
+                if found:
+                    old = found[0]
+                    db.execute(
+                        "UPDATE ledger SET cost = ?, prompt_tokens = ?, completion_tokens = ?, "
+                        "usage_source = ?, upstream_id = COALESCE(?, upstream_id) "
+                        "WHERE request_id = ?",
+                        (
+                            settlement.cost,
+                            settlement.prompt_tokens,
+                            settlement.completion_tokens,
+                            settlement.usage_source.value,
+                            settlement.upstream_id,
+                            request_id,
+                        ),
+                    )
+                    delta = settlement.cost - old.cost
+                    db.executemany(
+                        ADD_SPENT, [(old.team, key, delta) for key in old.windows.values()]
+                    )
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+            return found[0] if found else None
+
+        return await self._run(correct)
+
     async def note_upstream_id(self, request_id: str, upstream_id: str) -> None:
         """See ``LedgerStore.note_upstream_id``."""
         await self._run(

@@ -96,6 +96,16 @@ class EngineStore:
         """See ``Store.release_slot`` (slots live in memory: one replica)."""
         self.engine.release_slot(request_id)
 
+    async def correct(self, request_id: str, settlement: Settlement) -> int | None:
+        """See ``Store.correct``: the ledger, then the counters."""
+        old = await self.ledger.correct(request_id, settlement)
+        if old is None:
+            return None
+        delta = settlement.cost - old.cost
+        for key in old.windows.values():
+            self.engine.add_spent(old.team, key, delta)
+        return delta
+
     async def note_upstream_id(self, request_id: str, upstream_id: str) -> None:
         """See ``Store.note_upstream_id``: in memory, and in the ledger (committed on return)."""
         if self.engine.note_upstream_id(request_id, upstream_id) is not None:

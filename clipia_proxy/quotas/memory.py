@@ -25,7 +25,7 @@ from .model import (
 )
 from .store import LedgerRecord, LocalStore, WindowUsage
 
-__all__ = ["MemoryEngine", "MemoryStore"]
+__all__ = ["MemoryEngine", "MemoryStore", "apply_correction"]
 
 RATE_WINDOW_SECONDS: Final = 60.0
 _MAX_SETTLED_KEPT: Final = 200_000
@@ -39,6 +39,15 @@ class _RateEntry:
         self.at = at
         self.request_id = request_id
         self.tokens = tokens
+
+
+def apply_correction(record: LedgerRecord, settlement: Settlement) -> None:
+    """Write a drift correction's cost, tokens and source into a settled record."""
+    record.cost = settlement.cost
+    record.prompt_tokens = settlement.prompt_tokens
+    record.completion_tokens = settlement.completion_tokens
+    record.usage_source = settlement.usage_source.value
+    record.upstream_id = settlement.upstream_id or record.upstream_id
 
 
 class MemoryEngine:
@@ -304,6 +313,17 @@ class MemoryEngine:
         if record is not None:
             self._release_slot(record)
 
+    def correct(self, request_id: str, settlement: Settlement) -> int | None:
+        """See ``Store.correct`` (a settled record still held in memory)."""
+        record = self.records.get(request_id)
+        if record is None or record.state is not RecordState.SETTLED:
+            return None
+        delta = settlement.cost - record.cost
+        for key in record.windows.values():
+            self.add_spent(record.team, key, delta)
+        apply_correction(record, settlement)
+        return delta
+
     def note_upstream_id(self, request_id: str, upstream_id: str) -> LedgerRecord | None:
         """Note the upstream id of an unsettled record; return it (None if settled/unknown)."""
         record = self.records.get(request_id)
@@ -384,6 +404,10 @@ class MemoryStore:
     async def note_upstream_id(self, request_id: str, upstream_id: str) -> None:
         """See ``Store.note_upstream_id``."""
         self.engine.note_upstream_id(request_id, upstream_id)
+
+    async def correct(self, request_id: str, settlement: Settlement) -> int | None:
+        """See ``Store.correct``."""
+        return self.engine.correct(request_id, settlement)
 
     def note_upstream_id_nowait(self, request_id: str, upstream_id: str) -> None:
         """See ``LocalStore.note_upstream_id_nowait`` (nothing to persist)."""

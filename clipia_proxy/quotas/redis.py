@@ -684,6 +684,25 @@ class RedisStore:
         """See ``Store.release_slot`` (one Lua script; the money stays reserved)."""
         await self._call(self._release_slot, keys=[], args=[self._prefix, request_id])
 
+    async def correct(self, request_id: str, settlement: Settlement) -> int | None:
+        """See ``Store.correct``: the ledger, then the spent counters.
+
+        The counters are skipped while they are lost: their rebuild reads the corrected ledger.
+        """
+        old = await self.ledger.correct(request_id, settlement)
+        if old is None:
+            return None
+        delta = settlement.cost - old.cost
+        if delta and await self._call(self._client.exists, self._key("epoch")):
+            try:
+                async with self._client.pipeline(transaction=True) as pipe:
+                    for key in old.windows.values():
+                        _ = pipe.incrby(self._key("spent", old.team, key), delta)
+                    await pipe.execute()
+            except (RedisError, OSError) as exc:
+                raise StoreUnavailable(f"redis: {exc.__class__.__name__}") from exc
+        return delta
+
     async def note_upstream_id(self, request_id: str, upstream_id: str) -> None:
         """See ``Store.note_upstream_id`` (in the ledger: it also answers ``owner_of``)."""
         await self.ledger.note_upstream_id(request_id, upstream_id)

@@ -489,6 +489,30 @@ class SqliteStore:
                 ADD_SPENT, [(record.team, key, record.cost) for key in record.windows.values()]
             )
 
+    def _correct(self, request_id: str, settlement: Settlement) -> LedgerRecord | None:
+        # The record and the spent summary of its windows move together (one transaction).
+        db = self._conn()
+        found = self._select("request_id = ? AND state = 'settled'", (request_id,))
+        if not found:
+            return None
+        record = found[0]
+        delta = settlement.cost - record.cost
+        db.execute(
+            "UPDATE ledger SET cost = ?, prompt_tokens = ?, completion_tokens = ?, "
+            "usage_source = ?, upstream_id = COALESCE(?, upstream_id) WHERE request_id = ?",
+            (
+                settlement.cost,
+                settlement.prompt_tokens,
+                settlement.completion_tokens,
+                settlement.usage_source.value,
+                settlement.upstream_id,
+                request_id,
+            ),
+        )
+        db.executemany(ADD_SPENT, [(record.team, key, delta) for key in record.windows.values()])
+        record.cost = delta  # handed back as the difference (the caller adjusts the engine)
+        return record
+
     def _note(self, request_id: str, upstream_id: str) -> None:
         self._conn().execute(
             "UPDATE ledger SET upstream_id = ? WHERE request_id = ? AND state = 'dispatched'",
@@ -634,6 +658,15 @@ class SqliteStore:
     def release_slot_nowait(self, request_id: str) -> None:
         """See ``LocalStore.release_slot_nowait``."""
         self.engine.release_slot(request_id)
+
+    async def correct(self, request_id: str, settlement: Settlement) -> int | None:
+        """See ``Store.correct``: committed, then applied to the budgets."""
+        changed = await self._run(self._correct, request_id, settlement, write=True)
+        if changed is None:
+            return None
+        for key in changed.windows.values():
+            self.engine.add_spent(changed.team, key, changed.cost)
+        return changed.cost
 
     async def note_upstream_id(self, request_id: str, upstream_id: str) -> None:
         """See ``Store.note_upstream_id``: committed before it returns."""

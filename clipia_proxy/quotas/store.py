@@ -93,6 +93,13 @@ class Store(Protocol):
     async def release_slot(self, request_id: str) -> None:
         """Free the request's concurrency slot now (its client left); the money stays reserved."""
 
+    async def correct(self, request_id: str, settlement: Settlement) -> int | None:
+        """Replace a *settled* record's cost and tokens by ``settlement``'s (the drift check).
+
+        The spent of its windows moves by the difference, which is returned (micro-credits);
+        None when the record is unknown or not settled. The outcome is kept.
+        """
+
     async def note_upstream_id(self, request_id: str, upstream_id: str) -> None:
         """Store the upstream (generation) id on an unsettled record; no-op once settled."""
 
