@@ -56,8 +56,12 @@ EXPORT_COLUMNS: Final = (
     "cost",
     "prompt_tokens",
     "completion_tokens",
+    "environment",
+    "tags",
+    "end_user",
 )
-"""Per-request export columns; amounts in micro-credits, times in epoch seconds."""
+"""Per-request export columns; amounts in micro-credits, times in epoch seconds; ``tags`` is a
+JSON object in CSV (an object in JSON lines)."""
 
 
 def parse_period(text: str | None, zone: ZoneInfo, *, now: dt.datetime) -> tuple[float, float]:
@@ -205,6 +209,9 @@ def _export_row(record: LedgerRecord) -> list[object]:
         record.cost,
         record.prompt_tokens,
         record.completion_tokens,
+        record.environment,
+        msgspec.json.encode(record.tags).decode() if record.tags else "",
+        record.end_user or "",
     ]
 
 
@@ -229,6 +236,8 @@ async def write_export(
         row["upstream_id"] = record.upstream_id
         row["settled_at"] = record.settled_at
         row["stream"] = record.stream
+        row["tags"] = record.tags
+        row["end_user"] = record.end_user
         out.write(encoder.encode(row).decode() + "\n")
         count += 1
     return count

@@ -163,6 +163,7 @@ async def test_export_writes_every_record_of_the_period(ledger: LedgerStore) -> 
     assert sum(row["cost"] for row in rows) == 50_400 + 1 + 14_240 + 999_999
     assert {row["state"] for row in rows} == {"settled", "dispatched"}
     assert rows[0]["key_id"] == "k1"
+    assert (rows[0]["environment"], rows[0]["tags"], rows[0]["end_user"]) == ("live", {}, None)
     out = io.StringIO()
     assert await write_export(ledger, out, since=NOV[0], until=NOV[1], fmt="csv") == 5
     table = list(csv.reader(io.StringIO(out.getvalue())))
