@@ -49,6 +49,7 @@ from .errors import (
 from .health import Health
 from .health import create_admin_app as _create_admin_app
 from .ids import new_request_id
+from .key_usage import snapshot_forever
 from .keys import (
     ATTRIBUTION,
     CATALOG,
@@ -458,7 +459,27 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _drift_ctx(app: web.Application) -> AsyncIterator[None]:
     _ = app[TASKS].spawn(app[DRIFT].run(app[HEALTH].pause), name="drift-check")
+    config = app[LIVE].config
+    every = config.accounting.key_usage_snapshot_seconds
+    if every > 0:
+        _ = app[TASKS].spawn(
+            snapshot_forever(
+                app[UPSTREAM],
+                key_usage_path(config),
+                every=every,
+                clock=time.time,
+                pause=app[HEALTH].pause,
+            ),
+            name="key-usage",
+        )
     yield
+
+
+def key_usage_path(config: Config) -> Path:
+    """Return where ``GET /v1/key`` usage snapshots go (see ``clipia_proxy.key_usage``)."""
+    if config.accounting.key_usage_path:
+        return Path(config.accounting.key_usage_path)
+    return Path(config.store.sqlite_path).parent / "clipia-proxy-key-usage.jsonl"
 
 
 async def _replay_journal(app: web.Application, journal: Journal) -> None:

@@ -8,6 +8,7 @@ import logging
 import secrets
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .auth import generate_key, hash_key
@@ -166,6 +167,42 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return _with_ledger(config, "report", work)
 
 
+def _cmd_reconcile(args: argparse.Namespace) -> int:
+    import datetime as dt
+    from zoneinfo import ZoneInfo
+
+    from .app import key_usage_path
+    from .key_usage import read_snapshots, reconcile, write_reconciliation
+
+    config = _load(args.config, resolve_secrets=False)
+    if config is None:
+        return 1
+    zone = ZoneInfo(config.accounting.timezone)
+    try:
+        day = dt.date.fromisoformat(args.day)
+    except ValueError:
+        print(f"reconcile: --day {args.day!r} is not a date (2026-11-25)", file=sys.stderr)
+        return 2
+    since = dt.datetime.combine(day, dt.time(), zone).timestamp()
+    until = dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), zone).timestamp()
+    path = Path(args.snapshots) if args.snapshots else key_usage_path(config)
+    snapshots = read_snapshots(path)
+
+    async def work(ledger: LedgerStore) -> int:
+        result = await reconcile(ledger, snapshots, since=since, until=until)
+        if result is None:
+            print(
+                f"reconcile: {path} has no two snapshots of Clipia's key usage around {day} "
+                "(accounting.key_usage_snapshot_seconds; the gateway writes them while serving)",
+                file=sys.stderr,
+            )
+            return 1
+        write_reconciliation(sys.stdout, result, day=day.isoformat(), zone=zone)
+        return 0
+
+    return _with_ledger(config, "reconcile", work)
+
+
 def _cmd_ledger_export(args: argparse.Namespace) -> int:
     config = _load(args.config, resolve_secrets=False)
     if config is None:
@@ -318,6 +355,16 @@ def build_parser() -> argparse.ArgumentParser:
         "repeated; default team,model)",
     )
     report.set_defaults(func=_cmd_report)
+
+    reconcile = commands.add_parser(
+        "reconcile", help="compare the ledger's total for a day with what Clipia charged the key"
+    )
+    reconcile.add_argument("--config", required=True, help="path to config.yaml")
+    reconcile.add_argument("--day", required=True, help="2026-11-25 (accounting.timezone)")
+    reconcile.add_argument(
+        "--snapshots", default=None, help="key usage snapshots (default: accounting.key_usage_path)"
+    )
+    reconcile.set_defaults(func=_cmd_reconcile)
 
     ledger = commands.add_parser("ledger", help="the ledger: export per-request rows, prune")
     ledger_commands = ledger.add_subparsers(dest="ledger_command", required=True)

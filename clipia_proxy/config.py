@@ -219,6 +219,11 @@ class AccountingConfig(msgspec.Struct, **_STRUCT):
     whose cost did not come from the upstream (counted, reserved) are always checked."""
     drift_check_delay_seconds: float = 60.0
     """How long after its settlement a request is checked (Clipia's records may lag)."""
+    key_usage_snapshot_seconds: float = 300.0
+    """How often ``GET /v1/key``'s ``usage`` is snapshotted for ``reconcile`` (0: never)."""
+    key_usage_path: str | None = None
+    """Where the snapshots go (JSON lines). Default: ``clipia-proxy-key-usage.jsonl`` in the
+    directory of ``store.sqlite_path``."""
     lease_seconds: float = 600.0
     """A reservation's lease; renewed while a stream runs, so only a crashed replica's expire."""
 
@@ -872,6 +877,8 @@ def _check_accounting(config: Config, found: _Findings) -> None:
             found.problem(f"accounting.{name}", "must be a positive number of tokens")
     if not 0 <= accounting.drift_sample_rate <= 1:
         found.problem("accounting.drift_sample_rate", "must be between 0 and 1")
+    if accounting.key_usage_snapshot_seconds < 0:
+        found.problem("accounting.key_usage_snapshot_seconds", "must not be negative")
     if accounting.drift_check_delay_seconds < 0:
         found.problem("accounting.drift_check_delay_seconds", "must not be negative")
     if accounting.drain_timeout_seconds < 0:
