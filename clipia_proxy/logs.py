@@ -131,6 +131,7 @@ def access_fields(info: Any, *, route: str, method: str) -> dict[str, Any]:
     return {
         "event": "access",
         "request_id": info.request_id,
+        "client_request_id": info.client_request_id,
         "method": method,
         "route": route,
         "team": info.team,

@@ -12,6 +12,7 @@ import io
 from collections.abc import AsyncIterator
 
 import aiohttp
+import msgspec
 import openai
 import pytest
 from multidict import CIMultiDict
@@ -117,7 +118,9 @@ async def test_own_429_carries_ratelimit_headers(rpm_stack: Stack) -> None:
     assert int(reset[:-1]) == int(refused.headers["Retry-After"]) >= 1
 
 
-async def test_openai_sdk_sees_the_client_request_id_it_sent(stack: Stack) -> None:
+async def test_openai_sdk_sees_the_client_request_id_it_sent(
+    stack: Stack, log_capture: list[str]
+) -> None:
     client = openai.AsyncOpenAI(
         base_url=stack.base_url,
         api_key=stack.keys["search"],
@@ -141,6 +144,11 @@ async def test_openai_sdk_sees_the_client_request_id_it_sent(stack: Stack) -> No
         ids.append(response.headers["x-clipia-proxy-request-id"])
     assert "app-trace-42" not in ids
     assert stack.chat_requests()[-1].request_id == ids[-1]
+    access = [msgspec.json.decode(line) for line in log_capture if '"event":"access"' in line]
+    assert {(a["request_id"], a["client_request_id"]) for a in access} >= {
+        (ids[0], "app-trace-42"),
+        (ids[1], "app-trace-42"),
+    }
 
 
 async def test_a_vision_sized_body_is_served_under_the_default_cap(stack: Stack) -> None:
