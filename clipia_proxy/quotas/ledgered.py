@@ -14,11 +14,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Final
 
-from clipia_proxy.ledgers import LedgerStore
-
 from .memory import RATE_WINDOW_SECONDS, MemoryEngine
 from .model import ReserveRequest, ReserveResult, Settlement
-from .store import LedgerRecord, Store, WindowUsage
+from .store import LedgerRecord, LedgerStore, Store, WindowUsage
 
 __all__ = ["CALENDAR_HORIZON_SECONDS", "EngineStore"]
 

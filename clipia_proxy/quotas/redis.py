@@ -44,12 +44,11 @@ from redis.driver_info import DriverInfo
 from redis.exceptions import RedisError
 
 from clipia_proxy.config import StoreConfig
-from clipia_proxy.ledgers import LedgerStore
 
 from .ledgered import CALENDAR_HORIZON_SECONDS as _CALENDAR_HORIZON_SECONDS
 from .memory import RATE_WINDOW_SECONDS
 from .model import Micro, Period, Reason, RecordState, ReserveRequest, ReserveResult, Settlement
-from .store import LedgerRecord, Store, StoreUnavailable, WindowUsage
+from .store import LedgerRecord, LedgerStore, Store, StoreUnavailable, WindowUsage
 
 __all__ = ["CountersLost", "RedisStore"]
 
