@@ -101,10 +101,6 @@ _UNMATCHED: Final = "unmatched"
 """The name of the catch-all route (and the ``route`` label of what it answers)."""
 
 
-async def _defer_expectation(_request: web.Request) -> None:
-    """Answer no ``Expect`` before the middleware: see ``handlers.read_json_body``."""
-
-
 def _rate_limit_headers(app: web.Application, team: str, error: RateLimited) -> dict[str, str]:
     """OpenAI's ``x-ratelimit-*`` headers for the gateway's own 429 (what the SDKs read)."""
     limits = app[QUOTAS].limits(team)
@@ -277,7 +273,7 @@ def create_app(
     # Every route defers ``Expect`` to the middleware and the handler: ``100 Continue`` only
     # after authentication (aiohttp's default answers it before any middleware runs).
     router.add_post(
-        "/v1/chat/completions", handlers.chat_completions, expect_handler=_defer_expectation
+        "/v1/chat/completions", handlers.chat_completions, expect_handler=handlers.defer_expectation
     )
     for path, handler in (
         ("/v1/models", handlers.list_models),
@@ -285,11 +281,11 @@ def create_app(
         ("/v1/key", handlers.key_info),
         ("/v1/generation", handlers.generation),
     ):
-        router.add_get(path, handler, allow_head=False, expect_handler=_defer_expectation)
+        router.add_get(path, handler, allow_head=False, expect_handler=handlers.defer_expectation)
     mcp_http.add_routes(router)  # the MCP chat tool: same keys, same chat path
     # Last: whatever no route above matches (the 404/405 of the middleware, after identity).
     router.add_route(
-        "*", "/{path:.*}", _unmatched, name=_UNMATCHED, expect_handler=_defer_expectation
+        "*", "/{path:.*}", _unmatched, name=_UNMATCHED, expect_handler=handlers.defer_expectation
     )
 
     # One cleanup context per resource, in dependency order (released in reverse): background

@@ -78,6 +78,7 @@ __all__ = [
     "RequestInfo",
     "chat_completions",
     "complete_chat",
+    "defer_expectation",
     "generation",
     "key_data",
     "key_info",
@@ -106,6 +107,14 @@ _CODE_BY_STATUS: Final = {
     429: ("rate_limit_error", "rate_limit_exceeded"),
     503: ("api_error", "service_unavailable"),
 }
+
+
+async def defer_expectation(_request: web.Request) -> None:
+    """A route's ``expect_handler``: answer no ``Expect`` before the middleware ran.
+
+    aiohttp's default sends ``100 Continue`` before any middleware, so before authentication;
+    :func:`read_json_body` sends it once the request passed identity and the 415/413 checks.
+    """
 
 
 async def read_json_body(request: web.Request, limit: int, deadline: float | None = None) -> bytes:

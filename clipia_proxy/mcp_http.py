@@ -144,7 +144,7 @@ class _RpcError(Exception):
 
 def add_routes(router: web.UrlDispatcher) -> None:
     """Install ``/mcp`` on the data port's router."""
-    router.add_post(PATH, handle_post)
+    router.add_post(PATH, handle_post, expect_handler=handlers.defer_expectation)
     router.add_get(PATH, _method_not_allowed, allow_head=False)
     router.add_delete(PATH, _method_not_allowed)
 

@@ -162,12 +162,14 @@ async def test_malformed_requests_log_one_line_per_interval(
 # --------------------------------------------------------------------------- 100-continue
 
 
-async def _expect_continue(stack: Stack, headers: list[tuple[str, str]]) -> tuple[bytes, Reply]:
+async def _expect_continue(
+    stack: Stack, headers: list[tuple[str, str]], path: str = "/v1/chat/completions"
+) -> tuple[bytes, Reply]:
     """Send a head with ``Expect: 100-continue`` and wait for the first answer before the body."""
     body = chat()
     head = raw_request(
         "POST",
-        "/v1/chat/completions",
+        path,
         [("Content-Type", "application/json"), ("Expect", "100-continue"), *headers],
         b"",
         content_length=False,
@@ -208,6 +210,15 @@ async def test_100_continue_only_after_authentication(stack: Stack) -> None:
     assert continued.startswith(b"HTTP/1.1 100 Continue")
     assert reply.status == 200, reply.body[:200]
     assert len(stack.emulator.requests) == before + 1
+
+
+@pytest.mark.parametrize("path", ["/mcp", "/v1/no-such-route"])
+async def test_100_continue_only_after_authentication_on_every_route(
+    stack: Stack, path: str
+) -> None:
+    continued, reply = await _expect_continue(stack, [], path)
+    assert continued == b""
+    assert reply.status == 401
 
 
 async def test_unknown_expectation_is_417_envelope(stack: Stack) -> None:
