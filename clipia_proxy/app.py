@@ -82,7 +82,7 @@ from .redact import KeyScanner
 from .sandbox import Upstreams
 from .streaming import OpenStreams
 from .tasks import TaskRegistry
-from .upstream import UpstreamClient
+from .upstream import Transport, UpstreamClient
 from .version import __version__
 
 __all__ = ["apply_config", "create_admin_app", "create_app"]
@@ -168,13 +168,15 @@ def create_app(
     today: Callable[[], dt.date] | None = None,
     store: Store | None = None,
     clock: Callable[[], float] | None = None,
+    upstream_transport: Transport | None = None,
 ) -> web.Application:
     """Build the data-port application for ``config``.
 
     ``api_key`` overrides the Clipia key named by the config (the demo and tests use it);
     ``test_api_key`` the sandbox key named by ``upstream.test_api_key_env``;
     ``today`` the date used for key expiry; ``store`` the quota store (else built from
-    ``config.store``); ``clock`` the quota clock (epoch s).
+    ``config.store``); ``clock`` the quota clock (epoch s); ``upstream_transport`` how requests
+    reach Clipia (default: an ``aiohttp.ClientSession``; tests may pass a ``MockTransport``).
     """
     key = api_key if api_key is not None else read_api_key(config.upstream)
     app = web.Application(
@@ -189,6 +191,7 @@ def create_app(
         config.upstream,
         key,
         on_attempt=lambda code: attempts[0](code) if attempts else None,
+        transport=upstream_transport,
     )
     test_key = test_api_key if test_api_key is not None else read_test_api_key(config.upstream)
     upstreams = Upstreams(
@@ -197,6 +200,7 @@ def create_app(
             config.upstream,
             test_key,
             on_attempt=lambda code: attempts[0](code) if attempts else None,
+            transport=upstream.transport,  # one pool of connections to Clipia, two keys
         )
         if test_key is not None
         else None,

@@ -123,7 +123,8 @@ class UpstreamConfig(msgspec.Struct, **_STRUCT):
     api_key_env: str | None = "CLIPIA_API_KEY"
     api_key_file: str | None = None
     connect_timeout_seconds: float = 5.0
-    first_byte_timeout_seconds: float = 120.0
+    first_byte_timeout_seconds: float = 600.0
+    """From the request sent to Clipia's first byte; as long as the openai SDK's own wait."""
     idle_timeout_seconds: float = 120.0
     max_connections: int = 512
     max_connections_per_team: int | None = None
@@ -131,11 +132,18 @@ class UpstreamConfig(msgspec.Struct, **_STRUCT):
     or holding an upstream connection); also every team's default concurrency. ``None``: a
     fair fraction of ``max_connections`` — all of it with one team, else 1/2, 1/3 or 1/4."""
     retries: int = 2
+    """Extra attempts for what never reached Clipia (and for ``retry_on_status``)."""
+    retry_on_status: list[int] = msgspec.field(default_factory=list)
+    """Upstream statuses the gateway retries itself (opt-in; default: the client retries)."""
     max_retry_wait_seconds: float = 5.0
-    """Longest upstream ``Retry-After`` the gateway waits out itself before answering 429."""
+    """Longest upstream ``Retry-After`` the gateway waits out itself (``retry_on_status``)."""
     test_api_key_env: str | None = None
     """The environment variable holding Clipia's sandbox key (``clipia_test_…``), used for the
     requests of ``environment: test`` teams only (and never for the others)."""
+    proxy_url: str | None = None
+    """Egress proxy for every upstream connection (``CONNECT`` for an https upstream)."""
+    trust_env: bool = False
+    """Without ``proxy_url``: use ``HTTPS_PROXY``/``HTTP_PROXY``/``NO_PROXY`` from the environment."""
 
 
 class CatalogConfig(msgspec.Struct, **_STRUCT):
@@ -224,7 +232,7 @@ class AccountingConfig(msgspec.Struct, **_STRUCT):
     key_usage_path: str | None = None
     """Where the snapshots go (JSON lines). Default: ``clipia-proxy-key-usage.jsonl`` in the
     directory of ``store.sqlite_path``."""
-    lease_seconds: float = 600.0
+    lease_seconds: float = 900.0
     """A reservation's lease; renewed while a stream runs, so only a crashed replica's expire."""
 
 
@@ -819,6 +827,15 @@ def _check_upstream(config: Config, found: _Findings) -> None:
         found.problem("upstream.retries", f"must be between 0 and 10 (got {upstream.retries})")
     if upstream.max_retry_wait_seconds < 0:
         found.problem("upstream.max_retry_wait_seconds", "must not be negative")
+    for status in upstream.retry_on_status:
+        if status != 429 and not 500 <= status <= 599:
+            found.problem(
+                "upstream.retry_on_status", f"only 429 and 5xx can be retried (got {status})"
+            )
+    if upstream.proxy_url is not None and not re.match(
+        r"https?://([^/\s?#@]+@)?[^/\s?#@]+/?$", upstream.proxy_url
+    ):
+        found.problem("upstream.proxy_url", "must be an http(s) URL of a proxy: scheme, host, port")
 
 
 def _check_catalog(config: Config, found: _Findings) -> None:

@@ -294,3 +294,7 @@ class UpstreamTimeout(ProxyError):
     status = 504
     type = "api_error"
     code = "upstream_timeout"
+
+    def headers(self) -> dict[str, str]:
+        """Add ``x-should-retry: false``: Clipia may be generating (and billing) the answer."""
+        return {**super().headers(), "x-should-retry": "false"}

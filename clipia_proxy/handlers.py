@@ -58,6 +58,8 @@ from .record import GenerationOwners, RequestInfo
 from .sse import UsageTap
 from .streaming import StreamResult, relay_stream
 from .upstream import (
+    SHOULD_RETRY,
+    UpstreamBroken,
     UpstreamBusy,
     UpstreamNotSent,
     UpstreamRefused,
@@ -538,7 +540,7 @@ def _overloaded(exc: UpstreamBusy) -> Overloaded:
 
 
 def _upstream_broke() -> UpstreamUnavailable:
-    return UpstreamUnavailable("The upstream AI gateway broke off its answer.")
+    return UpstreamBroken("The upstream AI gateway broke off its answer.")
 
 
 def _withhold(app: web.Application, reason: str) -> None:
@@ -585,6 +587,8 @@ async def _pass_through_error(app: web.Application, response: UpstreamResponse) 
             _withhold(app, "key_echo")
         else:
             headers[name] = value
+    if response.gave_up:  # the gateway already retried this status (upstream.retry_on_status)
+        headers[SHOULD_RETRY] = "false"
     return web.Response(status=status, body=body, content_type=_JSON, headers=headers)
 
 

@@ -1,17 +1,25 @@
-"""UpstreamClient: the one pooled HTTP session to Clipia, its timeouts, headers and retries.
+"""UpstreamClient: how the gateway talks to Clipia — headers, retries, and a pluggable transport.
 
 Owns everything about talking to the upstream and never anything about teams or money:
 
-- one pool of keep-alive HTTP/1.1 connections for the application's life (aiohttp's own
-  response protocol and parser on each, without ``ClientSession``'s per-request machinery:
-  the gateway sends one kind of request to one host); no total timeout (it would cut long
-  streams): connect, first-byte and idle (between reads) timeouts only;
+- a :class:`Transport` sends one request and returns the answer at its headers. The default,
+  :class:`AiohttpTransport`, is one ``aiohttp.ClientSession`` for the application's life (a
+  ``TCPConnector`` pool of keep-alive connections with a DNS cache and happy eyeballs), used
+  through aiohttp's public API only; an egress proxy (``upstream.proxy_url``, or
+  ``HTTPS_PROXY``/``NO_PROXY`` with ``upstream.trust_env``) is reached with ``CONNECT`` for
+  an https upstream. Tests may pass their own transport (:class:`MockTransport`);
+- no total timeout (it would cut long streams): connect, first-byte and idle (between reads)
+  timeouts only;
 - outbound headers from an allow-list built here, never copied from the client: our Clipia key,
   ``Content-Type``, ``Accept``, ``Accept-Encoding: identity`` and ``X-Request-Id``;
 - redirects are never followed (a 3xx is a 502: Clipia does not redirect API calls, and
   following one could send our key elsewhere);
-- retries only before any byte reached the client: connect failures, and 429/5xx answers,
-  honouring ``Retry-After`` up to ``max_retry_wait_seconds``, at most ``retries`` times;
+- one retry budget: by default only what never reached Clipia is retried (a failed connect,
+  a connection closed before the request was written), at most ``retries`` times. Clipia's
+  429/5xx go to the client with their ``Retry-After`` for the client's own retries, unless the
+  operator lists the status in ``retry_on_status``: then the gateway retries it (honouring
+  ``Retry-After`` up to ``max_retry_wait_seconds``) and the answer it finally passes on says
+  ``x-should-retry: false``, as does every failure after the request may have reached Clipia;
 - a 401/403 from Clipia means it rejected *our* key: a 502 for the client, whose body never
   includes Clipia's (it may quote the key), and an error log line for the operator.
 """
@@ -19,22 +27,18 @@ Owns everything about talking to the upstream and never anything about teams or 
 from __future__ import annotations
 
 import asyncio
-import collections
-import contextlib
 import datetime
 import email.utils
 import logging
+import os
 import ssl
 import time
 import urllib.parse
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Final, Protocol
 
 import aiohttp
-from aiohttp.client_proto import ResponseHandler
-from aiohttp.http_exceptions import HttpProcessingError
-from aiohttp.streams import StreamReader
-from multidict import CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from .config import Secret, UpstreamConfig
@@ -42,14 +46,30 @@ from .errors import UpstreamTimeout, UpstreamUnavailable
 from .version import __version__
 
 __all__ = [
+    "AiohttpTransport",
+    "Body",
+    "BytesBody",
+    "ConnectionsBusy",
+    "ExchangeFailed",
+    "FirstByteTimeout",
+    "MockTransport",
+    "NotSent",
+    "Transport",
+    "UpstreamBroken",
     "UpstreamBusy",
     "UpstreamClient",
     "UpstreamNotSent",
     "UpstreamRefused",
+    "UpstreamRequest",
     "UpstreamResponse",
+    "env_proxy",
+    "mock_response",
     "parse_retry_after",
     "read_body",
 ]
+
+SHOULD_RETRY: Final = "x-should-retry"
+"""The header the openai SDKs obey: ``false`` means "do not retry this answer"."""
 
 
 class UpstreamNotSent(UpstreamUnavailable):
@@ -68,22 +88,150 @@ class UpstreamRefused(UpstreamUnavailable):
         self.upstream_status: Final = upstream_status
 
 
-_LOGGER: Final = logging.getLogger(__name__)
-_RETRY_STATUSES: Final = frozenset({429, 500, 502, 503, 504, 529})
-_BACKOFF_BASE_SECONDS: Final = 0.1
-_KEY_REJECTED: Final = frozenset({401, 403})
+class UpstreamBroken(UpstreamUnavailable):
+    """Raised when the exchange broke after the request may have reached Clipia.
+
+    Clipia may be generating (and billing) the answer: the client is told not to retry.
+    """
+
+    def headers(self) -> dict[str, str]:
+        """Add ``x-should-retry: false`` (a retry could start a second paid generation)."""
+        return {**super().headers(), SHOULD_RETRY: "false"}
+
+
+# --------------------------------------------------------------------------------------------
+# The transport interface
+
+
+class NotSent(Exception):
+    """A transport failure before any byte of the request left: safe to retry."""
+
+
+class ConnectionsBusy(NotSent):
+    """Every connection stayed busy for the connect timeout: nothing was sent."""
+
+
+class FirstByteTimeout(Exception):
+    """The request was sent but no answer started within the first-byte timeout."""
+
+
+class ExchangeFailed(Exception):
+    """The exchange broke after the request may have reached the server (never retried)."""
+
+
+class UpstreamRequest:
+    """One request for a transport: method, absolute URL, headers, body and first-byte timeout."""
+
+    __slots__ = ("body", "first_byte_timeout", "headers", "method", "url")
+
+    def __init__(
+        self,
+        method: str,
+        url: URL,
+        headers: Mapping[str, str],
+        body: bytes | None,
+        first_byte_timeout: float,
+    ) -> None:
+        self.method: Final = method
+        self.url: Final = url
+        self.headers: Final = headers
+        self.body: Final = body
+        self.first_byte_timeout: Final = first_byte_timeout
+
+
+class Body(Protocol):
+    """An answer's body as the gateway reads it, and its connection's end.
+
+    ``readany`` returns the next bytes (``b""`` at the end) and raises ``TimeoutError`` when
+    the upstream stays silent for the idle timeout, ``aiohttp.ClientError`` when the
+    connection breaks or is closed. ``release`` (always, once done) returns the connection
+    to the pool when the body was read to its end, else closes it; ``close`` drops it at once
+    and fails a pending read. Both are idempotent.
+    """
+
+    def is_eof(self) -> bool:
+        """Whether the whole body has arrived (``read_nowait`` then returns the rest)."""
+        ...
+
+    def read_nowait(self) -> bytes:
+        """Return the bytes already buffered (possibly none) without waiting."""
+        ...
+
+    async def readany(self) -> bytes:
+        """Return the next bytes, waiting for them; ``b""`` once the body ended."""
+        ...
+
+    def release(self) -> None:
+        """Done with the answer: keep the connection if the body was read to its end."""
+        ...
+
+    def close(self) -> None:
+        """Close the connection now; a pending ``readany`` fails."""
+        ...
+
+
+class UpstreamResponse:
+    """Clipia's answer, at its headers: ``status``, ``headers``, and the body in ``content``.
+
+    ``release`` (always, once done) returns the connection to the pool when the body was read
+    to its end, else closes it; ``close`` drops the connection at once and fails a pending read
+    of the body (shutdown and client hang-ups end open streams this way). ``gave_up`` is set
+    when the gateway retried this status itself (``retry_on_status``): the client must not.
+    """
+
+    __slots__ = ("content", "gave_up", "headers", "status")
+
+    def __init__(self, status: int, headers: Mapping[str, str], content: Body) -> None:
+        self.status: Final = status
+        self.headers: Final = headers
+        self.content: Final = content
+        self.gave_up = False
+
+    def release(self) -> None:
+        """Give the connection back (reused only if the body was read to its end)."""
+        self.content.release()
+
+    def close(self) -> None:
+        """Close the connection now; a read of the body waiting on it fails."""
+        self.content.close()
+
+
+class Transport(Protocol):
+    """Sends one request and returns the answer at its headers (any status).
+
+    Raises :class:`NotSent` (nothing left: retryable), :class:`ConnectionsBusy`,
+    :class:`FirstByteTimeout` or :class:`ExchangeFailed` (the request may have arrived).
+    """
+
+    async def start(self) -> None:
+        """Open what the transport needs (called once, in the running loop)."""
+        ...
+
+    async def close(self) -> None:
+        """Close every connection."""
+        ...
+
+    async def send(self, request: UpstreamRequest) -> UpstreamResponse:
+        """Send ``request``; return the answer once its headers arrived."""
+        ...
 
 
 class _HasContent(Protocol):
     @property
-    def content(self) -> StreamReader: ...
+    def content(self) -> _Readable: ...
+
+
+class _Readable(Protocol):
+    def is_eof(self) -> bool: ...
+    def read_nowait(self) -> bytes: ...
+    async def readany(self) -> bytes: ...
 
 
 async def read_body(response: _HasContent, limit: int) -> bytes:
     """Read a response body to its end, but never more than ``limit`` + 1 bytes.
 
     A result longer than ``limit`` means the body was larger (the rest is left unread).
-    ``StreamReader.read(n)`` alone returns whatever has arrived, not the whole body.
+    Works on an :class:`UpstreamResponse` and on an ``aiohttp.ClientResponse``.
     """
     content = response.content
     if content.is_eof():  # the whole body arrived with the headers (the common case)
@@ -92,12 +240,12 @@ async def read_body(response: _HasContent, limit: int) -> bytes:
     parts: list[bytes] = []
     size = 0
     while size <= limit:
-        chunk = await content.read(limit + 1 - size)
+        chunk = await content.readany()
         if not chunk:
             break
         parts.append(chunk)
         size += len(chunk)
-    return b"".join(parts)
+    return b"".join(parts)[: limit + 1]
 
 
 def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
@@ -117,247 +265,351 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
     return max(0.0, when.timestamp() - current)
 
 
+# --------------------------------------------------------------------------------------------
+# The aiohttp transport
+
+
 _KEEPALIVE_SECONDS: Final = 15.0
 """An idle pooled connection older than this is closed rather than reused (servers close
 idle keep-alive connections; reusing one they are closing fails the request)."""
-_READ_BUFSIZE: Final = 2**16
-_MAX_LINE: Final = 8190
-_DEFAULT_PORTS: Final = {"http": 80, "https": 443}
+_DNS_CACHE_SECONDS: Final = 300
+_HAPPY_EYEBALLS_DELAY: Final = 0.25
+"""RFC 8305's recommended delay before trying the next address family."""
 
 
-class _ConnectFailed(Exception):
-    """A new connection to Clipia could not be opened: nothing was sent."""
+def env_proxy(url: URL, environ: Mapping[str, str] | None = None) -> URL | None:
+    """Return the proxy the environment names for ``url``, or None.
+
+    ``HTTPS_PROXY`` (``HTTP_PROXY`` for an http URL), upper or lower case, unless ``NO_PROXY``
+    lists the host: ``*``, a host name (its subdomains too, with or without a leading dot),
+    an IP address, each optionally with ``:port``.
+    """
+    env = os.environ if environ is None else environ
+    lowered = {name.lower(): value for name, value in env.items() if value}
+    if _bypassed(url, lowered.get("no_proxy", "")):
+        return None
+    chosen = lowered.get(f"{url.scheme}_proxy")
+    return URL(chosen) if chosen else None
 
 
-class _PoolBusy(Exception):
-    """Every connection stayed busy (``limit`` open) for the whole wait: nothing was sent."""
+def _bypassed(url: URL, no_proxy: str) -> bool:
+    host = (url.raw_host or "").lower().rstrip(".")
+    for entry in no_proxy.split(","):
+        pattern = entry.strip().lower()
+        if not pattern:
+            continue
+        if pattern == "*":
+            return True
+        name, _, port = pattern.rpartition(":") if pattern.count(":") == 1 else (pattern, "", "")
+        if port and port.isdigit() and int(port) != url.port:
+            continue
+        name = name.lstrip(".").rstrip(".")
+        if host == name or host.endswith("." + name):
+            return True
+    return False
 
 
-class _Protocol(ResponseHandler):
-    """aiohttp's response protocol with a lazy read timer.
+class _AiohttpBody:
+    """An ``aiohttp.ClientResponse``'s body with the idle timeout and the connection's end.
 
-    aiohttp restarts its socket-read timer on every chunk received (a timer cancelled and
-    created per chunk: per SSE event, on a stream). Here a restart only notes the time; one
-    watchdog timer wakes at the earliest possible deadline and either fires the timeout or
-    sleeps again until the new deadline. Same deadlines, one timer per quiet period.
-
-    Stopping the timeout (the answer is complete) does not cancel the watchdog either: it
-    wakes, finds nothing to watch and ends, or finds the next request on the connection and
-    watches it. Back-to-back requests on a kept-alive connection so share one timer instead
-    of making and cancelling one each.
+    The idle timeout is a watchdog: a read that has to wait notes when it began; one timer
+    wakes at the earliest possible deadline and either closes the response (the waiting read
+    then raises ``SocketTimeoutError``) or sleeps again until the current wait's deadline. A
+    steady stream so costs one timer per idle period, not one per chunk.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        super().__init__(loop)
-        self._last_read = 0.0
-        self._watching = False
-        """A read is being timed (between ``start_timeout`` and the end of the answer)."""
+    __slots__ = (
+        "_done",
+        "_idle",
+        "_loop",
+        "_reader",
+        "_response",
+        "_since",
+        "_slots",
+        "_timed_out",
+        "_waiting",
+        "_watch",
+    )
+
+    def __init__(
+        self,
+        response: aiohttp.ClientResponse,
+        idle: float,
+        slots: asyncio.Semaphore,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self._response = response
+        self._reader = response.content
+        self._idle = idle
+        self._slots = slots
+        self._loop = loop
+        self._since = 0.0
+        self._waiting = False
+        self._timed_out = False
+        self._done = False
         self._watch: asyncio.TimerHandle | None = None
-        self._watch_at = 0.0
 
-    def _reschedule_timeout(self) -> None:
-        timeout = self._read_timeout
-        now = self._loop.time()
-        self._last_read = now
-        self._watching = bool(timeout)
-        if not timeout:
-            return
-        deadline = now + timeout
-        if self._watch is None or self._watch_at > deadline:  # none yet, or a later one
-            self._unwatch()
-            self._arm(deadline)
+    def is_eof(self) -> bool:
+        return self._reader.is_eof()
 
-    def _drop_timeout(self) -> None:
-        super()._drop_timeout()
-        self._watching = False
+    def read_nowait(self) -> bytes:
+        return self._reader.read_nowait()
 
-    def connection_lost(self, exc: BaseException | None) -> None:
-        self._unwatch()
-        super().connection_lost(exc)
+    async def readany(self) -> bytes:
+        reader = self._reader
+        data = reader.read_nowait()  # raises what broke the connection, if anything did
+        if data or reader.is_eof():
+            return data
+        loop = self._loop
+        self._since = loop.time()
+        self._waiting = True
+        if self._watch is None:
+            self._arm(self._since + self._idle)
+        try:
+            return await reader.readany()
+        except aiohttp.ClientConnectionError:
+            if self._timed_out:
+                raise aiohttp.SocketTimeoutError("The upstream stayed silent too long") from None
+            raise
+        finally:
+            self._waiting = False
 
-    def _unwatch(self) -> None:
-        if self._watch is not None:
-            self._watch.cancel()
-            self._watch = None
+    def _arm(self, deadline: float) -> None:
+        self._watch = self._loop.call_at(deadline, self._on_watch)
 
     def _on_watch(self) -> None:
         self._watch = None
-        timeout = self._read_timeout
-        if not self._watching or not timeout:
-            return
-        deadline = self._last_read + timeout
+        if self._done or not self._waiting:
+            return  # the next wait arms a new watch
+        deadline = self._since + self._idle
         if self._loop.time() >= deadline:
-            self._on_read_timeout()
+            self._timed_out = True
+            self._response.close()  # fails the waiting read
         else:
             self._arm(deadline)
 
-    def _arm(self, deadline: float) -> None:
-        self._watch_at = deadline
-        self._watch = self._loop.call_at(deadline, self._on_watch)
-
-
-class UpstreamResponse:
-    """Clipia's answer, at its headers: ``status``, ``headers``, and the body in ``content``.
-
-    ``release`` (always, once done) returns the connection to the pool when the body was read
-    to its end, else closes it; ``close`` drops the connection at once and fails a pending read
-    of the body (shutdown ends open streams this way).
-    """
-
-    __slots__ = ("_pool", "_protocol", "content", "headers", "status")
-
-    def __init__(
-        self,
-        status: int,
-        headers: CIMultiDictProxy[str],
-        content: StreamReader,
-        pool: _Pool,
-        protocol: ResponseHandler,
-    ) -> None:
-        self.status: Final = status
-        self.headers: Final = headers
-        self.content: Final = content
-        self._pool = pool
-        self._protocol: ResponseHandler | None = protocol
+    def _finish(self) -> bool:
+        if self._done:
+            return False
+        self._done = True
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
+        self._slots.release()
+        return True
 
     def release(self) -> None:
-        """Give the connection back (reused only if the body was read to its end)."""
-        protocol, self._protocol = self._protocol, None
-        if protocol is not None:
-            self._pool.release(protocol)
+        if self._finish():
+            self._response.release()
 
     def close(self) -> None:
-        """Close the connection now; a read of the body waiting on it fails."""
-        protocol, self._protocol = self._protocol, None
-        if protocol is None:
-            return
-        content = self.content
-        if content.exception() is None and not content.is_eof():
-            content.set_exception(aiohttp.ClientConnectionError("Connection closed"))
-        self._pool.drop(protocol)
+        if self._finish():
+            self._response.close()
 
 
-class _Pool:
-    """Keep-alive connections to one host: reused last-in first-out, at most ``limit`` open.
+class AiohttpTransport:
+    """One ``aiohttp.ClientSession`` for the application's life, through its public API.
 
-    A request that finds every connection busy waits for one (first come, first served), for
-    the connect timeout at most: an overloaded gateway refuses rather than queueing without end.
+    At most ``max_connections`` requests are in flight; one more waits for a free connection
+    for the connect timeout at most, then is refused (:class:`ConnectionsBusy`): an overloaded
+    gateway refuses rather than queueing without end. The first-byte timeout starts when the
+    request is handed to the session (connect included: the connect timeout is far shorter).
     """
 
     def __init__(
         self,
-        loop: asyncio.AbstractEventLoop,
+        config: UpstreamConfig,
         *,
-        host: str,
-        port: int,
-        tls: ssl.SSLContext | None,
-        limit: int,
-        connect_timeout: float,
+        tls: ssl.SSLContext | None = None,
+        environ: Mapping[str, str] | None = None,
     ) -> None:
-        self._loop = loop
-        self._host = host
-        self._port = port
+        self._config = config
         self._tls = tls
-        self._limit = limit
-        self._connect_timeout = connect_timeout
-        self._idle: list[tuple[ResponseHandler, float]] = []
-        self._open = 0
-        """Connections open or being opened, idle ones included."""
-        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
-        self._closed = False
+        """For an https base URL: the TLS context (default: the system's CAs, verified)."""
+        self._environ = environ
+        self._session: aiohttp.ClientSession | None = None
+        self._slots = asyncio.Semaphore(config.max_connections)
+        self._proxy: URL | None = None
+        self._users = 0
 
-    async def acquire(self) -> ResponseHandler:
-        """Return a connected protocol, reused or new; raise ``_ConnectFailed``, ``_PoolBusy``."""
-        deadline: float | None = None
-        while True:
-            if self._closed:
-                raise _ConnectFailed("the upstream client is closed")
-            idle = self._idle
-            while idle:
-                protocol, since = idle.pop()
-                if (
-                    protocol.is_connected()
-                    and not protocol.should_close
-                    and self._loop.time() - since < _KEEPALIVE_SECONDS
-                ):
-                    return protocol
-                self.drop(protocol)
-            if self._open < self._limit:
-                self._open += 1
-                try:
-                    return await self._connect()
-                except BaseException:
-                    self._open -= 1
-                    self._wake()
-                    raise
-            if deadline is None:
-                deadline = self._loop.time() + self._connect_timeout
-            waiter: asyncio.Future[None] = self._loop.create_future()
-            self._waiters.append(waiter)
-            try:
-                async with asyncio.timeout_at(deadline):
-                    await waiter
-            except BaseException as exc:
-                if waiter.done() and not waiter.cancelled():
-                    self._wake()  # woken, then cancelled or out of time: pass the turn on
-                else:
-                    with contextlib.suppress(ValueError):  # a wake may have dropped it already
-                        self._waiters.remove(waiter)
-                if isinstance(exc, TimeoutError):
-                    raise _PoolBusy from None
-                raise
+    @property
+    def proxy(self) -> URL | None:
+        """The egress proxy in use (known once started), or None for direct connections."""
+        return self._proxy
 
-    async def _connect(self) -> ResponseHandler:
-        loop = self._loop
-        try:
-            async with asyncio.timeout(self._connect_timeout):
-                _, protocol = await loop.create_connection(
-                    lambda: _Protocol(loop),
-                    self._host,
-                    self._port,
-                    ssl=self._tls,
-                    server_hostname=self._host if self._tls is not None else None,
-                )
-        except (OSError, TimeoutError) as exc:  # refused, unreachable, DNS, TLS, timed out
-            raise _ConnectFailed(exc.__class__.__name__) from exc
-        return protocol
+    async def start(self) -> None:
+        """Open the session (connections are made on first use) and settle the proxy.
 
-    def release(self, protocol: ResponseHandler) -> None:
-        """Keep a connection whose last answer was read to its end; close any other."""
-        if self._closed or protocol.should_close or not protocol.is_connected():
-            self.drop(protocol)
+        Clients sharing this transport each start and close it: the last close closes it.
+        """
+        self._users += 1
+        if self._session is not None:
             return
-        self._idle.append((protocol, self._loop.time()))
-        self._wake()
+        config = self._config
+        base = URL(config.base_url)
+        if config.proxy_url:
+            self._proxy = URL(config.proxy_url)
+        elif config.trust_env:
+            self._proxy = env_proxy(base, self._environ)
+        connector = aiohttp.TCPConnector(
+            limit=config.max_connections,
+            use_dns_cache=True,
+            ttl_dns_cache=_DNS_CACHE_SECONDS,
+            happy_eyeballs_delay=_HAPPY_EYEBALLS_DELAY,
+            keepalive_timeout=_KEEPALIVE_SECONDS,
+            ssl=self._tls if self._tls is not None else True,
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(
+                total=None,
+                connect=None,
+                sock_connect=config.connect_timeout_seconds,
+                sock_read=None,  # first-byte and idle timeouts are ours (send, _AiohttpBody)
+            ),
+            cookie_jar=aiohttp.DummyCookieJar(),
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+            auto_decompress=True,
+            raise_for_status=False,
+            trust_env=False,  # the environment's proxy, when trusted, was resolved just above
+        )
 
-    def drop(self, protocol: ResponseHandler) -> None:
-        """Close a connection and free its place."""
-        protocol.close()
-        self._open -= 1
-        self._wake()
+    async def close(self) -> None:
+        """Close the session and its connections (once its last user closes it)."""
+        self._users = max(0, self._users - 1)
+        if self._users == 0 and self._session is not None:
+            await self._session.close()
+            self._session = None
 
-    def _wake(self) -> None:
-        waiters = self._waiters
-        while waiters:
-            waiter = waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                return
+    async def send(self, request: UpstreamRequest) -> UpstreamResponse:
+        """Send ``request`` on a pooled connection; return the answer at its headers."""
+        session = self._session
+        if session is None:
+            raise RuntimeError("the upstream transport is not started")
+        slots = self._slots
+        if slots.locked():
+            try:
+                async with asyncio.timeout(self._config.connect_timeout_seconds):
+                    await slots.acquire()
+            except TimeoutError:
+                raise ConnectionsBusy from None
+        else:
+            await slots.acquire()  # free: returns at once
+        try:
+            async with asyncio.timeout(request.first_byte_timeout):
+                response = await session.request(
+                    request.method,
+                    request.url,
+                    headers=request.headers,
+                    data=request.body,
+                    allow_redirects=False,
+                    proxy=self._proxy,
+                )
+        except (
+            aiohttp.ClientConnectorError,  # refused, unreachable, DNS, TLS, the proxy
+            aiohttp.ConnectionTimeoutError,
+            aiohttp.ClientHttpProxyError,  # the proxy refused the tunnel: nothing reached Clipia
+            aiohttp.ClientConnectionResetError,  # closed before the request could be written
+        ) as exc:
+            slots.release()
+            raise NotSent(exc.__class__.__name__) from exc
+        except TimeoutError as exc:
+            slots.release()
+            raise FirstByteTimeout from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            slots.release()
+            raise ExchangeFailed(exc.__class__.__name__) from exc
+        except BaseException:
+            slots.release()
+            raise
+        body = _AiohttpBody(
+            response, self._config.idle_timeout_seconds, slots, asyncio.get_running_loop()
+        )
+        return UpstreamResponse(response.status, response.headers, body)
+
+
+# --------------------------------------------------------------------------------------------
+# A transport for tests
+
+
+class BytesBody:
+    """A body held in memory, given whole or as chunks (for :class:`MockTransport`)."""
+
+    __slots__ = ("_chunks", "closed", "released")
+
+    def __init__(self, chunks: bytes | Iterable[bytes] = b"") -> None:
+        self._chunks = [chunks] if isinstance(chunks, bytes) else [c for c in chunks if c]
+        self.released = False
+        self.closed = False
+
+    def is_eof(self) -> bool:
+        """Always true: the whole body is in memory."""
+        return True
+
+    def read_nowait(self) -> bytes:
+        """Return every chunk left."""
+        data = b"".join(self._chunks)
+        self._chunks = []
+        return data
+
+    async def readany(self) -> bytes:
+        """Return the next chunk, ``b""`` at the end; fail once closed."""
+        if self.closed:
+            raise aiohttp.ClientConnectionError("Connection closed")
+        return self._chunks.pop(0) if self._chunks else b""
+
+    def release(self) -> None:
+        """Note the release."""
+        self.released = True
 
     def close(self) -> None:
-        """Close the idle connections; connections in use are closed when released."""
-        self._closed = True
-        idle, self._idle = self._idle, []
-        for protocol, _ in idle:
-            self.drop(protocol)
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)  # it wakes, sees the pool closed, and fails
+        """Note the close; later reads fail."""
+        self.closed = True
+
+
+MockHandler = Callable[[UpstreamRequest], Awaitable[UpstreamResponse]]
+
+
+class MockTransport:
+    """A transport that answers every request with ``handler`` (like ``httpx.MockTransport``).
+
+    ``requests`` records what was sent. ``mock_response`` builds an answer.
+    """
+
+    def __init__(self, handler: MockHandler) -> None:
+        self._handler = handler
+        self.requests: list[UpstreamRequest] = []
+
+    async def start(self) -> None:
+        """Nothing to open."""
+
+    async def close(self) -> None:
+        """Nothing to close."""
+
+    async def send(self, request: UpstreamRequest) -> UpstreamResponse:
+        """Record ``request`` and answer it with the handler."""
+        self.requests.append(request)
+        return await self._handler(request)
+
+
+def mock_response(
+    status: int, body: bytes | Iterable[bytes] = b"", headers: Mapping[str, str] | None = None
+) -> UpstreamResponse:
+    """Return an in-memory answer (for :class:`MockTransport` handlers)."""
+    return UpstreamResponse(status, CIMultiDictProxy(CIMultiDict(headers or {})), BytesBody(body))
+
+
+# --------------------------------------------------------------------------------------------
+# The client: headers, retries, refusals
+
+
+_LOGGER: Final = logging.getLogger(__name__)
+_BACKOFF_BASE_SECONDS: Final = 0.1
+_KEY_REJECTED: Final = frozenset({401, 403})
 
 
 class UpstreamClient:
-    """Send requests to Clipia over one pool of keep-alive connections.
+    """Send requests to Clipia through one transport.
 
     ``send`` returns the upstream response once its headers arrived (status 2xx, or an error
     about the request that the caller passes through); the caller must release it.
@@ -368,79 +620,59 @@ class UpstreamClient:
         config: UpstreamConfig,
         api_key: Secret,
         *,
+        transport: Transport | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         on_attempt: Callable[[str], None] = lambda _code: None,
         tls: ssl.SSLContext | None = None,
     ) -> None:
         self._config = config
-        self._tls = tls
-        """For an https base URL: the TLS context (default: the system's CAs, verified)."""
+        self._transport: Final[Transport] = (
+            transport if transport is not None else AiohttpTransport(config, tls=tls)
+        )
         self._on_attempt = on_attempt
         """Told of every attempt: the upstream status, or ``connect_error``/``timeout``/``error``."""
         self._sleep = sleep
-        base = URL(config.base_url.rstrip("/"))
-        assert base.scheme in _DEFAULT_PORTS
-        assert base.raw_host
-        self._base = base
-        self._prefix = base.raw_path.rstrip("/")
-        host = base.raw_host
-        host_header = f"[{host}]" if ":" in host else host
-        if base.port is not None and base.port != _DEFAULT_PORTS[base.scheme]:
-            host_header = f"{host_header}:{base.port}"
-        # Built once; every request adds only its request line, id, Accept and length.
-        self._fixed_headers: Final = (
-            f"Host: {host_header}\r\n"
-            f"Authorization: Bearer {api_key.reveal()}\r\n"
-            "Accept-Encoding: identity\r\n"
-            f"User-Agent: clipia-proxy/{__version__}\r\n"
-        )
+        self._base: Final = config.base_url.rstrip("/")
+        self._retry_statuses: Final = frozenset(config.retry_on_status)
+        # Built once; every request copies it and adds only its id, Accept and Content-Type.
+        self._fixed_headers: Final = {
+            "Authorization": f"Bearer {api_key.reveal()}",
+            "Accept-Encoding": "identity",
+            "User-Agent": f"clipia-proxy/{__version__}",
+        }
         self._key_bytes: Final = api_key.reveal().encode()
-        self._pool: _Pool | None = None
+        self._urls: dict[str, URL] = {}
+        self._started = False
+
+    @property
+    def transport(self) -> Transport:
+        """The transport requests go through."""
+        return self._transport
 
     async def start(self) -> None:
-        """Open the pool (connections are made on first use)."""
-        base = self._base
-        tls = None
-        if base.scheme == "https":
-            tls = self._tls or ssl.create_default_context()
-        self._pool = _Pool(
-            asyncio.get_running_loop(),
-            host=base.raw_host or "",
-            port=base.port or _DEFAULT_PORTS[base.scheme],
-            tls=tls,
-            limit=self._config.max_connections,
-            connect_timeout=self._config.connect_timeout_seconds,
-        )
+        """Start the transport (connections are made on first use)."""
+        await self._transport.start()
+        self._started = True
 
     async def close(self) -> None:
-        """Close the pool's connections."""
-        if self._pool is not None:
-            self._pool.close()
-            self._pool = None
+        """Close the transport's connections."""
+        if self._started:
+            self._started = False
+            await self._transport.close()
 
     def mentions_key(self, data: bytes) -> bool:
         """Return whether ``data`` contains our Clipia key (then it must never be relayed)."""
         return bool(self._key_bytes) and self._key_bytes in data
 
-    def _head(
-        self,
-        method: str,
-        path: str,
-        query: Mapping[str, str] | None,
-        request_id: str,
-        accept: str,
-        body: bytes | None,
-    ) -> bytes:
-        target = self._prefix + path
+    def _url(self, path: str, query: Mapping[str, str] | None) -> URL:
         if query:
-            target += "?" + urllib.parse.urlencode(query, quote_via=urllib.parse.quote)
-        head = (
-            f"{method} {target} HTTP/1.1\r\n{self._fixed_headers}"
-            f"X-Request-Id: {request_id}\r\nAccept: {accept}\r\n"
-        )
-        if body is not None:
-            head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-        return (head + "\r\n").encode("latin-1")
+            target = path + "?" + urllib.parse.urlencode(query, quote_via=urllib.parse.quote)
+            return URL(self._base + target, encoded=True)
+        url = self._urls.get(path)
+        if url is None:
+            url = URL(self._base + urllib.parse.quote(path), encoded=True)
+            self._urls[path] = url
+        return url
 
     async def send(
         self,
@@ -452,34 +684,40 @@ class UpstreamClient:
         query: Mapping[str, str] | None = None,
         accept: str = "application/json",
     ) -> UpstreamResponse:
-        """Send one request (with bounded retries) and return the response at its headers.
+        """Send one request (retrying only what is safe) and return the response at its headers.
 
         Raises :class:`UpstreamUnavailable` (502) when Clipia cannot be reached, redirects, or
-        rejects our key; :class:`UpstreamTimeout` (504) when no first byte arrives in time.
-        A 429/5xx after the last retry is returned for the caller to pass through.
+        rejects our key, or the exchange broke (:class:`UpstreamBroken`); :class:`UpstreamTimeout`
+        (504) when no first byte arrives in time. Other statuses are returned for the caller
+        to pass through.
         """
-        pool = self._pool
-        if pool is None:
+        if not self._started:
             raise RuntimeError("UpstreamClient is not started")
-        head = self._head(method, path, query, request_id, accept, body)
-        attempts = 1 + self._config.retries
+        headers = {**self._fixed_headers, "X-Request-Id": request_id, "Accept": accept}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        config = self._config
+        request = UpstreamRequest(
+            method, self._url(path, query), headers, body, config.first_byte_timeout_seconds
+        )
+        attempts = 1 + config.retries
         for attempt in range(1, attempts + 1):
             last = attempt == attempts
             try:
-                protocol = await pool.acquire()
-            except _PoolBusy:
+                response = await self._transport.send(request)
+            except ConnectionsBusy:
                 # Waiting longer would only queue without end; nothing reached Clipia.
                 _LOGGER.warning(
                     "all %d upstream connections stayed busy for %.1fs; request not sent",
-                    self._config.max_connections,
-                    self._config.connect_timeout_seconds,
+                    config.max_connections,
+                    config.connect_timeout_seconds,
                 )
                 raise UpstreamBusy(
-                    f"All {self._config.max_connections} connections to the upstream AI gateway "
+                    f"All {config.max_connections} connections to the upstream AI gateway "
                     "are busy; the request was not sent. Retry shortly.",
                     retry_after=1,
                 ) from None
-            except _ConnectFailed as exc:
+            except NotSent as exc:
                 self._on_attempt("connect_error")
                 # Nothing reached Clipia: safe to try again.
                 if last:
@@ -487,7 +725,16 @@ class UpstreamClient:
                     raise UpstreamNotSent("The upstream AI gateway cannot be reached.") from exc
                 await self._sleep(_BACKOFF_BASE_SECONDS * 2 ** (attempt - 1))
                 continue
-            response = await self._exchange(pool, protocol, head, body)
+            except FirstByteTimeout as exc:
+                self._on_attempt("timeout")
+                raise UpstreamTimeout(
+                    "The upstream AI gateway did not start answering in time."
+                ) from exc
+            except ExchangeFailed as exc:
+                self._on_attempt("error")
+                # The request may have reached Clipia; never retried.
+                _LOGGER.warning("upstream request failed: %s", exc)
+                raise UpstreamBroken("The upstream AI gateway closed the connection.") from exc
             status = response.status
             self._on_attempt(str(status))
             if 300 <= status < 400:
@@ -506,61 +753,17 @@ class UpstreamClient:
                     "The upstream AI gateway refused this gateway's credentials.",
                     upstream_status=status,
                 )
-            if status in _RETRY_STATUSES and not last:
-                wait = parse_retry_after(response.headers.get("Retry-After"))
-                if wait is None:
-                    wait = _BACKOFF_BASE_SECONDS * 2 ** (attempt - 1)
-                if wait <= self._config.max_retry_wait_seconds:
-                    response.release()
-                    _LOGGER.info("upstream %d, retry %d in %.2fs", status, attempt, wait)
-                    await self._sleep(wait)
-                    continue
+            if status in self._retry_statuses:
+                if not last:
+                    wait = parse_retry_after(response.headers.get("Retry-After"))
+                    if wait is None:
+                        wait = _BACKOFF_BASE_SECONDS * 2 ** (attempt - 1)
+                    if wait <= config.max_retry_wait_seconds:
+                        response.release()
+                        _LOGGER.info("upstream %d, retry %d in %.2fs", status, attempt, wait)
+                        await self._sleep(wait)
+                        continue
+                # The gateway spent the retry budget for this status: the client must not.
+                response.gave_up = True
             return response
         raise AssertionError("unreachable")  # pragma: no cover
-
-    async def _exchange(
-        self, pool: _Pool, protocol: ResponseHandler, head: bytes, body: bytes | None
-    ) -> UpstreamResponse:
-        """Write one request on ``protocol`` and wait for the answer's headers."""
-        config = self._config
-        # Until the headers arrive the socket read timeout is the first-byte timeout; the
-        # timer starts once the request is written, so it measures Clipia's first byte.
-        protocol.set_response_params(
-            read_until_eof=True,
-            auto_decompress=True,
-            read_timeout=config.first_byte_timeout_seconds,
-            read_bufsize=_READ_BUFSIZE,
-            max_line_size=_MAX_LINE,
-            max_field_size=_MAX_LINE,
-        )
-        try:
-            transport = protocol.transport
-            if transport is None:
-                raise aiohttp.ServerDisconnectedError  # noqa: TRY301 - mapped just below
-            transport.write(head + body if body is not None else head)
-            protocol.start_timeout()
-            while True:
-                message, payload = await protocol.read()
-                # 1xx interim answers (never 101: no upgrade was asked) precede the real one.
-                if not 100 <= message.code < 200 or message.code == 101:
-                    break
-        except (aiohttp.ServerTimeoutError, TimeoutError) as exc:
-            pool.drop(protocol)
-            self._on_attempt("timeout")
-            raise UpstreamTimeout(
-                "The upstream AI gateway did not start answering in time."
-            ) from exc
-        except (aiohttp.ClientError, HttpProcessingError, OSError) as exc:
-            pool.drop(protocol)
-            self._on_attempt("error")
-            # The request may have reached Clipia; never retried.
-            _LOGGER.warning("upstream request failed: %s", exc.__class__.__name__)
-            raise UpstreamUnavailable("The upstream AI gateway closed the connection.") from exc
-        except BaseException:
-            pool.drop(protocol)  # cancelled mid-exchange: the connection's state is unknown
-            raise
-        if not payload.is_eof():
-            # The idle timeout governs the body only: it must not cut the first-byte wait.
-            protocol.read_timeout = config.idle_timeout_seconds
-            protocol.start_timeout()
-        return UpstreamResponse(message.code, message.headers, payload, pool, protocol)

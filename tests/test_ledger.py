@@ -24,7 +24,7 @@ from clipia_proxy.quotas.estimate import Estimate
 from clipia_proxy.quotas.memory import MemoryStore
 from clipia_proxy.quotas.model import Micro, Outcome, RecordState, UsageSource, to_micro
 from clipia_proxy.quotas.service import Admission, QuotaService
-from clipia_proxy.upstream import UpstreamClient
+from clipia_proxy.upstream import UpstreamClient, read_body
 from clipia_proxy.wire import Usage
 
 NOW = 1_795_000_000.0
@@ -36,6 +36,7 @@ RUBLES = Decimal(3)
 def make_config() -> Config:
     text = f"""
 store: {{backend: memory}}
+upstream: {{first_byte_timeout_seconds: 120}}
 accounting: {{lease_seconds: 600}}
 teams:
   - id: search
@@ -128,7 +129,7 @@ async def chat(env: Env, *, fault: Fault | None = None) -> tuple[str, Decimal, i
     )
     try:
         assert response.status == 200
-        data = msgspec.json.decode(await response.content.read())
+        data = msgspec.json.decode(await read_body(response, 1 << 20))
     finally:
         response.release()
     bill = env.state.bills[data["id"]]

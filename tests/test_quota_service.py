@@ -50,6 +50,7 @@ def config(
 ) -> Config:
     text = f"""
 store: {{backend: memory, on_error: {on_error}, timeout_seconds: {timeout}}}
+upstream: {{first_byte_timeout_seconds: 120}}
 accounting: {{timezone: Europe/Moscow, lease_seconds: 600}}
 teams:
   - id: search

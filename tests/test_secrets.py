@@ -171,16 +171,16 @@ async def drive_everything(stack: Stack) -> list[Reply]:
     assert parser.status == 400
 
     # Upstream failures.
-    stack.emulator.push_fault(Fault(status=429, retry_after="0", times=3))
+    stack.emulator.push_fault(Fault(status=429, retry_after="0"))
     assert (await post(chat())).status == 429
-    stack.emulator.push_fault(Fault(status=500, retry_after="0", times=3))
+    stack.emulator.push_fault(Fault(status=500, retry_after="0"))
     assert (await post(chat())).status == 500
-    stack.emulator.push_fault(Fault(status=500, body_quotes_key=True, retry_after="0", times=3))
+    stack.emulator.push_fault(Fault(status=500, body_quotes_key=True, retry_after="0"))
     quoted = await post(chat())
     assert quoted.status == 500
     stack.emulator.push_fault(Fault(status=400, body_quotes_key=True))
     assert (await post(chat())).status == 400
-    stack.emulator.push_fault(Fault(non_json_body=True, retry_after="0", times=3))
+    stack.emulator.push_fault(Fault(non_json_body=True, retry_after="0"))
     assert (await post(chat())).status == 502
     for status in (401, 403):
         stack.emulator.push_fault(Fault(status=status, body_quotes_key=True, times=3))
