@@ -27,6 +27,7 @@ Owns everything about talking to the upstream and never anything about teams or 
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime
 import email.utils
 import logging
@@ -430,6 +431,7 @@ class AiohttpTransport:
         self._session: aiohttp.ClientSession | None = None
         self._slots = asyncio.Semaphore(config.max_connections)
         self._proxy: URL | None = None
+        self._proxy_headers: dict[str, str] | None = None
         self._users = 0
 
     @property
@@ -447,17 +449,28 @@ class AiohttpTransport:
             return
         config = self._config
         base = URL(config.base_url)
-        if config.proxy_url:
-            self._proxy = URL(config.proxy_url)
-        elif config.trust_env:
-            self._proxy = env_proxy(base, self._environ)
+        proxy = URL(config.proxy_url) if config.proxy_url else None
+        if proxy is None and config.trust_env:
+            proxy = env_proxy(base, self._environ)
+        if proxy is not None and (proxy.user is not None or proxy.password is not None):
+            # Credentials in the URL go to the proxy alone, as Proxy-Authorization.
+            credentials = f"{proxy.user or ''}:{proxy.password or ''}".encode()
+            self._proxy_headers = {
+                "Proxy-Authorization": "Basic " + base64.b64encode(credentials).decode("ascii")
+            }
+            proxy = proxy.with_user(None)
+        self._proxy = proxy
+        tls = self._tls
+        if tls is None and base.scheme == "https":
+            # The system's CAs (SSL_CERT_FILE / SSL_CERT_DIR honoured), read off the loop.
+            tls = await asyncio.to_thread(ssl.create_default_context)
         connector = aiohttp.TCPConnector(
             limit=config.max_connections,
             use_dns_cache=True,
             ttl_dns_cache=_DNS_CACHE_SECONDS,
             happy_eyeballs_delay=_HAPPY_EYEBALLS_DELAY,
             keepalive_timeout=_KEEPALIVE_SECONDS,
-            ssl=self._tls if self._tls is not None else True,
+            ssl=tls if tls is not None else True,
         )
         self._session = aiohttp.ClientSession(
             connector=connector,
@@ -504,6 +517,7 @@ class AiohttpTransport:
                     data=request.body,
                     allow_redirects=False,
                     proxy=self._proxy,
+                    proxy_headers=self._proxy_headers,
                 )
         except (
             aiohttp.ClientConnectorError,  # refused, unreachable, DNS, TLS, the proxy
@@ -697,9 +711,12 @@ class UpstreamClient:
         if body is not None:
             headers["Content-Type"] = "application/json"
         config = self._config
-        request = UpstreamRequest(
-            method, self._url(path, query), headers, body, config.first_byte_timeout_seconds
-        )
+        # A chat may think for minutes before its first byte; the catalog and generation
+        # lookups (GETs) answer at once when Clipia is well: they wait the idle timeout at most.
+        first_byte = config.first_byte_timeout_seconds
+        if method != "POST":
+            first_byte = min(first_byte, config.idle_timeout_seconds)
+        request = UpstreamRequest(method, self._url(path, query), headers, body, first_byte)
         attempts = 1 + config.retries
         for attempt in range(1, attempts + 1):
             last = attempt == attempts

@@ -1068,3 +1068,58 @@ async def test_every_connection_busy_waits_the_connect_timeout_then_refuses() ->
             await client.close()
     assert server.connections == 1
     assert [head.split(b" ")[1] for _, head in server.requests] == [b"/v1/slow", b"/v1/models"]
+
+
+# --------------------------------------------------------------------------------------------
+# The transport interface: create_app takes one (as tests inject httpx's MockTransport)
+
+
+async def test_create_app_sends_through_an_injected_transport(
+    aiohttp_client: Callable[..., Awaitable[Any]],
+) -> None:
+    from clipia_proxy.app import create_app
+    from clipia_proxy.auth import generate_key
+    from clipia_proxy.emulator.catalog import catalog_entry
+    from clipia_proxy.upstream import MockTransport, UpstreamRequest, mock_response
+    from tests.conftest import make_config
+
+    answer = msgspec.json.encode(
+        {
+            "id": "gen-mock-1",
+            "object": "chat.completion",
+            "model": "gpt-5.5",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "from the mock"},
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6},
+        }
+    )
+
+    async def handler(request: UpstreamRequest) -> Any:
+        if request.url.path.endswith("/models"):
+            return mock_response(200, msgspec.json.encode({"data": [catalog_entry("gpt-5.5")]}))
+        return mock_response(200, answer, {"Content-Type": "application/json"})
+
+    transport = MockTransport(handler)
+    key = generate_key()
+    config = make_config(
+        "http://upstream.invalid",
+        {"search": key, "research": generate_key()},
+        store="{backend: memory}",
+    )
+    app = create_app(config, api_key=Secret("clipia_live_mock"), upstream_transport=transport)
+    client = await aiohttp_client(app)
+    reply = await client.post(
+        "/v1/chat/completions", json=HELLO, headers={"Authorization": f"Bearer {key}"}
+    )
+    assert reply.status == 200
+    assert await reply.read() == answer  # byte for byte
+    (chat_request,) = [r for r in transport.requests if r.method == "POST"]
+    assert str(chat_request.url) == "http://upstream.invalid/v1/chat/completions"
+    assert chat_request.headers["Authorization"] == "Bearer clipia_live_mock"
+    assert chat_request.body is not None
+    assert msgspec.json.decode(chat_request.body)["model"] == "gpt-5.5"
