@@ -241,8 +241,11 @@ async def test_upstream_error_statuses(
     tries: int,
     stream: bool,
 ) -> None:
-    """Retried answers are one request id and one record; refused ones cost 0."""
-    cluster = await clusters()
+    """Retried answers are one request id and one record; refused ones cost 0.
+
+    The gateway retries statuses only when the operator opts in (``retry_on_status``).
+    """
+    cluster = await clusters(upstream="retry_on_status: [429, 500, 503]")
     gateway = cluster.gateways[0]
     cluster.emulator.push_fault(*faults)
     reply = await chat(gateway, stream=stream)
