@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import email.utils
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from decimal import Decimal
@@ -1111,15 +1112,16 @@ async def test_create_app_sends_through_an_injected_transport(
         {"search": key, "research": generate_key()},
         store="{backend: memory}",
     )
-    app = create_app(config, api_key=Secret("clipia_live_mock"), upstream_transport=transport)
+    clipia_key = "clipia_live_" + secrets.token_urlsafe(24)
+    app = create_app(config, api_key=Secret(clipia_key), upstream_transport=transport)
     client = await aiohttp_client(app)
     reply = await client.post(
         "/v1/chat/completions", json=HELLO, headers={"Authorization": f"Bearer {key}"}
     )
-    assert reply.status == 200
+    assert reply.status == 200, await reply.text()
     assert await reply.read() == answer  # byte for byte
     (chat_request,) = [r for r in transport.requests if r.method == "POST"]
     assert str(chat_request.url) == "http://upstream.invalid/v1/chat/completions"
-    assert chat_request.headers["Authorization"] == "Bearer clipia_live_mock"
+    assert chat_request.headers["Authorization"] == f"Bearer {clipia_key}"
     assert chat_request.body is not None
     assert msgspec.json.decode(chat_request.body)["model"] == "gpt-5.5"
