@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 import redis.asyncio as aioredis
 
@@ -1074,3 +1075,21 @@ async def test_redis_dead_port(unused_tcp_port: int, postgres_dsn: str) -> None:
     finally:
         await store.close()
     assert time.monotonic() - started < 3.0
+
+
+async def test_attribution_is_written_with_the_record(h: Harness) -> None:
+    """Environment, tags and end user reach the record on every backend (redis: in the ledger)."""
+    req = msgspec.structs.replace(
+        h.request("r1"),
+        environment="test",
+        tags={"service": "indexer"},
+        end_user="h:0123",
+    )
+    assert (await h.store.reserve(req)).admitted
+    record = await h.store.record("r1")
+    assert record is not None
+    assert (record.environment, record.tags, record.end_user) == (
+        "test",
+        {"service": "indexer"},
+        "h:0123",
+    )

@@ -546,6 +546,9 @@ class RedisStore:
             windows=dict(request.periods),
             created_at=float(data.get("now", request.now)),  # the server's clock, as the lease
             lease_until=float(data.get("lease_until", request.now + request.lease_seconds)),
+            environment=request.environment,
+            tags=dict(request.tags),
+            end_user=request.end_user,
         )
         if result.replayed:
             # The lease is there: an earlier call reserved and may have died before its
