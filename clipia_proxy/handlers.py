@@ -238,7 +238,9 @@ async def _complete_chat(
     try:
         canonical_model = policy.resolve(chat.requested_model, snapshot.entries)
     except ModelNotAllowed:
-        info.model = policy.canonical(chat.requested_model)  # labelled if in the catalog
+        denied = policy.canonical(chat.requested_model)
+        if denied in snapshot.entries:  # a catalog id: bounded, safe for metrics and logs
+            info.model = denied
         raise
     info.model = canonical_model
     team = policy.team

@@ -220,7 +220,7 @@ async def test_one_access_line_per_request_with_design_fields(
     assert line["usage_source"] is None
 
     for sent, team, key_id, model in (
-        (denied, "search", "search-1", None),
+        (denied, "search", "search-1", "claude-sonnet-4-5"),  # a catalog id, denied to it
         (unknown, "unknown", None, None),
         (bad, "search", "search-1", None),
         (capped, "research", "research-1", "gpt-5.5"),
