@@ -304,7 +304,7 @@ async def test_unsafe_redis_settings_warn_in_readyz_and_metrics(
 
 
 async def test_redis_memory_is_flat_with_traffic(postgres_dsn: str) -> None:
-    """Redis memory after 11x the requests is within a few hundred KiB.
+    """Redis memory after 11x the requests is within a few hundred KiB (512).
 
     Scaled for CI: 500 then 5,000 more reserve+settle pairs straight on the store (not 1k and
     50k over HTTP). The 60-second RPM log is the only per-request state and ages out within a
@@ -349,7 +349,7 @@ async def test_redis_memory_is_flat_with_traffic(postgres_dsn: str) -> None:
             window = 0
             for pattern in ("flat:win:*", "flat:wtok:*"):
                 async for key in client.scan_iter(match=pattern):
-                    window += int(await client.memory_usage(key) or 0)
+                    window += int(await client.memory_usage(key, samples=0) or 0)  # exact
             return total - window
 
         try:
@@ -362,4 +362,6 @@ async def test_redis_memory_is_flat_with_traffic(postgres_dsn: str) -> None:
             await client.aclose()
             await store.close()
     assert keys < 40, keys  # counters and windows of 5 teams, the epoch: no record keys
-    assert abs(second - first) < 300 * 1024, (first, second)
+    # Per-request records would add ~2.5 KB each (12 MB here); allocator and buffer noise
+    # stays within a few hundred KiB.
+    assert abs(second - first) < 512 * 1024, (first, second)

@@ -8,8 +8,14 @@ from pathlib import Path
 
 from clipia_proxy.ledgers.sqlite import SqliteLedger
 from clipia_proxy.quotas.model import Micro, Period, ReserveRequest, Settlement, TeamLimits
-from clipia_proxy.quotas.sqlite import COLUMNS, SqliteStore
+from clipia_proxy.quotas.sqlite import SqliteStore
 
+OLD_COLUMNS = (
+    "request_id, team, key_id, model, stream, reserved, tokens_reserved, windows, created_at, "
+    "lease_until, state, upstream_id, cost, prompt_tokens, completion_tokens, usage_source, "
+    "outcome, settled_at"
+)
+"""The columns of a file from before the summary table (and before attribution columns)."""
 NOW = time.time()
 OLD = NOW - 200 * 86400  # months ago: only its total window can still be current
 WINDOWS = {Period.DAY: "day:2020-01-01", Period.MONTH: "month:2020-01", Period.TOTAL: "total"}
@@ -71,7 +77,7 @@ async def test_an_older_file_is_summed_into_the_summary_once(tmp_path: Path) -> 
     windows = '{"day":"day:2020-01-01","total":"total"}'
     for index, (state, cost) in enumerate([("settled", 5), ("settled", 7), ("dispatched", 0)]):
         db.execute(
-            f"INSERT INTO ledger ({COLUMNS}) VALUES "  # noqa: S608 - constant columns
+            f"INSERT INTO ledger ({OLD_COLUMNS}) VALUES "  # noqa: S608 - constant columns
             "(?, 't', NULL, 'm', 0, 100, 1, ?, ?, ?, ?, NULL, ?, 0, 0, NULL, NULL, NULL)",
             (f"r{index}", windows, NOW - 10, NOW + 600, state, cost),
         )
