@@ -5,8 +5,8 @@ subprocess, with the emulator as Clipia) every second and evaluates the alert ru
 A scripted mix — two teams, plain requests and streams, a policy refusal (403) and budget
 refusals (402) — runs; then every query of the dashboard is evaluated through Prometheus' HTTP
 API with its variables substituted: none may fail, and the spend per team over the run must
-equal the ledger (``clipia-proxy report``) within rounding. ``ClipiaProxyBudgetRefusing`` must
-be pending or firing for the refused team.
+equal the ledger (``clipia-proxy report``) within rounding. ``ClipiaProxyBudgetRefusing`` and
+``ClipiaProxyBudgetHeadroomLow`` must be pending or firing for the refused team, not the other.
 
 Everything listens on 127.0.0.1 and is stopped at the end; Prometheus' storage is a temporary
 directory.
@@ -389,22 +389,22 @@ async def test_dashboard_queries_and_budget_alert_against_a_real_prometheus(run:
         figures.append(f"{team}: ledger {expected} cr, dashboard {per_team[team]:.6f} cr")
     print("dashboard vs ledger:", "; ".join(figures))  # noqa: T201 - the report quotes it
 
-    # The refused team's budget alert is pending or firing.
-    async with asyncio.timeout(30):
+    # The refused team's budget alerts are pending or firing: the refusal itself, and its
+    # headroom (remaining / typical reservation) below 10 requests; none for beta.
+    wanted = {"ClipiaProxyBudgetRefusing", "ClipiaProxyBudgetHeadroomLow"}
+    async with asyncio.timeout(45):
         while True:
             alerts = (await api(run, "alerts"))["alerts"]
-            states = {
-                a["state"]
+            active = {
+                (a["labels"]["alertname"], a["labels"].get("team"))
                 for a in alerts
-                if a["labels"]["alertname"] == "ClipiaProxyBudgetRefusing"
-                and a["labels"].get("team") == "alpha"
+                if a["state"] in {"pending", "firing"}
             }
-            if states & {"pending", "firing"}:
+            if {(name, "alpha") for name in wanted} <= active:
                 break
             await asyncio.sleep(0.5)
-    assert not [
-        a
-        for a in alerts
-        if a["labels"]["alertname"] == "ClipiaProxyBudgetRefusing"
-        and a["labels"].get("team") == "beta"
-    ]
+    assert not [key for key in active if key[0] in wanted and key[1] == "beta"]
+    headroom = await query(
+        run, 'min by (team) (clipia_proxy_budget_headroom_requests{team="alpha"})'
+    )
+    assert float(headroom[0]["value"][1]) < 10
