@@ -188,9 +188,14 @@ class Ledger:
                 now=now,
             )
         usage = flight.usage
-        if usage is not None and usage.cost is not None and self._believed(flight, usage):
+        reported = None if usage is None or usage.cost is None else to_micro(usage.cost)
+        if (
+            reported is not None
+            and usage is not None
+            and self._plausible(flight, reported, usage.prompt_tokens, usage.completion_tokens)
+        ):
             return Settlement(
-                cost=to_micro(usage.cost),
+                cost=reported,
                 prompt_tokens=usage.prompt_tokens or 0,
                 completion_tokens=usage.completion_tokens or 0,
                 usage_source=UsageSource.STREAM
@@ -201,9 +206,7 @@ class Ledger:
                 now=now,
             )
         if generation is not None and self._plausible(
-            flight,
-            generation.cost,
-            self._price(flight, generation.prompt_tokens, generation.completion_tokens),
+            flight, generation.cost, generation.prompt_tokens, generation.completion_tokens
         ):
             return generation.settlement(flight.outcome, flight.upstream_id, now)
         counted = self._counted(flight, usage)
@@ -247,14 +250,24 @@ class Ledger:
             return None
         return self._price(flight, usage.prompt_tokens, usage.completion_tokens)
 
-    def _believed(self, flight: Flight, usage: Usage) -> bool:
-        """Sanity-check a reported ``usage.cost`` against its tokens and the reservation."""
-        assert usage.cost is not None
-        return self._plausible(flight, to_micro(usage.cost), self._counted(flight, usage))
+    def _plausible(
+        self,
+        flight: Flight,
+        cost: Micro,
+        prompt_tokens: int | None,
+        completion_tokens: int | None,
+    ) -> bool:
+        """Sanity-check an upstream cost against its tokens x prices and the reservation.
 
-    def _plausible(self, flight: Flight, cost: Micro, counted: Micro | None) -> bool:
-        """Return whether an upstream cost is believed; count and log one that is not."""
-        if plausible_cost(cost, reserved=flight.admission.amount, counted=counted):
+        A cost within the reservation (the usual case) needs no arithmetic. One that is not
+        believed is counted and logged.
+        """
+        reserved = flight.admission.amount
+        if 0 <= cost <= reserved or plausible_cost(
+            cost,
+            reserved=reserved,
+            counted=self._price(flight, prompt_tokens, completion_tokens),
+        ):
             return True
         self.implausible_costs += 1
         _LOGGER.warning(

@@ -143,6 +143,7 @@ async def relay_stream(
     drain_deadline: float | None = None
     next_renewal = loop.time() + renew_every
     cancel = on_disconnect != "drain"
+    char_limit = 8 * (output_limit + 1) if output_limit is not None else 0
 
     def client_gone() -> bool:
         """Note the client left; return True when the upstream can be closed at once."""
@@ -194,7 +195,11 @@ async def relay_stream(
         if on_upstream_id is not None and tap.upstream_id is not None:
             on_upstream_id(tap.upstream_id)
             on_upstream_id = None
-        if output_limit is not None and tap.output_tokens_seen > output_limit and not tap.saw_done:
+        if (
+            output_limit is not None
+            and (tap.content_chunks > output_limit or tap.content_chars >= char_limit)
+            and not tap.saw_done
+        ):  # tap.output_tokens_seen > output_limit, without the call per chunk
             # Past the bound reserved: relay this read (already written upstream), then cut.
             result.cut_at_bound = True
             upstream.close()
