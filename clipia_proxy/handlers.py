@@ -10,6 +10,7 @@ import asyncio
 import datetime as dt
 import logging
 import time
+from collections.abc import Callable
 from decimal import Decimal
 from typing import Final
 
@@ -95,6 +96,8 @@ _LOGGER: Final = logging.getLogger(__name__)
 _MAX_UPSTREAM_BODY: Final = 64 * 1024 * 1024
 """Bound on a non-streaming upstream answer held in memory (streams are never held)."""
 _MAX_ERROR_BODY: Final = 64 * 1024
+_CLIENT_CHECK_SECONDS: Final = 1.0
+"""How often a request waiting for Clipia's first byte checks that its client is still there."""
 _JSON: Final = "application/json"
 _PASSED_THROUGH_ERROR_HEADERS: Final = ("Retry-After",)
 _WITHHELD_MESSAGE: Final = (
@@ -199,7 +202,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         raw = await read_json_body(request, server.max_body_bytes, server.body_timeout_seconds)
         return await _complete_chat(request, parse_chat_request(raw), config, policy)
     finally:
-        quotas.leave(team, counted=request[INFO].upstream_sent is not None)
+        if not quotas.left_early(request[INFO].request_id):  # a client gone left already
+            quotas.leave(team, counted=request[INFO].upstream_sent is not None)
 
 
 async def complete_chat(
@@ -223,7 +227,8 @@ async def complete_chat(
     try:
         return await _complete_chat(request, chat, config, policy)
     finally:
-        quotas.leave(team, counted=request[INFO].upstream_sent is not None)
+        if not quotas.left_early(request[INFO].request_id):  # a client gone left already
+            quotas.leave(team, counted=request[INFO].upstream_sent is not None)
 
 
 async def _complete_chat(
@@ -378,6 +383,8 @@ async def _forward(
         raise
     headers = flight.admission.headers
     info.upstream_sent = time.perf_counter()
+    # While Clipia computes, a client that hangs up gives its team's slot back (once a second).
+    watch = _ClientWatch(request, lambda: app[LEDGER].release_slot(flight))
     try:
         response = await upstream.send(
             "POST",
@@ -409,6 +416,8 @@ async def _forward(
     except BaseException:
         flight.outcome = Outcome.CLIENT_DISCONNECT  # cancelled while waiting for Clipia
         raise
+    finally:
+        watch.cancel()
     try:
         flight.upstream_status = response.status
         if response.status != 200:
@@ -539,6 +548,37 @@ async def _forward(
 def _overloaded(exc: UpstreamBusy) -> Overloaded:
     """Shed with 503 ``overloaded`` (SDKs retry a 502 at once; a 503 after ``Retry-After``)."""
     return Overloaded(exc.message, retry_after=exc.retry_after or 1)
+
+
+class _ClientWatch:
+    """Checks once a second whether the client is still connected; calls ``on_gone`` once.
+
+    aiohttp tells a handler that is not cancelled nothing when its client leaves; the
+    transport it answers on is gone (or closing) then. One timer per waiting request.
+    """
+
+    __slots__ = ("_handle", "_loop", "_on_gone", "_request")
+
+    def __init__(self, request: web.Request, on_gone: Callable[[], None]) -> None:
+        self._request = request
+        self._on_gone = on_gone
+        self._loop = asyncio.get_running_loop()
+        self._handle: asyncio.TimerHandle | None = self._loop.call_later(
+            _CLIENT_CHECK_SECONDS, self._check
+        )
+
+    def _check(self) -> None:
+        transport = self._request.transport
+        if transport is None or transport.is_closing():
+            self._handle = None
+            self._on_gone()
+            return
+        self._handle = self._loop.call_later(_CLIENT_CHECK_SECONDS, self._check)
+
+    def cancel(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
 
 
 def _upstream_broke() -> UpstreamUnavailable:

@@ -154,9 +154,13 @@ class Ledger:
 
     def release_slot(self, flight: Flight) -> None:
         """Free the flight's concurrency slot now (its client left); its money stays reserved."""
-        if not flight.admission.reserved or flight.slot_released:
+        if flight.slot_released:
             return
         flight.slot_released = True
+        # The team's place in this gateway, and its slot in the store.
+        self._quotas.leave_early(flight.admission.team, flight.admission.request_id)
+        if not flight.admission.reserved:
+            return
         self._quotas.slot_freed(flight.admission.team, flight.admission.admitted_at)
         request_id = flight.admission.request_id
         local = self._quotas.local_store

@@ -80,11 +80,24 @@ async def read_until(
     return count
 
 
+async def hang_up_once_clipia_has_it(cluster: Cluster, client: openai.AsyncOpenAI) -> None:
+    """Start a stream and hang up as soon as Clipia received it (before its first byte)."""
+    async with asyncio.TaskGroup() as group:
+        opening = group.create_task(open_stream(client))
+        async with asyncio.timeout(10):
+            while True:
+                if [r for r in cluster.emulator.requests if r.path == CHAT_PATH]:
+                    break
+                await asyncio.sleep(0.01)
+        opening.cancel()
+    await client.close()  # the app gives up: its connection closes
+
+
 async def before_first_byte(cluster: Cluster, client: openai.AsyncOpenAI) -> None:
-    cluster.emulator.push_fault(Fault(first_byte_delay=0.4, chunk_gap=0.05))
-    with pytest.raises(TimeoutError):
-        async with asyncio.timeout(0.15):
-            await open_stream(client)
+    cluster.emulator.push_fault(Fault(first_byte_delay=0.5, chunk_gap=0.05))
+    await hang_up_once_clipia_has_it(cluster, client)
+    (received,) = [r for r in cluster.emulator.requests if r.path == CHAT_PATH]
+    assert received.status == 0  # no byte of the answer yet
 
 
 async def after_first_chunk(cluster: Cluster, client: openai.AsyncOpenAI) -> None:
@@ -192,3 +205,46 @@ async def test_hang_up_frees_the_teams_concurrency_slot_at_once(cluster: Cluster
     await audit(cluster.gateways, cluster.emulator)
     quotas = gateway.running.app[QUOTAS]
     assert await quotas.store.dispatched() == []
+
+
+async def test_hang_up_before_the_first_byte_frees_the_slot_while_clipia_computes(
+    cluster: Cluster,
+) -> None:
+    """The client leaves while Clipia is still silent: the next request need not wait for it."""
+    gateway = cluster.gateways[0]
+    client = sdk(gateway)
+    try:
+        cluster.emulator.push_fault(Fault(first_byte_delay=4))
+        await hang_up_once_clipia_has_it(cluster, client)
+        (silent,) = [r for r in cluster.emulator.requests if r.path == CHAT_PATH]
+        next_client = openai.AsyncOpenAI(
+            base_url=gateway.base_url, api_key=gateway.keys["search"], max_retries=0
+        )
+        answer = None
+        async with asyncio.timeout(10):
+            while True:
+                try:
+                    answer = await next_client.chat.completions.create(
+                        model="gpt-5.5", messages=PROMPT, max_tokens=5
+                    )
+                except openai.RateLimitError as exc:
+                    refused = exc
+                else:
+                    break
+                assert refused.code == "concurrency_limit_exceeded"
+                await asyncio.sleep(0.05)
+        await next_client.close()
+        assert answer is not None
+        # Served while the abandoned request was still waiting for its first byte.
+        assert silent.status == 0
+    finally:
+        await client.close()
+    await asyncio.wait_for(_all_answered(cluster), 10)
+    await audit(cluster.gateways, cluster.emulator)
+
+
+async def _all_answered(cluster: Cluster) -> None:
+    while True:
+        if all(r.status for r in cluster.emulator.requests if r.path == CHAT_PATH):
+            return
+        await asyncio.sleep(0.05)

@@ -139,6 +139,8 @@ class QuotaService:
         self._active: dict[str, int] = {}
         """Team -> its chat requests in this gateway (from before the body is read to the end)."""
         self._active_total = 0
+        self._left_early: set[str] = set()
+        """Requests whose place :meth:`leave_early` ended while their handler still runs."""
         self._shares: dict[str, int] = {}
         self._max_connections = config.upstream.max_connections
         self._apply_shares(config)
@@ -192,6 +194,20 @@ class QuotaService:
             )
         self._active[team] = active + 1
         self._active_total += 1
+
+    def leave_early(self, team: str, request_id: str) -> None:
+        """End a request's place now (its client left) although its handler still runs."""
+        if request_id in self._left_early:
+            return
+        self._left_early.add(request_id)
+        self.leave(team, counted=True)
+
+    def left_early(self, request_id: str) -> bool:
+        """Whether :meth:`leave_early` ended this request's place (then skip :meth:`leave`)."""
+        if request_id in self._left_early:
+            self._left_early.discard(request_id)
+            return True
+        return False
 
     def leave(self, team: str, *, counted: bool) -> None:
         """End a request :meth:`enter` let in; ``counted``: the store has it in the RPM."""
