@@ -104,7 +104,8 @@ _UNMATCHED: Final = "unmatched"
 def _rate_limit_headers(app: web.Application, team: str, error: RateLimited) -> dict[str, str]:
     """OpenAI's ``x-ratelimit-*`` headers for the gateway's own 429 (what the SDKs read)."""
     limits = app[QUOTAS].limits(team)
-    reset = f"{max(error.retry_after or 1, 1)}s"
+    minutes, seconds = divmod(max(error.retry_after or 1, 1), 60)
+    reset = f"{minutes}m{seconds}s" if minutes else f"{seconds}s"
     if error.reason == "tpm" and limits.tpm is not None:
         return {
             "x-ratelimit-limit-tokens": str(limits.tpm),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -109,13 +110,17 @@ async def test_own_429_carries_ratelimit_headers(rpm_stack: Stack) -> None:
     first = await post_chat(rpm_stack, chat())
     assert first.status == 200
     assert first.headers["x-ratelimit-limit-requests"] == "1"
+    assert first.headers["x-ratelimit-remaining-requests"] == "0"
+    # Sliding 60-second windows: whole again a minute after this request.
+    assert first.headers["x-ratelimit-reset-requests"] == "1m0s"
     refused = await post_chat(rpm_stack, chat())
     assert_envelope(refused, 429, "rate_limit_exceeded")
     assert refused.headers["x-ratelimit-limit-requests"] == "1"
     assert refused.headers["x-ratelimit-remaining-requests"] == "0"
-    reset = refused.headers["x-ratelimit-reset-requests"]
-    assert reset.endswith("s")
-    assert int(reset[:-1]) == int(refused.headers["Retry-After"]) >= 1
+    reset = re.fullmatch(r"(?:(\d+)m)?(\d+)s", refused.headers["x-ratelimit-reset-requests"])
+    assert reset is not None
+    seconds = int(reset[1] or 0) * 60 + int(reset[2])
+    assert seconds == int(refused.headers["Retry-After"]) >= 1
 
 
 async def test_openai_sdk_sees_the_client_request_id_it_sent(

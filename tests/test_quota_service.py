@@ -120,8 +120,10 @@ async def test_admission_headers() -> None:
     assert admission.headers == {
         "x-ratelimit-limit-requests": "5",
         "x-ratelimit-remaining-requests": "4",
+        "x-ratelimit-reset-requests": "1m0s",
         "x-ratelimit-limit-tokens": "10000",
         "x-ratelimit-remaining-tokens": "9500",
+        "x-ratelimit-reset-tokens": "1m0s",
         "x-clipia-budget-remaining": "0.75",
         "x-clipia-budget-reset": "2026-11-25T21:00:00Z",
     }

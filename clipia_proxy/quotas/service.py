@@ -52,6 +52,8 @@ _LOGGER: Final = logging.getLogger(__name__)
 _T = TypeVar("_T")
 ALL_PERIODS: Final = [Period.DAY, Period.WEEK, Period.MONTH, Period.TOTAL]
 _RATE_WINDOW_SECONDS: Final = 60.0
+_FULL_WINDOW_RESET: Final = "1m0s"
+"""``x-ratelimit-reset-*`` of an admitted request: the sliding window is whole again then."""
 
 
 def limits_of(team: TeamConfig) -> TeamLimits:
@@ -464,9 +466,13 @@ class QuotaService:
         if limits.rpm is not None and result.requests_remaining is not None:
             headers["x-ratelimit-limit-requests"] = str(limits.rpm)
             headers["x-ratelimit-remaining-requests"] = str(result.requests_remaining)
+            # Sliding 60-second windows: this request leaves the window (which is then back
+            # to its full limit) a minute from now. OpenAI's duration format.
+            headers["x-ratelimit-reset-requests"] = _FULL_WINDOW_RESET
         if limits.tpm is not None and result.tokens_remaining is not None:
             headers["x-ratelimit-limit-tokens"] = str(limits.tpm)
             headers["x-ratelimit-remaining-tokens"] = str(result.tokens_remaining)
+            headers["x-ratelimit-reset-tokens"] = _FULL_WINDOW_RESET
         if result.budget_remaining is not None and result.budget_period is not None:
             headers["x-clipia-budget-remaining"] = str(credits(result.budget_remaining))
             resets_at = current[result.budget_period].resets_at
