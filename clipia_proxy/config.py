@@ -254,12 +254,23 @@ class AuthConfig(msgspec.Struct, **_STRUCT):
     team: str | None = None
 
 
+class BudgetConfig(msgspec.Struct, **_STRUCT):
+    """``teams[].budget``: credits per calendar period (``None``: no budget for that period)."""
+
+    day: Decimal | None = None
+    week: Decimal | None = None
+    month: Decimal | None = None
+    total: Decimal | None = None
+
+
 class KeyConfig(msgspec.Struct, **_STRUCT):
     """``teams[].keys[]``: one team key, stored as the hex SHA-256 of the whole key."""
 
     id: str
     sha256: str
     expires: dt.date | None = None
+    budget: BudgetConfig | None = None
+    """The key's own credits per period, on top of the team's (a request needs room in both)."""
 
 
 class ModelsConfig(msgspec.Struct, **_STRUCT):
@@ -278,15 +289,6 @@ class CapsConfig(msgspec.Struct, **_STRUCT):
     on_exceed: Literal["reject", "clamp"] = "reject"
     max_request_credits: Decimal | None = None
     """Reserved for a model whose catalog price is unknown (otherwise such requests fail closed)."""
-
-
-class BudgetConfig(msgspec.Struct, **_STRUCT):
-    """``teams[].budget``: credits per calendar period (``None``: no budget for that period)."""
-
-    day: Decimal | None = None
-    week: Decimal | None = None
-    month: Decimal | None = None
-    total: Decimal | None = None
 
 
 class LimitsConfig(msgspec.Struct, **_STRUCT):

@@ -10,6 +10,8 @@ import pytest
 from clipia_proxy.quotas.model import Period
 from clipia_proxy.quotas.periods import window, windows
 
+TEAM_PERIODS = [Period.DAY, Period.WEEK, Period.MONTH, Period.TOTAL]
+"""The calendar periods (a key's own budget periods follow them)."""
 MSK = ZoneInfo("Europe/Moscow")
 NY = ZoneInfo("America/New_York")
 UTC = dt.UTC
@@ -20,12 +22,12 @@ def at(zone: dt.tzinfo, *parts: int, micro: int = 0) -> dt.datetime:
 
 
 def keys(now: dt.datetime, zone: ZoneInfo) -> dict[Period, str]:
-    return {p: w.key for p, w in windows(list(Period), now, zone).items()}
+    return {p: w.key for p, w in windows(TEAM_PERIODS, now, zone).items()}
 
 
 def test_moscow_keys_and_resets() -> None:
     now = at(MSK, 2026, 11, 25, 14, 30)
-    found = windows(list(Period), now, MSK)
+    found = windows(TEAM_PERIODS, now, MSK)
     assert {p: w.key for p, w in found.items()} == {
         Period.DAY: "day:2026-11-25",
         Period.WEEK: "week:2026-W48",
@@ -172,7 +174,7 @@ def test_every_day_of_two_years_has_consistent_windows() -> None:
     while day < dt.date(2028, 1, 1):
         for zone in (MSK, NY):
             start = at(zone, day.year, day.month, day.day, 0, 0)
-            found = windows(list(Period), start, zone)
+            found = windows(TEAM_PERIODS, start, zone)
             nxt = day + dt.timedelta(days=1)
             assert found[Period.DAY].key == f"day:{day.isoformat()}"
             assert found[Period.DAY].resets_at == at(zone, nxt.year, nxt.month, nxt.day, 0, 0)

@@ -1093,3 +1093,41 @@ async def test_attribution_is_written_with_the_record(h: Harness) -> None:
         {"service": "indexer"},
         "h:0123",
     )
+
+
+KEY_DAY = f"{DAY}:key:key-1"
+KEY_PERIODS_OF_KEY_1 = {**PERIODS, Period.KEY_DAY: KEY_DAY}
+
+
+async def test_a_key_budget_refuses_and_reserves_nothing_on_the_team(h: Harness) -> None:
+    """A key's own budget: refused on the key window, the team's windows untouched."""
+    limits = TeamLimits(budgets={Period.DAY: Micro(10**9), Period.KEY_DAY: Micro(1_500)})
+    first = h.request("a", amount=1_000, limits=limits, periods=KEY_PERIODS_OF_KEY_1)
+    assert (await h.store.reserve(first)).admitted
+    second = h.request("b", amount=600, limits=limits, periods=KEY_PERIODS_OF_KEY_1)
+    refused = await h.store.reserve(second)
+    assert (refused.admitted, refused.reason, refused.period) == (
+        False,
+        Reason.BUDGET,
+        Period.KEY_DAY,
+    )
+    assert await h.reserved(DAY) == await h.reserved(KEY_DAY) == 1_000
+    assert await h.store.record("b") is None
+    # Another key of the team (no key budget) still fits in the team's window.
+    other = h.request("c", amount=600, limits=limits)
+    assert (await h.store.reserve(other)).admitted
+    assert await h.reserved(DAY) == 1_600
+    assert await h.reserved(KEY_DAY) == 1_000
+    # Settling charges the key window and the team's alike.
+    assert await h.store.settle("a", Settlement(cost=Micro(700), now=h.now))
+    assert await h.spent(DAY) == await h.spent(KEY_DAY) == 700
+    assert await h.reserved(KEY_DAY) == 0
+
+
+async def test_a_team_budget_refusal_reserves_nothing_on_the_key(h: Harness) -> None:
+    limits = TeamLimits(budgets={Period.DAY: Micro(999), Period.KEY_DAY: Micro(10**9)})
+    request = h.request("x", amount=1_000, limits=limits, periods=KEY_PERIODS_OF_KEY_1)
+    refused = await h.store.reserve(request)
+    assert (refused.admitted, refused.period) == (False, Period.DAY)
+    assert await h.reserved(KEY_DAY) == 0
+    assert await h.reserved(DAY) == 0

@@ -117,11 +117,14 @@ _WINDOWS: Final = msgspec.json.Decoder(dict[Period, str])
 _SPENT_WINDOWS: Final = (
     "SELECT team, w.key, SUM(cost)::bigint FROM clipia_ledger "
     "CROSS JOIN LATERAL jsonb_each_text(windows) AS w(period, key) "
-    "WHERE state = 'settled' AND created_at > $1 AND w.period <> 'total' GROUP BY 1, 2"
+    "WHERE state = 'settled' AND created_at > $1 AND w.period NOT IN ('total', 'key_total') "
+    "GROUP BY 1, 2"
 )
 _SPENT_TOTAL: Final = (
     "SELECT team, 'total', SUM(cost)::bigint FROM clipia_ledger "
-    "WHERE state = 'settled' AND windows ? 'total' GROUP BY 1"
+    "WHERE state = 'settled' AND windows ? 'total' GROUP BY 1 "
+    "UNION ALL SELECT team, windows->>'key_total', SUM(cost)::bigint FROM clipia_ledger "
+    "WHERE state = 'settled' AND windows ? 'key_total' GROUP BY 1, 2"
 )
 _TAGS: Final = msgspec.json.Decoder(dict[str, str])
 

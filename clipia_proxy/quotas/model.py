@@ -16,6 +16,7 @@ from typing import Final, NewType
 import msgspec
 
 __all__ = [
+    "KEY_PERIODS",
     "MICRO_PER_CREDIT",
     "Micro",
     "Outcome",
@@ -51,12 +52,36 @@ def credits(amount: int) -> Decimal:
 
 
 class Period(StrEnum):
-    """A budget period: calendar day, ISO week, month (in ``accounting.timezone``) or total."""
+    """A budget period: calendar day, ISO week, month (in ``accounting.timezone``) or total.
+
+    The ``key_*`` periods are the same calendar windows for one team key's own budget
+    (``teams[].keys[].budget``): their window keys are the team window's key plus
+    ``:key:<key id>``, reserved and settled with the team's in one record (all or nothing).
+    """
 
     DAY = "day"
     WEEK = "week"
     MONTH = "month"
     TOTAL = "total"
+    KEY_DAY = "key_day"
+    KEY_WEEK = "key_week"
+    KEY_MONTH = "key_month"
+    KEY_TOTAL = "key_total"
+
+    @property
+    def calendar(self) -> Period:
+        """The team period whose window this one follows (itself for a team period)."""
+        return _CALENDAR.get(self, self)
+
+
+_CALENDAR: Final[dict[Period, Period]] = {
+    Period.KEY_DAY: Period.DAY,
+    Period.KEY_WEEK: Period.WEEK,
+    Period.KEY_MONTH: Period.MONTH,
+    Period.KEY_TOTAL: Period.TOTAL,
+}
+KEY_PERIODS: Final[dict[Period, Period]] = {team: key for key, team in _CALENDAR.items()}
+"""Team period -> the period of a key's own budget over the same window."""
 
 
 class Reason(StrEnum):

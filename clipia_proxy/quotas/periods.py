@@ -56,6 +56,10 @@ def window(period: Period, now: dt.datetime, zone: ZoneInfo) -> Window:
             )
         case Period.TOTAL:
             return Window(period=period, key="total", resets_at=None)
+        case Period.KEY_DAY | Period.KEY_WEEK | Period.KEY_MONTH | Period.KEY_TOTAL:
+            # A key's own budget follows its team period's window (the key suffix is added
+            # by the caller, who knows the key).
+            return window(period.calendar, now, zone)
 
 
 def windows(periods: list[Period], now: dt.datetime, zone: ZoneInfo) -> dict[Period, Window]:

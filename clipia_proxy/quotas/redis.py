@@ -63,6 +63,10 @@ _WINDOW_TTLS: Final = {
     "week": _WINDOW_TTL,
     "month": _WINDOW_TTL,
     "total": _TOTAL_TTL,
+    "key_day": _WINDOW_TTL,
+    "key_week": _WINDOW_TTL,
+    "key_month": _WINDOW_TTL,
+    "key_total": _TOTAL_TTL,
 }
 
 # Shared by every script: release leases that ran out, prune the 60-second window.

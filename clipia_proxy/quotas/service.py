@@ -31,6 +31,7 @@ from clipia_proxy.errors import (
 from .estimate import Estimate
 from .journal import Journal
 from .model import (
+    KEY_PERIODS,
     Micro,
     Outcome,
     Period,
@@ -46,7 +47,7 @@ from .model import (
 from .periods import Window, windows
 from .store import LocalStore, Store, StoreUnavailable
 
-__all__ = ["ALL_PERIODS", "Admission", "QuotaService", "limits_of"]
+__all__ = ["ALL_PERIODS", "Admission", "QuotaService", "key_budgets_of", "limits_of"]
 
 _LOGGER: Final = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -54,6 +55,23 @@ ALL_PERIODS: Final = [Period.DAY, Period.WEEK, Period.MONTH, Period.TOTAL]
 _RATE_WINDOW_SECONDS: Final = 60.0
 _FULL_WINDOW_RESET: Final = "1m0s"
 """``x-ratelimit-reset-*`` of an admitted request: the sliding window is whole again then."""
+
+
+def key_budgets_of(config: Config) -> dict[tuple[str, str], dict[Period, Micro]]:
+    """Return (team, key id) -> the key's own budgets (``teams[].keys[].budget``), in micro."""
+    found: dict[tuple[str, str], dict[Period, Micro]] = {}
+    for team in config.teams:
+        for key in team.keys:
+            if key.budget is None:
+                continue
+            budgets = {
+                KEY_PERIODS[period]: to_micro(amount)
+                for period in ALL_PERIODS
+                if (amount := getattr(key.budget, period.value)) is not None
+            }
+            if budgets:
+                found[team.id, key.id] = budgets
+    return found
 
 
 def limits_of(team: TeamConfig) -> TeamLimits:
@@ -116,6 +134,7 @@ class QuotaService:
         """The store again when it can settle without waiting (memory, sqlite), else None."""
         self._fail_open = config.store.on_error == "fail_open"
         self._limits = {team.id: limits_of(team) for team in config.teams}
+        self._key_budgets = key_budgets_of(config)
         self._windows: tuple[float, float, dict[Period, Window]] | None = None
         self._window_keys: dict[Period, str] = {}
         """Period -> window key of ``self._windows`` (set with it)."""
@@ -226,6 +245,7 @@ class QuotaService:
         """Take a reloaded config's team limits, shadow flags and accounting (store kept)."""
         self._apply_shares(config)
         self._limits = {team.id: limits_of(team) for team in config.teams}
+        self._key_budgets = key_budgets_of(config)
         self._shadow = {team.id: team.shadow for team in config.teams}
         self._zone = ZoneInfo(config.accounting.timezone)
         self._lease = config.accounting.lease_seconds
@@ -269,12 +289,22 @@ class QuotaService:
         current = self.windows(now)
         limits = self._limits.get(team, TeamLimits())
         lookups = self._lookups_in_window(team, now) if self._lookups else 0
+        periods = self._window_keys  # cached with the windows; the stores copy it
+        key_budgets = self._key_budgets.get((team, key_id)) if key_id is not None else None
+        if key_budgets:
+            # The key's own budget: the same calendar windows under a key-scoped window key,
+            # reserved in the same record as the team's (all or nothing across both).
+            periods = {
+                **periods,
+                **{p: f"{periods[p.calendar]}:key:{key_id}" for p in key_budgets},
+            }
+            limits = msgspec.structs.replace(limits, budgets={**limits.budgets, **key_budgets})
         request = ReserveRequest(
             request_id=request_id,
             team=team,
             amount=estimate.amount,
             tokens=estimate.tokens,
-            periods=self._window_keys,  # cached with the windows; the stores copy it
+            periods=periods,
             now=now,
             lease_seconds=self._lease,
             # This replica's /v1/generation lookups take their places in the team's RPM.
@@ -342,7 +372,7 @@ class QuotaService:
         if not result.admitted:
             assert result.reason is not None
             self.rejections[team, result.reason.value] += 1
-            raise self._refusal(team, result, estimate, current, now)
+            raise self._refusal(team, result, estimate, current, now, key_id)
         if result.reason is not None:
             self.would_reject[team, result.reason.value] += 1
             _LOGGER.info("shadow team %s would be refused: %s", team, result.reason.value)
@@ -423,16 +453,23 @@ class QuotaService:
         estimate: Estimate,
         current: dict[Period, Window],
         now: float,
+        key_id: str | None = None,
     ) -> Exception:
         match result.reason:
             case Reason.BUDGET:
                 assert result.period is not None
-                window = current[result.period]
+                period = result.period.calendar
+                window = current[period]
                 wait = window.resets_at.timestamp() - now if window.resets_at is not None else None
                 resets = f"; resets in {_humanise_seconds(wait)}" if wait is not None else ""
+                who = (
+                    f"Key {key_id!r} of team {team!r}"
+                    if period is not result.period
+                    else f"Team {team!r}"
+                )
                 return BudgetExceeded(
-                    f"Team {team!r} has used {credits(result.used)} of its "
-                    f"{credits(result.limit)} credits per {result.period.value}; this request "
+                    f"{who} has used {credits(result.used)} of its "
+                    f"{credits(result.limit)} credits per {period.value}; this request "
                     f"may cost up to {credits(estimate.amount)}{resets}.",
                     retry_after=math.ceil(wait) if wait is not None else None,
                 )
@@ -475,7 +512,7 @@ class QuotaService:
             headers["x-ratelimit-reset-tokens"] = _FULL_WINDOW_RESET
         if result.budget_remaining is not None and result.budget_period is not None:
             headers["x-clipia-budget-remaining"] = str(credits(result.budget_remaining))
-            resets_at = current[result.budget_period].resets_at
+            resets_at = current[result.budget_period.calendar].resets_at
             if resets_at is not None:
                 headers["x-clipia-budget-reset"] = self._reset_text(resets_at)
         return headers

@@ -119,6 +119,7 @@ _CALENDAR_HORIZON_SECONDS: Final = 40 * 86400
 """Day, week and month windows older than this can no longer be current: not loaded."""
 _SPENT_CURRENT: Final = (
     "SELECT team, window, spent FROM ledger_spent WHERE window = 'total' "
+    "OR (window >= 'total:' AND window < 'total;') "
     "OR (window >= ? AND window < 'day;') OR (window >= ? AND window < 'week;') "
     "OR (window >= ? AND window < 'month;')"
 )
