@@ -32,9 +32,15 @@ from typing import Any
 
 import msgspec
 
-from clipia_proxy.quotas.sqlite import COLUMNS, SCHEMA, SqliteStore, prepare
+from clipia_proxy.quotas.sqlite import SCHEMA, SqliteStore, prepare
 
 _MONTH = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
+COLUMNS = (
+    "request_id, team, key_id, model, stream, reserved, tokens_reserved, windows, created_at, "
+    "lease_until, state, upstream_id, cost, prompt_tokens, completion_tokens, usage_source, "
+    "outcome, settled_at"
+)
+"""The columns the synthetic rows fill (the others keep their defaults)."""
 _MODELS = ("gpt-5.5", "gpt-5.5-mini", "claude-sonnet-4-6", "claude-haiku-4-5", "gemini-3-pro")
 
 

@@ -483,7 +483,9 @@ class PostgresLedger:
     ) -> AsyncIterator[ReportLine]:
         """See ``LedgerStore.report`` (GROUP BY in the database; a cursor streams the lines)."""
         columns = [_group_sql(name) for name in by if name in GROUPINGS or tag_name(name)]
-        select = ", ".join([*columns, "''"][: max(len(columns), 1)])
+        select = ", ".join(
+            f"{expr} AS g{i}" for i, expr in enumerate([*columns, "''"][: max(len(columns), 1)])
+        )
         order = ", ".join(str(i + 1) for i in range(len(columns))) or "1"
         where = "state = 'settled' AND created_at >= $1 AND created_at < $2"
         args: list[Any] = [since, until]
@@ -491,12 +493,13 @@ class PostgresLedger:
             where += " AND team = $3"
             args.append(team)
         query = (
-            f"SELECT {select}, count(*), COALESCE(SUM(prompt_tokens), 0)::bigint, "  # noqa: S608 - constant expressions
-            f"COALESCE(SUM(completion_tokens), 0)::bigint, COALESCE(SUM(cost), 0)::bigint "
-            f"FROM clipia_ledger WHERE {where} GROUP BY {order} ORDER BY {order}"
+            f"SELECT {select}, count(*) AS n, COALESCE(SUM(prompt_tokens), 0)::bigint AS pt, "  # noqa: S608 - constant expressions
+            f"COALESCE(SUM(completion_tokens), 0)::bigint AS ct, "
+            f"COALESCE(SUM(cost), 0)::bigint AS cost "
+            f"FROM clipia_ledger WHERE {where} GROUP BY {order}"
         )
         n = max(len(columns), 1)
-        async for row in self._stream(query, args):
+        async for row in self._aggregate(query, args, order):
             yield ReportLine(
                 group=tuple(str(v) for v in row[: len(columns)]),
                 requests=int(row[n]),
@@ -504,6 +507,29 @@ class PostgresLedger:
                 completion_tokens=int(row[n + 2]),
                 cost=int(row[n + 3]),
             )
+
+    async def _aggregate(self, query: str, args: list[Any], order: str) -> AsyncIterator[Any]:
+        """Run an aggregate into a temporary table, then stream it in ``order``.
+
+        A query read through a cursor never runs in parallel in PostgreSQL; ``CREATE TEMP
+        TABLE … AS`` may (parallel workers scan the partitions), and the (small) result is then
+        streamed. The table lives for the transaction only (``ON COMMIT DROP``): safe behind
+        PgBouncer in transaction mode.
+        """
+        pool = await self._connect()
+        try:
+            async with pool.acquire() as conn, conn.transaction():
+                await conn.execute(
+                    f"CREATE TEMP TABLE clipia_report ON COMMIT DROP AS {query}",
+                    *args,
+                )
+                async for row in conn.cursor(
+                    f"SELECT * FROM clipia_report ORDER BY {order}",  # noqa: S608 - column numbers
+                    prefetch=_EXPORT_PREFETCH,
+                ):
+                    yield row
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            raise self._unavailable(exc) from exc
 
     async def _stream(self, query: str, args: list[Any]) -> AsyncIterator[Any]:
         pool = await self._connect()
