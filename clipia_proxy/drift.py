@@ -8,15 +8,17 @@ lag), a background task asks ``GET /v1/generation`` for the request's cost; when
 the ledger's, the record is corrected (cost, tokens, ``usage_source: generation``) and its
 windows' spent moves by the difference (:meth:`Store.correct`). Results are counted in
 ``clipia_proxy_drift_checks_total{result}`` and the credits moved in
-``clipia_proxy_cost_drift_credits_total{team}``. The queue is bounded: past
-``_MAX_PENDING`` the oldest checks are dropped (sampling, not bookkeeping).
+``clipia_proxy_cost_drift_credits_total{team}``. A silent ``/v1/generation`` is asked again
+(``_ATTEMPTS`` times, backing off) before the check counts ``unavailable``. The queue is
+bounded: past ``_MAX_PENDING`` new checks are skipped (sampling, not bookkeeping).
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import random
-from collections import deque
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
 from typing import TYPE_CHECKING, Final
@@ -34,6 +36,9 @@ __all__ = ["DriftCheck", "DriftChecker"]
 _LOGGER: Final = logging.getLogger(__name__)
 _MAX_PENDING: Final = 10_000
 _NOT_FROM_UPSTREAM: Final = frozenset({UsageSource.COUNTED, UsageSource.RESERVED})
+_ATTEMPTS: Final = 5
+"""Checks of one settlement while ``/v1/generation`` stays silent (each after the delay,
+doubled each time), before it is counted ``unavailable``."""
 
 
 class DriftCheck(msgspec.Struct, frozen=True):
@@ -44,6 +49,8 @@ class DriftCheck(msgspec.Struct, frozen=True):
     team: str
     upstream_id: str
     cost: int
+    attempts: int = 0
+    """Checks that found ``/v1/generation`` silent so far (retried up to ``_ATTEMPTS``)."""
 
 
 class DriftChecker:
@@ -65,7 +72,9 @@ class DriftChecker:
         self._clock = clock
         self._record = record
         self._chance = chance
-        self._pending: deque[DriftCheck] = deque(maxlen=_MAX_PENDING)
+        self._pending: list[tuple[float, int, DriftCheck]] = []
+        """A heap by due time."""
+        self._seq = itertools.count()
 
     def __len__(self) -> int:
         return len(self._pending)
@@ -79,7 +88,7 @@ class DriftChecker:
             self.sample_rate <= 0 or self._chance() >= self.sample_rate
         ):
             return
-        self._pending.append(
+        self._push(
             DriftCheck(
                 due=self._clock() + self.delay,
                 request_id=request_id,
@@ -89,26 +98,43 @@ class DriftChecker:
             )
         )
 
+    def _push(self, check: DriftCheck) -> None:
+        if len(self._pending) >= _MAX_PENDING:
+            return  # sampling, not bookkeeping: past the bound, new checks are skipped
+        heapq.heappush(self._pending, (check.due, next(self._seq), check))
+
     async def run(self, pause: Callable[[float], Awaitable[bool]]) -> None:
         """Check what is due until ``pause`` says the gateway is draining."""
         while True:
             now = self._clock()
-            while self._pending and self._pending[0].due <= now:
-                check = self._pending.popleft()
+            while self._pending and self._pending[0][0] <= now:
+                check = heapq.heappop(self._pending)[2]
                 try:
                     await self.check(check)
                 except (StoreUnavailable, TimeoutError) as exc:
                     _LOGGER.info("drift check of %s postponed: %s", check.request_id, exc)
-                    self._pending.append(msgspec.structs.replace(check, due=now + self.delay))
+                    self._push(msgspec.structs.replace(check, due=now + max(self.delay, 1.0)))
                     break
-            wait = max(self._pending[0].due - self._clock(), 0.05) if self._pending else 1.0
+            wait = max(self._pending[0][0] - self._clock(), 0.05) if self._pending else 1.0
             if await pause(min(wait, 1.0)):
                 return
 
     async def check(self, check: DriftCheck) -> str:
-        """Check one settlement now; return the result (``match``/``corrected``/``unavailable``)."""
+        """Check one settlement now; return what came of it.
+
+        ``match``, ``corrected`` or ``unavailable``; ``retry`` when ``/v1/generation`` is silent
+        and the check was queued again.
+        """
         generation = await self._ledger.generation_cost(check.upstream_id)
         if generation is None:
+            if check.attempts + 1 < _ATTEMPTS:
+                wait = max(self.delay, 1.0) * 2**check.attempts
+                self._push(
+                    msgspec.structs.replace(
+                        check, due=self._clock() + wait, attempts=check.attempts + 1
+                    )
+                )
+                return "retry"
             self._record(check.team, "unavailable", Decimal(0))
             return "unavailable"
         if generation.cost == check.cost:

@@ -78,6 +78,21 @@ async def test_a_settlement_charged_its_reservation_is_corrected_to_the_bill(
     assert Decimal(str(drift)) == (Decimal(record.reserved) - bill.cost) / MICRO_PER_CREDIT
 
 
+async def test_a_silent_generation_is_asked_again_before_giving_up(cluster: Cluster) -> None:
+    gateway = cluster.gateways[0]
+    # Lags past the settlement's 4 lookups and the drift check's first one.
+    cluster.emulator.push_fault(Fault(no_usage=True, generation_lag=5))
+    reply = await chat(gateway, stream=False)
+    assert reply.status == 200
+    await drift_done(cluster, 1)
+    record = await record_of(gateway, reply.request_id)
+    assert record.usage_source == UsageSource.GENERATION
+    assert record.cost == emulator_served(cluster.emulator)[reply.request_id].cost
+    stats = await scrape(gateway)
+    assert stats.value("clipia_proxy_drift_checks_total", result="corrected") == 1
+    assert stats.value("clipia_proxy_drift_checks_total", result="unavailable") == 0
+
+
 @pytest.mark.parametrize("cluster", [1], indirect=True)
 async def test_sampled_settlements_that_agree_are_counted_match(cluster: Cluster) -> None:
     gateway = cluster.gateways[0]
