@@ -30,6 +30,7 @@ import asyncio
 import base64
 import datetime
 import email.utils
+import io
 import logging
 import os
 import ssl
@@ -514,7 +515,7 @@ class AiohttpTransport:
                     request.method,
                     request.url,
                     headers=request.headers,
-                    data=request.body,
+                    data=_payload(request.body),
                     allow_redirects=False,
                     proxy=self._proxy,
                     proxy_headers=self._proxy_headers,
@@ -784,3 +785,15 @@ class UpstreamClient:
                 response.gave_up = True
             return response
         raise AssertionError("unreachable")  # pragma: no cover
+
+
+_LARGE_BODY: Final = 1024 * 1024
+"""Bodies above this go to aiohttp as a ``BytesIO`` (written in chunks, yielding to the loop;
+raw bytes that large make aiohttp warn that they may block the loop): vision requests."""
+
+
+def _payload(body: bytes | None) -> bytes | io.BytesIO | None:
+    """The body as aiohttp should get it: bytes, or a ``BytesIO`` when large."""
+    if body is not None and len(body) > _LARGE_BODY:
+        return io.BytesIO(body)
+    return body
