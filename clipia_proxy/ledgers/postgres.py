@@ -129,6 +129,10 @@ _SPENT_TOTAL: Final = (
 _TAGS: Final = msgspec.json.Decoder(dict[str, str])
 
 
+async def _keep_session(connection: asyncpg.Connection) -> None:
+    """Return a connection to the pool as it is (see ``_connect``)."""
+
+
 def _record(row: Any) -> LedgerRecord:
     windows = row[7]
     return LedgerRecord(
@@ -237,6 +241,10 @@ class PostgresLedger:
                     command_timeout=max(self._timeout, 30.0),
                     timeout=self._timeout,
                     statement_cache_size=100 if self._statement_cache else 0,
+                    # The ledger keeps no session state (transaction-scoped locks, no LISTEN,
+                    # no SET): asyncpg's default reset query would add a round trip to every
+                    # statement's release.
+                    reset=_keep_session,
                 )
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
                 raise self._unavailable(exc) from exc
