@@ -301,11 +301,13 @@ async def drive_quota_paths(stack: Stack, prompt: str, header_value: str) -> lis
         stack.emulator.hold = None
         stack.emulator.push_fault(Fault(chunk_gap=0.05))
         await c.disconnect("disconnect", chat_body(content=prompt, stream=True, max_tokens=50))
-        stack.emulator.push_fault(Fault(status=500, body_quotes_key=True, retry_after="0", times=3))
+        # One attempt each: an answer that reached Clipia is not retried (upstream.retries
+        # covers only what never did), so a fault queued for more would answer the next one.
+        stack.emulator.push_fault(Fault(status=500, body_quotes_key=True, retry_after="0"))
         assert (await c.send("500", "POST", CHAT, json=body, headers=extra)).status == 500
-        stack.emulator.push_fault(Fault(status=429, retry_after="0", times=3))
+        stack.emulator.push_fault(Fault(status=429, retry_after="0"))
         assert (await c.send("429", "POST", CHAT, json=body)).status == 429
-        stack.emulator.push_fault(Fault(status=403, body_quotes_key=True, times=3))
+        stack.emulator.push_fault(Fault(status=403, body_quotes_key=True))
         assert (await c.send("403", "POST", CHAT, json=body)).status == 502
         stack.emulator.reset()
         stack.emulator.push_fault(Fault(reset_after_chunks=1))
