@@ -351,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--by",
         action="append",
         default=None,
-        help="group by team|environment|model|key|user|day|tag:NAME (comma-separated or "
+        help="group by team|environment|model|key|user|day|tag|tag:NAME (comma-separated or "
         "repeated; default team,model)",
     )
     report.set_defaults(func=_cmd_report)

@@ -5,8 +5,8 @@ A period is a calendar month (``2026-11``), an ISO week (``2026-W48``) or a day
 admission time (the same rule as budgets). Only settled records are summed; records still open
 are counted separately so finance can see the report is not final. ``--by`` groups on any of
 ``team``, ``environment`` (``live``, or ``test`` for sandbox teams), ``model``, ``key`` (the
-key id), ``user`` (the recorded end user), ``day`` (the budget day in ``accounting.timezone``)
-and ``tag:NAME`` (a declared tag's value);
+key id), ``user`` (the recorded end user), ``day`` (the budget day in ``accounting.timezone``),
+``tag`` (one line per ``name=value`` a record carries) and ``tag:NAME`` (a declared tag's value);
 the default ``team,model`` adds each team's total line (model ``*``). The ledger does the
 ``GROUP BY``; lines are written as they come, never collected. Rubles are credits times
 ``accounting.rubles_per_credit``. CSV cells that a spreadsheet would run as a formula

@@ -155,6 +155,14 @@ async def test_key_tags_and_end_user_land_in_the_ledger_and_the_report(
         ("other",): 1,
         ("",): 1,
     }
+    by_tag = await report(tmp_path, db, "tag")
+    assert {k: v["requests"] for k, v in by_tag.items()} == {
+        ("service=search-api",): 1,
+        ("ticket=T-1",): 1,
+        ("service=other",): 1,
+        ("ticket=T-3",): 1,
+        ("",): 1,
+    }
     by_user = await report(tmp_path, db, "user")
     assert {k: v["requests"] for k, v in by_user.items()} == {
         (alice,): 2,

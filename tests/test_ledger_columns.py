@@ -52,12 +52,12 @@ def reserve(request_id: str, now: float) -> ReserveRequest:
 
 
 async def report_lines(
-    ledger: PostgresLedger | SqliteLedger, now: float
+    ledger: PostgresLedger | SqliteLedger,
+    now: float,
+    by: tuple[str, ...] = ("environment", "tag:service", "user"),
 ) -> list[tuple[tuple[str, ...], int, int]]:
-    lines = ledger.report(
-        since=now - 1, until=now + 1, by=("environment", "tag:service", "user"), team=None
-    )
-    return [(line.group, line.requests, line.cost) async for line in lines]
+    lines = ledger.report(since=now - 1, until=now + 1, by=by, team=None)
+    return sorted([(line.group, line.requests, line.cost) async for line in lines])
 
 
 async def test_an_old_sqlite_ledger_gets_the_columns(tmp_path: Path) -> None:
@@ -90,6 +90,7 @@ async def test_an_old_sqlite_ledger_gets_the_columns(tmp_path: Path) -> None:
         assert again.tags == {"service": "indexer"}
         assert await ledger.settle("new-1", Settlement(cost=Micro(7), now=now)) is not None
         assert await report_lines(ledger, now) == [(("test", "indexer", "h:abc"), 1, 7)]
+        assert await report_lines(ledger, now, ("tag",)) == [(("service=indexer",), 1, 7)]
     finally:
         await ledger.close()
 
@@ -138,5 +139,10 @@ async def test_postgres_migration_2_adds_the_columns(postgres_dsn: str) -> None:
         )
         assert await ledger.settle("new-1", Settlement(cost=Micro(7), now=now)) is not None
         assert await report_lines(ledger, now) == [(("test", "indexer", "h:abc"), 1, 7)]
+        # --by tag: one line per name=value (a record with two tags is in two lines).
+        assert await report_lines(ledger, now, ("team", "tag")) == [
+            (("ci", "service=indexer"), 1, 7),
+            (("ci", "ticket=T-1"), 1, 7),
+        ]
     finally:
         await ledger.close()

@@ -33,9 +33,10 @@ __all__ = [
     "open_ledger",
 ]
 
-GROUPINGS: Final = ("team", "environment", "model", "key", "user", "day")
+GROUPINGS: Final = ("team", "environment", "model", "key", "user", "day", "tag")
 """What ``report --by`` may group on (any combination, in this order of columns), and
-``tag:NAME`` (a declared tag's value, empty without it), after them."""
+``tag:NAME`` (a declared tag's value, empty without it), after them. ``tag`` is one line per
+``name=value`` a record carries (a record with two tags counts in two lines)."""
 TAG_GROUP: Final = re.compile(r"tag:([A-Za-z0-9][A-Za-z0-9_.-]{0,62})")
 """``--by tag:NAME``: NAME is a tag key (letters, digits, ``.``, ``_``, ``-``: safe in SQL)."""
 

@@ -108,6 +108,7 @@ _GROUP_SQL: Final = {
     "key": "COALESCE(key_id, '')",
     "environment": "environment",
     "user": "COALESCE(end_user, '')",
+    "tag": "COALESCE(t.k || '=' || t.v, '')",
     "day": (
         "COALESCE(substr(windows->>'day', 5), "
         "to_char(to_timestamp(created_at) AT TIME ZONE 'UTC', 'YYYY-MM-DD'))"
@@ -504,7 +505,9 @@ class PostgresLedger:
             f"SELECT {select}, count(*) AS n, COALESCE(SUM(prompt_tokens), 0)::bigint AS pt, "  # noqa: S608 - constant expressions
             f"COALESCE(SUM(completion_tokens), 0)::bigint AS ct, "
             f"COALESCE(SUM(cost), 0)::bigint AS cost "
-            f"FROM clipia_ledger WHERE {where} GROUP BY {order}"
+            "FROM clipia_ledger "
+            + ("LEFT JOIN LATERAL jsonb_each_text(tags) AS t(k, v) ON true " if "tag" in by else "")
+            + f"WHERE {where} GROUP BY {order}"
         )
         n = max(len(columns), 1)
         async for row in self._aggregate(query, args, order):

@@ -43,6 +43,7 @@ _GROUP_SQL: Final = {
     "key": "COALESCE(key_id, '')",
     "environment": "environment",
     "user": "COALESCE(end_user, '')",
+    "tag": "COALESCE(t.key || '=' || t.value, '')",
     "day": "COALESCE(substr(json_extract(windows, '$.day'), 5), date(created_at, 'unixepoch'))",
 }
 
@@ -302,7 +303,8 @@ class SqliteLedger:
         query = (
             f"SELECT {select}, count(*), COALESCE(SUM(prompt_tokens), 0), "  # noqa: S608 - constant expressions
             f"COALESCE(SUM(completion_tokens), 0), COALESCE(SUM(cost), 0) FROM ledger "
-            f"WHERE {where} GROUP BY {order} ORDER BY {order}"
+            + ("LEFT JOIN json_each(ledger.tags) AS t " if "tag" in by else "")
+            + f"WHERE {where} GROUP BY {order} ORDER BY {order}"
         )
         n = max(len(columns), 1)
         async for chunk in self._chunks(query, args):
