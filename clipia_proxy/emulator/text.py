@@ -263,7 +263,7 @@ def _lower_bounds(schema: dict[str, object], scale: int) -> list[int]:
     return bounds
 
 
-def _upper_bounds(schema: dict[str, object], scale: int) -> list[int]:
+def _schema_maxima(schema: dict[str, object], scale: int) -> list[int]:
     """Return the largest allowed multiples of ``1/scale`` implied by the upper bounds."""
     bounds: list[int] = []
     maximum = _as_number(schema.get("maximum"))
@@ -278,7 +278,7 @@ def _upper_bounds(schema: dict[str, object], scale: int) -> list[int]:
 def _scaled_pick(schema: dict[str, object], rng: random.Random, scale: int) -> int | None:
     """Pick a multiple of ``1/scale`` (as its numerator) within bounds; ``None`` if none fits."""
     lowers = _lower_bounds(schema, scale)
-    uppers = _upper_bounds(schema, scale)
+    uppers = _schema_maxima(schema, scale)
     span = 100 * scale
     lo = max(lowers) if lowers else (min(uppers) - span if uppers else 0)
     hi = min(uppers) if uppers else lo + span
