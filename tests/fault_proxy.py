@@ -6,6 +6,9 @@ the target. Faults are set on the live object and apply to bytes flowing from th
 - ``delay``: seconds to wait before forwarding each server→client chunk (a slow store);
 - ``drop_replies``: the next N server→client chunks are swallowed and the client connection is
   reset instead — the request *was* applied by the server, its reply is lost;
+- ``drop_only_after``: with it set, ``drop_replies`` counts only replies on a connection whose
+  last client chunk contained these bytes (e.g. one script's SHA), so a background command of
+  the client under test cannot take the fault meant for a request;
 - ``refuse``: new connections are closed at once (the store is down).
 """
 
@@ -24,6 +27,7 @@ class FaultProxy:
         self.delay = 0.0
         self.drop_replies = 0
         self.refuse = False
+        self.drop_only_after: bytes | None = None
         self.dropped = 0
         """Replies swallowed so far."""
         self._server: asyncio.Server | None = None
@@ -68,10 +72,11 @@ class FaultProxy:
             writer.transport.abort()
             return
         self._writers.update((writer, up_writer))
+        sent = [b""]  # the last client→server chunk on this connection
         try:
             async with asyncio.TaskGroup() as group:
-                group.create_task(self._pipe(reader, up_writer, replies=False))
-                group.create_task(self._pipe(up_reader, writer, replies=True))
+                group.create_task(self._pipe(reader, up_writer, replies=False, sent=sent))
+                group.create_task(self._pipe(up_reader, writer, replies=True, sent=sent))
         except* (OSError, asyncio.IncompleteReadError):
             pass
         finally:
@@ -80,17 +85,25 @@ class FaultProxy:
                 self._writers.discard(side)
 
     async def _pipe(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, replies: bool
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        replies: bool,
+        sent: list[bytes],
     ) -> None:
         while True:
             data = await reader.read(65536)
             if not data:
                 writer.transport.abort()
                 return
-            if replies:
+            if not replies:
+                sent[0] = data
+            else:
                 if self.delay > 0:
                     await asyncio.sleep(self.delay)
-                if self.drop_replies > 0:
+                marker = self.drop_only_after
+                if self.drop_replies > 0 and (marker is None or marker in sent[0]):
                     self.drop_replies -= 1
                     self.dropped += 1
                     writer.transport.abort()

@@ -300,7 +300,9 @@ async def test_lost_reply_under_fail_closed_never_bills_what_was_refused(
                 if not await store.dispatched():
                     break
                 await asyncio.sleep(0.02)
-        proxy.drop_replies = 1  # the next reply (the reservation's) is lost...
+        # The reservation's reply is lost (a reconciler pass may not take the fault instead)...
+        proxy.drop_only_after = b'"lease_seconds"'  # an argument only a reservation carries
+        proxy.drop_replies = 1
         proxy.refuse = True  # ...and new connections are refused (the void's, the retries')
         async with (
             aiohttp.ClientSession() as session,
