@@ -27,6 +27,7 @@ from clipia_proxy.quotas import sqlite as sqlite_module
 from clipia_proxy.quotas.ledgered import EngineStore
 from clipia_proxy.quotas.memory import MemoryStore
 from clipia_proxy.quotas.model import (
+    KeyLimits,
     Micro,
     Outcome,
     Period,
@@ -97,6 +98,8 @@ class Harness:
         shadow: bool = False,
         periods: dict[Period, str] | None = None,
         team: str = TEAM,
+        key_id: str = "key-1",
+        key_limits: KeyLimits | None = None,
     ) -> ReserveRequest:
         return ReserveRequest(
             request_id=request_id or f"req-{uuid.uuid4().hex[:12]}",
@@ -109,7 +112,8 @@ class Harness:
             limits=limits or TeamLimits(),
             shadow=shadow,
             model="gpt-5.5",
-            key_id="key-1",
+            key_id=key_id,
+            key_limits=key_limits,
             stream=True,
         )
 
@@ -947,7 +951,13 @@ async def test_redis_every_key_has_a_ttl(rd: Harness, redis_url: str) -> None:
     await rd.store.usage(TEAM, [DAY, MONTH, "total"], rd.now)  # expires "short"
     await rd.store.settle("short", settlement(10))
     await rd.store.reserve(rd.request("ok", limits=limits))
+    own = KeyLimits(rpm=10, tpm=100_000, concurrency=3)  # a key's own slots and log
+    for name in ("k1", "k2"):
+        assert (await rd.store.reserve(rd.request(name, key_limits=own))).admitted
+    await rd.store.settle("k1", settlement(5, prompt_tokens=2))
     ttls = await _keys_and_ttls(redis_url, rd.prefix)
+    assert any(":klive:" in name for name in ttls)
+    assert any(":kwsum:" in name for name in ttls)
     assert len(ttls) >= 10, ttls
     # The epoch alone never expires: its absence means the counters are lost.
     assert {name: ttl for name, ttl in ttls.items() if ttl <= 0} == {f"{rd.prefix}:epoch": -1}
@@ -1131,3 +1141,152 @@ async def test_a_team_budget_refusal_reserves_nothing_on_the_key(h: Harness) -> 
     assert (refused.admitted, refused.period) == (False, Period.DAY)
     assert await h.reserved(KEY_DAY) == 0
     assert await h.reserved(DAY) == 0
+
+
+# -- a key's own limits (teams[].keys[].limits) -------------------------------------------------
+
+
+async def test_a_key_rpm_refuses_that_key_and_leaves_the_team_untouched(h: Harness) -> None:
+    own = KeyLimits(rpm=2)
+    team = TeamLimits(rpm=10)
+    for i in range(2):
+        result = await h.store.reserve(h.request(f"k{i}", limits=team, key_limits=own))
+        assert result.admitted
+        assert (result.requests_remaining, result.key_requests_remaining) == (9 - i, 1 - i)
+    refused = await h.store.reserve(h.request("k2", limits=team, key_limits=own))
+    assert (refused.admitted, refused.reason, refused.key) == (False, Reason.RPM, True)
+    assert (refused.limit, refused.used) == (2, 2)
+    assert 50 < refused.retry_after <= 60
+    assert await h.store.record("k2") is None
+    assert await h.store.rates(TEAM, h.now) == (2, 200)  # the refusal took no team place
+    # The team's other key still has the team's room.
+    other = await h.store.reserve(h.request("o", limits=team, key_id="key-2"))
+    assert (other.admitted, other.requests_remaining, other.key_requests_remaining) == (
+        True,
+        7,
+        None,
+    )
+    # Settling gives no request back (RPM counts requests made), on the key as on the team.
+    await h.store.settle("k0", settlement(1))
+    assert not (await h.store.reserve(h.request("k3", limits=team, key_limits=own))).admitted
+
+
+async def test_a_team_refusal_leaves_the_key_untouched(h: Harness) -> None:
+    own = KeyLimits(rpm=5, tpm=10_000, concurrency=5)
+    first = await h.store.reserve(h.request("a", limits=TeamLimits(rpm=1), key_limits=own))
+    assert (first.key_requests_remaining, first.key_tokens_remaining) == (4, 9_900)
+    refused = await h.store.reserve(h.request("b", limits=TeamLimits(rpm=1), key_limits=own))
+    assert (refused.admitted, refused.reason, refused.key) == (False, Reason.RPM, False)
+    # The key's log and slots have "a" only: the refused "b" left nothing on them.
+    again = await h.store.reserve(h.request("c", key_limits=own))
+    assert (again.key_requests_remaining, again.key_tokens_remaining) == (3, 9_800)
+    # A budget refusal (after the rate checks passed) leaves nothing on the key either.
+    poor = TeamLimits(budgets={Period.DAY: Micro(1)})
+    assert not (await h.store.reserve(h.request("d", limits=poor, key_limits=own))).admitted
+    last = await h.store.reserve(h.request("e", key_limits=own))
+    assert (last.key_requests_remaining, last.key_tokens_remaining) == (2, 9_700)
+
+
+async def test_a_key_tpm_counts_estimates_then_settled_tokens(h: Harness) -> None:
+    own = KeyLimits(tpm=1_000)
+    first = await h.store.reserve(h.request("big", tokens=800, key_limits=own))
+    assert (first.key_tokens_remaining, first.tokens_remaining) == (200, None)
+    refused = await h.store.reserve(h.request("more", tokens=300, key_limits=own))
+    assert (refused.admitted, refused.reason, refused.key, refused.used) == (
+        False,
+        Reason.TPM,
+        True,
+        800,
+    )
+    assert 50 < refused.retry_after <= 60
+    # Another key of the team is not held back by this key's tokens.
+    assert (await h.store.reserve(h.request("o", tokens=300, key_id="key-2"))).admitted
+    await h.store.settle("big", settlement(10, prompt_tokens=120, completion_tokens=80))
+    admitted = await h.store.reserve(h.request("more", tokens=300, key_limits=own))
+    assert (admitted.admitted, admitted.key_tokens_remaining) == (True, 500)
+
+
+async def test_a_key_concurrency_is_a_lease_count_of_its_own(h: Harness) -> None:
+    own = KeyLimits(concurrency=1)
+    team = TeamLimits(concurrency=3)
+    assert (await h.store.reserve(h.request("a", limits=team, key_limits=own))).admitted
+    refused = await h.store.reserve(h.request("b", limits=team, key_limits=own))
+    assert (refused.admitted, refused.reason, refused.key, refused.used, refused.limit) == (
+        False,
+        Reason.CONCURRENCY,
+        True,
+        1,
+        1,
+    )
+    # The team's other key has the team's two other slots.
+    assert (await h.store.reserve(h.request("o1", limits=team, key_id="key-2"))).admitted
+    assert (await h.store.reserve(h.request("o2", limits=team, key_id="key-2"))).admitted
+    assert not (await h.store.reserve(h.request("o3", limits=team, key_id="key-2"))).admitted
+    # Freed with the team's slot: by release_slot, by settlement.
+    await h.store.release_slot("a")
+    assert (await h.store.reserve(h.request("b", key_limits=own))).admitted
+    await h.store.settle("b", settlement(1))
+    assert (await h.store.reserve(h.request("c", key_limits=own))).admitted
+
+
+async def test_a_key_slot_is_freed_when_its_lease_runs_out(h: Harness) -> None:
+    own = KeyLimits(concurrency=1)
+    assert (await h.store.reserve(h.request("a", key_limits=own, lease=0.2))).admitted
+    assert not (await h.store.reserve(h.request("b", key_limits=own))).admitted
+    await h.advance(0.3)
+    assert (await h.store.reserve(h.request("b", key_limits=own, lease=60))).admitted
+    # A renewed lease keeps the key's slot too.
+    await h.store.renew("b", h.now, 600)
+    await h.advance(0.1)
+    assert not (await h.store.reserve(h.request("c", key_limits=own))).admitted
+
+
+async def test_concurrent_reserves_never_overcommit_a_key(h: Harness) -> None:
+    own = KeyLimits(concurrency=4)
+    results = await asyncio.gather(
+        *(h.store.reserve(h.request(f"r{i}", key_limits=own)) for i in range(12))
+    )
+    assert sum(r.admitted for r in results) == 4
+    assert all(r.key for r in results if not r.admitted)
+
+
+async def test_shadow_says_a_key_would_be_refused(h: Harness) -> None:
+    own = KeyLimits(rpm=1)
+    assert (await h.store.reserve(h.request("a", key_limits=own, shadow=True))).admitted
+    result = await h.store.reserve(h.request("b", key_limits=own, shadow=True))
+    assert (result.admitted, result.reason, result.key) == (True, Reason.RPM, True)
+
+
+async def test_sqlite_a_keys_minute_survives_close_and_reopen(sq: Harness) -> None:
+    own = KeyLimits(rpm=2, concurrency=1)
+    await sq.store.reserve(sq.request("open", key_limits=own, lease=600))
+    await sq.store.close()
+    sq.clock.t += 5
+    sq.store = await make_sqlite(sq.tmp / "ledger.db", sq.clock)
+    refused = await sq.store.reserve(sq.request("next", key_limits=own))
+    assert (refused.reason, refused.key) == (Reason.CONCURRENCY, True)  # "open" holds its slot
+    assert await sq.store.settle("open", settlement(1))
+    assert (await sq.store.reserve(sq.request("next", key_limits=own))).admitted
+    assert await sq.store.settle("next", settlement(1))
+    refused = await sq.store.reserve(sq.request("third", key_limits=own))  # "open" + "next"
+    assert (refused.reason, refused.key) == (Reason.RPM, True)
+
+
+async def test_redis_a_keys_slots_and_minute_are_rebuilt_from_the_ledger(
+    rd: Harness, redis_url: str
+) -> None:
+    own = KeyLimits(rpm=2, concurrency=1)
+    assert (await rd.store.reserve(rd.request("open", key_limits=own, lease=600))).admitted
+    client = aioredis.Redis.from_url(redis_url)
+    try:  # the counters are lost (a flush of this prefix)
+        names = [name async for name in client.scan_iter(match=f"{rd.prefix}:*")]
+        await client.delete(*names)
+    finally:
+        await client.aclose()
+    refused = await rd.store.reserve(rd.request("next", key_limits=own))  # rebuilds first
+    assert (refused.reason, refused.key) == (Reason.CONCURRENCY, True)
+    assert await rd.store.settle("open", settlement(1))
+    assert (await rd.store.reserve(rd.request("next", key_limits=own))).admitted
+    assert await rd.store.settle("next", settlement(1))
+    refused = await rd.store.reserve(rd.request("third", key_limits=own))
+    assert (refused.reason, refused.key) == (Reason.RPM, True)

@@ -15,6 +15,7 @@ from collections import deque
 from typing import Final
 
 from .model import (
+    KeyLimits,
     Micro,
     Period,
     Reason,
@@ -39,6 +40,48 @@ class _RateEntry:
         self.at = at
         self.request_id = request_id
         self.tokens = tokens
+
+
+class _KeyRates:
+    """One team key's own concurrency slots and 60-second log (``teams[].keys[].limits``).
+
+    Its slots are freed with the team's (lease expiry, ``release_slot``, settlement), its log
+    entries are its own (a settlement corrects their tokens as the team's).
+    """
+
+    __slots__ = ("index", "live", "log", "tokens")
+
+    def __init__(self) -> None:
+        self.live: set[str] = set()
+        self.log: deque[_RateEntry] = deque()
+        self.index: dict[str, _RateEntry] = {}
+        self.tokens = 0
+
+    def prune(self, now: float) -> None:
+        log, horizon = self.log, now - RATE_WINDOW_SECONDS
+        while log and log[0].at <= horizon:
+            entry = log.popleft()
+            self.index.pop(entry.request_id, None)
+            self.tokens -= entry.tokens
+
+    def add(self, at: float, request_id: str, tokens: int) -> None:
+        entry = _RateEntry(at, request_id, tokens)
+        self.log.append(entry)
+        self.index[request_id] = entry
+        self.tokens += tokens
+
+    def retokened(self, request_id: str, tokens: int) -> None:
+        entry = self.index.get(request_id)
+        if entry is not None:
+            self.tokens += tokens - entry.tokens
+            entry.tokens = tokens
+
+    def remove(self, request_id: str) -> None:
+        self.live.discard(request_id)
+        entry = self.index.pop(request_id, None)
+        if entry is not None:
+            self.log.remove(entry)
+            self.tokens -= entry.tokens
 
 
 def apply_correction(record: LedgerRecord, settlement: Settlement) -> None:
@@ -69,6 +112,9 @@ class MemoryEngine:
         self._rate_index: dict[str, _RateEntry] = {}
         self._rate_tokens: dict[str, int] = {}
         """Team -> tokens in its 60-second log (kept in step with it: O(1) TPM checks)."""
+        self._keys: dict[tuple[str, str], _KeyRates] = {}
+        """(team, key id) -> the key's own slots and log: keys with ``limits`` (and, after a
+        start-up, every key of the records loaded)."""
 
     # -- state loading (sqlite start-up) -------------------------------------------------
     def load(self, record: LedgerRecord, now: float) -> None:
@@ -77,16 +123,25 @@ class MemoryEngine:
         Unsettled records become live reservations while their lease lasts; records of the
         last minute refill the RPM/TPM windows. Spent sums are loaded with ``add_spent``.
         """
+        scope = None
+        if record.key_id is not None:
+            # Which keys have limits is config, not in the record: every key's is loaded.
+            scope = self._keys.setdefault((record.team, record.key_id), _KeyRates())
         if record.state is RecordState.DISPATCHED:
             self.records[record.request_id] = record
             # Its money stays reserved until it is settled (the reconciler will); its slot
             # only while its lease lasts.
-            self._hold(record, slot=record.lease_until > now)
+            slot = record.lease_until > now
+            self._hold(record, slot=slot)
+            if slot and scope is not None:
+                scope.live.add(record.request_id)
             tokens = record.tokens_reserved
         else:
             tokens = record.prompt_tokens + record.completion_tokens
         if record.created_at > now - RATE_WINDOW_SECONDS:
             self._log_rate(record.team, record.created_at, record.request_id, tokens)
+            if scope is not None:
+                scope.add(record.created_at, record.request_id, tokens)
 
     def add_spent(self, team: str, key: str, amount: int) -> None:
         """Add settled spend to a window (sqlite start-up)."""
@@ -123,6 +178,10 @@ class MemoryEngine:
         live = self._live.get(record.team)
         if live is not None:
             live.discard(record.request_id)
+        if record.key_id is not None and self._keys:
+            scope = self._keys.get((record.team, record.key_id))
+            if scope is not None:
+                scope.live.discard(record.request_id)
 
     def _release(self, record: LedgerRecord) -> None:
         """Free the slot and the money (settled, or undone)."""
@@ -201,6 +260,13 @@ class MemoryEngine:
                 used=tokens_used,
                 retry_after=self._tpm_wait(log, limits.tpm, request.tokens, now, tokens_used),
             )
+        scope = None
+        key_limits = request.key_limits
+        if key_limits is not None and request.key_id is not None:
+            scope = self._keys.setdefault((team, request.key_id), _KeyRates())
+            scope.prune(now)
+            if refusal is None:
+                refusal = self._key_refusal(scope, key_limits, request.tokens, now)
         tightest: tuple[int, Period] | None = None
         for period, key in request.periods.items():
             limit = limits.budgets.get(period)
@@ -234,6 +300,14 @@ class MemoryEngine:
         self.records[record.request_id] = record
         self._hold(record)
         self._log_rate(team, now, record.request_id, request.tokens)
+        key_requests = key_tokens = None
+        if scope is not None and key_limits is not None:
+            if key_limits.rpm is not None:
+                key_requests = max(key_limits.rpm - len(scope.log) - 1, 0)
+            if key_limits.tpm is not None:
+                key_tokens = max(key_limits.tpm - scope.tokens - request.tokens, 0)
+            scope.live.add(record.request_id)
+            scope.add(now, record.request_id, request.tokens)
         return ReserveResult(
             admitted=True,
             reason=refusal.reason if refusal is not None else None,
@@ -248,7 +322,46 @@ class MemoryEngine:
             ),
             budget_remaining=None if tightest is None else Micro(max(tightest[0], 0)),
             budget_period=None if tightest is None else tightest[1],
+            key=refusal.key if refusal is not None else False,
+            key_requests_remaining=key_requests,
+            key_tokens_remaining=key_tokens,
         )
+
+    def _key_refusal(
+        self, scope: _KeyRates, limits: KeyLimits, tokens: int, now: float
+    ) -> ReserveResult | None:
+        """The key's own concurrency, RPM and TPM (``teams[].keys[].limits``), as the team's."""
+        live = len(scope.live)
+        if limits.concurrency is not None and live + 1 > limits.concurrency:
+            return ReserveResult(
+                admitted=False,
+                reason=Reason.CONCURRENCY,
+                limit=limits.concurrency,
+                used=live,
+                retry_after=1.0,
+                key=True,
+            )
+        log = scope.log
+        if limits.rpm is not None and len(log) + 1 > limits.rpm:
+            wait = log[0].at + RATE_WINDOW_SECONDS - now if log else RATE_WINDOW_SECONDS
+            return ReserveResult(
+                admitted=False,
+                reason=Reason.RPM,
+                limit=limits.rpm,
+                used=len(log),
+                retry_after=max(wait, 0.001),
+                key=True,
+            )
+        if limits.tpm is not None and scope.tokens + tokens > limits.tpm:
+            return ReserveResult(
+                admitted=False,
+                reason=Reason.TPM,
+                limit=limits.tpm,
+                used=scope.tokens,
+                retry_after=self._tpm_wait(log, limits.tpm, tokens, now, scope.tokens),
+                key=True,
+            )
+        return None
 
     @staticmethod
     def _tpm_wait(log: deque[_RateEntry], limit: int, tokens: int, now: float, total: int) -> float:
@@ -272,6 +385,10 @@ class MemoryEngine:
             # entries ahead of it aged out (up to a minute). Rare path, O(window).
             self._rates[record.team].remove(entry)
             self._rate_tokens[record.team] -= entry.tokens
+        if record.key_id is not None:
+            scope = self._keys.get((record.team, record.key_id))
+            if scope is not None:
+                scope.remove(request_id)
 
     def settle(self, request_id: str, settlement: Settlement) -> LedgerRecord | None:
         """Apply a settlement once; return the updated record, or None if nothing changed."""
@@ -287,6 +404,10 @@ class MemoryEngine:
             actual = settlement.prompt_tokens + settlement.completion_tokens
             self._rate_tokens[record.team] += actual - entry.tokens
             entry.tokens = actual
+        if record.key_id is not None and self._keys:
+            scope = self._keys.get((record.team, record.key_id))
+            if scope is not None:
+                scope.retokened(request_id, settlement.prompt_tokens + settlement.completion_tokens)
         record.state = RecordState.SETTLED
         record.cost = settlement.cost
         record.prompt_tokens = settlement.prompt_tokens

@@ -18,6 +18,7 @@ import msgspec
 __all__ = [
     "KEY_PERIODS",
     "MICRO_PER_CREDIT",
+    "KeyLimits",
     "Micro",
     "Outcome",
     "Period",
@@ -131,6 +132,19 @@ class TeamLimits(msgspec.Struct, frozen=True, kw_only=True):
     concurrency: int | None = None
 
 
+class KeyLimits(msgspec.Struct, frozen=True, kw_only=True):
+    """A team key's own rates and concurrency (``teams[].keys[].limits``); ``None``: unlimited.
+
+    Counted on the key's own sliding minute and leases, next to the team's and in the same
+    decision (all or nothing across both). The key's own budget is not here: it rides in the
+    team's ``TeamLimits.budgets`` under the ``key_*`` periods.
+    """
+
+    rpm: int | None = None
+    tpm: int | None = None
+    concurrency: int | None = None
+
+
 class ReserveRequest(msgspec.Struct, frozen=True, kw_only=True):
     """One admission: check every limit and reserve ``amount`` on every budget period.
 
@@ -151,6 +165,9 @@ class ReserveRequest(msgspec.Struct, frozen=True, kw_only=True):
     shadow: bool = False
     model: str = ""
     key_id: str | None = None
+    key_limits: KeyLimits | None = None
+    """The key's own RPM/TPM/concurrency: when set (with ``key_id``), the request is also
+    checked and counted on the key's own window and leases."""
     stream: bool = False
     environment: str = "live"
     tags: dict[str, str] = msgspec.field(default_factory=dict)
@@ -174,6 +191,11 @@ class ReserveResult(msgspec.Struct, frozen=True, kw_only=True):
     budget_remaining: Micro | None = None
     """The tightest period's remaining budget after this reservation."""
     budget_period: Period | None = None
+    key: bool = False
+    """The refusal (``reason`` rpm/tpm/concurrency) is the key's own limit, not the team's."""
+    key_requests_remaining: int | None = None
+    """Like ``requests_remaining``, on the key's own RPM (when it has one)."""
+    key_tokens_remaining: int | None = None
     replayed: bool = False
     """True when this request id was already reserved (a retried call): nothing was applied."""
 

@@ -24,7 +24,10 @@ team, amount, windows of a request not yet settled: its money stays reserved unt
 ``release_slot`` frees the slot only),
 ``P:reserved:{team}:{window}`` and ``P:spent:{team}:{window}`` (integers, micro-credits),
 ``P:win:{team}`` / ``P:wtok:{team}`` / ``P:wsum:{team}`` (the 60-second request log, its tokens
-and their sum). Every key but the epoch has a TTL, refreshed on write.
+and their sum), and for a team key with its own ``limits`` the same under ``{team}:{key id}``:
+``P:klive:…`` (its slots), ``P:kwin:…`` / ``P:kwtok:…`` / ``P:kwsum:…`` (its log); such a
+request's lease names that scope in its ``key`` field. Every key but the epoch has a TTL,
+refreshed on write.
 """
 
 from __future__ import annotations
@@ -80,8 +83,7 @@ local function expire(team)
   -- request is settled (by its request, or by the reconciler after a crash).
   redis.call('ZREMRANGEBYSCORE', P .. ':live:' .. team, '-inf', now)
 end
-local function prune(team)
-  local win, wtok, wsum = P .. ':win:' .. team, P .. ':wtok:' .. team, P .. ':wsum:' .. team
+local function prune_log(win, wtok, wsum)
   local old = redis.call('ZRANGEBYSCORE', win, '-inf', now - 60)
   for _, rid in ipairs(old) do
     local tokens = tonumber(redis.call('HGET', wtok, rid) or '0')
@@ -91,12 +93,36 @@ local function prune(team)
   redis.call('ZREMRANGEBYSCORE', win, '-inf', now - 60)
   return win, wtok, wsum
 end
+local function prune(team)
+  return prune_log(P .. ':win:' .. team, P .. ':wtok:' .. team, P .. ':wsum:' .. team)
+end
+local function kprune(scope)
+  -- a team key's own log (teams[].keys[].limits); scope is '{team}:{key id}'
+  return prune_log(P .. ':kwin:' .. scope, P .. ':kwtok:' .. scope, P .. ':kwsum:' .. scope)
+end
 """
 
 _RESERVE: Final = (
-    "-- clipia_reserve_v1\n"
+    "-- clipia_reserve_v2\n"
     + _PRELUDE
     + """
+local function tpm_wait(win, wtok, used, tokens, limit)
+  if tokens > limit then return 60 end
+  local entries = redis.call('ZRANGE', win, 0, -1, 'WITHSCORES')
+  local total = used
+  for i = 1, #entries, 2 do
+    total = total - tonumber(redis.call('HGET', wtok, entries[i]) or '0')
+    if total + tokens <= limit then
+      return math.max(tonumber(entries[i + 1]) + 60 - now, 0.001)
+    end
+  end
+  return 60
+end
+local function rpm_wait(win)
+  local first = redis.call('ZRANGE', win, 0, 0, 'WITHSCORES')
+  if first[2] then return math.max(tonumber(first[2]) + 60 - now, 0.001) end
+  return 60
+end
 local rid = ARGV[2]
 local a = cjson.decode(ARGV[3])
 if redis.call('EXISTS', P .. ':epoch') == 0 then return cjson.encode({lost = true}) end
@@ -115,26 +141,35 @@ if a.concurrency and live_n + 1 > a.concurrency then
 end
 local req_n = redis.call('ZCARD', win)
 if not refusal and a.rpm and req_n + 1 > a.rpm then
-  local first = redis.call('ZRANGE', win, 0, 0, 'WITHSCORES')
-  local wait = 60
-  if first[2] then wait = tonumber(first[2]) + 60 - now end
-  refusal = {reason = 'rpm', limit = a.rpm, used = req_n, retry_after = math.max(wait, 0.001)}
+  refusal = {reason = 'rpm', limit = a.rpm, used = req_n, retry_after = rpm_wait(win)}
 end
 local tok_n = tonumber(redis.call('GET', wsum) or '0')
 if not refusal and a.tpm and tok_n + a.tokens > a.tpm then
-  local wait = 60
-  if a.tokens <= a.tpm then
-    local entries = redis.call('ZRANGE', win, 0, -1, 'WITHSCORES')
-    local total = tok_n
-    for i = 1, #entries, 2 do
-      total = total - tonumber(redis.call('HGET', wtok, entries[i]) or '0')
-      if total + a.tokens <= a.tpm then
-        wait = math.max(tonumber(entries[i + 1]) + 60 - now, 0.001)
-        break
-      end
-    end
+  refusal = {reason = 'tpm', limit = a.tpm, used = tok_n,
+    retry_after = tpm_wait(win, wtok, tok_n, a.tokens, a.tpm)}
+end
+-- The key's own limits (teams[].keys[].limits), on its own slots and log.
+local kscope, klive, kwin, kwtok, kwsum, kreq_n, ktok_n = nil, nil, nil, nil, nil, 0, 0
+if a.key then
+  kscope = team .. ':' .. a.key
+  klive = P .. ':klive:' .. kscope
+  redis.call('ZREMRANGEBYSCORE', klive, '-inf', now)
+  kwin, kwtok, kwsum = kprune(kscope)
+  local klive_n = redis.call('ZCARD', klive)
+  kreq_n = redis.call('ZCARD', kwin)
+  ktok_n = tonumber(redis.call('GET', kwsum) or '0')
+  if not refusal and a.key_concurrency and klive_n + 1 > a.key_concurrency then
+    refusal = {reason = 'concurrency', limit = a.key_concurrency, used = klive_n,
+      retry_after = 1, key = true}
   end
-  refusal = {reason = 'tpm', limit = a.tpm, used = tok_n, retry_after = wait}
+  if not refusal and a.key_rpm and kreq_n + 1 > a.key_rpm then
+    refusal = {reason = 'rpm', limit = a.key_rpm, used = kreq_n, retry_after = rpm_wait(kwin),
+      key = true}
+  end
+  if not refusal and a.key_tpm and ktok_n + a.tokens > a.key_tpm then
+    refusal = {reason = 'tpm', limit = a.key_tpm, used = ktok_n,
+      retry_after = tpm_wait(kwin, kwtok, ktok_n, a.tokens, a.key_tpm), key = true}
+  end
 end
 local tight_remaining, tight_period = nil, nil
 for period, key in pairs(a.windows) do
@@ -170,12 +205,24 @@ redis.call('ZADD', win, now, rid)
 redis.call('HSET', wtok, rid, a.tokens)
 redis.call('INCRBY', wsum, a.tokens)
 for _, k in ipairs({win, wtok, wsum}) do redis.call('EXPIRE', k, 120) end
+if kscope then
+  redis.call('HSET', rec, 'key', kscope)
+  redis.call('ZADD', klive, lease_until, rid)
+  redis.call('EXPIRE', klive, a.lease_ttl)
+  redis.call('ZADD', kwin, now, rid)
+  redis.call('HSET', kwtok, rid, a.tokens)
+  redis.call('INCRBY', kwsum, a.tokens)
+  for _, k in ipairs({kwin, kwtok, kwsum}) do redis.call('EXPIRE', k, 120) end
+end
 local result = {admitted = true, now = now, lease_until = lease_until,
   epoch = redis.call('GET', P .. ':epoch')}
 if refusal then
   result.reason = refusal.reason
   result.period = refusal.period
+  result.key = refusal.key
 end
+if a.key_rpm then result.key_requests_remaining = math.max(a.key_rpm - kreq_n - 1, 0) end
+if a.key_tpm then result.key_tokens_remaining = math.max(a.key_tpm - ktok_n - a.tokens, 0) end
 if a.rpm then result.requests_remaining = math.max(a.rpm - req_n - 1, 0) end
 if a.tpm then result.tokens_remaining = math.max(a.tpm - tok_n - a.tokens, 0) end
 if tight_remaining ~= nil then
@@ -188,7 +235,7 @@ return cjson.encode(result)
 )
 
 _SETTLE: Final = (
-    "-- clipia_settle_v2\n"
+    "-- clipia_settle_v3\n"
     + _PRELUDE
     + """
 local rid = ARGV[2]
@@ -203,14 +250,28 @@ for _, key in pairs(wins) do
   redis.call('DECRBY', P .. ':reserved:' .. team .. ':' .. key, amount)
 end
 redis.call('ZREM', P .. ':live:' .. team, rid)
-if s.void then
-  -- an admission undone (its ledger write failed, or it was a replay): nothing was spent
-  local win = P .. ':win:' .. team
+local kscope = redis.call('HGET', rec, 'key')
+if kscope then redis.call('ZREM', P .. ':klive:' .. kscope, rid) end
+local function unlog(win, wtok, wsum)
   if redis.call('ZREM', win, rid) == 1 then
-    local wtok = P .. ':wtok:' .. team
     local tokens = tonumber(redis.call('HGET', wtok, rid) or '0')
     redis.call('HDEL', wtok, rid)
-    redis.call('DECRBY', P .. ':wsum:' .. team, tokens)
+    redis.call('DECRBY', wsum, tokens)
+  end
+end
+local function retoken(wtok, wsum)
+  local old = redis.call('HGET', wtok, rid)
+  if old then
+    local tokens = s.prompt_tokens + s.completion_tokens
+    redis.call('HSET', wtok, rid, tokens)
+    redis.call('INCRBY', wsum, tokens - tonumber(old))
+  end
+end
+if s.void then
+  -- an admission undone (its ledger write failed, or it was a replay): nothing was spent
+  unlog(P .. ':win:' .. team, P .. ':wtok:' .. team, P .. ':wsum:' .. team)
+  if kscope then
+    unlog(P .. ':kwin:' .. kscope, P .. ':kwtok:' .. kscope, P .. ':kwsum:' .. kscope)
   end
   redis.call('DEL', rec)
   return 1
@@ -220,20 +281,15 @@ for period, key in pairs(wins) do
   redis.call('INCRBY', spent, s.cost)
   redis.call('EXPIRE', spent, s.window_ttls[period] or s.total_ttl)
 end
-local wtok = P .. ':wtok:' .. team
-local old = redis.call('HGET', wtok, rid)
-if old then
-  local tokens = s.prompt_tokens + s.completion_tokens
-  redis.call('HSET', wtok, rid, tokens)
-  redis.call('INCRBY', P .. ':wsum:' .. team, tokens - tonumber(old))
-end
+retoken(P .. ':wtok:' .. team, P .. ':wsum:' .. team)
+if kscope then retoken(P .. ':kwtok:' .. kscope, P .. ':kwsum:' .. kscope) end
 redis.call('DEL', rec)
 return 1
 """
 )
 
 _RENEW: Final = (
-    "-- clipia_renew_v2\n"
+    "-- clipia_renew_v3\n"
     + _PRELUDE
     + """
 local rid = ARGV[2]
@@ -244,6 +300,8 @@ if not team then return 0 end
 local held = redis.call('ZSCORE', P .. ':live:' .. team, rid)
 if not held or tonumber(held) <= now then return 0 end  -- ran out: never revived
 redis.call('ZADD', P .. ':live:' .. team, 'XX', lease_until, rid)
+local kscope = redis.call('HGET', rec, 'key')
+if kscope then redis.call('ZADD', P .. ':klive:' .. kscope, 'XX', lease_until, rid) end
 return tostring(lease_until)
 """
 )
@@ -265,18 +323,20 @@ return out
 )
 
 _RELEASE_SLOT: Final = (
-    "-- clipia_release_slot_v2\n"
+    "-- clipia_release_slot_v3\n"
     + _PRELUDE
     + """
 local rid = ARGV[2]
 local team = redis.call('HGET', P .. ':lease:' .. rid, 'team')
 if not team then return 0 end
+local kscope = redis.call('HGET', P .. ':lease:' .. rid, 'key')
+if kscope then redis.call('ZREM', P .. ':klive:' .. kscope, rid) end
 return redis.call('ZREM', P .. ':live:' .. team, rid)
 """
 )
 
 _REBUILD: Final = (
-    "-- clipia_rebuild_v1\n"
+    "-- clipia_rebuild_v2\n"
     + _PRELUDE
     + """
 local token = ARGV[2]
@@ -291,10 +351,16 @@ for _, l in ipairs(d.leases) do
   local rec = P .. ':lease:' .. l.id
   redis.call('HSET', rec, 'team', l.team, 'reserved', l.amount, 'windows', cjson.encode(l.windows))
   redis.call('EXPIRE', rec, d.lease_ttl)
+  if l.key then redis.call('HSET', rec, 'key', l.key) end
   if l.lease_until > now then
     local live = P .. ':live:' .. l.team
     redis.call('ZADD', live, l.lease_until, l.id)
     redis.call('EXPIRE', live, d.lease_ttl)
+    if l.key then
+      local klive = P .. ':klive:' .. l.key
+      redis.call('ZADD', klive, l.lease_until, l.id)
+      redis.call('EXPIRE', klive, d.lease_ttl)
+    end
   end
   for period, key in pairs(l.windows) do  -- the money is held until settled
     local reserved = P .. ':reserved:' .. l.team .. ':' .. key
@@ -309,6 +375,14 @@ for _, r in ipairs(d.rates) do
     redis.call('HSET', wtok, r.id, r.tokens)
     redis.call('INCRBY', wsum, r.tokens)
     for _, k in ipairs({win, wtok, wsum}) do redis.call('EXPIRE', k, 120) end
+    if r.key then
+      local kwin, kwtok, kwsum = P .. ':kwin:' .. r.key, P .. ':kwtok:' .. r.key,
+        P .. ':kwsum:' .. r.key
+      redis.call('ZADD', kwin, r.at, r.id)
+      redis.call('HSET', kwtok, r.id, r.tokens)
+      redis.call('INCRBY', kwsum, r.tokens)
+      for _, k in ipairs({kwin, kwtok, kwsum}) do redis.call('EXPIRE', k, 120) end
+    end
   end
 end
 redis.call('SET', P .. ':epoch', token)
@@ -473,7 +547,10 @@ class RedisStore:
         # Nothing else writes counters while the epoch key is missing (every script checks
         # it): stale counters (an eviction, a stale replica) can be cleared safely.
         stale: list[Any] = []
-        for pattern in ("spent", "reserved", "live", "lease", "win", "wtok", "wsum"):
+        for pattern in (
+            *("spent", "reserved", "live", "lease", "win", "wtok", "wsum"),
+            *("klive", "kwin", "kwtok", "kwsum"),
+        ):
             match = self._key(pattern, "*")
             stale += [key async for key in self._client.scan_iter(match=match, count=1000)]
         if stale:
@@ -494,6 +571,7 @@ class RedisStore:
                     "amount": record.reserved,
                     "windows": {p.value: k for p, k in record.windows.items()},
                     "lease_until": record.lease_until,
+                    **_key_scope(record),
                 }
                 for record in snapshot.dispatched
             ],
@@ -505,6 +583,8 @@ class RedisStore:
                     "tokens": record.tokens_reserved
                     if record.state is RecordState.DISPATCHED
                     else record.prompt_tokens + record.completion_tokens,
+                    # Which keys have limits is config, not in the ledger: every key's log.
+                    **_key_scope(record),
                 }
                 for record in snapshot.recent
             ],
@@ -587,6 +667,7 @@ class RedisStore:
             "concurrency": limits.concurrency,
             "lease_seconds": request.lease_seconds,
             "shadow": request.shadow,
+            **_key_limits(request),
             "lease_ttl": _LEASE_TTL,
             "window_ttls": _WINDOW_TTLS,
         }
@@ -615,6 +696,7 @@ class RedisStore:
                         "amount": record.reserved,
                         "windows": {p.value: k for p, k in record.windows.items()},
                         "lease_until": record.lease_until,
+                        **_key_scope(record),
                         "lease_ttl": _LEASE_TTL,
                         "window_ttls": _WINDOW_TTLS,
                         "total_ttl": _TOTAL_TTL,
@@ -747,7 +829,7 @@ class RedisStore:
 
 
 _REHOLD: Final = (
-    "-- clipia_rehold_v1\n"
+    "-- clipia_rehold_v2\n"
     + _PRELUDE
     + """
 local rid = ARGV[2]
@@ -756,10 +838,16 @@ local rec = P .. ':lease:' .. rid
 if redis.call('EXISTS', rec) == 1 then return 0 end
 redis.call('HSET', rec, 'team', l.team, 'reserved', l.amount, 'windows', cjson.encode(l.windows))
 redis.call('EXPIRE', rec, l.lease_ttl)
+if l.key then redis.call('HSET', rec, 'key', l.key) end
 if l.lease_until > now then
   local live = P .. ':live:' .. l.team
   redis.call('ZADD', live, l.lease_until, rid)
   redis.call('EXPIRE', live, l.lease_ttl)
+  if l.key then
+    local klive = P .. ':klive:' .. l.key
+    redis.call('ZADD', klive, l.lease_until, rid)
+    redis.call('EXPIRE', klive, l.lease_ttl)
+  end
 end
 for period, key in pairs(l.windows) do
   local reserved = P .. ':reserved:' .. l.team .. ':' .. key
@@ -769,6 +857,24 @@ end
 return 1
 """
 )
+
+
+def _key_scope(record: LedgerRecord) -> dict[str, str]:
+    """The key scope (``{team}:{key id}``) of a record read back from the ledger, if any."""
+    return {} if record.key_id is None else {"key": f"{record.team}:{record.key_id}"}
+
+
+def _key_limits(request: ReserveRequest) -> dict[str, str | int | None]:
+    """The reserve script's arguments for the key's own limits (none without ``key_limits``)."""
+    limits = request.key_limits
+    if limits is None or request.key_id is None:
+        return {}
+    return {
+        "key": request.key_id,
+        "key_rpm": limits.rpm,
+        "key_tpm": limits.tpm,
+        "key_concurrency": limits.concurrency,
+    }
 
 
 def _ttl_of(window: str) -> int:
@@ -794,6 +900,13 @@ def _result(data: dict[str, Any]) -> ReserveResult:
             Micro(int(data["budget_remaining"])) if "budget_remaining" in data else None
         ),
         budget_period=Period(budget_period) if budget_period else None,
+        key=bool(data.get("key", False)),
+        key_requests_remaining=(
+            int(data["key_requests_remaining"]) if "key_requests_remaining" in data else None
+        ),
+        key_tokens_remaining=(
+            int(data["key_tokens_remaining"]) if "key_tokens_remaining" in data else None
+        ),
         replayed=bool(data.get("replayed", False)),
     )
 
