@@ -1,43 +1,48 @@
-"""The ledger audit of HARDENING §5.5, and a harness of N gateways in front of one emulator.
+"""The ledger audit that ends every fault and load test.
 
-:func:`audit` ends every fault and load test: after settlement, the set of request ids the
-emulator served (billed) equals the gateway's settled ledger records, each exactly once, with
-the emulator's bill to the micro-credit, and the store's counters agree with the records.
+:func:`audit` checks, after settlement, five rules:
+
+1. nothing is left ``dispatched``, and every request id the emulator served (billed) has
+   exactly one settled ledger record;
+2. a request the emulator never served is charged nothing (except the bounded crash points:
+   a kill between the write-ahead record and the first byte);
+3. exact usage sources match the emulator's bill to the micro-credit, and bounded ones
+   (counted, reserved) never undercharge;
+4. requests the test saw refused reached neither the upstream nor the ledger;
+5. per team, the sum of settled costs equals the store's spent counters, and no reservation
+   is left open.
+
 :func:`audit_stores` is the same check over bare stores (a gateway process that is gone, whose
-SQLite file is reopened in the test).
+SQLite file is reopened in the test). The gateways themselves come from tests/harness.py
+(:func:`start_cluster`, re-exported here).
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import secrets
-import tempfile
 from collections import defaultdict
 from collections.abc import Collection, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Final
 
 import pytest
-from aiohttp import web
 
-from clipia_proxy.auth import generate_key, hash_key
-from clipia_proxy.config import Config, Secret, parse_config
-from clipia_proxy.emulator import EmulatorState, create_emulator_app
+from clipia_proxy.config import Config
+from clipia_proxy.emulator import EmulatorState
 from clipia_proxy.keys import QUOTAS, TASKS
 from clipia_proxy.quotas.model import MICRO_PER_CREDIT, Outcome, RecordState, UsageSource
 from clipia_proxy.quotas.service import QuotaService
 from clipia_proxy.quotas.store import LedgerRecord, Store
-from clipia_proxy.server import start
-from tests.conftest import TEAMS_YAML, Stack, fresh_postgres_schema_sync, stop_stack
+from tests.conftest import fresh_postgres_schema_sync
+from tests.harness import Cluster, Stack, start_cluster
 
 __all__ = [
     "AuditError",
     "Cluster",
     "audit",
     "audit_stores",
-    "build_config",
     "emulator_served",
     "redis_store",
     "start_cluster",
@@ -104,7 +109,7 @@ async def audit_stores(
     refused: Collection[str] = (),
     crash_points: int = 0,
 ) -> list[LedgerRecord]:
-    """Run HARDENING §5.5 rules 1-5 over distinct stores; raise :class:`AuditError`.
+    """Run the module's rules 1-5 over distinct stores; raise :class:`AuditError`.
 
     ``stores`` must be distinct (a store shared by several gateways appears once).
     ``refused`` are gateway request ids the test saw refused before dispatch (rule 4).
@@ -268,58 +273,6 @@ async def audit(
     return await audit_stores(stores, emulator, refused=refused, crash_points=crash_points)
 
 
-# --------------------------------------------------------------------------- harness
-
-
-def build_config(
-    emulator_url: str,
-    keys: dict[str, str],
-    *,
-    teams: str | None = None,
-    store: str | None = None,
-    upstream: str = "",
-    extra: str = "",
-    grace: float = 2.0,
-) -> Config:
-    """Return a gateway config like ``conftest.make_config``, with upstream fields overridable.
-
-    ``upstream`` is extra YAML lines for the ``upstream:`` block (indented by two spaces), each
-    replacing the default of the same name.
-    """
-    if store is None:
-        store = (
-            f"{{backend: sqlite, sqlite_path: {tempfile.mkdtemp(prefix='clipia-test-')}/ledger.db}}"
-        )
-    if "journal_path" not in store:
-        # The outage journal in a fresh temporary directory too (never the working directory).
-        journal = f"{tempfile.mkdtemp(prefix='clipia-test-')}/outage.jsonl"
-        mapping, newline, rest = store.partition("\n")  # a ledger: section may follow
-        mapping = mapping.rstrip().removesuffix("}") + f", journal_path: {journal}}}"
-        store = mapping + newline + rest
-    fields = {
-        "base_url": f"{emulator_url}/v1",
-        "api_key_env": "null",
-        "connect_timeout_seconds": "2",
-        "first_byte_timeout_seconds": "5",
-        "idle_timeout_seconds": "5",
-        "max_retry_wait_seconds": "0.5",
-    }
-    for line in upstream.strip().splitlines():
-        name, _, value = line.strip().partition(":")
-        fields[name.strip()] = value.strip()
-    upstream_yaml = "\n".join(f"  {name}: {value}" for name, value in fields.items())
-    teams_yaml = (teams or TEAMS_YAML).format(**{team: hash_key(key) for team, key in keys.items()})
-    text = f"""
-server: {{host: 127.0.0.1, port: 0, admin_port: 0, shutdown_grace_seconds: {grace}}}
-upstream:
-{upstream_yaml}
-store: {store}
-{extra}
-{teams_yaml}
-"""
-    return parse_config(text, source="test.yaml", resolve_secrets=False)
-
-
 def redis_store(
     redis_url: str,
     monkeypatch: pytest.MonkeyPatch,
@@ -344,74 +297,3 @@ def redis_store(
         f"{{backend: redis, redis_url_env: {env}, redis_key_prefix: {label}-{token}, "
         f"replicas: {replicas}}}\nledger: {{backend: postgres, postgres_dsn_env: {dsn_env}}}"
     )
-
-
-@dataclass
-class Cluster:
-    """One emulator and N gateways (same teams, keys and store section)."""
-
-    emulator: EmulatorState
-    emulator_url: str
-    gateways: list[Stack]
-    keys: dict[str, str]
-    runner: web.AppRunner
-    stopped: list[Stack] = field(default_factory=list)
-
-    async def stop(self) -> None:
-        """Stop every gateway, then the emulator."""
-        for gateway in self.gateways:
-            if gateway not in self.stopped:
-                self.stopped.append(gateway)
-                await stop_stack(gateway)
-        await self.runner.cleanup()
-
-
-async def start_cluster(
-    replicas: int,
-    *,
-    teams: str | None = None,
-    store: str | None = None,
-    upstream: str = "",
-    extra: str = "",
-    emulator_rpm: int = 100_000,
-) -> Cluster:
-    """Start one emulator and ``replicas`` gateways in the running loop (loopback only)."""
-    clipia_key = "clipia_live_" + secrets.token_urlsafe(24)
-    state = EmulatorState(keys={clipia_key}, rpm=emulator_rpm)
-    runner = web.AppRunner(create_emulator_app(state), access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    emulator_url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-    keys = {"search": generate_key(), "research": generate_key()}
-    cluster = Cluster(
-        emulator=state, emulator_url=emulator_url, gateways=[], keys=keys, runner=runner
-    )
-    try:
-        for _ in range(replicas):
-            # Off the loop: parsing reads time-zone files (blockbuster watches the loop).
-            config = await asyncio.to_thread(
-                functools.partial(
-                    build_config,
-                    emulator_url,
-                    keys,
-                    teams=teams,
-                    store=store,
-                    upstream=upstream,
-                    extra=extra,
-                )
-            )
-            running = await start(config, api_key=Secret(clipia_key))
-            cluster.gateways.append(
-                Stack(
-                    emulator=state,
-                    emulator_url=emulator_url,
-                    running=running,
-                    clipia_key=clipia_key,
-                    keys=keys,
-                    config=config,
-                )
-            )
-    except BaseException:
-        await cluster.stop()
-        raise
-    return cluster
