@@ -8,8 +8,7 @@ import aiohttp
 import pytest
 
 from clipia_proxy.config import ConfigError, read_admin_token
-from tests.conftest import Stack, make_config, stop_stack
-from tests.test_hardening_http import start_stack_with
+from tests.harness import Stack, make_config, start_stack, stop_stack
 
 TOKEN_ENV = "CLIPIA_TEST_ADMIN_TOKEN"
 TOKEN = "admin-token-for-tests-0123456789"
@@ -18,7 +17,7 @@ TOKEN = "admin-token-for-tests-0123456789"
 @pytest.fixture
 async def guarded(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Stack]:
     monkeypatch.setenv(TOKEN_ENV, TOKEN)
-    made = await start_stack_with(server={"admin_token_env": TOKEN_ENV})
+    made = await start_stack(server={"admin_token_env": TOKEN_ENV})
     try:
         yield made
     finally:

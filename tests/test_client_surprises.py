@@ -1,4 +1,4 @@
-"""What real clients tripped over (HARDENING §6): each through the HTTP entry point.
+"""What real clients tripped over: each through the HTTP entry point.
 
 A leftover ``X-Api-Key`` next to a valid Bearer key (the openai SDK with ``default_headers``),
 the gateway's own 429 with OpenAI's ``x-ratelimit-*`` headers, a 404 for other OpenAI routes that
@@ -18,8 +18,8 @@ import openai
 import pytest
 from multidict import CIMultiDict
 
-from tests.conftest import Stack, stop_stack
-from tests.test_hardening_http import assert_envelope, chat, http, post_chat, start_stack_with
+from tests.harness import Stack, start_stack, stop_stack
+from tests.http_client import assert_envelope, chat, http, post_chat
 
 TEAMS_WITH_RPM = """
 teams:
@@ -35,7 +35,7 @@ teams:
 
 @pytest.fixture
 async def rpm_stack() -> AsyncIterator[Stack]:
-    made = await start_stack_with(teams=TEAMS_WITH_RPM)
+    made = await start_stack(teams=TEAMS_WITH_RPM)
     try:
         yield made
     finally:

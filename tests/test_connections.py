@@ -1,4 +1,4 @@
-"""The connection layer of both ports, over raw sockets (HARDENING §3.5, §6 availability/HTTP).
+"""The connection layer of both ports, over raw sockets (docs/hardening.md, "Connections").
 
 Header and keep-alive deadlines, the request head's total size cap, the connection cap with
 the admin port still answering, aiohttp's parser errors in the OpenAI envelope (never echoing
@@ -15,77 +15,37 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 
-from tests.conftest import Stack, stop_stack
-from tests.test_hardening_http import (
+from tests.harness import Stack, start_stack, stop_stack
+from tests.http_client import (
+    WAIT,
     Reply,
     assert_envelope,
     assert_served,
     bearer,
     chat,
+    closed_by_server,
+    connection,
     raw_http,
     raw_request,
-    start_stack_with,
+    read_reply,
 )
-
-WAIT = 10.0
-"""Upper bound on any single wait: a regression fails here instead of hanging the suite."""
-
-
-async def _stack_with_server(**server: object) -> Stack:
-    """A stack whose ``server`` section has the given fields (the rest as conftest's)."""
-    return await start_stack_with(server=server)
 
 
 @pytest.fixture
 async def tight() -> AsyncIterator[Stack]:
     """Short deadlines and small caps, so each is reached quickly."""
-    made = await _stack_with_server(
-        header_timeout_seconds=0.5,
-        keepalive_timeout_seconds=0.5,
-        body_timeout_seconds=0.5,
-        max_connections=4,
+    made = await start_stack(
+        server={
+            "header_timeout_seconds": 0.5,
+            "keepalive_timeout_seconds": 0.5,
+            "body_timeout_seconds": 0.5,
+            "max_connections": 4,
+        }
     )
     try:
         yield made
     finally:
         await stop_stack(made)
-
-
-async def _read_reply(reader: asyncio.StreamReader) -> Reply:
-    block = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
-    lines = block.decode("latin-1").split("\r\n")
-    status = int(lines[0].split(" ", 2)[1])
-    from multidict import CIMultiDict
-
-    headers: CIMultiDict[str] = CIMultiDict()
-    for line in lines[1:]:
-        if line:
-            name, _, value = line.partition(":")
-            headers.add(name.strip(), value.strip())
-    body = await asyncio.wait_for(reader.readexactly(int(headers.get("Content-Length", "0"))), WAIT)
-    return Reply(status, headers, body)
-
-
-async def _closed_by_server(reader: asyncio.StreamReader) -> bool:
-    """Whether the server closes the connection (EOF or reset) within WAIT."""
-    try:
-        rest = await asyncio.wait_for(reader.read(), WAIT)
-    except (ConnectionError, OSError):
-        return True
-    return rest == b""
-
-
-@contextlib.asynccontextmanager
-async def _connection(
-    port: int,
-) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        yield reader, writer
-    finally:
-        writer.close()
-        with contextlib.suppress(ConnectionError, OSError):
-            await writer.wait_closed()
 
 
 # --------------------------------------------------------------------------- H1: parser errors
@@ -175,14 +135,14 @@ async def _expect_continue(
         content_length=False,
     )
     head = head[:-2] + b"Content-Length: %d\r\n\r\n" % len(body)
-    async with _connection(stack.running.port) as (reader, writer):
+    async with connection(stack.running.port) as (reader, writer):
         writer.write(head)
         await writer.drain()
         first = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
         if first.startswith(b"HTTP/1.1 100"):
             writer.write(body)
             await writer.drain()
-            return first, await _read_reply(reader)
+            return first, await read_reply(reader)
         # Not continued: the first block is the final answer's head.
         lines = first.decode("latin-1").split("\r\n")
         from multidict import CIMultiDict
@@ -242,7 +202,7 @@ async def test_unknown_expectation_is_417_envelope(stack: Stack) -> None:
 async def test_huge_unfinished_head_is_cut_at_the_cap(stack: Stack) -> None:
     """~1 MB of headers that never end (D1): 431 envelope once past ``max_header_bytes``."""
     cap = stack.config.server.max_header_bytes
-    async with _connection(stack.running.port) as (reader, writer):
+    async with connection(stack.running.port) as (reader, writer):
         writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
         sent = 0
         with contextlib.suppress(ConnectionError, OSError):
@@ -250,9 +210,9 @@ async def test_huge_unfinished_head_is_cut_at_the_cap(stack: Stack) -> None:
                 writer.write(b"X-Fill-%d: %s\r\n" % (index, b"a" * 8000))
                 await writer.drain()
                 sent += 8000
-        reply = await _read_reply(reader)
+        reply = await read_reply(reader)
         assert_envelope(reply, 431, "request_header_fields_too_large")
-        assert await _closed_by_server(reader)
+        assert await closed_by_server(reader)
     assert sent > cap
     await assert_served(stack)
 
@@ -276,13 +236,13 @@ async def test_head_just_under_the_cap_is_served(stack: Stack) -> None:
 
 
 async def test_idle_connection_is_closed_at_the_header_deadline(tight: Stack) -> None:
-    async with _connection(tight.running.port) as (reader, _writer):
-        assert await _closed_by_server(reader)
+    async with connection(tight.running.port) as (reader, _writer):
+        assert await closed_by_server(reader)
 
 
 async def test_slowloris_head_is_closed_at_the_header_deadline(tight: Stack) -> None:
     """A byte at a time never resets the deadline: the head must be whole within it."""
-    async with _connection(tight.running.port) as (reader, writer):
+    async with connection(tight.running.port) as (reader, writer):
         head = b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 1000
         closed = False
         for byte in head:
@@ -296,29 +256,29 @@ async def test_slowloris_head_is_closed_at_the_header_deadline(tight: Stack) -> 
             if reader.at_eof():
                 closed = True
                 break
-        assert closed or await _closed_by_server(reader)
+        assert closed or await closed_by_server(reader)
 
 
 async def test_kept_alive_connection_is_closed_when_idle(tight: Stack) -> None:
     request = b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n\r\n" % (
         tight.keys["search"].encode()
     )
-    async with _connection(tight.running.port) as (reader, writer):
+    async with connection(tight.running.port) as (reader, writer):
         writer.write(request)
         await writer.drain()
-        first = await _read_reply(reader)
+        first = await read_reply(reader)
         assert first.status == 200
         writer.write(request)  # kept alive: a second request on the same connection
         await writer.drain()
-        second = await _read_reply(reader)
+        second = await read_reply(reader)
         assert second.status == 200
-        assert await _closed_by_server(reader)
+        assert await closed_by_server(reader)
 
 
 async def test_late_body_is_408_at_the_body_deadline(tight: Stack) -> None:
     before = len(tight.emulator.requests)
     body = chat()
-    async with _connection(tight.running.port) as (reader, writer):
+    async with connection(tight.running.port) as (reader, writer):
         writer.write(
             raw_request(
                 "POST",
@@ -331,7 +291,7 @@ async def test_late_body_is_408_at_the_body_deadline(tight: Stack) -> None:
             + body[:10]
         )
         await writer.drain()
-        reply = await _read_reply(reader)
+        reply = await read_reply(reader)
     assert_envelope(reply, 408, "request_timeout")
     assert len(tight.emulator.requests) == before
     await assert_served(tight)
@@ -344,14 +304,14 @@ async def test_connection_cap_answers_503_and_admin_probes_still_answer(tight: S
     cap = 4
     async with contextlib.AsyncExitStack() as held:
         for _ in range(cap):
-            await held.enter_async_context(_connection(tight.running.port))
+            await held.enter_async_context(connection(tight.running.port))
         await asyncio.sleep(0.05)  # let the server accept them
-        async with _connection(tight.running.port) as (reader, writer):
+        async with connection(tight.running.port) as (reader, writer):
             # The request is read out (not left unread, which would reset the connection).
             writer.write(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
             await writer.drain()
-            reply = await _read_reply(reader)
-            assert await _closed_by_server(reader)
+            reply = await read_reply(reader)
+            assert await closed_by_server(reader)
         assert_envelope(reply, 503, "overloaded")
         assert reply.headers["Retry-After"] == "1"
         async with aiohttp.ClientSession() as session:
@@ -363,29 +323,29 @@ async def test_connection_cap_answers_503_and_admin_probes_still_answer(tight: S
 
 
 async def test_the_admin_port_has_its_own_cap() -> None:
-    made = await _stack_with_server(admin_max_connections=2, header_timeout_seconds=5)
+    made = await start_stack(server={"admin_max_connections": 2, "header_timeout_seconds": 5})
     try:
         async with contextlib.AsyncExitStack() as held:
             for _ in range(2):
-                await held.enter_async_context(_connection(made.running.admin_port))
+                await held.enter_async_context(connection(made.running.admin_port))
             await asyncio.sleep(0.05)
-            async with _connection(made.running.admin_port) as (reader, _writer):
-                reply = await _read_reply(reader)
+            async with connection(made.running.admin_port) as (reader, _writer):
+                reply = await read_reply(reader)
             assert_envelope(reply, 503, "overloaded")
             await assert_served(made)  # the data port is unaffected
     finally:
         await stop_stack(made)
 
 
-async def test_a_refusal_with_its_body_unread_closes_the_connection(stack: Stack) -> None:
+async def test_a_refusal_with_its_body_unread_closes_theconnection(stack: Stack) -> None:
     """401 before the body is read: the answer says Connection: close, and the server closes."""
-    async with _connection(stack.running.port) as (reader, writer):
+    async with connection(stack.running.port) as (reader, writer):
         writer.write(
             b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
             b"Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n" + b"{" * 1000
         )
         await writer.drain()
-        reply = await _read_reply(reader)
+        reply = await read_reply(reader)
         assert_envelope(reply, 401, "invalid_api_key")
         assert reply.headers.get("Connection", "").lower() == "close"
-        assert await _closed_by_server(reader)
+        assert await closed_by_server(reader)

@@ -1,4 +1,4 @@
-"""HARDENING §4 SIGKILL / SIGTERM with real ``python -m clipia_proxy serve`` processes.
+"""SIGKILL / SIGTERM with real ``python -m clipia_proxy serve`` processes.
 
 The emulator runs in the test's loop; each gateway is a subprocess on loopback ports read from
 its "listening" log line. After a kill, the restarted gateway reconciles the records left

@@ -9,21 +9,19 @@ oracle is the pair lists themselves, not another parser.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from clipia_proxy.errors import InvalidRequest
 from clipia_proxy.wire import decode_json, has_duplicate_keys, parse_chat_request
-from tests.conftest import Stack
+from tests.harness import Stack
+from tests.http_client import Reply, bearer, raw_http, raw_request
 
 Draw = Callable[[st.SearchStrategy[Any]], Any]
 MESSAGES = b'"messages":[{"role":"user","content":"hi"}]'
@@ -192,44 +190,25 @@ def test_parse_accepts_lookalikes(raw: bytes) -> None:
 # ----------------------------------------------------------------- through the HTTP entry point
 
 
-async def raw_post(stack: Stack, body: bytes) -> tuple[int, dict[str, str], bytes]:
-    """One raw HTTP/1.1 POST on a fresh connection; the status, headers and body."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", stack.running.port)
-    try:
-        head = (
-            "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
-            f"Authorization: Bearer {stack.keys['search']}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-        )
-        writer.write(head.encode() + body)
-        await writer.drain()
-        answer = await asyncio.wait_for(reader.read(), 10)
-    finally:
-        writer.close()
-        with contextlib.suppress(ConnectionError, OSError):
-            await writer.wait_closed()
-    block, _, payload = answer.partition(b"\r\n\r\n")
-    lines = block.decode("latin-1").split("\r\n")
-    headers = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    return int(lines[0].split(" ", 2)[1]), headers, payload
+async def raw_post(stack: Stack, body: bytes) -> Reply:
+    """One raw HTTP/1.1 POST of ``body`` to the chat route on a fresh connection."""
+    headers = [bearer(stack), ("Content-Type", "application/json")]
+    return await raw_http(stack, raw_request("POST", "/v1/chat/completions", headers, body))
 
 
 @pytest.mark.parametrize("raw", [b for _, b in BODIES], ids=[n for n, _ in BODIES])
 async def test_http_duplicate_key_is_400_without_upstream_call(stack: Stack, raw: bytes) -> None:
     before = len(stack.emulator.requests)
-    status, headers, payload = await raw_post(stack, raw)
-    assert status == 400, payload[:300]
-    assert headers["content-type"].startswith("application/json")
-    assert headers.get("x-request-id")
-    error = msgspec.json.decode(payload)["error"]
+    reply = await raw_post(stack, raw)
+    assert reply.status == 400, reply.body[:300]
+    assert reply.headers["content-type"].startswith("application/json")
+    assert reply.headers.get("x-request-id")
+    error = reply.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
     assert error["code"] == "invalid_request"
     assert error["type"] == "invalid_request_error"
     assert "twice" in error["message"]
     assert len(stack.emulator.requests) == before
-    served, _, _ = await raw_post(stack, b'{"model":"gpt-5.5",' + MESSAGES + b"}")
-    assert served == 200
+    served = await raw_post(stack, b'{"model":"gpt-5.5",' + MESSAGES + b"}")
+    assert served.status == 200
     assert len(stack.emulator.requests) == before + 1

@@ -396,7 +396,7 @@ async def test_completion_shape_tokens_and_exact_cost(client: Client, state: Emu
 def test_cost_arithmetic_is_decimal_half_up_and_plain() -> None:
     opus = chat_price("claude-opus-4-8")
     assert opus is not None
-    # UPSTREAM.md's example: 18 + 72 tokens of claude-opus-4-8 = 0.1512 ₽ = 0.0504 credits.
+    # Clipia's documented example: 18 + 72 tokens of claude-opus-4-8 = 0.1512 ₽ = 0.0504 credits.
     assert str(cost_credits(opus, 18, 72)) == "0.0504"
     assert str(cost_credits(opus, 1, 0)) == "0.000133"
     assert str(cost_credits(opus, 15000, 0)) == "2"

@@ -1,4 +1,4 @@
-"""Every ProxyError subclass maps to DESIGN §5.3's status, type and code, and renders the envelope."""
+"""Every ProxyError maps to its status, type and code (docs/architecture.md §5.3) and envelope."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``clipia-proxy serve`` at its file descriptor limit (HARDENING §6 availability, D2/D3).
+"""``clipia-proxy serve`` at its file descriptor limit: the probes still answer.
 
 The gateway runs as a real process with ``RLIMIT_NOFILE`` at 256; more idle connections than
 that are opened to its data port. The admin probes must keep answering on new connections (the

@@ -1,268 +1,73 @@
-"""HARDENING §3.1 to §3.4 and §3.7 through the real HTTP entry point.
+"""Bad input through the real HTTP entry point: credentials, model names, paths, bodies, injection.
 
 Every case talks to a running gateway (``stack``) over a real socket, with the emulator as the
-only upstream. Every refusal is checked the same way (:func:`assert_refused`): status, the
-OpenAI envelope with DESIGN §5.3's code, an ``X-Request-Id``, nothing new in the emulator's
-log (∅), and a valid request served afterwards on a new connection.
+only upstream (docs/hardening.md lists the behaviours). Every refusal is checked the same way
+(:func:`tests.http_client.assert_refused`): status, the OpenAI envelope with its error code
+(docs/architecture.md §5.3), an ``X-Request-Id``, nothing new in the emulator's log (∅), and a
+valid request served afterwards on a new connection.
 """
 
 from __future__ import annotations
 
 import ast
-import asyncio
 import base64
-import contextlib
 import datetime as dt
 import gzip
 import re
 import zlib
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import msgspec
 import pytest
-from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
 from clipia_proxy.auth import generate_key, hash_key
-from clipia_proxy.config import Secret
-from clipia_proxy.emulator import EmulatorState, Fault, create_emulator_app
-from clipia_proxy.server import start
+from clipia_proxy.emulator import Fault
 from clipia_proxy.wire import decode_json
-from tests.conftest import Stack, make_config, stop_stack
+from tests.harness import Stack, start_stack, stop_stack
+from tests.http_client import (
+    HELLO,
+    REQUEST_ID_RE,
+    Reply,
+    assert_envelope,
+    assert_refused,
+    assert_refused_or_parser_400,
+    assert_served,
+    bearer,
+    chat,
+    encode,
+    http,
+    post_chat,
+    raw_http,
+    raw_request,
+)
 
 StackFactory = Callable[..., Awaitable[Stack]]
 
-HELLO: list[dict[str, object]] = [{"role": "user", "content": "hi"}]
-VALID: dict[str, object] = {"model": "gpt-5.5", "messages": HELLO}
-ENVELOPE_FIELDS = {"message", "type", "param", "code"}
-REQUEST_ID_RE = re.compile(r"[0-9a-f]{32}")
 PACKAGE = Path(__file__).resolve().parent.parent / "clipia_proxy"
 
 
 # --------------------------------------------------------------------------- helpers
 
 
-@dataclass
-class Reply:
-    """One HTTP answer, as the client saw it."""
-
-    status: int
-    headers: CIMultiDict[str]
-    body: bytes
-
-    def json(self) -> Any:
-        return msgspec.json.decode(self.body)
-
-
-def root(stack: Stack) -> str:
-    return f"http://127.0.0.1:{stack.running.port}"
-
-
-def encode(obj: object) -> bytes:
-    return msgspec.json.encode(obj)
-
-
-def chat(model: object = "gpt-5.5", **fields: object) -> bytes:
-    return encode({"model": model, "messages": HELLO, **fields})
-
-
-async def http(
-    stack: Stack,
-    method: str,
-    path: str,
-    *,
-    headers: Mapping[str, str] | Iterable[tuple[str, str]] | None = None,
-    body: bytes | None = None,
-    content_type: str | None = "application/json",
-    admin: bool = False,
-) -> Reply:
-    """Send one request on a fresh connection; ``path`` is sent as written (no normalising)."""
-    base = stack.admin_url if admin else root(stack)
-    sent: CIMultiDict[str] = CIMultiDict(headers or {})
-    if body is not None and content_type is not None and "Content-Type" not in sent:
-        sent["Content-Type"] = content_type
-    async with (
-        aiohttp.ClientSession() as session,
-        session.request(
-            method, URL(base + path, encoded=True), headers=sent, data=body
-        ) as response,
-    ):
-        payload = await response.read()
-        return Reply(response.status, CIMultiDict(response.headers), payload)
-
-
-async def post_chat(
-    stack: Stack, body: bytes, *, team: str = "search", headers: Mapping[str, str] | None = None
-) -> Reply:
-    merged = {**stack.auth(team), **(headers or {})}
-    return await http(stack, "POST", "/v1/chat/completions", headers=merged, body=body)
-
-
-async def raw_http(
-    stack: Stack, data: bytes | list[bytes], *, admin: bool = False, head: bool = False
-) -> Reply:
-    """Write raw HTTP/1.1 bytes on a new connection and parse the one answer.
-
-    A list of parts is written part by part, 50 ms apart (a body that arrives late).
-    """
-    port = stack.running.admin_port if admin else stack.running.port
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        for index, part in enumerate([data] if isinstance(data, bytes) else data):
-            if index:
-                await asyncio.sleep(0.05)
-            writer.write(part)
-            await writer.drain()
-        block = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-        lines = block.decode("latin-1").split("\r\n")
-        status = int(lines[0].split(" ", 2)[1])
-        headers: CIMultiDict[str] = CIMultiDict()
-        for line in lines[1:]:
-            if line:
-                name, _, value = line.partition(":")
-                headers.add(name.strip(), value.strip())
-        length = 0 if head else int(headers.get("Content-Length", "0"))
-        body = await asyncio.wait_for(reader.readexactly(length), 5)
-        return Reply(status, headers, body)
-    finally:
-        writer.close()
-        with contextlib.suppress(ConnectionError, OSError):
-            await writer.wait_closed()
-
-
-def raw_request(
-    method: str,
-    target: str,
-    headers: Iterable[tuple[str, str]] | Iterable[tuple[bytes, bytes]],
-    body: bytes = b"",
-    *,
-    content_length: bool = True,
-) -> bytes:
-    """Build raw request bytes; header names and values are written exactly as given."""
-    out = f"{method} {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n".encode()
-    for name, value in headers:
-        n = name if isinstance(name, bytes) else name.encode("latin-1")
-        v = value if isinstance(value, bytes) else value.encode("latin-1")
-        out += n + b": " + v + b"\r\n"
-    if content_length:
-        out += f"Content-Length: {len(body)}\r\n".encode()
-    return out + b"\r\n" + body
-
-
-def bearer(stack: Stack, team: str = "search") -> tuple[str, str]:
-    return ("Authorization", f"Bearer {stack.keys[team]}")
-
-
-def assert_envelope(reply: Reply, status: int | set[int], codes: str | set[str]) -> dict[str, Any]:
-    statuses = {status} if isinstance(status, int) else status
-    allowed = {codes} if isinstance(codes, str) else codes
-    assert reply.status in statuses, (reply.status, reply.body[:300])
-    assert reply.status != 500
-    document = reply.json()
-    assert set(document) == {"error"}, document
-    error = document["error"]
-    assert set(error) == ENVELOPE_FIELDS, error
-    assert isinstance(error["message"], str)
-    assert error["message"]
-    assert isinstance(error["type"], str)
-    assert error["param"] is None or isinstance(error["param"], str)
-    assert error["code"] in allowed, error
-    assert reply.headers.get("Content-Type", "").startswith("application/json")
-    request_ids = reply.headers.getall("X-Request-Id", [])
-    assert len(request_ids) == 1
-    assert REQUEST_ID_RE.fullmatch(request_ids[0]), request_ids
-    return dict(error)
-
-
-async def assert_served(stack: Stack, team: str = "search", model: str = "gpt-5.5") -> Reply:
-    """A valid request on a new connection is served and reaches the emulator once."""
-    before = len(stack.chat_requests())
-    reply = await post_chat(stack, chat(model), team=team)
-    assert reply.status == 200, reply.body[:300]
-    assert reply.json()["object"] == "chat.completion"
-    assert len(stack.chat_requests()) == before + 1
-    return reply
-
-
-async def assert_refused(
-    stack: Stack,
-    before: int,
-    reply: Reply,
-    status: int | set[int],
-    codes: str | set[str],
-    *,
-    serve_team: str = "search",
-) -> dict[str, Any]:
-    """The full refusal contract: envelope, request id, ∅, and the gateway still serves."""
-    error = assert_envelope(reply, status, codes)
-    assert len(stack.emulator.requests) == before, [
-        (r.method, r.path) for r in stack.emulator.requests[before:]
-    ]
-    await assert_served(stack, team=serve_team)
-    return error
-
-
-async def assert_refused_or_parser_400(stack: Stack, before: int, reply: Reply) -> None:
-    """A 400 from the app or from aiohttp's HTTP parser: the same envelope either way."""
-    await assert_refused(stack, before, reply, 400, "invalid_request")
-
-
 def emulator_headers(stack: Stack, index: int = -1) -> CIMultiDict[str]:
     return CIMultiDict(stack.chat_requests()[index].headers)
-
-
-async def start_stack_with(
-    *,
-    max_body_bytes: int | None = None,
-    extra: str = "",
-    teams: str | None = None,
-    server: Mapping[str, object] | None = None,
-) -> Stack:
-    """Like conftest's ``start_stack``, but may change ``server`` fields (conftest fixes them)."""
-    import secrets
-
-    clipia_key = "clipia_live_" + secrets.token_urlsafe(24)  # no hex: see conftest
-    state = EmulatorState(seed=0, keys={clipia_key})
-    runner = web.AppRunner(create_emulator_app(state), access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    emulator_url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-    keys = {"search": generate_key(), "research": generate_key()}
-    config = make_config(emulator_url, keys, extra=extra, teams=teams)
-    fields = {**(server or {})}
-    if max_body_bytes is not None:
-        fields["max_body_bytes"] = max_body_bytes
-    if fields:
-        changed = msgspec.structs.replace(config.server, **fields)
-        config = msgspec.structs.replace(config, server=changed)
-    running = await start(config, api_key=Secret(clipia_key))
-    return Stack(
-        emulator=state,
-        emulator_url=emulator_url,
-        running=running,
-        clipia_key=clipia_key,
-        keys=keys,
-        config=config,
-        runners=[runner],
-    )
 
 
 @pytest.fixture
 async def small_stack() -> Any:
     """A stack whose ``server.max_body_bytes`` is 4096."""
-    made = await start_stack_with(max_body_bytes=4096)
+    made = await start_stack(server={"max_body_bytes": 4096})
     try:
         yield made
     finally:
         await stop_stack(made)
 
 
-# --------------------------------------------------------------------------- §3.1 credentials
+# --------------------------------------------------------------------------- credentials
 
 
 async def test_baseline_valid_request_is_served(stack: Stack) -> None:
@@ -867,7 +672,7 @@ async def test_key_rotation_two_keys_of_one_team(stacks: StackFactory) -> None:
     assert second not in key_view.body.decode()
 
 
-# --------------------------------------------------------------------------- §3.2 model names
+# --------------------------------------------------------------------------- model names
 
 LOOKALIKES: list[str] = [
     "GPT-5.5",
@@ -1194,7 +999,7 @@ async def test_caps_within_limits_served(stack: Stack, fields: dict[str, object]
         assert received.get(name) == value
 
 
-# --------------------------------------------------------------------------- §3.3 paths
+# --------------------------------------------------------------------------- paths
 
 PATH_TRICKS = [
     ("GET", "/v1/../metrics"),
@@ -1388,7 +1193,7 @@ async def test_admin_port_serves_health_only(stack: Stack) -> None:
     assert len(stack.emulator.requests) == before
 
 
-# --------------------------------------------------------------------------- §3.4 body
+# --------------------------------------------------------------------------- body
 
 
 @pytest.mark.parametrize(
@@ -1779,7 +1584,7 @@ async def test_stream_body_equals_client_body_apart_from_usage_option(stack: Sta
     assert received == expected
 
 
-# --------------------------------------------------------------------------- §3.7 injection
+# --------------------------------------------------------------------------- injection
 
 CRLF_VALUES = [
     "a\r\nX-Injected: 1",
@@ -1865,7 +1670,7 @@ def _calls(tree: ast.AST) -> Iterable[str]:
 
 
 def test_no_eval_exec_compile_in_package() -> None:
-    """§3.7: config is data; the package never evaluates text as code."""
+    """Config is data; the package never evaluates text as code."""
     files = sorted(PACKAGE.rglob("*.py"))
     assert len(files) > 10
     offenders: list[str] = []

@@ -1,4 +1,4 @@
-"""HARDENING §4 faults, each ending with the ledger audit of §5.5 (tests/audit.py).
+"""Upstream and store faults, each ending with the ledger audit (tests/audit.py).
 
 Every request goes through the real HTTP entry point of a gateway on a loopback socket, with
 the emulator as the only upstream and its faults scripted per request.

@@ -1,4 +1,4 @@
-"""DESIGN §5.7: one JSON access line per request, and nothing secret in logs or metrics.
+"""One JSON access line per request (docs/architecture.md §5.7), nothing secret in logs or metrics.
 
 The access line is matched to its request by ``X-Request-Id`` and checked field by field
 against what the client and the emulator saw. The canary scan drives fresh secrets (the Clipia
@@ -25,13 +25,13 @@ from multidict import CIMultiDict
 
 from clipia_proxy.auth import hash_key
 from clipia_proxy.emulator import Fault
-from tests.conftest import Stack, stop_stack, wait_settled
-from tests.test_hardening_http import Reply, start_stack_with
-from tests.test_metrics import TEAM_IDS, TEAMS, start_teams
+from tests.harness import Stack, start_stack, stop_stack, wait_settled
+from tests.http_client import Reply
+from tests.test_metrics import TEAM_IDS, TEAMS
 from tests.test_secrets import drive_everything, hits, render
 
 CHAT: Final = "/v1/chat/completions"
-DESIGN_FIELDS: Final = frozenset(
+ACCESS_FIELDS: Final = frozenset(
     {
         "request_id",
         "team",
@@ -173,7 +173,7 @@ async def test_one_access_line_per_request_with_design_fields(
         assert line["msg"] == "access"
         assert line["level"] == "info"
         assert line["event"] == "access"
-        assert line.keys() >= DESIGN_FIELDS, DESIGN_FIELDS - line.keys()
+        assert line.keys() >= ACCESS_FIELDS, ACCESS_FIELDS - line.keys()
         assert isinstance(line["duration_ms"], float)
         assert line["duration_ms"] >= 0
 
@@ -327,12 +327,12 @@ async def test_canaries_never_reach_logs_metrics_or_responses(
 ) -> None:
     prompt = _prompt_canary()
     header_value = "HDR" + secrets.token_hex(12)
-    everything = await start_stack_with(max_body_bytes=4096)
-    quotas = await start_teams(TEAMS, TEAM_IDS)
+    everything = await start_stack(server={"max_body_bytes": 4096})
+    quotas = await start_stack(teams=TEAMS, team_ids=TEAM_IDS)
     monkeypatch.setenv("CLIPIA_TEST_DEAD_REDIS", "redis://127.0.0.1:1/0")
-    dead = await start_teams(
-        TEAMS,
-        TEAM_IDS,
+    dead = await start_stack(
+        teams=TEAMS,
+        team_ids=TEAM_IDS,
         store="{backend: redis, redis_url_env: CLIPIA_TEST_DEAD_REDIS, timeout_seconds: 0.5}"
         "\nledger: {backend: postgres, postgres_dsn_env: CLIPIA_TEST_DEAD_DSN}",
     )

@@ -1,4 +1,4 @@
-"""DESIGN §5.6 through HTTP: scrape ``/metrics`` after a scripted mix and check exact values.
+"""Metrics (docs/architecture.md §5.6) through HTTP: scrape ``/metrics`` after a scripted mix and check exact values.
 
 Every counter is checked against an independent account of the same traffic: the requests this
 test sent (requests, rejections, stream terminations), the emulator's own log (upstream
@@ -11,9 +11,8 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import re
-import secrets
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -21,7 +20,6 @@ from typing import Any, Final
 
 import aiohttp
 import pytest
-from aiohttp import web
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client import Counter as PCounter
 from prometheus_client.metrics import MetricWrapperBase
@@ -31,14 +29,12 @@ import clipia_proxy
 from clipia_proxy import __version__
 from clipia_proxy.app import apply_config, refresh_budget_gauges
 from clipia_proxy.auth import generate_key
-from clipia_proxy.config import Secret
-from clipia_proxy.emulator import EmulatorState, Fault, create_emulator_app
+from clipia_proxy.emulator import Fault
 from clipia_proxy.keys import CATALOG, LIVE, QUOTAS
 from clipia_proxy.metrics import REJECTION_REASONS, STREAM_REASONS, BudgetSnapshot, Metrics
 from clipia_proxy.quotas.model import MICRO_PER_CREDIT, RecordState, UsageSource
 from clipia_proxy.quotas.store import LedgerRecord
-from clipia_proxy.server import start
-from tests.conftest import Stack, make_config, stop_stack, wait_settled
+from tests.harness import Stack, make_config, start_stack, stop_stack, wait_settled
 
 P: Final = "clipia_proxy_"
 CHAT: Final = "/v1/chat/completions"
@@ -85,31 +81,9 @@ Labels = frozenset[tuple[str, str]]
 # --------------------------------------------------------------------------- helpers
 
 
-async def start_teams(teams: str, team_ids: Iterable[str], *, store: str | None = None) -> Stack:
-    """Start an emulator and a gateway whose config has ``teams`` (one fresh key per team)."""
-    clipia_key = "clipia_live_" + secrets.token_urlsafe(24)
-    state = EmulatorState(seed=0, keys={clipia_key})
-    runner = web.AppRunner(create_emulator_app(state), access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    emulator_url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-    keys = {team: generate_key() for team in team_ids}
-    config = make_config(emulator_url, keys, teams=teams, store=store)
-    running = await start(config, api_key=Secret(clipia_key))
-    return Stack(
-        emulator=state,
-        emulator_url=emulator_url,
-        running=running,
-        clipia_key=clipia_key,
-        keys=keys,
-        config=config,
-        runners=[runner],
-    )
-
-
 @pytest.fixture
 async def mixed() -> AsyncIterator[Stack]:
-    made = await start_teams(TEAMS, TEAM_IDS)
+    made = await start_stack(teams=TEAMS, team_ids=TEAM_IDS)
     try:
         yield made
     finally:
@@ -493,7 +467,7 @@ def check_all(
         expected = ledger_spend.get(key, 0) / MICRO_PER_CREDIT
         assert value == pytest.approx(expected, abs=TOLERANCE), key
     assert nonzero(tokens) == {k: float(v) for k, v in ledger_tokens.items() if v}
-    for team in TEAM_IDS:  # and so per team, as the issue words it
+    for team in TEAM_IDS:  # and so per team: the spend series add up to each team's ledger
         team_spend = sum(v for (tm, _), v in spend.items() if tm == team)
         team_micro = sum(r.cost for r in records if r.team == team)
         assert team_spend == pytest.approx(team_micro / MICRO_PER_CREDIT, abs=TOLERANCE)

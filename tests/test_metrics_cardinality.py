@@ -1,4 +1,4 @@
-"""DESIGN §5.6: no request can create a metric series (labels only from config or small enums).
+"""No request can create a metric series (labels only from config or small enums).
 
 10,000 requests through HTTP — random model names, random and bogus keys, random paths, query
 strings and methods, plus a few real generations — are sent in two halves of the same shape.

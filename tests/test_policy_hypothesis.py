@@ -1,4 +1,4 @@
-"""Property tests of the model policy: through HTTP (HARDENING §3.2) and on ModelPolicy itself.
+"""Property tests of the model policy: through HTTP (model names) and on ModelPolicy itself.
 
 Served ⇒ the emulator received a ``model`` byte-equal to a chat-model id the team may use;
 refused ⇒ nothing reached the emulator. The stack runs in a background thread's loop

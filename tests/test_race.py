@@ -1,4 +1,4 @@
-"""HARDENING §5.1: barrier-released races through the real HTTP entry point.
+"""Barrier-released races through the real HTTP entry point: no budget or limit overshoot.
 
 M identical requests wait on one ``asyncio.Event`` and go together while the emulator holds
 every billed reply (``state.hold``) until all M have been decided: each one is either refused

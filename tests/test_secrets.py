@@ -1,4 +1,4 @@
-"""The canary scan (HARDENING §1, P1; CVE-2024-9606, litellm#5762, #24902, PR #25203).
+"""The canary scan: no secret in any answer or log line (the class of leak of CVE-2024-9606).
 
 One stack with fresh canary secrets is driven through success and every error path the
 gateway has, at DEBUG. Every response header and body and every log line is captured; neither
@@ -15,14 +15,13 @@ import pytest
 
 from clipia_proxy.auth import hash_key
 from clipia_proxy.emulator import Fault
-from tests.conftest import Stack, stop_stack
-from tests.test_hardening_http import (
+from tests.harness import Stack, start_stack, stop_stack
+from tests.http_client import (
     Reply,
     chat,
     http,
     raw_http,
     raw_request,
-    start_stack_with,
 )
 
 PUBLIC_PREFIXES = ("clipia_live_", "clipia_test_", "cpx_")
@@ -64,7 +63,7 @@ def hits(texts: list[str], secrets: dict[str, str]) -> list[str]:
 
 @pytest.fixture
 async def canary_stack() -> AsyncIterator[Stack]:
-    made = await start_stack_with(max_body_bytes=4096)
+    made = await start_stack(server={"max_body_bytes": 4096})
     try:
         yield made
     finally:

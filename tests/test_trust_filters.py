@@ -1,4 +1,4 @@
-"""Upstream answers the gateway must not relay (HARDENING §6 secrets and trust rows).
+"""Upstream answers the gateway must not relay (docs/hardening.md, "Upstream answers").
 
 The emulator quotes the Clipia key it received — whole, JSON-escaped, partly, percent-encoded —
 in an error body, a ``Retry-After`` header, a 200 answer or a stream; or answers 200 with a body
@@ -15,8 +15,8 @@ import aiohttp
 import pytest
 
 from clipia_proxy.emulator import Fault
-from tests.conftest import Stack
-from tests.test_hardening_http import Reply, assert_envelope, assert_served, chat, post_chat
+from tests.harness import Stack
+from tests.http_client import Reply, assert_envelope, assert_served, chat, post_chat
 
 FORMS = ["whole", "json_escaped", "partial", "percent"]
 

@@ -1,4 +1,4 @@
-"""Upstream faults through the real HTTP entry point (HARDENING §4), plus the pure seams.
+"""Upstream faults through the real HTTP entry point, plus the pure seams.
 
 Every test talks to the gateway with ``aiohttp.ClientSession`` at ``stack.base_url`` and checks
 what the emulator received. Tests that need small timeouts or a dead upstream use conftest's
