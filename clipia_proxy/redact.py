@@ -13,7 +13,12 @@ built once per key and is cheap enough for every answer and every stream chunk:
   ``/``, so ``\/`` needs no decoding).
 
 A stream is scanned chunk by chunk with the end of the previous chunk kept, so a fragment
-split across two reads is still found.
+split across reads is still found. Its relay also holds back the end of each read that could
+be the start of a fragment (characters of the key, raw or escaped, or an unfinished escape):
+those bytes go out with the next read once it shows they are not the key, and never if it
+shows they are. So no character of a fragment the scan finds reaches the client, however the
+upstream splits its writes; a read ending in anything else (an SSE event's blank line) is
+relayed whole at once.
 """
 
 from __future__ import annotations
@@ -28,6 +33,11 @@ _PIECE: Final = 8
 _STEP: Final = 8
 _PREFIXES: Final = ("clipia_live_", "clipia_test_")
 _JSON_ESCAPE: Final = re.compile(rb"\\u([0-9a-fA-F]{4})")
+_HELD_CHARS: Final = 2 * _PIECE - 2
+"""The longest run of key characters the scan can miss (any 15 hold a piece): the most a
+stream's relay holds back, as characters (each raw, ``\\uXXXX`` or ``%XX``)."""
+_UNFINISHED_ESCAPE: Final = re.compile(rb"(?:\\(?:u[0-9a-fA-F]{0,3})?|%[0-9a-fA-F]?)\Z")
+_HEX: Final = frozenset(b"0123456789abcdefABCDEF")
 _CARRY: Final = 6 * 48
 """Bytes of a read holding escapes kept for the next one: a fragment written entirely as
 ``\\uXXXX`` escapes (6 bytes a character) still fits."""
@@ -41,15 +51,19 @@ def _unescape_json(match: re.Match[bytes]) -> bytes:
 class KeyScanner:
     """Find the gateway's Clipia keys (live, sandbox), or a fragment of one, in upstream bytes."""
 
-    __slots__ = ("_first_pass", "_pieces")
+    __slots__ = ("_alphabet", "_first_pass", "_fragments", "_pieces", "_tail_bytes")
 
     def __init__(self, *keys: str) -> None:
         pieces: set[bytes] = set()
+        fragments: set[bytes] = set()
         for key in keys:
             secret = key
             for prefix in _PREFIXES:
                 if key.startswith(prefix):
                     secret = key[len(prefix) :]
+            raw = secret.encode()
+            for length in range(1, _HELD_CHARS + 1):
+                fragments.update(raw[i : i + length] for i in range(len(raw) - length + 1))
             if len(secret) >= _PIECE:
                 for start in range(0, len(secret) - _PIECE + 1, _STEP):
                     pieces.add(secret[start : start + _PIECE].encode())
@@ -57,6 +71,11 @@ class KeyScanner:
             elif secret:
                 pieces.add(secret.encode())
         self._pieces: Final = tuple(sorted(pieces))
+        self._fragments: Final = frozenset(fragments)
+        """Every run of up to ``_HELD_CHARS`` characters of a secret part."""
+        self._alphabet: Final = frozenset(b"".join(fragments))
+        self._tail_bytes: Final = self._alphabet | _HEX | frozenset(b"\\u%")
+        """A read ending in any other byte holds nothing back."""
         # One C-level pass finds a piece or a reason to look closer (an escape).
         self._first_pass: Final = re.compile(
             b"|".join([*map(re.escape, self._pieces), rb"\\u", b"%"])
@@ -92,28 +111,90 @@ class KeyScanner:
         """Whether a header value quotes the key (or a fragment of it)."""
         return self.mentions_key(value.encode("utf-8", "surrogateescape"))
 
+    def held_from(self, data: bytes) -> int:
+        r"""Where the end of ``data`` that could start a fragment of the key begins.
+
+        That end is the longest run of key characters (raw, ``\uXXXX`` or ``%XX``) that is
+        a piece of a secret part, plus an unfinished escape after it; ``len(data)`` if none.
+        """
+        end = len(data)
+        if not end or data[-1] not in self._tail_bytes or not self._pieces:
+            return end
+        unfinished = _UNFINISHED_ESCAPE.search(data, max(0, end - 5))
+        stop = unfinished.start() if unfinished is not None else end
+        chars = bytearray()  # the characters before ``stop``, last first
+        starts: list[int] = []  # where each begins in ``data``
+        pos = stop
+        alphabet = self._alphabet
+        while pos > 0 and len(chars) < _HELD_CHARS:
+            if (
+                pos >= 6
+                and data[pos - 6] == 0x5C  # backslash
+                and data[pos - 5] == 0x75  # u
+                and all(byte in _HEX for byte in data[pos - 4 : pos])
+            ):
+                char, begin = int(data[pos - 4 : pos], 16), pos - 6
+            elif (
+                pos >= 3
+                and data[pos - 3] == 0x25  # %XX
+                and all(byte in _HEX for byte in data[pos - 2 : pos])
+            ):
+                char, begin = int(data[pos - 2 : pos], 16), pos - 3
+            else:
+                char, begin = data[pos - 1], pos - 1
+            if char not in alphabet:
+                break
+            chars.append(char)
+            starts.append(begin)
+            pos = begin
+        fragments = self._fragments
+        for count in range(len(chars), 0, -1):
+            if bytes(reversed(chars[:count])) in fragments:
+                return starts[count - 1]
+        return stop
+
     def stream(self) -> StreamScan:
         """Return a scan for one stream (it remembers the end of the previous chunk)."""
         return StreamScan(self)
 
 
 class StreamScan:
-    """``KeyScanner.mentions_key`` over a stream's chunks, fragments split across reads included."""
+    """``KeyScanner.mentions_key`` over a stream's reads, and what of them to relay when.
 
-    __slots__ = ("_carry", "_scanner")
+    ``feed`` each read; relay what it returns (the read, less an end held back because it
+    could start a fragment of the key, plus what was held before), or cut the stream when it
+    returns None. At the stream's natural end, relay ``flush()``.
+    """
+
+    __slots__ = ("_carry", "_held", "_scanner")
 
     def __init__(self, scanner: KeyScanner) -> None:
         self._scanner = scanner
         self._carry = b""
+        self._held = b""
 
-    def feed(self, chunk: bytes) -> bool:
-        """Whether the stream so far, ending with ``chunk``, quotes the key."""
+    def feed(self, chunk: bytes) -> bytes | None:
+        """Take the next read; return the bytes to relay now, or None if the stream quotes the key."""
         data = self._carry + chunk
         scanner = self._scanner
         if scanner.first_pass(data) is None:
             # Nothing to look at: keep enough of the end for a piece split across reads.
             self._carry = data[-(_PIECE - 1) :]
-            return False
-        # A piece or an escape: keep a whole escaped fragment's worth, and look closer.
-        self._carry = data[-_CARRY:]
-        return scanner.mentions_key(data)
+        else:
+            # A piece or an escape: keep a whole escaped fragment's worth, and look closer.
+            self._carry = data[-_CARRY:]
+            if scanner.mentions_key(data):
+                self._held = b""
+                return None
+        pending = self._held + chunk if self._held else chunk
+        cut = scanner.held_from(pending)
+        if cut == len(pending):
+            self._held = b""
+            return pending
+        self._held = pending[cut:]
+        return pending[:cut]
+
+    def flush(self) -> bytes:
+        """Return the bytes still held back (the stream ended: they did not start the key)."""
+        held, self._held = self._held, b""
+        return held

@@ -129,8 +129,8 @@ async def relay_stream(
     is cancelled half-way (shutdown). ``output_limit`` (completion tokens, all choices) is
     what the request reserved: an upstream counted past it (ignoring ``max_tokens``) is cut,
     outcome ``upstream_error``, with an SSE error event ``output_limit_exceeded``. ``scan``
-    looks for the gateway's Clipia key in every chunk: a chunk that quotes it is not relayed and
-    the stream is cut (outcome ``upstream_error``, SSE error ``upstream_invalid_response``).
+    looks for the gateway's Clipia key in every chunk (the end of a read that could begin it
+    waits for the next read): nothing of a quoted key is relayed and the stream is cut (outcome ``upstream_error``, SSE error ``upstream_invalid_response``).
     """
     response = web.StreamResponse(status=200, headers=headers)
     if result is None:
@@ -206,7 +206,8 @@ async def relay_stream(
         if renew is not None and loop.time() >= next_renewal:
             next_renewal = loop.time() + renew_every
             renew()
-        if scan is not None and scan.feed(chunk):
+        released = scan.feed(chunk) if scan is not None else chunk
+        if released is None:
             result.cut_for_secret = True
             result.outcome = Outcome.UPSTREAM_ERROR
             upstream.close()
@@ -218,7 +219,7 @@ async def relay_stream(
                 upstream.close()
                 break
             continue
-        out = chunk_filter.feed(chunk) if chunk_filter is not None else chunk
+        out = chunk_filter.feed(released) if chunk_filter is not None else released
         try:
             if out:
                 await response.write(out)
@@ -231,20 +232,28 @@ async def relay_stream(
     tap.close()
     result.upstream_done_at = time.perf_counter()
     if client_alive:
-        await _finish(response, result, chunk_filter)
+        await _finish(response, result, chunk_filter, scan.flush() if scan is not None else b"")
     return response, result
 
 
 async def _finish(
-    response: web.StreamResponse, result: StreamResult, chunk_filter: UsageChunkFilter | None
+    response: web.StreamResponse,
+    result: StreamResult,
+    chunk_filter: UsageChunkFilter | None,
+    held: bytes = b"",
 ) -> None:
-    """End the client's stream: flush held bytes, or an error event on failure; then EOF."""
+    """End the client's stream: flush held bytes, or an error event on failure; then EOF.
+
+    ``held`` is what the key scan still held back (relayed only if the stream completed).
+    """
     try:
         if result.outcome is Outcome.COMPLETED:
             if chunk_filter is not None:
-                rest = chunk_filter.flush()
+                rest = chunk_filter.feed(held) + chunk_filter.flush()
                 if rest:
                     await response.write(rest)
+            elif held:
+                await response.write(held)
         else:
             # Held-back bytes are an incomplete event: dropping them is safer than relaying a
             # fragment that would merge with the error event.

@@ -388,6 +388,12 @@ async def _send_stream(
     await response.prepare(request)
     group = max(1, fault.events_per_write)
     writes = [b"".join(events[i : min(i + group, stop)]) for i in range(0, stop, group)]
+    quoted = _quoted_key(request, fault) if fault.split_key_at else None
+    if quoted is not None:
+        body = b"".join(writes)
+        at = body.find(quoted.encode())
+        cuts = sorted({at + k for k in fault.split_key_at if at >= 0 and 0 < at + k < len(body)})
+        writes = [body[i:j] for i, j in zip([0, *cuts], [*cuts, len(body)], strict=True)]
     try:
         for number, data in enumerate(writes):
             if number > 0 and fault.chunk_gap > 0:

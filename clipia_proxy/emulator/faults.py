@@ -82,6 +82,9 @@ class Fault(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     invalid_answer: Literal["not_json", "sse"] | None = None
     """Answer 200 (billed) with a body that is not a chat completion: ``not_json`` (an HTML page
     labelled ``application/json``) or ``sse`` (an event stream, whatever ``stream`` says)."""
+    split_key_at: tuple[int, ...] = ()
+    """With ``quote_key_in="stream"``: write the stream in parts cut at these byte offsets
+    from the start of the quoted key (``chunk_gap`` apart), so the key crosses reads there."""
     times: int = 1
     """How many consecutive chat requests this fault applies to."""
 
