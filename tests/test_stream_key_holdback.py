@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 
 from clipia_proxy.emulator import Fault
 from clipia_proxy.redact import KeyScanner
-from tests.conftest import Stack
-from tests.test_hardening_http import assert_served, chat, post_chat
+from tests.harness import Stack
+from tests.http_client import assert_served, chat, post_chat
 
 FORMS = ["whole", "json_escaped", "partial", "percent"]
 _ERROR_EVENT = b'data: {"error"'
