@@ -317,7 +317,9 @@ async def test_redis_memory_is_flat_with_traffic(postgres_dsn: str) -> None:
     with redis_process() as server:
         dsn = await fresh_postgres_schema(postgres_dsn)
         store = RedisStore.from_config(
-            StoreConfig(backend="redis", redis_key_prefix="flat"),
+            StoreConfig(
+                backend="redis", redis_key_prefix="flat", timeout_seconds=30
+            ),  # memory, not speed
             PostgresLedger(dsn),
             url=server.url,
         )
