@@ -263,6 +263,14 @@ class BudgetConfig(msgspec.Struct, **_STRUCT):
     total: Decimal | None = None
 
 
+class LimitsConfig(msgspec.Struct, **_STRUCT):
+    """``teams[].limits`` (and ``teams[].keys[].limits``): request and token rates per sliding minute, and concurrency."""
+
+    rpm: int | None = None
+    tpm: int | None = None
+    concurrency: int | None = None
+
+
 class KeyConfig(msgspec.Struct, **_STRUCT):
     """``teams[].keys[]``: one team key, stored as the hex SHA-256 of the whole key."""
 
@@ -271,6 +279,8 @@ class KeyConfig(msgspec.Struct, **_STRUCT):
     expires: dt.date | None = None
     budget: BudgetConfig | None = None
     """The key's own credits per period, on top of the team's (a request needs room in both)."""
+    limits: LimitsConfig | None = None
+    """The key's own RPM, TPM and concurrency, on top of the team's (the same all-or-nothing)."""
 
 
 class ModelsConfig(msgspec.Struct, **_STRUCT):
@@ -289,14 +299,6 @@ class CapsConfig(msgspec.Struct, **_STRUCT):
     on_exceed: Literal["reject", "clamp"] = "reject"
     max_request_credits: Decimal | None = None
     """Reserved for a model whose catalog price is unknown (otherwise such requests fail closed)."""
-
-
-class LimitsConfig(msgspec.Struct, **_STRUCT):
-    """``teams[].limits``: request and token rates per sliding minute, and concurrency."""
-
-    rpm: int | None = None
-    tpm: int | None = None
-    concurrency: int | None = None
 
 
 class TeamConfig(msgspec.Struct, **_STRUCT):
@@ -1022,14 +1024,37 @@ def _check_team_numbers(team: TeamConfig, path: str, found: _Findings) -> None:
         found.problem(f"{path}.caps.n", "must be positive")
     if caps.max_request_credits is not None and caps.max_request_credits <= 0:
         found.problem(f"{path}.caps.max_request_credits", "must be a positive number")
+    _check_budget(team.budget, f"{path}.budget", found)
+    _check_limits(team.limits, f"{path}.limits", found)
+    for k_index, key in enumerate(team.keys):
+        k_path = f"{path}.keys[{k_index}]"
+        if key.budget is not None:
+            _check_budget(key.budget, f"{k_path}.budget", found)
+        if key.limits is None:
+            continue
+        _check_limits(key.limits, f"{k_path}.limits", found)
+        for name in ("rpm", "tpm", "concurrency"):
+            own, shared = getattr(key.limits, name), getattr(team.limits, name)
+            if own is not None and shared is not None and 0 < shared < own:
+                found.warn(
+                    f"{k_path}.limits.{name}",
+                    f"key {key.id!r} allows {own} but its team {team.id!r} only {shared}: the "
+                    "team's limit binds first",
+                )
+
+
+def _check_budget(budget: BudgetConfig, path: str, found: _Findings) -> None:
     for period in ("day", "week", "month", "total"):
-        amount = getattr(team.budget, period)
+        amount = getattr(budget, period)
         if amount is not None and (not amount.is_finite() or amount < 0):
-            found.problem(f"{path}.budget.{period}", f"must be a positive number (got {amount})")
+            found.problem(f"{path}.{period}", f"must be a positive number (got {amount})")
+
+
+def _check_limits(limits: LimitsConfig, path: str, found: _Findings) -> None:
     for name in ("rpm", "tpm", "concurrency"):
-        value = getattr(team.limits, name)
+        value = getattr(limits, name)
         if value is not None and value <= 0:
-            found.problem(f"{path}.limits.{name}", f"must be a positive integer (got {value})")
+            found.problem(f"{path}.{name}", f"must be a positive integer (got {value})")
 
 
 def _check_models(team: TeamConfig, path: str, problem: Callable[[str, str], None]) -> None:

@@ -203,7 +203,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         return await _complete_chat(request, parse_chat_request(raw), config, policy)
     finally:
         if not quotas.left_early(request[INFO].request_id):  # a client gone left already
-            quotas.leave(team, counted=request[INFO].upstream_sent is not None)
+            info = request[INFO]
+            quotas.leave(team, counted=info.upstream_sent is not None, request_id=info.request_id)
 
 
 async def complete_chat(
@@ -228,7 +229,8 @@ async def complete_chat(
         return await _complete_chat(request, chat, config, policy)
     finally:
         if not quotas.left_early(request[INFO].request_id):  # a client gone left already
-            quotas.leave(team, counted=request[INFO].upstream_sent is not None)
+            info = request[INFO]
+            quotas.leave(team, counted=info.upstream_sent is not None, request_id=info.request_id)
 
 
 async def _complete_chat(

@@ -32,6 +32,7 @@ from .estimate import Estimate
 from .journal import Journal
 from .model import (
     KEY_PERIODS,
+    KeyLimits,
     Micro,
     Outcome,
     Period,
@@ -47,7 +48,7 @@ from .model import (
 from .periods import Window, windows
 from .store import LocalStore, Store, StoreUnavailable
 
-__all__ = ["ALL_PERIODS", "Admission", "QuotaService", "key_budgets_of", "limits_of"]
+__all__ = ["ALL_PERIODS", "Admission", "KeyQuota", "QuotaService", "key_quotas_of", "limits_of"]
 
 _LOGGER: Final = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -57,20 +58,37 @@ _FULL_WINDOW_RESET: Final = "1m0s"
 """``x-ratelimit-reset-*`` of an admitted request: the sliding window is whole again then."""
 
 
-def key_budgets_of(config: Config) -> dict[tuple[str, str], dict[Period, Micro]]:
-    """Return (team, key id) -> the key's own budgets (``teams[].keys[].budget``), in micro."""
-    found: dict[tuple[str, str], dict[Period, Micro]] = {}
+class KeyQuota(msgspec.Struct, frozen=True, kw_only=True):
+    """A team key's own limits: ``teams[].keys[].budget`` (micro) and ``.limits``."""
+
+    budgets: dict[Period, Micro]
+    """Under the ``key_*`` periods: reserved in the same record as the team's budgets."""
+    limits: KeyLimits | None
+    """RPM, TPM and concurrency, checked with the team's in the same store call."""
+
+
+def key_quotas_of(config: Config) -> dict[tuple[str, str], KeyQuota]:
+    """Return (team, key id) -> the key's own budget and limits, for keys that have any."""
+    found: dict[tuple[str, str], KeyQuota] = {}
     for team in config.teams:
         for key in team.keys:
-            if key.budget is None:
-                continue
-            budgets = {
-                KEY_PERIODS[period]: to_micro(amount)
-                for period in ALL_PERIODS
-                if (amount := getattr(key.budget, period.value)) is not None
-            }
-            if budgets:
-                found[team.id, key.id] = budgets
+            budgets: dict[Period, Micro] = {}
+            if key.budget is not None:
+                budgets = {
+                    KEY_PERIODS[period]: to_micro(amount)
+                    for period in ALL_PERIODS
+                    if (amount := getattr(key.budget, period.value)) is not None
+                }
+            limits = None
+            if key.limits is not None and any(
+                value is not None
+                for value in (key.limits.rpm, key.limits.tpm, key.limits.concurrency)
+            ):
+                limits = KeyLimits(
+                    rpm=key.limits.rpm, tpm=key.limits.tpm, concurrency=key.limits.concurrency
+                )
+            if budgets or limits is not None:
+                found[team.id, key.id] = KeyQuota(budgets=budgets, limits=limits)
     return found
 
 
@@ -106,6 +124,15 @@ class Admission(msgspec.Struct, frozen=True, kw_only=True):
     """Served under ``fail_open`` with its record in the outage journal (settled there too)."""
 
 
+def _tighter(*pairs: tuple[int | None, int | None]) -> tuple[int, int] | None:
+    """Of (limit, remaining) pairs, the one with the least remaining (limits that apply only)."""
+    found: tuple[int, int] | None = None
+    for limit, remaining in pairs:
+        if limit is not None and remaining is not None and (found is None or remaining < found[1]):
+            found = (limit, remaining)
+    return found
+
+
 def _humanise_seconds(seconds: float) -> str:
     whole = max(math.ceil(seconds), 0)
     hours, rest = divmod(whole, 3600)
@@ -134,7 +161,7 @@ class QuotaService:
         """The store again when it can settle without waiting (memory, sqlite), else None."""
         self._fail_open = config.store.on_error == "fail_open"
         self._limits = {team.id: limits_of(team) for team in config.teams}
-        self._key_budgets = key_budgets_of(config)
+        self._key_quotas = key_quotas_of(config)
         self._windows: tuple[float, float, dict[Period, Window]] | None = None
         self._window_keys: dict[Period, str] = {}
         """Period -> window key of ``self._windows`` (set with it)."""
@@ -162,6 +189,9 @@ class QuotaService:
         self._active_total = 0
         self._left_early: set[str] = set()
         """Requests whose place :meth:`leave_early` ended while their handler still runs."""
+        self._key_refused: set[str] = set()
+        """Requests their key's own limit or budget refused: no place in the team's RPM (a
+        key hammering past its own limit must not take the minute of the team's other keys)."""
         self._shares: dict[str, int] = {}
         self._max_connections = config.upstream.max_connections
         self._apply_shares(config)
@@ -227,11 +257,18 @@ class QuotaService:
         """Whether :meth:`leave_early` ended this request's place (then skip :meth:`leave`)."""
         if request_id in self._left_early:
             self._left_early.discard(request_id)
+            self._key_refused.discard(request_id)
             return True
         return False
 
-    def leave(self, team: str, *, counted: bool) -> None:
-        """End a request :meth:`enter` let in; ``counted``: the store has it in the RPM."""
+    def leave(self, team: str, *, counted: bool, request_id: str | None = None) -> None:
+        """End a request :meth:`enter` let in; ``counted``: the store has it in the RPM.
+
+        A request refused by its key's own limit or budget (``request_id``) is not counted.
+        """
+        if self._key_refused and request_id in self._key_refused:
+            self._key_refused.discard(request_id)
+            counted = True
         active = self._active.get(team, 0) - 1
         if active > 0:
             self._active[team] = active
@@ -245,7 +282,7 @@ class QuotaService:
         """Take a reloaded config's team limits, shadow flags and accounting (store kept)."""
         self._apply_shares(config)
         self._limits = {team.id: limits_of(team) for team in config.teams}
-        self._key_budgets = key_budgets_of(config)
+        self._key_quotas = key_quotas_of(config)
         self._shadow = {team.id: team.shadow for team in config.teams}
         self._zone = ZoneInfo(config.accounting.timezone)
         self._lease = config.accounting.lease_seconds
@@ -290,15 +327,21 @@ class QuotaService:
         limits = self._limits.get(team, TeamLimits())
         lookups = self._lookups_in_window(team, now) if self._lookups else 0
         periods = self._window_keys  # cached with the windows; the stores copy it
-        key_budgets = self._key_budgets.get((team, key_id)) if key_id is not None else None
-        if key_budgets:
-            # The key's own budget: the same calendar windows under a key-scoped window key,
-            # reserved in the same record as the team's (all or nothing across both).
-            periods = {
-                **periods,
-                **{p: f"{periods[p.calendar]}:key:{key_id}" for p in key_budgets},
-            }
-            limits = msgspec.structs.replace(limits, budgets={**limits.budgets, **key_budgets})
+        quota = self._key_quotas.get((team, key_id)) if key_id is not None else None
+        key_limits = None
+        if quota is not None:
+            if quota.budgets:
+                # The key's own budget: the same calendar windows under a key-scoped window
+                # key, reserved in the same record as the team's (all or nothing across both).
+                periods = {
+                    **periods,
+                    **{p: f"{periods[p.calendar]}:key:{key_id}" for p in quota.budgets},
+                }
+                limits = msgspec.structs.replace(
+                    limits, budgets={**limits.budgets, **quota.budgets}
+                )
+            # The key's own rates and concurrency: decided in the same store call as the team's.
+            key_limits = quota.limits
         request = ReserveRequest(
             request_id=request_id,
             team=team,
@@ -314,6 +357,7 @@ class QuotaService:
             shadow=self._shadow.get(team, False),
             model=model,
             key_id=key_id,
+            key_limits=key_limits,
             stream=stream,
             environment=environment,
             tags=tags or {},
@@ -372,6 +416,10 @@ class QuotaService:
         if not result.admitted:
             assert result.reason is not None
             self.rejections[team, result.reason.value] += 1
+            if result.key or (
+                result.period is not None and result.period.calendar is not result.period
+            ):
+                self._key_refused.add(request_id)
             raise self._refusal(team, result, estimate, current, now, key_id)
         if result.reason is not None:
             self.would_reject[team, result.reason.value] += 1
@@ -382,7 +430,7 @@ class QuotaService:
             amount=estimate.amount,
             estimate=estimate,
             reserved=True,
-            headers=self._headers(limits, result, current),
+            headers=self._headers(limits, result, current, key_limits),
             would_reject=result.reason,
             admitted_at=now,
         )
@@ -474,21 +522,26 @@ class QuotaService:
                     retry_after=math.ceil(wait) if wait is not None else None,
                 )
             case Reason.CONCURRENCY:
+                who = f"Key {key_id!r} of team {team!r}" if result.key else f"Team {team!r}"
                 return ConcurrencyLimited(
-                    f"Team {team!r} already has {result.used} of {result.limit} requests in "
+                    f"{who} already has {result.used} of {result.limit} requests in "
                     "flight; retry when one finishes.",
                     retry_after=self._slot_wait(team, result.limit),
                 )
             case Reason.RPM:
-                rpm = self._limits.get(team, TeamLimits()).rpm
+                if result.key:
+                    who, rpm = f"Key {key_id!r} of team {team!r}", None
+                else:
+                    who, rpm = f"Team {team!r}", self._limits.get(team, TeamLimits()).rpm
                 return RateLimited(
-                    f"Team {team!r} reached {rpm or result.limit} requests per minute; retry in "
+                    f"{who} reached {rpm or result.limit} requests per minute; retry in "
                     f"{_humanise_seconds(result.retry_after)}.",
                     retry_after=math.ceil(result.retry_after),
                 )
             case Reason.TPM:
+                who = f"Key {key_id!r} of team {team!r}" if result.key else f"Team {team!r}"
                 return RateLimited(
-                    f"Team {team!r} reached {result.limit} tokens per minute (this request may "
+                    f"{who} reached {result.limit} tokens per minute (this request may "
                     f"use {estimate.tokens}); retry in {_humanise_seconds(result.retry_after)}.",
                     retry_after=math.ceil(result.retry_after),
                     reason="tpm",
@@ -497,18 +550,31 @@ class QuotaService:
                 raise AssertionError("refusal without a reason")
 
     def _headers(
-        self, limits: TeamLimits, result: ReserveResult, current: dict[Period, Window]
+        self,
+        limits: TeamLimits,
+        result: ReserveResult,
+        current: dict[Period, Window],
+        key_limits: KeyLimits | None = None,
     ) -> dict[str, str]:
         headers: dict[str, str] = {}
-        if limits.rpm is not None and result.requests_remaining is not None:
-            headers["x-ratelimit-limit-requests"] = str(limits.rpm)
-            headers["x-ratelimit-remaining-requests"] = str(result.requests_remaining)
+        # The tighter of the team's and the key's own limit (the one that refuses first).
+        requests = _tighter(
+            (limits.rpm, result.requests_remaining),
+            (key_limits.rpm if key_limits else None, result.key_requests_remaining),
+        )
+        if requests is not None:
+            headers["x-ratelimit-limit-requests"] = str(requests[0])
+            headers["x-ratelimit-remaining-requests"] = str(requests[1])
             # Sliding 60-second windows: this request leaves the window (which is then back
             # to its full limit) a minute from now. OpenAI's duration format.
             headers["x-ratelimit-reset-requests"] = _FULL_WINDOW_RESET
-        if limits.tpm is not None and result.tokens_remaining is not None:
-            headers["x-ratelimit-limit-tokens"] = str(limits.tpm)
-            headers["x-ratelimit-remaining-tokens"] = str(result.tokens_remaining)
+        tokens = _tighter(
+            (limits.tpm, result.tokens_remaining),
+            (key_limits.tpm if key_limits else None, result.key_tokens_remaining),
+        )
+        if tokens is not None:
+            headers["x-ratelimit-limit-tokens"] = str(tokens[0])
+            headers["x-ratelimit-remaining-tokens"] = str(tokens[1])
             headers["x-ratelimit-reset-tokens"] = _FULL_WINDOW_RESET
         if result.budget_remaining is not None and result.budget_period is not None:
             headers["x-clipia-budget-remaining"] = str(credits(result.budget_remaining))
