@@ -615,7 +615,13 @@ async def _gateway_middleware(request: web.Request, handler: _Handler) -> web.St
             )
         health.enter()
         try:
-            authenticator = app[LIVE].authenticator
+            live = app[LIVE]
+            if "Origin" in request.headers and request.path == mcp_http.PATH:
+                # Before identity: a page that may not call /mcp learns nothing more.
+                mcp_http.check_origin(
+                    request.headers.getall("Origin"), live.config.mcp.allowed_origins
+                )
+            authenticator = live.authenticator
             peer = _peer(request) if authenticator.needs_peer else None
             principal = authenticator.authenticate(request.headers, peer)
             if "Expect" in request.headers:

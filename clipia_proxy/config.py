@@ -40,6 +40,7 @@ __all__ = [
     "LedgerConfig",
     "LimitsConfig",
     "LoggingConfig",
+    "McpConfig",
     "ModelsConfig",
     "Secret",
     "ServerConfig",
@@ -210,6 +211,15 @@ class AttributionConfig(msgspec.Struct, **_STRUCT):
     """Env var with the key of the end-user hash (default: derived from the Clipia key)."""
 
 
+class McpConfig(msgspec.Struct, **_STRUCT):
+    """``mcp``: the MCP chat tool at ``/mcp``."""
+
+    allowed_origins: tuple[str, ...] = ()
+    """Browser origins that may call ``/mcp`` (``scheme://host[:port]``, or ``:*`` for any
+    port). A request with another ``Origin`` gets 403 (DNS-rebinding protection); one without
+    ``Origin`` (agents, SDKs) is not affected."""
+
+
 class AccountingConfig(msgspec.Struct, **_STRUCT):
     """``accounting``: periods, estimates and what happens when a client hangs up."""
 
@@ -330,6 +340,7 @@ class Config(msgspec.Struct, **_STRUCT):
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
     attribution: AttributionConfig = msgspec.field(default_factory=AttributionConfig)
+    mcp: McpConfig = msgspec.field(default_factory=McpConfig)
     teams: tuple[TeamConfig, ...] = ()
     source: str = "<config>"
     """Where the config came from (a file name), for messages."""
@@ -384,6 +395,7 @@ _SECTIONS: Final[dict[str, type[msgspec.Struct]]] = {
     "auth": AuthConfig,
     "logging": LoggingConfig,
     "attribution": AttributionConfig,
+    "mcp": McpConfig,
 }
 
 
@@ -944,6 +956,22 @@ _MAX_TAG_VALUES: Final = 256
 _TAG_VALUE_RE: Final = re.compile(r"[A-Za-z0-9_.:/-]{1,63}")
 
 
+_ORIGIN_RE: Final = re.compile(
+    r"[a-z][a-z0-9+.-]*://(?:\[[0-9a-f:.]+\]|[^\s/?#@:\[\]A-Z]+)(?::(?:[0-9]{1,5}|\*))?"
+)
+
+
+def _check_mcp(config: Config, found: _Findings) -> None:
+    """``mcp.allowed_origins``: each one origin as browsers send it (no path, no slash)."""
+    for index, origin in enumerate(config.mcp.allowed_origins):
+        if not _ORIGIN_RE.fullmatch(origin):
+            found.problem(
+                f"mcp.allowed_origins[{index}]",
+                f"{origin[:60]!r}: an origin is scheme://host or scheme://host:port in lowercase, "
+                "no path (':*' for any port), e.g. 'https://chat.example.com'",
+            )
+
+
 def _check_attribution(config: Config, found: _Findings) -> None:
     """Tag names and values are short identifiers, and few: they bound the metric's series."""
     tags = config.attribution.tags
@@ -975,6 +1003,7 @@ _SECTION_CHECKS: Final = (
     _check_accounting,
     _check_auth,
     _check_attribution,
+    _check_mcp,
 )
 """The per-section checks, run in this order (a new section adds its function here)."""
 

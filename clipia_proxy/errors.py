@@ -48,6 +48,7 @@ __all__ = [
     "ModelNotAllowed",
     "ModelNotFound",
     "NotFound",
+    "OriginNotAllowed",
     "Overloaded",
     "ProxyError",
     "QuotaStoreUnavailable",
@@ -112,6 +113,15 @@ class InvalidRequest(ProxyError):
     type = "invalid_request_error"
     code = "invalid_request"
     default_reason = "bad_request"
+
+
+class OriginNotAllowed(ProxyError):
+    """Raised when a browser page's ``Origin`` may not call ``/mcp`` (DNS-rebinding protection)."""
+
+    status = 403
+    type = "permission_error"
+    code = "origin_not_allowed"
+    default_reason = "auth"
 
 
 class InvalidApiKey(ProxyError):

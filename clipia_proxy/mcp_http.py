@@ -13,6 +13,11 @@ HTTP transport as far as a stateless tool server needs it:
   ``-32700``), not one JSON-RPC message (400, ``-32600``), not ``application/json`` (415) or too
   large (413).
 
+A browser page may not call ``/mcp`` unless its ``Origin`` is listed in
+``mcp.allowed_origins`` (the transport's DNS-rebinding protection: :func:`check_origin`, run by
+the gateway middleware before identity, so a refused page learns nothing and nothing is sent
+upstream); a request without ``Origin`` (agents, SDKs, curl) is not affected.
+
 Identity is the data port's: the gateway middleware has already authenticated the team key
 (the same three header schemes) before this handler runs. The tools are the team's view:
 
@@ -37,12 +42,12 @@ import msgspec
 from aiohttp import web
 
 from . import handlers
-from .errors import InvalidRequest, ProxyError, UpstreamUnavailable
+from .errors import InvalidRequest, OriginNotAllowed, ProxyError, UpstreamUnavailable
 from .keys import LIVE, METRICS, PRINCIPAL
 from .version import __version__
 from .wire import decode_json, encode_json, parse_chat_request
 
-__all__ = ["PATH", "PROTOCOL_VERSIONS", "TOOLS", "add_routes"]
+__all__ = ["PATH", "PROTOCOL_VERSIONS", "TOOLS", "add_routes", "check_origin"]
 
 _LOGGER: Final = logging.getLogger(__name__)
 
@@ -140,6 +145,31 @@ class _RpcError(Exception):
         self.code: Final = code
         self.message: Final = message
         self.status: Final = status
+
+
+def check_origin(origins: list[str], allowed: tuple[str, ...]) -> None:
+    """Refuse (403) a ``/mcp`` request whose ``Origin`` headers are not one allowed origin.
+
+    ``allowed`` is ``mcp.allowed_origins``: exact origins, or ``scheme://host:*`` for any port
+    (as the official SDK's transport security settings). Host names compare case-insensitively.
+    """
+    origin = origins[0].strip().lower() if len(origins) == 1 else ""
+    if origin and origin in allowed:
+        return
+    for entry in allowed:
+        if entry.endswith(":*") and origin.startswith(entry[:-1]):
+            port = origin[len(entry) - 1 :]
+            if port.isdigit() and len(port) <= 5:
+                return
+    shown = (
+        f"The origin {origins[0][:100]!r}"
+        if len(origins) == 1
+        else "A request with several origins"
+    )
+    raise OriginNotAllowed(
+        f"{shown} may not call {PATH}: a browser page's origin must be listed in "
+        "mcp.allowed_origins (protection against DNS rebinding)."
+    )
 
 
 def add_routes(router: web.UrlDispatcher) -> None:

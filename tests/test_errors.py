@@ -12,6 +12,7 @@ EXPECTED = {
     errors.InvalidApiKey: (401, "invalid_api_key"),
     errors.BudgetExceeded: (402, "budget_exceeded"),
     errors.ModelNotAllowed: (403, "model_not_allowed"),
+    errors.OriginNotAllowed: (403, "origin_not_allowed"),
     errors.NotFound: (404, "not_found"),
     errors.ModelNotFound: (404, "model_not_found"),
     errors.MethodNotAllowed: (405, "method_not_allowed"),
