@@ -329,6 +329,8 @@ async def _complete_chat(
             None if output_bound is None else worst_case.n * worst_case.output_tokens,
         )
     finally:
+        # The flight's outcome is the request's: the access line reads the same one.
+        info.outcome = flight.outcome.value
         # 8. Settle exactly once: at once when nothing needs waiting for, else in a task;
         # both survive this handler's cancellation.
         settlement = _settle_now(app, flight)
@@ -375,7 +377,40 @@ async def _forward(
 ) -> web.StreamResponse:
     """Steps 6-7: send to Clipia and relay; record what was learnt on ``flight``."""
     app = request.app
-    config = app[LIVE].config
+    response = await _send(request, flight, payload, stream)
+    try:
+        flight.upstream_status = response.status
+        if response.status != 200:
+            flight.outcome = Outcome.UPSTREAM_ERROR
+            return await _pass_through_error(app, response)
+        content_type = response.headers.get("Content-Type", _JSON)
+        if app[KEY_SCAN].header_mentions_key(content_type):
+            _withhold(app, "key_echo")
+            content_type = "text/event-stream" if stream else _JSON
+        if stream and content_type.startswith("text/event-stream"):
+            return await _relay(
+                request, flight, response, content_type, drop_usage_chunk, output_limit
+            )
+        return await _answer(request, flight, response, content_type)
+    except aiohttp.ClientError as exc:
+        flight.outcome = Outcome.UPSTREAM_ERROR
+        raise _upstream_broke() from exc
+    except TimeoutError as exc:
+        flight.outcome = Outcome.TIMEOUT
+        raise _upstream_broke() from exc
+    finally:
+        response.release()
+
+
+async def _send(
+    request: web.Request, flight: Flight, payload: bytes, stream: bool
+) -> UpstreamResponse:
+    """Step 6: send the request to Clipia; return its answer at the headers.
+
+    A failure sets the flight's outcome (``not_sent`` only when Clipia certainly never got
+    the request) and is raised for the error middleware.
+    """
+    app = request.app
     info = request[INFO]
     try:
         upstream = app[UPSTREAMS].for_team(flight.admission.team)  # test teams: sandbox key
@@ -383,12 +418,11 @@ async def _forward(
         flight.sent = False  # a reload removed the sandbox key meanwhile: never sent
         flight.outcome = Outcome.NOT_SENT
         raise
-    headers = flight.admission.headers
     info.upstream_sent = time.perf_counter()
     # While Clipia computes, a client that hangs up gives its team's slot back (once a second).
     watch = _ClientWatch(request, lambda: app[LEDGER].release_slot(flight))
     try:
-        response = await upstream.send(
+        return await upstream.send(
             "POST",
             "/chat/completions",
             request_id=info.request_id,
@@ -398,153 +432,151 @@ async def _forward(
     except UpstreamNotSent as exc:
         flight.sent = False
         flight.outcome = Outcome.NOT_SENT
-        info.outcome = flight.outcome.value
         if isinstance(exc, UpstreamBusy):
             raise _overloaded(exc) from exc
         raise
     except UpstreamRefused as exc:
         flight.upstream_status = exc.upstream_status
         flight.outcome = Outcome.UPSTREAM_ERROR
-        info.outcome = flight.outcome.value
         raise
     except UpstreamTimeout:
         flight.outcome = Outcome.TIMEOUT
-        info.outcome = flight.outcome.value
         raise
     except UpstreamUnavailable:
         flight.outcome = Outcome.UPSTREAM_ERROR
-        info.outcome = flight.outcome.value
         raise
     except BaseException:
         flight.outcome = Outcome.CLIENT_DISCONNECT  # cancelled while waiting for Clipia
         raise
     finally:
         watch.cancel()
+
+
+async def _relay(
+    request: web.Request,
+    flight: Flight,
+    response: UpstreamResponse,
+    content_type: str,
+    drop_usage_chunk: bool,
+    output_limit: int | None,
+) -> web.StreamResponse:
+    """Step 7 for a stream: relay it byte for byte; the flight learns what the tap saw."""
+    app = request.app
+    config = app[LIVE].config
+    info = request[INFO]
+    quotas, request_id = app[QUOTAS], info.request_id
+    lease = config.accounting.lease_seconds
+
+    def renew() -> None:
+        _ = app[TASKS].spawn(
+            quotas.store.renew(request_id, quotas.now(), lease), name="lease-renew"
+        )
+
+    result = StreamResult(UsageTap())
+    ledger = app[LEDGER]
+    finished = False
+    token = app[STREAMS].add(response, result)
     try:
-        flight.upstream_status = response.status
-        if response.status != 200:
-            flight.outcome = Outcome.UPSTREAM_ERROR
-            info.outcome = flight.outcome.value
-            return await _pass_through_error(app, response)
-        content_type = response.headers.get("Content-Type", _JSON)
-        scan = app[KEY_SCAN]
-        if scan.header_mentions_key(content_type):
-            _withhold(app, "key_echo")
-            content_type = "text/event-stream" if stream else _JSON
-        if stream and content_type.startswith("text/event-stream"):
-            # 7. Relay the stream byte for byte.
-            quotas, request_id = app[QUOTAS], info.request_id
-            lease = config.accounting.lease_seconds
-
-            def renew() -> None:
-                _ = app[TASKS].spawn(
-                    quotas.store.renew(request_id, quotas.now(), lease), name="lease-renew"
-                )
-
-            result = StreamResult(UsageTap())
-            ledger = app[LEDGER]
-            finished = False
-            token = app[STREAMS].add(response, result)
-            try:
-                relayed, _ = await relay_stream(
-                    request,
-                    response,
-                    headers={
-                        **headers,
-                        "Content-Type": content_type,
-                        "Cache-Control": "no-cache",
-                        "X-Accel-Buffering": "no",
-                        **info.id_headers(),
-                    },
-                    drop_usage_chunk=drop_usage_chunk,
-                    on_disconnect=config.accounting.on_disconnect,
-                    drain_timeout=config.accounting.drain_timeout_seconds,
-                    renew=renew,
-                    renew_every=lease / 3,
-                    result=result,
-                    output_limit=output_limit,
-                    on_upstream_id=lambda upstream_id: ledger.note_upstream_id(flight, upstream_id),
-                    on_client_gone=lambda: ledger.release_slot(flight),
-                    scan=scan.stream(),
-                )
-                finished = True
-            finally:
-                app[STREAMS].discard(token)
-                if not finished:
-                    # Cancelled: the shutdown grace period ran out mid-stream.
-                    result.outcome = Outcome.TIMEOUT
-                # Even when cancelled, settle with what the tap saw so far.
-                tap = result.tap
-                flight.outcome = result.outcome
-                flight.usage = tap.usage
-                flight.usage_from_stream = True
-                flight.upstream_id = tap.upstream_id
-                info.upstream_done = result.upstream_done_at
-                app[METRICS].record_stream_end(info.team, result.outcome.value)
-                if result.cut_for_secret:
-                    _withhold(app, "key_echo")
-            info.outcome = result.outcome.value
-            info.upstream_id = tap.upstream_id
-            if result.first_byte_at is not None:
-                info.ttft = result.first_byte_at - info.started
-            info.record_usage(tap.usage, "stream")
-            _remember_generation(request, tap.upstream_id)
-            return relayed
-        # 7. Non-streaming: the upstream body as is.
-        try:
-            data = await read_body(response, _MAX_UPSTREAM_BODY)
-        except BaseException:
-            flight.outcome = Outcome.UPSTREAM_ERROR
-            raise
-        if len(data) > _MAX_UPSTREAM_BODY:
-            # Clipia answered more than any chat completion needs: not relayed, not parsed.
-            flight.outcome = Outcome.UPSTREAM_ERROR
-            raise UpstreamUnavailable("The upstream AI gateway sent an oversized answer.")
-        info.upstream_done = time.perf_counter()
-        info.ttft = info.upstream_done - info.started
-        info.outcome = Outcome.COMPLETED.value
-        if content_type.startswith("text/event-stream"):
-            # SSE for a request that did not ask for a stream: not relayed; its usage (if the
-            # stream carried one) and upstream id still settle the request.
-            tap = UsageTap()
-            tap.feed(data)
-            tap.close()
-            summary: tuple[str | None, Usage | None] | None = (tap.upstream_id, tap.usage)
-        else:
-            summary = answer_summary(data)
-        if summary is not None:
-            upstream_id, flight.usage = summary
-            if upstream_id is not None:
-                if flight.usage is None or flight.usage.cost is None:
-                    # Its cost will be asked of /v1/generation: durable now, in case of a crash.
-                    app[LEDGER].note_upstream_id(flight, upstream_id)
-                flight.upstream_id = upstream_id
-                info.upstream_id = upstream_id
-                _remember_generation(request, upstream_id)
-            info.record_usage(flight.usage, "response")
-        if summary is None or content_type.startswith("text/event-stream"):
-            _withhold(app, "invalid_response")
-            flight.outcome = Outcome.UPSTREAM_ERROR
-            info.outcome = flight.outcome.value
-            raise UpstreamInvalidResponse(
-                "The upstream AI gateway answered 200 with a body that is not a chat completion "
-                "(not JSON, or an event stream for a request without stream: true)."
-            )
-        if scan.mentions_key(data):
-            _withhold(app, "key_echo")
-            flight.outcome = Outcome.UPSTREAM_ERROR
-            info.outcome = flight.outcome.value
-            raise UpstreamInvalidResponse(_WITHHELD_MESSAGE)
-        return web.Response(body=data, status=200, content_type=_JSON, headers=headers)
-    except aiohttp.ClientError as exc:
-        info.outcome = Outcome.UPSTREAM_ERROR
-        raise _upstream_broke() from exc
-    except TimeoutError as exc:
-        info.outcome = Outcome.TIMEOUT
-        flight.outcome = Outcome.TIMEOUT
-        raise _upstream_broke() from exc
+        relayed, _ = await relay_stream(
+            request,
+            response,
+            headers={
+                **flight.admission.headers,
+                "Content-Type": content_type,
+                "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no",
+                **info.id_headers(),
+            },
+            drop_usage_chunk=drop_usage_chunk,
+            on_disconnect=config.accounting.on_disconnect,
+            drain_timeout=config.accounting.drain_timeout_seconds,
+            renew=renew,
+            renew_every=lease / 3,
+            result=result,
+            output_limit=output_limit,
+            on_upstream_id=lambda upstream_id: ledger.note_upstream_id(flight, upstream_id),
+            on_client_gone=lambda: ledger.release_slot(flight),
+            scan=app[KEY_SCAN].stream(),
+        )
+        finished = True
     finally:
-        response.release()
+        app[STREAMS].discard(token)
+        if not finished:
+            # Cancelled: the shutdown grace period ran out mid-stream.
+            result.outcome = Outcome.TIMEOUT
+        # Even when cancelled, settle with what the tap saw so far.
+        tap = result.tap
+        flight.outcome = result.outcome
+        flight.usage = tap.usage
+        flight.usage_from_stream = True
+        flight.upstream_id = tap.upstream_id
+        info.upstream_done = result.upstream_done_at
+        app[METRICS].record_stream_end(info.team, result.outcome.value)
+        if result.cut_for_secret:
+            _withhold(app, "key_echo")
+    info.upstream_id = tap.upstream_id
+    if result.first_byte_at is not None:
+        info.ttft = result.first_byte_at - info.started
+    info.record_usage(tap.usage, "stream")
+    _remember_generation(request, tap.upstream_id)
+    return relayed
+
+
+async def _answer(
+    request: web.Request, flight: Flight, response: UpstreamResponse, content_type: str
+) -> web.Response:
+    """Step 7 without a stream: Clipia's body as is, once it is known to be a chat completion."""
+    app = request.app
+    info = request[INFO]
+    try:
+        data = await read_body(response, _MAX_UPSTREAM_BODY)
+    except BaseException:
+        flight.outcome = Outcome.UPSTREAM_ERROR
+        raise
+    if len(data) > _MAX_UPSTREAM_BODY:
+        # Clipia answered more than any chat completion needs: not relayed, not parsed.
+        flight.outcome = Outcome.UPSTREAM_ERROR
+        raise UpstreamUnavailable("The upstream AI gateway sent an oversized answer.")
+    info.upstream_done = time.perf_counter()
+    info.ttft = info.upstream_done - info.started
+    is_sse = content_type.startswith("text/event-stream")
+    summary = _summary(data, is_sse)
+    if summary is not None:
+        upstream_id, flight.usage = summary
+        if upstream_id is not None:
+            if flight.usage is None or flight.usage.cost is None:
+                # Its cost will be asked of /v1/generation: durable now, in case of a crash.
+                app[LEDGER].note_upstream_id(flight, upstream_id)
+            flight.upstream_id = upstream_id
+            info.upstream_id = upstream_id
+            _remember_generation(request, upstream_id)
+        info.record_usage(flight.usage, "response")
+    if summary is None or is_sse:
+        _withhold(app, "invalid_response")
+        flight.outcome = Outcome.UPSTREAM_ERROR
+        raise UpstreamInvalidResponse(
+            "The upstream AI gateway answered 200 with a body that is not a chat completion "
+            "(not JSON, or an event stream for a request without stream: true)."
+        )
+    if app[KEY_SCAN].mentions_key(data):
+        _withhold(app, "key_echo")
+        flight.outcome = Outcome.UPSTREAM_ERROR
+        raise UpstreamInvalidResponse(_WITHHELD_MESSAGE)
+    return web.Response(body=data, status=200, content_type=_JSON, headers=flight.admission.headers)
+
+
+def _summary(data: bytes, is_sse: bool) -> tuple[str | None, Usage | None] | None:
+    """Return a non-streamed answer's upstream id and usage (``None``: not a chat completion).
+
+    SSE for a request that did not ask for a stream is not relayed; its usage (if the stream
+    carried one) and upstream id still settle the request.
+    """
+    if not is_sse:
+        return answer_summary(data)
+    tap = UsageTap()
+    tap.feed(data)
+    tap.close()
+    return tap.upstream_id, tap.usage
 
 
 def _overloaded(exc: UpstreamBusy) -> Overloaded:
