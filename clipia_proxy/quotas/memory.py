@@ -23,6 +23,7 @@ from .model import (
     ReserveRequest,
     ReserveResult,
     Settlement,
+    TeamLimits,
 )
 from .store import LedgerRecord, LocalStore, WindowUsage
 
@@ -231,10 +232,39 @@ class MemoryEngine:
         team, now, limits = request.team, request.now, request.limits
         self._expire(team, now)
         log = self._window(team, now)
-        refusal: ReserveResult | None = None
+        requests_used, tokens_used = len(log), self._rate_tokens.get(team, 0)
+        # The first limit that refuses, in this order: the team's concurrency, RPM, TPM, the
+        # key's own, then the budgets (whose tightest remainder the headers need anyway).
+        refusal = self._team_refusal(team, limits, log, request.tokens, now)
+        scope = self._key_scope(request)
+        if refusal is None and scope is not None and request.key_limits is not None:
+            refusal = self._key_refusal(scope, request.key_limits, request.tokens, now)
+        over_budget, tightest = self._budgets(request)
+        if refusal is None:
+            refusal = over_budget
+        if refusal is not None and not request.shadow:
+            return refusal
+        key_requests, key_tokens = self._apply(request, scope)
+        return ReserveResult(
+            admitted=True,
+            reason=None if refusal is None else refusal.reason,
+            period=None if refusal is None else refusal.period,
+            requests_remaining=_remaining(limits.rpm, requests_used + 1),
+            tokens_remaining=_remaining(limits.tpm, tokens_used + request.tokens),
+            budget_remaining=None if tightest is None else Micro(max(tightest[0], 0)),
+            budget_period=None if tightest is None else tightest[1],
+            key=refusal is not None and refusal.key,
+            key_requests_remaining=key_requests,
+            key_tokens_remaining=key_tokens,
+        )
+
+    def _team_refusal(
+        self, team: str, limits: TeamLimits, log: deque[_RateEntry], tokens: int, now: float
+    ) -> ReserveResult | None:
+        """The team's concurrency, RPM and TPM, in that order."""
         live = len(self._live.get(team, ()))
         if limits.concurrency is not None and live + 1 > limits.concurrency:
-            refusal = ReserveResult(
+            return ReserveResult(
                 admitted=False,
                 reason=Reason.CONCURRENCY,
                 limit=limits.concurrency,
@@ -242,9 +272,9 @@ class MemoryEngine:
                 retry_after=1.0,
             )
         requests_used = len(log)
-        if refusal is None and limits.rpm is not None and requests_used + 1 > limits.rpm:
+        if limits.rpm is not None and requests_used + 1 > limits.rpm:
             wait = log[0].at + RATE_WINDOW_SECONDS - now if log else RATE_WINDOW_SECONDS
-            refusal = ReserveResult(
+            return ReserveResult(
                 admitted=False,
                 reason=Reason.RPM,
                 limit=limits.rpm,
@@ -252,24 +282,33 @@ class MemoryEngine:
                 retry_after=max(wait, 0.001),
             )
         tokens_used = self._rate_tokens.get(team, 0)
-        if refusal is None and limits.tpm is not None and tokens_used + request.tokens > limits.tpm:
-            refusal = ReserveResult(
+        if limits.tpm is not None and tokens_used + tokens > limits.tpm:
+            return ReserveResult(
                 admitted=False,
                 reason=Reason.TPM,
                 limit=limits.tpm,
                 used=tokens_used,
-                retry_after=self._tpm_wait(log, limits.tpm, request.tokens, now, tokens_used),
+                retry_after=self._tpm_wait(log, limits.tpm, tokens, now, tokens_used),
             )
-        scope = None
-        key_limits = request.key_limits
-        if key_limits is not None and request.key_id is not None:
-            scope = self._keys.setdefault((team, request.key_id), _KeyRates())
-            scope.prune(now)
-            if refusal is None:
-                refusal = self._key_refusal(scope, key_limits, request.tokens, now)
+        return None
+
+    def _key_scope(self, request: ReserveRequest) -> _KeyRates | None:
+        """The key's own rate log and slots, pruned to now, when it has limits of its own."""
+        if request.key_limits is None or request.key_id is None:
+            return None
+        scope = self._keys.setdefault((request.team, request.key_id), _KeyRates())
+        scope.prune(request.now)
+        return scope
+
+    def _budgets(
+        self, request: ReserveRequest
+    ) -> tuple[ReserveResult | None, tuple[int, Period] | None]:
+        """Return the first budget this reservation would overdraw, and the tightest remainder."""
+        team, budgets = request.team, request.limits.budgets
+        refusal: ReserveResult | None = None
         tightest: tuple[int, Period] | None = None
         for period, key in request.periods.items():
-            limit = limits.budgets.get(period)
+            limit = budgets.get(period)
             if limit is None:
                 continue
             used = self._spent.get((team, key), 0) + self._reserved.get((team, key), 0)
@@ -280,11 +319,16 @@ class MemoryEngine:
                 )
             if tightest is None or remaining < tightest[0]:
                 tightest = (remaining, period)
-        if refusal is not None and not request.shadow:
-            return refusal
+        return refusal, tightest
+
+    def _apply(
+        self, request: ReserveRequest, scope: _KeyRates | None
+    ) -> tuple[int | None, int | None]:
+        """Write the record, hold its money and slot, log its rate; return the key's remainders."""
+        now = request.now
         record = LedgerRecord(
             request_id=request.request_id,
-            team=team,
+            team=request.team,
             key_id=request.key_id,
             model=request.model,
             stream=request.stream,
@@ -299,33 +343,15 @@ class MemoryEngine:
         )
         self.records[record.request_id] = record
         self._hold(record)
-        self._log_rate(team, now, record.request_id, request.tokens)
-        key_requests = key_tokens = None
-        if scope is not None and key_limits is not None:
-            if key_limits.rpm is not None:
-                key_requests = max(key_limits.rpm - len(scope.log) - 1, 0)
-            if key_limits.tpm is not None:
-                key_tokens = max(key_limits.tpm - scope.tokens - request.tokens, 0)
-            scope.live.add(record.request_id)
-            scope.add(now, record.request_id, request.tokens)
-        return ReserveResult(
-            admitted=True,
-            reason=refusal.reason if refusal is not None else None,
-            period=refusal.period if refusal is not None else None,
-            requests_remaining=(
-                max(limits.rpm - requests_used - 1, 0) if limits.rpm is not None else None
-            ),
-            tokens_remaining=(
-                max(limits.tpm - tokens_used - request.tokens, 0)
-                if limits.tpm is not None
-                else None
-            ),
-            budget_remaining=None if tightest is None else Micro(max(tightest[0], 0)),
-            budget_period=None if tightest is None else tightest[1],
-            key=refusal.key if refusal is not None else False,
-            key_requests_remaining=key_requests,
-            key_tokens_remaining=key_tokens,
-        )
+        self._log_rate(request.team, now, record.request_id, request.tokens)
+        key_limits = request.key_limits
+        if scope is None or key_limits is None:
+            return None, None
+        key_requests = _remaining(key_limits.rpm, len(scope.log) + 1)
+        key_tokens = _remaining(key_limits.tpm, scope.tokens + request.tokens)
+        scope.live.add(record.request_id)
+        scope.add(now, record.request_id, request.tokens)
+        return key_requests, key_tokens
 
     def _key_refusal(
         self, scope: _KeyRates, limits: KeyLimits, tokens: int, now: float
@@ -561,3 +587,8 @@ class MemoryStore:
 
 
 _STORE_CHECK: type[LocalStore] = MemoryStore
+
+
+def _remaining(limit: int | None, used: int) -> int | None:
+    """What a limit leaves once ``used`` is counted (never below 0); None when unlimited."""
+    return None if limit is None else max(limit - used, 0)
