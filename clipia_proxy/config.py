@@ -145,6 +145,9 @@ class UpstreamConfig(msgspec.Struct, **_STRUCT):
     """Egress proxy for every upstream connection (``CONNECT`` for an https upstream)."""
     trust_env: bool = False
     """Without ``proxy_url``: use ``HTTPS_PROXY``/``HTTP_PROXY``/``NO_PROXY`` from the environment."""
+    transport: Literal["httptools", "aiohttp"] = "httptools"
+    """How requests reach Clipia: asyncio + the httptools parser (default, the cheaper in CPU),
+    or one ``aiohttp.ClientSession``. Both keep the same timeouts, retries and proxy rules."""
 
 
 class CatalogConfig(msgspec.Struct, **_STRUCT):

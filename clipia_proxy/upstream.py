@@ -27,12 +27,10 @@ Owns everything about talking to the upstream and never anything about teams or 
 from __future__ import annotations
 
 import asyncio
-import base64
 import datetime
 import email.utils
 import io
 import logging
-import os
 import ssl
 import time
 import urllib.parse
@@ -43,8 +41,23 @@ import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from . import transport
 from .config import Secret, UpstreamConfig
 from .errors import UpstreamTimeout, UpstreamUnavailable
+from .h1transport import H1Transport
+from .transport import (
+    Body,
+    ConnectionsBusy,
+    ExchangeFailed,
+    FirstByteTimeout,
+    IdleWatch,
+    NotSent,
+    Transport,
+    UpstreamRequest,
+    UpstreamResponse,
+    env_proxy,
+    resolve_proxy,
+)
 from .version import __version__
 
 __all__ = [
@@ -54,6 +67,7 @@ __all__ = [
     "ConnectionsBusy",
     "ExchangeFailed",
     "FirstByteTimeout",
+    "H1Transport",
     "MockTransport",
     "NotSent",
     "Transport",
@@ -64,6 +78,7 @@ __all__ = [
     "UpstreamRefused",
     "UpstreamRequest",
     "UpstreamResponse",
+    "default_transport",
     "env_proxy",
     "mock_response",
     "parse_retry_after",
@@ -102,120 +117,7 @@ class UpstreamBroken(UpstreamUnavailable):
 
 
 # --------------------------------------------------------------------------------------------
-# The transport interface
-
-
-class NotSent(Exception):
-    """A transport failure before any byte of the request left: safe to retry."""
-
-
-class ConnectionsBusy(NotSent):
-    """Every connection stayed busy for the connect timeout: nothing was sent."""
-
-
-class FirstByteTimeout(Exception):
-    """The request was sent but no answer started within the first-byte timeout."""
-
-
-class ExchangeFailed(Exception):
-    """The exchange broke after the request may have reached the server (never retried)."""
-
-
-class UpstreamRequest:
-    """One request for a transport: method, absolute URL, headers, body and first-byte timeout."""
-
-    __slots__ = ("body", "first_byte_timeout", "headers", "method", "url")
-
-    def __init__(
-        self,
-        method: str,
-        url: URL,
-        headers: Mapping[str, str],
-        body: bytes | None,
-        first_byte_timeout: float,
-    ) -> None:
-        self.method: Final = method
-        self.url: Final = url
-        self.headers: Final = headers
-        self.body: Final = body
-        self.first_byte_timeout: Final = first_byte_timeout
-
-
-class Body(Protocol):
-    """An answer's body as the gateway reads it, and its connection's end.
-
-    ``readany`` returns the next bytes (``b""`` at the end) and raises ``TimeoutError`` when
-    the upstream stays silent for the idle timeout, ``aiohttp.ClientError`` when the
-    connection breaks or is closed. ``release`` (always, once done) returns the connection
-    to the pool when the body was read to its end, else closes it; ``close`` drops it at once
-    and fails a pending read. Both are idempotent.
-    """
-
-    def is_eof(self) -> bool:
-        """Whether the whole body has arrived (``read_nowait`` then returns the rest)."""
-        ...
-
-    def read_nowait(self) -> bytes:
-        """Return the bytes already buffered (possibly none) without waiting."""
-        ...
-
-    async def readany(self) -> bytes:
-        """Return the next bytes, waiting for them; ``b""`` once the body ended."""
-        ...
-
-    def release(self) -> None:
-        """Done with the answer: keep the connection if the body was read to its end."""
-        ...
-
-    def close(self) -> None:
-        """Close the connection now; a pending ``readany`` fails."""
-        ...
-
-
-class UpstreamResponse:
-    """Clipia's answer, at its headers: ``status``, ``headers``, and the body in ``content``.
-
-    ``release`` (always, once done) returns the connection to the pool when the body was read
-    to its end, else closes it; ``close`` drops the connection at once and fails a pending read
-    of the body (shutdown and client hang-ups end open streams this way). ``gave_up`` is set
-    when the gateway retried this status itself (``retry_on_status``): the client must not.
-    """
-
-    __slots__ = ("content", "gave_up", "headers", "status")
-
-    def __init__(self, status: int, headers: Mapping[str, str], content: Body) -> None:
-        self.status: Final = status
-        self.headers: Final = headers
-        self.content: Final = content
-        self.gave_up = False
-
-    def release(self) -> None:
-        """Give the connection back (reused only if the body was read to its end)."""
-        self.content.release()
-
-    def close(self) -> None:
-        """Close the connection now; a read of the body waiting on it fails."""
-        self.content.close()
-
-
-class Transport(Protocol):
-    """Sends one request and returns the answer at its headers (any status).
-
-    Raises :class:`NotSent` (nothing left: retryable), :class:`ConnectionsBusy`,
-    :class:`FirstByteTimeout` or :class:`ExchangeFailed` (the request may have arrived).
-    """
-
-    async def start(self) -> None:
-        """Open what the transport needs (called once, in the running loop)."""
-        ...
-
-    async def close(self) -> None:
-        """Close every connection."""
-        ...
-
-    async def send(self, request: UpstreamRequest) -> UpstreamResponse:
-        """Send ``request``; return the answer once its headers arrived."""
-        ...
+# Reading bodies, Retry-After
 
 
 class _HasContent(Protocol):
@@ -271,67 +173,14 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
 # The aiohttp transport
 
 
-_KEEPALIVE_SECONDS: Final = 15.0
-"""An idle pooled connection older than this is closed rather than reused (servers close
-idle keep-alive connections; reusing one they are closing fails the request)."""
-_DNS_CACHE_SECONDS: Final = 300
-_HAPPY_EYEBALLS_DELAY: Final = 0.25
-"""RFC 8305's recommended delay before trying the next address family."""
-
-
-def env_proxy(url: URL, environ: Mapping[str, str] | None = None) -> URL | None:
-    """Return the proxy the environment names for ``url``, or None.
-
-    ``HTTPS_PROXY`` (``HTTP_PROXY`` for an http URL), upper or lower case, unless ``NO_PROXY``
-    lists the host: ``*``, a host name (its subdomains too, with or without a leading dot),
-    an IP address, each optionally with ``:port``.
-    """
-    env = os.environ if environ is None else environ
-    lowered = {name.lower(): value for name, value in env.items() if value}
-    if _bypassed(url, lowered.get("no_proxy", "")):
-        return None
-    chosen = lowered.get(f"{url.scheme}_proxy")
-    return URL(chosen) if chosen else None
-
-
-def _bypassed(url: URL, no_proxy: str) -> bool:
-    host = (url.raw_host or "").lower().rstrip(".")
-    for entry in no_proxy.split(","):
-        pattern = entry.strip().lower()
-        if not pattern:
-            continue
-        if pattern == "*":
-            return True
-        name, _, port = pattern.rpartition(":") if pattern.count(":") == 1 else (pattern, "", "")
-        if port and port.isdigit() and int(port) != url.port:
-            continue
-        name = name.lstrip(".").rstrip(".")
-        if host == name or host.endswith("." + name):
-            return True
-    return False
-
-
-class _AiohttpBody:
+class _AiohttpBody(IdleWatch):
     """An ``aiohttp.ClientResponse``'s body with the idle timeout and the connection's end.
 
-    The idle timeout is a watchdog: a read that has to wait notes when it began; one timer
-    wakes at the earliest possible deadline and either closes the response (the waiting read
-    then raises ``SocketTimeoutError``) or sleeps again until the current wait's deadline. A
-    steady stream so costs one timer per idle period, not one per chunk.
+    On an idle timeout the watchdog closes the response: the waiting read then raises
+    ``SocketTimeoutError``.
     """
 
-    __slots__ = (
-        "_done",
-        "_idle",
-        "_loop",
-        "_reader",
-        "_response",
-        "_since",
-        "_slots",
-        "_timed_out",
-        "_waiting",
-        "_watch",
-    )
+    __slots__ = ("_reader", "_response", "_slots")
 
     def __init__(
         self,
@@ -340,16 +189,10 @@ class _AiohttpBody:
         slots: asyncio.Semaphore,
         loop: asyncio.AbstractEventLoop,
     ) -> None:
+        super().__init__(loop, idle)
         self._response = response
         self._reader = response.content
-        self._idle = idle
         self._slots = slots
-        self._loop = loop
-        self._since = 0.0
-        self._waiting = False
-        self._timed_out = False
-        self._done = False
-        self._watch: asyncio.TimerHandle | None = None
 
     def is_eof(self) -> bool:
         return self._reader.is_eof()
@@ -362,50 +205,27 @@ class _AiohttpBody:
         data = reader.read_nowait()  # raises what broke the connection, if anything did
         if data or reader.is_eof():
             return data
-        loop = self._loop
-        self._since = loop.time()
-        self._waiting = True
-        if self._watch is None:
-            self._arm(self._since + self._idle)
+        self.waiting_since()
         try:
             return await reader.readany()
         except aiohttp.ClientConnectionError:
-            if self._timed_out:
+            if self.timed_out:
                 raise aiohttp.SocketTimeoutError("The upstream stayed silent too long") from None
             raise
         finally:
-            self._waiting = False
+            self.waiting = False
 
-    def _arm(self, deadline: float) -> None:
-        self._watch = self._loop.call_at(deadline, self._on_watch)
-
-    def _on_watch(self) -> None:
-        self._watch = None
-        if self._done or not self._waiting:
-            return  # the next wait arms a new watch
-        deadline = self._since + self._idle
-        if self._loop.time() >= deadline:
-            self._timed_out = True
-            self._response.close()  # fails the waiting read
-        else:
-            self._arm(deadline)
-
-    def _finish(self) -> bool:
-        if self._done:
-            return False
-        self._done = True
-        if self._watch is not None:
-            self._watch.cancel()
-            self._watch = None
-        self._slots.release()
-        return True
+    def on_idle_timeout(self) -> None:
+        self._response.close()  # fails the waiting read
 
     def release(self) -> None:
-        if self._finish():
+        if self.finish():
+            self._slots.release()
             self._response.release()
 
     def close(self) -> None:
-        if self._finish():
+        if self.finish():
+            self._slots.release()
             self._response.close()
 
 
@@ -450,17 +270,7 @@ class AiohttpTransport:
             return
         config = self._config
         base = URL(config.base_url)
-        proxy = URL(config.proxy_url) if config.proxy_url else None
-        if proxy is None and config.trust_env:
-            proxy = env_proxy(base, self._environ)
-        if proxy is not None and (proxy.user is not None or proxy.password is not None):
-            # Credentials in the URL go to the proxy alone, as Proxy-Authorization.
-            credentials = f"{proxy.user or ''}:{proxy.password or ''}".encode()
-            self._proxy_headers = {
-                "Proxy-Authorization": "Basic " + base64.b64encode(credentials).decode("ascii")
-            }
-            proxy = proxy.with_user(None)
-        self._proxy = proxy
+        self._proxy, self._proxy_headers = resolve_proxy(config, self._environ)
         tls = self._tls
         if tls is None and base.scheme == "https":
             # The system's CAs (SSL_CERT_FILE / SSL_CERT_DIR honoured), read off the loop.
@@ -468,9 +278,9 @@ class AiohttpTransport:
         connector = aiohttp.TCPConnector(
             limit=config.max_connections,
             use_dns_cache=True,
-            ttl_dns_cache=_DNS_CACHE_SECONDS,
-            happy_eyeballs_delay=_HAPPY_EYEBALLS_DELAY,
-            keepalive_timeout=_KEEPALIVE_SECONDS,
+            ttl_dns_cache=transport.DNS_CACHE_SECONDS,
+            happy_eyeballs_delay=transport.HAPPY_EYEBALLS_DELAY,
+            keepalive_timeout=transport.KEEPALIVE_SECONDS,
             ssl=tls if tls is not None else True,
         )
         self._session = aiohttp.ClientSession(
@@ -614,6 +424,13 @@ def mock_response(
     return UpstreamResponse(status, CIMultiDictProxy(CIMultiDict(headers or {})), BytesBody(body))
 
 
+def default_transport(config: UpstreamConfig, *, tls: ssl.SSLContext | None = None) -> Transport:
+    """The transport ``upstream.transport`` names: ``httptools`` (default) or ``aiohttp``."""
+    if config.transport == "aiohttp":
+        return AiohttpTransport(config, tls=tls)
+    return H1Transport(config, tls=tls)
+
+
 # --------------------------------------------------------------------------------------------
 # The client: headers, retries, refusals
 
@@ -642,7 +459,7 @@ class UpstreamClient:
     ) -> None:
         self._config = config
         self._transport: Final[Transport] = (
-            transport if transport is not None else AiohttpTransport(config, tls=tls)
+            transport if transport is not None else default_transport(config, tls=tls)
         )
         self._on_attempt = on_attempt
         """Told of every attempt: the upstream status, or ``connect_error``/``timeout``/``error``."""

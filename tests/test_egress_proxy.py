@@ -35,6 +35,9 @@ from clipia_proxy.emulator import EmulatorState, create_emulator_app
 from clipia_proxy.server import Running, start
 from clipia_proxy.upstream import UpstreamClient, UpstreamNotSent, env_proxy
 from tests.conftest import make_config
+from tests.transports import pytest_generate_tests, transport_kind
+
+__all__ = ["pytest_generate_tests", "transport_kind"]  # one run per transport
 
 pytestmark = pytest.mark.timeout(120)
 

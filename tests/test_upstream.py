@@ -30,6 +30,9 @@ from clipia_proxy.emulator import Fault
 from clipia_proxy.errors import UpstreamTimeout, UpstreamUnavailable
 from clipia_proxy.upstream import UpstreamBusy, UpstreamClient, parse_retry_after, read_body
 from tests.conftest import Stack
+from tests.transports import pytest_generate_tests, transport_kind
+
+__all__ = ["pytest_generate_tests", "transport_kind"]  # one run per transport
 
 Json = Any
 """Decoded JSON from the wire: the assertions check its shape, not the type checker."""
@@ -818,9 +821,9 @@ async def test_a_broken_answer_is_502_and_its_connection_is_dropped(reply: bytes
 async def test_an_idle_connection_past_keep_alive_is_not_reused(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import clipia_proxy.upstream as upstream_module
+    import clipia_proxy.transport as transport_module
 
-    monkeypatch.setattr(upstream_module, "_KEEPALIVE_SECONDS", 0.05)
+    monkeypatch.setattr(transport_module, "KEEPALIVE_SECONDS", 0.05)
 
     async def answer(_head: bytes) -> bytes:
         return ok()
@@ -946,17 +949,17 @@ async def test_idle_timeout_after_headers_is_the_idle_one_not_the_first_byte_one
 @contextlib.contextmanager
 def counted_read_timers() -> Iterator[list[float]]:
     """Record the deadline of every idle-timeout timer the upstream bodies arm meanwhile."""
-    import clipia_proxy.upstream as upstream_module
+    from clipia_proxy.transport import IdleWatch
 
     timers: list[float] = []
-    arm = upstream_module._AiohttpBody._arm
+    arm = IdleWatch._arm
 
     def counting_arm(body: Any, deadline: float) -> None:
         timers.append(deadline)
         arm(body, deadline)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(upstream_module._AiohttpBody, "_arm", counting_arm)
+        patch.setattr(IdleWatch, "_arm", counting_arm)
         yield timers
 
 
