@@ -157,6 +157,23 @@ def ledger_section(postgres_dsn: str, monkeypatch: pytest.MonkeyPatch) -> str:
     return f"ledger: {{backend: postgres, postgres_dsn_env: {env}}}"
 
 
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+def counters(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str | None:
+    """The ``store:`` section of each counters backend, for ``stacks(store=...)``.
+
+    ``None`` is the default (SQLite); Redis counters come with a fresh PostgreSQL ledger.
+    """
+    if request.param == "memory":
+        return "{backend: memory}"
+    if request.param == "sqlite":
+        return None
+    env = f"CLIPIA_TEST_REDIS_{uuid.uuid4().hex[:8].upper()}"
+    monkeypatch.setenv(env, request.getfixturevalue("redis_url"))
+    ledger: str = request.getfixturevalue("ledger_section")
+    prefix = f"k-{uuid.uuid4().hex[:8]}"
+    return f"{{backend: redis, redis_url_env: {env}, redis_key_prefix: {prefix}}}\n{ledger}"
+
+
 @pytest.fixture(autouse=True)
 def blockbuster() -> Iterator[None]:
     """Fail any test in which clipia_proxy blocks the event loop (file, socket, sqlite, sleep)."""

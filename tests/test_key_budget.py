@@ -35,8 +35,11 @@ teams:
 BODY = {"model": "gpt-5.5", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
 
 
-async def test_a_key_over_its_budget_is_refused_while_the_others_work(stacks: Factory) -> None:
-    stack = await stacks(teams=TEAMS)  # "research" is the second key of team search
+async def test_a_key_over_its_budget_is_refused_while_the_others_work(
+    stacks: Factory, counters: str | None
+) -> None:
+    # On memory, SQLite and Redis counters; "research" is the second key of team search.
+    stack = await stacks(teams=TEAMS, store=counters)
     async with aiohttp.ClientSession() as http:
         for _ in range(2):
             async with http.post(

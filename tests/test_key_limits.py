@@ -10,7 +10,6 @@ validates the section. (The store-contract suite covers every backend in both di
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -21,6 +20,7 @@ import pytest
 from clipia_proxy.config import ConfigError, parse_config
 from clipia_proxy.tasks import TaskRegistry
 from tests.conftest import Stack, wait_settled
+from tests.e2e.test_mcp import session_for, structured
 
 Factory = Callable[..., Awaitable[Stack]]
 
@@ -39,19 +39,6 @@ APP, CI = "search", "research"  # the conftest's two generated keys: both in tea
 
 def teams(key_limits: str) -> str:
     return TEAMS.replace("{key_limits}", key_limits.replace("{", "{{").replace("}", "}}"))
-
-
-@pytest.fixture(params=["memory", "sqlite", "redis"])
-def counters(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str | None:
-    """The ``store:`` section of each counters backend (``None``: the default, SQLite)."""
-    if request.param == "memory":
-        return "{backend: memory}"
-    if request.param == "sqlite":
-        return None
-    env = f"CLIPIA_TEST_REDIS_{uuid.uuid4().hex[:8].upper()}"
-    monkeypatch.setenv(env, request.getfixturevalue("redis_url"))
-    ledger: str = request.getfixturevalue("ledger_section")
-    return f"{{backend: redis, redis_url_env: {env}, redis_key_prefix: k-{uuid.uuid4().hex[:8]}}}\n{ledger}"
 
 
 async def post(
@@ -94,6 +81,26 @@ async def test_a_key_over_its_rpm_is_refused_while_the_teams_other_key_works(
         assert status == 200
         assert headers["x-ratelimit-remaining-requests"] == "6"
     assert len(stack.chat_requests()) == 4  # the refused requests never went upstream
+
+
+async def test_the_mcp_chat_tool_keeps_a_keys_own_limit(stacks: Factory) -> None:
+    """The official ``mcp`` client: the chat tool takes the same admission as the REST route."""
+    stack = await stacks(teams=teams("{rpm: 1}"))
+    async with session_for(stack, stack.auth(CI)) as session:
+        await session.initialize()
+        first = await session.call_tool("chat", {"model": "gpt-5.5", "prompt": "hi"})
+        assert first.isError is False
+        refused = await session.call_tool("chat", {"model": "gpt-5.5", "prompt": "hi"})
+    assert refused.isError is True
+    error = structured(refused)["error"]
+    assert error["code"] == "rate_limit_exceeded"
+    assert error["message"].startswith("Key 'ci-key' of team 'search' reached 1 requests per")
+    assert 1 <= error["retry_after"] <= 60
+    async with session_for(stack, stack.auth(APP)) as session:
+        await session.initialize()
+        served = await session.call_tool("chat", {"model": "gpt-5.5", "prompt": "hi"})
+        assert served.isError is False
+    assert len(stack.chat_requests()) == 2
 
 
 async def test_a_key_over_its_tpm_is_refused_while_the_teams_other_key_works(
