@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import sys
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
 from pathlib import Path
@@ -24,7 +23,7 @@ from clipia_proxy.attribution import Attributor, hash_key_from
 from clipia_proxy.config import AttributionConfig, ConfigError, TagConfig, parse_config
 from clipia_proxy.keys import QUOTAS
 from clipia_proxy.quotas.store import LedgerRecord
-from tests.conftest import Stack, wait_settled
+from tests.harness import Stack, run_report, sqlite_report_config, wait_settled
 
 Factory = Callable[..., Awaitable[Stack]]
 
@@ -71,25 +70,7 @@ async def records_of(stack: Stack) -> list[LedgerRecord]:
 
 
 async def report(tmp_path: Path, db: str, by: str) -> dict[tuple[str, ...], dict[str, Any]]:
-    config = tmp_path / "report.yaml"
-    config.write_text(f"store: {{backend: sqlite, sqlite_path: {db}}}\n")
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "clipia_proxy",
-        "report",
-        "--config",
-        str(config),
-        "--by",
-        by,
-        "--format",
-        "json",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(process.communicate(), 30)
-    assert process.returncode == 0, err.decode()
-    doc = msgspec.json.decode(out)
+    doc = await run_report(sqlite_report_config(tmp_path, db), "--by", by)
     names = by.split(",")
     return {tuple(row[name] for name in names): row for row in doc["rows"]}
 

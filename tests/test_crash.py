@@ -9,21 +9,18 @@ opened in the test process.
 from __future__ import annotations
 
 import asyncio
-import os
-import re
+import contextlib
 import secrets
 import signal
-import sys
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from clipia_proxy.auth import hash_key
+from clipia_proxy.auth import generate_key, hash_key
 from clipia_proxy.config import Config, parse_config
 from clipia_proxy.emulator import Fault
 from clipia_proxy.ledgers.postgres import PostgresLedger
@@ -32,9 +29,9 @@ from clipia_proxy.quotas.redis import RedisStore
 from clipia_proxy.quotas.sqlite import SqliteStore
 from clipia_proxy.quotas.store import LedgerRecord, Store
 from clipia_proxy.wire import decode_json
-from tests.audit import Cluster, audit_stores, emulator_served, start_cluster
+from tests.audit import audit_stores, emulator_served
+from tests.harness import Emulator, Served, serve, start_emulator
 
-_LISTENING = re.compile(r"listening on [^:]+:(\d+) \(admin (\d+)\)")
 BODY: dict[str, object] = {
     "model": "gpt-5.5",
     "messages": [{"role": "user", "content": "tell me a long story"}],
@@ -42,37 +39,18 @@ BODY: dict[str, object] = {
 }
 
 
-@dataclass
-class Gateway:
-    """One ``clipia-proxy serve`` process."""
-
-    process: asyncio.subprocess.Process
-    port: int
-    log: Path
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    async def stop(self, signum: signal.Signals = signal.SIGTERM) -> int:
-        if self.process.returncode is None:
-            self.process.send_signal(signum)
-        async with asyncio.timeout(10):
-            return await self.process.wait()
-
-
 class Harness:
     """The emulator in this loop, gateway processes, their config file and keys."""
 
-    def __init__(self, cluster: Cluster, tmp: Path, store: str, env: dict[str, str]) -> None:
-        self.cluster = cluster
+    def __init__(self, emulator: Emulator, tmp: Path, store: str, env: dict[str, str]) -> None:
+        self.emulator = emulator.state
         self.tmp = tmp
-        self.env = {**os.environ, **env, "TEST_CLIPIA_KEY": self._clipia_key()}
-        self.team_key = cluster.keys["search"]
+        self.env = {**env, "TEST_CLIPIA_KEY": emulator.clipia_key}
+        self.team_key = generate_key()
         self.config_path = tmp / "config.yaml"
         self.config_text = f"""
 server: {{host: 127.0.0.1, port: 0, admin_port: 0, shutdown_grace_seconds: 2}}
-upstream: {{base_url: "{cluster.emulator_url}/v1", api_key_env: TEST_CLIPIA_KEY}}
+upstream: {{base_url: "{emulator.base_url}", api_key_env: TEST_CLIPIA_KEY}}
 store: {store}
 teams:
   - id: search
@@ -81,47 +59,22 @@ teams:
     budget: {{day: 1000, month: 10000}}
 """
         self.config_path.write_text(self.config_text)
-        self.gateways: list[Gateway] = []
-
-    def _clipia_key(self) -> str:
-        keys = self.cluster.emulator.keys
-        assert keys is not None
-        (key,) = keys
-        return key
+        self.gateways: list[Served] = []
 
     def config(self) -> Config:
         return parse_config(self.config_text, source="config.yaml", resolve_secrets=False)
 
-    async def start(self) -> Gateway:
+    async def start(self) -> Served:
+        """Start one more ``clipia-proxy serve`` process on this config; wait until it listens."""
         log = self.tmp / f"gateway-{secrets.token_hex(4)}.log"
-        with log.open("wb") as sink:
-            process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "clipia_proxy",
-                "serve",
-                "--config",
-                str(self.config_path),
-                env=self.env,
-                stdout=sink,
-                stderr=sink,
-            )
-        gateway = Gateway(process=process, port=0, log=log)
+        gateway = await serve(self.config_path, env=self.env, log=log)
         self.gateways.append(gateway)
-        async with asyncio.timeout(20):
-            while True:
-                text = log.read_text(errors="replace")
-                match = _LISTENING.search(text)
-                if match:
-                    gateway.port = int(match[1])
-                    return gateway
-                assert process.returncode is None, "serve exited before listening:\n" + text
-                await asyncio.sleep(0.05)
+        return gateway
 
     def auth(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.team_key}"}
 
-    async def key_info(self, gateway: Gateway) -> dict[str, object]:
+    async def key_info(self, gateway: Served) -> dict[str, object]:
         async with (
             aiohttp.ClientSession() as session,
             session.get(f"{gateway.base_url}/key", headers=self.auth()) as response,
@@ -133,7 +86,7 @@ teams:
         assert isinstance(info, dict)
         return info
 
-    async def chat(self, gateway: Gateway, *, stream: bool) -> str:
+    async def chat(self, gateway: Served, *, stream: bool) -> str:
         async with (
             aiohttp.ClientSession() as session,
             session.post(
@@ -186,28 +139,38 @@ async def audited(
     config = await asyncio.to_thread(harness.config)
     store = await open_store(harness, config, redis_url)
     try:
-        return await audit_stores(
-            [(store, config)], harness.cluster.emulator, crash_points=crash_points
-        )
+        return await audit_stores([(store, config)], harness.emulator, crash_points=crash_points)
     finally:
         await store.close()
 
 
-@pytest.fixture
-async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
-    cluster = await start_cluster(0)
+@contextlib.asynccontextmanager
+async def crash_harness(
+    tmp_path: Path, store: str | None = None, env: dict[str, str] | None = None
+) -> AsyncIterator[Harness]:
+    """An emulator and a :class:`Harness` on ``store`` (default: SQLite in ``tmp_path``)."""
+    emulator = await start_emulator(rpm=100_000)
     made = Harness(
-        cluster, tmp_path, f'{{backend: sqlite, sqlite_path: "{tmp_path}/ledger.db"}}', {}
+        emulator,
+        tmp_path,
+        store or f'{{backend: sqlite, sqlite_path: "{tmp_path}/ledger.db"}}',
+        env or {},
     )
     try:
         yield made
     finally:
         await made.close()
-        await cluster.stop()
+        await emulator.stop()
+
+
+@pytest.fixture
+async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
+    async with crash_harness(tmp_path) as made:
+        yield made
 
 
 async def test_sigkill_mid_stream_is_reconciled_at_restart(harness: Harness) -> None:
-    emulator = harness.cluster.emulator
+    emulator = harness.emulator
     gateway = await harness.start()
     emulator.push_fault(Fault(chunk_gap=0.05))
     async with aiohttp.ClientSession() as session:
@@ -271,15 +234,11 @@ async def test_redis_gateways_share_spend(
     token = secrets.token_hex(6)
     env = f"CLIPIA_CRASH_REDIS_{token.upper()}"
     monkeypatch.setenv(env, redis_url)
-    cluster = await start_cluster(0)
-    harness = Harness(
-        cluster,
-        tmp_path,
+    store = (
         f"{{backend: redis, redis_url_env: {env}, redis_key_prefix: crash-{token}, replicas: 2}}"
-        f"\n{ledger_section}",
-        {env: redis_url},
+        f"\n{ledger_section}"
     )
-    try:
+    async with crash_harness(tmp_path, store, {env: redis_url}) as harness:
         a, b = await asyncio.gather(harness.start(), harness.start())
         assert a.port != b.port
         assert spent(await harness.key_info(b))["usage"] == 0
@@ -304,6 +263,3 @@ async def test_redis_gateways_share_spend(
         assert len(records) == 2
         total = Decimal(sum(r.cost for r in records)) / MICRO_PER_CREDIT
         assert total > through_b["usage"]
-    finally:
-        await harness.close()
-        await cluster.stop()

@@ -23,26 +23,20 @@ from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
 
 from clipia_proxy.emulator import Fault
 from clipia_proxy.quotas.model import MICRO_PER_CREDIT, Outcome, RecordState, UsageSource
-from tests.audit import emulator_served, start_cluster
-from tests.test_crash import Gateway, Harness, audited, spent
+from tests.audit import emulator_served
+from tests.harness import Served
+from tests.test_crash import Harness, audited, crash_harness, spent
 
 PROMPT: list[ChatCompletionMessageParam] = [{"role": "user", "content": "tell me a long story"}]
 
 
 @pytest.fixture
 async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
-    cluster = await start_cluster(0)
-    made = Harness(
-        cluster, tmp_path, f'{{backend: sqlite, sqlite_path: "{tmp_path}/ledger.db"}}', {}
-    )
-    try:
+    async with crash_harness(tmp_path) as made:
         yield made
-    finally:
-        await made.close()
-        await cluster.stop()
 
 
-async def cut_stream(harness: Harness, gateway: Gateway, chunks: int = 3) -> str:
+async def cut_stream(harness: Harness, gateway: Served, chunks: int = 3) -> str:
     """Start a stream with the openai SDK, read ``chunks`` chunks, kill -9 the gateway."""
     client = openai.AsyncOpenAI(base_url=gateway.base_url, api_key=harness.team_key)
     try:
@@ -68,7 +62,7 @@ async def cut_stream(harness: Harness, gateway: Gateway, chunks: int = 3) -> str
     return request_id
 
 
-async def key_view(harness: Harness, gateway: Gateway) -> dict[str, Decimal]:
+async def key_view(harness: Harness, gateway: Served) -> dict[str, Decimal]:
     info = await harness.key_info(gateway)
     view = spent(info, settled=False)
     budgets = info["budgets"]
@@ -79,7 +73,7 @@ async def key_view(harness: Harness, gateway: Gateway) -> dict[str, Decimal]:
 
 @pytest.mark.parametrize("lag", [0, 2], ids=["generation-ready", "generation-lags"])
 async def test_sigkill_mid_stream_settles_at_the_upstream_bill(harness: Harness, lag: int) -> None:
-    emulator = harness.cluster.emulator
+    emulator = harness.emulator
     gateway = await harness.start()
     emulator.push_fault(Fault(chunk_gap=0.05, generation_lag=lag))
     request_id = await cut_stream(harness, gateway)
@@ -120,26 +114,22 @@ async def test_sigkill_mid_stream_on_a_shared_redis_store(
     token = secrets.token_hex(6)
     env = f"CLIPIA_CRASH_REDIS_{token.upper()}"
     monkeypatch.setenv(env, redis_url)
-    cluster = await start_cluster(0)
-    harness = Harness(
-        cluster,
-        tmp_path,
+    store = (
         f"{{backend: redis, redis_url_env: {env}, redis_key_prefix: crash-{token}, replicas: 3}}"
-        f"\n{ledger_section}",
-        {env: redis_url},
+        f"\n{ledger_section}"
     )
-    # Short leases so the survivors' reconciler (every lease / 2) gets to the dead one's record.
-    harness.config_text = harness.config_text.replace(
-        "api_key_env: TEST_CLIPIA_KEY}",
-        "api_key_env: TEST_CLIPIA_KEY, first_byte_timeout_seconds: 1}\n"
-        "accounting: {lease_seconds: 2}",
-    )
-    harness.config_path.write_text(harness.config_text)
-    try:
+    async with crash_harness(tmp_path, store, {env: redis_url}) as harness:
+        # Short leases so the survivors' reconciler (every lease / 2) reaches the dead one's record.
+        harness.config_text = harness.config_text.replace(
+            "api_key_env: TEST_CLIPIA_KEY}",
+            "api_key_env: TEST_CLIPIA_KEY, first_byte_timeout_seconds: 1}\n"
+            "accounting: {lease_seconds: 2}",
+        )
+        harness.config_path.write_text(harness.config_text)
         victim, *survivors = await asyncio.gather(*(harness.start() for _ in range(3)))
-        cluster.emulator.push_fault(Fault(chunk_gap=0.05))
+        harness.emulator.push_fault(Fault(chunk_gap=0.05))
         request_id = await cut_stream(harness, victim)
-        bill = emulator_served(cluster.emulator)[request_id].cost
+        bill = emulator_served(harness.emulator)[request_id].cost
         expected = Decimal(bill) / MICRO_PER_CREDIT
         async with asyncio.timeout(20):
             while True:
@@ -155,6 +145,3 @@ async def test_sigkill_mid_stream_on_a_shared_redis_store(
         (record,) = await audited(harness, redis_url=redis_url)
         assert (record.request_id, record.cost) == (request_id, bill)
         assert (record.outcome, record.usage_source) == (Outcome.CRASHED, UsageSource.GENERATION)
-    finally:
-        await harness.close()
-        await cluster.stop()

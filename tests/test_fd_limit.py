@@ -9,29 +9,19 @@ is served, and stderr holds no traceback.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import resource
-import socket
-import sys
 from pathlib import Path
 
 import aiohttp
 import pytest
 
 from clipia_proxy.auth import generate_key, hash_key
+from tests.harness import serve
 
 pytestmark = pytest.mark.e2e
 
 NOFILE = 256
 IDLE = 400
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _limit_fds() -> None:  # runs in the child before exec
@@ -49,11 +39,10 @@ async def _healthz(port: int) -> int:
 
 
 async def test_probes_answer_with_more_idle_connections_than_descriptors(tmp_path: Path) -> None:
-    port, admin_port = _free_port(), _free_port()
     config = tmp_path / "config.yaml"
     config.write_text(
         f"""
-server: {{host: 127.0.0.1, port: {port}, admin_port: {admin_port}, header_timeout_seconds: 30}}
+server: {{host: 127.0.0.1, port: 0, admin_port: 0, header_timeout_seconds: 30}}
 upstream: {{base_url: "http://127.0.0.1:9/v1", api_key_env: CLIPIA_API_KEY}}
 store: {{backend: sqlite, sqlite_path: {tmp_path}/ledger.db}}
 teams:
@@ -62,29 +51,13 @@ teams:
 """,
         encoding="utf-8",
     )
-    env = {**os.environ, "CLIPIA_API_KEY": "clipia_live_" + "x" * 32}
+    env = {"CLIPIA_API_KEY": "clipia_live_" + "x" * 32}
     stderr_path = tmp_path / "stderr.log"
-    with stderr_path.open("wb") as stderr:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "clipia_proxy",
-            "serve",
-            "--config",
-            str(config),
-            env=env,
-            stdout=stderr,
-            stderr=stderr,
-            preexec_fn=_limit_fds,
-        )
+    # Listening means both ports accept (after start-up work such as the catalog warm-up).
+    served = await serve(config, env=env, log=stderr_path, within=30, preexec_fn=_limit_fds)
+    proc, port, admin_port = served.process, served.port, served.admin_port
     held: list[asyncio.StreamWriter] = []
     try:
-        for _ in range(300):  # the data port opens after start-up work (catalog warm-up)
-            with contextlib.suppress(OSError):
-                _, probe = await asyncio.open_connection("127.0.0.1", port)
-                probe.close()
-                break
-            await asyncio.sleep(0.1)
         for _ in range(IDLE):
             _, writer = await asyncio.open_connection("127.0.0.1", port)
             held.append(writer)

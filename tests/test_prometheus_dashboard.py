@@ -16,12 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
 import re
-import secrets
 import shutil
 import socket
-import sys
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -32,11 +29,10 @@ from typing import Any, Final
 import aiohttp
 import msgspec
 import pytest
-from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from clipia_proxy.auth import generate_key, hash_key
-from clipia_proxy.emulator import EmulatorState, create_emulator_app
+from tests.harness import run_report, serve, start_emulator
 
 pytestmark = pytest.mark.prometheus
 
@@ -44,7 +40,6 @@ ROOT: Final = Path(__file__).resolve().parent.parent
 DASHBOARD: Final = ROOT / "deploy" / "grafana" / "clipia-proxy.json"
 RULES: Final = ROOT / "deploy" / "prometheus" / "clipia-proxy-rules.yaml"
 VARIABLE: Final = re.compile(r"\$\{(\w+)(?::\w+)?\}|\$(\w+)")
-LISTENING: Final = re.compile(r"listening on [^:]+:(\d+) \(admin (\d+)\)")
 RUBLES_PER_CREDIT: Final = Decimal(3)  # the config's default, and the dashboard's constant
 TEAMS: Final = ("alpha", "beta")
 HELLO: Final = [{"role": "user", "content": "Say something about budgets."}]
@@ -109,19 +104,13 @@ async def _wait_for(what: str, log: Path, check: Any, process: asyncio.subproces
 async def run(tmp_path: Path) -> AsyncIterator[Run]:
     binary = shutil.which("prometheus")
     assert binary is not None, "prometheus is missing: apt-get install -y prometheus (.ci/run)"
-    clipia_key = "clipia_live_" + secrets.token_urlsafe(24)
-    emulator = web.AppRunner(
-        create_emulator_app(EmulatorState(seed=0, keys={clipia_key})), access_log=None
-    )
-    await emulator.setup()
-    await web.TCPSite(emulator, "127.0.0.1", 0).start()
-    emulator_port = emulator.addresses[0][1]
+    emulator = await start_emulator()
     keys = {team: generate_key() for team in TEAMS}
     config = tmp_path / "gateway.yaml"
     config.write_text(
         f"""
 server: {{host: 127.0.0.1, port: 0, admin_port: 0, shutdown_grace_seconds: 1}}
-upstream: {{base_url: "http://127.0.0.1:{emulator_port}/v1", api_key_env: TEST_CLIPIA_KEY}}
+upstream: {{base_url: "{emulator.base_url}", api_key_env: TEST_CLIPIA_KEY}}
 store: {{backend: sqlite, sqlite_path: "{tmp_path / "ledger.db"}"}}
 teams:
   - id: alpha
@@ -137,31 +126,14 @@ teams:
     made = Run(
         tmp=tmp_path,
         config=config,
-        env={**os.environ, "TEST_CLIPIA_KEY": clipia_key},
+        env={"TEST_CLIPIA_KEY": emulator.clipia_key},
         keys=keys,
     )
     processes: list[asyncio.subprocess.Process] = []
     try:
-        log = tmp_path / "gateway.log"
-        with log.open("wb") as sink:
-            gateway = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "clipia_proxy",
-                "serve",
-                "--config",
-                str(config),
-                env=made.env,
-                stdout=sink,
-                stderr=sink,
-            )
-        processes.append(gateway)
-
-        def listening() -> re.Match[str] | None:
-            return LISTENING.search(log.read_text(errors="replace"))
-
-        match = await _wait_for("serve", log, listening, gateway)
-        made.port, made.admin_port = int(match[1]), int(match[2])
+        gateway = await serve(config, env=made.env, log=tmp_path / "gateway.log", within=60)
+        processes.append(gateway.process)
+        made.port, made.admin_port = gateway.port, gateway.admin_port
 
         prometheus_port = free_port()
         made.prometheus_url = f"http://127.0.0.1:{prometheus_port}"
@@ -200,7 +172,7 @@ scrape_configs:
     finally:
         for process in reversed(processes):
             await _stop(process)
-        await emulator.cleanup()
+        await emulator.stop()
 
 
 async def api(run: Run, path: str, **params: str) -> Any:
@@ -275,22 +247,7 @@ async def gateway_spend(run: Run) -> dict[str, float]:
 
 async def ledger(run: Run) -> dict[str, Decimal]:
     """Credits per team from ``clipia-proxy report`` (the chargeback export)."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "clipia_proxy",
-        "report",
-        "--config",
-        str(run.config),
-        "--format",
-        "json",
-        env=run.env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await process.communicate()
-    assert process.returncode == 0, err.decode()
-    report = msgspec.json.decode(out)
+    report = await run_report(run.config, env=run.env)
     assert report["open_records"] == 0
     # One row per team and model, then the team's total (model "*").
     return {row["team"]: Decimal(row["credits"]) for row in report["rows"] if row["model"] == "*"}

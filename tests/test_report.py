@@ -6,7 +6,6 @@ import asyncio
 import csv
 import datetime as dt
 import io
-import sys
 from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
@@ -23,7 +22,8 @@ from clipia_proxy.ledgers.sqlite import SqliteLedger
 from clipia_proxy.quotas.model import Micro, Period, Settlement
 from clipia_proxy.quotas.store import LedgerRecord
 from clipia_proxy.report import EXPORT_COLUMNS, parse_by, parse_period, write_export, write_report
-from tests.conftest import fresh_postgres_schema, start_stack, stop_stack, wait_settled
+from tests.conftest import fresh_postgres_schema
+from tests.harness import run_report, sqlite_report_config, start_stack, stop_stack, wait_settled
 
 MOSCOW = ZoneInfo("Europe/Moscow")
 
@@ -233,23 +233,7 @@ async def test_report_command_reads_the_sqlite_ledger(tmp_path: Path) -> None:
         billed = sum(bill.cost for bill in stack.emulator.bills.values())
     finally:
         await stop_stack(stack)
-    config = tmp_path / "config.yaml"
-    config.write_text(f"store: {{backend: sqlite, sqlite_path: {db}}}\n")
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "clipia_proxy",
-        "report",
-        "--config",
-        str(config),
-        "--format",
-        "json",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(process.communicate(), 30)
-    assert process.returncode == 0, err.decode()
-    doc = msgspec.json.decode(out)
+    doc = await run_report(sqlite_report_config(tmp_path, db))
     by_model = {(row["team"], row["model"]): row for row in doc["rows"]}
     assert by_model["search", "gpt-5.5"]["requests"] == 2
     assert by_model["search", "claude-sonnet-4-6"]["requests"] == 1

@@ -6,9 +6,6 @@ one environment ever carried the other's key; check-config refuses the unsafe co
 
 from __future__ import annotations
 
-import asyncio
-import secrets
-import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from decimal import Decimal
@@ -18,19 +15,22 @@ from typing import Any
 import aiohttp
 import msgspec
 import pytest
-from aiohttp import web
 
-from clipia_proxy.auth import generate_key
 from clipia_proxy.cli import main
 from clipia_proxy.config import ConfigError, Secret, parse_config
-from clipia_proxy.emulator import EmulatorState, create_emulator_app
 from clipia_proxy.emulator.state import RecordedRequest
 from clipia_proxy.errors import UpstreamUnavailable
 from clipia_proxy.keys import QUOTAS
 from clipia_proxy.sandbox import Upstreams
-from clipia_proxy.server import start
 from clipia_proxy.upstream import UpstreamClient
-from tests.conftest import Stack, make_config, stop_stack, wait_settled
+from tests.harness import (
+    Stack,
+    run_report,
+    sqlite_report_config,
+    start_stack,
+    stop_stack,
+    wait_settled,
+)
 from tests.test_metrics import scrape
 
 HASH = "ab" * 32
@@ -63,30 +63,10 @@ class Sandbox:
 
 @pytest.fixture
 async def sandbox() -> AsyncIterator[Sandbox]:
-    live_key = "clipia_live_" + secrets.token_urlsafe(24)
-    test_key = "clipia_test_" + secrets.token_urlsafe(24)
-    state = EmulatorState(keys={live_key, test_key})
-    runner = web.AppRunner(create_emulator_app(state), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    emulator_url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-    keys = {"prod": generate_key(), "ci": generate_key()}
-    config = make_config(
-        emulator_url, keys, teams=TEAMS, upstream={"test_api_key_env": "CLIPIA_TEST_API_KEY"}
-    )
-    running = await start(config, api_key=Secret(live_key), test_api_key=Secret(test_key))
-    stack = Stack(
-        emulator=state,
-        emulator_url=emulator_url,
-        running=running,
-        clipia_key=live_key,
-        keys=keys,
-        config=config,
-        runners=[runner],
-    )
+    stack = await start_stack(teams=TEAMS, team_ids=("prod", "ci"), test_key=True)
+    assert stack.test_key is not None
     try:
-        yield Sandbox(stack, test_key)
+        yield Sandbox(stack, stack.test_key)
     finally:
         await stop_stack(stack)
 
@@ -116,28 +96,6 @@ async def chat(
             return {}
         answer: dict[str, Any] = await reply.json()
         return answer
-
-
-async def run_report(tmp_path: Path, db: str, *args: str) -> dict[str, Any]:
-    config = tmp_path / "report.yaml"
-    config.write_text(f"store: {{backend: sqlite, sqlite_path: {db}}}\n")
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "clipia_proxy",
-        "report",
-        "--config",
-        str(config),
-        "--format",
-        "json",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(process.communicate(), 30)
-    assert process.returncode == 0, err.decode()
-    doc: dict[str, Any] = msgspec.json.decode(out)
-    return doc
 
 
 async def test_canary_scan_each_team_reaches_clipia_with_its_own_key_only(
@@ -185,12 +143,12 @@ async def test_canary_scan_each_team_reaches_clipia_with_its_own_key_only(
     assert all(r.cost > 0 for r in records)
     # The report keeps them apart: --by team,environment,model and --by environment.
     db = stack.stack.config.store.sqlite_path
-    default = await run_report(tmp_path, db, "--by", "team,environment,model")
+    default = await run_report(sqlite_report_config(tmp_path, db), "--by", "team,environment,model")
     assert {(row["team"], row["environment"], row["model"]) for row in default["rows"]} == {
         ("prod", "live", "gpt-5.5"),
         ("ci", "test", "gpt-5.5"),
     }
-    split = await run_report(tmp_path, db, "--by", "environment")
+    split = await run_report(sqlite_report_config(tmp_path, db), "--by", "environment")
     credits = {row["environment"]: Decimal(row["credits"]) for row in split["rows"]}
     assert credits == {
         "live": Decimal(sum(r.cost for r in by_team["prod"])) / 1_000_000,
