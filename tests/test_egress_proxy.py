@@ -26,15 +26,12 @@ import aiohttp
 import msgspec
 import pytest
 import trustme
-from aiohttp import web
 from yarl import URL
 
-from clipia_proxy.auth import generate_key
 from clipia_proxy.config import Secret, UpstreamConfig
-from clipia_proxy.emulator import EmulatorState, create_emulator_app
-from clipia_proxy.server import Running, start
+from clipia_proxy.server import Running
 from clipia_proxy.upstream import UpstreamClient, UpstreamNotSent, env_proxy
-from tests.conftest import make_config
+from tests.harness import Emulator, start_emulator, start_gateway, stop_stack, team_keys
 from tests.transports import pytest_generate_tests, transport_kind
 
 __all__ = ["pytest_generate_tests", "transport_kind"]  # one run per transport
@@ -128,13 +125,6 @@ def guarded_proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ForwardP
         yield proxy
 
 
-@dataclass
-class TlsUpstream:
-    emulator: EmulatorState
-    base_url: str
-    clipia_key: str
-
-
 @pytest.fixture
 def trusted_ca(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> trustme.CA:
     """A throw-away CA that the gateway trusts (``SSL_CERT_FILE``), like a corporate CA."""
@@ -146,40 +136,27 @@ def trusted_ca(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> trustme.CA:
 
 
 @pytest.fixture
-async def tls_upstream(trusted_ca: trustme.CA) -> AsyncIterator[TlsUpstream]:
+async def tls_upstream(trusted_ca: trustme.CA) -> AsyncIterator[Emulator]:
     """The emulator served over TLS as ``localhost``."""
     server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     trusted_ca.issue_cert("localhost").configure_cert(server_tls)
-    clipia_key = "clipia_live_" + secrets.token_urlsafe(24)
-    state = EmulatorState(keys={clipia_key})
-    runner = web.AppRunner(create_emulator_app(state), access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_tls).start()
+    emulator = await start_emulator(ssl_context=server_tls)
     try:
-        port = runner.addresses[0][1]
-        yield TlsUpstream(state, f"https://localhost:{port}/v1", clipia_key)
+        yield emulator
     finally:
-        await runner.cleanup()
+        await emulator.stop()
 
 
 @contextlib.asynccontextmanager
 async def gateway(
-    upstream: TlsUpstream, settings: dict[str, object]
+    upstream: Emulator, settings: dict[str, object]
 ) -> AsyncIterator[tuple[Running, str]]:
     """A gateway (``server.start``, as ``serve`` runs it) in front of ``upstream``."""
-    key = generate_key()
-    config = make_config(
-        "unused",
-        {"search": key, "research": generate_key()},
-        store="{backend: memory}",
-        upstream=settings,
-        base_url=upstream.base_url,
-    )
-    running = await start(config, api_key=Secret(upstream.clipia_key))
+    stack = await start_gateway(upstream, team_keys(), store="{backend: memory}", upstream=settings)
     try:
-        yield running, key
+        yield stack.running, stack.keys["search"]
     finally:
-        await running.stop()
+        await stop_stack(stack)
 
 
 async def chat_plain_and_streamed(running: Running, key: str) -> list[Any]:
@@ -199,7 +176,7 @@ async def chat_plain_and_streamed(running: Running, key: str) -> list[Any]:
 
 
 async def test_chat_plain_and_streamed_through_the_egress_proxy(
-    forward_proxy: ForwardProxy, tls_upstream: TlsUpstream
+    forward_proxy: ForwardProxy, tls_upstream: Emulator
 ) -> None:
     before = len(forward_proxy.tunnels())
     async with gateway(tls_upstream, {"proxy_url": forward_proxy.url}) as (running, key):
@@ -208,7 +185,7 @@ async def test_chat_plain_and_streamed_through_the_egress_proxy(
     assert plain["choices"][0]["message"]["content"]
     assert streamed.rstrip().endswith(b"data: [DONE]")
     assert b'"chat.completion.chunk"' in streamed
-    chats = [r for r in tls_upstream.emulator.requests if r.path == "/v1/chat/completions"]
+    chats = [r for r in tls_upstream.state.requests if r.path == "/v1/chat/completions"]
     assert len(chats) == 2
     assert all(dict(r.headers)["Host"].startswith("localhost:") for r in chats)
     # The gateway stopped (its connections closed): the proxy logged every tunnel it made.
@@ -218,7 +195,7 @@ async def test_chat_plain_and_streamed_through_the_egress_proxy(
 
 
 async def test_https_proxy_from_the_environment_when_trusted(
-    forward_proxy: ForwardProxy, tls_upstream: TlsUpstream, monkeypatch: pytest.MonkeyPatch
+    forward_proxy: ForwardProxy, tls_upstream: Emulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("HTTPS_PROXY", forward_proxy.url)
     monkeypatch.delenv("NO_PROXY", raising=False)
@@ -233,10 +210,10 @@ async def test_https_proxy_from_the_environment_when_trusted(
     # NO_PROXY names the upstream: direct connections, no new tunnel.
     monkeypatch.setenv("NO_PROXY", "example.org, .localhost, localhost")
     before = len(forward_proxy.tunnels())
-    requests = len(tls_upstream.emulator.requests)
+    requests = len(tls_upstream.state.requests)
     async with gateway(tls_upstream, {"trust_env": "true"}) as (running, key):
         await chat_plain_and_streamed(running, key)
-    assert len(tls_upstream.emulator.requests) > requests
+    assert len(tls_upstream.state.requests) > requests
     # A tunnel is logged when it closes, in order: had the NO_PROXY gateway made one, it
     # would be logged before the next gateway's (the first stopped before the second began).
     async with gateway(tls_upstream, {"proxy_url": forward_proxy.url}) as (running, key):
@@ -246,7 +223,7 @@ async def test_https_proxy_from_the_environment_when_trusted(
 
 
 async def test_environment_proxies_are_ignored_unless_trusted(
-    forward_proxy: ForwardProxy, tls_upstream: TlsUpstream, monkeypatch: pytest.MonkeyPatch
+    forward_proxy: ForwardProxy, tls_upstream: Emulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:1")  # nothing listens: would fail
     async with gateway(tls_upstream, {}) as (running, key):
@@ -316,7 +293,7 @@ def test_env_proxy_reads_the_process_environment(monkeypatch: pytest.MonkeyPatch
 
 
 async def test_proxy_credentials_from_the_url(
-    guarded_proxy: ForwardProxy, tls_upstream: TlsUpstream, log_capture: list[str]
+    guarded_proxy: ForwardProxy, tls_upstream: Emulator, log_capture: list[str]
 ) -> None:
     host = URL(guarded_proxy.url).with_user(PROXY_USER).with_password(PROXY_PASSWORD)
     async with gateway(tls_upstream, {"proxy_url": str(host)}) as (running, key):
@@ -324,7 +301,7 @@ async def test_proxy_credentials_from_the_url(
     assert plain["object"] == "chat.completion"
     assert streamed.rstrip().endswith(b"data: [DONE]")
     # Without them the proxy refuses the tunnel (407): nothing reached Clipia, a 502.
-    requests = len(tls_upstream.emulator.requests)
+    requests = len(tls_upstream.state.requests)
     async with (
         gateway(tls_upstream, {"proxy_url": guarded_proxy.url}) as (running, key),
         aiohttp.ClientSession() as session,
@@ -336,12 +313,12 @@ async def test_proxy_credentials_from_the_url(
     ):
         assert reply.status == 502
         assert (await reply.json())["error"]["code"] == "upstream_unavailable"
-    assert len(tls_upstream.emulator.requests) == requests
+    assert len(tls_upstream.state.requests) == requests
     assert all(PROXY_PASSWORD not in line for line in log_capture)
 
 
 async def test_a_tunnel_the_proxy_refuses_is_not_sent_and_retried(
-    guarded_proxy: ForwardProxy, tls_upstream: TlsUpstream
+    guarded_proxy: ForwardProxy, tls_upstream: Emulator
 ) -> None:
     sleeps: list[float] = []
 
@@ -359,4 +336,4 @@ async def test_a_tunnel_the_proxy_refuses_is_not_sent_and_retried(
     finally:
         await client.close()
     assert len(sleeps) == config.retries  # a 407 to CONNECT: Clipia saw nothing
-    assert tls_upstream.emulator.requests == []
+    assert tls_upstream.state.requests == []

@@ -6,7 +6,6 @@ A valid change takes effect without a failed request; a broken file changes noth
 from __future__ import annotations
 
 import asyncio
-import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,14 +13,14 @@ from pathlib import Path
 import aiohttp
 import msgspec
 import pytest
-from aiohttp import web
 
 from clipia_proxy.auth import generate_key, hash_key
 from clipia_proxy.config import Secret, load_config, parse_config
-from clipia_proxy.emulator import EmulatorState, Fault, create_emulator_app
+from clipia_proxy.emulator import EmulatorState, Fault
 from clipia_proxy.keys import LIVE, METRICS, QUOTAS
 from clipia_proxy.reload import restart_only_changes
 from clipia_proxy.server import Running, start
+from tests.harness import start_emulator
 
 BASE = """
 server: {{host: 127.0.0.1, port: 0, admin_port: 0, shutdown_grace_seconds: 2}}
@@ -70,28 +69,23 @@ class Reloadable:
 
 @pytest.fixture
 async def reloadable(tmp_path: Path) -> AsyncIterator[Reloadable]:
-    clipia_key = "clipia_live_" + secrets.token_urlsafe(24)
-    state = EmulatorState(keys={clipia_key}, rpm=100_000)
-    runner = web.AppRunner(create_emulator_app(state), access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
+    emulator = await start_emulator(rpm=100_000)
     made = Reloadable(
         running=None,  # type: ignore[arg-type]  # set just below, once the file exists
-        emulator=state,
+        emulator=emulator.state,
         path=tmp_path / "config.yaml",
         keys={"search": generate_key(), "research": generate_key()},
-        url=url,
+        url=emulator.base_url,
         db=tmp_path / "ledger.db",
     )
     made.write()
     config = await asyncio.to_thread(load_config, made.path, resolve_secrets=False)
-    made.running = await start(config, api_key=Secret(clipia_key), config_path=made.path)
+    made.running = await start(config, api_key=Secret(emulator.clipia_key), config_path=made.path)
     try:
         yield made
     finally:
         await made.running.stop()
-        await runner.cleanup()
+        await emulator.stop()
 
 
 async def _chat(

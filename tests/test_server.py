@@ -5,40 +5,28 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
-import re
-import secrets
 import signal
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
-import msgspec
 import pytest
-from aiohttp import web
 
 from clipia_proxy.auth import generate_key, hash_key
 from clipia_proxy.config import Secret
-from clipia_proxy.emulator import EmulatorState, Fault, create_emulator_app
+from clipia_proxy.emulator import EmulatorState, Fault
 from clipia_proxy.server import GC_YOUNG_THRESHOLD, Running, serve, start, tuned_gc
-
-from .conftest import make_config
-
-_LISTENING = re.compile(r"listening on [^:]+:(\d+) \(admin (\d+)\)")
+from tests.harness import LISTENING, make_config, start_emulator
 
 
 @pytest.fixture
 async def emulator() -> AsyncIterator[tuple[EmulatorState, str, str]]:
-    key = "clipia_live_" + secrets.token_urlsafe(24)
-    state = EmulatorState(keys={key})
-    runner = web.AppRunner(create_emulator_app(state), access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    port = runner.addresses[0][1]
+    made = await start_emulator()
     try:
-        yield state, f"http://127.0.0.1:{port}/v1", key
+        yield made.state, made.base_url, made.clipia_key
     finally:
-        await runner.cleanup()
+        await made.stop()
 
 
 def _serve_config(
@@ -86,7 +74,7 @@ async def _start_serve(
             line = (await process.stderr.readline()).decode()
             assert line, "serve exited before listening: " + "".join(lines)
             lines.append(line)
-            match = _LISTENING.search(line)
+            match = LISTENING.search(line)
             if match:
                 return process, int(match[1]), int(match[2]), lines
 
@@ -326,11 +314,9 @@ async def test_admin_host_opens_the_admin_port_alone(
     """server.admin_host: the admin port on all addresses, the API still on 127.0.0.1 only."""
     _, base_url, clipia_key = emulator
     keys = {"search": generate_key(), "research": generate_key()}
-    config = make_config(base_url.removesuffix("/v1"), keys)
-    server = msgspec.structs.replace(config.server, admin_host="0.0.0.0")  # noqa: S104
-    running = await start(
-        msgspec.structs.replace(config, server=server), api_key=Secret(clipia_key)
-    )
+    everywhere = "0.0.0.0"  # noqa: S104
+    config = make_config(base_url.removesuffix("/v1"), keys, server={"admin_host": everywhere})
+    running = await start(config, api_key=Secret(clipia_key))
     try:
         assert [address[0] for address in running.data_runner.addresses] == ["127.0.0.1"]
         assert [address[0] for address in running.admin_runner.addresses] == ["0.0.0.0"]  # noqa: S104
