@@ -18,26 +18,16 @@ from aiohttp import web
 
 from clipia_proxy.catalog import Catalog, parse_catalog
 from clipia_proxy.config import CatalogConfig, Secret, UpstreamConfig
-from clipia_proxy.emulator import CATALOG, EmulatorState, create_emulator_app
+from clipia_proxy.emulator import CATALOG, EmulatorState
 from clipia_proxy.errors import UpstreamUnavailable
 from clipia_proxy.tasks import TaskRegistry
 from clipia_proxy.upstream import UpstreamClient
 from clipia_proxy.wire import decode_json, encode_json
-from tests.conftest import Stack
+from tests.harness import Clock, Stack, start_emulator
 
 MEDIA_IDS = {"flux-2-pro", "veo-4", "nano-banana-3"}
 TTL = 10.0
 MAX_STALE = 100.0
-
-
-class Clock:
-    """A monotonic clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @dataclass
@@ -65,21 +55,17 @@ class Harness:
 
 @pytest.fixture
 async def harness() -> AsyncIterator[Harness]:
-    state = EmulatorState(seed=0, keys={"clipia_live_catalogtest"})
-    runner = web.AppRunner(create_emulator_app(state), access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    port = runner.addresses[0][1]
+    emulator = await start_emulator()
     upstream = UpstreamClient(
         UpstreamConfig(
-            base_url=f"http://127.0.0.1:{port}/v1",
+            base_url=emulator.base_url,
             api_key_env=None,
             connect_timeout_seconds=1,
             first_byte_timeout_seconds=2,
             idle_timeout_seconds=2,
             retries=0,
         ),
-        Secret("clipia_live_catalogtest"),
+        Secret(emulator.clipia_key),
     )
     await upstream.start()
     tasks = TaskRegistry()
@@ -91,11 +77,11 @@ async def harness() -> AsyncIterator[Harness]:
         clock=clock,
     )
     try:
-        yield Harness(catalog, clock, state, runner, tasks, upstream)
+        yield Harness(catalog, clock, emulator.state, emulator.runner, tasks, upstream)
     finally:
         await tasks.drain(2)
         await upstream.close()
-        await runner.cleanup()
+        await emulator.stop()
 
 
 # --------------------------------------------------------------------------------------------
@@ -208,10 +194,10 @@ async def test_within_ttl_no_refetch(harness: Harness) -> None:
     assert harness.catalog.fresh() is None  # cold
     first = await harness.catalog.get()
     for step in (1.0, 5.0, TTL):
-        harness.clock.now = first.fetched_at + step
+        harness.clock.t = first.fetched_at + step
         assert await harness.catalog.get() is first
         assert harness.catalog.fresh() is first
-    harness.clock.now = first.fetched_at + TTL + 0.001
+    harness.clock.t = first.fetched_at + TTL + 0.001
     assert harness.catalog.fresh() is None  # due for a refresh: the caller must go to get()
     await harness.settle()
     assert harness.model_fetches() == 1
@@ -219,7 +205,7 @@ async def test_within_ttl_no_refetch(harness: Harness) -> None:
 
 async def test_after_ttl_stale_served_and_one_background_refresh(harness: Harness) -> None:
     first = await harness.catalog.get()
-    harness.clock.now = first.fetched_at + TTL + 1
+    harness.clock.t = first.fetched_at + TTL + 1
     # Many callers past the TTL: each gets the stale snapshot at once, one refresh runs.
     results = [await harness.catalog.get() for _ in range(10)]
     assert all(result is first for result in results)
@@ -227,7 +213,7 @@ async def test_after_ttl_stale_served_and_one_background_refresh(harness: Harnes
     assert harness.model_fetches() == 2
     fresh = await harness.catalog.get()
     assert fresh is not first
-    assert fresh.fetched_at == harness.clock.now
+    assert fresh.fetched_at == harness.clock.t
     assert harness.model_fetches() == 2
     assert harness.catalog.refresh_results == {"success": 2, "error": 0}
 
@@ -240,7 +226,7 @@ async def test_concurrent_cold_gets_single_flight(harness: Harness) -> None:
 
 async def test_concurrent_stale_gets_single_flight(harness: Harness) -> None:
     first = await harness.catalog.get()
-    harness.clock.now = first.fetched_at + TTL + 1
+    harness.clock.t = first.fetched_at + TTL + 1
     results = await asyncio.gather(*(harness.catalog.get() for _ in range(20)))
     assert all(result is first for result in results)
     await harness.settle()
@@ -249,7 +235,7 @@ async def test_concurrent_stale_gets_single_flight(harness: Harness) -> None:
 
 async def test_past_max_stale_callers_wait_for_refresh(harness: Harness) -> None:
     first = await harness.catalog.get()
-    harness.clock.now = first.fetched_at + MAX_STALE + 1
+    harness.clock.t = first.fetched_at + MAX_STALE + 1
     assert harness.catalog.is_warm() is False
     results = await asyncio.gather(*(harness.catalog.get() for _ in range(5)))
     assert all(result is results[0] for result in results)
@@ -261,16 +247,16 @@ async def test_past_max_stale_callers_wait_for_refresh(harness: Harness) -> None
 async def test_refresh_failure_keeps_old_snapshot_until_max_stale(harness: Harness) -> None:
     first = await harness.catalog.get()
     await harness.runner.cleanup()  # Clipia goes away
-    harness.clock.now = first.fetched_at + TTL + 1
+    harness.clock.t = first.fetched_at + TTL + 1
     assert await harness.catalog.get() is first
     await harness.settle()
     assert harness.catalog.refresh_results["error"] == 1
     assert harness.catalog.is_warm() is True
-    harness.clock.now = first.fetched_at + MAX_STALE
+    harness.clock.t = first.fetched_at + MAX_STALE
     assert await harness.catalog.get() is first
     await harness.settle()
     assert harness.catalog.is_warm() is True
-    harness.clock.now = first.fetched_at + MAX_STALE + 1
+    harness.clock.t = first.fetched_at + MAX_STALE + 1
     assert harness.catalog.is_warm() is False
     with pytest.raises(UpstreamUnavailable):
         await harness.catalog.get()
@@ -291,16 +277,16 @@ async def test_failed_fetches_back_off(harness: Harness) -> None:
     with pytest.raises(UpstreamUnavailable):
         await harness.catalog.get()
     # Moments later: 502 at once, no new fetch (1 s back-off after the first failure).
-    harness.clock.now += 0.5
+    harness.clock.advance(0.5)
     with pytest.raises(UpstreamUnavailable):
         await harness.catalog.get()
     assert harness.catalog.refresh_results["error"] == 1
-    harness.clock.now += 0.6
+    harness.clock.advance(0.6)
     with pytest.raises(UpstreamUnavailable):
         await harness.catalog.get()
     assert harness.catalog.refresh_results["error"] == 2
     # The second failure doubles the wait to 2 s.
-    harness.clock.now += 1.5
+    harness.clock.advance(1.5)
     with pytest.raises(UpstreamUnavailable):
         await harness.catalog.get()
     assert harness.catalog.refresh_results["error"] == 2
@@ -309,11 +295,11 @@ async def test_failed_fetches_back_off(harness: Harness) -> None:
 async def test_stale_catalog_waits_out_the_back_off(harness: Harness) -> None:
     first = await harness.catalog.get()
     await harness.runner.cleanup()
-    harness.clock.now = first.fetched_at + TTL + 1
+    harness.clock.t = first.fetched_at + TTL + 1
     assert await harness.catalog.get() is first
     await harness.settle()
     assert harness.catalog.refresh_results["error"] == 1
-    harness.clock.now += 0.5  # inside the back-off: served stale, no new background fetch
+    harness.clock.advance(0.5)  # inside the back-off: served stale, no new background fetch
     assert await harness.catalog.get() is first
     assert harness.catalog.refresh_results["error"] == 1
     assert harness.tasks.pending("catalog-refresh") == 0

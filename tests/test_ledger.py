@@ -13,11 +13,10 @@ from decimal import Decimal
 
 import msgspec
 import pytest
-from aiohttp import web
 
 from clipia_proxy.auth import generate_key, hash_key
 from clipia_proxy.config import Config, Secret, UpstreamConfig, parse_config
-from clipia_proxy.emulator import EmulatorState, create_emulator_app
+from clipia_proxy.emulator import EmulatorState
 from clipia_proxy.emulator.faults import Fault
 from clipia_proxy.ledger import Flight, Ledger, _GenerationCost
 from clipia_proxy.quotas.estimate import Estimate
@@ -26,6 +25,7 @@ from clipia_proxy.quotas.model import Micro, Outcome, RecordState, UsageSource, 
 from clipia_proxy.quotas.service import Admission, QuotaService
 from clipia_proxy.upstream import UpstreamClient, read_body
 from clipia_proxy.wire import Usage
+from tests.harness import Clock, start_emulator
 
 NOW = 1_795_000_000.0
 PROMPT_PRICE = Decimal("0.0004")  # gpt-5.5 in the emulator's catalog: what it bills
@@ -45,14 +45,6 @@ teams:
     return parse_config(text, source="test.yaml", resolve_secrets=False)
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.t = NOW
-
-    def __call__(self) -> float:
-        return self.t
-
-
 @dataclass
 class Env:
     state: EmulatorState
@@ -66,19 +58,13 @@ class Env:
 
 @pytest.fixture
 async def env() -> AsyncIterator[Env]:
-    key = "clipia_live_" + secrets.token_urlsafe(24)
-    state = EmulatorState(seed=7, keys={key})
-    runner = web.AppRunner(create_emulator_app(state), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
+    emulator = await start_emulator(seed=7)
     upstream = UpstreamClient(
-        UpstreamConfig(base_url=f"http://127.0.0.1:{port}/v1", api_key_env=None, retries=0),
-        Secret(key),
+        UpstreamConfig(base_url=emulator.base_url, api_key_env=None, retries=0),
+        Secret(emulator.clipia_key),
     )
     await upstream.start()
-    clock = Clock()
+    clock = Clock(NOW)
     store = MemoryStore()
     quotas = QuotaService(store, make_config(), clock=clock)
     sleeps: list[float] = []
@@ -88,10 +74,10 @@ async def env() -> AsyncIterator[Env]:
 
     ledger = Ledger(quotas, upstream, rubles_per_credit=RUBLES, sleep=fake_sleep)
     try:
-        yield Env(state, upstream, store, quotas, ledger, clock, sleeps)
+        yield Env(emulator.state, upstream, store, quotas, ledger, clock, sleeps)
     finally:
         await upstream.close()
-        await runner.cleanup()
+        await emulator.stop()
 
 
 ESTIMATE = Estimate(prompt_tokens=500, output_tokens=1000, n=2, amount=Micro(12_345))
@@ -392,7 +378,7 @@ async def test_reconcile_charges_the_reservation_once_the_generation_never_came(
     await reserve(env, "crashed")
     await env.store.note_upstream_id("crashed", upstream_id)
     assert await env.ledger.reconcile(only_expired=False) == 0
-    env.clock.t += 3601
+    env.clock.advance(3601)
     assert await env.ledger.reconcile(only_expired=False) == 1
     record = await env.store.record("crashed")
     assert record is not None
@@ -405,9 +391,9 @@ async def test_reconcile_charges_the_reservation_once_the_generation_never_came(
 
 async def test_reconcile_only_expired_leaves_live_leases_alone(env: Env) -> None:
     await reserve(env, "live")
-    env.clock.t += 100
+    env.clock.advance(100)
     await reserve(env, "later")
-    env.clock.t += 550  # "live" expired (lease 600 s), "later" has 50 s left
+    env.clock.advance(550)  # "live" expired (lease 600 s), "later" has 50 s left
     assert await env.ledger.reconcile(only_expired=True) == 1
     live = await env.store.record("live")
     later = await env.store.record("later")
@@ -416,7 +402,7 @@ async def test_reconcile_only_expired_leaves_live_leases_alone(env: Env) -> None
     assert live.outcome is Outcome.CRASHED
     assert later is not None
     assert later.state is RecordState.DISPATCHED
-    env.clock.t += 60
+    env.clock.advance(60)
     assert await env.ledger.reconcile(only_expired=True) == 1
     assert await env.store.dispatched() == []
     usage = await env.store.usage("search", ["total"], env.clock.t)
