@@ -63,6 +63,10 @@ teams:
 
 TEAMS: Final = ("search", "research")
 
+BOUND: Final = 30.0
+"""Seconds a test waits for something that must happen: a bound on a regression (the test
+fails instead of hanging), never a speed requirement (speed is measured by bench/)."""
+
 LISTENING: Final = re.compile(r"listening on [^:]+:(\d+) \(admin (\d+)\)")
 """The log line ``clipia-proxy serve`` writes once both ports accept connections."""
 

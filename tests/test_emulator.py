@@ -6,7 +6,6 @@ import asyncio
 import random
 import re
 import socket
-import time
 from collections.abc import Callable
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
@@ -34,6 +33,7 @@ from clipia_proxy.emulator import (
 from clipia_proxy.emulator.catalog import ChatPrice, chat_price
 from clipia_proxy.emulator.text import schema_value, split_pieces, truncate_tokens
 from clipia_proxy.wire import decode_json
+from tests.harness import Clock
 
 Client = TestClient[web.Request, web.Application]
 Json = Any
@@ -231,13 +231,13 @@ def _error_of(body: dict[str, object]) -> dict[str, object]:
 
 
 @pytest.fixture
-def clock() -> list[float]:
-    return [1000.0]
+def clock() -> Clock:
+    return Clock(1000.0)
 
 
 @pytest.fixture
-def state(clock: list[float]) -> EmulatorState:
-    return EmulatorState(seed=0, monotonic=lambda: clock[0], now=lambda: 1782300000.0)
+def state(clock: Clock) -> EmulatorState:
+    return EmulatorState(seed=0, monotonic=clock, now=lambda: 1782300000.0)
 
 
 @pytest.fixture
@@ -697,19 +697,17 @@ async def test_sandbox_key_reports_the_cost_but_is_never_charged(
     assert theirs.status == 404
 
 
-async def test_rpm_limit_429_with_retry_after(
-    aiohttp_client: AiohttpClient, clock: list[float]
-) -> None:
-    state = EmulatorState(rpm=2, monotonic=lambda: clock[0])
+async def test_rpm_limit_429_with_retry_after(aiohttp_client: AiohttpClient, clock: Clock) -> None:
+    state = EmulatorState(rpm=2, monotonic=clock)
     client = await aiohttp_client(create_emulator_app(state))
     first = await _chat(client, HELLO)
     assert first.headers["RateLimit-Limit"] == "2"
     assert first.headers["RateLimit-Remaining"] == "1"
     assert first.headers["RateLimit-Reset"] == "60"
     assert first.headers["Set-Cookie"].startswith("clipia_session=")
-    clock[0] += 20
+    clock.advance(20)
     assert (await _chat(client, HELLO)).headers["RateLimit-Remaining"] == "0"
-    clock[0] += 10
+    clock.advance(10)
     limited = await _chat(client, HELLO)
     assert limited.status == 429
     assert limited.headers["Retry-After"] == "30"
@@ -719,7 +717,7 @@ async def test_rpm_limit_429_with_retry_after(
     assert len(state.bills) == 2
     # Another key has its own window.
     assert (await _chat(client, HELLO, Authorization="Bearer clipia_test_other")).status == 200
-    clock[0] += 30
+    clock.advance(30)
     assert (await _chat(client, HELLO)).status == 200
 
 
@@ -806,15 +804,23 @@ async def test_redirect_fault(client: Client, state: EmulatorState) -> None:
     assert state.bills == {}
 
 
-async def test_delay_faults(client: Client, state: EmulatorState) -> None:
+async def test_delay_faults(aiohttp_client: AiohttpClient) -> None:
+    """``first_byte_delay`` waits once before the answer, ``chunk_gap`` between stream writes."""
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        await asyncio.sleep(0)
+
+    state = EmulatorState(seed=0, sleep=sleep)
+    client = await aiohttp_client(create_emulator_app(state))
     state.push_fault(Fault(first_byte_delay=0.05), Fault(chunk_gap=0.01))
-    started = time.monotonic()
     assert (await _chat(client, HELLO)).status == 200
-    assert time.monotonic() - started >= 0.05
-    started = time.monotonic()
+    assert slept == [0.05]
     raw = await (await _chat(client, HELLO | {"stream": True})).read()
     gaps = len(_events(raw)) - 1
-    assert time.monotonic() - started >= 0.01 * gaps
+    assert gaps > 1
+    assert slept == [0.05] + [0.01] * gaps
 
 
 async def test_reset_after_chunks_aborts_and_still_bills(

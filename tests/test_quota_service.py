@@ -32,6 +32,7 @@ from clipia_proxy.quotas.model import (
 )
 from clipia_proxy.quotas.service import Admission, QuotaService, limits_of
 from clipia_proxy.quotas.store import StoreUnavailable
+from tests.harness import Clock
 
 MSK = ZoneInfo("Europe/Moscow")
 # 2026-11-25 21:30 in Moscow: 2 h 30 min before the day resets.
@@ -62,14 +63,6 @@ teams:
     return parse_config(text, source="test.yaml", resolve_secrets=False)
 
 
-class Clock:
-    def __init__(self, t: float = NOW) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-
 def worst(amount_credits: str = "0.6", prompt: int = 100, output: int = 400) -> Estimate:
     return Estimate(
         prompt_tokens=prompt,
@@ -81,7 +74,7 @@ def worst(amount_credits: str = "0.6", prompt: int = 100, output: int = 400) -> 
 
 def service(cfg: Config, clock: Clock | None = None) -> tuple[QuotaService, MemoryStore, Clock]:
     store = MemoryStore()
-    clk = clock or Clock()
+    clk = clock or Clock(NOW)
     return QuotaService(store, cfg, clock=clk), store, clk
 
 
@@ -294,7 +287,7 @@ class BrokenStore(MemoryStore):
 @pytest.mark.parametrize("mode", ["down", "slow"])
 async def test_store_failure_fail_closed(mode: str) -> None:
     cfg = config(on_error="fail_closed", timeout=0.1)
-    quotas = QuotaService(BrokenStore(mode), cfg, clock=Clock())
+    quotas = QuotaService(BrokenStore(mode), cfg, clock=Clock(NOW))
     loop = asyncio.get_running_loop()
     started = loop.time()
     with pytest.raises(QuotaStoreUnavailable) as caught:
@@ -309,7 +302,7 @@ async def test_store_failure_fail_closed(mode: str) -> None:
 @pytest.mark.parametrize("mode", ["down", "slow"])
 async def test_store_failure_fail_open(mode: str) -> None:
     cfg = config(on_error="fail_open", timeout=0.1, budget="{day: 0.000001}")
-    quotas = QuotaService(BrokenStore(mode), cfg, clock=Clock())
+    quotas = QuotaService(BrokenStore(mode), cfg, clock=Clock(NOW))
     admission = await admit(quotas)
     assert admission.reserved is False
     assert admission.headers == {}
@@ -319,7 +312,7 @@ async def test_store_failure_fail_open(mode: str) -> None:
 
 async def test_fail_closed_after_a_lost_reply_leaves_no_charge() -> None:
     store = BrokenStore("lost_reply")
-    quotas = QuotaService(store, config(on_error="fail_closed"), clock=Clock())
+    quotas = QuotaService(store, config(on_error="fail_closed"), clock=Clock(NOW))
     with pytest.raises(QuotaStoreUnavailable):
         await admit(quotas, rid="lost")
     record = await store.record("lost")
@@ -328,7 +321,7 @@ async def test_fail_closed_after_a_lost_reply_leaves_no_charge() -> None:
 
 async def test_settle_retries_while_the_store_fails() -> None:
     store = BrokenStore("ok")
-    quotas = QuotaService(store, config(), clock=Clock())
+    quotas = QuotaService(store, config(), clock=Clock(NOW))
     admission = await admit(quotas, worst("0.5"))
     store.settle_failures = 2
     settled = await quotas.settle(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
@@ -133,10 +132,8 @@ async def test_stall_mid_stream_ends_in_timeout_event(
 ) -> None:
     stack = await stacks(upstream={"idle_timeout_seconds": 0.3})
     stack.emulator.push_fault(Fault(stall_after_chunks=2, stall_seconds=4))
-    started = time.monotonic()
     status, raw, request_id = await stream(session, stack)
-    assert time.monotonic() - started < 2.0
-    assert status == 200
+    assert status == 200  # the error event (not the upstream's end after 4 s) ends the stream
     assert_error_terminated(raw, "upstream_timeout")
     assert len(events(raw)) == 3
     (line,) = access_lines(log_capture, request_id)
@@ -375,9 +372,14 @@ async def test_long_quiet_stream_is_relayed_whole(
 ) -> None:
     stack = await stacks(upstream={"idle_timeout_seconds": 0.3})
     stack.emulator.push_fault(Fault(chunk_gap=0.2, events_per_write=3))
-    started = time.monotonic()
+    gaps: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        gaps.append(seconds)
+        await asyncio.sleep(seconds)
+
+    stack.emulator.sleep = sleep
     status, raw, request_id = await stream(session, stack, WITH_USAGE)
-    elapsed = time.monotonic() - started
     assert status == 200
     record = record_for(stack, request_id)
     assert record.completed
@@ -385,7 +387,8 @@ async def test_long_quiet_stream_is_relayed_whole(
     assert raw.endswith(b"data: [DONE]\n\n")
     writes = -(-len(events(raw)) // 3)
     assert writes >= 5
-    # It really was slow: several gaps, each just under the idle timeout.
-    assert elapsed >= 0.9 * 0.2 * (writes - 1)
+    # It really was quiet: the emulator waited between every two writes, just under the idle
+    # timeout each time.
+    assert gaps == [0.2] * (writes - 1)
     (line,) = access_lines(log_capture, request_id)
     assert line["outcome"] == "completed"

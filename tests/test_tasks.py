@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import time
 
 import pytest
 
 from clipia_proxy.tasks import TaskRegistry
+from tests.harness import BOUND
 
 
 async def test_spawn_keeps_a_reference_until_done() -> None:
@@ -95,9 +95,9 @@ async def test_drain_waits_for_tasks_that_finish_in_time() -> None:
         done.append(number)
 
     tasks = [registry.spawn(short(i), name=f"short-{i}") for i in range(5)]
-    started = time.monotonic()
-    await registry.drain(2.0)
-    assert time.monotonic() - started < 1.0
+    # An hour of grace: a drain that waited out its grace instead of the tasks hits the bound.
+    async with asyncio.timeout(BOUND):
+        await registry.drain(3600.0)
     assert sorted(done) == list(range(5))
     assert all(t.done() and not t.cancelled() for t in tasks)
     assert len(registry) == 0
@@ -119,10 +119,9 @@ async def test_drain_cancels_what_is_left(caplog: pytest.LogCaptureFixture) -> N
 
     slow_task = registry.spawn(stuck(), name="stuck")
     quick_task = registry.spawn(quick(), name="quick")
-    started = time.monotonic()
     with caplog.at_level(logging.WARNING, logger="clipia_proxy.tasks"):
-        await registry.drain(0.1)
-    assert time.monotonic() - started < 1.0
+        async with asyncio.timeout(BOUND):  # a drain that waited for the stuck task hangs here
+            await registry.drain(0.1)
     assert quick_task.result() == "quick"
     assert slow_task.cancelled()
     assert cleaned == ["stuck"]
@@ -144,9 +143,8 @@ async def test_drain_is_bounded_even_if_a_task_resists_cancellation() -> None:
 
     task = registry.spawn(stubborn(), name="stubborn")
     await asyncio.sleep(0)
-    started = time.monotonic()
-    await registry.drain(0.05)
-    assert time.monotonic() - started < 2.0  # grace + the bounded wait after cancel
+    async with asyncio.timeout(BOUND):  # grace + the bounded wait after cancel, never forever
+        await registry.drain(0.05)
     assert not task.done()
     release.set()
     await asyncio.wait({task}, timeout=1.0)
@@ -155,6 +153,5 @@ async def test_drain_is_bounded_even_if_a_task_resists_cancellation() -> None:
 
 async def test_drain_with_nothing_returns_at_once() -> None:
     registry = TaskRegistry()
-    started = time.monotonic()
-    await registry.drain(5.0)
-    assert time.monotonic() - started < 0.1
+    async with asyncio.timeout(BOUND):  # an hour of grace, and nothing to wait for
+        await registry.drain(3600.0)

@@ -254,7 +254,7 @@ async def _chat(request: web.Request) -> web.StreamResponse:
     record = request[_RECORD_KEY]
     fault = state.take_fault() or _NO_FAULT
     if fault.first_byte_delay > 0:
-        await asyncio.sleep(fault.first_byte_delay)
+        await state.sleep(fault.first_byte_delay)
     scripted = _fault_response(request, fault)
     if scripted is not None:
         return scripted
@@ -397,7 +397,7 @@ async def _send_stream(
     try:
         for number, data in enumerate(writes):
             if number > 0 and fault.chunk_gap > 0:
-                await asyncio.sleep(fault.chunk_gap)
+                await request.app[STATE_KEY].sleep(fault.chunk_gap)
             parts = [data[i : i + 1] for i in range(len(data))] if fault.tiny_writes else [data]
             for part in parts:
                 await response.write(part)

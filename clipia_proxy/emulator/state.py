@@ -15,7 +15,7 @@ import hmac
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Final
@@ -119,6 +119,7 @@ class EmulatorState:
         key_limits: dict[str, Decimal] | None = None,
         now: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         """Create the state.
 
@@ -129,6 +130,8 @@ class EmulatorState:
             key_limits: Optional credit budget per key; at or over it, chat answers 402.
             now: Wall clock in epoch seconds (``created``, ``created_at``).
             monotonic: Clock for the RPM window.
+            sleep: Waits out the ``first_byte_delay`` and ``chunk_gap`` faults (tests pass one
+                that records the delays instead of waiting).
         """
         self.seed = seed
         self.keys: frozenset[str] | None = frozenset(keys) if keys is not None else None
@@ -136,6 +139,7 @@ class EmulatorState:
         self.key_limits: dict[str, Decimal] = dict(key_limits or {})
         self.now = now
         self.monotonic = monotonic
+        self.sleep = sleep
         self.hold: asyncio.Event | None = None
         self.requests: list[RecordedRequest] = []
         self.bills: dict[str, Bill] = {}
