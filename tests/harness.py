@@ -427,6 +427,15 @@ async def start_cluster(replicas: int, *, emulator_rpm: int = 100_000, **config:
     return cluster
 
 
+def open_connections(running: Running, *, admin: bool = False) -> int:
+    """Connections a port of the gateway has accepted and counts against its cap."""
+    from clipia_proxy.connections import GatewayServer
+
+    server = (running.admin_runner if admin else running.data_runner).server
+    assert isinstance(server, GatewayServer)
+    return server.open_connections
+
+
 async def wait_settled(stack: Stack, *, within: float = 10.0) -> None:
     """Wait (bounded) until the gateway has no settlement task running and no open record."""
     from clipia_proxy.keys import QUOTAS, TASKS

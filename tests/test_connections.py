@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 
-from tests.harness import Stack, start_stack, stop_stack
+from tests.harness import Stack, open_connections, start_stack, stop_stack, wait_until
 from tests.http_client import (
     WAIT,
     Reply,
@@ -305,7 +305,9 @@ async def test_connection_cap_answers_503_and_admin_probes_still_answer(tight: S
     async with contextlib.AsyncExitStack() as held:
         for _ in range(cap):
             await held.enter_async_context(connection(tight.running.port))
-        await asyncio.sleep(0.05)  # let the server accept them
+        await wait_until(  # the server has accepted them all
+            lambda: open_connections(tight.running) == cap, what=f"{cap} accepted connections"
+        )
         async with connection(tight.running.port) as (reader, writer):
             # The request is read out (not left unread, which would reset the connection).
             writer.write(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -328,7 +330,9 @@ async def test_the_admin_port_has_its_own_cap() -> None:
         async with contextlib.AsyncExitStack() as held:
             for _ in range(2):
                 await held.enter_async_context(connection(made.running.admin_port))
-            await asyncio.sleep(0.05)
+            await wait_until(
+                lambda: open_connections(made.running, admin=True) == 2, what="2 admin connections"
+            )
             async with connection(made.running.admin_port) as (reader, _writer):
                 reply = await read_reply(reader)
             assert_envelope(reply, 503, "overloaded")

@@ -20,7 +20,7 @@ from clipia_proxy.emulator import EmulatorState, Fault
 from clipia_proxy.keys import LIVE, METRICS, QUOTAS
 from clipia_proxy.reload import restart_only_changes
 from clipia_proxy.server import Running, start
-from tests.harness import start_emulator
+from tests.harness import start_emulator, wait_until
 
 BASE = """
 server: {{host: 127.0.0.1, port: 0, admin_port: 0, shutdown_grace_seconds: 2}}
@@ -86,6 +86,17 @@ async def reloadable(tmp_path: Path) -> AsyncIterator[Reloadable]:
     finally:
         await made.running.stop()
         await emulator.stop()
+
+
+def in_flight(gw: Reloadable, team: str) -> float:
+    """The gateway's ``clipia_proxy_inflight_requests`` for ``team``."""
+    return sum(
+        sample.value
+        for family in gw.running.app[METRICS].registry.collect()
+        if family.name == "clipia_proxy_inflight_requests"
+        for sample in family.samples
+        if sample.labels["team"] == team
+    )
 
 
 async def _chat(
@@ -240,7 +251,8 @@ async def test_a_request_whose_team_is_removed_mid_body_finishes_under_its_confi
         async with asyncio.TaskGroup() as group:
             sending = group.create_task(send())
             await asyncio.wait_for(halfway.wait(), 5)
-            await asyncio.sleep(0.05)  # the gateway is now waiting for the rest of the body
+            # Authenticated and in flight: the gateway is now waiting for the rest of the body.
+            await wait_until(lambda: in_flight(gw, "research") == 1, what="the request in flight")
             gw.write(drop_research=True)
             assert await reloader.reload() is True
             go_on.set()
