@@ -106,15 +106,18 @@ def _rate_limit_headers(app: web.Application, team: str, error: RateLimited) -> 
     limits = app[QUOTAS].limits(team)
     minutes, seconds = divmod(max(error.retry_after or 1, 1), 60)
     reset = f"{minutes}m{seconds}s" if minutes else f"{seconds}s"
-    if error.reason == "tpm" and limits.tpm is not None:
+    rpm, tpm = limits.rpm, limits.tpm
+    if error.limit is not None:  # a key's own limit refused it: that limit, not the team's
+        rpm = tpm = error.limit
+    if error.reason == "tpm" and tpm is not None:
         return {
-            "x-ratelimit-limit-tokens": str(limits.tpm),
+            "x-ratelimit-limit-tokens": str(tpm),
             "x-ratelimit-remaining-tokens": "0",
             "x-ratelimit-reset-tokens": reset,
         }
-    if error.reason == "rpm" and limits.rpm is not None:
+    if error.reason == "rpm" and rpm is not None:
         return {
-            "x-ratelimit-limit-requests": str(limits.rpm),
+            "x-ratelimit-limit-requests": str(rpm),
             "x-ratelimit-remaining-requests": "0",
             "x-ratelimit-reset-requests": reset,
         }

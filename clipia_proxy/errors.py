@@ -231,6 +231,19 @@ class RateLimited(ProxyError):
     code = "rate_limit_exceeded"
     default_reason = "rpm"
 
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        retry_after: int | None = None,
+        reason: str | None = None,
+        limit: int | None = None,
+    ) -> None:
+        super().__init__(message, param=param, retry_after=retry_after, reason=reason)
+        self.limit: Final = limit
+        """The limit reached, when it is not the team's own (a key's ``limits``)."""
+
 
 class ConcurrencyLimited(RateLimited):
     """Raised when the team already has its maximum number of requests in flight."""

@@ -69,6 +69,9 @@ async def test_a_key_over_its_rpm_is_refused_while_the_teams_other_key_works(
             "Key 'ci-key' of team 'search' reached 2 requests per minute; retry in "
         )
         assert 1 <= int(headers["Retry-After"]) <= 60
+        # OpenAI's headers on the refusal name the limit that refused it: the key's.
+        assert headers["x-ratelimit-limit-requests"] == "2"
+        assert headers["x-ratelimit-remaining-requests"] == "0"
         # The team's other key: the team's headers, and the refused request took no place.
         status, headers, _ = await post(stack, http, APP)
         assert status == 200
@@ -121,6 +124,7 @@ async def test_a_key_over_its_tpm_is_refused_while_the_teams_other_key_works(
             "Key 'ci-key' of team 'search' reached 500 tokens per minute (this request may use "
         )
         assert headers["Retry-After"] == "60"  # larger than the key's minute: a whole window
+        assert headers["x-ratelimit-limit-tokens"] == "500"
         status, headers, _ = await post(stack, http, APP, big)
         assert status == 200
         assert headers["x-ratelimit-limit-tokens"] == "100000"

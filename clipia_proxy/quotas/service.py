@@ -537,6 +537,7 @@ class QuotaService:
                     f"{who} reached {rpm or result.limit} requests per minute; retry in "
                     f"{_humanise_seconds(result.retry_after)}.",
                     retry_after=math.ceil(result.retry_after),
+                    limit=result.limit if result.key else None,
                 )
             case Reason.TPM:
                 who = f"Key {key_id!r} of team {team!r}" if result.key else f"Team {team!r}"
@@ -545,6 +546,7 @@ class QuotaService:
                     f"use {estimate.tokens}); retry in {_humanise_seconds(result.retry_after)}.",
                     retry_after=math.ceil(result.retry_after),
                     reason="tpm",
+                    limit=result.limit if result.key else None,
                 )
             case None:  # pragma: no cover - refused results always carry a reason
                 raise AssertionError("refusal without a reason")
