@@ -727,14 +727,18 @@ async def key_data(request: web.Request) -> dict[str, object]:
     team = policy.team
     quotas = request.app[QUOTAS]
     limits = quotas.limits(team.id)
+    key_id = principal.key_id
     try:
         budgets = await quotas.call(quotas.budgets(team.id))
+        own = await quotas.call(quotas.budgets(team.id, key_id)) if key_id is not None else []
         spent_total = await quotas.call(quotas.spent_total(team.id))
     except (StoreUnavailable, TimeoutError) as exc:
         raise QuotaStoreUnavailable(
             "The quota store is unavailable; budgets cannot be read now.", retry_after=1
         ) from exc
-    tightest = min(budgets, key=_remaining, default=None)
+    # The tightest period of the team's budgets and of this key's own.
+    tightest = min([*budgets, *own], key=_remaining, default=None)
+    key_limits = quotas.key_limits(team.id, key_id) if key_id is not None else None
     data: dict[str, object] = {
         "label": team.label or team.id,
         "team": team.id,
@@ -749,6 +753,20 @@ async def key_data(request: web.Request) -> dict[str, object]:
         ),
         "concurrency": limits.concurrency,
         "budgets": budgets,
+        "key": (
+            {
+                "budgets": own,
+                "rate_limit": (
+                    {"requests": key_limits.rpm, "tokens": key_limits.tpm, "interval": "1m"}
+                    if key_limits is not None
+                    and (key_limits.rpm is not None or key_limits.tpm is not None)
+                    else None
+                ),
+                "concurrency": key_limits.concurrency if key_limits is not None else None,
+            }
+            if own or key_limits is not None
+            else None
+        ),
         "shadow": team.shadow,
         "models": {
             "allow": list(policy.allow),

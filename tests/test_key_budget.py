@@ -56,6 +56,17 @@ async def test_a_key_over_its_budget_is_refused_while_the_others_work(
             ) as reply:
                 assert reply.status == 200, await reply.text()
                 assert float(reply.headers["x-clipia-budget-remaining"]) > 99
+        # /v1/key: the key's own budget next to the team's; limit_remaining is the tighter.
+        async with http.get(f"{stack.base_url}/key", headers=stack.auth("research")) as reply:
+            data = (await reply.json())["data"]
+        assert (data["key_id"], data["limit"], data["limit_remaining"]) == ("ci-key", 1e-06, 1e-06)
+        (own,) = data["key"]["budgets"]
+        assert (own["period"], own["limit"], own["spent"]) == ("day", 1e-06, 0)
+        assert data["key"]["rate_limit"] is None
+        assert [b["limit"] for b in data["budgets"]] == [100]
+        async with http.get(f"{stack.base_url}/key", headers=stack.auth("search")) as reply:
+            data = (await reply.json())["data"]
+        assert (data["key_id"], data["limit"], data["key"]) == ("app-key", 100, None)
     await wait_settled(stack)
     records = await stack.running.app[QUOTAS].store.records(since=0.0, until=float("inf"))
     assert [r.key_id for r in records] == ["app-key", "app-key"]

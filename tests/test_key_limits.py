@@ -112,6 +112,13 @@ async def test_a_key_over_its_tpm_is_refused_while_the_teams_other_key_works(
     stack = await stacks(teams=teams("{tpm: 500}"), store=counters)
     big = {**BODY, "max_tokens": 600}  # its estimate alone is over the key's 500
     async with aiohttp.ClientSession() as http:
+        async with http.get(f"{stack.base_url}/key", headers=stack.auth(CI)) as reply:
+            key = (await reply.json())["data"]["key"]
+        assert key == {
+            "budgets": [],
+            "rate_limit": {"requests": None, "tokens": 500, "interval": "1m"},
+            "concurrency": None,
+        }
         status, headers, _ = await post(stack, http, CI)
         assert status == 200
         assert headers["x-ratelimit-limit-tokens"] == "500"

@@ -663,20 +663,29 @@ class QuotaService:
         assert self._local is not None
         return self._local.settle_nowait(request_id, settlement)
 
-    async def budgets(self, team: str) -> list[dict[str, Decimal | str | None]]:
-        """Return the team's budget periods for ``GET /v1/key``."""
-        limits = self._limits.get(team, TeamLimits())
+    async def budgets(
+        self, team: str, key_id: str | None = None
+    ) -> list[dict[str, Decimal | str | None]]:
+        """Return the team's budget periods for ``GET /v1/key`` (with ``key_id``: the key's own)."""
+        if key_id is None:
+            budgets = self._limits.get(team, TeamLimits()).budgets
+        else:
+            quota = self._key_quotas.get((team, key_id))
+            if quota is None or not quota.budgets:
+                return []
+            budgets = quota.budgets
         now = self._clock()
         current = self.windows(now)
-        keys = [current[period].key for period in limits.budgets]
+        suffix = "" if key_id is None else f":key:{key_id}"
+        keys = [current[period.calendar].key + suffix for period in budgets]
         usage = await self.store.usage(team, keys, now)
         out: list[dict[str, Decimal | str | None]] = []
-        for period, limit in limits.budgets.items():
-            window = current[period]
-            used = usage[window.key]
+        for (period, limit), key in zip(budgets.items(), keys, strict=True):
+            window = current[period.calendar]
+            used = usage[key]
             out.append(
                 {
-                    "period": period.value,
+                    "period": period.calendar.value,
                     "limit": credits(limit),
                     "spent": credits(used.spent),
                     "reserved": credits(used.reserved),
@@ -698,3 +707,8 @@ class QuotaService:
     def limits(self, team: str) -> TeamLimits:
         """Return a team's limits."""
         return self._limits.get(team, TeamLimits())
+
+    def key_limits(self, team: str, key_id: str) -> KeyLimits | None:
+        """Return a team key's own RPM, TPM and concurrency (``teams[].keys[].limits``)."""
+        quota = self._key_quotas.get((team, key_id))
+        return quota.limits if quota is not None else None
