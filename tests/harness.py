@@ -453,18 +453,25 @@ async def wait_settled(stack: Stack, *, within: float = 10.0) -> None:
 
 @dataclass
 class Served:
-    """One ``python -m clipia_proxy serve`` process, its ports and its log file."""
+    """One ``python -m clipia_proxy serve`` process, its ports and its output.
+
+    The output is in the file ``log``, or (``log`` None) on ``process.stderr``, a pipe the test
+    reads on from where :func:`serve` stopped; ``lines`` holds what :func:`serve` read there.
+    """
 
     process: asyncio.subprocess.Process
     port: int
     admin_port: int
-    log: Path
+    log: Path | None
+    lines: list[str] = field(default_factory=list)
 
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
     def log_text(self) -> str:
+        if self.log is None:
+            return "".join(self.lines)
         return self.log.read_text(encoding="utf-8", errors="replace")
 
     async def stop(self, signum: int = 15, *, within: float = 30.0) -> int:
@@ -479,44 +486,51 @@ async def serve(
     config: Path,
     *,
     env: Mapping[str, str],
-    log: Path,
+    log: Path | None = None,
     args: Iterable[str] = (),
     within: float = 20.0,
     **spawn: Any,
 ) -> Served:
     """Start ``python -m clipia_proxy serve --config config`` and wait for its listening line.
 
-    stdout and stderr go to ``log``; ``env`` is added to this process's environment; ``spawn``
-    goes to :func:`asyncio.create_subprocess_exec` (``preexec_fn``).
+    stdout and stderr go to the file ``log``; without one, stderr is a pipe (``Served.lines``
+    and ``process.stderr``). ``env`` is added to this process's environment; ``spawn`` goes to
+    :func:`asyncio.create_subprocess_exec` (``preexec_fn``).
     """
-    with log.open("wb") as sink:
+    command = (sys.executable, "-m", "clipia_proxy", "serve", "--config", str(config), *args)
+    environment = {**os.environ, **env}
+    if log is None:
         process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "clipia_proxy",
-            "serve",
-            "--config",
-            str(config),
-            *args,
-            env={**os.environ, **env},
-            stdout=sink,
-            stderr=sink,
-            **spawn,
+            *command, env=environment, stderr=asyncio.subprocess.PIPE, **spawn
         )
+    else:
+        with log.open("wb") as sink:
+            process = await asyncio.create_subprocess_exec(
+                *command, env=environment, stdout=sink, stderr=sink, **spawn
+            )
+    lines: list[str] = []
 
-    def listening() -> re.Match[str] | None:
-        text = log.read_text(errors="replace")
-        assert process.returncode is None, "serve exited before listening:\n" + text
-        return LISTENING.search(text)
+    async def listening() -> re.Match[str] | None:
+        if log is not None:
+            text = await asyncio.to_thread(log.read_text, errors="replace")
+            assert process.returncode is None, "serve exited before listening:\n" + text
+            return LISTENING.search(text)
+        assert process.stderr is not None
+        line = (await process.stderr.readline()).decode()
+        assert line, "serve exited before listening:\n" + "".join(lines)
+        lines.append(line)
+        return LISTENING.search(line)
 
     try:
-        match = await wait_until(listening, within=within, every=0.05, what="serve listening")
+        # A file is polled; a pipe's readline already waits for the next line.
+        every = 0.05 if log is not None else 0.0
+        match = await wait_until(listening, within=within, every=every, what="serve listening")
     except BaseException:
         if process.returncode is None:
             process.kill()
             await process.wait()
         raise
-    return Served(process, int(match[1]), int(match[2]), log)
+    return Served(process, int(match[1]), int(match[2]), log, lines)
 
 
 async def run_cli(

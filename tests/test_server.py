@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import os
 import signal
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -17,7 +15,8 @@ from clipia_proxy.auth import generate_key, hash_key
 from clipia_proxy.config import Secret
 from clipia_proxy.emulator import EmulatorState, Fault
 from clipia_proxy.server import GC_YOUNG_THRESHOLD, Running, serve, start, tuned_gc
-from tests.harness import LISTENING, make_config, start_emulator
+from tests.harness import make_config, start_emulator
+from tests.harness import serve as serve_process
 
 
 @pytest.fixture
@@ -56,27 +55,8 @@ async def _start_serve(
 ) -> tuple[asyncio.subprocess.Process, int, int, list[str]]:
     config = tmp_path / "config.yaml"
     config.write_text(_serve_config(tmp_path, base_url, team_key, grace, extra))
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "clipia_proxy",
-        "serve",
-        "--config",
-        str(config),
-        *args,
-        env={**os.environ, "TEST_CLIPIA_KEY": clipia_key},
-        stderr=asyncio.subprocess.PIPE,
-    )
-    assert process.stderr is not None
-    lines: list[str] = []
-    async with asyncio.timeout(20):
-        while True:
-            line = (await process.stderr.readline()).decode()
-            assert line, "serve exited before listening: " + "".join(lines)
-            lines.append(line)
-            match = LISTENING.search(line)
-            if match:
-                return process, int(match[1]), int(match[2]), lines
+    served = await serve_process(config, env={"TEST_CLIPIA_KEY": clipia_key}, args=args)
+    return served.process, served.port, served.admin_port, served.lines
 
 
 async def test_sigterm_lets_streams_finish_and_exits_zero(
