@@ -190,7 +190,7 @@ async def test_sigkill_mid_stream_is_reconciled_at_restart(harness: Harness) -> 
     assert request_id in emulator_served(emulator)
 
     restarted = await harness.start()
-    log = restarted.log.read_text()
+    log = restarted.log_text()
     assert "reconciled" in log
     info = await harness.key_info(restarted)
     records = await audited(harness)
@@ -218,7 +218,7 @@ async def test_spend_survives_a_plain_restart(harness: Harness) -> None:
     before = spent(await harness.key_info(first))
     assert before["usage"] > 0
     assert await first.stop() == 0
-    assert "reconciled" not in first.log.read_text()
+    assert "reconciled" not in first.log_text()
     second = await harness.start()
     assert spent(await harness.key_info(second)) == before
     assert await second.stop() == 0
