@@ -106,38 +106,8 @@ class _StateCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         metrics = self._source
         families = {
-            "limit": GaugeMetricFamily(
-                PREFIX + "budget_limit_credits",
-                "Budget of the period, in credits.",
-                labels=["team", "period"],
-            ),
-            "spent": GaugeMetricFamily(
-                PREFIX + "budget_spent_credits",
-                "Settled spend in the current period, in credits.",
-                labels=["team", "period"],
-            ),
-            "reserved": GaugeMetricFamily(
-                PREFIX + "budget_reserved_credits",
-                "Reservations of requests in flight, in credits.",
-                labels=["team", "period"],
-            ),
-            "remaining": GaugeMetricFamily(
-                PREFIX + "budget_remaining_credits",
-                "Budget left in the current period, in credits.",
-                labels=["team", "period"],
-            ),
-            "resets": GaugeMetricFamily(
-                PREFIX + "budget_reset_timestamp_seconds",
-                "When the current period ends (Unix time).",
-                labels=["team", "period"],
-            ),
-            "headroom": GaugeMetricFamily(
-                PREFIX + "budget_headroom_requests",
-                "How many more typical requests of the team the remaining budget admits "
-                "(remaining credits / the average reservation of its recent requests); "
-                "below 1, its next typical request is refused with 402.",
-                labels=["team", "period"],
-            ),
+            key: GaugeMetricFamily(PREFIX + name, documentation, labels=["team", "period"])
+            for key, name, documentation in _BUDGET_GAUGES
         }
         for (team, period), snap in sorted(metrics.budgets.items()):
             labels = [team, period]
@@ -152,53 +122,83 @@ class _StateCollector(Collector):
                 families["headroom"].add_metric(labels, max(float(snap.remaining), 0.0) / typical)
         yield from families.values()
         age = metrics.catalog_age()
-        catalog_age = GaugeMetricFamily(
-            PREFIX + "catalog_age_seconds", "Age of the cached model catalog (-1: never loaded)."
+        yield GaugeMetricFamily(
+            PREFIX + "catalog_age_seconds",
+            "Age of the cached model catalog (-1: never loaded).",
+            value=-1.0 if age is None else age,
         )
-        catalog_age.add_metric([], -1.0 if age is None else age)
-        yield catalog_age
-        refreshes = CounterMetricFamily(
-            PREFIX + "catalog_refreshes", "Catalog refreshes by result.", labels=["result"]
+        yield _counters(
+            "catalog_refreshes",
+            "Catalog refreshes by result.",
+            "result",
+            sorted(metrics.catalog_refreshes().items()),
         )
-        for result, count in sorted(metrics.catalog_refreshes().items()):
-            refreshes.add_metric([result], count)
-        yield refreshes
-        sources = CounterMetricFamily(
-            PREFIX + "usage_source",
+        sources = metrics.usage_sources()
+        yield _counters(
+            "usage_source",
             "Settled requests by where their cost came from.",
-            labels=["source"],
+            "source",
+            [(source, sources.get(source, 0)) for source in _USAGE_SOURCES],
         )
-        for source in ("response", "stream", "generation", "counted", "reserved"):
-            sources.add_metric([source], metrics.usage_sources().get(source, 0))
-        yield sources
-        implausible = CounterMetricFamily(
-            PREFIX + "upstream_cost_implausible",
+        yield _counters(
+            "upstream_cost_implausible",
             "Upstream costs not believed (over the reservation and 2x tokens x prices).",
+            None,
+            [("", metrics.implausible_costs())],
         )
-        implausible.add_metric([], metrics.implausible_costs())
-        yield implausible
-        errors = CounterMetricFamily(
-            PREFIX + "store_errors",
+        errors = metrics.store_errors()
+        yield _counters(
+            "store_errors",
             "Quota store failures, by what store.on_error made of them.",
-            labels=["on_error"],
+            "on_error",
+            [(kind, errors.get(kind, 0)) for kind in ("fail_closed", "fail_open")],
         )
-        for kind in ("fail_closed", "fail_open"):
-            errors.add_metric([kind], metrics.store_errors().get(kind, 0))
-        yield errors
         unsafe, rebuilds = metrics.counters_health()
-        settings = GaugeMetricFamily(
+        yield GaugeMetricFamily(
             PREFIX + "store_unsafe_settings",
             "Redis settings that can lose counters (maxmemory-policy other than noeviction, "
             "no persistence); 0 when safe or not Redis.",
+            value=unsafe,
         )
-        settings.add_metric([], unsafe)
-        yield settings
-        rebuilt = CounterMetricFamily(
-            PREFIX + "store_counter_rebuilds",
+        yield _counters(
+            "store_counter_rebuilds",
             "Times this replica rebuilt the Redis counters from the ledger (Redis lost them).",
+            None,
+            [("", rebuilds)],
         )
-        rebuilt.add_metric([], rebuilds)
-        yield rebuilt
+
+
+_BUDGET_GAUGES: Final = (
+    ("limit", "budget_limit_credits", "Budget of the period, in credits."),
+    ("spent", "budget_spent_credits", "Settled spend in the current period, in credits."),
+    ("reserved", "budget_reserved_credits", "Reservations of requests in flight, in credits."),
+    ("remaining", "budget_remaining_credits", "Budget left in the current period, in credits."),
+    ("resets", "budget_reset_timestamp_seconds", "When the current period ends (Unix time)."),
+    (
+        "headroom",
+        "budget_headroom_requests",
+        "How many more typical requests of the team the remaining budget admits "
+        "(remaining credits / the average reservation of its recent requests); "
+        "below 1, its next typical request is refused with 402.",
+    ),
+)
+"""(key, name, help) of the per (team, period) budget gauges, in exposition order."""
+_USAGE_SOURCES: Final = ("response", "stream", "generation", "counted", "reserved")
+
+
+def _counters(
+    name: str, documentation: str, label: str | None, counts: Iterable[tuple[str, float]]
+) -> CounterMetricFamily:
+    """A counter family read at scrape time: one series per (label value, count).
+
+    Without a ``label``, ``counts`` holds the one series' count (its label value unused).
+    """
+    family = CounterMetricFamily(
+        PREFIX + name, documentation, labels=[label] if label is not None else None
+    )
+    for value, count in counts:
+        family.add_metric([value] if label is not None else [], count)
+    return family
 
 
 class Metrics:
@@ -256,112 +256,104 @@ class Metrics:
         """team -> moving average of its requests' reservations, in credits (headroom)."""
         self.budgets: dict[tuple[str, str], BudgetSnapshot] = {}
         """(team, period) -> numbers; replaced by ``set_budgets``."""
-        r = self.registry
-        self._tag_spend: Final = Counter(
-            PREFIX + "tag_spend_credits",
+        counter, histogram = self._counter, self._histogram
+        self._tag_spend: Final = counter(
+            "tag_spend_credits",
             "Settled spend per declared tag value (attribution.tags.*.metric), in credits.",
-            ["team", "tag", "value"],
-            registry=r,
+            "team tag value",
         )
-        self._requests: Final = Counter(
-            PREFIX + "requests",
-            "Requests answered, by HTTP status.",
-            ["team", "model", "route", "code"],
-            registry=r,
+        self._requests: Final = counter(
+            "requests", "Requests answered, by HTTP status.", "team model route code"
         )
-        self._request_duration: Final = Histogram(
-            PREFIX + "request_duration_seconds",
+        self._request_duration: Final = histogram(
+            "request_duration_seconds",
             "Time from request received to response end (streams: the whole stream).",
-            ["team", "route", "stream"],
-            buckets=_DURATION_BUCKETS,
-            registry=r,
+            "team route stream",
+            _DURATION_BUCKETS,
         )
-        self._ttft: Final = Histogram(
-            PREFIX + "time_to_first_token_seconds",
+        self._ttft: Final = histogram(
+            "time_to_first_token_seconds",
             "Time from request received to the first upstream byte relayed.",
-            ["team", "model"],
-            buckets=_TTFT_BUCKETS,
-            registry=r,
+            "team model",
+            _TTFT_BUCKETS,
         )
-        self._overhead: Final = Histogram(
-            PREFIX + "overhead_seconds",
+        self._overhead: Final = histogram(
+            "overhead_seconds",
             "Time the gateway itself added: before the upstream request and after its end.",
-            ["route"],
-            buckets=_OVERHEAD_BUCKETS,
-            registry=r,
+            "route",
+            _OVERHEAD_BUCKETS,
         )
-        self._spend: Final = Counter(
-            PREFIX + "spend_credits",
-            "Settled spend, in credits.",
-            ["team", "model", "environment"],
-            registry=r,
+        self._spend: Final = counter(
+            "spend_credits", "Settled spend, in credits.", "team model environment"
         )
-        self._tokens: Final = Counter(
-            PREFIX + "tokens",
-            "Settled tokens.",
-            ["team", "model", "environment", "type"],
-            registry=r,
+        self._tokens: Final = counter("tokens", "Settled tokens.", "team model environment type")
+        self._rejections: Final = counter(
+            "rejections", "Requests refused before the upstream, by reason.", "team reason"
         )
-        self._rejections: Final = Counter(
-            PREFIX + "rejections",
-            "Requests refused before the upstream, by reason.",
-            ["team", "reason"],
-            registry=r,
-        )
-        self._would_reject: Final = Counter(
-            PREFIX + "shadow_would_reject",
+        self._would_reject: Final = counter(
+            "shadow_would_reject",
             "Requests of shadow teams that limits would have refused.",
-            ["team", "reason"],
-            registry=r,
+            "team reason",
         )
         self._inflight: Final = Gauge(
-            PREFIX + "inflight_requests", "Requests being served.", ["team"], registry=r
+            PREFIX + "inflight_requests", "Requests being served.", ["team"], registry=self.registry
         )
-        self._stream_terminations: Final = Counter(
-            PREFIX + "stream_terminations",
-            "Streams by how they ended.",
-            ["team", "reason"],
-            registry=r,
+        self._stream_terminations: Final = counter(
+            "stream_terminations", "Streams by how they ended.", "team reason"
         )
-        self._upstream_requests: Final = Counter(
-            PREFIX + "upstream_requests",
+        self._upstream_requests: Final = counter(
+            "upstream_requests",
             "Requests sent to Clipia (every attempt), by its status or error kind.",
-            ["code"],
-            registry=r,
+            "code",
         )
-        self._withheld: Final = Counter(
-            PREFIX + "upstream_answers_withheld",
+        self._withheld: Final = counter(
+            "upstream_answers_withheld",
             "Upstream answers (or relayed headers) withheld from the client, by reason.",
-            ["reason"],
-            registry=r,
+            "reason",
+            WITHHELD_REASONS,
         )
-        for reason in WITHHELD_REASONS:
-            self._withheld.labels(reason)
-        self._config_reloads: Final = Counter(
-            PREFIX + "config_reloads", "Config reloads by result.", ["result"], registry=r
+        self._config_reloads: Final = counter(
+            "config_reloads", "Config reloads by result.", "result"
         )
-        self._drift_checks: Final = Counter(
-            PREFIX + "drift_checks",
+        self._drift_checks: Final = counter(
+            "drift_checks",
             "Settled requests checked against GET /v1/generation, by result.",
-            ["result"],
-            registry=r,
+            "result",
+            DRIFT_RESULTS,
         )
-        for result in DRIFT_RESULTS:
-            self._drift_checks.labels(result)
-        self._cost_drift: Final = Counter(
-            PREFIX + "cost_drift_credits",
+        self._cost_drift: Final = counter(
+            "cost_drift_credits",
             "Credits the drift check moved in the ledger (absolute difference, per team).",
-            ["team"],
-            registry=r,
+            "team",
         )
         build_info = Gauge(
-            PREFIX + "build_info", "Always 1; the version is a label.", ["version"], registry=r
+            PREFIX + "build_info",
+            "Always 1; the version is a label.",
+            ["version"],
+            registry=self.registry,
         )
         build_info.labels(version).set(1)
-        r.register(_StateCollector(self))
+        self.registry.register(_StateCollector(self))
         for result in ("success", "error"):
             self._config_reloads.labels(result)
         self.set_teams(teams)
+
+    def _counter(
+        self, name: str, documentation: str, labels: str, values: Iterable[str] = ()
+    ) -> Counter:
+        """Register the counter ``PREFIX + name``; ``values``: one-label series made at 0."""
+        made = Counter(PREFIX + name, documentation, labels.split(), registry=self.registry)
+        for value in values:
+            made.labels(value)
+        return made
+
+    def _histogram(
+        self, name: str, documentation: str, labels: str, buckets: tuple[float, ...]
+    ) -> Histogram:
+        """Register the histogram ``PREFIX + name``."""
+        return Histogram(
+            PREFIX + name, documentation, labels.split(), buckets=buckets, registry=self.registry
+        )
 
     # -- label bounding ---------------------------------------------------------------------
     def team(self, team: str | None) -> str:
