@@ -161,6 +161,7 @@ class GatewayServer(web.Server):
         *,
         name: str,
         log: QuietLog,
+        on_refused: Callable[[], None] | None = None,
         **kwargs: Any,
     ) -> None:
         self._make_app_request = inner.request_factory
@@ -179,6 +180,8 @@ class GatewayServer(web.Server):
         """Connections counted against ``limits.max_connections`` (refused ones are not)."""
         self.lingering = 0
         """Refused connections reading out the client's request before closing."""
+        self.on_refused: Final = on_refused
+        """Called for each connection refused at the cap (the metric)."""
 
     def _make_request_of(
         self, message: Any, payload: Any, protocol: Any, writer: Any, task: Any
@@ -224,6 +227,8 @@ class GatewayProtocol(web.RequestHandler):
         server = self._gw_server
         if server.open_connections >= server.limits.max_connections:
             self._gw_state = _REFUSED
+            if server.on_refused is not None:
+                server.on_refused()
             server.log.event(
                 f"{server.name}-cap",
                 "%s port: %d connections open (its cap): new connections get 503 and are closed",

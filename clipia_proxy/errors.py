@@ -293,6 +293,7 @@ class Overloaded(ProxyError):
     status = 503
     type = "api_error"
     code = "overloaded"
+    default_reason = "overloaded"
 
     def headers(self) -> dict[str, str]:
         """Also close the connection: a shed client comes back on a new one."""

@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-__all__ = ["DRIFT_RESULTS", "REJECTION_REASONS", "Metrics"]
+__all__ = ["DRIFT_RESULTS", "PORTS", "REJECTION_REASONS", "Metrics"]
 
 _LOGGER: Final = logging.getLogger(__name__)
 PREFIX: Final = "clipia_proxy_"
@@ -37,9 +37,11 @@ REJECTION_REASONS: Final = (
     "auth",
     "bad_request",
     "store_unavailable",
+    "overloaded",
 )
 STREAM_REASONS: Final = ("completed", "client_disconnect", "upstream_error", "timeout")
 WITHHELD_REASONS: Final = ("key_echo", "invalid_response")
+PORTS: Final = ("data", "admin")
 DRIFT_RESULTS: Final = ("match", "corrected", "unavailable")
 """``match``: the ledger had Clipia's cost; ``corrected``: it did not and now does;
 ``unavailable``: ``/v1/generation`` did not answer (tried again later is not done)."""
@@ -312,6 +314,12 @@ class Metrics:
             "reason",
             WITHHELD_REASONS,
         )
+        self._connections_refused: Final = counter(
+            "connections_refused",
+            "Connections refused at the port's cap (503 overloaded, then closed), by port.",
+            "port",
+            PORTS,
+        )
         self._config_reloads: Final = counter(
             "config_reloads", "Config reloads by result.", "result"
         )
@@ -530,6 +538,11 @@ class Metrics:
         """Count an upstream answer not relayed: ``key_echo`` or ``invalid_response``."""
         if reason in WITHHELD_REASONS:
             self._child(self._withheld, reason).inc()
+
+    def record_connection_refused(self, port: str) -> None:
+        """Count a connection refused at a port's cap: ``data`` or ``admin``."""
+        if port in PORTS:
+            self._child(self._connections_refused, port).inc()
 
     def record_drift_check(self, team: str, result: str, drift: Decimal) -> None:
         """Count one drift check (one of ``DRIFT_RESULTS``) and the credits it corrected."""

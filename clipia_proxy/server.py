@@ -123,13 +123,28 @@ async def start(
     data_limits, admin_limits = connection_limits(server, config.upstream.max_connections)
     log = QuietLog()
     install_accept_error_handler(asyncio.get_running_loop(), log)
+    metrics = app[METRICS]
     admin_runners = await _listen(
-        admin, admin_limits, "admin", log, server.admin_host or server.host, server.admin_port, 1.0
+        admin,
+        admin_limits,
+        "admin",
+        log,
+        server.admin_host or server.host,
+        server.admin_port,
+        1.0,
+        on_refused=lambda: metrics.record_connection_refused("admin"),
     )
     # The application's start-up work (store, reconciliation, catalog warm-up) runs here.
     try:
         data_runners = await _listen(
-            app, data_limits, "data", log, server.host, server.port, _FINAL_WAIT_SECONDS
+            app,
+            data_limits,
+            "data",
+            log,
+            server.host,
+            server.port,
+            _FINAL_WAIT_SECONDS,
+            on_refused=lambda: metrics.record_connection_refused("data"),
         )
     except BaseException:
         for runner in reversed(admin_runners):
@@ -137,7 +152,6 @@ async def start(
         raise
     reloader = None
     if config_path is not None:
-        metrics = app[METRICS]
 
         def apply(new: Config) -> None:
             apply_config(app, new)
@@ -163,6 +177,8 @@ async def _listen(
     host: str,
     port: int,
     shutdown_timeout: float,
+    *,
+    on_refused: Callable[[], None],
 ) -> tuple[web.AppRunner, web.ServerRunner]:
     """Start ``app`` and listen for it through :class:`GatewayServer` (deadlines and caps).
 
@@ -172,7 +188,9 @@ async def _listen(
     app_runner = web.AppRunner(app, access_log=None, shutdown_timeout=shutdown_timeout)
     await app_runner.setup()
     assert app_runner.server is not None  # set by setup()
-    gateway = GatewayServer(app_runner.server, limits, name=name, log=log, access_log=None)
+    gateway = GatewayServer(
+        app_runner.server, limits, name=name, log=log, on_refused=on_refused, access_log=None
+    )
     runner = web.ServerRunner(gateway, shutdown_timeout=shutdown_timeout)
     await runner.setup()
     try:

@@ -497,8 +497,14 @@ def test_alerts_cover_the_operational_risks() -> None:
         "clipia_proxy_store_errors_total",
         "clipia_proxy_build_info",
         "up",
+        # Hardening's counters: a key echo, an implausible cost, load shed.
+        "clipia_proxy_upstream_answers_withheld_total",
+        "clipia_proxy_upstream_cost_implausible_total",
+        "clipia_proxy_connections_refused_total",
     ):
         assert metric in everything, metric
+    assert any('reason="key_echo"' in expr for expr in exprs.values())
+    assert any('reason="overloaded"' in expr for expr in exprs.values())
     assert any('"401|403"' in expr for expr in exprs.values())
     assert any(">= 0.8" in expr for expr in exprs.values())
     # Refusals start when a reservation does not fit, before 100 %: any budget refusal alerts,

@@ -421,7 +421,10 @@ def check_all(
     rejections = got.by(P + "rejections_total", "team", "reason")
     assert set(rejections) >= {(tm, r) for tm in TEAM_IDS for r in REJECTION_REASONS}
     assert nonzero(rejections) == {k: float(v) for k, v in t.rejections.items()}
-    assert {r for _, r in t.rejections} == set(REJECTION_REASONS) - {"store_unavailable"}
+    assert {r for _, r in t.rejections} == set(REJECTION_REASONS) - {
+        "store_unavailable",
+        "overloaded",
+    }
     assert nonzero(got.by(P + "shadow_would_reject_total", "team", "reason")) == {
         ("shadow", "budget"): 1.0
     }

@@ -191,6 +191,7 @@ async def test_random_traffic_creates_no_series(stack: Stack) -> None:
         "result": {"success", "error", "match", "corrected", "unavailable"},
         "on_error": {"fail_closed", "fail_open"},
         "period": {"day", "week", "month"},
+        "port": {"data", "admin"},
     }
     values: set[str] = set()
     for name, label_sets in after.items():
