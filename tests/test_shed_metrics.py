@@ -8,7 +8,6 @@ through the running gateway; before this, neither moved.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import re
 from collections.abc import Awaitable, Callable
@@ -16,7 +15,7 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 
 from clipia_proxy.emulator import Fault
-from tests.harness import Stack
+from tests.harness import Stack, open_connections, wait_until
 from tests.http_client import assert_envelope, closed_by_server, connection, read_reply
 
 Factory = Callable[..., Awaitable[Stack]]
@@ -40,7 +39,9 @@ async def test_a_connection_refused_at_the_cap_is_counted(stacks: Factory) -> No
     async with contextlib.AsyncExitStack() as held:
         for _ in range(2):
             await held.enter_async_context(connection(stack.running.port))
-        await asyncio.sleep(0.05)  # let the server accept them
+        await wait_until(
+            lambda: open_connections(stack.running) == 2, what="2 accepted connections"
+        )
         for _ in range(3):
             async with connection(stack.running.port) as (reader, writer):
                 writer.write(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -56,7 +57,9 @@ async def test_the_admin_ports_refusals_are_counted_apart(stacks: Factory) -> No
     async with contextlib.AsyncExitStack() as held:
         for _ in range(2):
             await held.enter_async_context(connection(stack.running.admin_port))
-        await asyncio.sleep(0.05)
+        await wait_until(
+            lambda: open_connections(stack.running, admin=True) == 2, what="2 admin connections"
+        )
         async with connection(stack.running.admin_port) as (reader, _writer):
             assert_envelope(await read_reply(reader), 503, "overloaded")
     name = "clipia_proxy_connections_refused_total"
