@@ -22,8 +22,9 @@ with callbacks; it keeps what the gateway relies on:
   retried). A GET on a kept-alive connection the server closed before answering anything is
   sent again once (as aiohttp does: it is idempotent);
 - 1xx interim answers skipped; a body until the connection ends when the answer has neither
-  ``Content-Length`` nor chunked encoding; a ``gzip``/``deflate`` body inflated (we ask for
-  ``identity``); back-pressure: reading pauses while 64 KiB wait unread;
+  ``Content-Length`` nor chunked encoding; bodies relayed as received (we ask for
+  ``identity``, as the aiohttp transport does); back-pressure: reading pauses while 64 KiB
+  wait unread;
 - the egress proxy as :class:`~clipia_proxy.upstream.AiohttpTransport` has it: ``CONNECT``
   for https (credentials as ``Proxy-Authorization``), absolute-form requests for http.
 
@@ -38,9 +39,8 @@ import asyncio
 import re
 import socket
 import ssl
-import zlib
 from collections.abc import Mapping, Sequence
-from typing import Final, Protocol, cast
+from typing import Final, cast
 
 import aiohappyeyeballs
 import aiohttp
@@ -71,13 +71,6 @@ _HIGH_WATER: Final = 64 * 1024
 _MAX_HEAD: Final = 64 * 1024
 """Longest answer head (status line and headers) accepted."""
 _UNSAFE: Final = re.compile(r"[\r\n\x00]")
-_INFLATE: Final = {"gzip": 47, "x-gzip": 47, "deflate": 47}
-"""zlib window bits per Content-Encoding (47: zlib or gzip header, detected)."""
-
-
-class _Inflater(Protocol):
-    def decompress(self, data: bytes, /) -> bytes: ...
-    def flush(self) -> bytes: ...
 
 
 class _Connection(asyncio.Protocol):
@@ -248,7 +241,6 @@ class _Body(IdleWatch):
         "_chunks",
         "_connection",
         "_error",
-        "_inflate",
         "_pool",
         "_size",
         "_waiter",
@@ -264,28 +256,14 @@ class _Body(IdleWatch):
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
         self.eof = False
-        self._inflate: _Inflater | None = None
 
-    def attach(self, pool: _Pool, idle: float, encoding: str | None) -> None:
+    def attach(self, pool: _Pool, idle: float) -> None:
         self._pool = pool
         self.idle = idle
-        if encoding:
-            bits = _INFLATE.get(encoding.strip().lower())
-            if bits is not None:
-                self._inflate = zlib.decompressobj(bits)
 
     # fed by the connection ---------------------------------------------------------------
 
     def feed(self, data: bytes) -> None:
-        if self._inflate is not None:
-            try:
-                data = self._inflate.decompress(data)
-            except zlib.error:
-                self.fail(aiohttp.ClientPayloadError("Can not decode content-encoding"))
-                self._connection.close()
-                return
-            if not data:
-                return
         self._chunks.append(data)
         self._size += len(data)
         if self._size > _HIGH_WATER:
@@ -293,10 +271,6 @@ class _Body(IdleWatch):
         self._wake()
 
     def feed_eof(self) -> None:
-        if self._inflate is not None:
-            rest = self._inflate.flush()
-            if rest:
-                self._chunks.append(rest)
         self.eof = True
         self._wake()
 
@@ -583,7 +557,7 @@ class H1Transport:
         body = connection.body
         assert body is not None
         headers = CIMultiDictProxy(CIMultiDict(connection.header_list))
-        body.attach(pool, self.config.idle_timeout_seconds, headers.get("Content-Encoding"))
+        body.attach(pool, self.config.idle_timeout_seconds)
         return UpstreamResponse(connection.status, headers, body)
 
     async def _exchange(

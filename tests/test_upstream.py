@@ -1077,6 +1077,57 @@ async def test_every_connection_busy_waits_the_connect_timeout_then_refuses() ->
     assert [head.split(b" ")[1] for _, head in server.requests] == [b"/v1/slow", b"/v1/models"]
 
 
+async def test_an_answer_without_length_ends_with_its_connection() -> None:
+    async def answer(_head: bytes) -> bytes:
+        return b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + b"z" * 100_000
+
+    async with RawServer(answer) as server:
+        client = raw_client(server.base_url)
+        await client.start()
+        try:
+            assert await get(client) == (200, b"z" * 100_000)
+            assert await get(client) == (200, b"z" * 100_000)
+        finally:
+            await client.close()
+    assert server.connections == 2  # such a connection is never reused
+
+
+async def test_a_line_break_in_a_header_value_is_never_sent() -> None:
+    async def answer(_head: bytes) -> bytes:
+        return ok()
+
+    async with RawServer(answer) as server:
+        client = raw_client(server.base_url)
+        await client.start()
+        try:
+            with pytest.raises(ValueError):
+                await client.send("GET", "/models", request_id="r1\r\nX-Injected: yes")
+            assert await get(client) == (200, b"{}")  # the pool is whole
+        finally:
+            await client.close()
+    assert len(server.requests) == 1
+    assert b"X-Injected" not in server.requests[0][1]
+
+
+def test_the_default_transport_runs_on_uvloop() -> None:
+    """The gateway runs on uvloop (its loop has no ``happy_eyeballs_delay``): a request works."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def exchange() -> tuple[int, bytes]:
+        async def answer(_head: bytes) -> bytes:
+            return ok(b'{"loop": "uvloop"}')
+
+        async with RawServer(answer) as server:
+            client = raw_client(server.base_url)
+            await client.start()
+            try:
+                return await get(client)
+            finally:
+                await client.close()
+
+    assert uvloop.run(exchange()) == (200, b'{"loop": "uvloop"}')
+
+
 # --------------------------------------------------------------------------------------------
 # The transport interface: create_app takes one (as tests inject httpx's MockTransport)
 
