@@ -36,6 +36,7 @@ expect.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import re
 import socket
 import ssl
@@ -474,7 +475,12 @@ class H1Transport:
         now = loop.time()
         expiry, infos = self._dns.get(key, (0.0, ()))
         if expiry < now:
-            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            if _is_ip(host):  # no lookup: no trip to the executor's thread
+                infos = socket.getaddrinfo(
+                    host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST
+                )
+            else:
+                infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
             self._dns[key] = (now + DNS_CACHE_SECONDS, infos)
         try:
             return await aiohappyeyeballs.start_connection(
@@ -604,6 +610,14 @@ class H1Transport:
             finally:
                 timer.cancel()
             return connection
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
 
 
 def _check_tunnel(head: bytes) -> None:
