@@ -237,58 +237,37 @@ async def handle_post(request: web.Request) -> web.StreamResponse:
     try:
         answer_as = _answer_format(request)
         _check_protocol_version(request)
-        try:
-            raw = await handlers.read_json_body(
-                request, request.app[LIVE].config.server.max_body_bytes
-            )
-        except ProxyError as exc:
-            raise _RpcError(_SERVER_ERROR, exc.message, status=exc.status) from exc
-        try:
-            message = decode_json(raw)
-        except (msgspec.DecodeError, ValueError) as exc:
-            raise _RpcError(_PARSE_ERROR, f"Parse error: {exc}", status=400) from exc
+        message = await _read_message(request)
     except _RpcError as exc:
         return _rpc_error_response(None, exc.code, exc.message, status=exc.status)
-    if isinstance(message, list):
-        return _rpc_error_response(
-            None,
-            _INVALID_REQUEST,
-            "Invalid Request: one JSON-RPC message per POST (batches are not supported).",
-            status=400,
-        )
-    if not isinstance(message, dict) or message.get("jsonrpc") != "2.0":
-        return _rpc_error_response(
-            None, _INVALID_REQUEST, "Invalid Request: not a JSON-RPC 2.0 message.", status=400
-        )
     has_id = "id" in message
-    request_id = message.get("id")
-    if has_id and (isinstance(request_id, bool) or not isinstance(request_id, str | int)):
+    raw_id = message.get("id")
+    if has_id and (isinstance(raw_id, bool) or not isinstance(raw_id, str | int)):
         return _rpc_error_response(
             None,
             _INVALID_REQUEST,
             "Invalid Request: 'id' must be a string or an integer.",
             status=400,
         )
+    request_id = raw_id if isinstance(raw_id, str | int) else None  # None: a notification
     method = message.get("method")
-    if method is None:
-        if has_id and ("result" in message or "error" in message):
+    if not isinstance(method, str):
+        if (
+            method is None
+            and request_id is not None
+            and ("result" in message or "error" in message)
+        ):
             return web.Response(status=202)  # a response to a request we never send: ignored
         return _rpc_error_response(
-            request_id if has_id else None,
+            request_id,
             _INVALID_REQUEST,
-            "Invalid Request: no 'method'.",
+            "Invalid Request: no 'method'."
+            if method is None
+            else "Invalid Request: 'method' must be a string.",
             status=400,
         )
-    if not isinstance(method, str):
-        return _rpc_error_response(
-            request_id if has_id else None,
-            _INVALID_REQUEST,
-            "Invalid Request: 'method' must be a string.",
-            status=400,
-        )
-    if not has_id:
+    if request_id is None:
         return web.Response(status=202)  # a notification (initialized, cancelled, ...)
-    assert isinstance(request_id, str | int)
     params = message.get("params", {})
     try:
         result = await _dispatch(request, method, params)
@@ -302,6 +281,29 @@ async def handle_post(request: web.Request) -> web.StreamResponse:
             headers={"Cache-Control": "no-cache"},
         )
     return web.Response(body=body, content_type=_JSON)
+
+
+async def _read_message(request: web.Request) -> dict[str, object]:
+    """Return the body's one JSON-RPC 2.0 message; raise :class:`_RpcError` for anything else."""
+    try:
+        raw = await handlers.read_json_body(request, request.app[LIVE].config.server.max_body_bytes)
+    except ProxyError as exc:
+        raise _RpcError(_SERVER_ERROR, exc.message, status=exc.status) from exc
+    try:
+        message = decode_json(raw)
+    except (msgspec.DecodeError, ValueError) as exc:
+        raise _RpcError(_PARSE_ERROR, f"Parse error: {exc}", status=400) from exc
+    if isinstance(message, list):
+        raise _RpcError(
+            _INVALID_REQUEST,
+            "Invalid Request: one JSON-RPC message per POST (batches are not supported).",
+            status=400,
+        )
+    if not isinstance(message, dict) or message.get("jsonrpc") != "2.0":
+        raise _RpcError(
+            _INVALID_REQUEST, "Invalid Request: not a JSON-RPC 2.0 message.", status=400
+        )
+    return message
 
 
 async def _dispatch(request: web.Request, method: str, params: object) -> dict[str, object]:

@@ -37,9 +37,14 @@ from clipia_proxy.emulator.catalog import (
     cost_credits,
 )
 from clipia_proxy.emulator.faults import Fault, error_body
-from clipia_proxy.emulator.responses import completion_body, stream_plan, usage_object
+from clipia_proxy.emulator.responses import (
+    StreamPlan,
+    completion_body,
+    stream_plan,
+    usage_object,
+)
 from clipia_proxy.emulator.state import Bill, EmulatorState, RecordedRequest
-from clipia_proxy.emulator.text import generate_choices, prompt_tokens
+from clipia_proxy.emulator.text import GeneratedChoice, generate_choices, prompt_tokens
 from clipia_proxy.wire import decode_json, encode_json
 
 __all__ = ["STATE_KEY", "create_emulator_app", "run_emulator"]
@@ -255,22 +260,10 @@ async def _chat(request: web.Request) -> web.StreamResponse:
     fault = state.take_fault() or _NO_FAULT
     if fault.first_byte_delay > 0:
         await state.sleep(fault.first_byte_delay)
-    scripted = _fault_response(request, fault)
-    if scripted is not None:
-        return scripted
-    key = _authenticate(request)
-    if key is None:
-        return _error(401)
-    validated = _validated(record.json)
-    if isinstance(validated, web.Response):
-        return validated
-    body, model, price = validated
-    rate = state.admit(key)
-    if not rate.allowed:
-        return _error(429, headers={"Retry-After": str(rate.reset_seconds)})
-    if state.is_exhausted(key):
-        return _error(402, "The key's credit limit is exhausted.")
-
+    admitted = _admit(request, record, fault)
+    if isinstance(admitted, web.StreamResponse):
+        return admitted
+    key, body, model, price = admitted
     choices = generate_choices(
         state.seed,
         body,
@@ -320,20 +313,7 @@ async def _chat(request: web.Request) -> web.StreamResponse:
             answer = _quote_into(answer, quoted)
         return web.Response(body=answer, content_type="application/json")
     record.stream = True
-    options = body.get("stream_options")
-    include_usage = (
-        isinstance(options, dict) and options.get("include_usage") is True
-    ) or not is_stream
-    send_usage = (include_usage or fault.usage_unasked) and not fault.no_usage
-    plan = stream_plan(
-        generation_id=bill.id,
-        created=bill.created,
-        model=model,
-        choices=choices,
-        usage=usage if send_usage else None,
-        include_usage=include_usage,
-        fault=fault,
-    )
+    plan = _stream_plan(body, bill, choices, usage, fault, is_stream=is_stream)
     events = plan.events
     if quoted is not None:
         for index, event in enumerate(events):
@@ -341,6 +321,57 @@ async def _chat(request: web.Request) -> web.StreamResponse:
                 events = (*events[:index], _quote_into(event, quoted), *events[index + 1 :])
                 break
     return await _send_stream(request, record, events, plan.finish_end, fault)
+
+
+def _admit(
+    request: web.Request, record: RecordedRequest, fault: Fault
+) -> web.StreamResponse | tuple[str, dict[str, object], str, ChatPrice]:
+    """A scripted answer, or Clipia's refusals in its order (401, 400/404, 429, 402).
+
+    Return the key, the validated body, the model and its price when the request is served.
+    """
+    scripted = _fault_response(request, fault)
+    if scripted is not None:
+        return scripted
+    key = _authenticate(request)
+    if key is None:
+        return _error(401)
+    validated = _validated(record.json)
+    if isinstance(validated, web.Response):
+        return validated
+    state = request.app[STATE_KEY]
+    rate = state.admit(key)
+    if not rate.allowed:
+        return _error(429, headers={"Retry-After": str(rate.reset_seconds)})
+    if state.is_exhausted(key):
+        return _error(402, "The key's credit limit is exhausted.")
+    return (key, *validated)
+
+
+def _stream_plan(
+    body: dict[str, object],
+    bill: Bill,
+    choices: list[GeneratedChoice],
+    usage: dict[str, object],
+    fault: Fault,
+    *,
+    is_stream: bool,
+) -> StreamPlan:
+    """The events of a streamed answer, with the usage event when it was asked (or forced)."""
+    options = body.get("stream_options")
+    include_usage = (
+        isinstance(options, dict) and options.get("include_usage") is True
+    ) or not is_stream
+    send_usage = (include_usage or fault.usage_unasked) and not fault.no_usage
+    return stream_plan(
+        generation_id=bill.id,
+        created=bill.created,
+        model=bill.model,
+        choices=choices,
+        usage=usage if send_usage else None,
+        include_usage=include_usage,
+        fault=fault,
+    )
 
 
 def _is_connected(request: web.Request) -> bool:
@@ -372,28 +403,12 @@ async def _send_stream(
     fault: Fault,
 ) -> web.StreamResponse:
     """Write ``events`` as the fault says; break the connection where it says to."""
-    stop = len(events)
-    action = "end"
-    for limit, kind in (
-        (fault.reset_after_chunks, "abort"),
-        (fault.stall_after_chunks, "stall"),
-        (finish_end if fault.close_before_usage else None, "abort"),
-    ):
-        if limit is not None and limit < stop:
-            stop, action = max(0, limit), kind
-
+    stop, action = _stream_end(len(events), finish_end, fault)
     response = web.StreamResponse(
         status=200, headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
     )
     await response.prepare(request)
-    group = max(1, fault.events_per_write)
-    writes = [b"".join(events[i : min(i + group, stop)]) for i in range(0, stop, group)]
-    quoted = _quoted_key(request, fault) if fault.split_key_at else None
-    if quoted is not None:
-        body = b"".join(writes)
-        at = body.find(quoted.encode())
-        cuts = sorted({at + k for k in fault.split_key_at if at >= 0 and 0 < at + k < len(body)})
-        writes = [body[i:j] for i, j in zip([0, *cuts], [*cuts, len(body)], strict=True)]
+    writes = _writes(request, events[:stop], fault)
     try:
         for number, data in enumerate(writes):
             if number > 0 and fault.chunk_gap > 0:
@@ -414,6 +429,33 @@ async def _send_stream(
         # The client left mid-stream; the bill stands, as Clipia's would.
         pass
     return response
+
+
+def _stream_end(count: int, finish_end: int, fault: Fault) -> tuple[int, str]:
+    """Return how many events are sent and how the stream then ends (end, abort, stall)."""
+    stop = count
+    action = "end"
+    for limit, kind in (
+        (fault.reset_after_chunks, "abort"),
+        (fault.stall_after_chunks, "stall"),
+        (finish_end if fault.close_before_usage else None, "abort"),
+    ):
+        if limit is not None and limit < stop:
+            stop, action = max(0, limit), kind
+    return stop, action
+
+
+def _writes(request: web.Request, events: tuple[bytes, ...], fault: Fault) -> list[bytes]:
+    """Group the events into writes (``events_per_write``), or cut them inside a quoted key."""
+    group = max(1, fault.events_per_write)
+    writes = [b"".join(events[i : i + group]) for i in range(0, len(events), group)]
+    quoted = _quoted_key(request, fault) if fault.split_key_at else None
+    if quoted is None:
+        return writes
+    body = b"".join(writes)
+    at = body.find(quoted.encode())
+    cuts = sorted({at + k for k in fault.split_key_at if at >= 0 and 0 < at + k < len(body)})
+    return [body[i:j] for i, j in zip([0, *cuts], [*cuts, len(body)], strict=True)]
 
 
 async def _generation(request: web.Request) -> web.StreamResponse:
