@@ -324,6 +324,65 @@ class QuotaService:
         """
         now = self._clock()
         current = self.windows(now)
+        request, limits = self._reserve_request(
+            request_id=request_id,
+            team=team,
+            key_id=key_id,
+            model=model,
+            stream=stream,
+            estimate=estimate,
+            now=now,
+            environment=environment,
+            tags=tags or {},
+            end_user=end_user,
+        )
+        key_limits = request.key_limits
+        try:
+            if self._remote:
+                async with asyncio.timeout(self._timeout):
+                    result = await self.store.reserve(request)
+            else:  # local stores answer at once (sqlite has its own busy timeout): no timer
+                result = await self.store.reserve(request)
+        except (StoreUnavailable, TimeoutError) as exc:
+            return await self._store_unavailable(request, estimate, exc)
+        self.store_reachable = True
+        if not result.admitted:
+            assert result.reason is not None
+            self.rejections[team, result.reason.value] += 1
+            if result.key or (
+                result.period is not None and result.period.calendar is not result.period
+            ):
+                self._key_refused.add(request_id)
+            raise self._refusal(team, result, estimate, current, now, key_id)
+        if result.reason is not None:
+            self.would_reject[team, result.reason.value] += 1
+            _LOGGER.info("shadow team %s would be refused: %s", team, result.reason.value)
+        return Admission(
+            request_id=request_id,
+            team=team,
+            amount=estimate.amount,
+            estimate=estimate,
+            reserved=True,
+            headers=self._headers(limits, result, current, key_limits),
+            would_reject=result.reason,
+            admitted_at=now,
+        )
+
+    def _reserve_request(
+        self,
+        *,
+        request_id: str,
+        team: str,
+        key_id: str | None,
+        model: str,
+        stream: bool,
+        estimate: Estimate,
+        now: float,
+        environment: str,
+        tags: dict[str, str],
+        end_user: str | None,
+    ) -> tuple[ReserveRequest, TeamLimits]:
+        """Return the store's request, and the limits its headers show (the key's budgets in)."""
         limits = self._limits.get(team, TeamLimits())
         lookups = self._lookups_in_window(team, now) if self._lookups else 0
         periods = self._window_keys  # cached with the windows; the stores copy it
@@ -360,80 +419,58 @@ class QuotaService:
             key_limits=key_limits,
             stream=stream,
             environment=environment,
-            tags=tags or {},
+            tags=tags,
             end_user=end_user,
         )
-        try:
-            if self._remote:
-                async with asyncio.timeout(self._timeout):
-                    result = await self.store.reserve(request)
-            else:  # local stores answer at once (sqlite has its own busy timeout): no timer
-                result = await self.store.reserve(request)
-        except (StoreUnavailable, TimeoutError) as exc:
-            self.store_reachable = False
-            journal = self.journal
-            if self._fail_open and (journal is None or journal.has_room()):
-                self.store_errors["fail_open"] += 1
-                if journal is not None:
-                    # Served: its record and settlement wait in the journal for the store. A
-                    # reservation that did land before its reply was lost is the same record
-                    # (replays are idempotent by request id): never voided, it was sent.
-                    journal.append(journal.reserve_entry(request))
-                else:
-                    await self._void(request_id)
-                _LOGGER.warning(
-                    "quota store unavailable (%s); fail_open serves %s %s",
-                    exc.__class__.__name__,
-                    request_id,
-                    "journaled" if journal is not None else "unrecorded",
-                )
-                return Admission(
-                    request_id=request_id,
-                    team=team,
-                    amount=estimate.amount,
-                    estimate=estimate,
-                    reserved=False,
-                    headers={},
-                    admitted_at=now,
-                    journaled=journal is not None,
-                )
-            # Refused, never sent. The store may have applied the reservation before its reply
-            # was lost (or may still apply it: a slow store runs queued commands late): the
-            # record is closed at 0 by a journaled void, replayed once the store answers (and
-            # before this replica's reconciler looks at it), so a request never sent is never
-            # charged. Without a journal, one best-effort void now.
+        return request, limits
+
+    async def _store_unavailable(
+        self, request: ReserveRequest, estimate: Estimate, exc: Exception
+    ) -> Admission:
+        """The store did not answer: serve unreserved (``fail_open``), or raise 503."""
+        request_id, team, now = request.request_id, request.team, request.now
+        self.store_reachable = False
+        journal = self.journal
+        if self._fail_open and (journal is None or journal.has_room()):
+            self.store_errors["fail_open"] += 1
             if journal is not None:
-                journal.append(journal.void_entry(request_id, now))
+                # Served: its record and settlement wait in the journal for the store. A
+                # reservation that did land before its reply was lost is the same record
+                # (replays are idempotent by request id): never voided, it was sent.
+                journal.append(journal.reserve_entry(request))
             else:
                 await self._void(request_id)
-            self.store_errors["fail_closed"] += 1
-            self.rejections[team, "store_unavailable"] += 1
-            _LOGGER.warning("quota store unavailable (%s); refusing", exc.__class__.__name__)
-            raise QuotaStoreUnavailable(
-                "The quota store is unavailable; the request was not sent.", retry_after=1
-            ) from exc
-        self.store_reachable = True
-        if not result.admitted:
-            assert result.reason is not None
-            self.rejections[team, result.reason.value] += 1
-            if result.key or (
-                result.period is not None and result.period.calendar is not result.period
-            ):
-                self._key_refused.add(request_id)
-            raise self._refusal(team, result, estimate, current, now, key_id)
-        if result.reason is not None:
-            self.would_reject[team, result.reason.value] += 1
-            _LOGGER.info("shadow team %s would be refused: %s", team, result.reason.value)
-        return Admission(
-            request_id=request_id,
-            team=team,
-            amount=estimate.amount,
-            estimate=estimate,
-            reserved=True,
-            headers=self._headers(limits, result, current, key_limits),
-            would_reject=result.reason,
-            admitted_at=now,
-        )
+            _LOGGER.warning(
+                "quota store unavailable (%s); fail_open serves %s %s",
+                exc.__class__.__name__,
+                request_id,
+                "journaled" if journal is not None else "unrecorded",
+            )
+            return Admission(
+                request_id=request_id,
+                team=team,
+                amount=estimate.amount,
+                estimate=estimate,
+                reserved=False,
+                headers={},
+                admitted_at=now,
+                journaled=journal is not None,
+            )
+        # Refused, never sent. The store may have applied the reservation before its reply
+        # was lost (or may still apply it: a slow store runs queued commands late): the
+        # record is closed at 0 by a journaled void, replayed once the store answers (and
+        # before this replica's reconciler looks at it), so a request never sent is never
+        # charged. Without a journal, one best-effort void now.
+        if journal is not None:
+            journal.append(journal.void_entry(request_id, now))
+        else:
+            await self._void(request_id)
+        self.store_errors["fail_closed"] += 1
+        self.rejections[team, "store_unavailable"] += 1
+        _LOGGER.warning("quota store unavailable (%s); refusing", exc.__class__.__name__)
+        raise QuotaStoreUnavailable(
+            "The quota store is unavailable; the request was not sent.", retry_after=1
+        ) from exc
 
     def _lookups_in_window(self, team: str, now: float) -> int:
         log = self._lookups.get(team)
