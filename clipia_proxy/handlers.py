@@ -331,25 +331,30 @@ async def _complete_chat(
     finally:
         # The flight's outcome is the request's: the access line reads the same one.
         info.outcome = flight.outcome.value
-        # 8. Settle exactly once: at once when nothing needs waiting for, else in a task;
-        # both survive this handler's cancellation.
-        settlement = _settle_now(app, flight)
-        if settlement is None:
-            _ = app[TASKS].spawn(_settle(app, flight), name=f"settle-{info.request_id}")
-        else:
-            _count_settlement(app, flight, settlement)
+        # 8. Settle exactly once.
+        _settle(app, flight)
 
 
-def _settle_now(app: web.Application, flight: Flight) -> Settlement | None:
+def _settle(app: web.Application, flight: Flight) -> None:
+    """Step 8, the one entry point: settle ``flight`` and count its spend; never raises.
+
+    At once when nothing needs waiting for (a local store, no ``/v1/generation`` lookup), else
+    in a registered task; both survive the handler's cancellation.
+    """
     try:
-        return app[LEDGER].settle_now(flight)
+        settlement = app[LEDGER].settle_now(flight)
     except Exception:  # a bug here must not turn a served request into an error
         _LOGGER.exception("settling %s at once failed", flight.admission.request_id)
-        return None
+        settlement = None
+    if settlement is None:
+        name = f"settle-{flight.admission.request_id}"
+        _ = app[TASKS].spawn(_settle_later(app, flight), name=name)
+    else:
+        _count_settlement(app, flight, settlement)
 
 
-async def _settle(app: web.Application, flight: Flight) -> None:
-    """Settle a flight in the ledger, then count its spend and tokens."""
+async def _settle_later(app: web.Application, flight: Flight) -> None:
+    """Settle a flight in the ledger (a lookup or a remote store to wait for), then count it."""
     _count_settlement(app, flight, await app[LEDGER].settle(flight))
 
 
