@@ -32,6 +32,7 @@ from typing import Any
 
 import msgspec
 
+from clipia_proxy.ledgers.sql import POSTGRES, SQLITE, rollup_upsert
 from clipia_proxy.quotas.sqlite import SCHEMA, SqliteStore, prepare
 
 _MONTH = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
@@ -111,7 +112,45 @@ def summarise_sqlite(path: Path) -> float:
     return took
 
 
-async def fill_postgres(dsn: str, count: int) -> None:
+def rollup_sqlite(path: Path) -> float:
+    """Sum the daily rollup again from the records; return the seconds it took."""
+    db = sqlite3.connect(path, isolation_level=None)
+    began = time.perf_counter()
+    db.execute("BEGIN IMMEDIATE")
+    db.execute(f"DELETE FROM {SQLITE.daily}")  # noqa: S608 - constant name
+    db.execute(rollup_upsert(SQLITE, ("ledger", 1)))
+    db.execute("COMMIT")
+    took = time.perf_counter() - began
+    db.close()
+    return took
+
+
+_PG_FILL = f"""
+INSERT INTO clipia_ledger ({COLUMNS})
+SELECT 'req-' || lpad(i::text, 9, '0'), team, team || '-key-' || (i % 10),
+    (ARRAY{list(_MODELS)!r})[(i / 20) % {len(_MODELS)} + 1], i % 2 = 1, cost * 3, 4096,
+    jsonb_build_object('day', 'day:' || to_char(local, 'YYYY-MM-DD'),
+        'week', 'week:' || to_char(local, 'IYYY-"W"IW'), 'month', 'month:' || to_char(local, 'YYYY-MM'),
+        'total', 'total'),
+    created, created + 600, 'settled', 'gen-' || lpad(i::text, 9, '0'), cost,
+    10 + (random() * 1990)::bigint, 1 + (random() * 499)::bigint,
+    CASE WHEN i % 2 = 1 THEN 'stream' ELSE 'response' END, 'completed', created + 2
+FROM (
+    SELECT i, 'team-' || lpad((i % 20)::text, 2, '0') AS team, created,
+        to_timestamp(created + 3 * 3600) AT TIME ZONE 'UTC' AS local,
+        (100 + random() * 79900)::bigint AS cost
+    FROM (
+        SELECT i, $3::float8 + $4::float8 * i / $5::float8 AS created
+        FROM generate_series($1::bigint, $2::bigint - 1) AS i
+    ) AS t
+) AS r
+"""  # noqa: S608 - constant SQL
+"""The rows of ``_rows`` (same teams, keys, models and spread; costs drawn by PostgreSQL),
+made by the server itself: 10M rows in minutes, no client round trip per row."""
+
+
+async def fill_postgres(dsn: str, count: int) -> float:
+    """Fill a PostgreSQL ledger; return the seconds its daily rollup took to sum once."""
     from clipia_proxy.ledgers.postgres import PostgresLedger
 
     ledger = PostgresLedger(dsn)
@@ -121,17 +160,29 @@ async def fill_postgres(dsn: str, count: int) -> None:
 
     conn = await asyncpg.connect(dsn)
     try:
-        columns = [name.strip() for name in COLUMNS.split(",")]
-        rows = _rows(count)
-        while True:
-            chunk = [
-                (*row[:4], bool(row[4]), *row[5:])
-                for _, row in zip(range(100_000), rows, strict=False)
-            ]
-            if not chunk:
-                break
-            await conn.copy_records_to_table("clipia_ledger", records=chunk, columns=columns)
-        await conn.execute("ANALYZE clipia_ledger")
+        # Rows as an import would bring them, with the rollup's triggers off (the server's
+        # superuser may): the rollup is summed once after, as migration 3 does on an older
+        # ledger (timed apart).
+        await conn.execute("SET session_replication_role = replica")
+        start = _MONTH.timestamp() + 3 * 3600
+        step = 1_000_000
+        for first in range(0, count, step):
+            await conn.execute(
+                _PG_FILL,
+                first,
+                min(first + step, count),
+                start,
+                27 * 86400.0,
+                float(count),
+                timeout=None,
+            )
+        await conn.execute("RESET session_replication_role")
+        await conn.execute("ANALYZE clipia_ledger", timeout=None)
+        began = time.perf_counter()
+        async with conn.transaction():
+            await conn.execute(f"TRUNCATE {POSTGRES.daily}")
+            await conn.execute(rollup_upsert(POSTGRES, ("clipia_ledger", 1)), timeout=None)
+        return time.perf_counter() - began
     finally:
         await conn.close()
 
@@ -175,6 +226,8 @@ def run_report(config: Path, by: str, env: dict[str, str]) -> dict[str, float]:
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         env=env,
+        # ``-m`` puts the working directory first on sys.path: the code's own folder.
+        cwd=env.get("PYTHONPATH") or None,
     )
     peak, cpu, lines = 0, 0.0, 0
     assert child.stdout is not None
@@ -193,50 +246,126 @@ def run_report(config: Path, by: str, env: dict[str, str]) -> dict[str, float]:
         "cpu_seconds": round(cpu, 2),
         "peak_rss_mib": round(peak / 2**20, 1),
         "lines": lines - 1,
+        "exit": child.returncode,
     }
+
+
+def _server_cpu(pid: int | None) -> float:
+    """CPU seconds of a PostgreSQL server so far.
+
+    The postmaster, its live children and the children it reaped (backends and parallel
+    workers that have exited).
+    """
+    if pid is None:
+        return 0.0
+    import psutil
+
+    root = psutil.Process(pid)
+    times = root.cpu_times()
+    total = times.user + times.system + times.children_user + times.children_system
+    for child in root.children():
+        with contextlib.suppress(psutil.Error):
+            t = child.cpu_times()
+            total += t.user + t.system
+    return total
+
+
+def _postmaster(dsn: str) -> int | None:
+    async def data_directory() -> str:
+        import asyncpg
+
+        conn = await asyncpg.connect(dsn)
+        try:
+            return str(await conn.fetchval("SHOW data_directory"))
+        finally:
+            await conn.close()
+
+    try:
+        pid_file = Path(asyncio.run(data_directory())) / "postmaster.pid"
+        return int(pid_file.read_text().split()[0])
+    except (OSError, ValueError):
+        return None
+
+
+def _reports(
+    config: Path,
+    env: dict[str, str],
+    baseline: str | None,
+    repeat: int,
+    server: int | None = None,
+) -> dict[str, Any]:
+    """Run ``report --by team,model`` and ``--by team,key,day``, ``repeat`` times each.
+
+    With a baseline checkout, its runs and this one's alternate (one sitting, the same load).
+    """
+    runs: dict[str, Any] = {}
+    for _ in range(repeat):
+        for by in ("team,model", "team,key,day"):
+            key = by.replace(",", "_")
+            for name, run_env in (
+                (key, env),
+                *(((f"{key}_baseline", {**env, "PYTHONPATH": baseline}),) if baseline else ()),
+            ):
+                cpu = _server_cpu(server)
+                result = run_report(config, by, run_env)
+                if server is not None:
+                    time.sleep(0.2)  # the backend exits after the client: its CPU counted
+                    result["server_cpu_seconds"] = round(_server_cpu(server) - cpu, 2)
+                runs.setdefault(name, []).append(result)
+    return runs
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--no-sqlite", action="store_true", help="PostgreSQL only")
     parser.add_argument("--postgres", action="store_true", help="also a PostgreSQL ledger")
     parser.add_argument("--pg-rows", type=int, default=None, help="rows for PostgreSQL")
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each report")
+    parser.add_argument(
+        "--baseline",
+        default=None,
+        help="a checkout of older code: its report runs alternate with this one's",
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
-    results: dict[str, Any] = {"rows": args.rows}
+    results: dict[str, Any] = {"rows": args.rows, "load_average": os.getloadavg()}
     env = {**os.environ, "CLIPIA_API_KEY": "unused"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
     with tempfile.TemporaryDirectory(prefix="clipia-bench-ledger-") as tmp:
-        db = Path(tmp) / "ledger.db"
-        began = time.perf_counter()
-        fill_sqlite(db, args.rows)
-        results["sqlite_fill_seconds"] = round(time.perf_counter() - began, 1)
-        results["sqlite_file_mib"] = round(db.stat().st_size / 2**20, 1)
-        results["sqlite_summary_backfill_seconds"] = round(summarise_sqlite(db), 2)
-        wall, cpu = startup_seconds(db)
-        results["sqlite_startup_seconds"] = round(wall, 3)
-        results["sqlite_startup_cpu_seconds"] = round(cpu, 3)
-        config = Path(tmp) / "config.yaml"
-        config.write_text(f"store: {{backend: sqlite, sqlite_path: {db}}}\n")
-        results["sqlite_report_team_model"] = run_report(config, "team,model", env)
-        results["sqlite_report_team_key_day"] = run_report(config, "team,key,day", env)
-        if args.postgres:
+        if not args.no_sqlite:
+            db = Path(tmp) / "ledger.db"
+            began = time.perf_counter()
+            fill_sqlite(db, args.rows)
+            results["sqlite_fill_seconds"] = round(time.perf_counter() - began, 1)
+            results["sqlite_file_mib"] = round(db.stat().st_size / 2**20, 1)
+            results["sqlite_summaries_backfill_seconds"] = round(summarise_sqlite(db), 2)
+            results["sqlite_rollup_backfill_seconds"] = round(rollup_sqlite(db), 2)
+            wall, cpu = startup_seconds(db)
+            results["sqlite_startup_seconds"] = round(wall, 3)
+            results["sqlite_startup_cpu_seconds"] = round(cpu, 3)
+            config = Path(tmp) / "config.yaml"
+            config.write_text(f"store: {{backend: sqlite, sqlite_path: {db}}}\n")
+            results["sqlite_report"] = _reports(config, env, args.baseline, args.repeat)
+        if args.postgres or args.no_sqlite:
             from tests.pg_server import postgres_server
 
             pg_rows = args.pg_rows or args.rows
             with postgres_server() as dsn:
                 began = time.perf_counter()
-                asyncio.run(fill_postgres(dsn, pg_rows))
+                rollup = asyncio.run(fill_postgres(dsn, pg_rows))
                 results["postgres_rows"] = pg_rows
                 results["postgres_fill_seconds"] = round(time.perf_counter() - began, 1)
+                results["postgres_rollup_backfill_seconds"] = round(rollup, 1)
                 pg_config = Path(tmp) / "pg.yaml"
                 pg_config.write_text(
                     "ledger: {backend: postgres, postgres_dsn_env: CLIPIA_BENCH_LEDGER_DSN}\n"
                 )
                 pg_env = {**env, "CLIPIA_BENCH_LEDGER_DSN": dsn}
-                results["postgres_report_team_model"] = run_report(pg_config, "team,model", pg_env)
-                results["postgres_report_team_key_day"] = run_report(
-                    pg_config, "team,key,day", pg_env
+                results["postgres_report"] = _reports(
+                    pg_config, pg_env, args.baseline, args.repeat, _postmaster(dsn)
                 )
+    results["load_average_after"] = os.getloadavg()
     text = msgspec.json.format(msgspec.json.encode(results), indent=2).decode()
     print(text)
     if args.json is not None:

@@ -9,7 +9,7 @@ import secrets
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .auth import generate_key, hash_key
 from .config import Config, ConfigError, load_config
@@ -86,21 +86,34 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ledger_period(
-    config: Config, text: str | None, command: str
-) -> tuple[float, float, str] | None:
+class _Period(NamedTuple):
+    """A ``--period`` of a ledger command, in ``accounting.timezone``."""
+
+    config: Config
+    since: float
+    until: float
+    name: str
+    days: tuple[str, str]
+
+
+def _ledger_period(args: argparse.Namespace, command: str) -> _Period | int:
+    """Load ``--config`` and read ``--period``; or print why not and return the exit code."""
     import datetime as dt
     from zoneinfo import ZoneInfo
 
-    from .report import parse_period
+    from .report import parse_period, period_days
 
+    config = _load(args.config, resolve_secrets=False)
+    if config is None:
+        return 1
     zone = ZoneInfo(config.accounting.timezone)
     try:
-        since, until = parse_period(text, zone, now=dt.datetime.now(dt.UTC))
+        since, until = parse_period(args.period, zone, now=dt.datetime.now(dt.UTC))
     except ValueError as exc:
         print(f"{command}: {exc}", file=sys.stderr)
-        return None
-    return since, until, text or f"{dt.datetime.now(zone):%Y-%m}"
+        return 2
+    name = args.period or f"{dt.datetime.now(zone):%Y-%m}"
+    return _Period(config, since, until, name, period_days(since, until, zone))
 
 
 def _with_ledger(
@@ -131,40 +144,38 @@ def _with_ledger(
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    config = _load(args.config, resolve_secrets=False)
-    if config is None:
-        return 1
     from .report import parse_by, write_report
 
-    window = _ledger_period(config, args.period, "report")
+    period = _ledger_period(args, "report")
+    if isinstance(period, int):
+        return period
     try:
         by = parse_by(args.by)
     except ValueError as exc:
         print(f"report: {exc}", file=sys.stderr)
         return 2
-    if window is None:
-        return 2
-    since, until, period = window
 
     async def work(ledger: LedgerStore) -> int:
         still_open = await write_report(
             ledger,
             sys.stdout,
-            since=since,
-            until=until,
+            since=period.since,
+            until=period.until,
             by=by,
             team=args.team,
-            rubles_per_credit=config.accounting.rubles_per_credit,
+            rubles_per_credit=period.config.accounting.rubles_per_credit,
             fmt=args.format,
-            period=period,
+            period=period.name,
+            days=period.days,
         )
         if still_open:
             print(
-                f"report: {still_open} record(s) of {period} are not settled yet", file=sys.stderr
+                f"report: {still_open} record(s) of {period.name} are not settled yet",
+                file=sys.stderr,
             )
         return 0
 
-    return _with_ledger(config, "report", work)
+    return _with_ledger(period.config, "report", work)
 
 
 def _cmd_reconcile(args: argparse.Namespace) -> int:
@@ -204,22 +215,20 @@ def _cmd_reconcile(args: argparse.Namespace) -> int:
 
 
 def _cmd_ledger_export(args: argparse.Namespace) -> int:
-    config = _load(args.config, resolve_secrets=False)
-    if config is None:
-        return 1
     from .report import write_export
 
-    window = _ledger_period(config, args.period, "ledger export")
-    if window is None:
-        return 2
-    since, until, period = window
+    period = _ledger_period(args, "ledger export")
+    if isinstance(period, int):
+        return period
 
     async def work(ledger: LedgerStore) -> int:
-        count = await write_export(ledger, sys.stdout, since=since, until=until, fmt=args.format)
-        print(f"ledger export: {count} record(s) of {period}", file=sys.stderr)
+        count = await write_export(
+            ledger, sys.stdout, since=period.since, until=period.until, fmt=args.format
+        )
+        print(f"ledger export: {count} record(s) of {period.name}", file=sys.stderr)
         return 0
 
-    return _with_ledger(config, "ledger export", work)
+    return _with_ledger(period.config, "ledger export", work)
 
 
 def _cmd_ledger_prune(args: argparse.Namespace) -> int:

@@ -34,6 +34,7 @@ __all__ = [
     "EXPORT_COLUMNS",
     "parse_by",
     "parse_period",
+    "period_days",
     "write_export",
     "write_report",
 ]
@@ -113,32 +114,27 @@ async def _with_totals(
         async for line in lines:
             yield line
         return
-    team: str | None = None
-    total = [0, 0, 0, 0]
+    total: ReportLine | None = None
     async for line in lines:
-        if team is not None and line.group[0] != team:
-            yield ReportLine(
-                group=(team, "*"),
-                requests=total[0],
-                prompt_tokens=total[1],
-                completion_tokens=total[2],
-                cost=total[3],
-            )
-            total = [0, 0, 0, 0]
-        team = line.group[0]
-        total[0] += line.requests
-        total[1] += line.prompt_tokens
-        total[2] += line.completion_tokens
-        total[3] += line.cost
-        yield line
-    if team is not None:
-        yield ReportLine(
-            group=(team, "*"),
-            requests=total[0],
-            prompt_tokens=total[1],
-            completion_tokens=total[2],
-            cost=total[3],
+        if total is not None and line.group[0] != total.group[0]:
+            yield total
+            total = None
+        total = ReportLine(
+            group=(line.group[0], "*"),
+            requests=line.requests + (total.requests if total else 0),
+            prompt_tokens=line.prompt_tokens + (total.prompt_tokens if total else 0),
+            completion_tokens=line.completion_tokens + (total.completion_tokens if total else 0),
+            cost=line.cost + (total.cost if total else 0),
         )
+        yield line
+    if total is not None:
+        yield total
+
+
+def period_days(since: float, until: float, zone: ZoneInfo) -> tuple[str, str]:
+    """The first and end day (``YYYY-MM-DD`` in ``zone``) of a period of whole local days."""
+    first, end = (dt.datetime.fromtimestamp(t, zone).date().isoformat() for t in (since, until))
+    return first, end
 
 
 async def write_report(
@@ -152,9 +148,14 @@ async def write_report(
     rubles_per_credit: Decimal,
     fmt: str,
     period: str,
+    days: tuple[str, str] | None = None,
 ) -> int:
-    """Write the report of ``[since, until)`` to ``out``; return how many records are open."""
-    lines = _with_totals(ledger.report(since=since, until=until, by=by, team=team), by)
+    """Write the report of ``[since, until)`` to ``out``; return how many records are open.
+
+    ``days``: the period as local days (:func:`period_days`), for the ledger's daily rollup.
+    """
+    report = ledger.report(since=since, until=until, by=by, team=team, days=days)
+    lines = _with_totals(report, by)
     sums = ("requests", "prompt_tokens", "completion_tokens", "credits", "rubles")
     if fmt == "csv":
         writer = csv.writer(out, lineterminator="\n")

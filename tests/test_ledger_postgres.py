@@ -116,6 +116,93 @@ async def test_prune_drops_whole_months_before_the_cut(dsn: str) -> None:
         await ledger.close()
 
 
+async def _daily(dsn: str) -> list[tuple[object, ...]]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch(
+            "SELECT day, team, environment, model, key_id, requests, prompt_tokens, "
+            "completion_tokens, cost FROM clipia_ledger_daily ORDER BY 1, 2, 3, 4, 5"
+        )
+    finally:
+        await conn.close()
+    return [tuple(row) for row in rows]
+
+
+async def test_migration_3_sums_an_older_ledger_into_the_daily_rollup_once(dsn: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:  # a ledger at version 2, with two settled records and an open one
+        await conn.execute(
+            "CREATE TABLE clipia_schema_migrations (version integer PRIMARY KEY, "
+            "applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        for version, sql in MIGRATIONS[:2]:
+            await conn.execute(sql)
+            await conn.execute("INSERT INTO clipia_schema_migrations VALUES ($1)", version)
+        for name, state, cost in (("a", "settled", 5), ("b", "settled", 7), ("c", "dispatched", 0)):
+            await conn.execute(
+                "INSERT INTO clipia_ledger (request_id, team, model, stream, reserved, "
+                "tokens_reserved, windows, created_at, lease_until, state, cost) VALUES "
+                """($1, 'search', 'm', false, 5, 10, '{"day": "day:2026-11-20"}', 1.0, 2.0, """
+                "$2, $3)",
+                name,
+                state,
+                cost,
+            )
+    finally:
+        await conn.close()
+    ledger = PostgresLedger(dsn)
+    try:
+        assert await ledger.migrate() == [3]
+        assert await ledger.migrate() == []
+    finally:
+        await ledger.close()
+    assert await _daily(dsn) == [("2026-11-20", "search", "live", "m", "", 2, 0, 0, 12)]
+
+
+async def test_concurrent_settlements_of_one_rollup_row_all_count(dsn: str) -> None:
+    """Concurrent settlements of one rollup row all count, and batches cannot deadlock.
+
+    Many connections settle records of one day, team, model and key at once, singly and in
+    batches whose rows come in opposite orders.
+    """
+    ledger = PostgresLedger(dsn, pool_size=8)
+    await ledger.start()
+    now = dt.datetime.now(dt.UTC).timestamp()
+    try:
+        names = [f"r{i}" for i in range(60)]
+        for name in names:
+            assert await ledger.insert(record(name, now))
+        await asyncio.gather(
+            *(ledger.settle(name, Settlement(cost=Micro(10), now=now)) for name in names[:40])
+        )
+        rows = {name: record(name, now, team="research") for name in ("x1", "x2", "y1", "y2")}
+        for name, made in rows.items():
+            made.model = name[0]  # two rollup rows: x and y
+            assert await ledger.insert(made)
+    finally:
+        await ledger.close()
+
+    async def batch(ids: list[str]) -> None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            for _ in range(2):  # the first settles; the second (already settled) changes nothing
+                await conn.execute(
+                    "UPDATE clipia_ledger SET state = 'settled', cost = cost + 1 "
+                    "WHERE request_id = ANY($1) AND state = 'dispatched'",
+                    ids,
+                )
+        finally:
+            await conn.close()
+
+    await asyncio.gather(
+        batch(names[40:50]), batch(names[50:]), batch(["x1", "y1"]), batch(["y2", "x2"])
+    )
+    day = {row[1:4]: row[5:] for row in await _daily(dsn)}
+    assert day[("search", "live", "gpt-5.5")] == (60, 0, 0, 40 * 10 + 20)
+    assert day[("research", "live", "x")] == (2, 0, 0, 2)
+    assert day[("research", "live", "y")] == (2, 0, 0, 2)
+
+
 async def test_unreachable_server_never_shows_the_password(unused_tcp_port: int) -> None:
     ledger = PostgresLedger(
         f"postgresql://clipia:s3cret-pw@127.0.0.1:{unused_tcp_port}/db", timeout=0.5

@@ -86,3 +86,22 @@ async def test_an_older_file_is_summed_into_the_summary_once(tmp_path: Path) -> 
     rows = sqlite3.connect(path).execute("SELECT team, window, spent FROM ledger_spent").fetchall()
     assert sorted(rows) == [("t", "day:2020-01-01", 12), ("t", "total", 12)]
     assert await spent(path, "total") == 12  # summed once, not again at the next start
+    daily = sqlite3.connect(path).execute("SELECT * FROM ledger_daily").fetchall()
+    # The daily rollup too: its settled records, once (the third start added nothing).
+    assert daily == [("2020-01-01", "t", "live", "m", "", 2, 0, 0, 12)]
+
+
+async def test_the_gateway_store_keeps_the_daily_rollup_as_it_settles(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    store = SqliteStore(path, clock=lambda: NOW)
+    await store.start()
+    try:
+        for index, cost in enumerate((300, 400)):
+            await store.reserve(request(f"r{index}", NOW))
+            await store.settle(f"r{index}", Settlement(cost=Micro(cost), now=NOW))
+        await store.reserve(request("open", NOW))  # not settled: not in the rollup
+        assert await store.correct("r0", Settlement(cost=Micro(250), now=NOW)) == -50
+    finally:
+        await store.close()
+    daily = sqlite3.connect(path).execute("SELECT * FROM ledger_daily").fetchall()
+    assert daily == [("2020-01-01", "t", "live", "other", "", 2, 0, 0, 650)]

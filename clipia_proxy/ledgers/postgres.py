@@ -11,7 +11,8 @@ replicas starting together apply each once) or by ``clipia-proxy migrate``; appl
 are rows of ``clipia_schema_migrations``. ``clipia_ledger`` is partitioned by UTC calendar month
 of ``created_at`` (``clipia_ledger_y2026m11``), created three months ahead at start and when
 a record reaches the horizon; a DEFAULT partition catches anything else, so no insert ever
-fails for a missing month. ``ledger prune`` drops whole month partitions.
+fails for a missing month. ``ledger prune`` drops whole month partitions. Migration 3 adds
+the daily rollup ``report`` reads, kept by triggers (:mod:`clipia_proxy.ledgers.sql`).
 
 A record is committed before ``insert`` returns (each statement is its own transaction;
 PostgreSQL's own group commit batches concurrent WAL flushes). ``settle`` is one
@@ -27,13 +28,24 @@ from collections.abc import AsyncIterator
 from typing import Any, Final
 
 import asyncpg
-import msgspec
 
 from clipia_proxy.config import LedgerConfig
-from clipia_proxy.quotas.model import Outcome, Period, RecordState, Settlement
+from clipia_proxy.quotas.model import Settlement
 from clipia_proxy.quotas.store import LedgerRecord, StoreUnavailable
 
-from . import GROUPINGS, CountersSnapshot, ReportLine, WindowSpent, tag_name
+from . import CountersSnapshot, ReportLine, WindowSpent
+from .sql import (
+    COLUMNS,
+    POSTGRES,
+    record_values,
+    report_lines,
+    report_query,
+    rollup_drop_empty,
+    rollup_row,
+    rollup_table,
+    rollup_upsert,
+    row_to_record,
+)
 
 __all__ = ["MIGRATIONS", "PostgresLedger"]
 
@@ -41,6 +53,9 @@ _LOGGER: Final = logging.getLogger(__name__)
 _LOCK_KEY: Final = 0x636C6970  # "clip": the migration advisory lock
 _MONTHS_AHEAD: Final = 3
 _EXPORT_PREFETCH: Final = 2000
+_MIGRATION_TIMEOUT: Final = 3600.0
+"""A migration may rewrite or sum the whole ledger (3 sums it into the daily rollup, about a
+minute per 10M records on a busy 2-core machine): not the statement timeout."""
 
 MIGRATIONS: Final[tuple[tuple[int, str], ...]] = (
     (
@@ -82,16 +97,45 @@ ALTER TABLE clipia_ledger
     ADD COLUMN end_user text;
 """,
     ),
+    (
+        3,
+        # The daily rollup (see clipia_proxy.ledgers.sql), kept by triggers. The UPDATE and
+        # DELETE triggers run once per statement (its rows upserted in key order: statements
+        # settling many records cannot deadlock on it); the INSERT one only for a record that
+        # arrives settled. Created before the backfill, in its transaction: CREATE TRIGGER
+        # holds writers off until the commit, so no settlement is missed or counted twice.
+        f"""
+{rollup_table(POSTGRES, integer="bigint")};
+CREATE FUNCTION clipia_ledger_daily_rows() RETURNS trigger LANGUAGE plpgsql AS $fn$
+BEGIN
+    IF TG_OP = 'UPDATE' THEN
+        {rollup_upsert(POSTGRES, ("old_rows", -1), ("new_rows", 1))};
+    ELSE
+        {rollup_upsert(POSTGRES, ("old_rows", -1))};
+    END IF;
+    RETURN NULL;
+END $fn$;
+CREATE FUNCTION clipia_ledger_daily_insert() RETURNS trigger LANGUAGE plpgsql AS $fn$
+BEGIN
+    {rollup_upsert(POSTGRES, (rollup_row("NEW"), 1))};
+    RETURN NULL;
+END $fn$;
+CREATE TRIGGER clipia_ledger_daily_update AFTER UPDATE ON clipia_ledger
+    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION clipia_ledger_daily_rows();
+CREATE TRIGGER clipia_ledger_daily_delete AFTER DELETE ON clipia_ledger
+    REFERENCING OLD TABLE AS old_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION clipia_ledger_daily_rows();
+CREATE TRIGGER clipia_ledger_daily_insert AFTER INSERT ON clipia_ledger
+    FOR EACH ROW WHEN (NEW.state = 'settled') EXECUTE FUNCTION clipia_ledger_daily_insert();
+{rollup_upsert(POSTGRES, ("clipia_ledger", 1))};
+""",
+    ),
 )
 """(version, SQL): append only; an applied migration is never edited."""
 
-_COLUMNS: Final = (
-    "request_id, team, key_id, model, stream, reserved, tokens_reserved, windows, created_at, "
-    "lease_until, state, upstream_id, cost, prompt_tokens, completion_tokens, usage_source, "
-    "outcome, settled_at, environment, tags, end_user"
-)
 _INSERT: Final = (
-    f"INSERT INTO clipia_ledger ({_COLUMNS}) SELECT $1::text, $2::text, $3::text, $4::text, "  # noqa: S608 - constant columns
+    f"INSERT INTO clipia_ledger ({COLUMNS}) SELECT $1::text, $2::text, $3::text, $4::text, "  # noqa: S608 - constant columns
     "$5::boolean, $6::bigint, $7::bigint, $8::jsonb, $9::float8, $10::float8, $11::text, "
     "$12::text, $13::bigint, $14::bigint, $15::bigint, $16::text, $17::text, $18::float8, "
     "$19::text, $20::jsonb, $21::text "
@@ -100,21 +144,8 @@ _INSERT: Final = (
 _SETTLE: Final = (
     "UPDATE clipia_ledger SET state = 'settled', upstream_id = COALESCE($2, upstream_id), "  # noqa: S608 - constant columns
     "cost = $3, prompt_tokens = $4, completion_tokens = $5, usage_source = $6, outcome = $7, "
-    f"settled_at = $8 WHERE request_id = $1 AND state = 'dispatched' RETURNING {_COLUMNS}"
+    f"settled_at = $8 WHERE request_id = $1 AND state = 'dispatched' RETURNING {COLUMNS}"
 )
-_GROUP_SQL: Final = {
-    "team": "team",
-    "model": "COALESCE(NULLIF(model, ''), 'other')",
-    "key": "COALESCE(key_id, '')",
-    "environment": "environment",
-    "user": "COALESCE(end_user, '')",
-    "tag": "COALESCE(t.k || '=' || t.v, '')",
-    "day": (
-        "COALESCE(substr(windows->>'day', 5), "
-        "to_char(to_timestamp(created_at) AT TIME ZONE 'UTC', 'YYYY-MM-DD'))"
-    ),
-}
-_WINDOWS: Final = msgspec.json.Decoder(dict[Period, str])
 _SPENT_WINDOWS: Final = (
     "SELECT team, w.key, SUM(cost)::bigint FROM clipia_ledger "
     "CROSS JOIN LATERAL jsonb_each_text(windows) AS w(period, key) "
@@ -127,46 +158,10 @@ _SPENT_TOTAL: Final = (
     "UNION ALL SELECT team, windows->>'key_total', SUM(cost)::bigint FROM clipia_ledger "
     "WHERE state = 'settled' AND windows ? 'key_total' GROUP BY 1, 2"
 )
-_TAGS: Final = msgspec.json.Decoder(dict[str, str])
 
 
 async def _keep_session(connection: asyncpg.Connection) -> None:
     """Return a connection to the pool as it is (see ``_connect``)."""
-
-
-def _record(row: Any) -> LedgerRecord:
-    windows = row[7]
-    return LedgerRecord(
-        request_id=row[0],
-        team=row[1],
-        key_id=row[2],
-        model=row[3],
-        stream=bool(row[4]),
-        reserved=int(row[5]),
-        tokens_reserved=int(row[6]),
-        windows=_WINDOWS.decode(windows) if isinstance(windows, str | bytes) else dict(windows),
-        created_at=float(row[8]),
-        lease_until=float(row[9]),
-        state=RecordState(row[10]),
-        upstream_id=row[11],
-        cost=int(row[12]),
-        prompt_tokens=int(row[13]),
-        completion_tokens=int(row[14]),
-        usage_source=row[15],
-        outcome=Outcome(row[16]) if row[16] else None,
-        settled_at=None if row[17] is None else float(row[17]),
-        environment=row[18] or "live",
-        tags=_tags(row[19]),
-        end_user=row[20],
-    )
-
-
-def _tags(value: Any) -> dict[str, str]:
-    if value is None:
-        return {}
-    if isinstance(value, str | bytes):
-        return _TAGS.decode(value)
-    return {str(k): str(v) for k, v in dict(value).items()}
 
 
 def _month_start(when: dt.date) -> dt.datetime:
@@ -179,13 +174,6 @@ def _next_month(start: dt.datetime) -> dt.datetime:
 
 def _partition_name(start: dt.datetime) -> str:
     return f"clipia_ledger_y{start.year:04d}m{start.month:02d}"
-
-
-def _group_sql(name: str) -> str:
-    tag = tag_name(name)
-    if tag is not None:  # a checked identifier: no quote can reach the SQL
-        return f"COALESCE(tags->>'{tag}', '')"
-    return _GROUP_SQL[name]
 
 
 class PostgresLedger:
@@ -287,7 +275,7 @@ class PostgresLedger:
                 for version, sql in MIGRATIONS:
                     if version in done:
                         continue
-                    await conn.execute(sql)
+                    await conn.execute(sql, timeout=_MIGRATION_TIMEOUT)
                     await conn.execute(
                         "INSERT INTO clipia_schema_migrations (version) VALUES ($1)", version
                     )
@@ -330,27 +318,7 @@ class PostgresLedger:
         try:
             status = await pool.execute(
                 _INSERT,
-                record.request_id,
-                record.team,
-                record.key_id,
-                record.model,
-                record.stream,
-                record.reserved,
-                record.tokens_reserved,
-                msgspec.json.encode(record.windows).decode(),
-                record.created_at,
-                record.lease_until,
-                record.state.value,
-                record.upstream_id,
-                record.cost,
-                record.prompt_tokens,
-                record.completion_tokens,
-                record.usage_source,
-                record.outcome.value if record.outcome else None,
-                record.settled_at,
-                record.environment,
-                msgspec.json.encode(record.tags).decode() if record.tags else None,
-                record.end_user,
+                *record_values(record),
                 timeout=self._timeout,
             )
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
@@ -370,7 +338,7 @@ class PostgresLedger:
             settlement.outcome.value,
             settlement.now,
         )
-        return _record(rows[0]) if rows else None
+        return row_to_record(rows[0]) if rows else None
 
     async def renew(self, request_id: str, lease_until: float) -> None:
         """See ``LedgerStore.renew``."""
@@ -384,12 +352,12 @@ class PostgresLedger:
     async def correct(self, request_id: str, settlement: Settlement) -> LedgerRecord | None:
         """See ``LedgerStore.correct`` (one statement: the old row locked, then updated)."""
         rows = await self._fetch(
-            f"WITH old AS (SELECT {_COLUMNS} FROM clipia_ledger WHERE request_id = $1 "  # noqa: S608 - constant columns
+            f"WITH old AS (SELECT {COLUMNS} FROM clipia_ledger WHERE request_id = $1 "  # noqa: S608 - constant columns
             "AND state = 'settled' FOR UPDATE), changed AS (UPDATE clipia_ledger SET cost = $2, "
             "prompt_tokens = $3, completion_tokens = $4, usage_source = $5, "
             "upstream_id = COALESCE($6, clipia_ledger.upstream_id) FROM old "
             "WHERE clipia_ledger.request_id = old.request_id RETURNING 1) "
-            f"SELECT {_COLUMNS} FROM old",
+            f"SELECT {COLUMNS} FROM old",
             request_id,
             settlement.cost,
             settlement.prompt_tokens,
@@ -397,7 +365,7 @@ class PostgresLedger:
             settlement.usage_source.value,
             settlement.upstream_id,
         )
-        return _record(rows[0]) if rows else None
+        return row_to_record(rows[0]) if rows else None
 
     async def note_upstream_id(self, request_id: str, upstream_id: str) -> None:
         """See ``LedgerStore.note_upstream_id``."""
@@ -411,10 +379,10 @@ class PostgresLedger:
     async def record(self, request_id: str) -> LedgerRecord | None:
         """See ``LedgerStore.record``."""
         rows = await self._fetch(
-            f"SELECT {_COLUMNS} FROM clipia_ledger WHERE request_id = $1",  # noqa: S608 - constant columns
+            f"SELECT {COLUMNS} FROM clipia_ledger WHERE request_id = $1",  # noqa: S608 - constant columns
             request_id,
         )
-        return _record(rows[0]) if rows else None
+        return row_to_record(rows[0]) if rows else None
 
     async def owner_of(self, upstream_id: str) -> str | None:
         """See ``LedgerStore.owner_of``."""
@@ -426,27 +394,27 @@ class PostgresLedger:
     async def dispatched(self) -> list[LedgerRecord]:
         """See ``LedgerStore.dispatched``."""
         rows = await self._fetch(
-            f"SELECT {_COLUMNS} FROM clipia_ledger WHERE state = 'dispatched' ORDER BY created_at"  # noqa: S608 - constant columns
+            f"SELECT {COLUMNS} FROM clipia_ledger WHERE state = 'dispatched' ORDER BY created_at"  # noqa: S608 - constant columns
         )
-        return [_record(row) for row in rows]
+        return [row_to_record(row) for row in rows]
 
     async def records(self, *, since: float, until: float) -> list[LedgerRecord]:
         """See ``LedgerStore.records``."""
         rows = await self._fetch(
-            f"SELECT {_COLUMNS} FROM clipia_ledger WHERE created_at >= $1 AND created_at < $2 "  # noqa: S608 - constant columns
+            f"SELECT {COLUMNS} FROM clipia_ledger WHERE created_at >= $1 AND created_at < $2 "  # noqa: S608 - constant columns
             "ORDER BY created_at",
             since,
             until,
         )
-        return [_record(row) for row in rows]
+        return [row_to_record(row) for row in rows]
 
     async def recent(self, *, since: float) -> list[LedgerRecord]:
         """Return the records created after ``since`` (RPM/TPM windows after a rebuild)."""
         rows = await self._fetch(
-            f"SELECT {_COLUMNS} FROM clipia_ledger WHERE created_at > $1",  # noqa: S608 - constant columns
+            f"SELECT {COLUMNS} FROM clipia_ledger WHERE created_at > $1",  # noqa: S608 - constant columns
             since,
         )
-        return [_record(row) for row in rows]
+        return [row_to_record(row) for row in rows]
 
     async def spent(self, *, since: float) -> list[WindowSpent]:
         """See ``LedgerStore.spent``."""
@@ -473,51 +441,39 @@ class PostgresLedger:
             ):
                 spent = await self._spent(conn, since)
                 dispatched = await conn.fetch(
-                    f"SELECT {_COLUMNS} FROM clipia_ledger WHERE state = 'dispatched'"  # noqa: S608 - constant columns
+                    f"SELECT {COLUMNS} FROM clipia_ledger WHERE state = 'dispatched'"  # noqa: S608 - constant columns
                 )
                 recent = await conn.fetch(
-                    f"SELECT {_COLUMNS} FROM clipia_ledger WHERE created_at > $1",  # noqa: S608 - constant columns
+                    f"SELECT {COLUMNS} FROM clipia_ledger WHERE created_at > $1",  # noqa: S608 - constant columns
                     recent_since,
                 )
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
             raise self._unavailable(exc) from exc
         return CountersSnapshot(
             spent=spent,
-            dispatched=[_record(row) for row in dispatched],
-            recent=[_record(row) for row in recent],
+            dispatched=[row_to_record(row) for row in dispatched],
+            recent=[row_to_record(row) for row in recent],
         )
 
     async def report(
-        self, *, since: float, until: float, by: tuple[str, ...], team: str | None
+        self,
+        *,
+        since: float,
+        until: float,
+        by: tuple[str, ...],
+        team: str | None,
+        days: tuple[str, str] | None = None,
     ) -> AsyncIterator[ReportLine]:
         """See ``LedgerStore.report`` (GROUP BY in the database; a cursor streams the lines)."""
-        columns = [_group_sql(name) for name in by if name in GROUPINGS or tag_name(name)]
-        select = ", ".join(
-            f"{expr} AS g{i}" for i, expr in enumerate([*columns, "''"][: max(len(columns), 1)])
+        query = report_query(POSTGRES, by, since=since, until=until, team=team, days=days)
+        rows = (
+            self._stream(f"{query.sql} ORDER BY {query.order}", list(query.args))
+            if query.rollup  # a few thousand rows a month: no parallel scan to wait for
+            else self._aggregate(query.sql, list(query.args), query.order)
         )
-        order = ", ".join(str(i + 1) for i in range(len(columns))) or "1"
-        where = "state = 'settled' AND created_at >= $1 AND created_at < $2"
-        args: list[Any] = [since, until]
-        if team is not None:
-            where += " AND team = $3"
-            args.append(team)
-        query = (
-            f"SELECT {select}, count(*) AS n, COALESCE(SUM(prompt_tokens), 0)::bigint AS pt, "  # noqa: S608 - constant expressions
-            f"COALESCE(SUM(completion_tokens), 0)::bigint AS ct, "
-            f"COALESCE(SUM(cost), 0)::bigint AS cost "
-            "FROM clipia_ledger "
-            + ("LEFT JOIN LATERAL jsonb_each_text(tags) AS t(k, v) ON true " if "tag" in by else "")
-            + f"WHERE {where} GROUP BY {order}"
-        )
-        n = max(len(columns), 1)
-        async for row in self._aggregate(query, args, order):
-            yield ReportLine(
-                group=tuple(str(v) for v in row[: len(columns)]),
-                requests=int(row[n]),
-                prompt_tokens=int(row[n + 1]),
-                completion_tokens=int(row[n + 2]),
-                cost=int(row[n + 3]),
-            )
+        async for row in rows:
+            for line in report_lines((row,), query.width):
+                yield line
 
     async def _aggregate(self, query: str, args: list[Any], order: str) -> AsyncIterator[Any]:
         """Run an aggregate into a temporary table, then stream it in ``order``.
@@ -565,11 +521,11 @@ class PostgresLedger:
     async def export(self, *, since: float, until: float) -> AsyncIterator[LedgerRecord]:
         """See ``LedgerStore.export``."""
         query = (
-            f"SELECT {_COLUMNS} FROM clipia_ledger WHERE created_at >= $1 AND created_at < $2 "  # noqa: S608 - constant columns
+            f"SELECT {COLUMNS} FROM clipia_ledger WHERE created_at >= $1 AND created_at < $2 "  # noqa: S608 - constant columns
             "ORDER BY created_at"
         )
         async for row in self._stream(query, [since, until]):
-            yield _record(row)
+            yield row_to_record(row)
 
     async def prune(self, *, before: float) -> int:
         """See ``LedgerStore.prune``: whole month partitions are dropped."""
@@ -587,12 +543,21 @@ class PostgresLedger:
                         continue
                     start = dt.datetime(int(name[15:19]), int(name[20:22]), 1, tzinfo=dt.UTC)
                     if _next_month(start).timestamp() <= before:
+                        # A dropped table fires no trigger: its sums leave the rollup first.
                         removed += int(await conn.fetchval(f"SELECT count(*) FROM {name}"))  # noqa: S608 - a partition name we made
+                        await conn.execute(rollup_upsert(POSTGRES, (name, -1)))
                         await conn.execute(f"DROP TABLE {name}")
-                status = await conn.execute(
-                    "DELETE FROM clipia_ledger_default WHERE created_at < $1", before
+                # Deleted from the partition itself (the parent's statement trigger does not
+                # run): the rollup is taken from the deleted rows in the same statement.
+                removed += int(
+                    await conn.fetchval(
+                        "WITH gone AS (DELETE FROM clipia_ledger_default WHERE created_at < $1 "  # noqa: S608 - constant SQL
+                        f"RETURNING *), rolled AS ({rollup_upsert(POSTGRES, ('gone', -1))}) "
+                        "SELECT count(*) FROM gone",
+                        before,
+                    )
                 )
-                removed += int(status.split()[-1])
+                await conn.execute(rollup_drop_empty(POSTGRES))
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
             raise self._unavailable(exc) from exc
         return removed

@@ -3,8 +3,9 @@
 The same table the ``sqlite`` counters write (:mod:`clipia_proxy.quotas.sqlite`, whose
 group-commit worker serves requests); this class is the :class:`LedgerStore` over that file for
 ``report``, ``ledger export`` and ``ledger prune`` (and any one-replica use). Every call runs
-on a worker thread (sqlite3 blocks); aggregates are SQL ``GROUP BY`` and long results come in
-chunks, never loaded whole. Prune deletes in batches (one short transaction each), so a
+on a worker thread (sqlite3 blocks); aggregates are SQL ``GROUP BY`` (over the daily rollup
+when it holds the groupings: :mod:`clipia_proxy.ledgers.sql`) and long results come in chunks,
+never loaded whole. Prune deletes in batches (one short transaction each), so a
 running gateway is never locked out for long.
 """
 
@@ -17,42 +18,27 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
-import msgspec
-
 from clipia_proxy.quotas.ledgered import CALENDAR_HORIZON_SECONDS
 from clipia_proxy.quotas.model import Settlement
-from clipia_proxy.quotas.sqlite import (
-    ADD_SPENT,
-    COLUMNS,
-    prepare,
-    row_to_record,
-    spent_current,
-)
+from clipia_proxy.quotas.sqlite import ADD_SPENT, prepare, spent_current
 from clipia_proxy.quotas.store import LedgerRecord, StoreUnavailable
 
-from . import GROUPINGS, CountersSnapshot, ReportLine, WindowSpent, tag_name
+from . import CountersSnapshot, ReportLine, WindowSpent
+from .sql import (
+    COLUMNS,
+    SQLITE,
+    record_values,
+    report_lines,
+    report_query,
+    rollup_drop_empty,
+    row_to_record,
+)
 
 __all__ = ["SqliteLedger"]
 
 _T = TypeVar("_T")
 _CHUNK: Final = 2000
 _PRUNE_BATCH: Final = 10_000
-_GROUP_SQL: Final = {
-    "team": "team",
-    "model": "COALESCE(NULLIF(model, ''), 'other')",
-    "key": "COALESCE(key_id, '')",
-    "environment": "environment",
-    "user": "COALESCE(end_user, '')",
-    "tag": "COALESCE(t.key || '=' || t.value, '')",
-    "day": "COALESCE(substr(json_extract(windows, '$.day'), 5), date(created_at, 'unixepoch'))",
-}
-
-
-def _group_sql(name: str) -> str:
-    tag = tag_name(name)
-    if tag is not None:  # a checked identifier: no quote can reach the SQL
-        return f"""COALESCE(json_extract(tags, '$."{tag}"'), '')"""
-    return _GROUP_SQL[name]
 
 
 class SqliteLedger:
@@ -114,16 +100,10 @@ class SqliteLedger:
         """See ``LedgerStore.insert``."""
 
         def insert() -> bool:
-            values = msgspec.structs.asdict(record)
-            values["stream"] = int(record.stream)
-            values["windows"] = msgspec.json.encode(record.windows).decode()
-            values["state"] = record.state.value
-            values["outcome"] = record.outcome.value if record.outcome else None
-            values["tags"] = msgspec.json.encode(record.tags).decode() if record.tags else None
-            names = COLUMNS.replace(" ", "").split(",")
+            values = record_values(record)
             cursor = self._conn().execute(
-                f"INSERT OR IGNORE INTO ledger ({COLUMNS}) VALUES ({', '.join('?' * len(names))})",  # noqa: S608 - constant columns
-                [values[name] for name in names],
+                f"INSERT OR IGNORE INTO ledger ({COLUMNS}) VALUES ({', '.join('?' * len(values))})",  # noqa: S608 - constant columns
+                values,
             )
             return cursor.rowcount == 1
 
@@ -289,33 +269,19 @@ class SqliteLedger:
             await self._run(db.close)
 
     async def report(
-        self, *, since: float, until: float, by: tuple[str, ...], team: str | None
+        self,
+        *,
+        since: float,
+        until: float,
+        by: tuple[str, ...],
+        team: str | None,
+        days: tuple[str, str] | None = None,
     ) -> AsyncIterator[ReportLine]:
         """See ``LedgerStore.report`` (GROUP BY in SQLite, lines in chunks)."""
-        columns = [_group_sql(name) for name in by if name in GROUPINGS or tag_name(name)]
-        select = ", ".join(columns) if columns else "''"
-        order = ", ".join(str(i + 1) for i in range(max(len(columns), 1)))
-        where = "state = 'settled' AND created_at >= ? AND created_at < ?"
-        args: tuple[Any, ...] = (since, until)
-        if team is not None:
-            where += " AND team = ?"
-            args = (*args, team)
-        query = (
-            f"SELECT {select}, count(*), COALESCE(SUM(prompt_tokens), 0), "  # noqa: S608 - constant expressions
-            f"COALESCE(SUM(completion_tokens), 0), COALESCE(SUM(cost), 0) FROM ledger "
-            + ("LEFT JOIN json_each(ledger.tags) AS t " if "tag" in by else "")
-            + f"WHERE {where} GROUP BY {order} ORDER BY {order}"
-        )
-        n = max(len(columns), 1)
-        async for chunk in self._chunks(query, args):
-            for row in chunk:
-                yield ReportLine(
-                    group=tuple(str(v) for v in row[: len(columns)]),
-                    requests=int(row[n]),
-                    prompt_tokens=int(row[n + 1]),
-                    completion_tokens=int(row[n + 2]),
-                    cost=int(row[n + 3]),
-                )
+        query = report_query(SQLITE, by, since=since, until=until, team=team, days=days)
+        async for chunk in self._chunks(f"{query.sql} ORDER BY {query.order}", query.args):
+            for line in report_lines(chunk, query.width):
+                yield line
 
     async def open_count(self, *, since: float, until: float, team: str | None) -> int:
         """See ``LedgerStore.open_count``."""
@@ -358,4 +324,5 @@ class SqliteLedger:
         removed = 0
         while deleted := await self._run(batch):
             removed += deleted
+        await self._run(lambda: self._conn().execute(rollup_drop_empty(SQLITE)))
         return removed

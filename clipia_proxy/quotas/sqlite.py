@@ -31,20 +31,26 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
-import msgspec
+from clipia_proxy.ledgers.sql import (
+    COLUMNS,
+    SQLITE,
+    record_values,
+    rollup_row,
+    rollup_table,
+    rollup_upsert,
+    row_to_record,
+)
 
 from .memory import RATE_WINDOW_SECONDS, MemoryEngine
-from .model import Outcome, Period, RecordState, ReserveRequest, ReserveResult, Settlement
+from .model import ReserveRequest, ReserveResult, Settlement
 from .store import LedgerRecord, LocalStore, StoreUnavailable, WindowUsage
 
 __all__ = [
     "ADD_SPENT",
-    "COLUMNS",
     "SCHEMA",
     "SqliteStore",
     "horizon_keys",
     "prepare",
-    "row_to_record",
     "spent_current",
 ]
 
@@ -124,44 +130,28 @@ _SPENT_CURRENT: Final = (
     "OR (window >= ? AND window < 'month;')"
 )
 """Spent of the windows that can still be current (a few rows per team: no scan)."""
-COLUMNS: Final = (
-    "request_id, team, key_id, model, stream, reserved, tokens_reserved, windows, created_at, "
-    "lease_until, state, upstream_id, cost, prompt_tokens, completion_tokens, usage_source, "
-    "outcome, settled_at, environment, tags, end_user"
+_ROLLUP: Final = (
+    rollup_table(SQLITE, integer="INTEGER") + " WITHOUT ROWID",
+    "CREATE TRIGGER IF NOT EXISTS ledger_daily_insert AFTER INSERT ON ledger "
+    f"WHEN NEW.state = 'settled' BEGIN {rollup_upsert(SQLITE, (rollup_row('NEW'), 1))}; END",
+    "CREATE TRIGGER IF NOT EXISTS ledger_daily_update "
+    "AFTER UPDATE OF state, cost, prompt_tokens, completion_tokens ON ledger "
+    "WHEN OLD.state = 'settled' OR NEW.state = 'settled' BEGIN "
+    f"{rollup_upsert(SQLITE, (rollup_row('OLD'), -1), (rollup_row('NEW'), 1))}; END",
+    "CREATE TRIGGER IF NOT EXISTS ledger_daily_delete AFTER DELETE ON ledger "
+    f"WHEN OLD.state = 'settled' BEGIN {rollup_upsert(SQLITE, (rollup_row('OLD'), -1))}; END",
 )
-_TAGS: Final = msgspec.json.Decoder(dict[str, str])
-_WINDOWS: Final = msgspec.json.Decoder(dict[Period, str])
+"""The daily rollup ``report`` reads (see :mod:`clipia_proxy.ledgers.sql`): kept by triggers
+in the transaction of every change to a settled record."""
 
 
-def row_to_record(row: tuple[Any, ...]) -> LedgerRecord:
-    """Return the record of one ``SELECT {COLUMNS}`` row."""
-    return LedgerRecord(
-        request_id=row[0],
-        team=row[1],
-        key_id=row[2],
-        model=row[3],
-        stream=bool(row[4]),
-        reserved=row[5],
-        tokens_reserved=row[6],
-        windows=_WINDOWS.decode(row[7]),
-        created_at=row[8],
-        lease_until=row[9],
-        state=RecordState(row[10]),
-        upstream_id=row[11],
-        cost=row[12],
-        prompt_tokens=row[13],
-        completion_tokens=row[14],
-        usage_source=row[15],
-        outcome=Outcome(row[16]) if row[16] else None,
-        settled_at=row[17],
-        environment=row[18] or "live",
-        tags=_TAGS.decode(row[19]) if row[19] else {},
-        end_user=row[20],
-    )
+def _has_table(db: sqlite3.Connection, name: str) -> bool:
+    row = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,))
+    return row.fetchone() is not None
 
 
 def prepare(db: sqlite3.Connection) -> None:
-    """Create the schema; an older file gets the columns it lacks, and its spent summary once."""
+    """Create the schema; an older file gets what it lacks (columns, spent summary, rollup)."""
     fresh = not db.execute(
         "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'ledger_spent'"
     ).fetchone()
@@ -173,6 +163,19 @@ def prepare(db: sqlite3.Connection) -> None:
     if fresh:
         db.execute("BEGIN IMMEDIATE")
         db.execute(_SPENT_BACKFILL)
+        db.execute("COMMIT")
+    if not _has_table(db, SQLITE.daily):
+        # Once: the rollup of the records already there, with its triggers, in one write
+        # transaction (another process opening the file at the same time waits, then sees it).
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if not _has_table(db, SQLITE.daily):
+                for statement in _ROLLUP:
+                    db.execute(statement)
+                db.execute(rollup_upsert(SQLITE, ("ledger", 1)))
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
         db.execute("COMMIT")
 
 
@@ -441,29 +444,7 @@ class SqliteStore:
     def _insert(self, record: LedgerRecord) -> None:
         self._conn().execute(
             f"INSERT INTO ledger ({COLUMNS}) VALUES ({', '.join('?' * 21)})",  # noqa: S608 - constant columns
-            (
-                record.request_id,
-                record.team,
-                record.key_id,
-                record.model,
-                int(record.stream),
-                record.reserved,
-                record.tokens_reserved,
-                msgspec.json.encode(record.windows).decode(),
-                record.created_at,
-                record.lease_until,
-                record.state.value,
-                record.upstream_id,
-                record.cost,
-                record.prompt_tokens,
-                record.completion_tokens,
-                record.usage_source,
-                record.outcome.value if record.outcome else None,
-                record.settled_at,
-                record.environment,
-                msgspec.json.encode(record.tags).decode() if record.tags else None,
-                record.end_user,
-            ),
+            record_values(record),
         )
 
     def _settle(self, record: LedgerRecord) -> None:

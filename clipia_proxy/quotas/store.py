@@ -234,9 +234,20 @@ class LedgerStore(Protocol):
         """
 
     def report(
-        self, *, since: float, until: float, by: tuple[str, ...], team: str | None
+        self,
+        *,
+        since: float,
+        until: float,
+        by: tuple[str, ...],
+        team: str | None,
+        days: tuple[str, str] | None = None,
     ) -> AsyncIterator[ReportLine]:
-        """Yield settled sums of ``[since, until)`` grouped by ``by`` (see GROUPINGS)."""
+        """Yield settled sums of ``[since, until)`` grouped by ``by`` (see GROUPINGS).
+
+        ``days``: the same period as its first and end budget day (``YYYY-MM-DD`` in
+        ``accounting.timezone``), when it is whole days there: groupings the daily rollup
+        holds are then read from it instead of the records.
+        """
 
     async def open_count(self, *, since: float, until: float, team: str | None) -> int:
         """Return how many records of ``[since, until)`` are not settled yet."""
