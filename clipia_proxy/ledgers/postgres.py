@@ -54,8 +54,8 @@ _LOCK_KEY: Final = 0x636C6970  # "clip": the migration advisory lock
 _MONTHS_AHEAD: Final = 3
 _EXPORT_PREFETCH: Final = 2000
 _MIGRATION_TIMEOUT: Final = 3600.0
-"""A migration may rewrite or sum the whole ledger (3 sums it into the daily rollup, about a
-minute per 10M records on a busy 2-core machine): not the statement timeout."""
+"""A migration may rewrite or sum the whole ledger (3 sums it into the daily rollup: about 2
+minutes per 10M records on a busy 2-core VM): not the statement timeout."""
 
 MIGRATIONS: Final[tuple[tuple[int, str], ...]] = (
     (
