@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from tests.harness import TEAMS_YAML as TEAMS_YAML
+from tests.harness import Cluster, ClusterFactory, start_cluster
 from tests.harness import Stack as Stack
 from tests.harness import make_config as make_config
 from tests.harness import start_stack as start_stack
@@ -51,6 +52,23 @@ async def stacks() -> AsyncIterator[Callable[..., Awaitable[Stack]]]:
     finally:
         for made in started:
             await stop_stack(made)
+
+
+@pytest.fixture
+async def clusters() -> AsyncIterator[ClusterFactory]:
+    """Start clusters (arguments of ``start_cluster``, one replica by default); all stopped after."""
+    started: list[Cluster] = []
+
+    async def factory(replicas: int = 1, **kwargs: Any) -> Cluster:
+        made = await start_cluster(replicas, **kwargs)
+        started.append(made)
+        return made
+
+    try:
+        yield factory
+    finally:
+        for made in started:
+            await made.stop()
 
 
 class ThreadStack:

@@ -427,6 +427,13 @@ async def start_cluster(replicas: int, *, emulator_rpm: int = 100_000, **config:
     return cluster
 
 
+StackFactory = Callable[..., Awaitable[Stack]]
+"""The ``stacks`` fixture: :func:`start_stack`'s keywords in, a running stack out."""
+
+ClusterFactory = Callable[..., Awaitable[Cluster]]
+"""The ``clusters`` fixture: :func:`start_cluster`'s arguments in, a running cluster out."""
+
+
 def open_connections(running: Running, *, admin: bool = False) -> int:
     """Connections a port of the gateway has accepted and counts against its cap."""
     from clipia_proxy.connections import GatewayServer

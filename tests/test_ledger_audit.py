@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import itertools
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -30,9 +31,8 @@ from tests.audit import (
     audit,
     emulator_served,
     redis_store,
-    start_cluster,
 )
-from tests.conftest import Stack
+from tests.harness import ClusterFactory, Stack
 
 PROMPT: list[dict[str, object]] = [{"role": "user", "content": "tell me a long story"}]
 TEAMS = """
@@ -47,23 +47,11 @@ teams:
     budget: {{day: 1000, month: 10000}}
 """
 
-ClusterFactory = Callable[..., Awaitable[Cluster]]
-
 
 @pytest.fixture
-async def clusters() -> AsyncIterator[ClusterFactory]:
-    started: list[Cluster] = []
-
-    async def factory(replicas: int = 1, **kwargs: object) -> Cluster:
-        made = await start_cluster(replicas, teams=TEAMS, **kwargs)  # type: ignore[arg-type]
-        started.append(made)
-        return made
-
-    try:
-        yield factory
-    finally:
-        for made in started:
-            await made.stop()
+def clusters(clusters: ClusterFactory) -> ClusterFactory:
+    """The conftest factory, with this module's teams unless a test names others."""
+    return functools.partial(clusters, teams=TEAMS)
 
 
 @dataclass

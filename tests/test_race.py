@@ -9,7 +9,7 @@ on SQLite, and three replicas sharing one Redis.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -22,9 +22,9 @@ from clipia_proxy.keys import QUOTAS
 from clipia_proxy.quotas.estimate import estimate
 from clipia_proxy.quotas.model import MICRO_PER_CREDIT, Period
 from clipia_proxy.wire import encode_json
-from tests.audit import CHAT_PATH, Cluster, audit, start_cluster
+from tests.audit import CHAT_PATH, Cluster, audit
 from tests.audit import redis_store as shared_redis
-from tests.conftest import Stack
+from tests.harness import ClusterFactory, Stack
 
 MODEL = "gpt-5.5"
 BODY: dict[str, object] = {
@@ -186,25 +186,6 @@ async def window_usage(stack: Stack, period: Period) -> tuple[int, int]:
     key = quotas.windows(now)[period].key
     used = (await quotas.store.usage("search", [key], now))[key]
     return used.spent, used.reserved
-
-
-ClusterFactory = Callable[..., Awaitable[Cluster]]
-
-
-@pytest.fixture
-async def clusters() -> AsyncIterator[ClusterFactory]:
-    started: list[Cluster] = []
-
-    async def factory(replicas: int, **kwargs: object) -> Cluster:
-        made = await start_cluster(replicas, **kwargs)  # type: ignore[arg-type]
-        started.append(made)
-        return made
-
-    try:
-        yield factory
-    finally:
-        for made in started:
-            await made.stop()
 
 
 @pytest.fixture
