@@ -420,8 +420,7 @@ async def _send(
     try:
         upstream = app[UPSTREAMS].for_team(flight.admission.team)  # test teams: sandbox key
     except UpstreamUnavailable:
-        flight.sent = False  # a reload removed the sandbox key meanwhile: never sent
-        flight.outcome = Outcome.NOT_SENT
+        flight.outcome = Outcome.NOT_SENT  # a reload removed the sandbox key meanwhile
         raise
     info.upstream_sent = time.perf_counter()
     # While Clipia computes, a client that hangs up gives its team's slot back (once a second).
@@ -435,7 +434,6 @@ async def _send(
             accept="text/event-stream" if stream else _JSON,
         )
     except UpstreamNotSent as exc:
-        flight.sent = False
         flight.outcome = Outcome.NOT_SENT
         if isinstance(exc, UpstreamBusy):
             raise _overloaded(exc) from exc

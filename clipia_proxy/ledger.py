@@ -57,15 +57,17 @@ _RECONCILE_PARALLEL: Final = 8
 
 
 class Flight(msgspec.Struct, kw_only=True):
-    """What one admitted request learnt on its way, filled in by the handler."""
+    """One admitted request's record from admission to settlement, filled in by the handler.
+
+    Its ``outcome`` is the request's: the handler sets it as the request goes, the access line
+    reads it once at the end, and the settlement records it.
+    """
 
     admission: Admission
     model: str = ""
     """The canonical model id (for metrics)."""
     prompt_price: Decimal | None
     completion_price: Decimal | None
-    sent: bool = True
-    """False only when the upstream certainly never received the request."""
     upstream_status: int | None = None
     usage: Usage | None = None
     usage_from_stream: bool = False
@@ -75,6 +77,11 @@ class Flight(msgspec.Struct, kw_only=True):
     """The concurrency slot was freed early (the client left before the end)."""
     metric_tags: dict[str, str] = msgspec.field(default_factory=dict)
     """The request's tags that are metric labels (``attribution.tags.*.metric``)."""
+
+    @property
+    def sent(self) -> bool:
+        """False only when the upstream certainly never received the request (``not_sent``)."""
+        return self.outcome is not Outcome.NOT_SENT
 
 
 class _GenerationCost(msgspec.Struct, frozen=True):

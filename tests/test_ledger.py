@@ -137,7 +137,7 @@ async def reserve(env: Env, rid: str) -> Admission:
 
 
 async def test_not_sent_costs_nothing(env: Env) -> None:
-    got = env.ledger.decide(flight(sent=False, usage=Usage(cost=Decimal(1))), None)
+    got = env.ledger.decide(flight(outcome=Outcome.NOT_SENT, usage=Usage(cost=Decimal(1))), None)
     assert (got.cost, got.outcome, got.usage_source) == (0, Outcome.NOT_SENT, UsageSource.COUNTED)
     assert got.now == NOW
 
