@@ -24,7 +24,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, Final
 
 import asyncpg
@@ -33,13 +33,13 @@ from clipia_proxy.config import LedgerConfig
 from clipia_proxy.quotas.model import Settlement
 from clipia_proxy.quotas.store import LedgerRecord, StoreUnavailable
 
-from . import CountersSnapshot, ReportLine, WindowSpent
+from . import CountersSnapshot, WindowSpent
 from .sql import (
     COLUMNS,
     POSTGRES,
+    ReportQuery,
+    SqlReports,
     record_values,
-    report_lines,
-    report_query,
     rollup_drop_empty,
     rollup_row,
     rollup_table,
@@ -176,8 +176,10 @@ def _partition_name(start: dt.datetime) -> str:
     return f"clipia_ledger_y{start.year:04d}m{start.month:02d}"
 
 
-class PostgresLedger:
+class PostgresLedger(SqlReports):
     """The ledger in PostgreSQL (see the module docstring)."""
+
+    dialect = POSTGRES
 
     def __init__(
         self,
@@ -455,25 +457,10 @@ class PostgresLedger:
             recent=[row_to_record(row) for row in recent],
         )
 
-    async def report(
-        self,
-        *,
-        since: float,
-        until: float,
-        by: tuple[str, ...],
-        team: str | None,
-        days: tuple[str, str] | None = None,
-    ) -> AsyncIterator[ReportLine]:
-        """See ``LedgerStore.report`` (GROUP BY in the database; a cursor streams the lines)."""
-        query = report_query(POSTGRES, by, since=since, until=until, team=team, days=days)
-        rows = (
-            self._stream(f"{query.sql} ORDER BY {query.order}", list(query.args))
-            if query.rollup  # a few thousand rows a month: no parallel scan to wait for
-            else self._aggregate(query.sql, list(query.args), query.order)
-        )
-        async for row in rows:
-            for line in report_lines((row,), query.width):
-                yield line
+    def _report_rows(self, query: ReportQuery) -> AsyncIterator[Sequence[Any]]:
+        if query.rollup:  # a few thousand rows a month: no parallel scan to wait for
+            return self._stream(f"{query.sql} ORDER BY {query.order}", list(query.args))
+        return self._aggregate(query.sql, list(query.args), query.order)
 
     async def _aggregate(self, query: str, args: list[Any], order: str) -> AsyncIterator[Any]:
         """Run an aggregate into a temporary table, then stream it in ``order``.

@@ -17,8 +17,8 @@ deadlock on it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Final
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, ClassVar, Final
 
 import msgspec
 
@@ -29,11 +29,12 @@ __all__ = [
     "COLUMNS",
     "POSTGRES",
     "ROLLUP_GROUPINGS",
+    "SETTLED_FIELDS",
     "SQLITE",
     "Dialect",
     "ReportQuery",
+    "SqlReports",
     "record_values",
-    "report_lines",
     "report_query",
     "rollup_drop_empty",
     "rollup_row",
@@ -77,6 +78,11 @@ def record_values(record: LedgerRecord) -> tuple[Any, ...]:
         msgspec.json.encode(record.tags).decode() if record.tags else None,
         record.end_user,
     )
+
+
+SETTLED_FIELDS: Final = slice(11, 18)
+"""Where a settlement's columns stand in :data:`COLUMNS` / :func:`record_values`: upstream_id,
+cost, prompt_tokens, completion_tokens, usage_source, outcome, settled_at."""
 
 
 def _json(decoder: msgspec.json.Decoder[Any], value: Any) -> Any:
@@ -293,14 +299,35 @@ def report_query(
     )
 
 
-def report_lines(rows: Iterable[Any], width: int) -> Iterator[ReportLine]:
-    """The report's lines of the rows of :func:`report_query` (``width`` group columns)."""
-    n = max(width, 1)
-    for row in rows:
-        yield ReportLine(
-            group=tuple(str(v) for v in row[:width]),
-            requests=int(row[n]),
-            prompt_tokens=int(row[n + 1]),
-            completion_tokens=int(row[n + 2]),
-            cost=int(row[n + 3]),
-        )
+class SqlReports:
+    """``LedgerStore.report`` of both ledgers.
+
+    :func:`report_query` in the class's dialect; its rows from ``_report_rows`` (how each
+    database runs and streams a query).
+    """
+
+    dialect: ClassVar[Dialect]
+
+    def _report_rows(self, query: ReportQuery) -> AsyncIterator[Sequence[Any]]:
+        raise NotImplementedError
+
+    async def report(
+        self,
+        *,
+        since: float,
+        until: float,
+        by: tuple[str, ...],
+        team: str | None,
+        days: tuple[str, str] | None = None,
+    ) -> AsyncIterator[ReportLine]:
+        """See ``LedgerStore.report``: GROUP BY in the database, lines as they come."""
+        query = report_query(self.dialect, by, since=since, until=until, team=team, days=days)
+        n = max(query.width, 1)
+        async for row in self._report_rows(query):
+            yield ReportLine(
+                group=tuple(str(v) for v in row[: query.width]),
+                requests=int(row[n]),
+                prompt_tokens=int(row[n + 1]),
+                completion_tokens=int(row[n + 2]),
+                cost=int(row[n + 3]),
+            )

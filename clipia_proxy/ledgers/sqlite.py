@@ -14,22 +14,29 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
 from clipia_proxy.quotas.ledgered import CALENDAR_HORIZON_SECONDS
+from clipia_proxy.quotas.memory import apply_settlement
 from clipia_proxy.quotas.model import Settlement
-from clipia_proxy.quotas.sqlite import ADD_SPENT, prepare, spent_current
+from clipia_proxy.quotas.sqlite import (
+    prepare,
+    select_records,
+    spent_current,
+    write_correction,
+    write_settlement,
+)
 from clipia_proxy.quotas.store import LedgerRecord, StoreUnavailable
 
-from . import CountersSnapshot, ReportLine, WindowSpent
+from . import CountersSnapshot, WindowSpent
 from .sql import (
     COLUMNS,
     SQLITE,
+    ReportQuery,
+    SqlReports,
     record_values,
-    report_lines,
-    report_query,
     rollup_drop_empty,
     row_to_record,
 )
@@ -41,8 +48,10 @@ _CHUNK: Final = 2000
 _PRUNE_BATCH: Final = 10_000
 
 
-class SqliteLedger:
+class SqliteLedger(SqlReports):
     """The ledger in a SQLite file (see the module docstring)."""
+
+    dialect = SQLITE
 
     def __init__(self, path: str | Path, *, timeout: float = 5.0) -> None:
         self._path = str(path)
@@ -90,11 +99,23 @@ class SqliteLedger:
         await self._run(close)
 
     def _select(self, where: str, args: tuple[Any, ...]) -> list[LedgerRecord]:
-        rows = self._conn().execute(
-            f"SELECT {COLUMNS} FROM ledger WHERE {where} ORDER BY created_at",  # noqa: S608 - constant clauses
-            args,
-        )
-        return [row_to_record(row) for row in rows]
+        return select_records(self._conn(), where, args)
+
+    async def _write(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        """Run ``fn`` in one write transaction (rolled back if it raises)."""
+
+        def write() -> _T:
+            db = self._conn()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(db)
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+            return result
+
+        return await self._run(write)
 
     async def insert(self, record: LedgerRecord) -> bool:
         """See ``LedgerStore.insert``."""
@@ -110,46 +131,16 @@ class SqliteLedger:
         return await self._run(insert)
 
     async def settle(self, request_id: str, settlement: Settlement) -> LedgerRecord | None:
-        """See ``LedgerStore.settle``."""
+        """See ``LedgerStore.settle`` (the record and its windows' spent in one transaction)."""
 
-        def settle() -> LedgerRecord | None:
-            db = self._conn()
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                settled = apply()
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
-            return settled
-
-        def apply() -> LedgerRecord | None:
-            cursor = self._conn().execute(
-                "UPDATE ledger SET state = 'settled', upstream_id = COALESCE(?, upstream_id), "
-                "cost = ?, prompt_tokens = ?, completion_tokens = ?, usage_source = ?, "
-                "outcome = ?, settled_at = ? WHERE request_id = ? AND state = 'dispatched'",
-                (
-                    settlement.upstream_id,
-                    settlement.cost,
-                    settlement.prompt_tokens,
-                    settlement.completion_tokens,
-                    settlement.usage_source.value,
-                    settlement.outcome.value,
-                    settlement.now,
-                    request_id,
-                ),
-            )
-            if cursor.rowcount != 1:
+        def settle(db: sqlite3.Connection) -> LedgerRecord | None:
+            found = select_records(db, "request_id = ? AND state = 'dispatched'", (request_id,))
+            if not found:
                 return None
-            found = self._select("request_id = ?", (request_id,))
-            if found:
-                record = found[0]
-                self._conn().executemany(
-                    ADD_SPENT, [(record.team, key, record.cost) for key in record.windows.values()]
-                )
-            return found[0] if found else None
+            apply_settlement(found[0], settlement)
+            return found[0] if write_settlement(db, found[0]) else None
 
-        return await self._run(settle)
+        return await self._write(settle)
 
     async def renew(self, request_id: str, lease_until: float) -> None:
         """See ``LedgerStore.renew``."""
@@ -162,38 +153,7 @@ class SqliteLedger:
 
     async def correct(self, request_id: str, settlement: Settlement) -> LedgerRecord | None:
         """See ``LedgerStore.correct`` (the record and its windows' spent in one transaction)."""
-
-        def correct() -> LedgerRecord | None:
-            db = self._conn()
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                found = self._select("request_id = ? AND state = 'settled'", (request_id,))
-                if found:
-                    old = found[0]
-                    db.execute(
-                        "UPDATE ledger SET cost = ?, prompt_tokens = ?, completion_tokens = ?, "
-                        "usage_source = ?, upstream_id = COALESCE(?, upstream_id) "
-                        "WHERE request_id = ?",
-                        (
-                            settlement.cost,
-                            settlement.prompt_tokens,
-                            settlement.completion_tokens,
-                            settlement.usage_source.value,
-                            settlement.upstream_id,
-                            request_id,
-                        ),
-                    )
-                    delta = settlement.cost - old.cost
-                    db.executemany(
-                        ADD_SPENT, [(old.team, key, delta) for key in old.windows.values()]
-                    )
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
-            return found[0] if found else None
-
-        return await self._run(correct)
+        return await self._write(lambda db: write_correction(db, request_id, settlement))
 
     async def note_upstream_id(self, request_id: str, upstream_id: str) -> None:
         """See ``LedgerStore.note_upstream_id``."""
@@ -268,20 +228,10 @@ class SqliteLedger:
         finally:
             await self._run(db.close)
 
-    async def report(
-        self,
-        *,
-        since: float,
-        until: float,
-        by: tuple[str, ...],
-        team: str | None,
-        days: tuple[str, str] | None = None,
-    ) -> AsyncIterator[ReportLine]:
-        """See ``LedgerStore.report`` (GROUP BY in SQLite, lines in chunks)."""
-        query = report_query(SQLITE, by, since=since, until=until, team=team, days=days)
+    async def _report_rows(self, query: ReportQuery) -> AsyncIterator[Sequence[Any]]:
         async for chunk in self._chunks(f"{query.sql} ORDER BY {query.order}", query.args):
-            for line in report_lines(chunk, query.width):
-                yield line
+            for row in chunk:
+                yield row
 
     async def open_count(self, *, since: float, until: float, team: str | None) -> int:
         """See ``LedgerStore.open_count``."""

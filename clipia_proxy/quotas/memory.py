@@ -94,6 +94,14 @@ def apply_correction(record: LedgerRecord, settlement: Settlement) -> None:
     record.upstream_id = settlement.upstream_id or record.upstream_id
 
 
+def apply_settlement(record: LedgerRecord, settlement: Settlement) -> None:
+    """Write a settlement into a dispatched record: settled, its cost, tokens and outcome."""
+    apply_correction(record, settlement)
+    record.state = RecordState.SETTLED
+    record.outcome = settlement.outcome
+    record.settled_at = settlement.now
+
+
 class MemoryEngine:
     """Synchronous quota state: decisions and bookkeeping, no I/O."""
 
@@ -434,14 +442,7 @@ class MemoryEngine:
             scope = self._keys.get((record.team, record.key_id))
             if scope is not None:
                 scope.retokened(request_id, settlement.prompt_tokens + settlement.completion_tokens)
-        record.state = RecordState.SETTLED
-        record.cost = settlement.cost
-        record.prompt_tokens = settlement.prompt_tokens
-        record.completion_tokens = settlement.completion_tokens
-        record.usage_source = settlement.usage_source.value
-        record.outcome = settlement.outcome
-        record.upstream_id = settlement.upstream_id or record.upstream_id
-        record.settled_at = settlement.now
+        apply_settlement(record, settlement)
         return record
 
     def renew(self, request_id: str, lease_until: float, now: float) -> None:

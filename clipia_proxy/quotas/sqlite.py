@@ -31,8 +31,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
+import msgspec
+
 from clipia_proxy.ledgers.sql import (
     COLUMNS,
+    SETTLED_FIELDS,
     SQLITE,
     record_values,
     rollup_row,
@@ -41,7 +44,7 @@ from clipia_proxy.ledgers.sql import (
     row_to_record,
 )
 
-from .memory import RATE_WINDOW_SECONDS, MemoryEngine
+from .memory import RATE_WINDOW_SECONDS, MemoryEngine, apply_correction
 from .model import ReserveRequest, ReserveResult, Settlement
 from .store import LedgerRecord, LocalStore, StoreUnavailable, WindowUsage
 
@@ -51,7 +54,10 @@ __all__ = [
     "SqliteStore",
     "horizon_keys",
     "prepare",
+    "select_records",
     "spent_current",
+    "write_correction",
+    "write_settlement",
 ]
 
 _LOGGER: Final = logging.getLogger(__name__)
@@ -177,6 +183,63 @@ def prepare(db: sqlite3.Connection) -> None:
             db.execute("ROLLBACK")
             raise
         db.execute("COMMIT")
+
+
+def select_records(db: sqlite3.Connection, where: str, args: tuple[Any, ...]) -> list[LedgerRecord]:
+    """The records ``WHERE where`` (a constant clause), oldest first."""
+    rows = db.execute(
+        f"SELECT {COLUMNS} FROM ledger WHERE {where} ORDER BY created_at",  # noqa: S608 - constant clauses only
+        args,
+    )
+    return [row_to_record(row) for row in rows]
+
+
+def write_settlement(db: sqlite3.Connection, record: LedgerRecord) -> bool:
+    """Write a settled record over its dispatched row; False if it is not dispatched (any more).
+
+    The spent summary of its windows changes with it (the caller's transaction), so start-up
+    reads sums without scanning records; the daily rollup follows by trigger.
+    """
+    cursor = db.execute(
+        "UPDATE ledger SET state = 'settled', upstream_id = COALESCE(?, upstream_id), "
+        "cost = ?, prompt_tokens = ?, completion_tokens = ?, usage_source = ?, outcome = ?, "
+        "settled_at = ? WHERE request_id = ? AND state = 'dispatched'",
+        (*record_values(record)[SETTLED_FIELDS], record.request_id),
+    )
+    if cursor.rowcount != 1:
+        return False
+    db.executemany(ADD_SPENT, [(record.team, key, record.cost) for key in record.windows.values()])
+    return True
+
+
+def write_correction(
+    db: sqlite3.Connection, request_id: str, settlement: Settlement
+) -> LedgerRecord | None:
+    """Correct a settled record's cost and tokens; return it as it was (None: not settled).
+
+    Its windows' spent moves by the difference in the caller's transaction.
+    """
+    found = select_records(db, "request_id = ? AND state = 'settled'", (request_id,))
+    if not found:
+        return None
+    old = found[0]
+    new = msgspec.structs.replace(old)
+    apply_correction(new, settlement)
+    db.execute(
+        "UPDATE ledger SET cost = ?, prompt_tokens = ?, completion_tokens = ?, "
+        "usage_source = ?, upstream_id = ? WHERE request_id = ?",
+        (
+            new.cost,
+            new.prompt_tokens,
+            new.completion_tokens,
+            new.usage_source,
+            new.upstream_id,
+            request_id,
+        ),
+    )
+    delta = new.cost - old.cost
+    db.executemany(ADD_SPENT, [(old.team, key, delta) for key in old.windows.values()])
+    return old
 
 
 def spent_current(db: sqlite3.Connection, now: float) -> list[tuple[str, str, int]]:
@@ -448,51 +511,13 @@ class SqliteStore:
         )
 
     def _settle(self, record: LedgerRecord) -> None:
-        # Runs inside the worker's transaction (group commit): the record and the spent summary
-        # of its windows change together, so start-up reads sums without scanning records.
-        db = self._conn()
-        cursor = db.execute(
-            "UPDATE ledger SET state = 'settled', upstream_id = ?, cost = ?, "
-            "prompt_tokens = ?, completion_tokens = ?, usage_source = ?, outcome = ?, "
-            "settled_at = ? WHERE request_id = ? AND state = 'dispatched'",
-            (
-                record.upstream_id,
-                record.cost,
-                record.prompt_tokens,
-                record.completion_tokens,
-                record.usage_source,
-                record.outcome.value if record.outcome else None,
-                record.settled_at,
-                record.request_id,
-            ),
-        )
-        if cursor.rowcount == 1:
-            db.executemany(
-                ADD_SPENT, [(record.team, key, record.cost) for key in record.windows.values()]
-            )
+        # Runs inside the worker's transaction (group commit).
+        write_settlement(self._conn(), record)
 
     def _correct(self, request_id: str, settlement: Settlement) -> LedgerRecord | None:
-        # The record and the spent summary of its windows move together (one transaction).
-        db = self._conn()
-        found = self._select("request_id = ? AND state = 'settled'", (request_id,))
-        if not found:
-            return None
-        record = found[0]
-        delta = settlement.cost - record.cost
-        db.execute(
-            "UPDATE ledger SET cost = ?, prompt_tokens = ?, completion_tokens = ?, "
-            "usage_source = ?, upstream_id = COALESCE(?, upstream_id) WHERE request_id = ?",
-            (
-                settlement.cost,
-                settlement.prompt_tokens,
-                settlement.completion_tokens,
-                settlement.usage_source.value,
-                settlement.upstream_id,
-                request_id,
-            ),
-        )
-        db.executemany(ADD_SPENT, [(record.team, key, delta) for key in record.windows.values()])
-        record.cost = delta  # handed back as the difference (the caller adjusts the engine)
+        record = write_correction(self._conn(), request_id, settlement)
+        if record is not None:  # handed back as the difference (the caller adjusts the engine)
+            record.cost = settlement.cost - record.cost
         return record
 
     def _note(self, request_id: str, upstream_id: str) -> None:
@@ -502,11 +527,7 @@ class SqliteStore:
         )
 
     def _select(self, where: str, args: tuple[Any, ...]) -> list[LedgerRecord]:
-        rows = self._conn().execute(
-            f"SELECT {COLUMNS} FROM ledger WHERE {where} ORDER BY created_at",  # noqa: S608 - constant clauses only
-            args,
-        )
-        return [row_to_record(row) for row in rows]
+        return select_records(self._conn(), where, args)
 
     def _owner(self, upstream_id: str) -> str | None:
         row = (
