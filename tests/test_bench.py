@@ -90,3 +90,31 @@ def test_gateway_config_with_and_without_quotas(quotas: bool) -> None:
     assert config.store.backend == "memory"
     assert (team.budget.day is not None) is quotas
     assert (team.limits.rpm is not None) is quotas
+
+
+@pytest.mark.timeout(240)
+def test_ledger_bench_reports_every_field(tmp_path: Path) -> None:
+    """``bench.ledger`` on a few records, both ledgers, with this checkout as its own baseline."""
+    out = tmp_path / "ledger.json"
+    argv = ["--rows", "3000", "--postgres", "--json", str(out), "--baseline", str(ROOT)]
+    subprocess.run(
+        [sys.executable, "-m", "bench.ledger", *argv],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        timeout=220,
+    )
+    doc = msgspec.json.decode(out.read_bytes())
+    for key in (
+        "sqlite_startup_seconds",
+        "sqlite_rollup_backfill_seconds",
+        "postgres_fill_seconds",
+    ):
+        assert doc[key] >= 0, key
+    for ledger in ("sqlite_report", "postgres_report"):
+        for by, lines in (("team_model", 120), ("team_key_day", 560)):
+            for name in (by, f"{by}_baseline"):
+                (run,) = doc[ledger][name]
+                assert (run["exit"], run["lines"]) == (0, lines), (ledger, name)
+                assert run["peak_rss_mib"] > 0
+    assert doc["postgres_report"]["team_model"][0]["server_cpu_seconds"] >= 0
