@@ -3,7 +3,8 @@
 No link to a file outside the repository (``../shared/…``, the design notes it was built from)
 and no mention of an issue tracker's numbers: a reader of the repository has neither. Every
 Markdown file of the repository is read (README.md, docs/, bench/, deploy/), and the relative
-links of each must name a file that exists.
+links of each must name a file that exists. Code and config (docstrings, comments, rules
+files) cite docs/ too, never the notes outside the repository.
 """
 
 from __future__ import annotations
@@ -52,6 +53,48 @@ def test_no_pointer_outside_the_repository(path: Path) -> None:
         or not (path.parent / target).resolve().is_relative_to(ROOT)
     ]
     assert not broken, f"{path.relative_to(ROOT)}: links to missing files: {broken}"
+
+
+NOTES = re.compile(
+    r"\.\./shared|shared/(?:DESIGN|UPSTREAM|STYLE|HARDENING)"
+    r"|\b(?:DESIGN|UPSTREAM|STYLE|HARDENING)(?:\.md\b|\s*§)"
+)
+"""The notes outside the repository, as code and config may name them (issue-like ``#N`` is
+allowed there: code cites other projects' bug reports, such as ``litellm#5762``)."""
+SOURCE_SUFFIXES = {".py", ".yaml", ".yml", ".toml", ".json", ".sh", ".cfg"}
+GENERATED_DIRS = {".mypy_cache", ".ruff_cache", ".pytest_cache", "__pycache__", "build", "dist"}
+
+
+def source_files() -> list[Path]:
+    found = []
+    for path in sorted(ROOT.rglob("*")):
+        parts = path.relative_to(ROOT).parts
+        if (SKIPPED_DIRS | GENERATED_DIRS).intersection(parts) or path == Path(__file__).resolve():
+            continue
+        if path.is_file() and (path.suffix in SOURCE_SUFFIXES or parts == (".ci", "run")):
+            found.append(path)
+    return found
+
+
+def test_code_and_config_point_at_nothing_outside_the_repository() -> None:
+    """Docstrings and comments (the package, tests, bench, deploy, CI) cite docs/, not notes."""
+    hits: list[str] = []
+    for path in source_files():
+        text = path.read_text(encoding="utf-8", errors="replace")
+        hits.extend(
+            f"{path.relative_to(ROOT)}:{text.count(chr(10), 0, m.start()) + 1}: {m.group(0)!r}"
+            for m in NOTES.finditer(text)
+        )
+    assert len(source_files()) > 100
+    assert not hits, "\n".join(hits)
+
+
+@pytest.mark.parametrize(
+    "line",
+    ["HARDENING §3.1 to §3.4", "OpenAI envelope with DESIGN §5.3's code", "(UPSTREAM.md, x)"],
+)
+def test_the_notes_pattern_catches_what_it_must(line: str) -> None:
+    assert NOTES.search(line)
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,7 @@ __all__ = [
 ]
 
 RUBLES_PER_CREDIT: Final = Decimal(3)
-"""Clipia's documented examples fit 1 credit = 3 ₽ (UPSTREAM.md, "Catalog")."""
+"""Clipia's documented catalog examples fit 1 credit = 3 ₽."""
 
 _COST_QUANTUM: Final = Decimal("0.000001")
 
