@@ -114,7 +114,7 @@ async def test_postgres_migration_2_adds_the_columns(postgres_dsn: str) -> None:
         await conn.close()
     ledger = PostgresLedger(dsn)
     try:
-        assert await ledger.migrate() == [2, 3]
+        assert await ledger.migrate() == [v for v, _ in MIGRATIONS[1:]]
         old = await ledger.record("old-1")
         assert old is not None
         assert (old.environment, old.tags, old.end_user) == ("live", {}, None)

@@ -152,7 +152,7 @@ async def test_migration_3_sums_an_older_ledger_into_the_daily_rollup_once(dsn: 
         await conn.close()
     ledger = PostgresLedger(dsn)
     try:
-        assert await ledger.migrate() == [3]
+        assert await ledger.migrate() == [v for v, _ in MIGRATIONS[2:]]
         assert await ledger.migrate() == []
     finally:
         await ledger.close()

@@ -912,7 +912,7 @@ async def _keys_and_ttls(url: str, prefix: str) -> dict[str, int]:
     client = aioredis.Redis.from_url(url)
     try:
         out: dict[str, int] = {}
-        async for key in client.scan_iter(match=f"{prefix}:*", count=500):
+        async for key in client.scan_iter(match=f"{{{prefix}:*", count=500):
             out[key.decode()] = await client.ttl(key)
         return out
     finally:
@@ -950,8 +950,12 @@ async def test_redis_every_key_has_a_ttl(rd: Harness, redis_url: str) -> None:
     assert any(":klive:" in name for name in ttls)
     assert any(":kwsum:" in name for name in ttls)
     assert len(ttls) >= 10, ttls
-    # The epoch alone never expires: its absence means the counters are lost.
-    assert {name: ttl for name, ttl in ttls.items() if ttl <= 0} == {f"{rd.prefix}:epoch": -1}
+    # Only the team's epoch and sequence never expire: without the epoch the counters are
+    # lost, and the sequence is what a lagging replica is caught by.
+    assert {name: ttl for name, ttl in ttls.items() if ttl <= 0} == {
+        f"{{{rd.prefix}:{TEAM}}}:epoch": -1,
+        f"{{{rd.prefix}:{TEAM}}}:seq": -1,
+    }
 
 
 async def test_redis_lost_reply_retry_applies_nothing_twice(rd: Harness, redis_url: str) -> None:
@@ -968,6 +972,7 @@ async def test_redis_lost_reply_retry_applies_nothing_twice(rd: Harness, redis_u
         # Load the scripts first, so the lost replies are the scripts' and not NOSCRIPT's.
         await via_proxy.reserve(rd.request("warm", team="warm-up"))
         await via_proxy.settle("warm", settlement(1))
+        await via_proxy.rates(TEAM, rd.now)  # and the team's counters (its epoch) are there
         proxy.drop_replies = 100  # every reply is cut: the script runs, the caller never hears
         with pytest.raises(StoreUnavailable):
             await via_proxy.reserve(rd.request("lost", amount=1_000))
@@ -1266,7 +1271,7 @@ async def test_redis_a_keys_slots_and_minute_are_rebuilt_from_the_ledger(
     assert (await rd.store.reserve(rd.request("open", key_limits=own, lease=600))).admitted
     client = aioredis.Redis.from_url(redis_url)
     try:  # the counters are lost (a flush of this prefix)
-        names = [name async for name in client.scan_iter(match=f"{rd.prefix}:*")]
+        names = [name async for name in client.scan_iter(match=f"{{{rd.prefix}:*")]
         await client.delete(*names)
     finally:
         await client.aclose()

@@ -21,17 +21,24 @@ PostgreSQL's own group commit batches concurrent WAL flushes). ``settle`` is one
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 import os
-from collections.abc import AsyncIterator, Sequence
-from typing import Any, Final
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, Final, Generic, TypeVar
 
 import asyncpg
 
 from clipia_proxy.config import LedgerConfig
-from clipia_proxy.quotas.model import Settlement
-from clipia_proxy.quotas.store import LedgerRecord, StoreUnavailable
+from clipia_proxy.quotas.model import Micro, Outcome, Settlement
+from clipia_proxy.quotas.store import (
+    Inserted,
+    LedgerRecord,
+    StoreUnavailable,
+    TeamSnapshot,
+)
 
 from . import CountersSnapshot, WindowSpent
 from .sql import (
@@ -131,21 +138,48 @@ CREATE TRIGGER clipia_ledger_daily_insert AFTER INSERT ON clipia_ledger
 {rollup_upsert(POSTGRES, ("clipia_ledger", 1))};
 """,
     ),
+    (
+        4,
+        # The reservation sequence of the Redis counters (a lagging replica is caught by it).
+        """
+ALTER TABLE clipia_ledger ADD COLUMN counter_seq bigint;
+CREATE INDEX clipia_ledger_team_seq ON clipia_ledger (team, counter_seq);
+""",
+    ),
 )
 """(version, SQL): append only; an applied migration is never edited."""
 
-_INSERT: Final = (
-    f"INSERT INTO clipia_ledger ({COLUMNS}) SELECT $1::text, $2::text, $3::text, $4::text, "  # noqa: S608 - constant columns
-    "$5::boolean, $6::bigint, $7::bigint, $8::jsonb, $9::float8, $10::float8, $11::text, "
-    "$12::text, $13::bigint, $14::bigint, $15::bigint, $16::text, $17::text, $18::float8, "
-    "$19::text, $20::jsonb, $21::text "
-    "WHERE NOT EXISTS (SELECT 1 FROM clipia_ledger WHERE request_id = $1) ON CONFLICT DO NOTHING"
+_INPUT_TYPES: Final = (
+    "text, text, text, text, boolean, bigint, bigint, jsonb, float8, float8, text, text, bigint, "
+    "bigint, bigint, text, text, float8, text, jsonb, text, bigint"
 )
-_SETTLE: Final = (
-    "UPDATE clipia_ledger SET state = 'settled', upstream_id = COALESCE($2, upstream_id), "  # noqa: S608 - constant columns
-    "cost = $3, prompt_tokens = $4, completion_tokens = $5, usage_source = $6, outcome = $7, "
-    f"settled_at = $8 WHERE request_id = $1 AND state = 'dispatched' RETURNING {COLUMNS}"
+_UNNEST_ARGS: Final = ", ".join(
+    f"${n}::{t.strip()}[]" for n, t in enumerate(_INPUT_TYPES.split(","), start=1)
 )
+_INSERT_MANY: Final = (
+    # One statement for every record of a batch (group commit). `c` is computed before the
+    # insert (a data-modifying CTE's rows are not visible to the statement's other parts).
+    f"WITH i AS (SELECT * FROM unnest({_UNNEST_ARGS}) AS i({COLUMNS}, counter_seq)), "  # noqa: S608 - constant columns
+    "c AS (SELECT i.*, EXISTS (SELECT 1 FROM clipia_ledger l WHERE l.request_id = i.request_id) "
+    "AS known, (i.counter_seq IS NOT NULL AND EXISTS (SELECT 1 FROM clipia_ledger l "
+    "WHERE l.team = i.team AND l.counter_seq = i.counter_seq)) AS behind FROM i), "
+    f"ins AS (INSERT INTO clipia_ledger ({COLUMNS}, counter_seq) SELECT {COLUMNS}, counter_seq "
+    "FROM c WHERE NOT known AND NOT behind ON CONFLICT DO NOTHING RETURNING request_id) "
+    "SELECT c.request_id, c.behind, EXISTS (SELECT 1 FROM ins WHERE ins.request_id = c.request_id) "
+    "FROM c"
+)
+_SETTLE_MANY: Final = (
+    "UPDATE clipia_ledger SET state = 'settled', "  # noqa: S608 - constant columns
+    "upstream_id = COALESCE(s.upstream_id, clipia_ledger.upstream_id), cost = s.cost, "
+    "prompt_tokens = s.prompt_tokens, completion_tokens = s.completion_tokens, "
+    "usage_source = s.usage_source, outcome = s.outcome, settled_at = s.settled_at "
+    "FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[], $6::text[], "
+    "$7::text[], $8::float8[]) AS s(request_id, upstream_id, cost, prompt_tokens, "
+    "completion_tokens, usage_source, outcome, settled_at) "
+    "WHERE clipia_ledger.request_id = s.request_id AND clipia_ledger.state = 'dispatched' "
+    "RETURNING " + ", ".join(f"clipia_ledger.{c.strip()}" for c in COLUMNS.split(","))
+)
+_BATCH_MAX: Final = 500
 _SPENT_WINDOWS: Final = (
     "SELECT team, w.key, SUM(cost)::bigint FROM clipia_ledger "
     "CROSS JOIN LATERAL jsonb_each_text(windows) AS w(period, key) "
@@ -158,6 +192,99 @@ _SPENT_TOTAL: Final = (
     "UNION ALL SELECT team, windows->>'key_total', SUM(cost)::bigint FROM clipia_ledger "
     "WHERE state = 'settled' AND windows ? 'key_total' GROUP BY 1, 2"
 )
+_TEAM_SPENT: Final = (
+    "SELECT w.key, SUM(cost)::bigint FROM clipia_ledger "
+    "CROSS JOIN LATERAL jsonb_each_text(windows) AS w(period, key) "
+    "WHERE team = $2 AND state = 'settled' AND created_at > $1 "
+    "AND w.period NOT IN ('total', 'key_total') GROUP BY 1 "
+    "UNION ALL SELECT w.key, SUM(cost)::bigint FROM clipia_ledger "
+    "CROSS JOIN LATERAL jsonb_each_text(windows) AS w(period, key) "
+    "WHERE team = $2 AND state = 'settled' AND w.period IN ('total', 'key_total') GROUP BY 1"
+)
+
+
+_Item = TypeVar("_Item")
+_Result = TypeVar("_Result")
+
+
+class _GroupCommit(Generic[_Item, _Result]):
+    """Items submitted in the same moment are written by one statement (one round trip).
+
+    The first item of a batch schedules its write for the end of the event-loop turn, so
+    everything submitted meanwhile joins it; at most ``limit`` writes run at once (the pool's
+    size) and items arriving while they all run form the next batch. Each submitter awaits
+    its own item's result (its batch's commit); a failed write fails every item of its batch.
+    """
+
+    def __init__(
+        self,
+        write: Callable[[list[_Item]], Awaitable[list[_Result]]],
+        *,
+        limit: int,
+        abandoned: Callable[[_Item, _Result], None] | None = None,
+    ) -> None:
+        self._write = write
+        self._abandoned = abandoned
+        """Called with the items whose submitter was gone (cancelled) when they were written."""
+        self._limit = max(1, limit)
+        self._queue: list[tuple[_Item, asyncio.Future[_Result]]] = []
+        self._running = 0
+        self._scheduled = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def submit(self, item: _Item) -> _Result:
+        future: asyncio.Future[_Result] = asyncio.get_running_loop().create_future()
+        self._queue.append((item, future))
+        self._kick()
+        return await future
+
+    def push(self, item: _Item) -> None:
+        """Submit without waiting (a failure is logged)."""
+        future: asyncio.Future[_Result] = asyncio.get_running_loop().create_future()
+        future.add_done_callback(_log_failure)
+        self._queue.append((item, future))
+        self._kick()
+
+    def _kick(self) -> None:
+        if self._queue and not self._scheduled and self._running < self._limit:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._start)
+
+    def _start(self) -> None:
+        self._scheduled = False
+        if not self._queue or self._running >= self._limit:
+            return
+        batch, self._queue = self._queue[:_BATCH_MAX], self._queue[_BATCH_MAX:]
+        self._running += 1
+        task = asyncio.get_running_loop().create_task(self._run(batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, batch: list[tuple[_Item, asyncio.Future[_Result]]]) -> None:
+        try:
+            results = await self._write([item for item, _ in batch])
+        except Exception as exc:  # noqa: BLE001 - each submitter gets its batch's failure
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+        except BaseException:
+            for _, future in batch:
+                future.cancel()
+            raise
+        else:
+            for (item, future), result in zip(batch, results, strict=True):
+                if not future.done():
+                    future.set_result(result)
+                elif future.cancelled() and self._abandoned is not None:
+                    self._abandoned(item, result)
+        finally:
+            self._running -= 1
+            self._kick()
+
+
+def _log_failure(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        _LOGGER.warning("ledger write failed: %s", future.exception())
 
 
 async def _keep_session(connection: asyncpg.Connection) -> None:
@@ -198,6 +325,10 @@ class PostgresLedger(SqlReports):
         self._pool: asyncpg.Pool | None = None
         self._horizon = 0.0
         """Records created before this have their month's partition (created at start)."""
+        self._inserts = _GroupCommit(
+            self._insert_many, limit=pool_size, abandoned=self._insert_abandoned
+        )
+        self._settles = _GroupCommit(self._settle_many, limit=pool_size)
 
     @classmethod
     def from_config(cls, config: LedgerConfig, *, timeout: float) -> PostgresLedger:
@@ -249,8 +380,12 @@ class PostgresLedger(SqlReports):
             raise self._unavailable(exc) from exc
 
     async def start(self) -> None:
-        """Connect and apply pending migrations (under the advisory lock)."""
+        """Connect, apply pending migrations (under the advisory lock), prepare the writes."""
         await self.migrate()
+        # The per-request statements, planned once now rather than by the first requests
+        # (over no rows: nothing is written).
+        await self._fetch(_INSERT_MANY, *([] for _ in range(22)))
+        await self._fetch(_SETTLE_MANY, *([] for _ in range(8)))
 
     async def close(self) -> None:
         """Close the pool."""
@@ -313,34 +448,61 @@ class PostgresLedger(SqlReports):
             _LOGGER.warning("could not create ledger partitions ahead: %s", exc.__class__.__name__)
 
     async def insert(self, record: LedgerRecord) -> bool:
-        """See ``LedgerStore.insert``."""
-        if record.created_at >= self._horizon:
-            await self._ensure_partitions(record.created_at)
-        pool = await self._connect()
-        try:
-            status = await pool.execute(
-                _INSERT,
-                *record_values(record),
-                timeout=self._timeout,
-            )
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
-            raise self._unavailable(exc) from exc
-        return bool(status.endswith(" 1"))
+        """See ``LedgerStore.insert`` (group-committed with the records of the same moment)."""
+        return await self._inserts.submit((record, None)) is Inserted.INSERTED
+
+    async def insert_counted(self, record: LedgerRecord, counter_seq: int) -> Inserted:
+        """See ``CountersLedger.insert_counted`` (group-committed like ``insert``)."""
+        return await self._inserts.submit((record, counter_seq))
+
+    def _insert_abandoned(self, item: tuple[LedgerRecord, int | None], result: Inserted) -> None:
+        """A record committed after its caller gave up (refused, 503): never dispatched."""
+        if result is Inserted.INSERTED:
+            void = Settlement(cost=Micro(0), outcome=Outcome.NOT_SENT, now=time.time())
+            self._settles.push((item[0].request_id, void))
+
+    async def _insert_many(self, batch: list[tuple[LedgerRecord, int | None]]) -> list[Inserted]:
+        newest = max(record.created_at for record, _ in batch)
+        if newest >= self._horizon:
+            await self._ensure_partitions(newest)
+        columns: list[list[Any]] = [[] for _ in range(22)]
+        for record, seq in batch:
+            for column, value in zip(columns, (*record_values(record), seq), strict=True):
+                column.append(value)
+        rows = await self._fetch(_INSERT_MANY, *columns)
+        done: dict[str, Inserted] = {}
+        for request_id, behind, inserted in rows:
+            if inserted:
+                done[request_id] = Inserted.INSERTED
+            elif behind:
+                done.setdefault(request_id, Inserted.BEHIND)
+            else:
+                done.setdefault(request_id, Inserted.EXISTS)
+        out: list[Inserted] = []
+        for record, _ in batch:
+            # A request id twice in one batch (a replay racing its original): the first wins.
+            out.append(done.pop(record.request_id, Inserted.EXISTS))
+        return out
 
     async def settle(self, request_id: str, settlement: Settlement) -> LedgerRecord | None:
-        """See ``LedgerStore.settle``."""
+        """See ``LedgerStore.settle`` (group-committed with the settlements of the moment)."""
+        return await self._settles.submit((request_id, settlement))
+
+    async def _settle_many(self, batch: list[tuple[str, Settlement]]) -> list[LedgerRecord | None]:
         rows = await self._fetch(
-            _SETTLE,
-            request_id,
-            settlement.upstream_id,
-            settlement.cost,
-            settlement.prompt_tokens,
-            settlement.completion_tokens,
-            settlement.usage_source.value,
-            settlement.outcome.value,
-            settlement.now,
+            _SETTLE_MANY,
+            [request_id for request_id, _ in batch],
+            [s.upstream_id for _, s in batch],
+            [s.cost for _, s in batch],
+            [s.prompt_tokens for _, s in batch],
+            [s.completion_tokens for _, s in batch],
+            [s.usage_source.value for _, s in batch],
+            [s.outcome.value for _, s in batch],
+            [s.now for _, s in batch],
         )
-        return row_to_record(rows[0]) if rows else None
+        settled = {row[0]: row_to_record(row) for row in rows}
+        # A request id twice in one batch: the row was updated once, by the first.
+        return [settled.pop(request_id, None) for request_id, _ in batch]
 
     async def renew(self, request_id: str, lease_until: float) -> None:
         """See ``LedgerStore.renew``."""
@@ -455,6 +617,40 @@ class PostgresLedger(SqlReports):
             spent=spent,
             dispatched=[row_to_record(row) for row in dispatched],
             recent=[row_to_record(row) for row in recent],
+        )
+
+    async def team_snapshot(self, team: str, *, since: float, recent_since: float) -> TeamSnapshot:
+        """See ``CountersLedger.team_snapshot`` (one REPEATABLE READ transaction)."""
+        pool = await self._connect()
+        try:
+            async with (
+                pool.acquire() as conn,
+                conn.transaction(isolation="repeatable_read", readonly=True),
+            ):
+                rows = await conn.fetch(_TEAM_SPENT, since, team)
+                dispatched = await conn.fetch(
+                    f"SELECT {COLUMNS} FROM clipia_ledger "  # noqa: S608 - constant columns
+                    "WHERE state = 'dispatched' AND team = $1",
+                    team,
+                )
+                recent = await conn.fetch(
+                    f"SELECT {COLUMNS} FROM clipia_ledger "  # noqa: S608 - constant columns
+                    "WHERE created_at > $1 AND team = $2",
+                    recent_since,
+                    team,
+                )
+                seq = await conn.fetchval(
+                    "SELECT max(counter_seq) FROM clipia_ledger WHERE team = $1", team
+                )
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            raise self._unavailable(exc) from exc
+        return TeamSnapshot(
+            counters=CountersSnapshot(
+                spent=[WindowSpent(team, str(r[0]), int(r[1])) for r in rows],
+                dispatched=[row_to_record(row) for row in dispatched],
+                recent=[row_to_record(row) for row in recent],
+            ),
+            counter_seq=int(seq or 0),
         )
 
     def _report_rows(self, query: ReportQuery) -> AsyncIterator[Sequence[Any]]:

@@ -2,38 +2,50 @@
 
 Redis holds no per-request records: only counters and leases, O(teams, periods and requests
 in flight), so its memory does not grow with traffic. Each operation is one Lua script (names
-carry a version: ``clipia_reserve_v1``), atomic on the server; leases and the RPM/TPM windows
+carry a version: ``clipia_reserve_v3``), atomic on the server; leases and the RPM/TPM windows
 run on the server's ``TIME``, so replica clock skew changes nothing. The durable record is the
 PostgreSQL ledger's (``ledger.backend: postgres`` is required): ``reserve`` decides in Redis,
-then commits the record before returning (a failed commit undoes the reservation);
-``settle`` flips the record once in the ledger (idempotent by request id), then applies the
-cost to the counters from the request's lease, which lives until it is settled (so a retry
-after a failure in between applies it exactly once).
+commits the record (group-committed with the records of the same moment), then confirms the
+reservation is still held (a failed commit undoes it); ``settle`` flips the record once in the
+ledger (idempotent by request id), then applies the cost to the counters from the request's
+lease, which lives until it is settled (so a retry after a failure in between applies it
+exactly once). Script calls made in the same event-loop turn go to Redis in one pipeline.
 
-Counters are never trusted alone. ``P:epoch`` (no TTL) is written last by a rebuild; every
-script refuses to touch counters while it is missing (Redis flushed, restarted empty or failed
-over to an empty replica). A replica that finds it missing takes the ``P:rebuild`` lock,
-clears stale counters, reads one consistent snapshot of the ledger (spent per team and window,
-open reservations, the last minute for RPM/TPM) and writes it back with the epoch in one
-script; the others wait for the epoch. Admissions meanwhile wait (and past
-``store.timeout_seconds`` get 503 ``quota_store_unavailable``); ``/readyz`` says why.
+Redis Cluster: every script call declares each key it touches in KEYS (names are computed
+here), and all keys of a call belong to one team and share its hash tag ``{P:team}`` (one
+slot). No script touches two teams: a rebuild is per team.
 
-Keys, under ``store.redis_key_prefix`` (P): ``P:epoch``, ``P:rebuild``, ``P:lease:{id}`` (hash:
-team, amount, windows of a request not yet settled: its money stays reserved until then),
-``P:live:{team}`` (zset id→lease end: the concurrency slots; a lease that runs out or
-``release_slot`` frees the slot only),
-``P:reserved:{team}:{window}`` and ``P:spent:{team}:{window}`` (integers, micro-credits),
-``P:win:{team}`` / ``P:wtok:{team}`` / ``P:wsum:{team}`` (the 60-second request log, its tokens
-and their sum), and for a team key with its own ``limits`` the same under ``{team}:{key id}``:
-``P:klive:…`` (its slots), ``P:kwin:…`` / ``P:kwtok:…`` / ``P:kwsum:…`` (its log); such a
-request's lease names that scope in its ``key`` field. Every key but the epoch has a TTL,
-refreshed on write.
+Counters are never trusted alone. A team's ``{P:team}:epoch`` (no TTL) is written last by its
+rebuild; every script refuses to touch the team's counters while it is missing (Redis
+flushed, restarted empty, failed over to an empty replica, or a new team). The replica that
+finds it missing takes the team's ``:rebuild`` lock, reads one consistent snapshot of the
+team in the ledger (spent per window, open reservations, the last minute for RPM/TPM, the
+highest sequence number) and, in one script, clears the team's stale keys and writes it back
+with a new epoch; the others wait for the epoch. Admissions of that team wait meanwhile (past
+``store.timeout_seconds``: 503 ``quota_store_unavailable``); ``/readyz`` says why.
+
+A failover to a replica that lagged keeps the epoch but loses the last writes. Each
+reservation takes the next number of the team's ``:seq`` (no TTL) and its ledger record
+carries it; a number the ledger already holds for the team proves the counters went back in
+time: the record is not written, the team is rebuilt (its epoch replaced) and the request
+decided again. A reservation lost by the failover after its record's commit is held again by
+the confirmation that follows the commit.
+
+Keys of a team T under ``store.redis_key_prefix`` P, all tagged ``{P:T}``: ``:epoch``,
+``:seq``, ``:rebuild``, ``:lease:{id}`` (hash: amount, window keys, the key id when it has its
+own limits: a request not yet settled, its money stays reserved until then), ``:live`` (zset
+id → lease end: the concurrency slots; a lease that runs out or ``release_slot`` frees the
+slot only), ``:reserved:{window}`` and ``:spent:{window}`` (integers, micro-credits),
+``:win`` / ``:wtok`` / ``:wsum`` (the 60-second request log, its tokens and their sum), and
+for a team key with its own ``limits`` ``:klive:{key id}``, ``:kwin:…``, ``:kwtok:…``,
+``:kwsum:…``. Every key but the epoch and the sequence has a TTL, refreshed on write.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import time
@@ -44,14 +56,22 @@ import msgspec
 import redis
 import redis.asyncio as aioredis
 from redis.driver_info import DriverInfo
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from clipia_proxy.config import StoreConfig
 
 from .ledgered import CALENDAR_HORIZON_SECONDS as _CALENDAR_HORIZON_SECONDS
 from .memory import RATE_WINDOW_SECONDS
-from .model import Micro, Period, Reason, RecordState, ReserveRequest, ReserveResult, Settlement
-from .store import LedgerRecord, LedgerStore, Store, StoreUnavailable, WindowUsage
+from .model import (
+    Micro,
+    Period,
+    Reason,
+    RecordState,
+    ReserveRequest,
+    ReserveResult,
+    Settlement,
+)
+from .store import CountersLedger, Inserted, LedgerRecord, Store, StoreUnavailable, WindowUsage
 
 __all__ = ["CountersLost", "RedisStore"]
 
@@ -72,18 +92,14 @@ _WINDOW_TTLS: Final = {
     "key_total": _TOTAL_TTL,
 }
 
-# Shared by every script: release leases that ran out, prune the 60-second window.
+# Every script is called with the keys it touches declared in KEYS, all of one team (one
+# hash tag, ``{P:team}``: one Redis Cluster slot); key names are computed in Python.
+# Shared by every script: the server's clock, and pruning of the 60-second window.
 _PRELUDE: Final = """
 pcall(redis.replicate_commands)
-local P = ARGV[1]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local function expire(team)
-  -- Leases that ran out free their concurrency slot; the money stays reserved until the
-  -- request is settled (by its request, or by the reconciler after a crash).
-  redis.call('ZREMRANGEBYSCORE', P .. ':live:' .. team, '-inf', now)
-end
-local function prune_log(win, wtok, wsum)
+local function prune(win, wtok, wsum)
   local old = redis.call('ZRANGEBYSCORE', win, '-inf', now - 60)
   for _, rid in ipairs(old) do
     local tokens = tonumber(redis.call('HGET', wtok, rid) or '0')
@@ -91,21 +107,15 @@ local function prune_log(win, wtok, wsum)
     redis.call('HDEL', wtok, rid)
   end
   redis.call('ZREMRANGEBYSCORE', win, '-inf', now - 60)
-  return win, wtok, wsum
-end
-local function prune(team)
-  return prune_log(P .. ':win:' .. team, P .. ':wtok:' .. team, P .. ':wsum:' .. team)
-end
-local function kprune(scope)
-  -- a team key's own log (teams[].keys[].limits); scope is '{team}:{key id}'
-  return prune_log(P .. ':kwin:' .. scope, P .. ':kwtok:' .. scope, P .. ':kwsum:' .. scope)
 end
 """
 
 _RESERVE: Final = (
-    "-- clipia_reserve_v2\n"
+    "-- clipia_reserve_v3\n"
     + _PRELUDE
     + """
+-- KEYS: epoch, seq, lease, live, win, wtok, wsum, the key's klive, kwin, kwtok, kwsum, then
+-- reserved and spent of each window
 local function tpm_wait(win, wtok, used, tokens, limit)
   if tokens > limit then return 60 end
   local entries = redis.call('ZRANGE', win, 0, -1, 'WITHSCORES')
@@ -123,17 +133,18 @@ local function rpm_wait(win)
   if first[2] then return math.max(tonumber(first[2]) + 60 - now, 0.001) end
   return 60
 end
-local rid = ARGV[2]
-local a = cjson.decode(ARGV[3])
-if redis.call('EXISTS', P .. ':epoch') == 0 then return cjson.encode({lost = true}) end
-local rec = P .. ':lease:' .. rid
+local rid = ARGV[1]
+local a = cjson.decode(ARGV[2])
+local epoch = redis.call('GET', KEYS[1])
+if not epoch then return cjson.encode({lost = true}) end
+local rec, live, win, wtok, wsum = KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
 if redis.call('EXISTS', rec) == 1 then
   return cjson.encode({admitted = true, replayed = true})
 end
-local team = a.team
-expire(team)
-local win, wtok, wsum = prune(team)
-local live = P .. ':live:' .. team
+-- Leases that ran out free their concurrency slot; the money stays reserved until the
+-- request is settled (by its request, or by the reconciler after a crash).
+redis.call('ZREMRANGEBYSCORE', live, '-inf', now)
+prune(win, wtok, wsum)
 local refusal = nil
 local live_n = redis.call('ZCARD', live)
 if a.concurrency and live_n + 1 > a.concurrency then
@@ -149,12 +160,11 @@ if not refusal and a.tpm and tok_n + a.tokens > a.tpm then
     retry_after = tpm_wait(win, wtok, tok_n, a.tokens, a.tpm)}
 end
 -- The key's own limits (teams[].keys[].limits), on its own slots and log.
-local kscope, klive, kwin, kwtok, kwsum, kreq_n, ktok_n = nil, nil, nil, nil, nil, 0, 0
+local klive, kwin, kwtok, kwsum = KEYS[8], KEYS[9], KEYS[10], KEYS[11]
+local kreq_n, ktok_n = 0, 0
 if a.key then
-  kscope = team .. ':' .. a.key
-  klive = P .. ':klive:' .. kscope
   redis.call('ZREMRANGEBYSCORE', klive, '-inf', now)
-  kwin, kwtok, kwsum = kprune(kscope)
+  prune(kwin, kwtok, kwsum)
   local klive_n = redis.call('ZCARD', klive)
   kreq_n = redis.call('ZCARD', kwin)
   ktok_n = tonumber(redis.call('GET', kwsum) or '0')
@@ -172,11 +182,11 @@ if a.key then
   end
 end
 local tight_remaining, tight_period = nil, nil
-for period, key in pairs(a.windows) do
+for i, period in ipairs(a.periods) do
   local limit = a.budgets[period]
   if limit then
-    local used = tonumber(redis.call('GET', P .. ':spent:' .. team .. ':' .. key) or '0')
-      + tonumber(redis.call('GET', P .. ':reserved:' .. team .. ':' .. key) or '0')
+    local used = tonumber(redis.call('GET', KEYS[11 + 2 * i]) or '0')
+      + tonumber(redis.call('GET', KEYS[10 + 2 * i]) or '0')
     local remaining = limit - used - a.amount
     if not refusal and remaining < 0 then
       refusal = {reason = 'budget', period = period, limit = string.format('%d', limit),
@@ -192,21 +202,20 @@ if refusal and not a.shadow then
   return cjson.encode(refusal)
 end
 local lease_until = now + a.lease_seconds
-redis.call('HSET', rec, 'team', team, 'reserved', a.amount, 'windows', cjson.encode(a.windows))
+redis.call('HSET', rec, 'reserved', a.amount, 'windows', ARGV[3])
 redis.call('EXPIRE', rec, a.lease_ttl)
 redis.call('ZADD', live, lease_until, rid)
 redis.call('EXPIRE', live, a.lease_ttl)
-for period, key in pairs(a.windows) do
-  local reserved = P .. ':reserved:' .. team .. ':' .. key
-  redis.call('INCRBY', reserved, a.amount)
-  redis.call('EXPIRE', reserved, a.window_ttls[period])
+for i, period in ipairs(a.periods) do
+  redis.call('INCRBY', KEYS[10 + 2 * i], a.amount)
+  redis.call('EXPIRE', KEYS[10 + 2 * i], a.ttls[i])
 end
 redis.call('ZADD', win, now, rid)
 redis.call('HSET', wtok, rid, a.tokens)
 redis.call('INCRBY', wsum, a.tokens)
 for _, k in ipairs({win, wtok, wsum}) do redis.call('EXPIRE', k, 120) end
-if kscope then
-  redis.call('HSET', rec, 'key', kscope)
+if a.key then
+  redis.call('HSET', rec, 'key', a.key)
   redis.call('ZADD', klive, lease_until, rid)
   redis.call('EXPIRE', klive, a.lease_ttl)
   redis.call('ZADD', kwin, now, rid)
@@ -214,8 +223,11 @@ if kscope then
   redis.call('INCRBY', kwsum, a.tokens)
   for _, k in ipairs({kwin, kwtok, kwsum}) do redis.call('EXPIRE', k, 120) end
 end
-local result = {admitted = true, now = now, lease_until = lease_until,
-  epoch = redis.call('GET', P .. ':epoch')}
+-- The reservation's sequence number: its ledger record carries it, so counters that went
+-- back in time (a failover to a lagging replica) issue a number the ledger already has.
+local seq = redis.call('INCR', KEYS[2])
+local result = {admitted = true, now = now, lease_until = lease_until, epoch = epoch,
+  seq = string.format('%d', seq)}
 if refusal then
   result.reason = refusal.reason
   result.period = refusal.period
@@ -235,23 +247,22 @@ return cjson.encode(result)
 )
 
 _SETTLE: Final = (
-    "-- clipia_settle_v3\n"
+    "-- clipia_settle_v4\n"
     + _PRELUDE
     + """
-local rid = ARGV[2]
-local s = cjson.decode(ARGV[3])
-if redis.call('EXISTS', P .. ':epoch') == 0 then return -1 end
-local rec = P .. ':lease:' .. rid
+-- KEYS: epoch, lease, live, win, wtok, wsum, the key's klive, kwin, kwtok, kwsum, then
+-- reserved and spent of each window
+local rid = ARGV[1]
+local s = cjson.decode(ARGV[2])
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+local rec = KEYS[2]
 if redis.call('EXISTS', rec) == 0 then return 0 end
-local team = redis.call('HGET', rec, 'team')
 local amount = tonumber(redis.call('HGET', rec, 'reserved') or '0')
-local wins = cjson.decode(redis.call('HGET', rec, 'windows'))
-for _, key in pairs(wins) do
-  redis.call('DECRBY', P .. ':reserved:' .. team .. ':' .. key, amount)
-end
-redis.call('ZREM', P .. ':live:' .. team, rid)
-local kscope = redis.call('HGET', rec, 'key')
-if kscope then redis.call('ZREM', P .. ':klive:' .. kscope, rid) end
+local n = (#KEYS - 10) / 2
+for i = 1, n do redis.call('DECRBY', KEYS[9 + 2 * i], amount) end
+redis.call('ZREM', KEYS[3], rid)
+local keyed = redis.call('HEXISTS', rec, 'key') == 1  -- the key had its own limits
+if keyed then redis.call('ZREM', KEYS[7], rid) end
 local function unlog(win, wtok, wsum)
   if redis.call('ZREM', win, rid) == 1 then
     local tokens = tonumber(redis.call('HGET', wtok, rid) or '0')
@@ -269,131 +280,180 @@ local function retoken(wtok, wsum)
 end
 if s.void then
   -- an admission undone (its ledger write failed, or it was a replay): nothing was spent
-  unlog(P .. ':win:' .. team, P .. ':wtok:' .. team, P .. ':wsum:' .. team)
-  if kscope then
-    unlog(P .. ':kwin:' .. kscope, P .. ':kwtok:' .. kscope, P .. ':kwsum:' .. kscope)
-  end
+  unlog(KEYS[4], KEYS[5], KEYS[6])
+  if keyed then unlog(KEYS[8], KEYS[9], KEYS[10]) end
   redis.call('DEL', rec)
   return 1
 end
-for period, key in pairs(wins) do
-  local spent = P .. ':spent:' .. team .. ':' .. key
-  redis.call('INCRBY', spent, s.cost)
-  redis.call('EXPIRE', spent, s.window_ttls[period] or s.total_ttl)
+for i = 1, n do
+  redis.call('INCRBY', KEYS[10 + 2 * i], s.cost)
+  redis.call('EXPIRE', KEYS[10 + 2 * i], s.ttls[i])
 end
-retoken(P .. ':wtok:' .. team, P .. ':wsum:' .. team)
-if kscope then retoken(P .. ':kwtok:' .. kscope, P .. ':kwsum:' .. kscope) end
+retoken(KEYS[5], KEYS[6])
+if keyed then retoken(KEYS[9], KEYS[10]) end
 redis.call('DEL', rec)
 return 1
 """
 )
 
 _RENEW: Final = (
-    "-- clipia_renew_v3\n"
+    "-- clipia_renew_v4\n"
     + _PRELUDE
     + """
-local rid = ARGV[2]
-local lease_until = now + tonumber(ARGV[3])
-local rec = P .. ':lease:' .. rid
-local team = redis.call('HGET', rec, 'team')
-if not team then return 0 end
-local held = redis.call('ZSCORE', P .. ':live:' .. team, rid)
+-- KEYS: lease, live, the key's klive
+local rid = ARGV[1]
+local lease_until = now + tonumber(ARGV[2])
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local held = redis.call('ZSCORE', KEYS[2], rid)
 if not held or tonumber(held) <= now then return 0 end  -- ran out: never revived
-redis.call('ZADD', P .. ':live:' .. team, 'XX', lease_until, rid)
-local kscope = redis.call('HGET', rec, 'key')
-if kscope then redis.call('ZADD', P .. ':klive:' .. kscope, 'XX', lease_until, rid) end
+redis.call('ZADD', KEYS[2], 'XX', lease_until, rid)
+if redis.call('HEXISTS', KEYS[1], 'key') == 1 then
+  redis.call('ZADD', KEYS[3], 'XX', lease_until, rid)
+end
 return tostring(lease_until)
 """
 )
 
 _USAGE: Final = (
-    "-- clipia_usage_v1\n"
+    "-- clipia_usage_v2\n"
     + _PRELUDE
     + """
-local team = ARGV[2]
-expire(team)
-local win, wtok, wsum = prune(team)
-local out = {redis.call('ZCARD', win), tonumber(redis.call('GET', wsum) or '0')}
-for i = 3, #ARGV do
-  table.insert(out, tonumber(redis.call('GET', P .. ':spent:' .. team .. ':' .. ARGV[i]) or '0'))
-  table.insert(out, tonumber(redis.call('GET', P .. ':reserved:' .. team .. ':' .. ARGV[i]) or '0'))
+-- KEYS: epoch, live, win, wtok, wsum, then spent and reserved of each window
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+prune(KEYS[3], KEYS[4], KEYS[5])
+local out = {redis.call('ZCARD', KEYS[3]), tonumber(redis.call('GET', KEYS[5]) or '0')}
+for i = 6, #KEYS do
+  table.insert(out, tonumber(redis.call('GET', KEYS[i]) or '0'))
 end
 return out
 """
 )
 
 _RELEASE_SLOT: Final = (
-    "-- clipia_release_slot_v3\n"
+    "-- clipia_release_slot_v4\n"
+    + """
+-- KEYS: lease, live, the key's klive
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if redis.call('HEXISTS', KEYS[1], 'key') == 1 then redis.call('ZREM', KEYS[3], ARGV[1]) end
+return redis.call('ZREM', KEYS[2], ARGV[1])
+"""
+)
+
+_CONFIRM: Final = (
+    "-- clipia_confirm_v2\n"
     + _PRELUDE
     + """
-local rid = ARGV[2]
-local team = redis.call('HGET', P .. ':lease:' .. rid, 'team')
-if not team then return 0 end
-local kscope = redis.call('HGET', P .. ':lease:' .. rid, 'key')
-if kscope then redis.call('ZREM', P .. ':klive:' .. kscope, rid) end
-return redis.call('ZREM', P .. ':live:' .. team, rid)
+-- KEYS: epoch, lease, live, the key's klive, then reserved of each window
+-- After the record's commit: is the reservation still held? A rebuild that read the ledger
+-- before the commit, or a failover that lost the write, left it out: hold it again.
+local rid = ARGV[1]
+local l = cjson.decode(ARGV[2])
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+redis.call('HSET', KEYS[2], 'reserved', l.amount, 'windows', ARGV[3])
+redis.call('EXPIRE', KEYS[2], l.lease_ttl)
+if l.key then redis.call('HSET', KEYS[2], 'key', l.key) end
+if l.lease_until > now then
+  redis.call('ZADD', KEYS[3], l.lease_until, rid)
+  redis.call('EXPIRE', KEYS[3], l.lease_ttl)
+  if l.key then
+    redis.call('ZADD', KEYS[4], l.lease_until, rid)
+    redis.call('EXPIRE', KEYS[4], l.lease_ttl)
+  end
+end
+for i = 5, #KEYS do
+  redis.call('INCRBY', KEYS[i], l.amount)
+  redis.call('EXPIRE', KEYS[i], l.ttls[i - 4])
+end
+return 1
+"""
+)
+
+_CORRECT: Final = (
+    "-- clipia_correct_v1\n"
+    + """
+-- KEYS: epoch, then spent of each window. Lost counters are skipped: the rebuild reads the
+-- corrected ledger.
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+for i = 2, #KEYS do redis.call('INCRBY', KEYS[i], ARGV[1]) end
+return 1
+"""
+)
+
+_BEGIN_REBUILD: Final = (
+    "-- clipia_begin_rebuild_v1\n"
+    + """
+-- KEYS: rebuild lock, epoch. ARGV: token, lock ms, the epoch the caller saw ('' if none).
+-- 1: this caller rebuilds (the epoch is gone: every script refuses meanwhile); 0: another
+-- replica is rebuilding; 2: nothing to do (rebuilt since the caller looked).
+-- A caller whose earlier reply was lost finds its own token: it goes on.
+if redis.call('GET', KEYS[1]) == ARGV[1] then return 1 end
+local current = redis.call('GET', KEYS[2])
+if current and (ARGV[3] == '' or current ~= ARGV[3]) then return 2 end
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 end
+redis.call('DEL', KEYS[2])
+return 1
 """
 )
 
 _REBUILD: Final = (
-    "-- clipia_rebuild_v2\n"
+    "-- clipia_rebuild_v3\n"
     + _PRELUDE
     + """
-local token = ARGV[2]
-if redis.call('GET', P .. ':rebuild') ~= token then return 0 end
-local d = cjson.decode(ARGV[3])
+-- KEYS: rebuild lock, epoch, seq, live, win, wtok, wsum, then the keys the payload names by
+-- index (stale keys to delete, spent counters, leases, reserved counters): all one team's.
+local token = ARGV[1]
+if redis.call('GET', KEYS[1]) ~= token then return 0 end
+local d = cjson.decode(ARGV[2])
+for _, i in ipairs(d.stale) do redis.call('DEL', KEYS[i]) end
+for _, k in ipairs({KEYS[4], KEYS[5], KEYS[6], KEYS[7]}) do redis.call('DEL', k) end
 for _, row in ipairs(d.spent) do
-  local key = P .. ':spent:' .. row[1] .. ':' .. row[2]
-  redis.call('SET', key, string.format('%d', row[3]))
-  redis.call('EXPIRE', key, row[4])
+  redis.call('SET', KEYS[row[1]], string.format('%d', row[2]))
+  redis.call('EXPIRE', KEYS[row[1]], row[3])
 end
 for _, l in ipairs(d.leases) do
-  local rec = P .. ':lease:' .. l.id
-  redis.call('HSET', rec, 'team', l.team, 'reserved', l.amount, 'windows', cjson.encode(l.windows))
-  redis.call('EXPIRE', rec, d.lease_ttl)
-  if l.key then redis.call('HSET', rec, 'key', l.key) end
+  redis.call('DEL', KEYS[l.key])
+  redis.call('HSET', KEYS[l.key], 'reserved', l.amount, 'windows', l.windows)
+  redis.call('EXPIRE', KEYS[l.key], d.lease_ttl)
+  if l.scope then redis.call('HSET', KEYS[l.key], 'key', l.scope) end
   if l.lease_until > now then
-    local live = P .. ':live:' .. l.team
-    redis.call('ZADD', live, l.lease_until, l.id)
-    redis.call('EXPIRE', live, d.lease_ttl)
-    if l.key then
-      local klive = P .. ':klive:' .. l.key
-      redis.call('ZADD', klive, l.lease_until, l.id)
-      redis.call('EXPIRE', klive, d.lease_ttl)
+    redis.call('ZADD', KEYS[4], l.lease_until, l.id)
+    redis.call('EXPIRE', KEYS[4], d.lease_ttl)
+    if l.klive then
+      redis.call('ZADD', KEYS[l.klive], l.lease_until, l.id)
+      redis.call('EXPIRE', KEYS[l.klive], d.lease_ttl)
     end
   end
-  for period, key in pairs(l.windows) do  -- the money is held until settled
-    local reserved = P .. ':reserved:' .. l.team .. ':' .. key
-    redis.call('INCRBY', reserved, l.amount)
-    redis.call('EXPIRE', reserved, d.window_ttls[period] or d.total_ttl)
+  for _, r in ipairs(l.reserved) do  -- the money is held until settled
+    redis.call('INCRBY', KEYS[r[1]], l.amount)
+    redis.call('EXPIRE', KEYS[r[1]], r[2])
   end
 end
 for _, r in ipairs(d.rates) do
   if r.at > now - 60 then
-    local win, wtok, wsum = P .. ':win:' .. r.team, P .. ':wtok:' .. r.team, P .. ':wsum:' .. r.team
-    redis.call('ZADD', win, r.at, r.id)
-    redis.call('HSET', wtok, r.id, r.tokens)
-    redis.call('INCRBY', wsum, r.tokens)
-    for _, k in ipairs({win, wtok, wsum}) do redis.call('EXPIRE', k, 120) end
-    if r.key then
-      local kwin, kwtok, kwsum = P .. ':kwin:' .. r.key, P .. ':kwtok:' .. r.key,
-        P .. ':kwsum:' .. r.key
-      redis.call('ZADD', kwin, r.at, r.id)
-      redis.call('HSET', kwtok, r.id, r.tokens)
-      redis.call('INCRBY', kwsum, r.tokens)
-      for _, k in ipairs({kwin, kwtok, kwsum}) do redis.call('EXPIRE', k, 120) end
+    redis.call('ZADD', KEYS[5], r.at, r.id)
+    redis.call('HSET', KEYS[6], r.id, r.tokens)
+    redis.call('INCRBY', KEYS[7], r.tokens)
+    if r.kwin then  -- a key's own log: [kwin, kwtok, kwsum]
+      redis.call('ZADD', KEYS[r.kwin[1]], r.at, r.id)
+      redis.call('HSET', KEYS[r.kwin[2]], r.id, r.tokens)
+      redis.call('INCRBY', KEYS[r.kwin[3]], r.tokens)
+      for _, i in ipairs(r.kwin) do redis.call('EXPIRE', KEYS[i], 120) end
     end
   end
 end
-redis.call('SET', P .. ':epoch', token)
-redis.call('DEL', P .. ':rebuild')
+for _, k in ipairs({KEYS[5], KEYS[6], KEYS[7]}) do redis.call('EXPIRE', k, 120) end
+redis.call('SET', KEYS[3], string.format('%d', d.seq))
+redis.call('SET', KEYS[2], d.epoch)
+redis.call('DEL', KEYS[1])
 return 1
 """
 )
 
 _RESULT: Final = msgspec.json.Decoder()
 _DRIVER_INFO: Final = DriverInfo(name="redis-py", lib_version=redis.__version__)
-_REBUILD_LOCK_MS: Final = 120_000
+_REBUILD_LOCK_MS: Final = 30_000
 _REBUILD_WAIT_SECONDS: Final = 60.0
 _SAFE_POLICY: Final = "noeviction"
 
@@ -406,25 +466,114 @@ def _str(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+class _Script:
+    """A Lua script: its text and SHA1 (EVALSHA, loaded again when the server lost it)."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
+
+
+class _Pipe:
+    """Script calls made in the same moment go to Redis in one pipeline (one round trip).
+
+    The first call of a batch schedules the send for the end of the event-loop turn; every
+    call made meanwhile joins it. Each caller awaits its own reply. A script the server does
+    not know (restarted, flushed with ``SCRIPT FLUSH``) is loaded and its calls sent again.
+    """
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self._client = client
+        self._queue: list[tuple[_Script, list[str], list[Any], asyncio.Future[Any]]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def run(self, script: _Script, keys: list[str], args: list[Any]) -> Any:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.append((script, keys, args, future))
+        if len(self._queue) == 1:
+            asyncio.get_running_loop().call_soon(self._send)
+        return await future
+
+    def _send(self) -> None:
+        batch, self._queue = self._queue, []
+        if batch:
+            task = asyncio.get_running_loop().create_task(self._run(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _run(
+        self, batch: list[tuple[_Script, list[str], list[Any], asyncio.Future[Any]]]
+    ) -> None:
+        try:
+            replies = await self._exec(batch)
+            missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+            if missing:
+                for script in {batch[i][0] for i in missing}:
+                    await self._client.script_load(script.source)
+                again = await self._exec([batch[i] for i in missing])
+                for i, reply in zip(missing, again, strict=True):
+                    replies[i] = reply
+        except (RedisError, OSError) as exc:
+            for *_, future in batch:
+                if not future.done():
+                    future.set_exception(StoreUnavailable(f"redis: {exc.__class__.__name__}"))
+            return
+        except BaseException:
+            for *_, future in batch:
+                future.cancel()
+            raise
+        for (*_, future), reply in zip(batch, replies, strict=True):
+            if future.done():
+                continue
+            if isinstance(reply, RedisError):
+                future.set_exception(StoreUnavailable(f"redis: {reply.__class__.__name__}"))
+            else:
+                future.set_result(reply)
+
+    async def _exec(
+        self, batch: list[tuple[_Script, list[str], list[Any], asyncio.Future[Any]]]
+    ) -> list[Any]:
+        if len(batch) == 1:
+            script, keys, args, _ = batch[0]
+            try:
+                return [await self._client.evalsha(script.sha, len(keys), *keys, *args)]
+            except NoScriptError as exc:
+                return [exc]
+        async with self._client.pipeline(transaction=False) as pipe:
+            for script, keys, args, _ in batch:
+                _ = pipe.evalsha(script.sha, len(keys), *keys, *args)
+            return list(await pipe.execute(raise_on_error=False))
+
+
 class RedisStore:
     """Counters and leases in Redis, records in the PostgreSQL ledger (see the module docstring)."""
 
     is_remote = True
 
-    def __init__(self, client: aioredis.Redis, ledger: LedgerStore, *, prefix: str) -> None:
+    def __init__(self, client: aioredis.Redis, ledger: CountersLedger, *, prefix: str) -> None:
         self._client = client
         self.ledger: Final = ledger
         self._prefix = prefix
-        self._reserve = client.register_script(_RESERVE)
-        self._settle = client.register_script(_SETTLE)
-        self._renew = client.register_script(_RENEW)
-        self._usage = client.register_script(_USAGE)
-        self._rebuild_script = client.register_script(_REBUILD)
-        self._rehold_script = client.register_script(_REHOLD)
-        self._release_slot = client.register_script(_RELEASE_SLOT)
-        self._rebuilding: asyncio.Task[None] | None = None
+        self._pipe = _Pipe(client)
+        self._reserve = _Script(_RESERVE)
+        self._settle = _Script(_SETTLE)
+        self._renew = _Script(_RENEW)
+        self._usage = _Script(_USAGE)
+        self._release_slot = _Script(_RELEASE_SLOT)
+        self._confirm = _Script(_CONFIRM)
+        self._correct = _Script(_CORRECT)
+        self._begin_rebuild = _Script(_BEGIN_REBUILD)
+        self._rebuild_script = _Script(_REBUILD)
+        self._rebuilding: dict[str, asyncio.Task[None]] = {}
+        self._token = uuid.uuid4().hex
+        self._teams: dict[str, tuple[str, list[str], str | None]] = {}
+        """Request id -> (team, window keys, key id) of this replica's requests not settled."""
         self.rebuilds = 0
-        """Counters rebuilt from the ledger by this replica (exported as a metric)."""
+        """Teams' counters rebuilt from the ledger by this replica (exported as a metric)."""
         self.problems: list[str] = []
         """Why this store cannot admit now (``/readyz``): empty when it can."""
         self.warnings: list[str] = []
@@ -432,7 +581,7 @@ class RedisStore:
 
     @classmethod
     def from_config(
-        cls, config: StoreConfig, ledger: LedgerStore, url: str | None = None
+        cls, config: StoreConfig, ledger: CountersLedger, url: str | None = None
     ) -> RedisStore:
         """Build from ``store``: the URL from ``redis_url_env`` (or ``url``)."""
         address = url or os.environ.get(config.redis_url_env, "")
@@ -449,8 +598,32 @@ class RedisStore:
         )
         return cls(client, ledger, prefix=config.redis_key_prefix)
 
-    def _key(self, *parts: str) -> str:
-        return ":".join((self._prefix, *parts))
+    # -- key names (one hash tag per team: a Redis Cluster slot) ---------------------------
+    def _tag(self, team: str) -> str:
+        return "{" + self._prefix + ":" + team + "}"
+
+    def _base(self, team: str, rid: str) -> tuple[str, str, str, str, str, str]:
+        """(epoch, lease, live, win, wtok, wsum) of a team's request."""
+        tag = self._tag(team)
+        return (
+            tag + ":epoch",
+            tag + ":lease:" + rid,
+            tag + ":live",
+            tag + ":win",
+            tag + ":wtok",
+            tag + ":wsum",
+        )
+
+    def _scope(self, team: str, key_id: str | None) -> tuple[str, str, str, str]:
+        """(klive, kwin, kwtok, kwsum): a team key's own slots and log (its own limits)."""
+        tag = self._tag(team)
+        kid = key_id or ""
+        return (
+            tag + ":klive:" + kid,
+            tag + ":kwin:" + kid,
+            tag + ":kwtok:" + kid,
+            tag + ":kwsum:" + kid,
+        )
 
     async def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -459,12 +632,14 @@ class RedisStore:
             raise StoreUnavailable(f"redis: {exc.__class__.__name__}") from exc
 
     async def start(self) -> None:
-        """Migrate the ledger, check Redis's settings, rebuild the counters if they are lost."""
+        """Migrate the ledger and check Redis's settings.
+
+        Each team's counters are rebuilt from the ledger when first needed (its epoch key is
+        missing: a new team, or Redis lost them).
+        """
         await self.ledger.start()
         await self._call(self._client.ping)
         await self.check_settings()
-        if not await self._call(self._client.exists, self._key("epoch")):
-            await self.ensure_counters()
 
     async def check_settings(self) -> list[str]:
         """Read ``maxmemory-policy`` and persistence; warn when they can lose counters."""
@@ -495,42 +670,54 @@ class RedisStore:
 
     async def close(self) -> None:
         """Close the connection pool and the ledger."""
-        if self._rebuilding is not None and not self._rebuilding.done():
-            self._rebuilding.cancel()
-            with contextlib.suppress(asyncio.CancelledError, StoreUnavailable):
-                await self._rebuilding
+        for task in list(self._rebuilding.values()):
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, StoreUnavailable):
+                    await task
         await self._client.aclose()
         await self.ledger.close()
 
-    # -- rebuilding the counters from the ledger -------------------------------------------
-    async def ensure_counters(self) -> None:
-        """Rebuild the counters from the ledger (or wait for another replica's rebuild).
+    # -- rebuilding a team's counters from the ledger --------------------------------------
+    async def ensure_counters(self, team: str, *, seen_epoch: str = "") -> None:
+        """Rebuild a team's counters from the ledger (or wait for another replica's rebuild).
 
-        One rebuild at a time per replica (callers share it); across replicas a lock key
-        elects one, the others wait for the epoch key it writes last.
+        With ``seen_epoch``, the counters of that epoch are known to be behind the ledger:
+        they are rebuilt unless that happened already. One rebuild per team at a time in a
+        replica (callers share it); across replicas a lock key elects one, the others wait
+        for the epoch key it writes last.
         """
-        if self._rebuilding is None or self._rebuilding.done():
-            self._rebuilding = asyncio.get_running_loop().create_task(self._rebuild())
-        task = self._rebuilding
+        task = self._rebuilding.get(team)
+        if task is None or task.done():
+            task = asyncio.get_running_loop().create_task(self._rebuild(team, seen_epoch))
+            self._rebuilding[team] = task
+            task.add_done_callback(lambda _: self._rebuild_done(team, task))
         # A waiter cancelled (its request timed out) leaves the rebuild running for the others.
         await asyncio.wait({task})
         task.result()
 
-    async def _rebuild(self) -> None:
+    def _rebuild_done(self, team: str, task: asyncio.Task[None]) -> None:
+        if self._rebuilding.get(team) is task:
+            del self._rebuilding[team]
+        if not any(not t.done() for t in self._rebuilding.values()):
+            self.problems = []
+
+    async def _rebuild(self, team: str, seen_epoch: str) -> None:
         self.problems = ["quota counters are being rebuilt from the ledger (Redis lost them)"]
+        tag = self._tag(team)
+        lock, epoch = tag + ":rebuild", tag + ":epoch"
         try:
             deadline = time.monotonic() + _REBUILD_WAIT_SECONDS
+            # This replica's token for the team: a retry after a lost reply resumes its lock.
+            token = f"{self._token}:{team}"
             while True:
-                if await self._call(self._client.exists, self._key("epoch")):
-                    self.problems = []
-                    return
-                token = uuid.uuid4().hex
-                got = await self._call(
-                    self._client.set, self._key("rebuild"), token, nx=True, px=_REBUILD_LOCK_MS
+                began = await self._pipe.run(
+                    self._begin_rebuild, [lock, epoch], [token, _REBUILD_LOCK_MS, seen_epoch]
                 )
-                if got:
-                    await self._rebuild_as(token)
-                    self.problems = []
+                if began == 2:
+                    return
+                if began == 1:
+                    await self._rebuild_as(team, token)
                     return
                 if time.monotonic() > deadline:
                     raise CountersLost("redis: the counters are being rebuilt by another replica")
@@ -541,87 +728,124 @@ class RedisStore:
                 raise
             raise StoreUnavailable(f"redis: {exc.__class__.__name__}") from exc
 
-    async def _rebuild_as(self, token: str) -> None:
-        _LOGGER.warning("redis counters lost: rebuilding them from the ledger")
+    async def _rebuild_as(self, team: str, token: str) -> None:
+        _LOGGER.warning("redis counters of team %s lost: rebuilding them from the ledger", team)
         started = time.monotonic()
-        # Nothing else writes counters while the epoch key is missing (every script checks
-        # it): stale counters (an eviction, a stale replica) can be cleared safely.
-        stale: list[Any] = []
-        for pattern in (
-            *("spent", "reserved", "live", "lease", "win", "wtok", "wsum"),
-            *("klive", "kwin", "kwtok", "kwsum"),
-        ):
-            match = self._key(pattern, "*")
-            stale += [key async for key in self._client.scan_iter(match=match, count=1000)]
-        if stale:
-            for start in range(0, len(stale), 1000):
-                await self._call(self._client.delete, *stale[start : start + 1000])
+        tag = self._tag(team)
+        fixed = [tag + name for name in (":rebuild", ":epoch", ":seq", ":live", ":win")]
+        fixed += [tag + ":wtok", tag + ":wsum"]
+        keys = list(fixed)
+        index: dict[str, int] = {key: n for n, key in enumerate(keys, start=1)}
+
+        def at(key: str) -> int:
+            if key not in index:
+                keys.append(key)
+                index[key] = len(keys)
+            return index[key]
+
+        # Nothing else writes this team's counters while its epoch key is missing (every
+        # script checks it): stale counters (an eviction, a lagging replica) are cleared.
+        stale = [
+            at(_str(key))
+            for key in [
+                k async for k in self._client.scan_iter(match=_glob_escape(tag) + ":*", count=1000)
+            ]
+            if _str(key) not in fixed
+        ]
         now = time.time()
-        snapshot = await self.ledger.snapshot(
-            since=now - _CALENDAR_HORIZON_SECONDS, recent_since=now - RATE_WINDOW_SECONDS
+        snapshot = await self.ledger.team_snapshot(
+            team, since=now - _CALENDAR_HORIZON_SECONDS, recent_since=now - RATE_WINDOW_SECONDS
         )
+        counters = snapshot.counters
         payload = {
+            "stale": stale,
             "spent": [
-                [row.team, row.window, row.spent, _ttl_of(row.window)] for row in snapshot.spent
+                [at(tag + ":spent:" + row.window), row.spent, _ttl_of(row.window)]
+                for row in counters.spent
             ],
             "leases": [
                 {
+                    "key": at(tag + ":lease:" + record.request_id),
                     "id": record.request_id,
-                    "team": record.team,
                     "amount": record.reserved,
-                    "windows": {p.value: k for p, k in record.windows.items()},
                     "lease_until": record.lease_until,
-                    **_key_scope(record),
+                    "windows": msgspec.json.encode(list(record.windows.values())).decode(),
+                    # Which keys have limits is config, not in the ledger: every key's slots.
+                    **(
+                        {}
+                        if record.key_id is None
+                        else {
+                            "scope": record.key_id,
+                            "klive": at(self._scope(team, record.key_id)[0]),
+                        }
+                    ),
+                    "reserved": [
+                        [at(tag + ":reserved:" + window), _ttl_of(window)]
+                        for window in record.windows.values()
+                    ],
                 }
-                for record in snapshot.dispatched
+                for record in counters.dispatched
             ],
             "rates": [
                 {
                     "id": record.request_id,
-                    "team": record.team,
                     "at": record.created_at,
                     "tokens": record.tokens_reserved
                     if record.state is RecordState.DISPATCHED
                     else record.prompt_tokens + record.completion_tokens,
-                    # Which keys have limits is config, not in the ledger: every key's log.
-                    **_key_scope(record),
+                    **(
+                        {}
+                        if record.key_id is None
+                        else {"kwin": [at(k) for k in self._scope(team, record.key_id)[1:]]}
+                    ),
                 }
-                for record in snapshot.recent
+                for record in counters.recent
             ],
+            "seq": snapshot.counter_seq,
+            "epoch": uuid.uuid4().hex,
             "lease_ttl": _LEASE_TTL,
-            "window_ttls": _WINDOW_TTLS,
-            "total_ttl": _TOTAL_TTL,
         }
-        done = await self._call(
-            self._rebuild_script,
-            keys=[],
-            args=[self._prefix, token, msgspec.json.encode(payload)],
+        done = await self._pipe.run(
+            self._rebuild_script, keys, [token, msgspec.json.encode(payload)]
         )
         if not done:
             raise CountersLost("redis: the rebuild lock was lost; retrying")
         self.rebuilds += 1
         _LOGGER.warning(
-            "redis counters rebuilt from the ledger in %.2f s (%d windows, %d open reservations)",
+            "redis counters of team %s rebuilt from the ledger in %.2f s "
+            "(%d windows, %d open reservations)",
+            team,
             time.monotonic() - started,
-            len(snapshot.spent),
-            len(snapshot.dispatched),
+            len(counters.spent),
+            len(counters.dispatched),
         )
 
     # -- the Store protocol ---------------------------------------------------------------
     async def reserve(self, request: ReserveRequest) -> ReserveResult:
         """See ``Store.reserve``: one Lua script decides, then the record is committed."""
+        for _ in range(3):
+            result = await self._reserve_once(request)
+            if result is not None:
+                return result
+        raise CountersLost("redis: the counters kept going behind the ledger")
+
+    async def _reserve_once(self, request: ReserveRequest) -> ReserveResult | None:
+        team = request.team
+        # Known before the script runs: a void after a lost reply finds the keys.
+        self._teams[request.request_id] = (team, list(request.periods.values()), request.key_id)
         data = await self._reserve_counters(request)
         if data.get("lost"):
-            await self.ensure_counters()
+            await self.ensure_counters(team)
             data = await self._reserve_counters(request)
             if data.get("lost"):
                 raise CountersLost("redis: the counters were lost again during the rebuild")
         result = _result(data)
         if not result.admitted:
+            self._teams.pop(request.request_id, None)
             return result
         record = LedgerRecord(
             request_id=request.request_id,
-            team=request.team,
+            team=team,
             key_id=request.key_id,
             model=request.model,
             stream=request.stream,
@@ -640,27 +864,33 @@ class RedisStore:
             await self.ledger.insert(record)
             return result
         try:
-            inserted = await self.ledger.insert(record)
+            # (A caller gone before its batch commits is refused; the ledger settles such a
+            # record as never sent.)
+            inserted = await self.ledger.insert_counted(record, int(data["seq"]))
         except BaseException:
-            await self._void(request.request_id)
+            await self._void(request)
             raise
-        if not inserted:  # the id is in the ledger already: a replay (settled before)
-            await self._void(request.request_id)
+        if inserted is Inserted.EXISTS:  # the id is in the ledger already: a replay
+            await self._void(request)
             return ReserveResult(admitted=True, replayed=True)
-        epoch = await self._call(self._client.get, self._key("epoch"))
-        if epoch is None or _str(epoch) != str(data.get("epoch")):
-            # The counters were rebuilt between the reservation and the record's commit: the
-            # rebuild may not have seen the record. Hold it again (a no-op if it did).
-            await self._rehold(record)
+        if inserted is Inserted.BEHIND:
+            # These counters issued a number the ledger already has: they went back in time
+            # (a failover to a lagging replica). Rebuild them, then decide again.
+            _LOGGER.warning("redis counters of team %s are behind the ledger", team)
+            self._teams.pop(request.request_id, None)
+            await self.ensure_counters(team, seen_epoch=str(data.get("epoch", "")))
+            return None
+        await self._hold(record)
         return result
 
     async def _reserve_counters(self, request: ReserveRequest) -> dict[str, Any]:
         limits = request.limits
+        periods = [p.value for p in request.periods]
         args = {
-            "team": request.team,
             "amount": request.amount,
             "tokens": request.tokens,
-            "windows": {p.value: k for p, k in request.periods.items()},
+            "periods": periods,
+            "ttls": [_WINDOW_TTLS.get(p, _TOTAL_TTL) for p in periods],
             "budgets": {p.value: v for p, v in limits.budgets.items()},
             "rpm": limits.rpm,
             "tpm": limits.tpm,
@@ -669,61 +899,73 @@ class RedisStore:
             "shadow": request.shadow,
             **_key_limits(request),
             "lease_ttl": _LEASE_TTL,
-            "window_ttls": _WINDOW_TTLS,
         }
         # cjson turns JSON null into a truthy userdata: absent keys are Lua nils instead.
         present = {name: value for name, value in args.items() if value is not None}
-        raw = await self._call(
-            self._reserve,
-            keys=[],
-            args=[self._prefix, request.request_id, msgspec.json.encode(present)],
+        epoch, lease, live, win, wtok, wsum = self._base(request.team, request.request_id)
+        tag = self._tag(request.team)
+        keys = [epoch, tag + ":seq", lease, live, win, wtok, wsum]
+        keys += self._scope(request.team, request.key_id)
+        for window in request.periods.values():
+            keys += (tag + ":reserved:" + window, tag + ":spent:" + window)
+        windows = msgspec.json.encode(list(request.periods.values()))
+        raw = await self._pipe.run(
+            self._reserve, keys, [request.request_id, msgspec.json.encode(present), windows]
         )
         data = _RESULT.decode(raw)
         assert isinstance(data, dict)
         return data
 
-    async def _rehold(self, record: LedgerRecord) -> None:
-        await self.ensure_counters()
-        await self._call(
-            self._rehold_script,
-            keys=[],
-            args=[
-                self._prefix,
-                record.request_id,
-                msgspec.json.encode(
-                    {
-                        "team": record.team,
-                        "amount": record.reserved,
-                        "windows": {p.value: k for p, k in record.windows.items()},
-                        "lease_until": record.lease_until,
-                        **_key_scope(record),
-                        "lease_ttl": _LEASE_TTL,
-                        "window_ttls": _WINDOW_TTLS,
-                        "total_ttl": _TOTAL_TTL,
-                    }
-                ),
-            ],
-        )
+    async def _hold(self, record: LedgerRecord) -> None:
+        """After the commit: confirm the reservation is still held (else hold it again)."""
+        epoch, lease, live, *_ = self._base(record.team, record.request_id)
+        tag = self._tag(record.team)
+        klive = self._scope(record.team, record.key_id)[0]
+        keys = [
+            epoch,
+            lease,
+            live,
+            klive,
+            *(tag + ":reserved:" + w for w in record.windows.values()),
+        ]
+        args = [
+            record.request_id,
+            msgspec.json.encode(
+                {
+                    "amount": record.reserved,
+                    "lease_until": record.lease_until,
+                    "lease_ttl": _LEASE_TTL,
+                    "ttls": [_ttl_of(w) for w in record.windows.values()],
+                    **({} if record.key_id is None else {"key": record.key_id}),
+                }
+            ),
+            msgspec.json.encode(list(record.windows.values())),
+        ]
+        if await self._pipe.run(self._confirm, keys, args) == -1:
+            # The counters were lost since: the rebuild read the committed record (or its
+            # successor will); hold it now if it did not.
+            await self.ensure_counters(record.team)
+            await self._pipe.run(self._confirm, keys, args)
 
-    async def _void(self, request_id: str) -> None:
+    async def _void(self, request: ReserveRequest) -> None:
+        self._teams.pop(request.request_id, None)
+        held = (request.team, list(request.periods.values()), request.key_id)
         with contextlib.suppress(StoreUnavailable):
-            await self._apply(request_id, {"void": True})
+            await self._apply(held, request.request_id, {"void": True})
 
-    async def _apply(self, request_id: str, args: dict[str, Any]) -> int:
-        applied = int(
-            await self._call(
-                self._settle, keys=[], args=[self._prefix, request_id, msgspec.json.encode(args)]
-            )
-        )
+    async def _apply(
+        self, held: tuple[str, list[str], str | None], request_id: str, args: dict[str, Any]
+    ) -> int:
+        team, windows, key_id = held
+        tag = self._tag(team)
+        keys = [*self._base(team, request_id), *self._scope(team, key_id)]
+        for window in windows:
+            keys += (tag + ":reserved:" + window, tag + ":spent:" + window)
+        argv = [request_id, msgspec.json.encode({**args, "ttls": [_ttl_of(w) for w in windows]})]
+        applied = int(await self._pipe.run(self._settle, keys, argv))
         if applied == -1:  # counters lost: the rebuild reads the ledger; apply after it
-            await self.ensure_counters()
-            applied = int(
-                await self._call(
-                    self._settle,
-                    keys=[],
-                    args=[self._prefix, request_id, msgspec.json.encode(args)],
-                )
-            )
+            await self.ensure_counters(team)
+            applied = int(await self._pipe.run(self._settle, keys, argv))
         return applied
 
     async def settle(self, request_id: str, settlement: Settlement) -> bool:
@@ -737,8 +979,6 @@ class RedisStore:
             "cost": settlement.cost,
             "prompt_tokens": settlement.prompt_tokens,
             "completion_tokens": settlement.completion_tokens,
-            "window_ttls": _WINDOW_TTLS,
-            "total_ttl": _TOTAL_TTL,
         }
         if settled is None:
             # Already settled in the ledger. If an earlier call failed between the ledger and
@@ -746,7 +986,9 @@ class RedisStore:
             record = await self.ledger.record(request_id)
             if record is None:
                 # Never recorded, so never dispatched: release a reservation left behind.
-                await self._apply(request_id, {"void": True})
+                held = self._teams.pop(request_id, None) or await self._find_lease(request_id)
+                if held is not None:
+                    await self._apply(held, request_id, {"void": True})
                 return False
             if record.state is not RecordState.SETTLED:
                 return False
@@ -755,22 +997,53 @@ class RedisStore:
                 prompt_tokens=record.prompt_tokens,
                 completion_tokens=record.completion_tokens,
             )
-            await self._apply(request_id, args)
+            await self._apply(_held(record), request_id, args)
+            self._teams.pop(request_id, None)
             return False
-        await self._apply(request_id, args)
+        await self._apply(_held(settled), request_id, args)
+        self._teams.pop(request_id, None)
         return True
+
+    async def _find_lease(self, request_id: str) -> tuple[str, list[str], str | None] | None:
+        """(team, window keys, key id) of a lease this replica does not know (a scan: rare)."""
+        head = "{" + _glob_escape(self._prefix) + ":"
+        async for key in self._client.scan_iter(
+            match=head + "*}:lease:" + _glob_escape(request_id), count=1000
+        ):
+            name = _str(key)
+            team = name[len(self._prefix) + 2 : name.rindex("}:lease:")]
+            windows, key_id = await self._call(self._client.hmget, name, ["windows", "key"])
+            if windows is not None:
+                windows_list = list(msgspec.json.decode(windows, type=list[str]))
+                return team, windows_list, None if key_id is None else _str(key_id)
+        return None
+
+    async def _lease_keys(self, request_id: str) -> list[str] | None:
+        """(lease, live, klive) of a request, or None when it is unknown."""
+        held = self._teams.get(request_id)
+        if held is None:
+            record = await self.ledger.record(request_id)
+            if record is None:
+                return None
+            held = _held(record)
+        team, _, key_id = held
+        _, lease, live, *_ = self._base(team, request_id)
+        return [lease, live, self._scope(team, key_id)[0]]
 
     async def renew(self, request_id: str, now: float, lease_seconds: float) -> None:
         """See ``Store.renew``; the lease runs on the server's clock (``now`` is unused)."""
-        lease_until = await self._call(
-            self._renew, keys=[], args=[self._prefix, request_id, lease_seconds]
-        )
+        keys = await self._lease_keys(request_id)
+        if keys is None:
+            return
+        lease_until = await self._pipe.run(self._renew, keys, [request_id, lease_seconds])
         if lease_until:
             await self.ledger.renew(request_id, float(_str(lease_until)))
 
     async def release_slot(self, request_id: str) -> None:
         """See ``Store.release_slot`` (one Lua script; the money stays reserved)."""
-        await self._call(self._release_slot, keys=[], args=[self._prefix, request_id])
+        keys = await self._lease_keys(request_id)
+        if keys is not None:
+            await self._pipe.run(self._release_slot, keys, [request_id])
 
     async def correct(self, request_id: str, settlement: Settlement) -> int | None:
         """See ``Store.correct``: the ledger, then the spent counters.
@@ -781,25 +1054,34 @@ class RedisStore:
         if old is None:
             return None
         delta = settlement.cost - old.cost
-        if delta and await self._call(self._client.exists, self._key("epoch")):
-            try:
-                async with self._client.pipeline(transaction=True) as pipe:
-                    for key in old.windows.values():
-                        _ = pipe.incrby(self._key("spent", old.team, key), delta)
-                    await pipe.execute()
-            except (RedisError, OSError) as exc:
-                raise StoreUnavailable(f"redis: {exc.__class__.__name__}") from exc
+        if delta:
+            tag = self._tag(old.team)
+            keys = [tag + ":epoch", *(tag + ":spent:" + w for w in old.windows.values())]
+            await self._pipe.run(self._correct, keys, [delta])
         return delta
 
     async def note_upstream_id(self, request_id: str, upstream_id: str) -> None:
         """See ``Store.note_upstream_id`` (in the ledger: it also answers ``owner_of``)."""
         await self.ledger.note_upstream_id(request_id, upstream_id)
 
+    async def _usage_values(self, team: str, windows: list[str]) -> list[Any]:
+        epoch, _, live, win, wtok, wsum = self._base(team, "")
+        tag = self._tag(team)
+        keys = [epoch, live, win, wtok, wsum]
+        for window in windows:
+            keys += (tag + ":spent:" + window, tag + ":reserved:" + window)
+        values = await self._pipe.run(self._usage, keys, [])
+        if values == -1:
+            await self.ensure_counters(team)
+            values = await self._pipe.run(self._usage, keys, [])
+            if values == -1:
+                raise CountersLost("redis: the counters were lost again during the rebuild")
+        assert isinstance(values, list)
+        return values
+
     async def usage(self, team: str, keys: list[str], now: float) -> dict[str, WindowUsage]:
         """See ``Store.usage``."""
-        if not await self._call(self._client.exists, self._key("epoch")):
-            await self.ensure_counters()
-        values = await self._call(self._usage, keys=[], args=[self._prefix, team, *keys])
+        values = await self._usage_values(team, keys)
         out: dict[str, WindowUsage] = {}
         for index, key in enumerate(keys):
             spent, reserved = values[2 + 2 * index], values[3 + 2 * index]
@@ -808,7 +1090,7 @@ class RedisStore:
 
     async def rates(self, team: str, now: float) -> tuple[int, int]:
         """See ``Store.rates``."""
-        values = await self._call(self._usage, keys=[], args=[self._prefix, team])
+        values = await self._usage_values(team, [])
         return int(values[0]), int(values[1])
 
     async def record(self, request_id: str) -> LedgerRecord | None:
@@ -828,40 +1110,9 @@ class RedisStore:
         return await self.ledger.records(since=since, until=until)
 
 
-_REHOLD: Final = (
-    "-- clipia_rehold_v2\n"
-    + _PRELUDE
-    + """
-local rid = ARGV[2]
-local l = cjson.decode(ARGV[3])
-local rec = P .. ':lease:' .. rid
-if redis.call('EXISTS', rec) == 1 then return 0 end
-redis.call('HSET', rec, 'team', l.team, 'reserved', l.amount, 'windows', cjson.encode(l.windows))
-redis.call('EXPIRE', rec, l.lease_ttl)
-if l.key then redis.call('HSET', rec, 'key', l.key) end
-if l.lease_until > now then
-  local live = P .. ':live:' .. l.team
-  redis.call('ZADD', live, l.lease_until, rid)
-  redis.call('EXPIRE', live, l.lease_ttl)
-  if l.key then
-    local klive = P .. ':klive:' .. l.key
-    redis.call('ZADD', klive, l.lease_until, rid)
-    redis.call('EXPIRE', klive, l.lease_ttl)
-  end
-end
-for period, key in pairs(l.windows) do
-  local reserved = P .. ':reserved:' .. l.team .. ':' .. key
-  redis.call('INCRBY', reserved, l.amount)
-  redis.call('EXPIRE', reserved, l.window_ttls[period] or l.total_ttl)
-end
-return 1
-"""
-)
-
-
-def _key_scope(record: LedgerRecord) -> dict[str, str]:
-    """The key scope (``{team}:{key id}``) of a record read back from the ledger, if any."""
-    return {} if record.key_id is None else {"key": f"{record.team}:{record.key_id}"}
+def _held(record: LedgerRecord) -> tuple[str, list[str], str | None]:
+    """(team, window keys, key id) of a ledger record: the keys of its reservation."""
+    return record.team, list(record.windows.values()), record.key_id
 
 
 def _key_limits(request: ReserveRequest) -> dict[str, str | int | None]:
@@ -878,7 +1129,8 @@ def _key_limits(request: ReserveRequest) -> dict[str, str | int | None]:
 
 
 def _ttl_of(window: str) -> int:
-    return _TOTAL_TTL if window == "total" else _WINDOW_TTL
+    """A window key's TTL (``total`` and a key's ``total:key:ID`` live longest)."""
+    return _TOTAL_TTL if window.startswith("total") else _WINDOW_TTL
 
 
 def _result(data: dict[str, Any]) -> ReserveResult:

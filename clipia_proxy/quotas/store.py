@@ -16,6 +16,7 @@ method may raise :class:`StoreUnavailable`.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from enum import StrEnum
 from typing import Protocol, runtime_checkable
 
 import msgspec
@@ -170,6 +171,25 @@ class CountersSnapshot(msgspec.Struct, frozen=True, kw_only=True):
     """Records of the last minute (RPM/TPM windows)."""
 
 
+class TeamSnapshot(msgspec.Struct, frozen=True, kw_only=True):
+    """One team's counters as the ledger has them (a Redis team rebuild), in one snapshot."""
+
+    counters: CountersSnapshot
+    counter_seq: int
+    """The highest reservation sequence number a record of the team carries (0: none)."""
+
+
+class Inserted(StrEnum):
+    """What a counted insert did (:meth:`CountersLedger.insert_counted`)."""
+
+    INSERTED = "inserted"
+    EXISTS = "exists"
+    """The request id is in the ledger already (a replay): nothing written."""
+    BEHIND = "behind"
+    """A record of the team already carries this sequence number: the counters that issued it
+    went back in time (a failover to a lagging replica); nothing written."""
+
+
 class ReportLine(msgspec.Struct, frozen=True, kw_only=True):
     """One aggregated line of a report: the group's values (in ``by`` order) and its sums."""
 
@@ -257,3 +277,16 @@ class LedgerStore(Protocol):
 
     async def prune(self, *, before: float) -> int:
         """Delete records created before ``before`` (a month start); return how many."""
+
+
+class CountersLedger(LedgerStore, Protocol):
+    """A ledger the shared (Redis) counters are checked against and rebuilt from, per team."""
+
+    async def insert_counted(self, record: LedgerRecord, counter_seq: int) -> Inserted:
+        """Insert like ``insert``, with the counters' sequence number of its reservation.
+
+        Refused (``BEHIND``) when a record of the team already carries that number.
+        """
+
+    async def team_snapshot(self, team: str, *, since: float, recent_since: float) -> TeamSnapshot:
+        """``snapshot`` of one team, with its highest sequence number."""
