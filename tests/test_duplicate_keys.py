@@ -164,6 +164,10 @@ BODIES = [
         b'{"model":"gpt-5.5",' + MESSAGES + b',"metadata":{"a":[{"b":{"c":1,"c":2}}]}}',
     ),
     ("colon_in_key", b'{"model":"gpt-5.5","a:b":1,"a\\u003ab":2,' + MESSAGES + b"}"),
+    (
+        "escaped_backslash_then_escaped_colon",
+        b'{"model":"gpt-5.5","\\\\:":1,"\\\\\\u003a":2,' + MESSAGES + b"}",
+    ),
 ]
 
 NOT_DUPLICATES = [
