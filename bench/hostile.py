@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import sys
@@ -29,6 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import aiohttp
+import msgspec
 import yaml
 
 from bench.procs import HOST, Child, child_env, free_ports, python, wait_ready
@@ -41,9 +41,7 @@ def hostile_body(megabytes: float) -> bytes:
     count = int(megabytes * 1_000_000) // len(unit)
     content = unit * count
     return (
-        '{"model":"not-allowed-model","messages":[{"role":"user","content":"'
-        + content
-        + '"}]}'
+        '{"model":"not-allowed-model","messages":[{"role":"user","content":"' + content + '"}]}'
     ).encode()
 
 
@@ -126,7 +124,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         )
         gateway_env = child_env({"CLIPIA_API_KEY": "clipia_test_hostile" + os.urandom(8).hex()})
         if args.gateway_tree:
-            gateway_env["PYTHONPATH"] = str(Path(args.gateway_tree).resolve())
+            gateway_env["PYTHONPATH"] = args.gateway_tree
         children = [
             Child(
                 "emulator",
@@ -161,9 +159,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                     cwd=tmp,
                 )
                 children.append(gateway)
-                await wait_ready(
-                    session, gateway, f"http://{HOST}:{admin_port}/readyz", within=60
-                )
+                await wait_ready(session, gateway, f"http://{HOST}:{admin_port}/readyz", within=60)
                 root = f"http://{HOST}:{port}/v1"
                 for _ in range(600):  # the data port listens after the admin port
                     try:
@@ -177,20 +173,18 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                     idle = await probe(session, root + "/models", keys["victim"], args.probes)
                     stop = asyncio.Event()
                     cpu_before = gateway.cpu_seconds()
-                    floods = [
-                        asyncio.create_task(
+                    floods = asyncio.gather(
+                        *(
                             flood(session, root + "/chat/completions", keys["hostile"], body, stop)
+                            for _ in range(args.bodies)
                         )
-                        for _ in range(args.bodies)
-                    ]
+                    )
                     await asyncio.sleep(0.2)  # the bodies are in flight
                     try:
-                        loaded = await probe(
-                            session, root + "/models", keys["victim"], args.probes
-                        )
+                        loaded = await probe(session, root + "/models", keys["victim"], args.probes)
                     finally:
                         stop.set()
-                        done = await asyncio.gather(*floods)
+                        done = await floods
                     statuses: dict[int, int] = {}
                     for counts in done:
                         for status, count in counts.items():
@@ -234,9 +228,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--gateway-tree", default=None, help="run the gateway from this checkout instead"
     )
     args = parser.parse_args(argv)
+    if args.gateway_tree:
+        args.gateway_tree = str(Path(args.gateway_tree).resolve())
     report = asyncio.run(run(args))
-    json.dump(report, sys.stdout, indent=2)
-    print()
+    print(msgspec.json.format(msgspec.json.encode(report), indent=2).decode())
     return 0
 
 

@@ -197,8 +197,6 @@ class ChatRequest(msgspec.Struct, kw_only=True):
     """Whether the client itself asked for ``stream_options.include_usage``."""
 
 
-
-
 def has_duplicate_keys(raw: bytes, decoded: object) -> bool:
     r"""Whether an object in the JSON text ``raw`` names a key twice; ``decoded`` is its decoding.
 
