@@ -19,6 +19,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing
+import multiprocessing.queues
+import multiprocessing.synchronize
 import os
 import statistics
 import sys
@@ -88,16 +91,36 @@ async def probe(session: aiohttp.ClientSession, url: str, key: str, count: int) 
 
 
 async def flood(
-    session: aiohttp.ClientSession, url: str, key: str, body: bytes, stop: asyncio.Event
+    url: str, key: str, body: bytes, bodies: int, stop: multiprocessing.synchronize.Event
 ) -> dict[int, int]:
-    """Post ``body`` again and again until ``stop``; count the answers by status."""
+    """Keep ``bodies`` posts of ``body`` in flight until ``stop``; count answers by status."""
     statuses: dict[int, int] = {}
     headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
-    while not stop.is_set():
-        async with session.post(url, headers=headers, data=body) as response:
-            await response.read()
-            statuses[response.status] = statuses.get(response.status, 0) + 1
+
+    async def one(session: aiohttp.ClientSession) -> None:
+        while not stop.is_set():
+            try:
+                async with session.post(url, headers=headers, data=body) as response:
+                    await response.read()
+                    statuses[response.status] = statuses.get(response.status, 0) + 1
+            except aiohttp.ClientError:  # refused before the body was read: closed under us
+                statuses[0] = statuses.get(0, 0) + 1
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
+        await asyncio.gather(*(one(session) for _ in range(bodies)))
     return statuses
+
+
+def _flood_process(
+    url: str,
+    key: str,
+    megabytes: float,
+    bodies: int,
+    stop: multiprocessing.synchronize.Event,
+    results: multiprocessing.queues.Queue[dict[int, int]],
+) -> None:
+    """The hostile client, in its own process (its work must not slow the victim's client)."""
+    results.put(asyncio.run(flood(url, key, hostile_body(megabytes), bodies, stop)))
 
 
 def summary(latencies: list[float]) -> dict[str, float]:
@@ -171,24 +194,29 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                 rounds: list[dict[str, object]] = []
                 for _ in range(args.rounds):
                     idle = await probe(session, root + "/models", keys["victim"], args.probes)
-                    stop = asyncio.Event()
+                    context = multiprocessing.get_context("spawn")
+                    stop = context.Event()
+                    results: multiprocessing.queues.Queue[dict[int, int]] = context.Queue()
                     cpu_before = gateway.cpu_seconds()
-                    floods = asyncio.gather(
-                        *(
-                            flood(session, root + "/chat/completions", keys["hostile"], body, stop)
-                            for _ in range(args.bodies)
-                        )
+                    hostile = context.Process(
+                        target=_flood_process,
+                        args=(
+                            root + "/chat/completions",
+                            keys["hostile"],
+                            args.body_mb,
+                            args.bodies,
+                            stop,
+                            results,
+                        ),
                     )
-                    await asyncio.sleep(0.2)  # the bodies are in flight
+                    hostile.start()
+                    await asyncio.sleep(1.0)  # the process is up, the bodies are in flight
                     try:
                         loaded = await probe(session, root + "/models", keys["victim"], args.probes)
                     finally:
                         stop.set()
-                        done = await floods
-                    statuses: dict[int, int] = {}
-                    for counts in done:
-                        for status, count in counts.items():
-                            statuses[status] = statuses.get(status, 0) + count
+                        statuses = await asyncio.to_thread(results.get, True, 120)
+                        await asyncio.to_thread(hostile.join, 30)
                     hostile_requests = sum(statuses.values())
                     cpu = gateway.cpu_seconds() - cpu_before
                     idle_s, loaded_s = summary(idle), summary(loaded)
