@@ -91,9 +91,17 @@ async def probe(session: aiohttp.ClientSession, url: str, key: str, count: int) 
 
 
 async def flood(
-    url: str, key: str, body: bytes, bodies: int, stop: multiprocessing.synchronize.Event
+    url: str,
+    key: str,
+    body: bytes,
+    bodies: int,
+    stop: multiprocessing.synchronize.Event,
+    ready: multiprocessing.synchronize.Event,
 ) -> dict[int, int]:
-    """Keep ``bodies`` posts of ``body`` in flight until ``stop``; count answers by status."""
+    """Keep ``bodies`` posts of ``body`` in flight until ``stop``; count answers by status.
+
+    ``ready`` is set once the first answer came back (the flood is on).
+    """
     statuses: dict[int, int] = {}
     headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
 
@@ -103,6 +111,7 @@ async def flood(
                 async with session.post(url, headers=headers, data=body) as response:
                     await response.read()
                     statuses[response.status] = statuses.get(response.status, 0) + 1
+                ready.set()
             except aiohttp.ClientError:  # refused before the body was read: closed under us
                 statuses[0] = statuses.get(0, 0) + 1
 
@@ -117,10 +126,11 @@ def _flood_process(
     megabytes: float,
     bodies: int,
     stop: multiprocessing.synchronize.Event,
+    ready: multiprocessing.synchronize.Event,
     results: multiprocessing.queues.Queue[dict[int, int]],
 ) -> None:
     """The hostile client, in its own process (its work must not slow the victim's client)."""
-    results.put(asyncio.run(flood(url, key, hostile_body(megabytes), bodies, stop)))
+    results.put(asyncio.run(flood(url, key, hostile_body(megabytes), bodies, stop, ready)))
 
 
 def summary(latencies: list[float]) -> dict[str, float]:
@@ -195,7 +205,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                 for _ in range(args.rounds):
                     idle = await probe(session, root + "/models", keys["victim"], args.probes)
                     context = multiprocessing.get_context("spawn")
-                    stop = context.Event()
+                    stop, ready = context.Event(), context.Event()
                     results: multiprocessing.queues.Queue[dict[int, int]] = context.Queue()
                     cpu_before = gateway.cpu_seconds()
                     hostile = context.Process(
@@ -206,11 +216,14 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                             args.body_mb,
                             args.bodies,
                             stop,
+                            ready,
                             results,
                         ),
                     )
                     hostile.start()
-                    await asyncio.sleep(1.0)  # the process is up, the bodies are in flight
+                    if not await asyncio.to_thread(ready.wait, 120):
+                        raise RuntimeError("the hostile client never got an answer")
+                    await asyncio.sleep(0.2)  # all its bodies are in flight
                     try:
                         loaded = await probe(session, root + "/models", keys["victim"], args.probes)
                     finally:
