@@ -124,7 +124,7 @@ TREES = st.recursive(
 )
 
 
-@settings(max_examples=400)
+@settings(max_examples=400, deadline=None)
 @given(tree=TREES, data=st.data())
 def test_duplicate_keys_found_in_any_spelling_and_depth(tree: object, data: st.DataObject) -> None:
     text = write(tree, data.draw).encode()
