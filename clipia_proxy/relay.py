@@ -28,7 +28,7 @@ from typing import Final, Protocol
 from .quotas.model import Outcome
 from .sse import UsageChunkFilter, UsageTap, sse_error_event
 
-__all__ = ["Relay", "Step", "StreamResult"]
+__all__ = ["CLOSE", "END", "READ", "Relay", "Step", "StreamResult"]
 
 _STREAM_TERMINATOR: Final = b"\n\n"
 """Written before our error event: ends any partial upstream event (blank lines are no-ops)."""
@@ -43,6 +43,13 @@ class Step(Enum):
     """Close the upstream connection and stop reading."""
     END = "end"
     """Stop reading: the upstream body ended or broke."""
+
+
+READ: Final = Step.READ
+CLOSE: Final = Step.CLOSE
+END: Final = Step.END
+"""The steps as module names: looking up an Enum member costs about 0.15 µs on Python 3.11,
+and the relay does it on every chunk."""
 
 
 class KeyScan(Protocol):
@@ -143,36 +150,38 @@ class Relay:
             and not tap.saw_done
         ):
             result.cut_at_bound = True
-        released = self._scan.feed(chunk) if self._scan is not None else chunk
+        scan = self._scan
+        released = scan.feed(chunk) if scan is not None else chunk
         if released is None:
             result.cut_for_secret = True
             result.outcome = Outcome.UPSTREAM_ERROR
-            return b"", Step.CLOSE
+            return b"", CLOSE
         if not self.client_alive:
             if result.cut_at_bound or (self._cancel and tap.upstream_id is not None):
-                return b"", Step.CLOSE
-            return b"", Step.READ
-        out = self._filter.feed(released) if self._filter is not None else released
+                return b"", CLOSE
+            return b"", READ
+        chunk_filter = self._filter
+        out = chunk_filter.feed(released) if chunk_filter is not None else released
         if result.cut_at_bound:
             result.outcome = Outcome.UPSTREAM_ERROR
-            return out, Step.CLOSE
-        return out, Step.READ
+            return out, CLOSE
+        return out, READ
 
     def client_left(self, now: float) -> Step:
         """The client went away (a failed write); ``now`` starts the drain deadline."""
         self.client_alive = False
         self.result.outcome = Outcome.CLIENT_DISCONNECT
         if self.result.cut_at_bound or (self._cancel and self.tap.upstream_id is not None):
-            return Step.CLOSE
+            return CLOSE
         # drain: read on for the usage; cancel: only until the upstream id is known.
         self.drain_deadline = now + self._drain_timeout
-        return Step.READ
+        return READ
 
     def timed_out(self) -> Step:
         """No upstream byte within the idle timeout (or the drain deadline passed)."""
         if self.client_alive:
             self.result.outcome = Outcome.TIMEOUT
-        return Step.CLOSE
+        return CLOSE
 
     def read_failed(self) -> Step:
         """The upstream read failed: a reset, or shutdown closed the connection."""
@@ -180,7 +189,7 @@ class Relay:
             self.result.outcome = (
                 Outcome.TIMEOUT if self.result.cut_for_shutdown else Outcome.UPSTREAM_ERROR
             )
-        return Step.END
+        return END
 
     def ended(self) -> Step:
         """The upstream body ended cleanly (complete only if ``[DONE]`` was seen)."""
@@ -189,7 +198,7 @@ class Relay:
                 self.result.outcome = Outcome.TIMEOUT
             elif not self.tap.saw_done:
                 self.result.outcome = Outcome.UPSTREAM_ERROR
-        return Step.END
+        return END
 
     def finish(self) -> bytes | None:
         """Close the tap; return the client's last bytes before EOF (``None``: client gone).

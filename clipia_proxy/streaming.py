@@ -39,7 +39,7 @@ from aiohttp import web
 
 from .quotas.model import Outcome
 from .redact import StreamScan
-from .relay import Relay, Step, StreamResult
+from .relay import CLOSE, READ, Relay, Step, StreamResult
 from .sse import UsageTap
 from .upstream import UpstreamResponse
 
@@ -130,12 +130,13 @@ async def relay_stream(
             on_client_gone()  # the handler frees the team's concurrency slot at once
         return step
 
-    step = Step.READ
+    received = relay.received  # the bound method, once (it runs for every chunk)
+    step = READ
     try:
         await response.prepare(request)
     except ConnectionError:
         step = client_left()
-    while step is Step.READ:
+    while step is READ:
         try:
             if relay.drain_deadline is None:
                 chunk = await content.readany()
@@ -153,11 +154,11 @@ async def relay_stream(
             break
         if result.first_byte_at is None:
             result.first_byte_at = time.perf_counter()
-        out, step = relay.received(chunk)
+        out, step = received(chunk)
         if on_upstream_id is not None and tap.upstream_id is not None:
             on_upstream_id(tap.upstream_id)  # this turn: the ledger makes it durable first
             on_upstream_id = None
-        if step is Step.CLOSE:
+        if step is CLOSE:
             upstream.close()  # before the (maybe slow) write of the chunk past the bound
         if renew is not None and loop.time() >= next_renewal:
             next_renewal = loop.time() + renew_every
@@ -167,7 +168,7 @@ async def relay_stream(
                 await response.write(out)
             except ConnectionError:
                 step = client_left()
-    if step is Step.CLOSE:
+    if step is CLOSE:
         upstream.close()
     result.upstream_done_at = time.perf_counter()
     await _finish(response, relay)
