@@ -50,14 +50,21 @@ def find(docs: list[Manifest], kind: str, *, name: str | None = None) -> Manifes
     return found[0]
 
 
+def workload(docs: list[Manifest]) -> Manifest:
+    """Return the one gateway workload: the Deployment or the StatefulSet."""
+    found = [doc for doc in docs if doc["kind"] in {"Deployment", "StatefulSet"}]
+    assert len(found) == 1, f"expected one Deployment or StatefulSet, found {len(found)}"
+    return found[0]
+
+
 def pod_spec(workload: Manifest) -> Manifest:
-    """Return the pod spec of a Deployment."""
+    """Return the pod spec of a Deployment or StatefulSet."""
     spec: Manifest = workload["spec"]["template"]["spec"]
     return spec
 
 
 def container(workload: Manifest, name: str = "clipia-proxy") -> Manifest:
-    """Return the container ``name`` of a Deployment."""
+    """Return the container ``name`` of a Deployment or StatefulSet."""
     found: list[Manifest] = [c for c in pod_spec(workload)["containers"] if c["name"] == name]
     assert len(found) == 1, f"expected one container {name}, found {len(found)}"
     return found[0]

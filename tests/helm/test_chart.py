@@ -26,7 +26,7 @@ from helm_python.chart import Chart, lint, values_from_yaml
 from clipia_proxy.cli import main
 from clipia_proxy.config import load_config
 
-from .manifests import Rendered, container, find, find_all, kinds, pod_spec
+from .manifests import Rendered, container, find, find_all, kinds, pod_spec, workload
 
 pytestmark = pytest.mark.helm
 
@@ -171,7 +171,7 @@ def test_service_monitor_shape(ci: dict[str, Rendered]) -> None:
     assert "admin" in {port["name"] for port in service["spec"]["ports"]}
     # /metrics behind the admin token: the monitor sends it, the gateway is told where it is.
     assert endpoint["bearerTokenSecret"] == {"name": "clipia-admin-token", "key": "admin-token"}
-    deployment = find(rendered.docs, "Deployment")
+    deployment = workload(rendered.docs)
     [env] = [e for e in container(deployment)["env"] if e["name"] == "CLIPIA_ADMIN_TOKEN"]
     assert env["valueFrom"]["secretKeyRef"] == {"name": "clipia-admin-token", "key": "admin-token"}
     config = yaml.safe_load(find(rendered.docs, "ConfigMap")["data"]["config.yaml"])
@@ -252,7 +252,7 @@ def _secret_value(docs: list[dict[str, Any]], ref: dict[str, str]) -> str:
 
 def test_chart_secret_holds_the_key_and_the_redis_url(ci: dict[str, Rendered]) -> None:
     docs = ci["central-redis"].docs
-    env = {item["name"]: item for item in container(find(docs, "Deployment"))["env"]}
+    env = {item["name"]: item for item in container(workload(docs))["env"]}
     assert set(env) >= {"CLIPIA_API_KEY", "REDIS_URL"}
     for item in env.values():
         assert "value" not in item or item["name"] not in {"CLIPIA_API_KEY", "REDIS_URL"}
@@ -269,7 +269,7 @@ def test_chart_secret_holds_the_key_and_the_redis_url(ci: dict[str, Rendered]) -
 
 
 def test_migrations_run_in_an_init_container_before_the_gateway(ci: dict[str, Rendered]) -> None:
-    deployment = find(ci["central-redis"].docs, "Deployment")
+    deployment = workload(ci["central-redis"].docs)
     (init,) = pod_spec(deployment)["initContainers"]
     gateway = container(deployment)
     assert init["args"] == ["migrate", "--config", "/etc/clipia-proxy/config.yaml"]
@@ -280,7 +280,7 @@ def test_migrations_run_in_an_init_container_before_the_gateway(ci: dict[str, Re
         "name": find(ci["central-redis"].docs, "Secret")["metadata"]["name"],
         "key": "ledger-dsn",
     }
-    assert "initContainers" not in pod_spec(find(ci["central-sqlite"].docs, "Deployment"))
+    assert "initContainers" not in pod_spec(workload(ci["central-sqlite"].docs))
 
 
 def test_existing_secrets_are_referenced_and_no_secret_is_rendered(
@@ -288,7 +288,7 @@ def test_existing_secrets_are_referenced_and_no_secret_is_rendered(
 ) -> None:
     docs = ci["existing-secret"].docs
     assert "Secret" not in kinds(docs)
-    env = {item["name"]: item for item in container(find(docs, "Deployment"))["env"]}
+    env = {item["name"]: item for item in container(workload(docs))["env"]}
     assert env["CLIPIA_API_KEY"]["valueFrom"]["secretKeyRef"] == {
         "name": "clipia-upstream",
         "key": "token",
@@ -303,19 +303,17 @@ def test_existing_secrets_are_referenced_and_no_secret_is_rendered(
 @pytest.mark.parametrize("name", CENTRAL)
 def test_pods_are_locked_down(ci: dict[str, Rendered], name: str) -> None:
     docs = ci[name].docs
-    spec = pod_spec(find(docs, "Deployment"))
+    spec = pod_spec(workload(docs))
     assert spec["automountServiceAccountToken"] is False
     assert spec["securityContext"]["runAsNonRoot"] is True
     assert spec["securityContext"]["runAsUser"] > 0
     assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
-    security = container(find(docs, "Deployment"))["securityContext"]
+    security = container(workload(docs))["securityContext"]
     assert security["readOnlyRootFilesystem"] is True
     assert security["allowPrivilegeEscalation"] is False
     assert security["capabilities"] == {"drop": ["ALL"]}
     assert security["runAsNonRoot"] is True
-    mounts = {
-        m["mountPath"]: m["name"] for m in container(find(docs, "Deployment"))["volumeMounts"]
-    }
+    mounts = {m["mountPath"]: m["name"] for m in container(workload(docs))["volumeMounts"]}
     volumes = {v["name"]: v for v in spec["volumes"]}
     assert "emptyDir" in volumes[mounts["/tmp"]]  # noqa: S108 - the mount path, not a file
     account = find(docs, "ServiceAccount")
@@ -326,7 +324,7 @@ def test_pods_are_locked_down(ci: dict[str, Rendered], name: str) -> None:
 @pytest.mark.parametrize("name", CENTRAL)
 def test_probes_are_on_the_admin_port(ci: dict[str, Rendered], name: str) -> None:
     docs = ci[name].docs
-    gateway = container(find(docs, "Deployment"))
+    gateway = container(workload(docs))
     ports = {port["name"]: port["containerPort"] for port in gateway["ports"]}
     config = yaml.safe_load(find(docs, "ConfigMap")["data"]["config.yaml"])
     assert ports == {"http": config["server"]["port"], "admin": config["server"]["admin_port"]}
@@ -338,12 +336,12 @@ def test_probes_are_on_the_admin_port(ci: dict[str, Rendered], name: str) -> Non
 @pytest.mark.parametrize("name", CENTRAL)
 def test_config_is_mounted_as_a_directory(ci: dict[str, Rendered], name: str) -> None:
     docs = ci[name].docs
-    gateway = container(find(docs, "Deployment"))
+    gateway = container(workload(docs))
     assert gateway["args"] == ["serve", "--config", "/etc/clipia-proxy/config.yaml"]
     [mount] = [m for m in gateway["volumeMounts"] if m["mountPath"] == "/etc/clipia-proxy"]
     assert "subPath" not in mount
     assert mount["readOnly"] is True
-    volumes = {v["name"]: v for v in pod_spec(find(docs, "Deployment"))["volumes"]}
+    volumes = {v["name"]: v for v in pod_spec(workload(docs))["volumes"]}
     assert (
         volumes[mount["name"]]["configMap"]["name"] == find(docs, "ConfigMap")["metadata"]["name"]
     )
@@ -355,8 +353,8 @@ def test_grace_covers_prestop_shutdown_grace_and_headroom(
 ) -> None:
     docs = ci[name].docs
     merged = chart.merge_values(_ci_values(name))
-    spec = pod_spec(find(docs, "Deployment"))
-    pre_stop = container(find(docs, "Deployment"))["lifecycle"]["preStop"]["exec"]["command"]
+    spec = pod_spec(workload(docs))
+    pre_stop = container(workload(docs))["lifecycle"]["preStop"]["exec"]["command"]
     assert pre_stop[0] == "sleep"
     sleep = int(pre_stop[1])
     assert sleep == merged["lifecycle"]["preStopSleepSeconds"] > 0
@@ -400,7 +398,7 @@ def test_checksums_roll_pods_on_restart_only_config_and_secret_changes(chart: Ch
 
 def test_sqlite_keeps_one_writer_on_a_volume(ci: dict[str, Rendered]) -> None:
     docs = ci["central-sqlite"].docs
-    deployment = find(docs, "Deployment")
+    deployment = workload(docs)
     assert deployment["spec"]["replicas"] == 1
     assert deployment["spec"]["strategy"] == {"type": "Recreate"}
     config = yaml.safe_load(find(docs, "ConfigMap")["data"]["config.yaml"])
@@ -414,7 +412,7 @@ def test_sqlite_keeps_one_writer_on_a_volume(ci: dict[str, Rendered]) -> None:
 
 def test_redis_replicas_roll_without_losing_capacity(ci: dict[str, Rendered]) -> None:
     docs = ci["central-redis"].docs
-    deployment = find(docs, "Deployment")
+    deployment = workload(docs)
     assert "replicas" not in deployment["spec"]  # the HPA owns it
     assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
     hpa = find(docs, "HorizontalPodAutoscaler")
@@ -427,7 +425,7 @@ def test_redis_replicas_roll_without_losing_capacity(ci: dict[str, Rendered]) ->
 @pytest.mark.parametrize("name", CENTRAL)
 def test_selectors_pick_the_gateway_pods_only(ci: dict[str, Rendered], name: str) -> None:
     docs = ci[name].docs
-    deployment = find(docs, "Deployment")
+    deployment = workload(docs)
     pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
     selector = find(docs, "Service")["spec"]["selector"]
     assert selector == deployment["spec"]["selector"]["matchLabels"]
@@ -450,7 +448,7 @@ def test_network_policy_admits_clients_and_reaches_clipia_and_redis(
     ingress_ports = [rule["ports"][0]["port"] for rule in policy["spec"]["ingress"]]
     assert ingress_ports == ["http", "admin"]
     egress_ports = {port["port"] for rule in policy["spec"]["egress"] for port in rule["ports"]}
-    assert egress_ports >= {53, 443, 6379}
+    assert egress_ports >= {53, 443, 6379, 5432}  # DNS, Clipia, Redis, the PostgreSQL ledger
     test_pod = find(ci["central-redis"].docs, "Pod")
     admin_peers = [
         p["podSelector"]["matchLabels"]
@@ -533,6 +531,66 @@ REFUSED: dict[str, tuple[dict[str, Any], str]] = {
         {"config": {"auth": {"team": "search"}, "teams": [{"id": "search"}]}},
         "config.auth.team is only used with config.auth.mode fixed",
     ),
+    "test-team-without-sandbox-key": (
+        {"config": {"teams": [{"id": "lab", "environment": "test"}]}},
+        "config.teams lab have environment: test and need Clipia's sandbox key",
+    ),
+    "chart-owned-test-key-env": (
+        {"config": {"upstream": {"test_api_key_env": "MY_TEST_KEY"}}},
+        "config.upstream.test_api_key_env is set by the chart",
+    ),
+    "chart-owned-journal-path": (
+        {"config": {"store": {"journal_path": "/tmp/journal.jsonl"}}},  # noqa: S108
+        "config.store.journal_path is set by the chart",
+    ),
+    "chart-owned-key-usage-path": (
+        {"config": {"accounting": {"key_usage_path": "/data/usage.jsonl"}}},
+        "config.accounting.key_usage_path is set by the chart",
+    ),
+    "admin-token-env-without-secret": (
+        {"config": {"server": {"admin_token_env": "TOKEN"}}},
+        "config.server.admin_token_env is set by the chart",
+    ),
+    "hash-key-env-without-secret": (
+        {"config": {"attribution": {"end_user_hash_key_env": "K"}}},
+        "config.attribution.end_user_hash_key_env is set by the chart",
+    ),
+    "proxy-url-with-password": (
+        {"config": {"upstream": {"proxy_url": "http://user:pw@proxy.corp:3128"}}},
+        "config.upstream.proxy_url carries a user and password",
+    ),
+    "two-egress-proxies": (
+        {
+            "egressProxy": {"existingSecret": "corp-proxy"},
+            "config": {"upstream": {"proxy_url": "http://proxy.corp:3128"}},
+        },
+        "egressProxy.existingSecret and config.upstream.proxy_url both name the egress proxy",
+    ),
+    "egress-secret-without-trust-env": (
+        {
+            "egressProxy": {"existingSecret": "corp-proxy"},
+            "config": {"upstream": {"trust_env": False}},
+        },
+        "egressProxy.existingSecret needs config.upstream.trust_env",
+    ),
+    "statefulset-with-shared-claim": (
+        {"workload": "StatefulSet", "persistence": {"existingClaim": "mine"}},
+        "workload StatefulSet gives each replica its own claim",
+    ),
+    "statefulset-sidecar": (
+        {
+            "mode": "sidecar",
+            "workload": "StatefulSet",
+            "redis": {"url": "redis://r:6379"},
+            "postgres": {"dsn": "postgresql://u@h/db"},
+            "config": {
+                "store": {"backend": "redis"},
+                "auth": {"team": "search"},
+                "teams": [{"id": "search"}],
+            },
+        },
+        "workload StatefulSet needs mode central",
+    ),
     "same-ports": (
         {"config": {"server": {"port": 9090}}},
         "config.server.admin_port must differ from config.server.port",
@@ -550,6 +608,11 @@ def test_schema_refuses_a_plaintext_team_key(chart: Chart) -> None:
     team = {"id": "search", "keys": [{"id": "k1", "key": "not-a-hash"}]}
     with pytest.raises(HelmValuesError, match="additional properties 'key'"):
         chart.render(values={**API_KEY, "config": {"teams": [team]}}, name=RELEASE)
+
+
+def test_schema_refuses_an_unknown_workload(chart: Chart) -> None:
+    with pytest.raises(HelmValuesError, match="/workload"):
+        chart.render(values={**API_KEY, "workload": "DaemonSet"}, name=RELEASE)
 
 
 def test_a_missing_clipia_key_is_refused(chart: Chart) -> None:
@@ -575,6 +638,138 @@ def test_every_problem_is_reported_at_once(chart: Chart) -> None:
     )
     problems = [line for line in message.splitlines() if line.startswith("  - ")]
     assert len(problems) == 4, message
+
+
+# --- per-replica files and the StatefulSet ------------------------------------------------
+
+
+def _data_volume(docs: list[dict[str, Any]], directory: str) -> dict[str, Any]:
+    """The volume mounted (writable) at ``directory`` in the gateway container."""
+    gateway = container(workload(docs))
+    [mount] = [m for m in gateway["volumeMounts"] if m["mountPath"] == directory]
+    assert not mount.get("readOnly")
+    spec = workload(docs)["spec"]
+    volumes = {v["name"]: v for v in spec["template"]["spec"]["volumes"]}
+    claims = {c["metadata"]["name"]: c for c in spec.get("volumeClaimTemplates", [])}
+    assert (mount["name"] in volumes) != (mount["name"] in claims)
+    return volumes.get(mount["name"]) or {"claim": claims[mount["name"]]}
+
+
+@pytest.mark.parametrize("name", CENTRAL)
+def test_per_replica_files_are_on_a_writable_volume(
+    chart: Chart, ci: dict[str, Rendered], name: str
+) -> None:
+    """The outage journal and the key usage snapshots: never on the read-only root filesystem."""
+    docs = ci[name].docs
+    config = yaml.safe_load(find(docs, "ConfigMap")["data"]["config.yaml"])
+    journal = Path(config["store"]["journal_path"])
+    usage = Path(config["accounting"]["key_usage_path"])
+    assert journal.parent == usage.parent == Path("/var/lib/clipia-proxy")
+    volume = _data_volume(docs, str(journal.parent))
+    backend = config["store"]["backend"]
+    if workload(docs)["kind"] == "StatefulSet":
+        assert volume["claim"]["metadata"]["name"] == "clipia-proxy-data"
+    elif backend == "sqlite" and chart.merge_values(_ci_values(name))["persistence"]["enabled"]:
+        assert "persistentVolumeClaim" in volume
+    elif backend == "sqlite":  # persistence off: the ledger itself resets with the pod
+        assert volume["emptyDir"] == {}
+    else:  # redis on a Deployment: kept across container restarts, lost with the pod
+        assert volume["emptyDir"] == {"sizeLimit": "256Mi"}
+
+
+def test_a_sidecar_keeps_its_journal_on_an_empty_dir(tmp_path: Path) -> None:
+    with Chart.load(_app_chart(tmp_path)) as app_chart:
+        rendered = Rendered.of(app_chart, {}, RELEASE, NAMESPACE)
+    deployment = find(rendered.docs, "Deployment", name="app")
+    gateway = container(deployment, "clipia-proxy")
+    [mount] = [m for m in gateway["volumeMounts"] if m["mountPath"] == "/var/lib/clipia-proxy"]
+    volumes = {v["name"]: v for v in pod_spec(deployment)["volumes"]}
+    assert "emptyDir" in volumes[mount["name"]]
+    config = yaml.safe_load(find(rendered.docs, "ConfigMap")["data"]["config.yaml"])
+    assert config["store"]["journal_path"].startswith("/var/lib/clipia-proxy/")
+
+
+def test_a_statefulset_gives_each_replica_its_own_claim(ci: dict[str, Rendered]) -> None:
+    docs = ci["statefulset"].docs
+    gateway = find(docs, "StatefulSet")
+    assert "Deployment" not in kinds(docs)
+    assert "PersistentVolumeClaim" not in kinds(docs)  # the claims come from the template
+    assert gateway["spec"]["replicas"] == 2
+    assert gateway["spec"]["serviceName"] == find(docs, "Service")["metadata"]["name"]
+    assert gateway["spec"]["updateStrategy"] == {"type": "RollingUpdate"}
+    [claim] = gateway["spec"]["volumeClaimTemplates"]
+    assert claim["spec"]["resources"]["requests"]["storage"] == "2Gi"
+    assert _data_volume(docs, "/var/lib/clipia-proxy")["claim"] is claim
+
+
+def test_an_autoscaled_statefulset_is_the_hpas_target(chart: Chart) -> None:
+    values = _ci_values("statefulset") | {"autoscaling": {"enabled": True, "maxReplicas": 4}}
+    docs = _render(chart, values).docs
+    target = find(docs, "HorizontalPodAutoscaler")["spec"]["scaleTargetRef"]
+    assert target == {"apiVersion": "apps/v1", "kind": "StatefulSet", "name": "rel-clipia-proxy"}
+    for kube in KUBE_VERSIONS:
+        kubernetes_validate.validate(find(docs, "StatefulSet"), kube, strict=True)
+
+
+def test_without_persistence_a_statefulset_uses_an_empty_dir(chart: Chart) -> None:
+    values = _ci_values("statefulset") | {"persistence": {"enabled": False}}
+    docs = _render(chart, values).docs
+    assert "volumeClaimTemplates" not in find(docs, "StatefulSet")["spec"]
+    assert "emptyDir" in _data_volume(docs, "/var/lib/clipia-proxy")
+
+
+# --- this round's config: sandbox key, egress proxy, attribution, /mcp, per-key limits -------
+
+
+def test_new_config_reaches_the_gateway(ci: dict[str, Rendered], tmp_path: Path) -> None:
+    docs = ci["statefulset"].docs
+    text = find(docs, "ConfigMap")["data"]["config.yaml"]
+    path = tmp_path / "config.yaml"
+    path.write_text(text, encoding="utf-8")
+    config = load_config(path, resolve_secrets=False)
+    assert config.upstream.test_api_key_env == "CLIPIA_TEST_API_KEY"
+    assert config.upstream.trust_env is True
+    assert config.upstream.proxy_url is None
+    assert config.upstream.transport == "aiohttp"
+    assert config.upstream.max_connections_per_team == 64
+    assert config.attribution.end_user_hash_key_env == "CLIPIA_PROXY_USER_HASH_KEY"
+    assert set(config.attribution.tags) == {"service", "ticket"}
+    assert config.mcp.allowed_origins == ("https://chat.example.com", "http://localhost:*")
+    assert config.ledger.retention_months == 13
+    [key] = config.teams[0].keys
+    assert key.limits is not None
+    assert (key.limits.rpm, key.limits.concurrency) == (30, 2)
+    assert config.teams[1].environment == "test"
+    env = {e["name"]: e for e in container(workload(docs))["env"]}
+    refs = {
+        name: item["valueFrom"]["secretKeyRef"] for name, item in env.items() if "valueFrom" in item
+    }
+    assert refs["CLIPIA_TEST_API_KEY"] == {"name": "clipia-sandbox", "key": "test-api-key"}
+    assert refs["HTTPS_PROXY"] == refs["HTTP_PROXY"] == {"name": "corp-proxy", "key": "proxy-url"}
+    assert refs["CLIPIA_PROXY_USER_HASH_KEY"] == {"name": "user-hash", "key": "user-hash-key"}
+    assert env["NO_PROXY"]["value"] == ".svc,.cluster.local"
+
+
+def test_the_sandbox_key_can_live_in_the_charts_secret(chart: Chart) -> None:
+    values = {
+        "clipia": {"apiKey": "test-not-a-real-clipia-key", "testApiKey": "ci-sandbox-key-0003"},
+        "config": {"teams": [{"id": "lab", "environment": "test"}]},
+    }
+    docs = _render(chart, values).docs
+    env = {e["name"]: e for e in container(workload(docs))["env"]}
+    ref = env["CLIPIA_TEST_API_KEY"]["valueFrom"]["secretKeyRef"]
+    assert _secret_value(docs, ref) == "ci-sandbox-key-0003"
+    assert "ci-sandbox-key-0003" not in find(docs, "ConfigMap")["data"]["config.yaml"]
+
+
+def test_optional_secret_env_is_absent_by_default(chart: Chart) -> None:
+    docs = _render(chart, API_KEY).docs
+    names = {e["name"] for e in container(workload(docs))["env"]}
+    assert names == {"CLIPIA_API_KEY"}
+    config = yaml.safe_load(find(docs, "ConfigMap")["data"]["config.yaml"])
+    assert "test_api_key_env" not in config["upstream"]
+    assert "trust_env" not in config["upstream"]
+    assert "attribution" not in config
 
 
 # --- absent when disabled -------------------------------------------------------------------
@@ -605,7 +800,7 @@ def test_metrics_disabled_hides_the_admin_port_and_the_test(chart: Chart) -> Non
 def test_without_persistence_sqlite_lives_on_an_empty_dir(chart: Chart) -> None:
     docs = _render(chart, {**API_KEY, "persistence": {"enabled": False}}).docs
     assert "PersistentVolumeClaim" not in kinds(docs)
-    volumes = {v["name"]: v for v in pod_spec(find(docs, "Deployment"))["volumes"]}
+    volumes = {v["name"]: v for v in pod_spec(workload(docs))["volumes"]}
     assert "emptyDir" in volumes["clipia-proxy-data"]
 
 
@@ -689,7 +884,7 @@ def test_an_app_chart_can_include_the_sidecar_container(
         kubernetes_validate.validate(deployment, kube, strict=True)
     spec = pod_spec(deployment)
     gateway = container(deployment, "clipia-proxy")
-    central = container(find(ci["central-redis"].docs, "Deployment"))
+    central = container(workload(ci["central-redis"].docs))
     # One container helper: the sidecar is the central container minus the API port, probed
     # from inside; its admin port (metrics.enabled) is named for a PodMonitor.
     for key in ("image", "args", "securityContext", "resources", "lifecycle"):
@@ -731,7 +926,7 @@ def test_image_user_and_command_match_the_chart(ci: dict[str, Rendered]) -> None
     text = (CHART_DIR.parents[2] / "Dockerfile").read_text(encoding="utf-8")
     dockerfile = text.replace("\\\n", " ")  # one line per instruction
     [user] = re.findall(r"^USER (\d+)(?::\d+)?$", dockerfile, flags=re.MULTILINE)
-    gateway = container(find(ci["central-sqlite"].docs, "Deployment"))
+    gateway = container(workload(ci["central-sqlite"].docs))
     assert int(user) == gateway["securityContext"]["runAsUser"]
     assert 'ENTRYPOINT ["clipia-proxy"]' in dockerfile
     assert 'CMD ["serve", "--config", "/etc/clipia-proxy/config.yaml"]' in dockerfile

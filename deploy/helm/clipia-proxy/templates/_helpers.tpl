@@ -75,6 +75,16 @@ Facts derived from values, in one place.
 {{- if eq .Values.mode "sidecar" }}true{{ end }}
 {{- end }}
 
+{{/* "true" when the central gateway is a StatefulSet (a claim per replica for its files). */}}
+{{- define "clipia-proxy.isStatefulSet" -}}
+{{- if and (eq .Values.workload "StatefulSet") (not (include "clipia-proxy.isSidecar" .)) }}true{{ end }}
+{{- end }}
+
+{{/* "true" when the environment: test teams' sandbox key comes from a Secret. */}}
+{{- define "clipia-proxy.hasTestKey" -}}
+{{- if or .Values.clipia.testExistingSecret .Values.clipia.testApiKey }}true{{ end }}
+{{- end }}
+
 {{- define "clipia-proxy.backend" -}}
 {{- default "sqlite" (dig "store" "backend" "" .Values.config) }}
 {{- end }}
@@ -118,6 +128,9 @@ Facts derived from values, in one place.
 {{- if and (not .Values.clipia.existingSecret) .Values.clipia.apiKey }}
 clipia-api-key: {{ .Values.clipia.apiKey | b64enc | quote }}
 {{- end }}
+{{- if and (not .Values.clipia.testExistingSecret) .Values.clipia.testApiKey }}
+clipia-test-api-key: {{ .Values.clipia.testApiKey | b64enc | quote }}
+{{- end }}
 {{- if and (eq (include "clipia-proxy.backend" .) "redis") (not .Values.redis.existingSecret) .Values.redis.url }}
 redis-url: {{ .Values.redis.url | b64enc | quote }}
 {{- end }}
@@ -148,6 +161,16 @@ key: {{ .Values.clipia.existingSecretKey }}
 {{- else -}}
 name: {{ include "clipia-proxy.fullname" . }}
 key: clipia-api-key
+{{- end }}
+{{- end }}
+
+{{- define "clipia-proxy.clipiaTestSecretRef" -}}
+{{- if .Values.clipia.testExistingSecret -}}
+name: {{ .Values.clipia.testExistingSecret }}
+key: {{ .Values.clipia.testExistingSecretKey }}
+{{- else -}}
+name: {{ include "clipia-proxy.fullname" . }}
+key: clipia-test-api-key
 {{- end }}
 {{- end }}
 
@@ -182,6 +205,12 @@ the Clipia key and the Redis URL are named (env vars), never written here.
 {{- $upstream := deepCopy (default (dict) $v.upstream) }}
 {{- $_ := set $upstream "api_key_env" "CLIPIA_API_KEY" }}
 {{- $_ := unset $upstream "api_key_file" }}
+{{- if include "clipia-proxy.hasTestKey" . }}
+{{- $_ := set $upstream "test_api_key_env" "CLIPIA_TEST_API_KEY" }}
+{{- end }}
+{{- if .Values.egressProxy.existingSecret }}
+{{- $_ := set $upstream "trust_env" true }}
+{{- end }}
 {{- $store := deepCopy (default (dict) $v.store) }}
 {{- $_ := set $store "backend" $backend }}
 {{- if eq $backend "sqlite" }}
@@ -190,6 +219,8 @@ the Clipia key and the Redis URL are named (env vars), never written here.
 {{- if eq $backend "redis" }}
 {{- $_ := set $store "redis_url_env" "REDIS_URL" }}
 {{- end }}
+{{- /* Per-replica files (outage journal, key usage snapshots) on the data volume. */}}
+{{- $_ := set $store "journal_path" "/var/lib/clipia-proxy/clipia-proxy-outage.jsonl" }}
 {{- if not $sidecar }}
 {{- $_ := set $store "replicas" (include "clipia-proxy.storeReplicas" . | int) }}
 {{- end }}
@@ -210,7 +241,19 @@ the Clipia key and the Redis URL are named (env vars), never written here.
 {{- $_ := set $config "ledger" $ledger }}
 {{- end }}
 {{- $_ := set $config "catalog" (default (dict) $v.catalog) }}
-{{- $_ := set $config "accounting" (default (dict) $v.accounting) }}
+{{- $accounting := deepCopy (default (dict) $v.accounting) }}
+{{- $_ := set $accounting "key_usage_path" "/var/lib/clipia-proxy/clipia-proxy-key-usage.jsonl" }}
+{{- $_ := set $config "accounting" $accounting }}
+{{- $attribution := deepCopy (default (dict) $v.attribution) }}
+{{- if .Values.endUserHashKey.existingSecret }}
+{{- $_ := set $attribution "end_user_hash_key_env" "CLIPIA_PROXY_USER_HASH_KEY" }}
+{{- end }}
+{{- if $attribution }}
+{{- $_ := set $config "attribution" $attribution }}
+{{- end }}
+{{- with $v.mcp }}
+{{- $_ := set $config "mcp" . }}
+{{- end }}
 {{- $_ := set $config "logging" (default (dict) $v.logging) }}
 {{- $_ := set $config "teams" (default (list) $v.teams) }}
 {{- toYaml $config }}
@@ -281,7 +324,12 @@ env:
     valueFrom:
       secretKeyRef:
         {{- include "clipia-proxy.clipiaSecretRef" $root | nindent 8 }}
-  {{- include "clipia-proxy.adminTokenEnv" $root | nindent 2 }}
+  {{- with include "clipia-proxy.adminTokenEnv" $root | trim }}
+  {{- . | nindent 2 }}
+  {{- end }}
+  {{- with include "clipia-proxy.optionalSecretEnv" $root | trim }}
+  {{- . | nindent 2 }}
+  {{- end }}
   {{- if eq $backend "redis" }}
   - name: REDIS_URL
     valueFrom:
@@ -329,10 +377,9 @@ volumeMounts:
     readOnly: true
   - name: clipia-proxy-tmp
     mountPath: /tmp
-  {{- if and (not $sidecar) (eq $backend "sqlite") }}
+  # The SQLite ledger (backend sqlite) and the per-replica files: outage journal, key usage.
   - name: clipia-proxy-data
     mountPath: /var/lib/clipia-proxy
-  {{- end }}
 {{- end }}
 
 {{/* The init container applying the PostgreSQL ledger's migrations (central mode). */}}
@@ -350,7 +397,12 @@ env:
     valueFrom:
       secretKeyRef:
         {{- include "clipia-proxy.clipiaSecretRef" . | nindent 8 }}
-  {{- include "clipia-proxy.adminTokenEnv" . | nindent 2 }}
+  {{- with include "clipia-proxy.adminTokenEnv" . | trim }}
+  {{- . | nindent 2 }}
+  {{- end }}
+  {{- with include "clipia-proxy.optionalSecretEnv" . | trim }}
+  {{- . | nindent 2 }}
+  {{- end }}
   - name: CLIPIA_LEDGER_DSN
     valueFrom:
       secretKeyRef:
@@ -378,14 +430,21 @@ volumeMounts:
 - name: clipia-proxy-tmp
   emptyDir:
     sizeLimit: {{ $root.Values.tmpSizeLimit }}
-{{- if and (not .sidecar) (eq (include "clipia-proxy.backend" $root) "sqlite") }}
+{{- $sqlite := and (not .sidecar) (eq (include "clipia-proxy.backend" $root) "sqlite") }}
+{{- if and (include "clipia-proxy.isStatefulSet" $root) $root.Values.persistence.enabled (not .sidecar) }}
+{{- /* clipia-proxy-data: the StatefulSet's volumeClaimTemplates, a claim per replica. */}}
+{{- else if and $sqlite $root.Values.persistence.enabled }}
 - name: clipia-proxy-data
-  {{- if $root.Values.persistence.enabled }}
   persistentVolumeClaim:
     claimName: {{ default (include "clipia-proxy.suffixedName" (dict "root" $root "suffix" "data")) $root.Values.persistence.existingClaim }}
-  {{- else }}
+{{- else if $sqlite }}
+- name: clipia-proxy-data
   emptyDir: {}
-  {{- end }}
+{{- else }}
+# Survives container restarts (the journal is replayed on start), not the pod's deletion.
+- name: clipia-proxy-data
+  emptyDir:
+    sizeLimit: {{ $root.Values.stateVolume.sizeLimit }}
 {{- end }}
 {{- end }}
 
@@ -430,14 +489,39 @@ Refuse values that cannot work, listing every problem at once.
 {{- $problems = append $problems (printf "config.teams[%d].caps: quote the key n (\"n\": 1); YAML reads a bare n as false" $index) }}
 {{- end }}
 {{- end }}
-{{- range $key := list "upstream.api_key_env" "upstream.api_key_file" "store.sqlite_path" "store.redis_url_env" "store.replicas" "ledger.backend" "ledger.postgres_dsn_env" }}
+{{- $testTeams := list }}
+{{- range $index, $t := $v.config.teams }}
+{{- if eq (toString (default "live" $t.environment)) "test" }}
+{{- $testTeams = append $testTeams (toString $t.id) }}
+{{- end }}
+{{- end }}
+{{- if and $testTeams (not (include "clipia-proxy.hasTestKey" .)) }}
+{{- $problems = append $problems (printf "config.teams %s have environment: test and need Clipia's sandbox key: set clipia.testExistingSecret (or clipia.testApiKey)" (join ", " $testTeams)) }}
+{{- end }}
+{{- range $key := list "upstream.api_key_env" "upstream.api_key_file" "upstream.test_api_key_env" "store.sqlite_path" "store.redis_url_env" "store.replicas" "store.journal_path" "ledger.backend" "ledger.postgres_dsn_env" "server.admin_token_env" "accounting.key_usage_path" "attribution.end_user_hash_key_env" }}
 {{- $parts := splitList "." $key }}
 {{- if hasKey (default (dict) (index $v.config (first $parts))) (last $parts) }}
-{{- $problems = append $problems (printf "config.%s is set by the chart (from clipia.*, redis.*, postgres.*, the data volume and the replica count); remove it" $key) }}
+{{- $problems = append $problems (printf "config.%s is set by the chart (from clipia.*, redis.*, postgres.*, adminToken.*, endUserHashKey.*, the data volume and the replica count); remove it" $key) }}
 {{- end }}
 {{- end }}
 {{- if regexMatch "clipia_(live|test)_|cpx_[A-Za-z0-9]|Bearer\\s" (toYaml $v.config) }}
 {{- $problems = append $problems "config holds something that looks like a secret (a Clipia key, a team key or a Bearer token); the ConfigMap is policy only: use clipia.existingSecret, and sha256 hashes for team keys" }}
+{{- end }}
+{{- $upstream := default (dict) $v.config.upstream }}
+{{- if and $upstream.proxy_url (regexMatch "^[a-z]+://[^/]*@" (toString $upstream.proxy_url)) }}
+{{- $problems = append $problems "config.upstream.proxy_url carries a user and password: put the proxy URL in a Secret and name it with egressProxy.existingSecret" }}
+{{- end }}
+{{- if and $v.egressProxy.existingSecret $upstream.proxy_url }}
+{{- $problems = append $problems "egressProxy.existingSecret and config.upstream.proxy_url both name the egress proxy; keep one" }}
+{{- end }}
+{{- if and $v.egressProxy.existingSecret (hasKey $upstream "trust_env") (not $upstream.trust_env) }}
+{{- $problems = append $problems "egressProxy.existingSecret needs config.upstream.trust_env (the chart sets it true); remove trust_env: false" }}
+{{- end }}
+{{- if and (eq (toString $v.workload) "StatefulSet") $v.persistence.existingClaim }}
+{{- $problems = append $problems "workload StatefulSet gives each replica its own claim: persistence.existingClaim cannot be shared; remove it" }}
+{{- end }}
+{{- if and (eq (toString $v.workload) "StatefulSet") $sidecar }}
+{{- $problems = append $problems "workload StatefulSet needs mode central: a sidecar runs in its app's pods" }}
 {{- end }}
 {{- if not (has $v.mode (list "central" "sidecar")) }}
 {{- $problems = append $problems (printf "mode must be central or sidecar (got %q)" (toString $v.mode)) }}
@@ -514,6 +598,36 @@ the pods; everything else reaches running pods through the mounted ConfigMap and
 {{- $config := include "clipia-proxy.config" . | fromYaml -}}
 {{- pick $config "server" "upstream" "store" | toYaml -}}
 {{- end -}}
+
+{{/* The sandbox key, the egress proxy and the end-user hash key, each when its Secret is set. */}}
+{{- define "clipia-proxy.optionalSecretEnv" -}}
+{{- if include "clipia-proxy.hasTestKey" . }}
+- name: CLIPIA_TEST_API_KEY
+  valueFrom:
+    secretKeyRef:
+      {{- include "clipia-proxy.clipiaTestSecretRef" . | nindent 6 }}
+{{- end }}
+{{- with .Values.egressProxy.existingSecret }}
+{{- range $name := list "HTTPS_PROXY" "HTTP_PROXY" }}
+- name: {{ $name }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ $.Values.egressProxy.existingSecret }}
+      key: {{ $.Values.egressProxy.key }}
+{{- end }}
+{{- with $.Values.egressProxy.noProxy }}
+- name: NO_PROXY
+  value: {{ . | quote }}
+{{- end }}
+{{- end }}
+{{- with .Values.endUserHashKey.existingSecret }}
+- name: CLIPIA_PROXY_USER_HASH_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $.Values.endUserHashKey.key }}
+{{- end }}
+{{- end }}
 
 {{/* The admin token's env var (server.admin_token_env), when adminToken.existingSecret is set. */}}
 {{- define "clipia-proxy.adminTokenEnv" -}}
