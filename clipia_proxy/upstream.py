@@ -293,7 +293,7 @@ class AiohttpTransport:
             ),
             cookie_jar=aiohttp.DummyCookieJar(),
             skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
-            auto_decompress=True,
+            auto_decompress=False,  # we ask for identity; bodies relayed as received
             raise_for_status=False,
             trust_env=False,  # the environment's proxy, when trusted, was resolved just above
         )
