@@ -702,6 +702,18 @@ def test_a_statefulset_gives_each_replica_its_own_claim(ci: dict[str, Rendered])
     assert _data_volume(docs, "/var/lib/clipia-proxy")["claim"] is claim
 
 
+def test_notes_warn_when_a_fail_open_journal_dies_with_the_pod(
+    chart: Chart, ci: dict[str, Rendered]
+) -> None:
+    assert "rollout status statefulset/rel-clipia-proxy" in ci["statefulset"].notes
+    assert "outage journal is on an emptyDir" not in ci["statefulset"].notes
+    values = _ci_values("statefulset") | {"workload": "Deployment"}
+    notes = _render(chart, values).notes
+    assert "rollout status deployment/rel-clipia-proxy" in notes
+    assert "outage journal is on an emptyDir" in notes
+    assert "outage journal is on an emptyDir" not in ci["central-redis"].notes  # fail_closed
+
+
 def test_an_autoscaled_statefulset_is_the_hpas_target(chart: Chart) -> None:
     values = _ci_values("statefulset") | {"autoscaling": {"enabled": True, "maxReplicas": 4}}
     docs = _render(chart, values).docs
