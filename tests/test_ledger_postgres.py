@@ -84,7 +84,9 @@ async def test_records_land_in_their_month_partition_and_settle_once(dsn: str) -
         assert settled is not None
         assert settled.cost == 700
         assert await ledger.settle("r1", settlement) is None
-        spent = {(s.team, s.window): s.spent for s in await ledger.spent(since=now - 86400)}
+        # Windows from November on (the record's month window is a fixed November key).
+        november = dt.datetime(2026, 11, 1, tzinfo=dt.UTC).timestamp()
+        spent = {(s.team, s.window): s.spent for s in await ledger.spent(since=november)}
         assert spent == {("search", "month:2026-11"): 700, ("search", "total"): 700}
     finally:
         await ledger.close()
@@ -128,7 +130,7 @@ async def _daily(dsn: str) -> list[tuple[object, ...]]:
     return [tuple(row) for row in rows]
 
 
-async def test_migration_3_sums_an_older_ledger_into_the_daily_rollup_once(dsn: str) -> None:
+async def test_migrations_sum_an_older_ledger_into_the_rollup_and_spent_once(dsn: str) -> None:
     conn = await asyncpg.connect(dsn)
     try:  # a ledger at version 2, with two settled records and an open one
         await conn.execute(
@@ -154,9 +156,11 @@ async def test_migration_3_sums_an_older_ledger_into_the_daily_rollup_once(dsn: 
     try:
         assert await ledger.migrate() == [v for v, _ in MIGRATIONS[2:]]
         assert await ledger.migrate() == []
+        spent = await ledger.spent(since=dt.datetime(2026, 11, 1, tzinfo=dt.UTC).timestamp())
     finally:
         await ledger.close()
     assert await _daily(dsn) == [("2026-11-20", "search", "live", "m", "", 2, 0, 0, 12)]
+    assert [(s.team, s.window, s.spent) for s in spent] == [("search", "day:2026-11-20", 12)]
 
 
 async def test_concurrent_settlements_of_one_rollup_row_all_count(dsn: str) -> None:
@@ -201,6 +205,27 @@ async def test_concurrent_settlements_of_one_rollup_row_all_count(dsn: str) -> N
     assert day[("search", "live", "gpt-5.5")] == (60, 0, 0, 40 * 10 + 20)
     assert day[("research", "live", "x")] == (2, 0, 0, 2)
     assert day[("research", "live", "y")] == (2, 0, 0, 2)
+
+
+async def test_pruning_old_months_keeps_the_total_budget_spent(dsn: str) -> None:
+    """What pruned months spent stays in the spent summary (a total budget must not reopen)."""
+    ledger = PostgresLedger(dsn)
+    await ledger.start()
+    try:
+        now = dt.datetime.now(dt.UTC)
+        this_month = dt.datetime(now.year, now.month, 1, tzinfo=dt.UTC).timestamp()
+        old, new = this_month - 80 * 86400, now.timestamp()
+        for name, created, cost in (("old", old, 700), ("new", new, 300)):
+            assert await ledger.insert(record(name, created))
+            assert await ledger.settle(name, Settlement(cost=Micro(cost), now=0.0))
+        since = this_month - 100 * 86400
+        before = {(s.team, s.window): s.spent for s in await ledger.spent(since=since)}
+        assert before[("search", "total")] == 1000
+        assert await ledger.prune(before=this_month) == 1
+        after = {(s.team, s.window): s.spent for s in await ledger.spent(since=since)}
+        assert after == before
+    finally:
+        await ledger.close()
 
 
 async def test_unreachable_server_never_shows_the_password(unused_tcp_port: int) -> None:

@@ -12,7 +12,9 @@ are rows of ``clipia_schema_migrations``. ``clipia_ledger`` is partitioned by UT
 of ``created_at`` (``clipia_ledger_y2026m11``), created three months ahead at start and when
 a record reaches the horizon; a DEFAULT partition catches anything else, so no insert ever
 fails for a missing month. ``ledger prune`` drops whole month partitions. Migration 3 adds
-the daily rollup ``report`` reads, kept by triggers (:mod:`clipia_proxy.ledgers.sql`).
+the daily rollup ``report`` reads, kept by triggers (:mod:`clipia_proxy.ledgers.sql`); 5 the
+spent summary (team x window key) the counters are rebuilt from, kept by the same triggers and
+never lowered by a prune.
 
 A record is committed before ``insert`` returns (each statement is its own transaction;
 PostgreSQL's own group commit batches concurrent WAL flushes). ``settle`` is one
@@ -46,12 +48,16 @@ from .sql import (
     POSTGRES,
     ReportQuery,
     SqlReports,
+    horizon_keys,
     record_values,
     rollup_drop_empty,
     rollup_row,
     rollup_table,
     rollup_upsert,
     row_to_record,
+    spent_current,
+    spent_table,
+    spent_upsert,
 )
 
 __all__ = ["MIGRATIONS", "PostgresLedger"]
@@ -146,6 +152,34 @@ ALTER TABLE clipia_ledger ADD COLUMN counter_seq bigint;
 CREATE INDEX clipia_ledger_team_seq ON clipia_ledger (team, counter_seq);
 """,
     ),
+    (
+        5,
+        # The spent summary (team x window key), as SQLite's: counters are rebuilt from it
+        # without reading records, and a prune does not lower it (a total budget keeps what
+        # pruned months spent). Kept by the rollup's trigger functions, replaced here; writers
+        # wait (the LOCK) so none settles between the backfill and the new functions.
+        f"""
+LOCK TABLE clipia_ledger IN SHARE ROW EXCLUSIVE MODE;
+{spent_table(POSTGRES, integer="bigint")};
+CREATE OR REPLACE FUNCTION clipia_ledger_daily_rows() RETURNS trigger LANGUAGE plpgsql AS $fn$
+BEGIN
+    IF TG_OP = 'UPDATE' THEN
+        {rollup_upsert(POSTGRES, ("old_rows", -1), ("new_rows", 1))};
+        {spent_upsert(POSTGRES, ("old_rows", -1), ("new_rows", 1))};
+    ELSE
+        {rollup_upsert(POSTGRES, ("old_rows", -1))};
+    END IF;
+    RETURN NULL;
+END $fn$;
+CREATE OR REPLACE FUNCTION clipia_ledger_daily_insert() RETURNS trigger LANGUAGE plpgsql AS $fn$
+BEGIN
+    {rollup_upsert(POSTGRES, (rollup_row("NEW"), 1))};
+    {spent_upsert(POSTGRES, (rollup_row("NEW"), 1))};
+    RETURN NULL;
+END $fn$;
+{spent_upsert(POSTGRES, ("clipia_ledger", 1))};
+""",
+    ),
 )
 """(version, SQL): append only; an applied migration is never edited."""
 
@@ -180,28 +214,6 @@ _SETTLE_MANY: Final = (
     "RETURNING " + ", ".join(f"clipia_ledger.{c.strip()}" for c in COLUMNS.split(","))
 )
 _BATCH_MAX: Final = 500
-_SPENT_WINDOWS: Final = (
-    "SELECT team, w.key, SUM(cost)::bigint FROM clipia_ledger "
-    "CROSS JOIN LATERAL jsonb_each_text(windows) AS w(period, key) "
-    "WHERE state = 'settled' AND created_at > $1 AND w.period NOT IN ('total', 'key_total') "
-    "GROUP BY 1, 2"
-)
-_SPENT_TOTAL: Final = (
-    "SELECT team, 'total', SUM(cost)::bigint FROM clipia_ledger "
-    "WHERE state = 'settled' AND windows ? 'total' GROUP BY 1 "
-    "UNION ALL SELECT team, windows->>'key_total', SUM(cost)::bigint FROM clipia_ledger "
-    "WHERE state = 'settled' AND windows ? 'key_total' GROUP BY 1, 2"
-)
-_TEAM_SPENT: Final = (
-    "SELECT w.key, SUM(cost)::bigint FROM clipia_ledger "
-    "CROSS JOIN LATERAL jsonb_each_text(windows) AS w(period, key) "
-    "WHERE team = $2 AND state = 'settled' AND created_at > $1 "
-    "AND w.period NOT IN ('total', 'key_total') GROUP BY 1 "
-    "UNION ALL SELECT w.key, SUM(cost)::bigint FROM clipia_ledger "
-    "CROSS JOIN LATERAL jsonb_each_text(windows) AS w(period, key) "
-    "WHERE team = $2 AND state = 'settled' AND w.period IN ('total', 'key_total') GROUP BY 1"
-)
-
 
 _Item = TypeVar("_Item")
 _Result = TypeVar("_Result")
@@ -591,9 +603,9 @@ class PostgresLedger(SqlReports):
 
     @staticmethod
     async def _spent(conn: asyncpg.Connection, since: float) -> list[WindowSpent]:
-        rows = await conn.fetch(_SPENT_WINDOWS, since)
-        totals = await conn.fetch(_SPENT_TOTAL)
-        return [WindowSpent(str(r[0]), str(r[1]), int(r[2])) for r in [*rows, *totals]]
+        # The summary the settlements keep (migration 5): windows from ``since`` on.
+        rows = await conn.fetch(spent_current(POSTGRES), *horizon_keys(since))
+        return [WindowSpent(str(r[0]), str(r[1]), int(r[2])) for r in rows]
 
     async def snapshot(self, *, since: float, recent_since: float) -> CountersSnapshot:
         """See ``LedgerStore.snapshot`` (one REPEATABLE READ transaction)."""
@@ -627,7 +639,9 @@ class PostgresLedger(SqlReports):
                 pool.acquire() as conn,
                 conn.transaction(isolation="repeatable_read", readonly=True),
             ):
-                rows = await conn.fetch(_TEAM_SPENT, since, team)
+                rows = await conn.fetch(
+                    spent_current(POSTGRES, team=True), *horizon_keys(since), team
+                )
                 dispatched = await conn.fetch(
                     f"SELECT {COLUMNS} FROM clipia_ledger "  # noqa: S608 - constant columns
                     "WHERE state = 'dispatched' AND team = $1",
@@ -646,7 +660,7 @@ class PostgresLedger(SqlReports):
             raise self._unavailable(exc) from exc
         return TeamSnapshot(
             counters=CountersSnapshot(
-                spent=[WindowSpent(team, str(r[0]), int(r[1])) for r in rows],
+                spent=[WindowSpent(team, str(r[1]), int(r[2])) for r in rows],
                 dispatched=[row_to_record(row) for row in dispatched],
                 recent=[row_to_record(row) for row in recent],
             ),

@@ -13,10 +13,16 @@ few thousand rows a month instead of millions of records); ``--by user`` and tag
 ``ledger export``, read the records. PostgreSQL's trigger runs once per statement, upserting
 the rows a statement changed in key order, so statements that settle many records at once cannot
 deadlock on it.
+
+**The spent summary.** ``ledger_spent`` / ``clipia_ledger_spent``: per team and window key, the
+settled cost; counters are rebuilt from it (:func:`spent_current`) without reading records. A
+prune never lowers it (a total budget keeps what pruned months spent). SQLite's store adds to
+it in the settlement's transaction; PostgreSQL's rollup triggers keep it too (migration 5).
 """
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, ClassVar, Final
 
@@ -34,6 +40,7 @@ __all__ = [
     "Dialect",
     "ReportQuery",
     "SqlReports",
+    "horizon_keys",
     "record_values",
     "report_query",
     "rollup_drop_empty",
@@ -41,6 +48,9 @@ __all__ = [
     "rollup_table",
     "rollup_upsert",
     "row_to_record",
+    "spent_current",
+    "spent_table",
+    "spent_upsert",
 ]
 
 COLUMNS: Final = (
@@ -123,6 +133,12 @@ class Dialect(msgspec.Struct, frozen=True, kw_only=True):
 
     ledger: str
     daily: str
+    spent: str
+    """The spent summary: per team and window key, the settled cost (never lowered by a prune)."""
+    window: str
+    """The spent summary's window column (``window`` is a reserved word in PostgreSQL)."""
+    window_each: str
+    """A record's windows as rows ``w.value`` (the window keys), joined to a source ``s``."""
     day: str
     """A record's budget day (``YYYY-MM-DD``): its ``day`` window, else its UTC date."""
     tag_value: str
@@ -136,6 +152,9 @@ class Dialect(msgspec.Struct, frozen=True, kw_only=True):
 SQLITE: Final = Dialect(
     ledger="ledger",
     daily="ledger_daily",
+    spent="ledger_spent",
+    window="window",
+    window_each="json_each(s.windows) AS w",
     day="COALESCE(substr(json_extract(windows, '$.day'), 5), date(created_at, 'unixepoch'))",
     tag_value="""COALESCE(json_extract(tags, '$."{name}"'), '')""",
     tag_join="LEFT JOIN json_each(ledger.tags) AS t",
@@ -144,6 +163,9 @@ SQLITE: Final = Dialect(
 POSTGRES: Final = Dialect(
     ledger="clipia_ledger",
     daily="clipia_ledger_daily",
+    spent="clipia_ledger_spent",
+    window="window_key",
+    window_each="jsonb_each_text(s.windows) AS w(key, value)",
     day=(
         "COALESCE(substr(windows->>'day', 5), "
         "to_char(to_timestamp(created_at) AT TIME ZONE 'UTC', 'YYYY-MM-DD'))"
@@ -229,6 +251,52 @@ def rollup_upsert(dialect: Dialect, *sources: tuple[str, int]) -> str:
         f"completion_tokens = {table}.completion_tokens + excluded.completion_tokens, "
         f"cost = {table}.cost + excluded.cost"
     )
+
+
+def spent_table(dialect: Dialect, *, integer: str) -> str:
+    """``CREATE TABLE`` of the spent summary (``integer``: the 64-bit integer type)."""
+    return (
+        f"CREATE TABLE IF NOT EXISTS {dialect.spent} (team text NOT NULL, "
+        f"{dialect.window} text NOT NULL, spent {integer} NOT NULL, "
+        f"PRIMARY KEY (team, {dialect.window}))"
+    )
+
+
+def spent_upsert(dialect: Dialect, *sources: tuple[str, int]) -> str:
+    """Add (1) or take away (-1) each ``(source, sign)``'s settled cost to its windows' spent.
+
+    Rows are upserted in key order, as by :func:`rollup_upsert`.
+    """
+    signed = " UNION ALL ".join(
+        f"SELECT team, windows, {sign} * cost AS c FROM {source} WHERE state = 'settled'"  # noqa: S608 - constant SQL
+        for source, sign in sources
+    )
+    table, window = dialect.spent, dialect.window
+    return (
+        f"INSERT INTO {table} (team, {window}, spent) SELECT s.team, w.value, SUM(s.c) "  # noqa: S608 - constant SQL
+        f"FROM ({signed}) AS s, {dialect.window_each} GROUP BY 1, 2 ORDER BY 1, 2 "
+        f"ON CONFLICT (team, {window}) DO UPDATE SET spent = {table}.spent + excluded.spent"
+    )
+
+
+def spent_current(dialect: Dialect, *, team: bool = False) -> str:
+    """``(team, window, spent)`` of every window that can still be current (no scan).
+
+    Parameters: :func:`horizon_keys`, then the team when ``team`` (one team's only).
+    """
+    w, p = dialect.window, dialect.placeholder
+    return (
+        f"SELECT team, {w}, spent FROM {dialect.spent} WHERE ({w} = 'total' "  # noqa: S608 - constant SQL
+        f"OR ({w} >= 'total:' AND {w} < 'total;') "
+        f"OR ({w} >= {p(1)} AND {w} < 'day;') OR ({w} >= {p(2)} AND {w} < 'week;') "
+        f"OR ({w} >= {p(3)} AND {w} < 'month;'))" + (f" AND team = {p(4)}" if team else "")
+    )
+
+
+def horizon_keys(since: float) -> tuple[str, str, str]:
+    """The oldest day, week and month window keys that a record created at ``since`` has."""
+    oldest = dt.datetime.fromtimestamp(since, dt.UTC).date()
+    return f"day:{oldest.isoformat()}", f"week:{oldest:%G-W%V}", f"month:{oldest:%Y-%m}"
 
 
 def rollup_row(prefix: str) -> str:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import functools
 import logging
 import queue
@@ -37,12 +36,16 @@ from clipia_proxy.ledgers.sql import (
     COLUMNS,
     SETTLED_FIELDS,
     SQLITE,
+    horizon_keys,
     record_values,
     rollup_row,
     rollup_table,
     rollup_upsert,
     row_to_record,
+    spent_table,
+    spent_upsert,
 )
+from clipia_proxy.ledgers.sql import spent_current as spent_current_sql
 
 from .memory import RATE_WINDOW_SECONDS, MemoryEngine, apply_correction
 from .model import ReserveRequest, ReserveResult, Settlement
@@ -52,7 +55,6 @@ __all__ = [
     "ADD_SPENT",
     "SCHEMA",
     "SqliteStore",
-    "horizon_keys",
     "prepare",
     "select_records",
     "spent_current",
@@ -102,19 +104,7 @@ CREATE TABLE IF NOT EXISTS ledger (
 CREATE INDEX IF NOT EXISTS ledger_created ON ledger (created_at);
 CREATE INDEX IF NOT EXISTS ledger_dispatched ON ledger (state) WHERE state = 'dispatched';
 CREATE INDEX IF NOT EXISTS ledger_upstream ON ledger (upstream_id);
-CREATE TABLE IF NOT EXISTS ledger_spent (
-    team TEXT NOT NULL,
-    window TEXT NOT NULL,
-    spent INTEGER NOT NULL,
-    PRIMARY KEY (team, window)
-) WITHOUT ROWID;
 """
-_SPENT_BACKFILL: Final = (
-    "INSERT OR REPLACE INTO ledger_spent (team, window, spent) "
-    "SELECT team, w.value, SUM(cost) FROM ledger, json_each(ledger.windows) AS w "
-    "WHERE state = 'settled' GROUP BY 1, 2"
-)
-"""Once, when an older file gets the summary table: its settled records summed."""
 _ADDED_COLUMNS: Final = (
     ("environment", "TEXT NOT NULL DEFAULT 'live'"),
     ("tags", "TEXT"),
@@ -129,13 +119,7 @@ ADD_SPENT: Final = (
 """A settlement's cost added to each of its windows, in the settlement's own transaction."""
 _CALENDAR_HORIZON_SECONDS: Final = 40 * 86400
 """Day, week and month windows older than this can no longer be current: not loaded."""
-_SPENT_CURRENT: Final = (
-    "SELECT team, window, spent FROM ledger_spent WHERE window = 'total' "
-    "OR (window >= 'total:' AND window < 'total;') "
-    "OR (window >= ? AND window < 'day;') OR (window >= ? AND window < 'week;') "
-    "OR (window >= ? AND window < 'month;')"
-)
-"""Spent of the windows that can still be current (a few rows per team: no scan)."""
+_SPENT_CURRENT: Final = spent_current_sql(SQLITE)
 _ROLLUP: Final = (
     rollup_table(SQLITE, integer="INTEGER") + " WITHOUT ROWID",
     "CREATE TRIGGER IF NOT EXISTS ledger_daily_insert AFTER INSERT ON ledger "
@@ -158,31 +142,28 @@ def _has_table(db: sqlite3.Connection, name: str) -> bool:
 
 def prepare(db: sqlite3.Connection) -> None:
     """Create the schema; an older file gets what it lacks (columns, spent summary, rollup)."""
-    fresh = not db.execute(
-        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'ledger_spent'"
-    ).fetchone()
     db.executescript(SCHEMA)
     present = {row[1] for row in db.execute("PRAGMA table_info(ledger)")}
     for name, declaration in _ADDED_COLUMNS:
         if name not in present:  # a ledger file written before the column existed
             db.execute(f"ALTER TABLE ledger ADD COLUMN {name} {declaration}")
-    if fresh:
-        db.execute("BEGIN IMMEDIATE")
-        db.execute(_SPENT_BACKFILL)
-        db.execute("COMMIT")
-    if not _has_table(db, SQLITE.daily):
-        # Once: the rollup of the records already there, with its triggers, in one write
-        # transaction (another process opening the file at the same time waits, then sees it).
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            if not _has_table(db, SQLITE.daily):
-                for statement in _ROLLUP:
-                    db.execute(statement)
-                db.execute(rollup_upsert(SQLITE, ("ledger", 1)))
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
+    if _has_table(db, SQLITE.spent) and _has_table(db, SQLITE.daily):
+        return
+    # Once: the summaries of the records already there, in one write transaction (another
+    # process opening the file at the same time waits, then finds them made).
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        if not _has_table(db, SQLITE.spent):
+            db.execute(spent_table(SQLITE, integer="INTEGER") + " WITHOUT ROWID")
+            db.execute(spent_upsert(SQLITE, ("ledger", 1)))
+        if not _has_table(db, SQLITE.daily):
+            for statement in _ROLLUP:
+                db.execute(statement)
+            db.execute(rollup_upsert(SQLITE, ("ledger", 1)))
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
 
 
 def select_records(db: sqlite3.Connection, where: str, args: tuple[Any, ...]) -> list[LedgerRecord]:
@@ -244,13 +225,8 @@ def write_correction(
 
 def spent_current(db: sqlite3.Connection, now: float) -> list[tuple[str, str, int]]:
     """(team, window, spent) of every window that can still be current at ``now``."""
-    return [(str(t), str(w), int(v)) for t, w, v in db.execute(_SPENT_CURRENT, horizon_keys(now))]
-
-
-def horizon_keys(now: float) -> tuple[str, str, str]:
-    """The oldest day, week and month window keys that can still be current at ``now``."""
-    oldest = dt.datetime.fromtimestamp(now - _CALENDAR_HORIZON_SECONDS, dt.UTC).date()
-    return f"day:{oldest.isoformat()}", f"week:{oldest:%G-W%V}", f"month:{oldest:%Y-%m}"
+    keys = horizon_keys(now - _CALENDAR_HORIZON_SECONDS)
+    return [(str(t), str(w), int(v)) for t, w, v in db.execute(_SPENT_CURRENT, keys)]
 
 
 class _Call:
