@@ -266,10 +266,12 @@ class GatewayProtocol(web.RequestHandler):
     def data_received(self, data: bytes) -> None:
         """Time and measure a request head while one is arriving, then hand the bytes on."""
         if self._gw_state == _WAITING:
-            if self._gw_timer is None:
-                self._gw_arm()
             if not self._gw_scan(data):
                 return
+            if self._gw_state == _WAITING and self._gw_timer is None:
+                # The head goes on past this read: its deadline runs from now. (A head whole
+                # in one read, the usual case, needs no timer.)
+                self._gw_arm()
         elif self._gw_state == _REFUSED:
             return
         super().data_received(data)

@@ -51,7 +51,14 @@ def _unescape_json(match: re.Match[bytes]) -> bytes:
 class KeyScanner:
     """Find the gateway's Clipia keys (live, sandbox), or a fragment of one, in upstream bytes."""
 
-    __slots__ = ("_alphabet", "_first_pass", "_fragments", "_pieces", "_tail_bytes")
+    __slots__ = (
+        "_alphabet",
+        "_clean_headers",
+        "_first_pass",
+        "_fragments",
+        "_pieces",
+        "_tail_bytes",
+    )
 
     def __init__(self, *keys: str) -> None:
         pieces: set[bytes] = set()
@@ -75,6 +82,8 @@ class KeyScanner:
         """Every run of up to ``_HELD_CHARS`` characters of a secret part."""
         self._alphabet: Final = frozenset(b"".join(fragments))
         self._tail_bytes: Final = self._alphabet | _HEX | frozenset(b"\\u%")
+        self._clean_headers: Final[set[str]] = set()
+        """Short header values already found clean (a few; cleared when full)."""
         """A read ending in any other byte holds nothing back."""
         # One C-level pass finds a piece or a reason to look closer (an escape).
         self._first_pass: Final = re.compile(
@@ -109,7 +118,14 @@ class KeyScanner:
 
     def header_mentions_key(self, value: str) -> bool:
         """Whether a header value quotes the key (or a fragment of it)."""
-        return self.mentions_key(value.encode("utf-8", "surrogateescape"))
+        if value in self._clean_headers:  # ``application/json`` and the like, every answer
+            return False
+        found = self.mentions_key(value.encode("utf-8", "surrogateescape"))
+        if not found and len(value) <= 64:
+            if len(self._clean_headers) >= 32:
+                self._clean_headers.clear()
+            self._clean_headers.add(value)
+        return found
 
     def held_from(self, data: bytes) -> int:
         r"""Where the end of ``data`` that could start a fragment of the key begins.

@@ -226,8 +226,9 @@ class QuotaService:
                     "when one finishes.",
                     retry_after=self._slot_wait(team, share),
                 )
-            rpm = self._limits.get(team, TeamLimits()).rpm
-            if rpm is not None and self._lookups:
+            limits = self._limits.get(team) if self._lookups else None
+            rpm = limits.rpm if limits is not None else None
+            if rpm is not None:
                 now = self._clock()
                 if self._lookups_in_window(team, now) >= rpm:
                     self.rejections[team, Reason.RPM.value] += 1
