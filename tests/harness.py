@@ -67,6 +67,16 @@ BOUND: Final = 30.0
 """Seconds a test waits for something that must happen: a bound on a regression (the test
 fails instead of hanging), never a speed requirement (speed is measured by bench/)."""
 
+STORE_TIMEOUT: Final = 30.0
+"""``store.timeout_seconds`` of a test gateway unless its ``store`` names one. A test about
+store timeouts sets its own; for the others the product's 2 s would fire under load (200
+concurrent requests on 2 busy cores) and turn a healthy Redis or PostgreSQL into a refusal."""
+
+UPSTREAM_TIMEOUT: Final = 30.0
+"""``upstream`` connect, first-byte and idle timeouts of a test gateway unless the test sets
+them (the tests about those timeouts do): a stalled-on-purpose stream stays held, and a busy
+machine never turns a healthy emulator into a 504."""
+
 LISTENING: Final = re.compile(r"listening on [^:]+:(\d+) \(admin (\d+)\)")
 """The log line ``clipia-proxy serve`` writes once both ports accept connections."""
 
@@ -222,7 +232,8 @@ def make_config(
 
     - ``store`` is the ``store:`` section, optionally followed by a ``ledger:`` line (default:
       SQLite in a fresh temporary directory); the outage journal goes to a fresh temporary
-      directory unless ``store`` names one (never the working directory).
+      directory unless ``store`` names one (never the working directory), and
+      ``timeout_seconds`` is :data:`STORE_TIMEOUT` unless ``store`` names one.
     - ``upstream`` and ``server`` override single settings of those sections (``upstream``
       also as YAML lines); ``grace`` is ``server.shutdown_grace_seconds``.
     - ``teams`` is the ``teams:`` section with ``{team}`` placeholders for the keys' hashes
@@ -233,18 +244,20 @@ def make_config(
         store = (
             f"{{backend: sqlite, sqlite_path: {tempfile.mkdtemp(prefix='clipia-test-')}/ledger.db}}"
         )
-    if "journal_path" not in store:
+    mapping, newline, rest = store.partition("\n")  # a ledger: section may follow
+    if "journal_path" not in mapping:
         journal = f"{tempfile.mkdtemp(prefix='clipia-test-')}/outage.jsonl"
-        mapping, newline, rest = store.partition("\n")  # a ledger: section may follow
         mapping = mapping.rstrip().removesuffix("}") + f", journal_path: {journal}}}"
-        store = mapping + newline + rest
+    if "timeout_seconds" not in mapping:
+        mapping = mapping.rstrip().removesuffix("}") + f", timeout_seconds: {STORE_TIMEOUT}}}"
+    store = mapping + newline + rest
     teams_yaml = (teams or TEAMS_YAML).format(**{team: hash_key(key) for team, key in keys.items()})
     upstream_fields: dict[str, object] = {
         "base_url": base_url or f"{emulator_url}/v1",
         "api_key_env": "null",
-        "connect_timeout_seconds": 2,
-        "first_byte_timeout_seconds": 5,
-        "idle_timeout_seconds": 5,
+        "connect_timeout_seconds": UPSTREAM_TIMEOUT,
+        "first_byte_timeout_seconds": UPSTREAM_TIMEOUT,
+        "idle_timeout_seconds": UPSTREAM_TIMEOUT,
         "max_retry_wait_seconds": 0.5,
         **_yaml_fields(upstream),
     }

@@ -30,7 +30,7 @@ from clipia_proxy.quotas.sqlite import SqliteStore
 from clipia_proxy.quotas.store import LedgerRecord, Store
 from clipia_proxy.wire import decode_json
 from tests.audit import audit_stores, emulator_served
-from tests.harness import Emulator, Served, serve, start_emulator
+from tests.harness import STORE_TIMEOUT, Emulator, Served, serve, start_emulator
 
 BODY: dict[str, object] = {
     "model": "gpt-5.5",
@@ -126,7 +126,7 @@ async def open_store(harness: Harness, config: Config, redis_url: str | None = N
     if config.store.backend == "sqlite":
         store = SqliteStore(config.store.sqlite_path, clock=time.time)
     else:
-        ledger = PostgresLedger.from_config(config.ledger, timeout=5.0)
+        ledger = PostgresLedger.from_config(config.ledger, timeout=STORE_TIMEOUT)
         store = RedisStore.from_config(config.store, ledger, url=redis_url)
     await store.start()
     return store
@@ -235,7 +235,8 @@ async def test_redis_gateways_share_spend(
     env = f"CLIPIA_CRASH_REDIS_{token.upper()}"
     monkeypatch.setenv(env, redis_url)
     store = (
-        f"{{backend: redis, redis_url_env: {env}, redis_key_prefix: crash-{token}, replicas: 2}}"
+        f"{{backend: redis, redis_url_env: {env}, redis_key_prefix: crash-{token}, replicas: 2, "
+        f"timeout_seconds: {STORE_TIMEOUT}}}"
         f"\n{ledger_section}"
     )
     async with crash_harness(tmp_path, store, {env: redis_url}) as harness:

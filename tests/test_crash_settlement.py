@@ -24,7 +24,7 @@ from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
 from clipia_proxy.emulator import Fault
 from clipia_proxy.quotas.model import MICRO_PER_CREDIT, Outcome, RecordState, UsageSource
 from tests.audit import emulator_served
-from tests.harness import Served
+from tests.harness import STORE_TIMEOUT, Served
 from tests.test_crash import Harness, audited, crash_harness, spent
 
 PROMPT: list[ChatCompletionMessageParam] = [{"role": "user", "content": "tell me a long story"}]
@@ -115,7 +115,8 @@ async def test_sigkill_mid_stream_on_a_shared_redis_store(
     env = f"CLIPIA_CRASH_REDIS_{token.upper()}"
     monkeypatch.setenv(env, redis_url)
     store = (
-        f"{{backend: redis, redis_url_env: {env}, redis_key_prefix: crash-{token}, replicas: 3}}"
+        f"{{backend: redis, redis_url_env: {env}, redis_key_prefix: crash-{token}, replicas: 3, "
+        f"timeout_seconds: {STORE_TIMEOUT}}}"
         f"\n{ledger_section}"
     )
     async with crash_harness(tmp_path, store, {env: redis_url}) as harness:

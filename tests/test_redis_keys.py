@@ -29,7 +29,7 @@ from clipia_proxy.ledgers.postgres import PostgresLedger
 from clipia_proxy.quotas.model import KeyLimits, Micro, Period, Reason, TeamLimits
 from clipia_proxy.quotas.redis import RedisStore
 from tests.conftest import fresh_postgres_schema
-from tests.harness import BOUND, Clock
+from tests.harness import BOUND, STORE_TIMEOUT, Clock
 from tests.test_redis_rebuild import redis_process
 from tests.test_store_contract import DAY, MONTH, T0, TEAM, Harness, settlement
 
@@ -100,7 +100,7 @@ async def _touched(client: aioredis.Redis, command: str) -> list[str]:
 async def store(redis_url: str, postgres_dsn: str) -> AsyncIterator[RedisStore]:
     dsn = await fresh_postgres_schema(postgres_dsn)
     made = RedisStore.from_config(
-        StoreConfig(backend="redis", redis_key_prefix="declared", timeout_seconds=5.0),
+        StoreConfig(backend="redis", redis_key_prefix="declared", timeout_seconds=STORE_TIMEOUT),
         PostgresLedger(dsn),
         url=redis_url,
     )
@@ -175,7 +175,7 @@ async def test_a_failover_to_a_lagging_replica_is_caught_before_anything_is_admi
     dsn = await fresh_postgres_schema(postgres_dsn)
     with redis_process() as primary, redis_process() as replica:
         store = RedisStore.from_config(
-            StoreConfig(backend="redis", redis_key_prefix="lag", timeout_seconds=5.0),
+            StoreConfig(backend="redis", redis_key_prefix="lag", timeout_seconds=STORE_TIMEOUT),
             PostgresLedger(dsn),
             url=primary.url,
         )
@@ -214,7 +214,7 @@ async def test_a_failover_to_a_lagging_replica_is_caught_before_anything_is_admi
                 await spend(store, f"late-{i}", 20_000)
             # Failover: the store now talks to the promoted replica (epoch present).
             promoted = RedisStore.from_config(
-                StoreConfig(backend="redis", redis_key_prefix="lag", timeout_seconds=5.0),
+                StoreConfig(backend="redis", redis_key_prefix="lag", timeout_seconds=STORE_TIMEOUT),
                 PostgresLedger(dsn),
                 url=replica.url,
             )

@@ -43,7 +43,7 @@ from clipia_proxy.quotas.sqlite import SqliteStore
 from clipia_proxy.quotas.store import Store, StoreUnavailable
 from tests.conftest import fresh_postgres_schema
 from tests.fault_proxy import FaultProxy
-from tests.harness import BOUND, Clock
+from tests.harness import BOUND, STORE_TIMEOUT, Clock
 
 TEAM = "team-a"
 DAY = "day:2026-11-25"
@@ -126,7 +126,7 @@ async def make_sqlite(path: Path, clock: Clock) -> SqliteStore:
 
 
 async def make_redis(
-    url: str, prefix: str, postgres_dsn: str, *, seconds: float = 1.0, start: bool = True
+    url: str, prefix: str, postgres_dsn: str, *, seconds: float = STORE_TIMEOUT, start: bool = True
 ) -> RedisStore:
     """Redis counters over a PostgreSQL ledger in a fresh schema."""
     dsn = await fresh_postgres_schema(postgres_dsn)
