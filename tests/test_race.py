@@ -24,7 +24,7 @@ from clipia_proxy.quotas.model import MICRO_PER_CREDIT, Period
 from clipia_proxy.wire import encode_json
 from tests.audit import CHAT_PATH, Cluster, audit
 from tests.audit import redis_store as shared_redis
-from tests.harness import ClusterFactory, Stack
+from tests.harness import BOUND, ClusterFactory, Stack
 
 MODEL = "gpt-5.5"
 BODY: dict[str, object] = {
@@ -34,7 +34,9 @@ BODY: dict[str, object] = {
 }
 K = 10
 M = 200
-DECIDE_WITHIN = 8.0
+DECIDE_WITHIN = BOUND
+"""How long 200 requests may take to be decided: a bound on a hang (8 s was exceeded by a
+loaded 2-core machine), not a speed requirement."""
 
 
 def reservation(body: dict[str, object]) -> int:
