@@ -11,7 +11,7 @@ from clipia_proxy.auth import generate_key, hash_key
 from clipia_proxy.config import parse_config
 from clipia_proxy.errors import QuotaStoreUnavailable
 from clipia_proxy.quotas.estimate import Estimate
-from clipia_proxy.quotas.journal import Journal, JournalFull
+from clipia_proxy.quotas.journal import Journal, JournalEntry, JournalFull
 from clipia_proxy.quotas.memory import MemoryStore
 from clipia_proxy.quotas.model import (
     Micro,
@@ -110,6 +110,40 @@ async def test_a_request_journaled_by_a_dead_process_is_left_to_the_reconciler(
     (record,) = await store.dispatched()  # its money reserved until the reconciler settles it
     assert record.request_id == "cut"
     assert (await store.usage("search", ["total"], NOW))["total"].reserved == 5_000
+
+
+class AppendingStore(MemoryStore):
+    """A store during whose writes a settlement reaches the journal (its retries gave up)."""
+
+    def __init__(self, journal: Journal, entry: JournalEntry) -> None:
+        super().__init__()
+        self._journal = journal
+        self._entry: JournalEntry | None = entry
+
+    async def settle(self, request_id: str, settlement: Settlement) -> bool:
+        if self._entry is not None:
+            self._journal.append(self._entry)
+            self._entry = None
+        return await super().settle(request_id, settlement)
+
+
+async def test_an_entry_journaled_during_a_replay_is_replayed_next(tmp_path: Path) -> None:
+    """Replays run while something is pending: an entry appended mid-replay stays pending."""
+    path = tmp_path / "outage.jsonl"
+    journal = Journal(path, max_bytes=1 << 20)
+    await journal.start()
+    journal.append(journal.reserve_entry(request("served")))
+    journal.append(journal.settle_entry("served", settled(1_000)))
+    store = AppendingStore(journal, journal.settle_entry("late", settled(234)))
+    await store.reserve(request("late"))  # reserved while the store was up
+    assert await journal.replay(store, now=NOW + 2) == 1
+    assert journal.pending == 1  # "late"'s settlement, appended while "served" was written
+    assert await journal.replay(store, now=NOW + 3) == 1
+    assert journal.pending == 0
+    usage = (await store.usage("search", ["total"], NOW + 3))["total"]
+    assert (usage.spent, usage.reserved) == (1_234, 0)
+    await journal.flush()
+    assert path.read_bytes() == b""
 
 
 class DownStore(MemoryStore):

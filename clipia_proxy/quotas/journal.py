@@ -224,7 +224,11 @@ class Journal:
                 else:
                     kept.extend(group)
             self._size = await asyncio.to_thread(self._rewrite, kept)
-            self.pending = len(kept)
+            # Entries appended while the store was being written (a settlement giving up its
+            # retries meanwhile) wait in the buffer for the next flush: still pending, or the
+            # replay loop, which runs only while something is pending, would never take them.
+            self._size += sum(map(len, self._buffer))
+            self.pending = len(kept) + len(self._buffer)
             self.replayed += done
             if done:
                 _LOGGER.warning("journal: %d request(s) written into the store", done)
