@@ -32,7 +32,7 @@ from typing import Any
 
 import msgspec
 
-from clipia_proxy.ledgers.sql import POSTGRES, SQLITE, rollup_upsert
+from clipia_proxy.quotas.ledger_sql import POSTGRES, SQLITE, rollup_upsert
 from clipia_proxy.quotas.sqlite import SCHEMA, SqliteStore, prepare
 
 _MONTH = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)

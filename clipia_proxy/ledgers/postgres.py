@@ -12,7 +12,7 @@ are rows of ``clipia_schema_migrations``. ``clipia_ledger`` is partitioned by UT
 of ``created_at`` (``clipia_ledger_y2026m11``), created three months ahead at start and when
 a record reaches the horizon; a DEFAULT partition catches anything else, so no insert ever
 fails for a missing month. ``ledger prune`` drops whole month partitions. Migration 3 adds
-the daily rollup ``report`` reads, kept by triggers (:mod:`clipia_proxy.ledgers.sql`); 5 the
+the daily rollup ``report`` reads, kept by triggers (:mod:`clipia_proxy.quotas.ledger_sql`); 5 the
 spent summary (team x window key) the counters are rebuilt from, kept by the same triggers and
 never lowered by a prune.
 
@@ -34,16 +34,7 @@ from typing import Any, Final, Generic, TypeVar
 import asyncpg
 
 from clipia_proxy.config import LedgerConfig
-from clipia_proxy.quotas.model import Micro, Outcome, Settlement
-from clipia_proxy.quotas.store import (
-    Inserted,
-    LedgerRecord,
-    StoreUnavailable,
-    TeamSnapshot,
-)
-
-from . import CountersSnapshot, WindowSpent
-from .sql import (
+from clipia_proxy.quotas.ledger_sql import (
     COLUMNS,
     POSTGRES,
     ReportQuery,
@@ -59,6 +50,15 @@ from .sql import (
     spent_table,
     spent_upsert,
 )
+from clipia_proxy.quotas.model import Micro, Outcome, Settlement
+from clipia_proxy.quotas.store import (
+    Inserted,
+    LedgerRecord,
+    StoreUnavailable,
+    TeamSnapshot,
+)
+
+from . import CountersSnapshot, WindowSpent
 
 __all__ = ["MIGRATIONS", "PostgresLedger"]
 
@@ -112,7 +112,7 @@ ALTER TABLE clipia_ledger
     ),
     (
         3,
-        # The daily rollup (see clipia_proxy.ledgers.sql), kept by triggers. The UPDATE and
+        # The daily rollup (see clipia_proxy.quotas.ledger_sql), kept by triggers. The UPDATE and
         # DELETE triggers run once per statement (its rows upserted in key order: statements
         # settling many records cannot deadlock on it); the INSERT one only for a record that
         # arrives settled. Created before the backfill, in its transaction: CREATE TRIGGER

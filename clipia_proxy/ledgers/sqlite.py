@@ -4,7 +4,7 @@ The same table the ``sqlite`` counters write (:mod:`clipia_proxy.quotas.sqlite`,
 group-commit worker serves requests); this class is the :class:`LedgerStore` over that file for
 ``report``, ``ledger export`` and ``ledger prune`` (and any one-replica use). Every call runs
 on a worker thread (sqlite3 blocks); aggregates are SQL ``GROUP BY`` (over the daily rollup
-when it holds the groupings: :mod:`clipia_proxy.ledgers.sql`) and long results come in chunks,
+when it holds the groupings: :mod:`clipia_proxy.quotas.ledger_sql`) and long results come in chunks,
 never loaded whole. Prune deletes in batches (one short transaction each), so a
 running gateway is never locked out for long.
 """
@@ -18,6 +18,15 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
+from clipia_proxy.quotas.ledger_sql import (
+    COLUMNS,
+    SQLITE,
+    ReportQuery,
+    SqlReports,
+    record_values,
+    rollup_drop_empty,
+    row_to_record,
+)
 from clipia_proxy.quotas.ledgered import CALENDAR_HORIZON_SECONDS
 from clipia_proxy.quotas.memory import apply_settlement
 from clipia_proxy.quotas.model import Settlement
@@ -31,15 +40,6 @@ from clipia_proxy.quotas.sqlite import (
 from clipia_proxy.quotas.store import LedgerRecord, StoreUnavailable
 
 from . import CountersSnapshot, WindowSpent
-from .sql import (
-    COLUMNS,
-    SQLITE,
-    ReportQuery,
-    SqlReports,
-    record_values,
-    rollup_drop_empty,
-    row_to_record,
-)
 
 __all__ = ["SqliteLedger"]
 

@@ -32,7 +32,7 @@ from typing import Any, Final, TypeVar
 
 import msgspec
 
-from clipia_proxy.ledgers.sql import (
+from clipia_proxy.quotas.ledger_sql import (
     COLUMNS,
     SETTLED_FIELDS,
     SQLITE,
@@ -45,7 +45,7 @@ from clipia_proxy.ledgers.sql import (
     spent_table,
     spent_upsert,
 )
-from clipia_proxy.ledgers.sql import spent_current as spent_current_sql
+from clipia_proxy.quotas.ledger_sql import spent_current as spent_current_sql
 
 from .memory import RATE_WINDOW_SECONDS, MemoryEngine, apply_correction
 from .model import ReserveRequest, ReserveResult, Settlement
@@ -131,7 +131,7 @@ _ROLLUP: Final = (
     "CREATE TRIGGER IF NOT EXISTS ledger_daily_delete AFTER DELETE ON ledger "
     f"WHEN OLD.state = 'settled' BEGIN {rollup_upsert(SQLITE, (rollup_row('OLD'), -1))}; END",
 )
-"""The daily rollup ``report`` reads (see :mod:`clipia_proxy.ledgers.sql`): kept by triggers
+"""The daily rollup ``report`` reads (see :mod:`clipia_proxy.quotas.ledger_sql`): kept by triggers
 in the transaction of every change to a settled record."""
 
 
