@@ -53,7 +53,7 @@ from bench.report import (
     format_table,
     to_json,
 )
-from bench.streams import hold_streams
+from bench.streams import HoldResult, hold_streams
 from clipia_proxy.auth import generate_key, hash_key
 
 MODEL: Final = "gpt-5.5"
@@ -356,6 +356,113 @@ async def _reset_emulator(session: aiohttp.ClientSession, root: str) -> None:
         resp.raise_for_status()
 
 
+@dataclass(frozen=True)
+class Lineup:
+    """The children of one run, started and ready, and the targets the load is sent to."""
+
+    emulator: Child
+    emulator_root: str
+    targets: list[Target]
+    """Direct first, then each proxy in the order started (gateway, bare, LiteLLM)."""
+    proxies: dict[str, Child]
+    """The process behind each proxy target, by target name: its CPU and RSS are measured."""
+
+
+def keep_best(reports: dict[str, ScenarioReport], lineup: Lineup) -> None:
+    """Set each scenario's best run per target, and what each proxy adds over direct."""
+    for rep in reports.values():
+        for target in lineup.targets:
+            rep.targets[target.name] = best_of([r for r in rep.runs if r.target == target.name])
+        for name in lineup.proxies:
+            if name in rep.targets:
+                rep.added[name] = added(rep.targets[name], rep.targets[DIRECT])
+
+
+def rss_report(target: str, held: HoldResult) -> RssReport:
+    """Return the report's record of the streams held open through ``target``."""
+    per = held.bytes_per_stream
+    return RssReport(
+        target=target,
+        requested=held.requested,
+        opened=held.opened,
+        failed=held.failed,
+        open_seconds=held.open_seconds,
+        rss_before_bytes=held.rss_before,
+        rss_open_bytes=held.rss_open,
+        rss_after_close_bytes=held.rss_after_close,
+        bytes_per_stream=per,
+        kib_per_stream=None if per is None else per / 1024.0,
+        sockets_before=held.sockets_before,
+        sockets_open=held.sockets_open,
+        sockets_after_close=held.sockets_after_close,
+    )
+
+
+def best_rps(rep: ScenarioReport, target: str) -> float | None:
+    """Return the best RPS of ``target`` in the scenario (None: it did not run)."""
+    best = rep.targets.get(target)
+    return None if best is None else best.rps
+
+
+def best_cpu_ms(reports: dict[str, ScenarioReport], target: str) -> dict[str, float | None]:
+    """Return, per scenario, the CPU ms per request of the proxy behind ``target``."""
+    return {
+        key: None if (best := rep.targets.get(target)) is None else best.proxy_cpu_ms_per_request
+        for key, rep in reports.items()
+    }
+
+
+def rps_ratio(rps: float | None, peer_rps: float | None) -> float | None:
+    """Return ``rps / peer_rps``, or None when either is missing or the peer served nothing."""
+    if rps is None or peer_rps is None or peer_rps <= 0:
+        return None
+    return rps / peer_rps
+
+
+def summarize(
+    reports: dict[str, ScenarioReport], rss: dict[str, RssReport]
+) -> dict[str, float | None]:
+    """Return the report's summary: the gateway's headline figures, then its peers' beside them."""
+    c = HIGH_CONCURRENCY
+    busy = reports[f"nonstream_c{c}"]
+    added_c1 = reports["nonstream_c1"].added.get(GATEWAY)
+    added_stream = reports["stream_c1"].added.get(GATEWAY)
+    gateway_rss = rss.get(GATEWAY)
+    return {
+        "added_latency_p50_ms_nonstream_c1": None if added_c1 is None else added_c1.latency_p50_ms,
+        "added_latency_p99_ms_nonstream_c1": None if added_c1 is None else added_c1.latency_p99_ms,
+        "added_ttft_p50_ms_stream_c1": None if added_stream is None else added_stream.ttft_p50_ms,
+        f"gateway_rps_nonstream_c{c}": best_rps(busy, GATEWAY),
+        f"direct_rps_nonstream_c{c}": busy.targets[DIRECT].rps,
+        f"litellm_rps_nonstream_c{c}": best_rps(busy, LITELLM),
+        "gateway_over_litellm_rps_ratio": rps_ratio(
+            best_rps(busy, GATEWAY), best_rps(busy, LITELLM)
+        ),
+        **{f"gateway_cpu_ms_per_request_{k}": v for k, v in best_cpu_ms(reports, GATEWAY).items()},
+        "gateway_rss_kib_per_stream": None if gateway_rss is None else gateway_rss.kib_per_stream,
+        **{f"bare_cpu_ms_per_request_{k}": v for k, v in best_cpu_ms(reports, BARE).items()},
+        f"bare_rps_nonstream_c{c}": best_rps(busy, BARE),
+    }
+
+
+def describe_settings(s: Settings) -> dict[str, object]:
+    """Return the report's record of the run's settings (and the load generator's event loop)."""
+    return {
+        "nonstream_requests": s.nonstream_requests,
+        "stream_requests": s.stream_requests,
+        "warmup_requests": s.warmup_requests,
+        "rounds": s.rounds,
+        "max_tokens": s.max_tokens,
+        "open_streams": s.open_streams,
+        "max_seconds_per_run": s.max_seconds,
+        "model": MODEL,
+        "gateway_store": s.store or "default (sqlite in the run's temp dir)",
+        "gateway_quotas": "budgets and limits, never binding" if s.quotas else "none",
+        "gateway_log_level": s.gateway_log_level,
+        "client_event_loop": type(asyncio.get_running_loop()).__module__,
+    }
+
+
 class Bench:
     """One benchmark run: owns the children and the load generator's session."""
 
@@ -389,6 +496,104 @@ class Bench:
             print(f"logs kept in {self.tmp}", file=sys.stderr)
         else:
             shutil.rmtree(self.tmp, ignore_errors=True)
+
+    async def start_lineup(self, session: aiohttp.ClientSession) -> Lineup:
+        """Start the emulator, the gateway, bare and LiteLLM (as the settings ask), one by one."""
+        emu_port, gw_port, admin_port, lite_port, bare_port = free_ports(5)
+        emu_root = f"http://{HOST}:{emu_port}"
+        upstream_key = "clipia_test_bench" + os.urandom(12).hex()
+        emulator = self.spawn(
+            "emulator", [python(), "-m", "bench.emulator", "--port", str(emu_port)]
+        )
+        await wait_ready(session, emulator, f"{emu_root}/v1/models", within=30)
+        gateway = await self.start_gateway(
+            session,
+            port=gw_port,
+            admin_port=admin_port,
+            emulator_port=emu_port,
+            upstream_key=upstream_key,
+        )
+        bare = await self.start_passthrough(
+            session, port=bare_port, emulator_root=emu_root, upstream_key=upstream_key
+        )
+        lite = await self.start_litellm(
+            session, port=lite_port, emulator_port=emu_port, upstream_key=upstream_key
+        )
+        proxies = [proxy for proxy in (gateway, bare, lite) if proxy is not None]
+        return Lineup(
+            emulator=emulator,
+            emulator_root=emu_root,
+            targets=[
+                Target(DIRECT, f"{emu_root}/v1", upstream_key, MODEL),
+                *(target for target, _ in proxies),
+            ],
+            proxies={target.name: child for target, child in proxies},
+        )
+
+    async def start_gateway(
+        self,
+        session: aiohttp.ClientSession,
+        *,
+        port: int,
+        admin_port: int,
+        emulator_port: int,
+        upstream_key: str,
+    ) -> tuple[Target, Child]:
+        """Start ``clipia-proxy serve`` with one bench team (a fresh key); wait until ready."""
+        s = self.settings
+        team_key = generate_key()
+        config = self.tmp / "gateway.yaml"
+        config.write_text(
+            gateway_config(
+                port=port,
+                admin_port=admin_port,
+                emulator_port=emulator_port,
+                team_key=team_key,
+                store=s.store,
+                quotas=s.quotas,
+            )
+        )
+        serve = [
+            "-m",
+            "clipia_proxy",
+            "serve",
+            "--config",
+            str(config),
+            "--log-level",
+            s.gateway_log_level,
+        ]
+        if s.profile_gateway is not None:
+            serve = ["-m", "cProfile", "-o", str(s.profile_gateway.resolve()), *serve]
+            self.notes.append("the gateway ran under cProfile: its numbers are inflated")
+        gateway = self.spawn(
+            GATEWAY,
+            [python(), *serve],
+            {UPSTREAM_KEY_ENV: upstream_key},
+        )
+        await wait_ready(session, gateway, f"http://{HOST}:{admin_port}/readyz", within=30)
+        return Target(GATEWAY, f"http://{HOST}:{port}/v1", team_key, MODEL), gateway
+
+    async def start_passthrough(
+        self, session: aiohttp.ClientSession, *, port: int, emulator_root: str, upstream_key: str
+    ) -> tuple[Target, Child] | None:
+        """Start bare, the minimal aiohttp pass-through, unless ``--no-passthrough``."""
+        if not self.settings.passthrough:
+            return None
+        bare = self.spawn(
+            BARE,
+            [
+                python(),
+                *("-m", "bench.passthrough", "--port", str(port)),
+                *("--upstream", f"{emulator_root}/v1"),
+            ],
+            {UPSTREAM_KEY_ENV: upstream_key},
+        )
+        await wait_ready(session, bare, f"http://{HOST}:{port}/healthz", within=30)
+        self.notes.append(
+            "bare = a minimal aiohttp pass-through (bench/passthrough.py, uvloop, no auth/"
+            "policy/usage tap/logs): the floor for any aiohttp proxy on this machine"
+        )
+        return Target(BARE, f"http://{HOST}:{port}/v1", "unused", MODEL), bare
 
     async def start_litellm(
         self, session: aiohttp.ClientSession, *, port: int, emulator_port: int, upstream_key: str
@@ -438,169 +643,73 @@ class Bench:
         return Target(LITELLM, f"http://{HOST}:{port}/v1", master_key, MODEL), child
 
     async def run(self) -> Report:
+        """Start the children, warm each target up, measure the rounds, hold streams, report."""
         started = time.perf_counter()
-        s = self.settings
-        emu_port, gw_port, admin_port, lite_port, bare_port = free_ports(5)
-        emu_root = f"http://{HOST}:{emu_port}"
-        upstream_key = "clipia_test_bench" + os.urandom(12).hex()
-        team_key = generate_key()
         n_targets = 4
         connector = aiohttp.TCPConnector(limit=HIGH_CONCURRENCY * n_targets + 16, limit_per_host=0)
         async with aiohttp.ClientSession(connector=connector) as session:
-            emulator = self.spawn(
-                "emulator", [python(), "-m", "bench.emulator", "--port", str(emu_port)]
-            )
-            await wait_ready(session, emulator, f"{emu_root}/v1/models", within=30)
+            lineup = await self.start_lineup(session)
+            await self.warm_up(session, lineup)
+            reports = await self.measure(session, lineup)
+            keep_best(reports, lineup)
+            rss = await self.hold_open_streams(lineup)
+        return self.build_report(reports, rss, time.perf_counter() - started)
 
-            config = self.tmp / "gateway.yaml"
-            config.write_text(
-                gateway_config(
-                    port=gw_port,
-                    admin_port=admin_port,
-                    emulator_port=emu_port,
-                    team_key=team_key,
-                    store=s.store,
-                    quotas=s.quotas,
+    async def warm_up(self, session: aiohttp.ClientSession, lineup: Lineup) -> None:
+        """Warm up pools, the catalog cache and code paths; raise if a target answered none of it."""
+        s = self.settings
+        for target in lineup.targets:
+            for stream, count in (
+                (False, s.warmup_requests),
+                (True, max(1, s.warmup_requests // 3)),
+            ):
+                warm = await run_load(
+                    session,
+                    target,
+                    stream=stream,
+                    concurrency=8,
+                    requests=count,
+                    max_tokens=s.max_tokens,
+                    max_seconds=s.max_seconds,
                 )
-            )
-            serve = [
-                "-m",
-                "clipia_proxy",
-                "serve",
-                "--config",
-                str(config),
-                "--log-level",
-                s.gateway_log_level,
-            ]
-            if s.profile_gateway is not None:
-                serve = ["-m", "cProfile", "-o", str(s.profile_gateway.resolve()), *serve]
-                self.notes.append("the gateway ran under cProfile: its numbers are inflated")
-            gateway = self.spawn(
-                GATEWAY,
-                [python(), *serve],
-                {UPSTREAM_KEY_ENV: upstream_key},
-            )
-            await wait_ready(session, gateway, f"http://{HOST}:{admin_port}/readyz", within=30)
+                if warm.ok == 0:
+                    raise RuntimeError(
+                        f"{target.name}: every warm-up request failed: {warm.error_samples}"
+                    )
+        await _reset_emulator(session, lineup.emulator_root)
 
-            targets: list[Target] = [
-                Target(DIRECT, f"{emu_root}/v1", upstream_key, MODEL),
-                Target(GATEWAY, f"http://{HOST}:{gw_port}/v1", team_key, MODEL),
-            ]
-            proxies: dict[str, Child] = {GATEWAY: gateway}
-            if s.passthrough:
-                bare = self.spawn(
-                    BARE,
-                    [
-                        python(),
-                        *("-m", "bench.passthrough", "--port", str(bare_port)),
-                        *("--upstream", f"{emu_root}/v1"),
-                    ],
-                    {UPSTREAM_KEY_ENV: upstream_key},
-                )
-                await wait_ready(session, bare, f"http://{HOST}:{bare_port}/healthz", within=30)
-                targets.append(Target(BARE, f"http://{HOST}:{bare_port}/v1", "unused", MODEL))
-                proxies[BARE] = bare
-                self.notes.append(
-                    "bare = a minimal aiohttp pass-through (bench/passthrough.py, uvloop, no auth/"
-                    "policy/usage tap/logs): the floor for any aiohttp proxy on this machine"
-                )
-            lite = await self.start_litellm(
-                session, port=lite_port, emulator_port=emu_port, upstream_key=upstream_key
+    async def measure(
+        self, session: aiohttp.ClientSession, lineup: Lineup
+    ) -> dict[str, ScenarioReport]:
+        """Run each scenario against each target, round by round (every other round reversed)."""
+        s = self.settings
+        reports: dict[str, ScenarioReport] = {}
+        for sc in scenarios(s):
+            reports[sc.key] = ScenarioReport(
+                sc.key, sc.label, sc.stream, sc.concurrency, sc.requests
             )
-            if lite is not None:
-                targets.append(lite[0])
-                proxies[LITELLM] = lite[1]
-
-            for target in targets:  # warm-up: connection pools, catalog cache, code paths
-                for stream, count in (
-                    (False, s.warmup_requests),
-                    (True, max(1, s.warmup_requests // 3)),
-                ):
-                    warm = await run_load(
+        for round_no in range(s.rounds):
+            order = lineup.targets if round_no % 2 == 0 else list(reversed(lineup.targets))
+            for sc in scenarios(s):
+                for target in order:
+                    stats = await self.one_run(
                         session,
                         target,
-                        stream=stream,
-                        concurrency=8,
-                        requests=count,
-                        max_tokens=s.max_tokens,
-                        max_seconds=s.max_seconds,
+                        sc,
+                        round_no,
+                        lineup.emulator,
+                        lineup.proxies.get(target.name),
+                        lineup.emulator_root,
                     )
-                    if warm.ok == 0:
-                        raise RuntimeError(
-                            f"{target.name}: every warm-up request failed: {warm.error_samples}"
-                        )
-            await _reset_emulator(session, emu_root)
-
-            reports: dict[str, ScenarioReport] = {}
-            for sc in scenarios(s):
-                reports[sc.key] = ScenarioReport(
-                    sc.key, sc.label, sc.stream, sc.concurrency, sc.requests
-                )
-            for round_no in range(s.rounds):
-                order = targets if round_no % 2 == 0 else list(reversed(targets))
-                for sc in scenarios(s):
-                    for target in order:
-                        stats = await self.one_run(
-                            session,
-                            target,
-                            sc,
-                            round_no,
-                            emulator,
-                            proxies.get(target.name),
-                            emu_root,
-                        )
-                        reports[sc.key].runs.append(stats)
-                        print(
-                            f"  round {round_no + 1} {sc.label:<16} {target.name:<8} "
-                            f"{stats.rps:8.0f} rps  p50 {stats.latency_p50_ms or 0:.3f} ms"
-                            + (f"  errors {stats.errors}" if stats.errors else ""),
-                            file=sys.stderr,
-                            flush=True,
-                        )
-            for rep in reports.values():
-                for target in targets:
-                    rep.targets[target.name] = best_of(
-                        [r for r in rep.runs if r.target == target.name]
+                    reports[sc.key].runs.append(stats)
+                    print(
+                        f"  round {round_no + 1} {sc.label:<16} {target.name:<8} "
+                        f"{stats.rps:8.0f} rps  p50 {stats.latency_p50_ms or 0:.3f} ms"
+                        + (f"  errors {stats.errors}" if stats.errors else ""),
+                        file=sys.stderr,
+                        flush=True,
                     )
-                for name in proxies:
-                    if name in rep.targets:
-                        rep.added[name] = added(rep.targets[name], rep.targets[DIRECT])
-
-            rss: dict[str, RssReport] = {}
-            for target in targets:
-                proxy = proxies.get(target.name)
-                if proxy is None:
-                    continue
-                held = await hold_streams(
-                    target,
-                    proxy,
-                    emulator_root=emu_root,
-                    count=s.open_streams,
-                    max_tokens=s.max_tokens,
-                    open_timeout=min(60.0, s.max_seconds * 2),
-                )
-                per = held.bytes_per_stream
-                rss[target.name] = RssReport(
-                    target=target.name,
-                    requested=held.requested,
-                    opened=held.opened,
-                    failed=held.failed,
-                    open_seconds=held.open_seconds,
-                    rss_before_bytes=held.rss_before,
-                    rss_open_bytes=held.rss_open,
-                    rss_after_close_bytes=held.rss_after_close,
-                    bytes_per_stream=per,
-                    kib_per_stream=None if per is None else per / 1024.0,
-                    sockets_before=held.sockets_before,
-                    sockets_open=held.sockets_open,
-                    sockets_after_close=held.sockets_after_close,
-                )
-                print(
-                    f"  RSS hold {target.name}: {held.opened}/{held.requested} open",
-                    file=sys.stderr,
-                )
-
-        return self.build_report(reports, rss, time.perf_counter() - started)
+        return reports
 
     async def one_run(
         self,
@@ -636,104 +745,40 @@ class Bench:
             client_cpu=sum(self.me.cpu_times()[:2]) - me0,
         )
 
+    async def hold_open_streams(self, lineup: Lineup) -> dict[str, RssReport]:
+        """Hold ``--open-streams`` streams open through each proxy in turn; record its RSS."""
+        s = self.settings
+        rss: dict[str, RssReport] = {}
+        for target in lineup.targets:
+            proxy = lineup.proxies.get(target.name)
+            if proxy is None:
+                continue
+            held = await hold_streams(
+                target,
+                proxy,
+                emulator_root=lineup.emulator_root,
+                count=s.open_streams,
+                max_tokens=s.max_tokens,
+                open_timeout=min(60.0, s.max_seconds * 2),
+            )
+            rss[target.name] = rss_report(target.name, held)
+            print(
+                f"  RSS hold {target.name}: {held.opened}/{held.requested} open",
+                file=sys.stderr,
+            )
+        return rss
+
     def build_report(
         self, reports: dict[str, ScenarioReport], rss: dict[str, RssReport], elapsed: float
     ) -> Report:
-        s = self.settings
-        c = HIGH_CONCURRENCY
-        gw_add_c1 = reports["nonstream_c1"].added.get(GATEWAY)
-        gw_ttft = reports["stream_c1"].added.get(GATEWAY)
-        gw_c32 = reports[f"nonstream_c{c}"].targets.get(GATEWAY)
-        lite_c32 = reports[f"nonstream_c{c}"].targets.get(LITELLM)
-        gw_rss = rss.get(GATEWAY)
-        added_p50 = None if gw_add_c1 is None else gw_add_c1.latency_p50_ms
-        added_p99 = None if gw_add_c1 is None else gw_add_c1.latency_p99_ms
-        added_ttft = None if gw_ttft is None else gw_ttft.ttft_p50_ms
-        gw_rps = None if gw_c32 is None else gw_c32.rps
-        lite_rps = None if lite_c32 is None else lite_c32.rps
-        rss_kib = None if gw_rss is None else gw_rss.kib_per_stream
-        cpu = {
-            key: None
-            if rep.targets.get(GATEWAY) is None
-            else rep.targets[GATEWAY].proxy_cpu_ms_per_request
-            for key, rep in reports.items()
-        }
-        ratio = None
-        if gw_rps is not None and lite_rps is not None and lite_rps > 0:
-            ratio = gw_rps / lite_rps
-        lite_note = "" if lite_c32 is not None else f"LiteLLM {self.litellm_status['status']}"
-        cpu_note = ", ".join(f"{k}: {v:.3f}" for k, v in cpu.items() if v is not None)
-        targets: list[TargetCheck] = [
-            check("added latency p50, non-stream c=1", added_p50, "ms", TARGET_ADDED_P50_MS, "<="),
-            check("added TTFT p50, stream c=1", added_ttft, "ms", TARGET_ADDED_TTFT_MS, "<="),
-            check(
-                f"gateway CPU per request, non-stream c={c}",
-                cpu[f"nonstream_c{c}"],
-                "ms",
-                TARGET_CPU_QUOTAS_MS if s.quotas else TARGET_CPU_MS,
-                "<=",
-                (
-                    "target: quotas on, SQLite store"
-                    if s.quotas
-                    else "target: core gateway (--no-quotas --store memory)"
-                )
-                + f"; all scenarios: {cpu_note}",
-            ),
-            check(
-                "gateway RSS per open stream",
-                rss_kib,
-                "KiB",
-                TARGET_RSS_KIB,
-                "<=",
-                "" if gw_rss is None else f"{gw_rss.opened} streams",
-            ),
-            check(
-                f"gateway RPS / LiteLLM RPS, non-stream c={c}",
-                ratio,
-                "x",
-                TARGET_LITELLM_RATIO,
-                ">=",
-                lite_note,
-            ),
-        ]
-        if s.nonstream_requests < 500:
+        """Return the run's report: its summary, the targets checked against it, every run."""
+        summary = summarize(reports, rss)
+        targets = self.check_targets(summary, reports, rss)
+        if self.settings.nonstream_requests < 500:
             self.notes.append("short run (--quick or few requests): numbers are not meaningful")
-        summary: dict[str, float | None] = {
-            "added_latency_p50_ms_nonstream_c1": added_p50,
-            "added_latency_p99_ms_nonstream_c1": added_p99,
-            "added_ttft_p50_ms_stream_c1": added_ttft,
-            f"gateway_rps_nonstream_c{c}": gw_rps,
-            f"direct_rps_nonstream_c{c}": reports[f"nonstream_c{c}"].targets[DIRECT].rps,
-            f"litellm_rps_nonstream_c{c}": lite_rps,
-            "gateway_over_litellm_rps_ratio": ratio,
-            **{f"gateway_cpu_ms_per_request_{k}": v for k, v in cpu.items()},
-            "gateway_rss_kib_per_stream": rss_kib,
-            **{
-                f"bare_cpu_ms_per_request_{k}": None
-                if rep.targets.get(BARE) is None
-                else rep.targets[BARE].proxy_cpu_ms_per_request
-                for k, rep in reports.items()
-            },
-            f"bare_rps_nonstream_c{c}": None
-            if reports[f"nonstream_c{c}"].targets.get(BARE) is None
-            else reports[f"nonstream_c{c}"].targets[BARE].rps,
-        }
         return Report(
             machine=machine_info(),
-            settings={
-                "nonstream_requests": s.nonstream_requests,
-                "stream_requests": s.stream_requests,
-                "warmup_requests": s.warmup_requests,
-                "rounds": s.rounds,
-                "max_tokens": s.max_tokens,
-                "open_streams": s.open_streams,
-                "max_seconds_per_run": s.max_seconds,
-                "model": MODEL,
-                "gateway_store": s.store or "default (sqlite in the run's temp dir)",
-                "gateway_quotas": "budgets and limits, never binding" if s.quotas else "none",
-                "gateway_log_level": s.gateway_log_level,
-                "client_event_loop": type(asyncio.get_running_loop()).__module__,
-            },
+            settings=describe_settings(self.settings),
             notes=self.notes,
             litellm=self.litellm_status,
             scenarios=reports,
@@ -742,6 +787,66 @@ class Bench:
             targets=targets,
             elapsed_seconds=elapsed,
         )
+
+    def check_targets(
+        self,
+        summary: dict[str, float | None],
+        reports: dict[str, ScenarioReport],
+        rss: dict[str, RssReport],
+    ) -> list[TargetCheck]:
+        """Check the summary's figures against the targets (the CPU one depends on ``--quotas``)."""
+        c = HIGH_CONCURRENCY
+        quotas = self.settings.quotas
+        cpu_note = ", ".join(
+            f"{k}: {v:.3f}" for k, v in best_cpu_ms(reports, GATEWAY).items() if v is not None
+        )
+        gateway_rss = rss.get(GATEWAY)
+        litellm_ran = reports[f"nonstream_c{c}"].targets.get(LITELLM) is not None
+        return [
+            check(
+                "added latency p50, non-stream c=1",
+                summary["added_latency_p50_ms_nonstream_c1"],
+                "ms",
+                TARGET_ADDED_P50_MS,
+                "<=",
+            ),
+            check(
+                "added TTFT p50, stream c=1",
+                summary["added_ttft_p50_ms_stream_c1"],
+                "ms",
+                TARGET_ADDED_TTFT_MS,
+                "<=",
+            ),
+            check(
+                f"gateway CPU per request, non-stream c={c}",
+                summary[f"gateway_cpu_ms_per_request_nonstream_c{c}"],
+                "ms",
+                TARGET_CPU_QUOTAS_MS if quotas else TARGET_CPU_MS,
+                "<=",
+                (
+                    "target: quotas on, SQLite store"
+                    if quotas
+                    else "target: core gateway (--no-quotas --store memory)"
+                )
+                + f"; all scenarios: {cpu_note}",
+            ),
+            check(
+                "gateway RSS per open stream",
+                summary["gateway_rss_kib_per_stream"],
+                "KiB",
+                TARGET_RSS_KIB,
+                "<=",
+                "" if gateway_rss is None else f"{gateway_rss.opened} streams",
+            ),
+            check(
+                f"gateway RPS / LiteLLM RPS, non-stream c={c}",
+                summary["gateway_over_litellm_rps_ratio"],
+                "x",
+                TARGET_LITELLM_RATIO,
+                ">=",
+                "" if litellm_ran else f"LiteLLM {self.litellm_status['status']}",
+            ),
+        ]
 
 
 def _raise_on_sigterm(signum: int, _frame: FrameType | None) -> None:
