@@ -50,7 +50,6 @@ from .keys import (
     TASKS,
     UPSTREAMS,
 )
-from .ledger import Flight
 from .policy import ModelPolicy, apply_caps, bound_output
 from .quotas.estimate import PriceUnknown, estimate
 from .quotas.model import Outcome, RecordState, Settlement, UsageSource, credits
@@ -312,9 +311,8 @@ async def _complete_chat(
     )
     if admission.would_reject is not None:
         app[METRICS].record_shadow_rejection(team.id, admission.would_reject.value)
-    flight = Flight(
-        admission=admission,
-        model=canonical_model,
+    info.admitted(
+        admission,
         prompt_price=entry.prompt_price,
         completion_price=entry.completion_price,
         metric_tags=attributor.metric_tags(attribution.tags),
@@ -322,71 +320,69 @@ async def _complete_chat(
     try:
         return await _forward(
             request,
-            flight,
+            info,
             payload,
             chat.stream,
             drop_usage_chunk,
             None if output_bound is None else worst_case.n * worst_case.output_tokens,
         )
     finally:
-        # The flight's outcome is the request's: the access line reads the same one.
-        info.outcome = flight.outcome.value
         # 8. Settle exactly once.
-        _settle(app, flight)
+        _settle(app, info)
 
 
-def _settle(app: web.Application, flight: Flight) -> None:
-    """Step 8, the one entry point: settle ``flight`` and count its spend; never raises.
+def _settle(app: web.Application, info: RequestInfo) -> None:
+    """Step 8, the one entry point: settle the admitted request and count its spend; never raises.
 
     At once when nothing needs waiting for (a local store, no ``/v1/generation`` lookup), else
     in a registered task; both survive the handler's cancellation.
     """
     try:
-        settlement = app[LEDGER].settle_now(flight)
+        settlement = app[LEDGER].settle_now(info)
     except Exception:  # a bug here must not turn a served request into an error
-        _LOGGER.exception("settling %s at once failed", flight.admission.request_id)
+        _LOGGER.exception("settling %s at once failed", info.request_id)
         settlement = None
     if settlement is None:
-        name = f"settle-{flight.admission.request_id}"
-        _ = app[TASKS].spawn(_settle_later(app, flight), name=name)
+        name = f"settle-{info.request_id}"
+        _ = app[TASKS].spawn(_settle_later(app, info), name=name)
     else:
-        _count_settlement(app, flight, settlement)
+        _count_settlement(app, info, settlement)
 
 
-async def _settle_later(app: web.Application, flight: Flight) -> None:
-    """Settle a flight in the ledger (a lookup or a remote store to wait for), then count it."""
-    _count_settlement(app, flight, await app[LEDGER].settle(flight))
+async def _settle_later(app: web.Application, info: RequestInfo) -> None:
+    """Settle in the ledger (a lookup or a remote store to wait for), then count the spend."""
+    _count_settlement(app, info, await app[LEDGER].settle(info))
 
 
-def _count_settlement(app: web.Application, flight: Flight, settlement: Settlement) -> None:
+def _count_settlement(app: web.Application, info: RequestInfo, settlement: Settlement) -> None:
+    admission, model = info.require_admission(), info.model
+    assert model is not None, "an admitted request has its canonical model"
     app[METRICS].record_settlement(
-        team=flight.admission.team,
-        model=flight.model,
+        team=admission.team,
+        model=model,
         cost=credits(settlement.cost),
         prompt_tokens=settlement.prompt_tokens,
         completion_tokens=settlement.completion_tokens,
     )
-    if flight.metric_tags:
-        app[METRICS].record_tag_spend(
-            flight.admission.team, flight.metric_tags, credits(settlement.cost)
-        )
+    if info.metric_tags:
+        app[METRICS].record_tag_spend(admission.team, info.metric_tags, credits(settlement.cost))
 
 
 async def _forward(
     request: web.Request,
-    flight: Flight,
+    info: RequestInfo,
     payload: bytes,
     stream: bool,
     drop_usage_chunk: bool,
     output_limit: int | None,
 ) -> web.StreamResponse:
-    """Steps 6-7: send to Clipia and relay; record what was learnt on ``flight``."""
+    """Steps 6-7: send to Clipia and relay; record what was learnt on the request's record."""
     app = request.app
-    response = await _send(request, flight, payload, stream)
+    response = await _send(request, info, payload, stream)
     try:
-        flight.upstream_status = response.status
+        info.upstream_status = response.status
         if response.status != 200:
-            flight.outcome = Outcome.UPSTREAM_ERROR
+            info.outcome = Outcome.UPSTREAM_ERROR
             return await _pass_through_error(app, response)
         content_type = response.headers.get("Content-Type", _JSON)
         if app[KEY_SCAN].header_mentions_key(content_type):
@@ -394,37 +390,36 @@ async def _forward(
             content_type = "text/event-stream" if stream else _JSON
         if stream and content_type.startswith("text/event-stream"):
             return await _relay(
-                request, flight, response, content_type, drop_usage_chunk, output_limit
+                request, info, response, content_type, drop_usage_chunk, output_limit
             )
-        return await _answer(request, flight, response, content_type)
+        return await _answer(request, info, response, content_type)
     except aiohttp.ClientError as exc:
-        flight.outcome = Outcome.UPSTREAM_ERROR
+        info.outcome = Outcome.UPSTREAM_ERROR
         raise _upstream_broke() from exc
     except TimeoutError as exc:
-        flight.outcome = Outcome.TIMEOUT
+        info.outcome = Outcome.TIMEOUT
         raise _upstream_broke() from exc
     finally:
         response.release()
 
 
 async def _send(
-    request: web.Request, flight: Flight, payload: bytes, stream: bool
+    request: web.Request, info: RequestInfo, payload: bytes, stream: bool
 ) -> UpstreamResponse:
     """Step 6: send the request to Clipia; return its answer at the headers.
 
-    A failure sets the flight's outcome (``not_sent`` only when Clipia certainly never got
+    A failure sets the request's outcome (``not_sent`` only when Clipia certainly never got
     the request) and is raised for the error middleware.
     """
     app = request.app
-    info = request[INFO]
     try:
-        upstream = app[UPSTREAMS].for_team(flight.admission.team)  # test teams: sandbox key
+        upstream = app[UPSTREAMS].for_team(info.require_admission().team)  # test teams: sandbox key
     except UpstreamUnavailable:
-        flight.outcome = Outcome.NOT_SENT  # a reload removed the sandbox key meanwhile
+        info.outcome = Outcome.NOT_SENT  # a reload removed the sandbox key meanwhile
         raise
     info.upstream_sent = time.perf_counter()
     # While Clipia computes, a client that hangs up gives its team's slot back (once a second).
-    watch = _ClientWatch(request, lambda: app[LEDGER].release_slot(flight))
+    watch = _ClientWatch(request, lambda: app[LEDGER].release_slot(info))
     try:
         return await upstream.send(
             "POST",
@@ -434,22 +429,22 @@ async def _send(
             accept="text/event-stream" if stream else _JSON,
         )
     except UpstreamNotSent as exc:
-        flight.outcome = Outcome.NOT_SENT
+        info.outcome = Outcome.NOT_SENT
         if isinstance(exc, UpstreamBusy):
             raise _overloaded(exc) from exc
         raise
     except UpstreamRefused as exc:
-        flight.upstream_status = exc.upstream_status
-        flight.outcome = Outcome.UPSTREAM_ERROR
+        info.upstream_status = exc.upstream_status
+        info.outcome = Outcome.UPSTREAM_ERROR
         raise
     except UpstreamTimeout:
-        flight.outcome = Outcome.TIMEOUT
+        info.outcome = Outcome.TIMEOUT
         raise
     except UpstreamUnavailable:
-        flight.outcome = Outcome.UPSTREAM_ERROR
+        info.outcome = Outcome.UPSTREAM_ERROR
         raise
     except BaseException:
-        flight.outcome = Outcome.CLIENT_DISCONNECT  # cancelled while waiting for Clipia
+        info.outcome = Outcome.CLIENT_DISCONNECT  # cancelled while waiting for Clipia
         raise
     finally:
         watch.cancel()
@@ -457,16 +452,15 @@ async def _send(
 
 async def _relay(
     request: web.Request,
-    flight: Flight,
+    info: RequestInfo,
     response: UpstreamResponse,
     content_type: str,
     drop_usage_chunk: bool,
     output_limit: int | None,
 ) -> web.StreamResponse:
-    """Step 7 for a stream: relay it byte for byte; the flight learns what the tap saw."""
+    """Step 7 for a stream: relay it byte for byte; the record learns what the tap saw."""
     app = request.app
     config = app[LIVE].config
-    info = request[INFO]
     quotas, request_id = app[QUOTAS], info.request_id
     lease = config.accounting.lease_seconds
 
@@ -484,7 +478,7 @@ async def _relay(
             request,
             response,
             headers={
-                **flight.admission.headers,
+                **info.require_admission().headers,
                 "Content-Type": content_type,
                 "Cache-Control": "no-cache",
                 "X-Accel-Buffering": "no",
@@ -497,8 +491,8 @@ async def _relay(
             renew_every=lease / 3,
             result=result,
             output_limit=output_limit,
-            on_upstream_id=lambda upstream_id: ledger.note_upstream_id(flight, upstream_id),
-            on_client_gone=lambda: ledger.release_slot(flight),
+            on_upstream_id=lambda upstream_id: ledger.note_upstream_id(info, upstream_id),
+            on_client_gone=lambda: ledger.release_slot(info),
             scan=app[KEY_SCAN].stream(),
         )
         finished = True
@@ -509,63 +503,60 @@ async def _relay(
             result.outcome = Outcome.TIMEOUT
         # Even when cancelled, settle with what the tap saw so far.
         tap = result.tap
-        flight.outcome = result.outcome
-        flight.usage = tap.usage
-        flight.usage_from_stream = True
-        flight.upstream_id = tap.upstream_id
+        info.outcome = result.outcome
+        info.record_usage(tap.usage, UsageSource.STREAM)
+        info.upstream_id = tap.upstream_id
         info.upstream_done = result.upstream_done_at
         app[METRICS].record_stream_end(info.team, result.outcome.value)
         if result.cut_for_secret:
             _withhold(app, "key_echo")
-    info.upstream_id = tap.upstream_id
     if result.first_byte_at is not None:
         info.ttft = result.first_byte_at - info.started
-    info.record_usage(tap.usage, "stream")
     _remember_generation(request, tap.upstream_id)
     return relayed
 
 
 async def _answer(
-    request: web.Request, flight: Flight, response: UpstreamResponse, content_type: str
+    request: web.Request, info: RequestInfo, response: UpstreamResponse, content_type: str
 ) -> web.Response:
     """Step 7 without a stream: Clipia's body as is, once it is known to be a chat completion."""
     app = request.app
-    info = request[INFO]
     try:
         data = await read_body(response, _MAX_UPSTREAM_BODY)
     except BaseException:
-        flight.outcome = Outcome.UPSTREAM_ERROR
+        info.outcome = Outcome.UPSTREAM_ERROR
         raise
     if len(data) > _MAX_UPSTREAM_BODY:
         # Clipia answered more than any chat completion needs: not relayed, not parsed.
-        flight.outcome = Outcome.UPSTREAM_ERROR
+        info.outcome = Outcome.UPSTREAM_ERROR
         raise UpstreamUnavailable("The upstream AI gateway sent an oversized answer.")
     info.upstream_done = time.perf_counter()
     info.ttft = info.upstream_done - info.started
     is_sse = content_type.startswith("text/event-stream")
     summary = _summary(data, is_sse)
     if summary is not None:
-        upstream_id, flight.usage = summary
+        upstream_id, usage = summary
+        info.record_usage(usage, UsageSource.RESPONSE)
         if upstream_id is not None:
-            if flight.usage is None or flight.usage.cost is None:
+            if usage is None or usage.cost is None:
                 # Its cost will be asked of /v1/generation: durable now, in case of a crash.
-                app[LEDGER].note_upstream_id(flight, upstream_id)
-            flight.upstream_id = upstream_id
+                app[LEDGER].note_upstream_id(info, upstream_id)
             info.upstream_id = upstream_id
             _remember_generation(request, upstream_id)
-        info.record_usage(flight.usage, "response")
     if summary is None or is_sse:
         _withhold(app, "invalid_response")
-        flight.outcome = Outcome.UPSTREAM_ERROR
+        info.outcome = Outcome.UPSTREAM_ERROR
         raise UpstreamInvalidResponse(
             "The upstream AI gateway answered 200 with a body that is not a chat completion "
             "(not JSON, or an event stream for a request without stream: true)."
         )
     if app[KEY_SCAN].mentions_key(data):
         _withhold(app, "key_echo")
-        flight.outcome = Outcome.UPSTREAM_ERROR
+        info.outcome = Outcome.UPSTREAM_ERROR
         raise UpstreamInvalidResponse(_WITHHELD_MESSAGE)
-    return web.Response(body=data, status=200, content_type=_JSON, headers=flight.admission.headers)
+    return web.Response(
+        body=data, status=200, content_type=_JSON, headers=info.require_admission().headers
+    )
 
 
 def _summary(data: bytes, is_sse: bool) -> tuple[str | None, Usage | None] | None:

@@ -36,14 +36,16 @@ import aiohttp
 import msgspec
 
 from .errors import ProxyError
+from .quotas.admission import Admission
 from .quotas.estimate import plausible_cost
 from .quotas.model import Micro, Outcome, Settlement, UsageSource, to_micro
-from .quotas.service import Admission, QuotaService
+from .quotas.service import QuotaService
 from .quotas.store import LedgerRecord, StoreUnavailable
+from .record import RequestInfo
 from .upstream import UpstreamClient, read_body
 from .wire import Usage, decode_json
 
-__all__ = ["Flight", "Ledger"]
+__all__ = ["Ledger"]
 
 _LOGGER: Final = logging.getLogger(__name__)
 _GENERATION_ATTEMPTS: Final = 4
@@ -54,34 +56,6 @@ _CRASH_LOOKUP_HORIZON_SECONDS: Final = 3600.0
 ``/v1/generation`` to know it before being charged its reservation instead."""
 _RECONCILE_PARALLEL: Final = 8
 """Generation lookups run at once by one reconciliation pass."""
-
-
-class Flight(msgspec.Struct, kw_only=True):
-    """One admitted request's record from admission to settlement, filled in by the handler.
-
-    Its ``outcome`` is the request's: the handler sets it as the request goes, the access line
-    reads it once at the end, and the settlement records it.
-    """
-
-    admission: Admission
-    model: str = ""
-    """The canonical model id (for metrics)."""
-    prompt_price: Decimal | None
-    completion_price: Decimal | None
-    upstream_status: int | None = None
-    usage: Usage | None = None
-    usage_from_stream: bool = False
-    upstream_id: str | None = None
-    outcome: Outcome = Outcome.COMPLETED
-    slot_released: bool = False
-    """The concurrency slot was freed early (the client left before the end)."""
-    metric_tags: dict[str, str] = msgspec.field(default_factory=dict)
-    """The request's tags that are metric labels (``attribution.tags.*.metric``)."""
-
-    @property
-    def sent(self) -> bool:
-        """False only when the upstream certainly never received the request (``not_sent``)."""
-        return self.outcome is not Outcome.NOT_SENT
 
 
 class _GenerationCost(msgspec.Struct, frozen=True):
@@ -137,16 +111,17 @@ class Ledger:
             return
         self._spawn(coro, name)
 
-    def note_upstream_id(self, flight: Flight, upstream_id: str) -> None:
-        """Record the upstream id on the flight and make it durable in the store now.
+    def note_upstream_id(self, record: RequestInfo, upstream_id: str) -> None:
+        """Note the upstream id on the request's record and make it durable in the store now.
 
         A local store queues the write in this event-loop turn's transaction; a remote one
         gets it from a background task. Failures are logged: the settlement writes it again.
         """
-        flight.upstream_id = upstream_id
-        if not flight.admission.reserved:
+        record.upstream_id = upstream_id
+        admission = record.require_admission()
+        if not admission.reserved:
             return
-        request_id = flight.admission.request_id
+        request_id = admission.request_id
         local = self._quotas.local_store
         if local is not None:
             local.note_upstream_id_nowait(request_id, upstream_id)
@@ -159,17 +134,18 @@ class Ledger:
         except (StoreUnavailable, TimeoutError) as exc:
             _LOGGER.warning("upstream id of %s not written: %s", request_id, exc)
 
-    def release_slot(self, flight: Flight) -> None:
-        """Free the flight's concurrency slot now (its client left); its money stays reserved."""
-        if flight.slot_released:
+    def release_slot(self, record: RequestInfo) -> None:
+        """Free the request's concurrency slot now (its client left); its money stays reserved."""
+        if record.slot_released:
             return
-        flight.slot_released = True
+        record.slot_released = True
+        admission = record.require_admission()
+        request_id = admission.request_id
         # The team's place in this gateway, and its slot in the store.
-        self._quotas.leave_early(flight.admission.team, flight.admission.request_id)
-        if not flight.admission.reserved:
+        self._quotas.leave_early(admission.team, request_id)
+        if not admission.reserved:
             return
-        self._quotas.slot_freed(flight.admission.team, flight.admission.admitted_at)
-        request_id = flight.admission.request_id
+        self._quotas.slot_freed(admission.team, admission.admitted_at)
         local = self._quotas.local_store
         if local is not None:
             local.release_slot_nowait(request_id)
@@ -182,53 +158,53 @@ class Ledger:
         except (StoreUnavailable, TimeoutError) as exc:
             _LOGGER.warning("slot of %s not released (its lease will run out): %s", request_id, exc)
 
-    def decide(self, flight: Flight, generation: _GenerationCost | None) -> Settlement:
-        """Return the settlement for a flight, given the generation lookup's answer if any."""
-        admission = flight.admission
+    def decide(self, record: RequestInfo, generation: _GenerationCost | None) -> Settlement:
+        """Return the settlement for an admitted request, given the generation lookup's answer."""
+        admission = record.require_admission()
+        outcome = record.outcome
+        assert outcome is not None, "admission sets the outcome"
         now = self._quotas.now()
-        if not flight.sent:
+        if not record.sent:
             return Settlement(
                 cost=Micro(0), usage_source=UsageSource.COUNTED, outcome=Outcome.NOT_SENT, now=now
             )
-        if flight.upstream_status is not None and flight.upstream_status != 200:
+        if record.upstream_status not in (None, 200):
             return Settlement(
                 cost=Micro(0),
                 usage_source=UsageSource.RESPONSE,
                 outcome=Outcome.UPSTREAM_ERROR,
-                upstream_id=flight.upstream_id,
+                upstream_id=record.upstream_id,
                 now=now,
             )
-        usage = flight.usage
+        usage = record.usage
         reported = None if usage is None or usage.cost is None else to_micro(usage.cost)
         if (
             reported is not None
             and usage is not None
-            and self._plausible(flight, reported, usage.prompt_tokens, usage.completion_tokens)
+            and self._plausible(record, reported, usage.prompt_tokens, usage.completion_tokens)
         ):
             return Settlement(
                 cost=reported,
                 prompt_tokens=usage.prompt_tokens or 0,
                 completion_tokens=usage.completion_tokens or 0,
-                usage_source=UsageSource.STREAM
-                if flight.usage_from_stream
-                else UsageSource.RESPONSE,
-                outcome=flight.outcome,
-                upstream_id=flight.upstream_id,
+                usage_source=record.usage_source or UsageSource.RESPONSE,
+                outcome=outcome,
+                upstream_id=record.upstream_id,
                 now=now,
             )
         if generation is not None and self._plausible(
-            flight, generation.cost, generation.prompt_tokens, generation.completion_tokens
+            record, generation.cost, generation.prompt_tokens, generation.completion_tokens
         ):
-            return generation.settlement(flight.outcome, flight.upstream_id, now)
-        counted = self._counted(flight, usage)
+            return generation.settlement(outcome, record.upstream_id, now)
+        counted = self._counted(record, usage)
         if counted is not None and usage is not None:
             return Settlement(
                 cost=counted,
                 prompt_tokens=usage.prompt_tokens or 0,
                 completion_tokens=usage.completion_tokens or 0,
                 usage_source=UsageSource.COUNTED,
-                outcome=flight.outcome,
-                upstream_id=flight.upstream_id,
+                outcome=outcome,
+                upstream_id=record.upstream_id,
                 now=now,
             )
         return Settlement(
@@ -236,34 +212,34 @@ class Ledger:
             prompt_tokens=admission.estimate.prompt_tokens,
             completion_tokens=admission.estimate.n * admission.estimate.output_tokens,
             usage_source=UsageSource.RESERVED,
-            outcome=flight.outcome,
-            upstream_id=flight.upstream_id,
+            outcome=outcome,
+            upstream_id=record.upstream_id,
             now=now,
         )
 
     def _price(
-        self, flight: Flight, prompt_tokens: int | None, completion_tokens: int | None
+        self, record: RequestInfo, prompt_tokens: int | None, completion_tokens: int | None
     ) -> Micro | None:
         """Return tokens x catalog prices, when the tokens and both prices are known."""
         if (
             prompt_tokens is None
             or completion_tokens is None
-            or flight.prompt_price is None
-            or flight.completion_price is None
+            or record.prompt_price is None
+            or record.completion_price is None
         ):
             return None
-        rubles = prompt_tokens * flight.prompt_price + completion_tokens * flight.completion_price
+        rubles = prompt_tokens * record.prompt_price + completion_tokens * record.completion_price
         return to_micro(rubles / self._rubles_per_credit)
 
-    def _counted(self, flight: Flight, usage: Usage | None) -> Micro | None:
+    def _counted(self, record: RequestInfo, usage: Usage | None) -> Micro | None:
         """Return the cost of the usage's tokens at catalog prices, when all are known."""
         if usage is None:
             return None
-        return self._price(flight, usage.prompt_tokens, usage.completion_tokens)
+        return self._price(record, usage.prompt_tokens, usage.completion_tokens)
 
     def _plausible(
         self,
-        flight: Flight,
+        record: RequestInfo,
         cost: Micro,
         prompt_tokens: int | None,
         completion_tokens: int | None,
@@ -273,55 +249,58 @@ class Ledger:
         A cost within the reservation (the usual case) needs no arithmetic. One that is not
         believed is counted and logged.
         """
-        reserved = flight.admission.amount
+        admission = record.require_admission()
+        reserved = admission.amount
         if 0 <= cost <= reserved or plausible_cost(
             cost,
             reserved=reserved,
-            counted=self._price(flight, prompt_tokens, completion_tokens),
+            counted=self._price(record, prompt_tokens, completion_tokens),
         ):
             return True
         self.implausible_costs += 1
         _LOGGER.warning(
             "upstream cost %s credits for %s is implausible (reserved %s); settled from tokens",
             Decimal(cost) / 1_000_000,
-            flight.admission.request_id,
-            Decimal(flight.admission.amount) / 1_000_000,
+            admission.request_id,
+            Decimal(reserved) / 1_000_000,
         )
         return False
 
-    def settle_now(self, flight: Flight) -> Settlement | None:
-        """Settle a flight without waiting, when that is possible; else return None.
+    def settle_now(self, record: RequestInfo) -> Settlement | None:
+        """Settle a request without waiting, when that is possible; else return None.
 
         Possible when the store is local (memory, sqlite: its write is committed in the
         background) and no ``/v1/generation`` lookup is needed: the common case, which then
         costs the handler no task. Otherwise the caller runs :meth:`settle` in a task.
         """
-        reserved = flight.admission.reserved
-        if _needs_lookup(flight) or (reserved and not self._quotas.settles_locally):
+        admission = record.require_admission()
+        reserved = admission.reserved
+        if _needs_lookup(record) or (reserved and not self._quotas.settles_locally):
             return None
-        settlement = self.decide(flight, None)
-        self._slot_ends(flight)
+        settlement = self.decide(record, None)
+        self._slot_ends(record, admission)
         if reserved:
-            self._quotas.settle_nowait(flight.admission.request_id, settlement)
-        elif flight.admission.journaled:
-            self._quotas.journal_settlement(flight.admission.request_id, settlement)
+            self._quotas.settle_nowait(admission.request_id, settlement)
+        elif admission.journaled:
+            self._quotas.journal_settlement(admission.request_id, settlement)
         self._count(settlement)
-        self._settled(flight.admission.request_id, flight.admission.team, settlement)
+        self._settled(admission.request_id, admission.team, settlement)
         return settlement
 
-    async def settle(self, flight: Flight) -> Settlement:
-        """Settle one flight (from a TaskRegistry task); return what was charged."""
+    async def settle(self, record: RequestInfo) -> Settlement:
+        """Settle one admitted request (from a TaskRegistry task); return what was charged."""
+        admission = record.require_admission()
         generation = None
-        if _needs_lookup(flight) and flight.upstream_id is not None:
-            generation = await self.generation_cost(flight.upstream_id, flight.admission.team)
-        settlement = self.decide(flight, generation)
-        self._slot_ends(flight)
-        if flight.admission.reserved:
-            await self._quotas.settle(flight.admission.request_id, settlement)
-        elif flight.admission.journaled:
-            self._quotas.journal_settlement(flight.admission.request_id, settlement)
+        if _needs_lookup(record) and record.upstream_id is not None:
+            generation = await self.generation_cost(record.upstream_id, admission.team)
+        settlement = self.decide(record, generation)
+        self._slot_ends(record, admission)
+        if admission.reserved:
+            await self._quotas.settle(admission.request_id, settlement)
+        elif admission.journaled:
+            self._quotas.journal_settlement(admission.request_id, settlement)
         self._count(settlement)
-        self._settled(flight.admission.request_id, flight.admission.team, settlement)
+        self._settled(admission.request_id, admission.team, settlement)
         return settlement
 
     def _settled(self, request_id: str, team: str, settlement: Settlement) -> None:
@@ -332,9 +311,9 @@ class Ledger:
         """Correct a settled record from Clipia's own cost (the drift check); see Store.correct."""
         return await self._quotas.call(self._quotas.store.correct(request_id, settlement))
 
-    def _slot_ends(self, flight: Flight) -> None:
-        if flight.admission.reserved and not flight.slot_released:
-            self._quotas.slot_freed(flight.admission.team, flight.admission.admitted_at)
+    def _slot_ends(self, record: RequestInfo, admission: Admission) -> None:
+        if admission.reserved and not record.slot_released:
+            self._quotas.slot_freed(admission.team, admission.admitted_at)
 
     def _count(self, settlement: Settlement) -> None:
         source = settlement.usage_source.value
@@ -449,13 +428,13 @@ class Ledger:
         )
 
 
-def _needs_lookup(flight: Flight) -> bool:
+def _needs_lookup(record: RequestInfo) -> bool:
     """Whether the cost must be asked of ``/v1/generation`` (answered, but without a cost)."""
     return (
-        flight.sent
-        and flight.upstream_status in (None, 200)
-        and (flight.usage is None or flight.usage.cost is None)
-        and flight.upstream_id is not None
+        record.sent
+        and record.upstream_status in (None, 200)
+        and (record.usage is None or record.usage.cost is None)
+        and record.upstream_id is not None
     )
 
 

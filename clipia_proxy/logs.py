@@ -16,6 +16,8 @@ from typing import Any, Final
 
 import msgspec
 
+from .record import RequestInfo
+
 __all__ = [
     "JsonFormatter",
     "RedactingFilter",
@@ -126,8 +128,9 @@ def apply_logging(handler: logging.Handler, level: str, *, fmt: str, access_log:
     ACCESS_LOGGER.disabled = not access_log
 
 
-def access_fields(info: Any, *, route: str, method: str) -> dict[str, Any]:
+def access_fields(info: RequestInfo, *, route: str, method: str) -> dict[str, Any]:
     """Return the access line's fields (docs/architecture.md §5.7) from a ``RequestInfo``."""
+    usage, source, outcome = info.usage, info.usage_source, info.outcome
     return {
         "event": "access",
         "request_id": info.request_id,
@@ -140,17 +143,17 @@ def access_fields(info: Any, *, route: str, method: str) -> dict[str, Any]:
         "status": info.status,
         "stream": info.stream,
         "upstream_id": info.upstream_id,
-        "prompt_tokens": info.prompt_tokens,
-        "completion_tokens": info.completion_tokens,
-        "cost": str(info.cost) if info.cost is not None else None,
-        "usage_source": info.usage_source,
-        "outcome": info.outcome,
+        "prompt_tokens": None if usage is None else usage.prompt_tokens,
+        "completion_tokens": None if usage is None else usage.completion_tokens,
+        "cost": None if usage is None or usage.cost is None else str(usage.cost),
+        "usage_source": None if source is None else source.value,
+        "outcome": None if outcome is None else outcome.value,
         "duration_ms": round((time.perf_counter() - info.started) * 1000, 3),
         "ttft_ms": round(info.ttft * 1000, 3) if info.ttft is not None else None,
     }
 
 
-def log_access(info: Any, *, route: str, method: str) -> None:
+def log_access(info: RequestInfo, *, route: str, method: str) -> None:
     """Write the access line of a finished request (when ``logging.access_log`` is on).
 
     The same record ``ACCESS_LOGGER.info("access", extra=...)`` would make, through the same

@@ -18,11 +18,13 @@ from clipia_proxy.auth import generate_key, hash_key
 from clipia_proxy.config import Config, Secret, UpstreamConfig, parse_config
 from clipia_proxy.emulator import EmulatorState
 from clipia_proxy.emulator.faults import Fault
-from clipia_proxy.ledger import Flight, Ledger, _GenerationCost
+from clipia_proxy.ledger import Ledger, _GenerationCost
+from clipia_proxy.quotas.admission import Admission
 from clipia_proxy.quotas.estimate import Estimate
 from clipia_proxy.quotas.memory import MemoryStore
 from clipia_proxy.quotas.model import Micro, Outcome, RecordState, UsageSource, to_micro
-from clipia_proxy.quotas.service import Admission, QuotaService
+from clipia_proxy.quotas.service import QuotaService
+from clipia_proxy.record import RequestInfo
 from clipia_proxy.upstream import UpstreamClient, read_body
 from clipia_proxy.wire import Usage
 from tests.harness import Clock, start_emulator
@@ -94,8 +96,14 @@ def admission(rid: str = "req-1", *, reserved: bool = True) -> Admission:
     )
 
 
-def flight(rid: str = "req-1", **kwargs: object) -> Flight:
-    return Flight(
+def admitted(rid: str = "req-1", **kwargs: object) -> RequestInfo:
+    """An admitted request's record (outcome ``completed`` unless given)."""
+    kwargs.setdefault("outcome", Outcome.COMPLETED)
+    return RequestInfo(
+        request_id=rid,
+        started=0.0,
+        team="search",
+        model="gpt-5.5",
         admission=kwargs.pop("admission", None) or admission(rid),  # type: ignore[arg-type]
         prompt_price=kwargs.pop("prompt_price", PROMPT_PRICE),  # type: ignore[arg-type]
         completion_price=kwargs.pop("completion_price", COMPLETION_PRICE),  # type: ignore[arg-type]
@@ -137,7 +145,7 @@ async def reserve(env: Env, rid: str) -> Admission:
 
 
 async def test_not_sent_costs_nothing(env: Env) -> None:
-    got = env.ledger.decide(flight(outcome=Outcome.NOT_SENT, usage=Usage(cost=Decimal(1))), None)
+    got = env.ledger.decide(admitted(outcome=Outcome.NOT_SENT, usage=Usage(cost=Decimal(1))), None)
     assert (got.cost, got.outcome, got.usage_source) == (0, Outcome.NOT_SENT, UsageSource.COUNTED)
     assert got.now == NOW
 
@@ -145,7 +153,7 @@ async def test_not_sent_costs_nothing(env: Env) -> None:
 @pytest.mark.parametrize("status", [400, 402, 404, 422, 429, 500, 503])
 async def test_error_status_costs_nothing(env: Env, status: int) -> None:
     got = env.ledger.decide(
-        flight(upstream_status=status, upstream_id="chatcmpl-x", usage=Usage(cost=Decimal(1))),
+        admitted(upstream_status=status, upstream_id="chatcmpl-x", usage=Usage(cost=Decimal(1))),
         _GenerationCost(cost=Micro(5), prompt_tokens=1, completion_tokens=1),
     )
     assert (got.cost, got.outcome, got.usage_source) == (
@@ -160,10 +168,10 @@ async def test_error_status_costs_nothing(env: Env, status: int) -> None:
 async def test_usage_cost_wins(env: Env, from_stream: bool, source: str) -> None:
     usage = Usage(prompt_tokens=10, completion_tokens=20, cost=Decimal("0.0000123"))
     got = env.ledger.decide(
-        flight(
+        admitted(
             upstream_status=200,
             usage=usage,
-            usage_from_stream=from_stream,
+            usage_source=UsageSource.STREAM if from_stream else UsageSource.RESPONSE,
             upstream_id="chatcmpl-a",
             outcome=Outcome.CLIENT_DISCONNECT,
         ),
@@ -179,7 +187,7 @@ async def test_usage_cost_wins(env: Env, from_stream: bool, source: str) -> None
 async def test_generation_beats_counting(env: Env) -> None:
     usage = Usage(prompt_tokens=10, completion_tokens=20)  # no cost
     got = env.ledger.decide(
-        flight(usage=usage, upstream_id="chatcmpl-g", outcome=Outcome.TIMEOUT),
+        admitted(usage=usage, upstream_id="chatcmpl-g", outcome=Outcome.TIMEOUT),
         _GenerationCost(cost=Micro(777), prompt_tokens=11, completion_tokens=22),
     )
     assert (got.cost, got.prompt_tokens, got.completion_tokens) == (777, 11, 22)
@@ -188,7 +196,7 @@ async def test_generation_beats_counting(env: Env) -> None:
 
 
 async def test_counted_from_tokens_and_catalog_prices(env: Env) -> None:
-    got = env.ledger.decide(flight(usage=Usage(prompt_tokens=1000, completion_tokens=333)), None)
+    got = env.ledger.decide(admitted(usage=Usage(prompt_tokens=1000, completion_tokens=333)), None)
     rubles = 1000 * PROMPT_PRICE + 333 * COMPLETION_PRICE
     assert got.cost == to_micro(rubles / RUBLES)
     assert got.cost == 399_734  # 1.1992 ₽ / 3 = 0.39973(3) credits, rounded up
@@ -209,7 +217,7 @@ async def test_reserved_when_nothing_better_is_known(
     env: Env, usage: Usage | None, prices: tuple[Decimal | None, Decimal | None]
 ) -> None:
     got = env.ledger.decide(
-        flight(
+        admitted(
             usage=usage, prompt_price=prices[0], completion_price=prices[1], outcome=Outcome.TIMEOUT
         ),
         None,
@@ -228,7 +236,7 @@ async def test_settle_with_usage_cost_makes_no_lookup(env: Env) -> None:
     await reserve(env, "r")
     before = len(env.state.requests)
     got = await env.ledger.settle(
-        flight(
+        admitted(
             "r",
             upstream_status=200,
             usage=Usage(prompt_tokens=1, completion_tokens=2, cost=Decimal("0.001")),
@@ -248,7 +256,7 @@ async def test_settle_via_generation_lookup(env: Env) -> None:
     upstream_id, cost, prompt, completion = await chat(env)
     await reserve(env, "r")
     got = await env.ledger.settle(
-        flight(
+        admitted(
             "r",
             usage=Usage(prompt_tokens=prompt, completion_tokens=completion),
             upstream_id=upstream_id,
@@ -268,7 +276,7 @@ async def test_settle_via_generation_lookup(env: Env) -> None:
 async def test_generation_lag_is_retried(env: Env) -> None:
     upstream_id, cost, _, _ = await chat(env, fault=Fault(generation_lag=2))
     await reserve(env, "r")
-    got = await env.ledger.settle(flight("r", upstream_id=upstream_id))
+    got = await env.ledger.settle(admitted("r", upstream_id=upstream_id))
     assert got.usage_source is UsageSource.GENERATION
     assert got.cost == to_micro(cost)
     assert env.sleeps == [0.25, 0.5]  # two 404s, backing off
@@ -280,7 +288,7 @@ async def test_generation_lagging_too_long_falls_back_to_counting(env: Env) -> N
     upstream_id, _cost, prompt, completion = await chat(env, fault=Fault(generation_lag=10))
     await reserve(env, "r")
     got = await env.ledger.settle(
-        flight(
+        admitted(
             "r",
             usage=Usage(prompt_tokens=prompt, completion_tokens=completion),
             upstream_id=upstream_id,
@@ -294,7 +302,7 @@ async def test_generation_lagging_too_long_falls_back_to_counting(env: Env) -> N
 async def test_unknown_generation_without_tokens_charges_the_reservation(env: Env) -> None:
     await reserve(env, "r")
     got = await env.ledger.settle(
-        flight("r", upstream_id="chatcmpl-doesnotexist", outcome=Outcome.UPSTREAM_ERROR)
+        admitted("r", upstream_id="chatcmpl-doesnotexist", outcome=Outcome.UPSTREAM_ERROR)
     )
     assert got.usage_source is UsageSource.RESERVED
     assert got.cost == ESTIMATE.amount
@@ -305,14 +313,14 @@ async def test_unknown_generation_without_tokens_charges_the_reservation(env: En
 
 async def test_no_upstream_id_means_no_lookup(env: Env) -> None:
     await reserve(env, "r")
-    got = await env.ledger.settle(flight("r"))
+    got = await env.ledger.settle(admitted("r"))
     assert got.usage_source is UsageSource.RESERVED
     assert env.state.requests == []
 
 
 async def test_fail_open_admission_is_not_written(env: Env) -> None:
     got = await env.ledger.settle(
-        flight(
+        admitted(
             "never",
             admission=admission("never", reserved=False),
             usage=Usage(cost=Decimal("0.012")),
@@ -325,9 +333,9 @@ async def test_fail_open_admission_is_not_written(env: Env) -> None:
 
 async def test_settle_twice_charges_once(env: Env) -> None:
     await reserve(env, "r")
-    one = flight("r", usage=Usage(cost=Decimal("0.002")))
+    one = admitted("r", usage=Usage(cost=Decimal("0.002")))
     await env.ledger.settle(one)
-    await env.ledger.settle(flight("r", usage=Usage(cost=Decimal("0.9"))))
+    await env.ledger.settle(admitted("r", usage=Usage(cost=Decimal("0.9"))))
     usage = await env.store.usage("search", ["total"], NOW)
     assert usage["total"].spent == 2_000
 
@@ -412,7 +420,7 @@ async def test_reconcile_only_expired_leaves_live_leases_alone(env: Env) -> None
 async def test_reconcile_skips_records_settled_meanwhile(env: Env) -> None:
     await reserve(env, "a")
     await reserve(env, "b")
-    await env.ledger.settle(flight("a", usage=Usage(cost=Decimal("0.000001"))))
+    await env.ledger.settle(admitted("a", usage=Usage(cost=Decimal("0.000001"))))
     assert await env.ledger.reconcile(only_expired=False) == 1
     a = await env.store.record("a")
     assert a is not None

@@ -18,6 +18,7 @@ from clipia_proxy.errors import (
     QuotaStoreUnavailable,
     RateLimited,
 )
+from clipia_proxy.quotas.admission import Admission
 from clipia_proxy.quotas.estimate import Estimate
 from clipia_proxy.quotas.memory import MemoryStore
 from clipia_proxy.quotas.model import (
@@ -30,7 +31,7 @@ from clipia_proxy.quotas.model import (
     ReserveResult,
     Settlement,
 )
-from clipia_proxy.quotas.service import Admission, QuotaService, limits_of
+from clipia_proxy.quotas.service import QuotaService, limits_of
 from clipia_proxy.quotas.store import StoreUnavailable
 from tests.harness import Clock
 

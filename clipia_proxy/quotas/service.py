@@ -28,6 +28,7 @@ from clipia_proxy.errors import (
     RateLimited,
 )
 
+from .admission import Admission
 from .estimate import Estimate
 from .journal import Journal
 from .model import (
@@ -48,7 +49,7 @@ from .model import (
 from .periods import Window, windows
 from .store import LocalStore, Store, StoreUnavailable
 
-__all__ = ["ALL_PERIODS", "Admission", "KeyQuota", "QuotaService", "key_quotas_of", "limits_of"]
+__all__ = ["ALL_PERIODS", "KeyQuota", "QuotaService", "key_quotas_of", "limits_of"]
 
 _LOGGER: Final = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -105,23 +106,6 @@ def limits_of(team: TeamConfig) -> TeamLimits:
         tpm=team.limits.tpm,
         concurrency=team.limits.concurrency,
     )
-
-
-class Admission(msgspec.Struct, frozen=True, kw_only=True):
-    """An admitted request: what was reserved, and the headers to send."""
-
-    request_id: str
-    team: str
-    amount: Micro
-    estimate: Estimate
-    reserved: bool
-    """False when the store was down and ``fail_open`` let the request through unrecorded."""
-    headers: dict[str, str]
-    would_reject: Reason | None = None
-    admitted_at: float = 0.0
-    """The service clock at admission (how long the concurrency slot is held is learnt)."""
-    journaled: bool = False
-    """Served under ``fail_open`` with its record in the outage journal (settled there too)."""
 
 
 def _tighter(*pairs: tuple[int | None, int | None]) -> tuple[int, int] | None:
