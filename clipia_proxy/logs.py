@@ -17,6 +17,7 @@ from typing import Any, Final
 import msgspec
 
 from .record import RequestInfo
+from .wire import Usage
 
 __all__ = [
     "JsonFormatter",
@@ -35,6 +36,7 @@ _SECRET_RE: Final = re.compile(
 )
 _ENCODER: Final = msgspec.json.Encoder()
 ACCESS_LOGGER: Final = logging.getLogger("clipia_proxy.access")
+_NO_USAGE: Final = Usage()
 
 
 def redact(text: str) -> str:
@@ -130,7 +132,7 @@ def apply_logging(handler: logging.Handler, level: str, *, fmt: str, access_log:
 
 def access_fields(info: RequestInfo, *, route: str, method: str) -> dict[str, Any]:
     """Return the access line's fields (docs/architecture.md §5.7) from a ``RequestInfo``."""
-    usage, source, outcome = info.usage, info.usage_source, info.outcome
+    usage = info.usage or _NO_USAGE
     return {
         "event": "access",
         "request_id": info.request_id,
@@ -143,11 +145,12 @@ def access_fields(info: RequestInfo, *, route: str, method: str) -> dict[str, An
         "status": info.status,
         "stream": info.stream,
         "upstream_id": info.upstream_id,
-        "prompt_tokens": None if usage is None else usage.prompt_tokens,
-        "completion_tokens": None if usage is None else usage.completion_tokens,
-        "cost": None if usage is None or usage.cost is None else str(usage.cost),
-        "usage_source": None if source is None else source.value,
-        "outcome": None if outcome is None else outcome.value,
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "cost": str(usage.cost) if usage.cost is not None else None,
+        # StrEnum members: the formatters' JSON writes their values.
+        "usage_source": info.usage_source,
+        "outcome": info.outcome,
         "duration_ms": round((time.perf_counter() - info.started) * 1000, 3),
         "ttft_ms": round(info.ttft * 1000, 3) if info.ttft is not None else None,
     }
