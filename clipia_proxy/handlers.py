@@ -477,6 +477,7 @@ async def _relay(
         relayed, _ = await relay_stream(
             request,
             response,
+            record=info,
             headers={
                 **info.require_admission().headers,
                 "Content-Type": content_type,
@@ -500,14 +501,15 @@ async def _relay(
         app[STREAMS].discard(token)
         if not finished:
             # Cancelled: the shutdown grace period ran out mid-stream.
-            result.outcome = Outcome.TIMEOUT
+            info.outcome = Outcome.TIMEOUT
         # Even when cancelled, settle with what the tap saw so far.
         tap = result.tap
-        info.outcome = result.outcome
         info.record_usage(tap.usage, UsageSource.STREAM)
         info.upstream_id = tap.upstream_id
         info.upstream_done = result.upstream_done_at
-        app[METRICS].record_stream_end(info.team, result.outcome.value)
+        outcome = info.outcome
+        assert outcome is not None, "admission set it; the relay only changes it"
+        app[METRICS].record_stream_end(info.team, outcome.value)
         if result.cut_for_secret:
             _withhold(app, "key_echo")
     if result.first_byte_at is not None:

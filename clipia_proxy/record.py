@@ -119,7 +119,7 @@ class RequestInfo(msgspec.Struct, kw_only=True):
         completion_price: Decimal | None,
         metric_tags: dict[str, str],
     ) -> None:
-        """Note the admission: from now on the request is settled, outcome ``completed``."""
+        """Note the admission: the request will be settled; its outcome is ``completed`` for now."""
         self.admission = admission
         self.prompt_price = prompt_price
         self.completion_price = completion_price

@@ -26,6 +26,7 @@ from enum import Enum
 from typing import Final, Protocol
 
 from .quotas.model import Outcome
+from .record import RequestInfo
 from .sse import UsageChunkFilter, UsageTap, sse_error_event
 
 __all__ = ["CLOSE", "END", "READ", "Relay", "Step", "StreamResult"]
@@ -65,21 +66,22 @@ class KeyScan(Protocol):
 
 
 class StreamResult:
-    """What the relay learnt: the tap, the outcome and the time to first byte."""
+    """What the relay learnt besides the outcome: the tap, why it cut, the times.
+
+    The outcome itself is the request's: the relay sets it on the request's record.
+    """
 
     __slots__ = (
         "cut_at_bound",
         "cut_for_secret",
         "cut_for_shutdown",
         "first_byte_at",
-        "outcome",
         "tap",
         "upstream_done_at",
     )
 
     def __init__(self, tap: UsageTap) -> None:
         self.tap: Final = tap
-        self.outcome = Outcome.COMPLETED
         self.cut_for_shutdown = False
         """Set when shutdown's grace period ran out while this stream was open."""
         self.cut_at_bound = False
@@ -94,6 +96,7 @@ class StreamResult:
 class Relay:
     """One stream's outcome state machine: events in, :class:`Step` (and bytes to relay) out.
 
+    The outcome is written on ``record`` (the request's; ``completed`` when the stream starts).
     ``output_limit`` is the completion tokens the request reserved (all choices), or ``None``;
     ``cancel_on_disconnect`` is ``on_disconnect == "cancel"``; ``drain_timeout`` bounds the
     reads after the client left. Times are the caller's monotonic clock.
@@ -108,6 +111,7 @@ class Relay:
         "_scan",
         "client_alive",
         "drain_deadline",
+        "record",
         "result",
         "tap",
     )
@@ -115,6 +119,7 @@ class Relay:
     def __init__(
         self,
         result: StreamResult,
+        record: RequestInfo,
         *,
         drop_usage_chunk: bool,
         cancel_on_disconnect: bool,
@@ -123,6 +128,7 @@ class Relay:
         scan: KeyScan | None = None,
     ) -> None:
         self.result: Final = result
+        self.record: Final = record
         self.tap: Final = result.tap
         self._filter = UsageChunkFilter() if drop_usage_chunk else None
         self._cancel = cancel_on_disconnect
@@ -154,7 +160,7 @@ class Relay:
         released = scan.feed(chunk) if scan is not None else chunk
         if released is None:
             result.cut_for_secret = True
-            result.outcome = Outcome.UPSTREAM_ERROR
+            self.record.outcome = Outcome.UPSTREAM_ERROR
             return b"", CLOSE
         if not self.client_alive:
             if result.cut_at_bound or (self._cancel and tap.upstream_id is not None):
@@ -163,14 +169,14 @@ class Relay:
         chunk_filter = self._filter
         out = chunk_filter.feed(released) if chunk_filter is not None else released
         if result.cut_at_bound:
-            result.outcome = Outcome.UPSTREAM_ERROR
+            self.record.outcome = Outcome.UPSTREAM_ERROR
             return out, CLOSE
         return out, READ
 
     def client_left(self, now: float) -> Step:
         """The client went away (a failed write); ``now`` starts the drain deadline."""
         self.client_alive = False
-        self.result.outcome = Outcome.CLIENT_DISCONNECT
+        self.record.outcome = Outcome.CLIENT_DISCONNECT
         if self.result.cut_at_bound or (self._cancel and self.tap.upstream_id is not None):
             return CLOSE
         # drain: read on for the usage; cancel: only until the upstream id is known.
@@ -180,13 +186,13 @@ class Relay:
     def timed_out(self) -> Step:
         """No upstream byte within the idle timeout (or the drain deadline passed)."""
         if self.client_alive:
-            self.result.outcome = Outcome.TIMEOUT
+            self.record.outcome = Outcome.TIMEOUT
         return CLOSE
 
     def read_failed(self) -> Step:
         """The upstream read failed: a reset, or shutdown closed the connection."""
         if self.client_alive:
-            self.result.outcome = (
+            self.record.outcome = (
                 Outcome.TIMEOUT if self.result.cut_for_shutdown else Outcome.UPSTREAM_ERROR
             )
         return END
@@ -195,9 +201,9 @@ class Relay:
         """The upstream body ended cleanly (complete only if ``[DONE]`` was seen)."""
         if self.client_alive:
             if self.result.cut_for_shutdown:
-                self.result.outcome = Outcome.TIMEOUT
+                self.record.outcome = Outcome.TIMEOUT
             elif not self.tap.saw_done:
-                self.result.outcome = Outcome.UPSTREAM_ERROR
+                self.record.outcome = Outcome.UPSTREAM_ERROR
         return END
 
     def finish(self) -> bytes | None:
@@ -210,22 +216,22 @@ class Relay:
         self.tap.close()
         if not self.client_alive:
             return None
-        result = self.result
+        outcome = self.record.outcome
         held = self._scan.flush() if self._scan is not None else b""
-        if result.outcome is Outcome.COMPLETED:
+        if outcome is Outcome.COMPLETED:
             if self._filter is not None:
                 return self._filter.feed(held) + self._filter.flush()
             return held
-        message, code = _cut_reason(result)
+        message, code = _cut_reason(self.result, outcome)
         return _STREAM_TERMINATOR + sse_error_event(message, code=code, type_="api_error")
 
     def finish_failed(self) -> None:
         """The client left while the stream's last bytes were written."""
         self.client_alive = False
-        self.result.outcome = Outcome.CLIENT_DISCONNECT
+        self.record.outcome = Outcome.CLIENT_DISCONNECT
 
 
-def _cut_reason(result: StreamResult) -> tuple[str, str]:
+def _cut_reason(result: StreamResult, outcome: Outcome | None) -> tuple[str, str]:
     """Return the error event's message and code for a stream that did not complete."""
     if result.cut_for_secret:
         return (
@@ -240,6 +246,6 @@ def _cut_reason(result: StreamResult) -> tuple[str, str]:
         )
     if result.cut_for_shutdown:
         return "The gateway is shutting down and its grace period ran out.", "draining"
-    if result.outcome is Outcome.UPSTREAM_ERROR:
+    if outcome is Outcome.UPSTREAM_ERROR:
         return "The upstream stream was interrupted.", "upstream_unavailable"
     return "The upstream stream stalled and was cut.", "upstream_timeout"

@@ -38,6 +38,7 @@ import aiohttp
 from aiohttp import web
 
 from .quotas.model import Outcome
+from .record import RequestInfo
 from .redact import StreamScan
 from .relay import CLOSE, READ, Relay, Step, StreamResult
 from .sse import UsageTap
@@ -83,6 +84,7 @@ async def relay_stream(
     request: web.Request,
     upstream: UpstreamResponse,
     *,
+    record: RequestInfo,
     headers: dict[str, str],
     drop_usage_chunk: bool,
     on_disconnect: str,
@@ -101,7 +103,7 @@ async def relay_stream(
     ``headers`` are the response headers to send (the caller built them from an allow-list).
     ``renew`` is called at most every ``renew_every`` seconds while bytes flow (it extends the
     request's reservation lease). Never raises for upstream or client failures: they become
-    the result's ``outcome``. Pass ``result`` to read what was learnt even if this coroutine
+    the ``outcome`` of ``record`` (the request's record). Pass ``result`` to read what was learnt even if this coroutine
     is cancelled half-way (shutdown). ``output_limit`` (completion tokens, all choices) is
     what the request reserved: an upstream counted past it (ignoring ``max_tokens``) is cut,
     outcome ``upstream_error``, with an SSE error event ``output_limit_exceeded``. ``scan``
@@ -114,6 +116,7 @@ async def relay_stream(
         result = StreamResult(UsageTap())
     relay = Relay(
         result,
+        record,
         drop_usage_chunk=drop_usage_chunk,
         cancel_on_disconnect=on_disconnect != "drain",
         drain_timeout=drain_timeout,

@@ -16,6 +16,7 @@ import msgspec
 import pytest
 
 from clipia_proxy.quotas.model import Outcome
+from clipia_proxy.record import RequestInfo
 from clipia_proxy.redact import KeyScanner
 from clipia_proxy.relay import Relay, Step, StreamResult
 from clipia_proxy.sse import UsageTap
@@ -205,6 +206,7 @@ def _relay(options: dict[str, object]) -> Relay:
     limit = options.get("output_limit")
     return Relay(
         StreamResult(UsageTap()),
+        RequestInfo(request_id="r", started=0.0, outcome=Outcome.COMPLETED),
         drop_usage_chunk=bool(options.get("drop_usage_chunk", False)),
         cancel_on_disconnect=bool(options.get("cancel_on_disconnect", True)),
         drain_timeout=DRAIN,
@@ -249,7 +251,7 @@ def test_event_sequence(case: Case) -> None:
     assert steps == list(case.steps)
     assert relayed == case.relayed
     ending = relay.finish()
-    assert relay.result.outcome is case.outcome
+    assert relay.record.outcome is case.outcome
     if case.ending is None:
         assert ending is None
     elif case.ending == "clean":
@@ -297,7 +299,7 @@ def test_a_failed_last_write_is_a_client_disconnect() -> None:
     _play(relay, [HELLO, DONE, EOF])
     assert relay.finish() == b""
     relay.finish_failed()
-    assert relay.result.outcome is Outcome.CLIENT_DISCONNECT
+    assert relay.record.outcome is Outcome.CLIENT_DISCONNECT
 
 
 def test_an_end_held_back_by_the_key_scan_is_relayed_at_a_clean_end() -> None:
@@ -306,7 +308,7 @@ def test_an_end_held_back_by_the_key_scan_is_relayed_at_a_clean_end() -> None:
     out2, _ = relay.received(LOOKALIKE[_AT_PIECE:] + DONE)
     relay.ended()
     ending = relay.finish()
-    assert relay.result.outcome is Outcome.COMPLETED
+    assert relay.record.outcome is Outcome.COMPLETED
     assert b"kkkkk" not in out
     assert out + out2 + (ending or b"") == LOOKALIKE + DONE
 
