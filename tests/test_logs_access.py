@@ -25,6 +25,7 @@ from multidict import CIMultiDict
 
 from clipia_proxy.auth import hash_key
 from clipia_proxy.emulator import Fault
+from clipia_proxy.keys import QUOTAS
 from tests.harness import Stack, start_stack, stop_stack, wait_settled
 from tests.http_client import Reply
 from tests.test_metrics import TEAM_IDS, TEAMS
@@ -252,6 +253,52 @@ async def test_access_line_outcome_for_upstream_refusal(
     assert refused.status == 502
     (line,) = [x for x in access_lines(log_capture) if x["request_id"] == refused.request_id]
     assert line["outcome"] == "upstream_error"
+
+
+async def test_access_line_and_ledger_record_tell_the_same_story(
+    stack: Stack, log_capture: list[str]
+) -> None:
+    """One record per request: the line's outcome and upstream id are what the ledger settled."""
+    async with aiohttp.ClientSession() as session:
+        c = Client(stack, session)
+        await c.send("ok", "POST", CHAT, json=chat_body(max_tokens=20))
+        await c.send("stream", "POST", CHAT, json=chat_body(stream=True, max_tokens=20))
+        stack.emulator.push_fault(Fault(chunk_gap=0.05))
+        await c.disconnect("disconnect", chat_body(stream=True, max_tokens=50))
+        stack.emulator.push_fault(Fault(status=500, retry_after="0"))
+        await c.send("upstream_500", "POST", CHAT, json=chat_body())
+        stack.emulator.push_fault(Fault(status=401))
+        await c.send("refused", "POST", CHAT, json=chat_body())
+        stack.emulator.push_fault(Fault(reset_after_chunks=1))
+        await c.send("reset", "POST", CHAT, json=chat_body(stream=True))
+        await wait_settled(stack)
+    by_id = {line["request_id"]: line for line in access_lines(log_capture)}
+    store = stack.running.app[QUOTAS].store
+    outcomes = {}
+    for sent in c.sent:
+        line, record = by_id[sent.request_id], await store.record(sent.request_id)
+        assert record is not None, sent.label
+        assert record.outcome is not None, sent.label
+        assert (line["outcome"], line["upstream_id"]) == (
+            record.outcome.value,
+            record.upstream_id,
+        ), sent.label
+        if line["usage_source"] is not None:  # the upstream's own figures: settled as reported
+            assert line["usage_source"] == record.usage_source, sent.label
+            assert Decimal(line["cost"]) == Decimal(record.cost) / 1_000_000, sent.label
+            assert (line["prompt_tokens"], line["completion_tokens"]) == (
+                record.prompt_tokens,
+                record.completion_tokens,
+            ), sent.label
+        outcomes[sent.label] = line["outcome"]
+    assert outcomes == {
+        "ok": "completed",
+        "stream": "completed",
+        "disconnect": "client_disconnect",
+        "upstream_500": "upstream_error",
+        "refused": "upstream_error",
+        "reset": "upstream_error",
+    }
 
 
 # --------------------------------------------------------------------------- canary scan
