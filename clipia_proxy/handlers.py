@@ -54,7 +54,7 @@ from .policy import ModelPolicy, apply_caps, bound_output
 from .quotas.estimate import PriceUnknown, estimate
 from .quotas.model import Outcome, RecordState, Settlement, UsageSource, credits
 from .quotas.store import LedgerRecord, StoreUnavailable
-from .record import GenerationOwners, RequestInfo
+from .record import RequestInfo
 from .sse import UsageTap
 from .streaming import StreamResult, relay_stream
 from .upstream import (
@@ -76,8 +76,6 @@ from .wire import (
 )
 
 __all__ = [
-    "GenerationOwners",
-    "RequestInfo",
     "chat_completions",
     "complete_chat",
     "defer_expectation",
