@@ -46,6 +46,7 @@ from .errors import (
     RateLimited,
     RequestTooLarge,
 )
+from .hangups import HangupWatch
 from .health import Health
 from .health import create_admin_app as _create_admin_app
 from .ids import new_request_id
@@ -55,6 +56,7 @@ from .keys import (
     CATALOG,
     DRIFT,
     GENERATIONS,
+    HANGUPS,
     HEALTH,
     INFO,
     KEY_SCAN,
@@ -265,6 +267,7 @@ def create_app(
     app[ATTRIBUTION] = Attributor(config.attribution, _end_user_hash_key(config, key))
     app[CATALOG] = catalog
     app[GENERATIONS] = GenerationOwners(_GENERATION_OWNERS)
+    app[HANGUPS] = HangupWatch()
     app[KEY_SCAN] = KeyScanner(key.reveal(), *([test_key.reveal()] if test_key else []))
     app[HEALTH] = Health(
         catalog_is_warm=catalog.is_warm,
@@ -307,6 +310,7 @@ def create_app(
     app.cleanup_ctx.append(_budget_gauges_ctx)
     app.cleanup_ctx.append(_drift_ctx)
     app.on_shutdown.append(_on_shutdown)
+    app.on_cleanup.append(_stop_hangup_watch)
     return app
 
 
@@ -580,6 +584,10 @@ async def _catalog_ctx(app: web.Application) -> AsyncIterator[None]:
     except ProxyError:
         _LOGGER.warning("catalog not loaded at start-up; /readyz stays not ready until it is")
     yield
+
+
+async def _stop_hangup_watch(app: web.Application) -> None:
+    app[HANGUPS].close()
 
 
 async def _on_shutdown(app: web.Application) -> None:

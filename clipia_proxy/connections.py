@@ -26,7 +26,7 @@ import errno
 import http
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, Final
 
 import msgspec
@@ -278,20 +278,23 @@ class GatewayProtocol(web.RequestHandler):
 
     # -- aiohttp hooks (public methods of web.RequestHandler)
 
-    async def finish_response(
+    def finish_response(
         self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
-    ) -> tuple[web.StreamResponse, bool]:
-        """Send the answer; close after it when the request's body was never read."""
+    ) -> Coroutine[Any, Any, tuple[web.StreamResponse, bool]]:
+        """Send the answer (aiohttp's own coroutine); close after it when the body was never read.
+
+        Not a coroutine of its own: the request is over for this layer once the answer is
+        handed to aiohttp, so the next request's head is counted and timed from here (the
+        bytes of a pipelined one may arrive while this answer is written).
+        """
         body_read = request.content.is_eof()
         if not body_read and not resp.prepared:
             resp.force_close()
-        try:
-            return await super().finish_response(request, resp, start_time)
-        finally:
-            if self._gw_state == _BUSY:
-                self._gw_state = _WAITING if body_read else _DRAINING
-                self._gw_head_bytes = 0
-                self._gw_tail = b""
+        if self._gw_state == _BUSY:
+            self._gw_state = _WAITING if body_read else _DRAINING
+            self._gw_head_bytes = 0
+            self._gw_tail = b""
+        return super().finish_response(request, resp, start_time)
 
     def handle_error(
         self,

@@ -10,7 +10,6 @@ import asyncio
 import datetime as dt
 import logging
 import time
-from collections.abc import Callable
 from decimal import Decimal
 from typing import Final
 
@@ -39,6 +38,7 @@ from .keys import (
     ATTRIBUTION,
     CATALOG,
     GENERATIONS,
+    HANGUPS,
     INFO,
     KEY_SCAN,
     LEDGER,
@@ -93,8 +93,6 @@ _LOGGER: Final = logging.getLogger(__name__)
 _MAX_UPSTREAM_BODY: Final = 64 * 1024 * 1024
 """Bound on a non-streaming upstream answer held in memory (streams are never held)."""
 _MAX_ERROR_BODY: Final = 64 * 1024
-_CLIENT_CHECK_SECONDS: Final = 1.0
-"""How often a request waiting for Clipia's first byte checks that its client is still there."""
 _JSON: Final = "application/json"
 _PASSED_THROUGH_ERROR_HEADERS: Final = ("Retry-After",)
 _WITHHELD_MESSAGE: Final = (
@@ -417,7 +415,7 @@ async def _send(
         raise
     info.upstream_sent = time.perf_counter()
     # While Clipia computes, a client that hangs up gives its team's slot back (once a second).
-    watch = _ClientWatch(request, lambda: app[LEDGER].release_slot(info))
+    watch = app[HANGUPS].watch(request, lambda: app[LEDGER].release_slot(info))
     try:
         return await upstream.send(
             "POST",
@@ -576,37 +574,6 @@ def _summary(data: bytes, is_sse: bool) -> tuple[str | None, Usage | None] | Non
 def _overloaded(exc: UpstreamBusy) -> Overloaded:
     """Shed with 503 ``overloaded`` (SDKs retry a 502 at once; a 503 after ``Retry-After``)."""
     return Overloaded(exc.message, retry_after=exc.retry_after or 1)
-
-
-class _ClientWatch:
-    """Checks once a second whether the client is still connected; calls ``on_gone`` once.
-
-    aiohttp tells a handler that is not cancelled nothing when its client leaves; the
-    transport it answers on is gone (or closing) then. One timer per waiting request.
-    """
-
-    __slots__ = ("_handle", "_loop", "_on_gone", "_request")
-
-    def __init__(self, request: web.Request, on_gone: Callable[[], None]) -> None:
-        self._request = request
-        self._on_gone = on_gone
-        self._loop = asyncio.get_running_loop()
-        self._handle: asyncio.TimerHandle | None = self._loop.call_later(
-            _CLIENT_CHECK_SECONDS, self._check
-        )
-
-    def _check(self) -> None:
-        transport = self._request.transport
-        if transport is None or transport.is_closing():
-            self._handle = None
-            self._on_gone()
-            return
-        self._handle = self._loop.call_later(_CLIENT_CHECK_SECONDS, self._check)
-
-    def cancel(self) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
 
 
 def _upstream_broke() -> UpstreamUnavailable:

@@ -11,6 +11,7 @@ if TYPE_CHECKING:  # the keys name these types in strings only (no import cycles
     from .auth import Principal  # noqa: F401
     from .catalog import Catalog  # noqa: F401
     from .drift import DriftChecker  # noqa: F401
+    from .hangups import HangupWatch  # noqa: F401
     from .health import Health  # noqa: F401
     from .ledger import Ledger  # noqa: F401
     from .live import Live  # noqa: F401
@@ -27,6 +28,7 @@ __all__ = [
     "ATTRIBUTION",
     "CATALOG",
     "GENERATIONS",
+    "HANGUPS",
     "HEALTH",
     "INFO",
     "KEY_SCAN",
@@ -67,6 +69,8 @@ KEY_SCAN: Final = web.AppKey["KeyScanner"]("key_scan")
 """Finds the Clipia key (whole, partial, escaped) in upstream bytes before they are relayed."""
 GENERATIONS: Final = web.AppKey["GenerationOwners"]("generations")
 """Upstream generation id -> the team that created it (bounded; the ledger replaces it)."""
+HANGUPS: Final = web.AppKey["HangupWatch"]("hangups")
+"""Requests waiting for Clipia's first byte; a client that leaves gives its slot back."""
 
 # Request keys: set by the middleware in app.py, read by the handlers.
 INFO: Final = web.RequestKey["RequestInfo"]("info")
