@@ -52,7 +52,6 @@ class KeyScanner:
     """Find the gateway's Clipia keys (live, sandbox), or a fragment of one, in upstream bytes."""
 
     __slots__ = (
-        "_alphabet",
         "_clean_headers",
         "_first_pass",
         "_fragments",
@@ -80,8 +79,7 @@ class KeyScanner:
         self._pieces: Final = tuple(sorted(pieces))
         self._fragments: Final = frozenset(fragments)
         """Every run of up to ``_HELD_CHARS`` characters of a secret part."""
-        self._alphabet: Final = frozenset(b"".join(fragments))
-        self._tail_bytes: Final = self._alphabet | _HEX | frozenset(b"\\u%")
+        self._tail_bytes: Final = frozenset(b"".join(fragments)) | _HEX | frozenset(b"\\u%")
         self._clean_headers: Final[set[str]] = set()
         """Short header values already found clean (a few; cleared when full)."""
         """A read ending in any other byte holds nothing back."""
@@ -132,46 +130,62 @@ class KeyScanner:
 
         That end is the longest run of key characters (raw, ``\uXXXX`` or ``%XX``) that is
         a piece of a secret part, plus an unfinished escape after it; ``len(data)`` if none.
+        Bytes that read as an escape may also be text followed by raw key characters
+        (``%0`` then a key starting with ``d``): every reading counts, the earliest wins.
         """
         end = len(data)
         if not end or data[-1] not in self._tail_bytes or not self._pieces:
             return end
         unfinished = _UNFINISHED_ESCAPE.search(data, max(0, end - 5))
         stop = unfinished.start() if unfinished is not None else end
-        chars = bytearray()  # the characters before ``stop``, last first
-        starts: list[int] = []  # where each begins in ``data``
-        pos = stop
-        alphabet = self._alphabet
-        while pos > 0 and len(chars) < _HELD_CHARS:
-            if (
-                pos >= 6
-                and data[pos - 6] == 0x5C  # backslash
-                and data[pos - 5] == 0x75  # u
-                and all(byte in _HEX for byte in data[pos - 4 : pos])
-            ):
-                char, begin = int(data[pos - 4 : pos], 16), pos - 6
-            elif (
-                pos >= 3
-                and data[pos - 3] == 0x25  # %XX
-                and all(byte in _HEX for byte in data[pos - 2 : pos])
-            ):
-                char, begin = int(data[pos - 2 : pos], 16), pos - 3
-            else:
-                char, begin = data[pos - 1], pos - 1
-            if char not in alphabet:
-                break
-            chars.append(char)
-            starts.append(begin)
-            pos = begin
-        fragments = self._fragments
-        for count in range(len(chars), 0, -1):
-            if bytes(reversed(chars[:count])) in fragments:
-                return starts[count - 1]
-        return stop
+        return self._fragment_start(data, stop, b"")
+
+    def _fragment_start(self, data: bytes, pos: int, suffix: bytes) -> int:
+        """The earliest start of a fragment of the key that ends ``suffix`` at ``pos``.
+
+        ``suffix`` (the characters from ``pos`` on, decoded) is a fragment already, or empty.
+        A run that is no fragment has no longer one ending it either, so each reading of the
+        byte(s) before ``pos`` is followed only while it stays a fragment: a few steps.
+        """
+        earliest = pos
+        if len(suffix) >= _HELD_CHARS:
+            return earliest
+        for char, begin in _readings(data, pos):
+            longer = bytes((char,)) + suffix
+            if longer in self._fragments:
+                earliest = min(earliest, self._fragment_start(data, begin, longer))
+        return earliest
 
     def stream(self) -> StreamScan:
         """Return a scan for one stream (it remembers the end of the previous chunk)."""
         return StreamScan(self)
+
+
+def _readings(data: bytes, pos: int) -> list[tuple[int, int]]:
+    r"""Each way the bytes before ``pos`` end in one character: (character, where it begins).
+
+    The byte itself, and, when they are there, the ``%XX`` or ``\uXXXX`` escape ending at
+    ``pos`` (a ``\u`` escape of a character outside one byte names no key character).
+    """
+    if pos <= 0:
+        return []
+    found = [(data[pos - 1], pos - 1)]
+    if pos >= 3 and data[pos - 3] == 0x25 and _is_hex(data[pos - 2 : pos]):  # %XX
+        found.append((int(data[pos - 2 : pos], 16), pos - 3))
+    if (
+        pos >= 6
+        and data[pos - 6] == 0x5C  # backslash
+        and data[pos - 5] == 0x75  # u
+        and _is_hex(data[pos - 4 : pos])
+    ):
+        code = int(data[pos - 4 : pos], 16)
+        if code < 0x100:
+            found.append((code, pos - 6))
+    return found
+
+
+def _is_hex(digits: bytes) -> bool:
+    return all(byte in _HEX for byte in digits)
 
 
 class StreamScan:

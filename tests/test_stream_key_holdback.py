@@ -183,3 +183,31 @@ def test_a_read_ending_in_a_blank_line_is_relayed_at_once() -> None:
     assert scan.feed(rest) == _SECRET[:5].encode() + rest
     assert scan.feed(b"data: [DONE]\n\n") == b"data: [DONE]\n\n"
     assert scan.flush() == b""
+
+
+# A secret that starts with hex digits: the text before a quoted key can make its first
+# characters read as the end of an escape (``%0`` + ``d``: ``%0d``), which must not let them out.
+_HEX_SECRET = "d4f1" + secrets.token_urlsafe(20)
+_HEX_SCANNER = KeyScanner("clipia_live_" + _HEX_SECRET)
+
+
+@pytest.mark.parametrize("before", ["%0", "%", "\\u00", "\\u0", "\\u", "x%0", "\\u00%0"])
+@pytest.mark.parametrize("how", ["raw", "percent", "json"])
+def test_text_that_reads_as_an_escape_with_the_keys_first_characters_holds_them(
+    before: str, how: str
+) -> None:
+    head = f'data: {{"content":"{before}'.encode()
+    data = head + _escape(_HEX_SECRET, how).encode() + b'"}\n\n'
+    for first in range(len(head) + 1, len(head) + 8):
+        for second in range(first + 1, len(data)):
+            scan = _HEX_SCANNER.stream()
+            out = bytearray()
+            cut = False
+            for piece in (data[:first], data[first:second], data[second:]):
+                released = scan.feed(piece)
+                if released is None:
+                    cut = True
+                    break
+                out += released
+            assert cut, (first, second)
+            assert len(out) <= len(head), (first, second, bytes(out[len(head) - 4 :]))
