@@ -162,6 +162,7 @@ class GatewayServer(web.Server):
         name: str,
         log: QuietLog,
         on_refused: Callable[[], None] | None = None,
+        on_dropped: Callable[[], None] | None = None,
         **kwargs: Any,
     ) -> None:
         self._make_app_request = inner.request_factory
@@ -182,6 +183,8 @@ class GatewayServer(web.Server):
         """Refused connections reading out the client's request before closing."""
         self.on_refused: Final = on_refused
         """Called for each connection refused at the cap (the metric)."""
+        self.on_dropped: Final = on_dropped
+        """Called for each connection closed without a request handled (``memtrim``)."""
 
     def _make_request_of(
         self, message: Any, payload: Any, protocol: Any, writer: Any, task: Any
@@ -203,6 +206,7 @@ class GatewayProtocol(web.RequestHandler):
         "_gw_counted",
         "_gw_counted_lingering",
         "_gw_head_bytes",
+        "_gw_served",
         "_gw_server",
         "_gw_state",
         "_gw_tail",
@@ -218,6 +222,7 @@ class GatewayProtocol(web.RequestHandler):
         self._gw_timer: asyncio.TimerHandle | None = None
         self._gw_counted = False
         self._gw_counted_lingering = False
+        self._gw_served = False
 
     # -- asyncio protocol callbacks
 
@@ -262,6 +267,8 @@ class GatewayProtocol(web.RequestHandler):
             self._gw_server.lingering -= 1
         self._gw_disarm()
         super().connection_lost(exc)
+        if not self._gw_served and self._gw_server.on_dropped is not None:
+            self._gw_server.on_dropped()
 
     def data_received(self, data: bytes) -> None:
         """Time and measure a request head while one is arriving, then hand the bytes on."""
@@ -332,6 +339,7 @@ class GatewayProtocol(web.RequestHandler):
     def head_received(self) -> None:
         """A request head was parsed and is about to be handled: its deadline no longer runs."""
         self._gw_state = _BUSY
+        self._gw_served = True
         self._gw_disarm()
 
     # -- internals

@@ -26,6 +26,7 @@ from .app import apply_config, create_admin_app, create_app
 from .config import Config, Secret, ServerConfig
 from .connections import ConnectionLimits, GatewayServer, QuietLog, install_accept_error_handler
 from .keys import HEALTH, LIVE, METRICS, STREAMS, TASKS
+from .memtrim import MemoryTrim
 from .reload import Reloader
 from .streaming import OpenStreams
 
@@ -57,6 +58,7 @@ class Running:
         data: tuple[web.AppRunner, web.ServerRunner],
         admin: tuple[web.AppRunner, web.ServerRunner],
         reloader: Reloader | None = None,
+        trim: MemoryTrim | None = None,
     ) -> None:
         self.app: Final = app
         self.data_app_runner, self.data_runner = data
@@ -65,6 +67,8 @@ class Running:
         self.port, self.admin_port = _bound_port(self.data_runner), _bound_port(self.admin_runner)
         self.reloader: Final = reloader
         """Reloads the config file (SIGHUP, file change); None without a config file."""
+        self.trim: Final = trim
+        """Gives the heap back after bursts of connections closed without a request."""
 
     async def stop(self) -> None:
         """Drain and stop: readiness off, sockets closed, in-flight work given the grace period.
@@ -90,6 +94,8 @@ class Running:
             cut.cancel()
         await self.admin_runner.cleanup()
         await self.admin_app_runner.cleanup()
+        if self.trim is not None:
+            self.trim.close()
 
     @staticmethod
     def _cut(streams: OpenStreams) -> None:
@@ -123,6 +129,7 @@ async def start(
     data_limits, admin_limits = connection_limits(server, config.upstream.max_connections)
     log = QuietLog()
     install_accept_error_handler(asyncio.get_running_loop(), log)
+    trim = MemoryTrim()
     metrics = app[METRICS]
     admin_runners = await _listen(
         admin,
@@ -133,6 +140,7 @@ async def start(
         server.admin_port,
         1.0,
         on_refused=lambda: metrics.record_connection_refused("admin"),
+        on_dropped=trim.dropped,
     )
     # The application's start-up work (store, reconciliation, catalog warm-up) runs here.
     try:
@@ -145,6 +153,7 @@ async def start(
             server.port,
             _FINAL_WAIT_SECONDS,
             on_refused=lambda: metrics.record_connection_refused("data"),
+            on_dropped=trim.dropped,
         )
     except BaseException:
         for runner in reversed(admin_runners):
@@ -166,7 +175,7 @@ async def start(
         )
         await reloader.prime()
         _ = app[TASKS].spawn(reloader.watch(app[HEALTH].pause), name="config-watcher")
-    return Running(app, data_runners, admin_runners, reloader)
+    return Running(app, data_runners, admin_runners, reloader, trim)
 
 
 async def _listen(
@@ -179,6 +188,7 @@ async def _listen(
     shutdown_timeout: float,
     *,
     on_refused: Callable[[], None],
+    on_dropped: Callable[[], None],
 ) -> tuple[web.AppRunner, web.ServerRunner]:
     """Start ``app`` and listen for it through :class:`GatewayServer` (deadlines and caps).
 
@@ -189,7 +199,13 @@ async def _listen(
     await app_runner.setup()
     assert app_runner.server is not None  # set by setup()
     gateway = GatewayServer(
-        app_runner.server, limits, name=name, log=log, on_refused=on_refused, access_log=None
+        app_runner.server,
+        limits,
+        name=name,
+        log=log,
+        on_refused=on_refused,
+        on_dropped=on_dropped,
+        access_log=None,
     )
     runner = web.ServerRunner(gateway, shutdown_timeout=shutdown_timeout)
     await runner.setup()
