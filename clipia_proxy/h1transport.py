@@ -54,13 +54,13 @@ from .config import UpstreamConfig
 from .transport import (
     DNS_CACHE_SECONDS,
     HAPPY_EYEBALLS_DELAY,
-    ConnectionsBusy,
     ExchangeFailed,
     FirstByteTimeout,
     IdleWatch,
     NotSent,
     UpstreamRequest,
     UpstreamResponse,
+    acquire_slot,
     resolve_proxy,
 )
 
@@ -545,14 +545,7 @@ class H1Transport:
         if pool is None:
             raise RuntimeError("the upstream transport is not started")
         slots = pool.slots
-        if slots.locked():
-            try:
-                async with asyncio.timeout(self.config.connect_timeout_seconds):
-                    await slots.acquire()
-            except TimeoutError:
-                raise ConnectionsBusy from None
-        else:
-            await slots.acquire()  # free: returns at once
+        await acquire_slot(slots, self.config.connect_timeout_seconds)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + request.first_byte_timeout
         try:

@@ -34,6 +34,7 @@ __all__ = [
     "Transport",
     "UpstreamRequest",
     "UpstreamResponse",
+    "acquire_slot",
     "env_proxy",
     "resolve_proxy",
 ]
@@ -45,6 +46,18 @@ class NotSent(Exception):
 
 class ConnectionsBusy(NotSent):
     """Every connection stayed busy for the connect timeout: nothing was sent."""
+
+
+async def acquire_slot(slots: asyncio.Semaphore, wait_at_most: float) -> None:
+    """Take one of the pool's connection slots, waiting ``wait_at_most`` seconds (else busy)."""
+    if not slots.locked():
+        await slots.acquire()  # free: returns at once
+        return
+    try:
+        async with asyncio.timeout(wait_at_most):
+            await slots.acquire()
+    except TimeoutError:
+        raise ConnectionsBusy from None
 
 
 class FirstByteTimeout(Exception):

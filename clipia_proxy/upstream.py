@@ -55,6 +55,7 @@ from .transport import (
     Transport,
     UpstreamRequest,
     UpstreamResponse,
+    acquire_slot,
     env_proxy,
     resolve_proxy,
 )
@@ -311,14 +312,7 @@ class AiohttpTransport:
         if session is None:
             raise RuntimeError("the upstream transport is not started")
         slots = self._slots
-        if slots.locked():
-            try:
-                async with asyncio.timeout(self._config.connect_timeout_seconds):
-                    await slots.acquire()
-            except TimeoutError:
-                raise ConnectionsBusy from None
-        else:
-            await slots.acquire()  # free: returns at once
+        await acquire_slot(slots, self._config.connect_timeout_seconds)
         try:
             async with asyncio.timeout(request.first_byte_timeout):
                 response = await session.request(
