@@ -270,35 +270,8 @@ class MemoryEngine:
         self, team: str, limits: TeamLimits, log: deque[_RateEntry], tokens: int, now: float
     ) -> ReserveResult | None:
         """The team's concurrency, RPM and TPM, in that order."""
-        live = len(self._live.get(team, ()))
-        if limits.concurrency is not None and live + 1 > limits.concurrency:
-            return ReserveResult(
-                admitted=False,
-                reason=Reason.CONCURRENCY,
-                limit=limits.concurrency,
-                used=live,
-                retry_after=1.0,
-            )
-        requests_used = len(log)
-        if limits.rpm is not None and requests_used + 1 > limits.rpm:
-            wait = log[0].at + RATE_WINDOW_SECONDS - now if log else RATE_WINDOW_SECONDS
-            return ReserveResult(
-                admitted=False,
-                reason=Reason.RPM,
-                limit=limits.rpm,
-                used=requests_used,
-                retry_after=max(wait, 0.001),
-            )
-        tokens_used = self._rate_tokens.get(team, 0)
-        if limits.tpm is not None and tokens_used + tokens > limits.tpm:
-            return ReserveResult(
-                admitted=False,
-                reason=Reason.TPM,
-                limit=limits.tpm,
-                used=tokens_used,
-                retry_after=self._tpm_wait(log, limits.tpm, tokens, now, tokens_used),
-            )
-        return None
+        used = (len(self._live.get(team, ())), self._rate_tokens.get(team, 0))
+        return _rate_refusal(limits, log, used, tokens, now, key=False)
 
     def _key_scope(self, request: ReserveRequest) -> _KeyRates | None:
         """The key's own rate log and slots, pruned to now, when it has limits of its own."""
@@ -365,47 +338,9 @@ class MemoryEngine:
         self, scope: _KeyRates, limits: KeyLimits, tokens: int, now: float
     ) -> ReserveResult | None:
         """The key's own concurrency, RPM and TPM (``teams[].keys[].limits``), as the team's."""
-        live = len(scope.live)
-        if limits.concurrency is not None and live + 1 > limits.concurrency:
-            return ReserveResult(
-                admitted=False,
-                reason=Reason.CONCURRENCY,
-                limit=limits.concurrency,
-                used=live,
-                retry_after=1.0,
-                key=True,
-            )
-        log = scope.log
-        if limits.rpm is not None and len(log) + 1 > limits.rpm:
-            wait = log[0].at + RATE_WINDOW_SECONDS - now if log else RATE_WINDOW_SECONDS
-            return ReserveResult(
-                admitted=False,
-                reason=Reason.RPM,
-                limit=limits.rpm,
-                used=len(log),
-                retry_after=max(wait, 0.001),
-                key=True,
-            )
-        if limits.tpm is not None and scope.tokens + tokens > limits.tpm:
-            return ReserveResult(
-                admitted=False,
-                reason=Reason.TPM,
-                limit=limits.tpm,
-                used=scope.tokens,
-                retry_after=self._tpm_wait(log, limits.tpm, tokens, now, scope.tokens),
-                key=True,
-            )
-        return None
-
-    @staticmethod
-    def _tpm_wait(log: deque[_RateEntry], limit: int, tokens: int, now: float, total: int) -> float:
-        if tokens > limit:
-            return RATE_WINDOW_SECONDS
-        for entry in log:
-            total -= entry.tokens
-            if total + tokens <= limit:
-                return max(entry.at + RATE_WINDOW_SECONDS - now, 0.001)
-        return RATE_WINDOW_SECONDS  # pragma: no cover - the loop always frees enough
+        return _rate_refusal(
+            limits, scope.log, (len(scope.live), scope.tokens), tokens, now, key=True
+        )
 
     def unreserve(self, request_id: str) -> None:
         """Undo a reservation whose durable write failed (as if it never happened)."""
@@ -593,3 +528,59 @@ _STORE_CHECK: type[LocalStore] = MemoryStore
 def _remaining(limit: int | None, used: int) -> int | None:
     """What a limit leaves once ``used`` is counted (never below 0); None when unlimited."""
     return None if limit is None else max(limit - used, 0)
+
+
+def _rate_refusal(
+    limits: TeamLimits | KeyLimits,
+    log: deque[_RateEntry],
+    used: tuple[int, int],
+    tokens: int,
+    now: float,
+    *,
+    key: bool,
+) -> ReserveResult | None:
+    """Concurrency, RPM and TPM, in that order: a team's, or a key's own (``key``).
+
+    ``used`` is (requests in flight, tokens in the last minute); ``log`` the minute's requests.
+    """
+    live, tokens_used = used
+    if limits.concurrency is not None and live + 1 > limits.concurrency:
+        return ReserveResult(
+            admitted=False,
+            reason=Reason.CONCURRENCY,
+            limit=limits.concurrency,
+            used=live,
+            retry_after=1.0,
+            key=key,
+        )
+    if limits.rpm is not None and len(log) + 1 > limits.rpm:
+        wait = log[0].at + RATE_WINDOW_SECONDS - now if log else RATE_WINDOW_SECONDS
+        return ReserveResult(
+            admitted=False,
+            reason=Reason.RPM,
+            limit=limits.rpm,
+            used=len(log),
+            retry_after=max(wait, 0.001),
+            key=key,
+        )
+    if limits.tpm is not None and tokens_used + tokens > limits.tpm:
+        return ReserveResult(
+            admitted=False,
+            reason=Reason.TPM,
+            limit=limits.tpm,
+            used=tokens_used,
+            retry_after=_tpm_wait(log, limits.tpm, tokens, now, tokens_used),
+            key=key,
+        )
+    return None
+
+
+def _tpm_wait(log: deque[_RateEntry], limit: int, tokens: int, now: float, total: int) -> float:
+    """Seconds until ``tokens`` more fit the TPM ``limit`` as the minute's entries age out."""
+    if tokens > limit:
+        return RATE_WINDOW_SECONDS
+    for entry in log:
+        total -= entry.tokens
+        if total + tokens <= limit:
+            return max(entry.at + RATE_WINDOW_SECONDS - now, 0.001)
+    return RATE_WINDOW_SECONDS  # pragma: no cover - the loop always frees enough
