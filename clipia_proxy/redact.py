@@ -7,10 +7,11 @@ built once per key and is cheap enough for every answer and every stream chunk:
 - the key's secret part (after ``clipia_live_`` / ``clipia_test_``) is cut into 8-character
   pieces end to end, plus its last 8: any quoted fragment of 15 characters or more (and the
   usual masks, its first or last 8 characters) contains one piece whole;
-- one regular-expression pass over the raw bytes finds a piece, or an escape; only bytes
+- the raw bytes are searched for each piece (``bytes`` substring search, in C); only bytes
   holding an escape (``\u`` or ``%``) are also searched once decoded, so
   ``clipia\u005flive\u005f…`` or a percent-encoded key is found too (a key never holds
-  ``/``, so ``\/`` needs no decoding).
+  ``/``, so ``\/`` needs no decoding). Those few substring searches cost about a third of
+  one regular expression alternating the pieces over the same bytes.
 
 A stream is scanned chunk by chunk with the end of the previous chunk kept, so a fragment
 split across reads is still found. Its relay also holds back the end of each read that could
@@ -43,6 +44,15 @@ _CARRY: Final = 6 * 48
 ``\\uXXXX`` escapes (6 bytes a character) still fits."""
 
 
+def _has_json_escape(data: bytes) -> bool:
+    r"""Whether ``data`` holds ``\u``.
+
+    The one-byte search first: a memchr, ~15 times faster than the two-byte search, and most
+    answers hold no backslash at all.
+    """
+    return b"\\" in data and b"\\u" in data
+
+
 def _unescape_json(match: re.Match[bytes]) -> bytes:
     code = int(match.group(1), 16)
     return chr(code).encode("utf-8", "surrogatepass") if code < 0x110000 else b""
@@ -53,7 +63,6 @@ class KeyScanner:
 
     __slots__ = (
         "_clean_headers",
-        "_first_pass",
         "_fragments",
         "_pieces",
         "_tail_bytes",
@@ -80,32 +89,21 @@ class KeyScanner:
         self._fragments: Final = frozenset(fragments)
         """Every run of up to ``_HELD_CHARS`` characters of a secret part."""
         self._tail_bytes: Final = frozenset(b"".join(fragments)) | _HEX | frozenset(b"\\u%")
+        """A read ending in any other byte holds nothing back."""
         self._clean_headers: Final[set[str]] = set()
         """Short header values already found clean (a few; cleared when full)."""
-        """A read ending in any other byte holds nothing back."""
-        # One C-level pass finds a piece or a reason to look closer (an escape).
-        self._first_pass: Final = re.compile(
-            b"|".join([*map(re.escape, self._pieces), rb"\\u", b"%"])
-        )
 
     def __bool__(self) -> bool:
         return bool(self._pieces)
-
-    def first_pass(self, data: bytes) -> re.Match[bytes] | None:
-        """The first piece or escape in ``data`` (None: ``data`` cannot quote the key)."""
-        return self._first_pass.search(data) if self._pieces else None
 
     def _raw_hit(self, data: bytes) -> bool:
         return any(piece in data for piece in self._pieces)
 
     def mentions_key(self, data: bytes) -> bool:
         """Whether ``data`` quotes the key or a fragment of it, as is or escaped."""
-        found = self.first_pass(data)
-        if found is None:
-            return False
-        if found.group() in self._pieces or self._raw_hit(data):
+        if self._raw_hit(data):
             return True
-        if b"\\u" in data:
+        if _has_json_escape(data):
             decoded = _JSON_ESCAPE.sub(_unescape_json, data)
             if self._raw_hit(decoded):
                 return True
@@ -207,15 +205,13 @@ class StreamScan:
         """Take the next read; return the bytes to relay now, or None if the stream quotes the key."""
         data = self._carry + chunk
         scanner = self._scanner
-        if scanner.first_pass(data) is None:
-            # Nothing to look at: keep enough of the end for a piece split across reads.
-            self._carry = data[-(_PIECE - 1) :]
-        else:
-            # A piece or an escape: keep a whole escaped fragment's worth, and look closer.
-            self._carry = data[-_CARRY:]
-            if scanner.mentions_key(data):
-                self._held = b""
-                return None
+        if scanner.mentions_key(data):
+            self._held = b""
+            return None
+        # Keep enough of the end for a fragment split across reads: a piece's worth, or a
+        # whole escaped fragment's when the bytes hold escapes.
+        escaped = b"%" in data or _has_json_escape(data)
+        self._carry = data[-_CARRY:] if escaped else data[-(_PIECE - 1) :]
         pending = self._held + chunk if self._held else chunk
         cut = scanner.held_from(pending)
         if cut == len(pending):
