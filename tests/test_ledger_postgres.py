@@ -15,7 +15,7 @@ import pytest
 from clipia_proxy import cli
 from clipia_proxy.ledgers.postgres import MIGRATIONS, PostgresLedger
 from clipia_proxy.quotas.model import Micro, Period, Settlement
-from clipia_proxy.quotas.store import LedgerRecord, StoreUnavailable
+from clipia_proxy.quotas.store import Inserted, LedgerRecord, StoreUnavailable
 from tests.conftest import Stack, fresh_postgres_schema, wait_settled
 
 Factory = Callable[..., Awaitable[Stack]]
@@ -292,3 +292,30 @@ def test_migrate_command(
     assert "applied schema version(s) 1" in capsys.readouterr().out
     assert cli.main(["migrate", "--config", str(path)]) == 0
     assert "the schema is up to date" in capsys.readouterr().out
+
+
+async def test_the_per_request_insert_is_planned_once_per_session_on_the_indexes(dsn: str) -> None:
+    """Migration 6: the insert a request waits for runs in a function with one generic plan.
+
+    Planned per call, its replay and sequence checks over every month partition cost more
+    than the insert (0.5-1 ms); one generic plan must also stay on the indexes although it is
+    made at start, over empty partitions (a sequential scan there would grow with the month).
+    """
+    ledger = PostgresLedger(dsn)
+    try:
+        await ledger.start()
+        conn = await asyncpg.connect(dsn)
+        try:
+            settings = await conn.fetchval(
+                "SELECT proconfig FROM pg_proc WHERE proname = 'clipia_ledger_insert'"
+            )
+        finally:
+            await conn.close()
+        assert sorted(settings) == ["enable_seqscan=off", "plan_cache_mode=force_generic_plan"]
+        now = dt.datetime.now(dt.UTC).timestamp()
+        assert await ledger.insert_counted(record("a", now), 1) is Inserted.INSERTED
+        assert await ledger.insert_counted(record("a", now + 1), 2) is Inserted.EXISTS
+        assert await ledger.insert_counted(record("b", now), 1) is Inserted.BEHIND
+        assert await ledger.insert_counted(record("b", now), 3) is Inserted.INSERTED
+    finally:
+        await ledger.close()
