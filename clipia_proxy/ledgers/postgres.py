@@ -322,11 +322,12 @@ class _GroupCommit(Generic[_Item, _Result]):
 
 
 class _Kept:
-    """Pool connections the group-committed writes keep between their statements.
+    """Pool connections the per-request writes keep between their statements.
 
     Taking a connection from asyncpg's pool and giving it back costs the event loop about
     90 µs of CPU per statement (a task, a queue, a proxy object): more than encoding a batch,
-    and paid twice per request (insert, settle) when requests do not arrive together. The
+    and paid per request (insert, settlement, a stream's upstream id) when requests do not
+    arrive together. The
     writes keep up to ``size`` idle connections (``pool_size - 1``: one always stays for the
     other queries) and give them all back after a quiet second.
     """
@@ -489,7 +490,7 @@ class PostgresLedger(SqlReports):
             raise self._unavailable(exc) from exc
 
     async def _write(self, query: str, *args: Any) -> list[Any]:
-        """Run a group-committed write on a kept connection (see :class:`_Kept`)."""
+        """Run a per-request write on a kept connection (see :class:`_Kept`)."""
         pool = await self._connect()
         kept = True
         try:
@@ -664,8 +665,8 @@ class PostgresLedger(SqlReports):
         return row_to_record(rows[0]) if rows else None
 
     async def note_upstream_id(self, request_id: str, upstream_id: str) -> None:
-        """See ``LedgerStore.note_upstream_id``."""
-        await self._fetch(
+        """See ``LedgerStore.note_upstream_id`` (once per stream: on a kept connection)."""
+        await self._write(
             "UPDATE clipia_ledger SET upstream_id = $2 WHERE request_id = $1 "
             "AND state = 'dispatched'",
             request_id,
