@@ -673,8 +673,9 @@ async def _gateway_middleware(request: web.Request, handler: _Handler) -> web.St
     if not response.prepared:
         response.headers.update(info.id_headers())
     info.status = response.status
-    _observe(request, info, rejection)
-    log_access(info, route=_route_name(request), method=request.method)
+    route = _route_name(request)
+    _observe(request, info, route, rejection)
+    log_access(info, route=route, method=request.method)
     return response
 
 
@@ -692,10 +693,9 @@ def _peer(request: web.Request) -> str | None:
     return peername[0] if isinstance(peername, tuple) and peername else None
 
 
-def _observe(request: web.Request, info: RequestInfo, rejection: str | None) -> None:
+def _observe(request: web.Request, info: RequestInfo, route: str, rejection: str | None) -> None:
     """Metrics for one finished request (labels bounded by Metrics)."""
     metrics = request.app[METRICS]
-    route = _route_name(request)
     now = time.perf_counter()
     metrics.record_request(
         team=info.team,

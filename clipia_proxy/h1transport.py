@@ -89,6 +89,8 @@ class _Connection(asyncio.Protocol):
         self.body: _Body | None = None
         self.status = 0
         self.header_list: list[tuple[str, str]] = []
+        self.headers: CIMultiDict[str] = CIMultiDict()
+        """The current answer's headers, once complete."""
         self.head_size = 0
         self.keep_alive = False
         self.until_eof = False
@@ -150,10 +152,10 @@ class _Connection(asyncio.Protocol):
             return  # an interim answer: the real one follows
         self.status = status
         self.keep_alive = self.parser.should_keep_alive()
-        names = {name.lower() for name, _ in self.header_list}
+        self.headers = headers = CIMultiDict(self.header_list)  # case-insensitive look-ups
         self.until_eof = (
-            "content-length" not in names
-            and "transfer-encoding" not in names
+            "content-length" not in headers
+            and "transfer-encoding" not in headers
             and status not in (204, 304)
         )
         self.body = _Body(self)
@@ -554,7 +556,7 @@ class H1Transport:
             raise
         body = connection.body
         assert body is not None
-        headers = CIMultiDictProxy(CIMultiDict(connection.header_list))
+        headers = CIMultiDictProxy(connection.headers)
         body.attach(pool, self.config.idle_timeout_seconds)
         return UpstreamResponse(connection.status, headers, body)
 
