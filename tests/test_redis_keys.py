@@ -26,6 +26,7 @@ import redis.asyncio as aioredis
 
 from clipia_proxy.config import StoreConfig
 from clipia_proxy.ledgers.postgres import PostgresLedger
+from clipia_proxy.quotas import redis as redis_store
 from clipia_proxy.quotas.model import KeyLimits, Micro, Period, Reason, TeamLimits
 from clipia_proxy.quotas.redis import RedisStore
 from tests.conftest import fresh_postgres_schema
@@ -235,3 +236,37 @@ async def test_a_failover_to_a_lagging_replica_is_caught_before_anything_is_admi
             await store.close()
             if promoted is not None:
                 await promoted.close()
+
+
+async def test_script_calls_hold_a_bounded_number_of_connections(
+    redis_url: str, postgres_dsn: str
+) -> None:
+    """While Redis is slow, calls queue for the next pipeline instead of opening connections.
+
+    Redis runs one command at a time: more pipelines in flight add connections (one each,
+    towards the server's ``maxclients`` and the gateway's descriptors), not throughput.
+    """
+    dsn = await fresh_postgres_schema(postgres_dsn)
+    client = aioredis.Redis.from_url(
+        redis_url, client_name="bounded-pipes", driver_info=redis_store._DRIVER_INFO
+    )
+    store = RedisStore(client, PostgresLedger(dsn), prefix="bounded")
+    admin = aioredis.Redis.from_url(redis_url)
+    await store.start()
+    try:
+        h = Harness("redis", store, Clock(T0), Path(os.devnull), "bounded")
+        assert (await store.reserve(h.request("warm"))).admitted  # the team's counters exist
+        await admin.client_pause(300)  # every client's commands wait 0.3 s
+        calls = []
+        for _ in range(40):  # one call per event-loop turn: each would be a pipeline of its own
+            calls.append(
+                asyncio.get_running_loop().create_task(store.usage(TEAM, [DAY, MONTH], h.now))
+            )
+            await asyncio.sleep(0)
+        async with asyncio.timeout(BOUND):
+            await asyncio.gather(*calls)
+        mine = [c for c in await admin.client_list() if c.get("name") == "bounded-pipes"]
+        assert 1 <= len(mine) <= redis_store._PIPELINES
+    finally:
+        await admin.aclose()
+        await store.close()

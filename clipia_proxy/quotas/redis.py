@@ -457,6 +457,9 @@ _DRIVER_INFO: Final = DriverInfo(name="redis-py", lib_version=redis.__version__)
 _REBUILD_LOCK_MS: Final = 30_000
 _REBUILD_WAIT_SECONDS: Final = 60.0
 _SAFE_POLICY: Final = "noeviction"
+_PIPELINES: Final = 4
+"""Script pipelines in flight at once per replica (Redis runs one command at a time: more
+would add connections, not throughput; calls wait for the next pipeline instead)."""
 
 
 class CountersLost(StoreUnavailable):
@@ -483,32 +486,53 @@ class _Pipe:
     """Script calls made in the same moment go to Redis in one pipeline (one round trip).
 
     The first call of a batch schedules the send for the end of the event-loop turn; every
-    call made meanwhile joins it. Each caller awaits its own reply. A script the server does
-    not know (restarted, flushed with ``SCRIPT FLUSH``) is loaded and its calls sent again.
+    call made meanwhile joins it. At most ``limit`` pipelines are in flight (so at most that
+    many connections): calls made while they all are join the next one, sent as soon as one
+    returns. Each caller awaits its own reply. A script the server does not know (restarted,
+    flushed with ``SCRIPT FLUSH``) is loaded and its calls sent again.
     """
 
-    def __init__(self, client: aioredis.Redis) -> None:
+    def __init__(self, client: aioredis.Redis, *, limit: int = _PIPELINES) -> None:
         self._client = client
+        self._limit = limit
         self._queue: list[
             tuple[_Script, Sequence[str | bytes], list[Any], asyncio.Future[Any]]
         ] = []
+        self._running = 0
+        self._scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def run(self, script: _Script, keys: Sequence[str | bytes], args: list[Any]) -> Any:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queue.append((script, keys, args, future))
-        if len(self._queue) == 1:
-            asyncio.get_running_loop().call_soon(self._send)
+        self._kick()
         return await future
 
+    def _kick(self) -> None:
+        if self._queue and not self._scheduled and self._running < self._limit:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._send)
+
     def _send(self) -> None:
+        self._scheduled = False
+        if not self._queue or self._running >= self._limit:
+            return
         batch, self._queue = self._queue, []
-        if batch:
-            task = asyncio.get_running_loop().create_task(self._run(batch))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        self._running += 1
+        task = asyncio.get_running_loop().create_task(self._run(batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _run(
+        self, batch: list[tuple[_Script, Sequence[str | bytes], list[Any], asyncio.Future[Any]]]
+    ) -> None:
+        try:
+            await self._run_batch(batch)
+        finally:
+            self._running -= 1
+            self._kick()
+
+    async def _run_batch(
         self, batch: list[tuple[_Script, Sequence[str | bytes], list[Any], asyncio.Future[Any]]]
     ) -> None:
         try:
