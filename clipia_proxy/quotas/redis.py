@@ -9,7 +9,8 @@ commits the record (group-committed with the records of the same moment), then c
 reservation is still held (a failed commit undoes it); ``settle`` flips the record once in the
 ledger (idempotent by request id), then applies the cost to the counters from the request's
 lease, which lives until it is settled (so a retry after a failure in between applies it
-exactly once). Script calls made in the same event-loop turn go to Redis in one pipeline.
+exactly once). Script calls made in the same event-loop turn go to Redis in one pipeline, at
+most ``_PIPELINES`` in flight (calls made meanwhile join the next one).
 
 Redis Cluster: every script call declares each key it touches in KEYS (names are computed
 here), and all keys of a call belong to one team and share its hash tag ``{P:team}`` (one
