@@ -250,8 +250,8 @@ class Metrics:
         self._allows = allows
         self._environment = environment
         self._teams: frozenset[str] = frozenset()
-        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
-        """(id of the metric, labels) -> its child: the hot path's cache (bounded labels)."""
+        self._children: dict[tuple[object, tuple[str, ...]], Any] = {}
+        """(metric, labels) -> its child: the hot path's cache (bounded labels)."""
         self._settlement_pairs: frozenset[tuple[str, str, str]] = frozenset()
         """(team, model, environment) whose spend and token series exist."""
         self.typical_reservation: dict[str, float] = {}
@@ -435,7 +435,7 @@ class Metrics:
 
     def _child(self, metric: Counter | Gauge | Histogram, *labels: str) -> Any:
         """Return ``metric.labels(*labels)``, looked up once per label tuple."""
-        key = (id(metric), labels)
+        key = (metric, labels)
         child = self._children.get(key)
         if child is None:
             child = self._children[key] = metric.labels(*labels)
