@@ -30,6 +30,7 @@ what triggers it (``event: error`` is only special for Assistants ``thread.*`` s
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from typing import Final
 
 from clipia_proxy.wire import Usage, decode_json, encode_json, usage_from_object
@@ -425,15 +426,13 @@ class UsageChunkFilter:
                 data = data[1:]
                 if not data:
                     return prefix
-        held = self._held
-        if (
-            not held
-            and not self._streaming_block
-            and data.endswith((b"\n\n", b"\r\n\r\n"))
-            and not _may_be_usage_only(data)
-        ):
-            # Fast path: whole events (the data starts at a block boundary and ends in a blank
-            # line), none of which can be a usage-only chunk.
+        at_boundary = not self._held and not self._streaming_block
+        if at_boundary and data.endswith(b"\n\n") and b"\r" not in data:
+            # Whole events with "\n" line ends only (what upstreams write): block by block.
+            return prefix + self._whole_blocks(data)
+        if at_boundary and data.endswith(b"\r\n\r\n") and not _may_be_usage_only(data):
+            # Whole events (the data starts at a block boundary and ends in a blank line),
+            # none of which can be a usage-only chunk.
             return prefix + data if prefix else data
         return prefix + self._scan(data)
 
@@ -443,6 +442,41 @@ class UsageChunkFilter:
         rest = bytes(self._held)
         self._held.clear()
         return rest
+
+    def _whole_blocks(self, data: bytes) -> bytes:
+        r"""``_scan`` for whole blocks whose lines all end in ``\n``: a block ends at its ``\n\n``.
+
+        A line is empty only at a block's end, so the block around a position runs from the
+        ``\n\n`` before it to the one after it. When no escape could spell a key and no block
+        has a second ``data`` line, only the blocks holding ``"choices": []`` can be usage-only
+        chunks: they are found with one search over the read, not one step per line.
+        """
+        if (
+            (b"\\" in data and b"\\u00" in data)  # the one-byte search first: far faster
+            or data.startswith(b"\n")
+            # a "data" line after a line that is not blank: a block's second line
+            or data.count(b"\ndata") != data.count(b"\n\ndata")
+        ):
+            candidates = _blocks(data)  # rare: every block is looked at
+        else:
+            candidates = (_block_around(data, found) for found in _EMPTY_CHOICES.finditer(data))
+        limit = self._max_event_bytes
+        kept: list[bytes] = []
+        emit_from = 0
+        for block_start, block_end in candidates:
+            if (
+                block_start >= emit_from  # not a second match in a block already dropped
+                and block_end - 1 - block_start <= limit
+                and _may_be_usage_only(data, block_start, block_end)
+                and _block_is_usage_only(data[block_start:block_end])
+            ):
+                kept.append(data[emit_from:block_start])
+                emit_from = block_end
+                self.dropped_events += 1
+        if not emit_from:
+            return data
+        kept.append(data[emit_from:])
+        return b"".join(kept)
 
     def _scan(self, data: bytes) -> bytes:
         held = self._held
@@ -497,6 +531,24 @@ class UsageChunkFilter:
             del held[:block_start]
             self._line_start = line_start - block_start
         return out[0] if len(out) == 1 else b"".join(out)
+
+
+def _blocks(data: bytes) -> Iterator[tuple[int, int]]:
+    r"""(start, end) of each block of whole blocks with ``\n`` line ends."""
+    pos = 0
+    while pos < len(data):
+        end = pos + 1 if data[pos] == _LF else data.index(b"\n\n", pos) + 2
+        yield pos, end
+        pos = end
+
+
+def _block_around(data: bytes, found: re.Match[bytes]) -> tuple[int, int]:
+    r"""(start, end) of the block holding ``found``.
+
+    ``data`` is whole blocks with ``\n`` line ends that does not begin with an empty line.
+    """
+    before = data.rfind(b"\n\n", 0, found.start())
+    return (0 if before < 0 else before + 2), data.index(b"\n\n", found.end()) + 2
 
 
 def _may_be_usage_only(data: bytes | bytearray, start: int = 0, end: int | None = None) -> bool:
