@@ -327,9 +327,8 @@ class _Kept:
     Taking a connection from asyncpg's pool and giving it back costs the event loop about
     90 µs of CPU per statement (a task, a queue, a proxy object): more than encoding a batch,
     and paid per request (insert, settlement, a stream's upstream id) when requests do not
-    arrive together. The
-    writes keep up to ``size`` idle connections (``pool_size - 1``: one always stays for the
-    other queries) and give them all back after a quiet second.
+    arrive together. The writes keep up to ``size`` idle connections (``pool_size - 1``: one
+    always stays for the other queries) and give them all back after a quiet second.
     """
 
     QUIET_SECONDS: Final = 1.0
@@ -492,7 +491,7 @@ class PostgresLedger(SqlReports):
     async def _write(self, query: str, *args: Any) -> list[Any]:
         """Run a per-request write on a kept connection (see :class:`_Kept`)."""
         pool = await self._connect()
-        kept = True
+        healthy = True
         try:
             connection = self._kept.take()
             if connection is None:
@@ -500,10 +499,10 @@ class PostgresLedger(SqlReports):
             try:
                 rows = list(await connection.fetch(query, *args, timeout=self._timeout))
             except BaseException:
-                kept = False  # a failed or cancelled statement: the pool checks the connection
+                healthy = False  # a failed or cancelled statement: the pool checks it
                 raise
             finally:
-                if not kept or not self._kept.keep(pool, connection):
+                if not healthy or not self._kept.keep(pool, connection):
                     await pool.release(connection)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
             raise self._unavailable(exc) from exc
