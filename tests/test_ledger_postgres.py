@@ -329,9 +329,8 @@ async def test_writes_keep_their_connection_and_give_it_back_when_quiet(
 
     Taking a connection from asyncpg's pool per statement costs ~90 µs of CPU; kept, it is
     given back after a quiet moment and at close (``pool.close()`` would wait forever for a
-    connection kept idle), and one killed by the server is never used again.
+    connection kept idle), and one the server closed is never used again.
     """
-    monkeypatch.setattr(postgres._Kept, "QUIET_SECONDS", 0.2)
     ledger = PostgresLedger(dsn, pool_size=2)
     await ledger.start()
     try:
@@ -339,26 +338,30 @@ async def test_writes_keep_their_connection_and_give_it_back_when_quiet(
         assert pool is not None
         now = dt.datetime.now(dt.UTC).timestamp()
         assert await ledger.insert_counted(record("k1", now), 1) is Inserted.INSERTED
-        kept = pool.get_size() - pool.get_idle_size()
-        assert kept == 1  # the write's connection, kept
+        assert pool.get_size() - pool.get_idle_size() == 1  # the write's connection, kept
         # The other queries still get a connection (pool_size 2: one is never kept).
         assert (await ledger.record("k1")) is not None
-        async with asyncio.timeout(10):
-            while pool.get_size() - pool.get_idle_size():  # noqa: ASYNC110 - pool state
-                await asyncio.sleep(0.05)  # given back after the quiet moment
-        # A kept connection the server closes is not used again.
-        assert await ledger.insert_counted(record("k2", now), 2) is Inserted.INSERTED
+        # The server closes every connection (a restart): the kept one is not used again.
         conn = await asyncpg.connect(dsn)
         try:
             await conn.execute(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE query LIKE '%clipia_ledger_insert%' AND pid <> pg_backend_pid()"
+                "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+                "AND backend_type = 'client backend'"
             )
         finally:
             await conn.close()
-        await asyncio.sleep(0.5)  # the client notices the closed socket
+        await asyncio.sleep(0.3)  # the client reads the end (less than the quiet second)
+        assert await ledger.insert_counted(record("k2", now), 2) is Inserted.INSERTED
+        assert await ledger.settle("k2", Settlement(cost=Micro(5), now=now)) is not None
+        # Kept, then given back after a quiet moment.
+        monkeypatch.setattr(postgres._Kept, "QUIET_SECONDS", 0.2)
         assert await ledger.insert_counted(record("k3", now), 3) is Inserted.INSERTED
-        assert await ledger.settle("k3", Settlement(cost=Micro(5), now=now)) is not None
+        assert pool.get_size() - pool.get_idle_size() == 1
+        async with asyncio.timeout(10):
+            while pool.get_size() - pool.get_idle_size():  # noqa: ASYNC110 - pool state
+                await asyncio.sleep(0.05)
+        assert await ledger.insert_counted(record("k4", now), 4) is Inserted.INSERTED
     finally:
         async with asyncio.timeout(10):
             await ledger.close()  # does not wait on a kept connection
@@ -380,3 +383,35 @@ async def test_a_one_connection_pool_keeps_nothing(dsn: str) -> None:
         assert pool.get_idle_size() == pool.get_size() == 1
     finally:
         await ledger.close()
+
+
+async def test_gateway_writes_go_on_after_postgresql_drops_every_connection(
+    stacks: Factory, dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A restart or failover of PostgreSQL closes every connection the gateway holds.
+
+    The connections the writes keep between requests are among them: none is used again,
+    so the next requests are recorded and served, and every record is settled once.
+    """
+    monkeypatch.setenv(ENV, dsn)
+    extra = f"ledger: {{backend: postgres, postgres_dsn_env: {ENV}, pool_size: 3}}"
+    stack = await stacks(teams=TEAMS, store="{backend: memory}", extra=extra)
+    conn = await asyncpg.connect(dsn)
+    try:
+        async with aiohttp.ClientSession() as session:
+            assert [await post(stack, session, stream=s) for s in (False, True, False)] == [200] * 3
+            dropped = await conn.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+                "AND backend_type = 'client backend'"
+            )
+            assert dropped >= 1
+            await asyncio.sleep(0.5)  # the gateway's event loop reads each connection's end
+            assert [await post(stack, session, stream=s) for s in (False, True, False)] == [200] * 3
+            await wait_settled(stack)
+        rows = await conn.fetch("SELECT state, cost FROM clipia_ledger")
+    finally:
+        await conn.close()
+    assert [r["state"] for r in rows] == ["settled"] * 6
+    billed = sum(bill.cost for bill in stack.emulator.bills.values())
+    assert Decimal(sum(r["cost"] for r in rows)) / 1_000_000 == billed

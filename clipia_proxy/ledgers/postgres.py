@@ -345,10 +345,14 @@ class _Kept:
         """Return an idle kept connection that is still open, or None."""
         while self._idle:
             connection = self._idle.pop()
-            if not connection.is_closed():
+            try:
+                closed = connection.is_closed()
+            except asyncpg.InterfaceError:
+                continue  # closed by the server, and so already given back by the pool itself
+            if not closed:
                 return connection
             assert self._pool is not None
-            self._spawn(self._pool.release(connection))  # closed by the server: terminated
+            self._spawn(self._pool.release(connection))  # closed, not given back yet
         return None
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
