@@ -15,13 +15,14 @@ traffic never trims. Where the C library has no ``malloc_trim`` (musl, macOS) no
 
 from __future__ import annotations
 
-import asyncio
 import ctypes
 import ctypes.util
 import logging
 import time
 from collections.abc import Callable
 from typing import Final
+
+from .quiet import AfterQuiet
 
 __all__ = ["MemoryTrim", "malloc_trim"]
 
@@ -58,11 +59,9 @@ class MemoryTrim:
         trim: Callable[[int], int] | None = malloc_trim,
     ) -> None:
         self._burst = burst
-        self._quiet = quiet_seconds
         self._trim = trim
         self._dropped = 0
-        self._last = 0.0
-        self._timer: asyncio.TimerHandle | None = None
+        self._quiet = AfterQuiet(quiet_seconds, self._after_quiet)
         self.trims = 0
         """How many times the heap was trimmed."""
 
@@ -71,24 +70,14 @@ class MemoryTrim:
         if self._trim is None:
             return
         self._dropped += 1
-        loop = asyncio.get_running_loop()
-        self._last = loop.time()
-        if self._dropped >= self._burst and self._timer is None:
-            self._timer = loop.call_later(self._quiet, self._after_quiet)
+        if self._dropped >= self._burst:
+            self._quiet.note()
 
     def close(self) -> None:
         """Stop waiting for the end of a burst (the server stops)."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._quiet.cancel()
 
     def _after_quiet(self) -> None:
-        loop = asyncio.get_running_loop()
-        waited = loop.time() - self._last
-        if waited < self._quiet:  # the burst goes on: wait for its end
-            self._timer = loop.call_later(self._quiet - waited, self._after_quiet)
-            return
-        self._timer = None
         if self._trim is None:  # pragma: no cover - dropped() counts nothing without it
             return
         dropped, self._dropped = self._dropped, 0

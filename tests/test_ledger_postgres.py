@@ -13,7 +13,6 @@ import asyncpg
 import pytest
 
 from clipia_proxy import cli
-from clipia_proxy.ledgers import postgres
 from clipia_proxy.ledgers.postgres import MIGRATIONS, PostgresLedger
 from clipia_proxy.quotas.model import Micro, Period, Settlement
 from clipia_proxy.quotas.store import Inserted, LedgerRecord, StoreUnavailable
@@ -322,9 +321,7 @@ async def test_the_per_request_insert_is_planned_once_per_session_on_the_indexes
         await ledger.close()
 
 
-async def test_writes_keep_their_connection_and_give_it_back_when_quiet(
-    dsn: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_writes_keep_their_connection_and_give_it_back_when_quiet(dsn: str) -> None:
     """Group-committed writes keep a pool connection between statements, never the last one.
 
     Taking a connection from asyncpg's pool per statement costs ~90 µs of CPU; kept, it is
@@ -354,8 +351,7 @@ async def test_writes_keep_their_connection_and_give_it_back_when_quiet(
         await asyncio.sleep(0.3)  # the client reads the end (less than the quiet second)
         assert await ledger.insert_counted(record("k2", now), 2) is Inserted.INSERTED
         assert await ledger.settle("k2", Settlement(cost=Micro(5), now=now)) is not None
-        # Kept, then given back after a quiet moment.
-        monkeypatch.setattr(postgres._Kept, "QUIET_SECONDS", 0.2)
+        # Kept, then given back after a quiet second.
         assert await ledger.insert_counted(record("k3", now), 3) is Inserted.INSERTED
         assert pool.get_size() - pool.get_idle_size() == 1
         async with asyncio.timeout(10):

@@ -36,6 +36,7 @@ from typing import Any, Final, Generic, TypeVar
 import asyncpg
 
 from clipia_proxy.config import LedgerConfig
+from clipia_proxy.quiet import AfterQuiet
 from clipia_proxy.quotas.ledger_sql import (
     COLUMNS,
     POSTGRES,
@@ -336,8 +337,7 @@ class _Kept:
     def __init__(self, size: int) -> None:
         self._size = size
         self._idle: list[Any] = []
-        self._used = 0.0
-        self._timer: asyncio.TimerHandle | None = None
+        self._quiet = AfterQuiet(self.QUIET_SECONDS, lambda: self._spawn(self.give_back()))
         self._pool: asyncpg.Pool | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -366,26 +366,12 @@ class _Kept:
             return False
         self._pool = pool
         self._idle.append(connection)
-        self._used = time.monotonic()
-        if self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(self.QUIET_SECONDS, self._check)
+        self._quiet.note()
         return True
-
-    def _check(self) -> None:
-        self._timer = None
-        quiet = time.monotonic() - self._used
-        if quiet < self.QUIET_SECONDS and self._idle:
-            self._timer = asyncio.get_running_loop().call_later(
-                self.QUIET_SECONDS - quiet, self._check
-            )
-            return
-        self._spawn(self.give_back())
 
     async def give_back(self) -> None:
         """Return every idle connection to the pool (at a quiet second, and before closing)."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._quiet.cancel()
         idle, self._idle = self._idle, []
         for connection in idle:
             assert self._pool is not None
