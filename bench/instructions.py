@@ -60,6 +60,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default="INFO",
         help="INFO (default): one access line per request; WARNING turns it off",
     )
+    parser.add_argument(
+        "--keep",
+        type=Path,
+        help="copy the callgrind dumps here (for callgrind_annotate --inclusive=yes)",
+    )
     return parser.parse_args(argv)
 
 
@@ -188,6 +193,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     with tempfile.TemporaryDirectory(prefix="clipia-instructions-") as tmp:
         per_request = asyncio.run(measure(args, Path(tmp)))
+        if args.keep is not None:
+            args.keep.mkdir(parents=True, exist_ok=True)
+            for dump in Path(tmp).glob("callgrind.*"):
+                shutil.copy(dump, args.keep / dump.name)
     print(
         f"{args.tree}: log level {args.gateway_log_level}, max_tokens {args.max_tokens}, "
         f"concurrency {CONCURRENCY}"

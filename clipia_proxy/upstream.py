@@ -488,7 +488,7 @@ class UpstreamClient:
 
     def mentions_key(self, data: bytes) -> bool:
         """Return whether ``data`` contains our Clipia key (then it must never be relayed)."""
-        return bool(self._key_bytes) and self._key_bytes in data
+        return bool(self._key_bytes) and data.find(self._key_bytes) != -1
 
     def _url(self, path: str, query: Mapping[str, str] | None) -> URL:
         if query:
