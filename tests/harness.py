@@ -41,6 +41,9 @@ from aiohttp import web
 from clipia_proxy.auth import generate_key, hash_key
 from clipia_proxy.config import Config, Secret, parse_config
 from clipia_proxy.emulator import EmulatorState, create_emulator_app
+from clipia_proxy.quotas.decision import decide
+from clipia_proxy.quotas.model import ReserveRequest, ReserveResult
+from clipia_proxy.quotas.store import Store
 from clipia_proxy.server import Running, start
 
 TEAMS_YAML: Final = """
@@ -588,3 +591,8 @@ def sqlite_report_config(tmp_path: Path, db: Path | str) -> Path:
     config = tmp_path / "report.yaml"
     config.write_text(f"store: {{backend: sqlite, sqlite_path: {db}}}\n")
     return config
+
+
+async def decided(store: Store, request: ReserveRequest) -> ReserveResult:
+    """Reserve ``request`` on ``store`` and return the quota service's decision on it."""
+    return decide(request, await store.reserve(request))

@@ -14,18 +14,19 @@ from clipia_proxy.quotas.estimate import Estimate
 from clipia_proxy.quotas.journal import Journal, JournalEntry, JournalFull
 from clipia_proxy.quotas.memory import MemoryStore
 from clipia_proxy.quotas.model import (
+    Counted,
     Micro,
     Outcome,
     Period,
     RecordState,
     ReserveRequest,
-    ReserveResult,
     Settlement,
     TeamLimits,
     UsageSource,
 )
 from clipia_proxy.quotas.service import QuotaService
 from clipia_proxy.quotas.store import StoreUnavailable
+from tests.harness import decided
 
 NOW = 1_790_000_000.0
 PERIODS = {Period.DAY: "day:2026-09-21", Period.TOTAL: "total"}
@@ -135,7 +136,7 @@ async def test_an_entry_journaled_during_a_replay_is_replayed_next(tmp_path: Pat
     journal.append(journal.reserve_entry(request("served")))
     journal.append(journal.settle_entry("served", settled(1_000)))
     store = AppendingStore(journal, journal.settle_entry("late", settled(234)))
-    await store.reserve(request("late"))  # reserved while the store was up
+    await decided(store, request("late"))  # reserved while the store was up
     assert await journal.replay(store, now=NOW + 2) == 1
     assert journal.pending == 1  # "late"'s settlement, appended while "served" was written
     assert await journal.replay(store, now=NOW + 3) == 1
@@ -147,7 +148,7 @@ async def test_an_entry_journaled_during_a_replay_is_replayed_next(tmp_path: Pat
 
 
 class DownStore(MemoryStore):
-    async def reserve(self, request: ReserveRequest) -> ReserveResult:
+    async def reserve(self, request: ReserveRequest) -> Counted:
         raise StoreUnavailable("down")
 
 

@@ -20,6 +20,7 @@ from clipia_proxy.quotas.model import Micro, Period, ReserveRequest, Settlement,
 from clipia_proxy.quotas.sqlite import SqliteStore
 from clipia_proxy.quotas.store import Store
 from tests.conftest import Stack, fresh_postgres_schema, wait_settled
+from tests.harness import decided
 
 Factory = Callable[..., Awaitable[Stack]]
 
@@ -97,7 +98,7 @@ async def spend_then_restart(make: Callable[[], Awaitable[Store]]) -> None:
     day = "day:" + time.strftime("%Y-%m-%d", time.localtime(now))
     store = await make()
     try:
-        assert (await store.reserve(reserve("r1", now, day))).admitted
+        assert (await decided(store, reserve("r1", now, day))).admitted
         assert await store.settle("r1", Settlement(cost=Micro(800), now=now))
     finally:
         await store.close()
@@ -106,7 +107,7 @@ async def spend_then_restart(make: Callable[[], Awaitable[Store]]) -> None:
         keys = [f"{day}:key:ci", "total:key:ci"]
         usage = await store.usage("search", keys, now)
         assert [usage[key].spent for key in keys] == [800, 800]
-        refused = await store.reserve(reserve("r2", now, day))
+        refused = await decided(store, reserve("r2", now, day))
         assert (refused.admitted, refused.period) == (False, Period.KEY_DAY)
     finally:
         await store.close()

@@ -18,6 +18,7 @@ from clipia_proxy.quotas.model import Micro, Period, ReserveRequest, Settlement,
 from clipia_proxy.quotas.sqlite import SqliteStore
 from clipia_proxy.quotas.store import LedgerRecord
 from tests.conftest import fresh_postgres_schema
+from tests.harness import decided
 
 V1_SQLITE = """
 CREATE TABLE ledger (
@@ -71,7 +72,7 @@ async def test_an_old_sqlite_ledger_gets_the_columns(tmp_path: Path) -> None:
     try:
         (old,) = await store.records(since=0.0, until=10.0)
         assert (old.environment, old.tags, old.end_user) == ("live", {}, None)
-        assert (await store.reserve(reserve("new-1", now))).admitted
+        assert (await decided(store, reserve("new-1", now))).admitted
         new = await store.record("new-1")
         assert new is not None
         assert (new.environment, new.tags, new.end_user) == (

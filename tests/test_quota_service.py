@@ -22,13 +22,13 @@ from clipia_proxy.quotas.admission import Admission
 from clipia_proxy.quotas.estimate import Estimate
 from clipia_proxy.quotas.memory import MemoryStore
 from clipia_proxy.quotas.model import (
+    Counted,
     Micro,
     Outcome,
     Period,
     Reason,
     RecordState,
     ReserveRequest,
-    ReserveResult,
     Settlement,
 )
 from clipia_proxy.quotas.service import QuotaService, limits_of
@@ -268,7 +268,7 @@ class BrokenStore(MemoryStore):
         self.mode = mode
         self.settle_failures = 0
 
-    async def reserve(self, request: ReserveRequest) -> ReserveResult:
+    async def reserve(self, request: ReserveRequest) -> Counted:
         if self.mode == "down":
             raise StoreUnavailable("down")
         if self.mode == "slow":

@@ -30,7 +30,7 @@ from clipia_proxy.quotas import redis as redis_store
 from clipia_proxy.quotas.model import KeyLimits, Micro, Period, Reason, TeamLimits
 from clipia_proxy.quotas.redis import RedisStore
 from tests.conftest import fresh_postgres_schema
-from tests.harness import BOUND, STORE_TIMEOUT, Clock
+from tests.harness import BOUND, STORE_TIMEOUT, Clock, decided
 from tests.test_redis_rebuild import redis_process
 from tests.test_store_contract import DAY, MONTH, T0, TEAM, Harness, settlement
 
@@ -121,9 +121,9 @@ async def test_every_script_call_declares_the_keys_it_touches_in_one_slot(
     client = aioredis.Redis.from_url(redis_url)
     async with Monitor(redis_url) as monitor:
         # Everything the store does with scripts, one call after another.
-        admitted = await store.reserve(h.request("a", limits=limits, key_id="k1", key_limits=own))
+        admitted = await decided(store, h.request("a", limits=limits, key_id="k1", key_limits=own))
         assert admitted.admitted
-        assert (await store.reserve(h.request("b", limits=limits, team="other"))).admitted
+        assert (await decided(store, h.request("b", limits=limits, team="other"))).admitted
         await store.renew("a", h.now, 60)
         await store.release_slot("a")
         assert await store.settle("a", settlement(700, prompt_tokens=3, completion_tokens=4))
@@ -132,15 +132,15 @@ async def test_every_script_call_declares_the_keys_it_touches_in_one_slot(
         await store.usage(TEAM, [DAY, MONTH], h.now)
         await store.rates("other", h.now)
         # A replay of a settled request: admitted as a replay, its new hold voided.
-        assert (await store.reserve(h.request("a", limits=limits, key_id="k1"))).replayed
+        assert (await decided(store, h.request("a", limits=limits, key_id="k1"))).replayed
         # The team's counters lost (a flush of its keys): rebuilt on the next call.
         names = [name async for name in client.scan_iter(match="*declared*" + TEAM + "*")]
         if names:
             await client.delete(*names)
-        assert (await store.reserve(h.request("c", limits=limits, key_id="k1"))).admitted
+        assert (await decided(store, h.request("c", limits=limits, key_id="k1"))).admitted
         # The counters went back in time (the sequence): the ledger catches it, rebuilt.
         await client.set("{declared:" + TEAM + "}:seq", 1)
-        assert (await store.reserve(h.request("d", limits=limits, key_id="k1"))).admitted
+        assert (await decided(store, h.request("d", limits=limits, key_id="k1"))).admitted
         await store.settle("b", settlement(5))
         lines = await monitor.stop()
     try:
@@ -188,7 +188,7 @@ async def test_a_failover_to_a_lagging_replica_is_caught_before_anything_is_admi
 
             async def spend(on: RedisStore, rid: str, cost: int) -> None:
                 request = h.request(rid, amount=20_000, limits=limits, periods=periods)
-                assert (await on.reserve(request)).admitted
+                assert (await decided(on, request)).admitted
                 assert await on.settle(rid, settlement(cost))
 
             await spend(store, "early", 20_000)
@@ -223,14 +223,14 @@ async def test_a_failover_to_a_lagging_replica_is_caught_before_anything_is_admi
             # 80,000 of 100,000 are spent; the replica's counters say 20,000. A reservation
             # of 30,000 must be refused (admitted on the stale counters, it overspends).
             big = h.request("big", amount=30_000, limits=limits, periods=periods)
-            refused = await promoted.reserve(big)
+            refused = await decided(promoted, big)
             assert (refused.admitted, refused.reason) == (False, Reason.BUDGET)
             usage = (await promoted.usage(TEAM, [MONTH], time.time()))[MONTH]
             assert (usage.spent, usage.reserved) == (80_000, 0)
             assert promoted.rebuilds == 1
             # What is left is still admitted, exactly.
             rest = h.request("rest", amount=20_000, limits=limits, periods=periods)
-            assert (await promoted.reserve(rest)).admitted
+            assert (await decided(promoted, rest)).admitted
         finally:
             await client.aclose()
             await store.close()
@@ -255,7 +255,7 @@ async def test_script_calls_hold_a_bounded_number_of_connections(
     await store.start()
     try:
         h = Harness("redis", store, Clock(T0), Path(os.devnull), "bounded")
-        assert (await store.reserve(h.request("warm"))).admitted  # the team's counters exist
+        assert (await decided(store, h.request("warm"))).admitted  # the team's counters exist
         await admin.client_pause(300)  # every client's commands wait 0.3 s
         calls = []
         for _ in range(40):  # one call per event-loop turn: each would be a pipeline of its own

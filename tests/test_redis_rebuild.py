@@ -30,7 +30,7 @@ from clipia_proxy.quotas.model import MICRO_PER_CREDIT
 from clipia_proxy.quotas.redis import RedisStore
 from tests.audit import Cluster, settle_all, start_cluster
 from tests.conftest import Stack, fresh_postgres_schema
-from tests.harness import STORE_TIMEOUT
+from tests.harness import STORE_TIMEOUT, decided
 from tests.redis_server import redis_executable
 
 TEAMS = """
@@ -342,7 +342,7 @@ async def test_redis_memory_is_flat_with_traffic(postgres_dsn: str) -> None:
                     lease_seconds=600,
                     limits=limits,
                 )
-                assert (await store.reserve(request)).admitted
+                assert (await decided(store, request)).admitted
                 await store.settle(rid, Settlement(cost=Micro(1234), prompt_tokens=10))
 
             for start in range(0, count, 50):

@@ -9,6 +9,7 @@ from pathlib import Path
 from clipia_proxy.ledgers.sqlite import SqliteLedger
 from clipia_proxy.quotas.model import Micro, Period, ReserveRequest, Settlement, TeamLimits
 from clipia_proxy.quotas.sqlite import SqliteStore
+from tests.harness import decided
 
 OLD_COLUMNS = (
     "request_id, team, key_id, model, stream, reserved, tokens_reserved, windows, created_at, "
@@ -47,9 +48,9 @@ async def test_pruning_old_records_keeps_the_total_budget(tmp_path: Path) -> Non
     path = tmp_path / "ledger.db"
     store = SqliteStore(path, clock=lambda: OLD)
     await store.start()
-    await store.reserve(request("old", OLD))
+    await decided(store, request("old", OLD))
     await store.settle("old", Settlement(cost=Micro(700), now=OLD))
-    await store.reserve(request("new", NOW))
+    await decided(store, request("new", NOW))
     await store.settle("new", Settlement(cost=Micro(300), now=NOW))
     await store.close()
     assert await spent(path, "total") == 1000
@@ -97,9 +98,9 @@ async def test_the_gateway_store_keeps_the_daily_rollup_as_it_settles(tmp_path: 
     await store.start()
     try:
         for index, cost in enumerate((300, 400)):
-            await store.reserve(request(f"r{index}", NOW))
+            await decided(store, request(f"r{index}", NOW))
             await store.settle(f"r{index}", Settlement(cost=Micro(cost), now=NOW))
-        await store.reserve(request("open", NOW))  # not settled: not in the rollup
+        await decided(store, request("open", NOW))  # not settled: not in the rollup
         assert await store.correct("r0", Settlement(cost=Micro(250), now=NOW)) == -50
     finally:
         await store.close()

@@ -52,6 +52,7 @@ from clipia_proxy.quotas.redis import RedisStore
 from clipia_proxy.quotas.sqlite import SqliteStore
 from clipia_proxy.quotas.store import Store
 from tests.conftest import fresh_postgres_schema
+from tests.harness import decided
 
 _T = TypeVar("_T")
 
@@ -136,7 +137,8 @@ class StoreMachine(RuleBasedStateMachine):
         if self.backend == "redis":
             lease = 600.0
         result = self.run(
-            self.store.reserve(
+            decided(
+                self.store,
                 ReserveRequest(
                     request_id=rid,
                     team=TEAM,
@@ -146,7 +148,7 @@ class StoreMachine(RuleBasedStateMachine):
                     now=self.now,
                     lease_seconds=lease,
                     limits=LIMITS,
-                )
+                ),
             )
         )
         assert not result.replayed
@@ -169,7 +171,8 @@ class StoreMachine(RuleBasedStateMachine):
         if entry is None:
             return  # a refused id: reserving it again is a fresh decision, not a replay
         result = self.run(
-            self.store.reserve(
+            decided(
+                self.store,
                 ReserveRequest(
                     request_id=rid,
                     team=TEAM,
@@ -179,7 +182,7 @@ class StoreMachine(RuleBasedStateMachine):
                     now=self.now,
                     lease_seconds=60,
                     limits=LIMITS,
-                )
+                ),
             )
         )
         assert result.admitted

@@ -246,7 +246,7 @@ class Journal:
         if final is None and request_id in self._open:
             return False  # still being served here: its settlement will be journaled
         if reserve is not None:
-            result = await self._call(
+            counted = await self._call(
                 store.reserve(
                     ReserveRequest(
                         request_id=request_id,
@@ -258,13 +258,14 @@ class Journal:
                         lease_seconds=self._lease,
                         # Served already: it is recorded whatever the limits say now.
                         limits=TeamLimits(),
+                        enforce=False,
                         model=reserve.model,
                         key_id=reserve.key_id,
                         stream=reserve.stream,
                     )
                 )
             )
-            if not result.admitted:  # pragma: no cover - no limits: always admitted
+            if not counted.applied:  # pragma: no cover - not enforced: always applied
                 raise StoreUnavailable(f"journal replay of {request_id} was refused")
         if final is None:
             # Journaled by a process that died before the request ended: the reconciler

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Final
 
 from .memory import RATE_WINDOW_SECONDS, MemoryEngine
-from .model import ReserveRequest, ReserveResult, Settlement
+from .model import Counted, ReserveRequest, Settlement
 from .store import LedgerRecord, LedgerStore, Store, WindowUsage
 
 __all__ = ["CALENDAR_HORIZON_SECONDS", "EngineStore"]
@@ -55,11 +55,11 @@ class EngineStore:
         """Close the ledger."""
         await self.ledger.close()
 
-    async def reserve(self, request: ReserveRequest) -> ReserveResult:
-        """See ``Store.reserve``: decided in memory, committed to the ledger before returning."""
-        result = self.engine.reserve(request)
-        if not result.admitted or result.replayed:
-            return result
+    async def reserve(self, request: ReserveRequest) -> Counted:
+        """See ``Store.reserve``: counted in memory, committed to the ledger before returning."""
+        counted = self.engine.reserve(request)
+        if not counted.applied or counted.replayed:
+            return counted
         record = self.engine.records[request.request_id]
         try:
             inserted = await self.ledger.insert(record)
@@ -68,8 +68,8 @@ class EngineStore:
             raise
         if not inserted:  # already in the ledger (settled, then forgotten here): a replay
             self.engine.unreserve(request.request_id)
-            return ReserveResult(admitted=True, replayed=True)
-        return result
+            return Counted(applied=True, replayed=True)
+        return counted
 
     async def settle(self, request_id: str, settlement: Settlement) -> bool:
         """See ``Store.settle``: the ledger first, then the counters."""

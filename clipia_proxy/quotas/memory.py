@@ -14,17 +14,10 @@ import heapq
 from collections import deque
 from typing import Final
 
-from .model import (
-    KeyLimits,
-    Micro,
-    Period,
-    Reason,
-    RecordState,
-    ReserveRequest,
-    ReserveResult,
-    Settlement,
-    TeamLimits,
-)
+import msgspec
+
+from .decision import fits
+from .model import Counted, Period, RecordState, ReserveRequest, Settlement
 from .store import LedgerRecord, LocalStore, WindowUsage
 
 __all__ = ["MemoryEngine", "MemoryStore", "apply_correction"]
@@ -233,45 +226,55 @@ class MemoryEngine:
         self._rate_tokens[team] = self._rate_tokens.get(team, 0) + tokens
 
     # -- the operations -------------------------------------------------------------------
-    def reserve(self, request: ReserveRequest) -> ReserveResult:
-        """Decide and apply atomically (see ``Store.reserve``)."""
-        if request.request_id in self.records:
-            return ReserveResult(admitted=True, replayed=True)
-        team, now, limits = request.team, request.now, request.limits
-        self._expire(team, now)
-        log = self._window(team, now)
-        requests_used, tokens_used = len(log), self._rate_tokens.get(team, 0)
-        # The first limit that refuses, in this order: the team's concurrency, RPM, TPM, the
-        # key's own, then the budgets (whose tightest remainder the headers need anyway).
-        refusal = self._team_refusal(team, limits, log, request.tokens, now)
-        scope = self._key_scope(request)
-        if refusal is None and scope is not None and request.key_limits is not None:
-            refusal = self._key_refusal(scope, request.key_limits, request.tokens, now)
-        over_budget, tightest = self._budgets(request)
-        if refusal is None:
-            refusal = over_budget
-        if refusal is not None and not request.shadow:
-            return refusal
-        key_requests, key_tokens = self._apply(request, scope)
-        return ReserveResult(
-            admitted=True,
-            reason=None if refusal is None else refusal.reason,
-            period=None if refusal is None else refusal.period,
-            requests_remaining=_remaining(limits.rpm, requests_used + 1),
-            tokens_remaining=_remaining(limits.tpm, tokens_used + request.tokens),
-            budget_remaining=None if tightest is None else Micro(max(tightest[0], 0)),
-            budget_period=None if tightest is None else tightest[1],
-            key=refusal is not None and refusal.key,
-            key_requests_remaining=key_requests,
-            key_tokens_remaining=key_tokens,
-        )
+    def reserve(self, request: ReserveRequest) -> Counted:
+        """Count, and apply when every limit fits or the request does not enforce them.
 
-    def _team_refusal(
-        self, team: str, limits: TeamLimits, log: deque[_RateEntry], tokens: int, now: float
-    ) -> ReserveResult | None:
-        """The team's concurrency, RPM and TPM, in that order."""
-        used = (len(self._live.get(team, ())), self._rate_tokens.get(team, 0))
-        return _rate_refusal(limits, log, used, tokens, now, key=False)
+        See ``Store.reserve``; the quota service decides from the counts
+        (:func:`~.decision.decide`).
+        """
+        if request.request_id in self.records:
+            return Counted(applied=True, replayed=True)
+        self._expire(request.team, request.now)
+        log = self._window(request.team, request.now)
+        scope = self._key_scope(request)
+        counted = self._count(request, log, scope)
+        if request.enforce and not fits(request, counted):
+            return counted
+        self._apply(request, scope)
+        return msgspec.structs.replace(counted, applied=True)
+
+    def _count(
+        self, request: ReserveRequest, log: deque[_RateEntry], scope: _KeyRates | None
+    ) -> Counted:
+        """What the team (and the key's own scope) holds before this request."""
+        team, limits, now, tokens = request.team, request.limits, request.now, request.tokens
+        used_tokens = self._rate_tokens.get(team, 0)
+        budgets: dict[Period, int] = {}
+        if limits.budgets:
+            spent, reserved = self._spent, self._reserved
+            for period, key in request.periods.items():
+                if period in limits.budgets:
+                    budgets[period] = spent.get((team, key), 0) + reserved.get((team, key), 0)
+        counted = Counted(
+            applied=False,
+            live=len(self._live.get(team, ())),
+            requests=len(log),
+            tokens=used_tokens,
+            budgets=budgets,
+            rpm_wait=_rpm_wait(log, limits.rpm, now),
+            tpm_wait=_tpm_wait(log, limits.tpm, tokens, now, used_tokens),
+        )
+        own = request.key_limits
+        if scope is None or own is None:
+            return counted
+        return msgspec.structs.replace(
+            counted,
+            key_live=len(scope.live),
+            key_requests=len(scope.log),
+            key_tokens=scope.tokens,
+            key_rpm_wait=_rpm_wait(scope.log, own.rpm, now),
+            key_tpm_wait=_tpm_wait(scope.log, own.tpm, tokens, now, scope.tokens),
+        )
 
     def _key_scope(self, request: ReserveRequest) -> _KeyRates | None:
         """The key's own rate log and slots, pruned to now, when it has limits of its own."""
@@ -281,31 +284,8 @@ class MemoryEngine:
         scope.prune(request.now)
         return scope
 
-    def _budgets(
-        self, request: ReserveRequest
-    ) -> tuple[ReserveResult | None, tuple[int, Period] | None]:
-        """Return the first budget this reservation would overdraw, and the tightest remainder."""
-        team, budgets = request.team, request.limits.budgets
-        refusal: ReserveResult | None = None
-        tightest: tuple[int, Period] | None = None
-        for period, key in request.periods.items():
-            limit = budgets.get(period)
-            if limit is None:
-                continue
-            used = self._spent.get((team, key), 0) + self._reserved.get((team, key), 0)
-            remaining = limit - used - request.amount
-            if refusal is None and remaining < 0:
-                refusal = ReserveResult(
-                    admitted=False, reason=Reason.BUDGET, period=period, limit=limit, used=used
-                )
-            if tightest is None or remaining < tightest[0]:
-                tightest = (remaining, period)
-        return refusal, tightest
-
-    def _apply(
-        self, request: ReserveRequest, scope: _KeyRates | None
-    ) -> tuple[int | None, int | None]:
-        """Write the record, hold its money and slot, log its rate; return the key's remainders."""
+    def _apply(self, request: ReserveRequest, scope: _KeyRates | None) -> None:
+        """Write the record, hold its money and slot, log its rate (and the key's)."""
         now = request.now
         record = LedgerRecord(
             request_id=request.request_id,
@@ -325,22 +305,9 @@ class MemoryEngine:
         self.records[record.request_id] = record
         self._hold(record)
         self._log_rate(request.team, now, record.request_id, request.tokens)
-        key_limits = request.key_limits
-        if scope is None or key_limits is None:
-            return None, None
-        key_requests = _remaining(key_limits.rpm, len(scope.log) + 1)
-        key_tokens = _remaining(key_limits.tpm, scope.tokens + request.tokens)
-        scope.live.add(record.request_id)
-        scope.add(now, record.request_id, request.tokens)
-        return key_requests, key_tokens
-
-    def _key_refusal(
-        self, scope: _KeyRates, limits: KeyLimits, tokens: int, now: float
-    ) -> ReserveResult | None:
-        """The key's own concurrency, RPM and TPM (``teams[].keys[].limits``), as the team's."""
-        return _rate_refusal(
-            limits, scope.log, (len(scope.live), scope.tokens), tokens, now, key=True
-        )
+        if scope is not None:
+            scope.live.add(record.request_id)
+            scope.add(now, record.request_id, request.tokens)
 
     def unreserve(self, request_id: str) -> None:
         """Undo a reservation whose durable write failed (as if it never happened)."""
@@ -454,7 +421,7 @@ class MemoryStore:
     async def close(self) -> None:
         """Nothing to close."""
 
-    async def reserve(self, request: ReserveRequest) -> ReserveResult:
+    async def reserve(self, request: ReserveRequest) -> Counted:
         """See ``Store.reserve``."""
         return self.engine.reserve(request)
 
@@ -525,58 +492,19 @@ class MemoryStore:
 _STORE_CHECK: type[LocalStore] = MemoryStore
 
 
-def _remaining(limit: int | None, used: int) -> int | None:
-    """What a limit leaves once ``used`` is counted (never below 0); None when unlimited."""
-    return None if limit is None else max(limit - used, 0)
+def _rpm_wait(log: deque[_RateEntry], limit: int | None, now: float) -> float:
+    """Seconds until one more request fits the RPM ``limit`` (0 when it fits now)."""
+    if limit is None or len(log) + 1 <= limit:
+        return 0.0
+    return log[0].at + RATE_WINDOW_SECONDS - now if log else RATE_WINDOW_SECONDS
 
 
-def _rate_refusal(
-    limits: TeamLimits | KeyLimits,
-    log: deque[_RateEntry],
-    used: tuple[int, int],
-    tokens: int,
-    now: float,
-    *,
-    key: bool,
-) -> ReserveResult | None:
-    """Concurrency, RPM and TPM, in that order: a team's, or a key's own (``key``).
-
-    ``used`` is (requests in flight, tokens in the last minute); ``log`` the minute's requests.
-    """
-    live, tokens_used = used
-    if limits.concurrency is not None and live + 1 > limits.concurrency:
-        return ReserveResult(
-            admitted=False,
-            reason=Reason.CONCURRENCY,
-            limit=limits.concurrency,
-            used=live,
-            retry_after=1.0,
-            key=key,
-        )
-    if limits.rpm is not None and len(log) + 1 > limits.rpm:
-        wait = log[0].at + RATE_WINDOW_SECONDS - now if log else RATE_WINDOW_SECONDS
-        return ReserveResult(
-            admitted=False,
-            reason=Reason.RPM,
-            limit=limits.rpm,
-            used=len(log),
-            retry_after=max(wait, 0.001),
-            key=key,
-        )
-    if limits.tpm is not None and tokens_used + tokens > limits.tpm:
-        return ReserveResult(
-            admitted=False,
-            reason=Reason.TPM,
-            limit=limits.tpm,
-            used=tokens_used,
-            retry_after=_tpm_wait(log, limits.tpm, tokens, now, tokens_used),
-            key=key,
-        )
-    return None
-
-
-def _tpm_wait(log: deque[_RateEntry], limit: int, tokens: int, now: float, total: int) -> float:
+def _tpm_wait(
+    log: deque[_RateEntry], limit: int | None, tokens: int, now: float, total: int
+) -> float:
     """Seconds until ``tokens`` more fit the TPM ``limit`` as the minute's entries age out."""
+    if limit is None or total + tokens <= limit:
+        return 0.0
     if tokens > limit:
         return RATE_WINDOW_SECONDS
     for entry in log:

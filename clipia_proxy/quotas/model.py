@@ -18,6 +18,7 @@ import msgspec
 __all__ = [
     "KEY_PERIODS",
     "MICRO_PER_CREDIT",
+    "Counted",
     "KeyLimits",
     "Micro",
     "Outcome",
@@ -162,7 +163,8 @@ class ReserveRequest(msgspec.Struct, frozen=True, kw_only=True):
     """Seconds since the epoch (the store's clock for windows and leases)."""
     lease_seconds: float
     limits: TeamLimits
-    shadow: bool = False
+    enforce: bool = True
+    """False: apply the reservation even past a limit (a shadow team's; a journal replay)."""
     model: str = ""
     key_id: str | None = None
     key_limits: KeyLimits | None = None
@@ -172,6 +174,36 @@ class ReserveRequest(msgspec.Struct, frozen=True, kw_only=True):
     environment: str = "live"
     tags: dict[str, str] = msgspec.field(default_factory=dict)
     end_user: str | None = None
+
+
+class Counted(msgspec.Struct, frozen=True, kw_only=True):
+    """A store's answer to ``reserve``: what it counted before this request, and what it did.
+
+    The store applies the reservation when every count plus this request stays within its
+    limit (or when the request does not ``enforce`` them) and says so in ``applied``; the
+    quota service turns the counts into the decision (:func:`~.decision.decide`).
+    """
+
+    applied: bool
+    replayed: bool = False
+    """This request id was reserved already (a retried call): nothing was applied."""
+    live: int = 0
+    """The team's requests holding a concurrency slot."""
+    requests: int = 0
+    """The team's requests in the last 60 seconds."""
+    tokens: int = 0
+    """The team's tokens in the last 60 seconds."""
+    key_live: int = 0
+    key_requests: int = 0
+    key_tokens: int = 0
+    """The same three on the key's own slots and minute (when the request has ``key_limits``)."""
+    budgets: dict[Period, int] = msgspec.field(default_factory=dict)
+    """Spent + reserved micro-credits of each budgeted period's window."""
+    rpm_wait: float = 0.0
+    tpm_wait: float = 0.0
+    key_rpm_wait: float = 0.0
+    key_tpm_wait: float = 0.0
+    """Seconds until the request fits that rate limit, set when it does not fit now."""
 
 
 class ReserveResult(msgspec.Struct, frozen=True, kw_only=True):

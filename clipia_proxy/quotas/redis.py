@@ -2,10 +2,10 @@
 
 Redis holds no per-request records: only counters and leases, O(teams, periods and requests
 in flight), so its memory does not grow with traffic. Each operation is one Lua script (names
-carry a version: ``clipia_reserve_v3``), atomic on the server; leases and the RPM/TPM windows
+carry a version: ``clipia_reserve_v4``), atomic on the server; leases and the RPM/TPM windows
 run on the server's ``TIME``, so replica clock skew changes nothing. The durable record is the
-PostgreSQL ledger's (``ledger.backend: postgres`` is required): ``reserve`` decides in Redis,
-commits the record (group-committed with the records of the same moment), then confirms the
+PostgreSQL ledger's (``ledger.backend: postgres`` is required): ``reserve`` counts and reserves in
+Redis (the quota service decides from the counts), commits the record (group-committed with the records of the same moment), then confirms the
 reservation is still held (a failed commit undoes it); ``settle`` flips the record once in the
 ledger (idempotent by request id), then applies the cost to the counters from the request's
 lease, which lives until it is settled (so a retry after a failure in between applies it
@@ -64,15 +64,7 @@ from clipia_proxy.config import StoreConfig
 
 from .ledgered import CALENDAR_HORIZON_SECONDS as _CALENDAR_HORIZON_SECONDS
 from .memory import RATE_WINDOW_SECONDS
-from .model import (
-    Micro,
-    Period,
-    Reason,
-    RecordState,
-    ReserveRequest,
-    ReserveResult,
-    Settlement,
-)
+from .model import Counted, RecordState, ReserveRequest, Settlement
 from .store import CountersLedger, Inserted, LedgerRecord, Store, StoreUnavailable, WindowUsage
 
 __all__ = ["CountersLost", "RedisStore"]
@@ -113,7 +105,7 @@ end
 """
 
 _RESERVE: Final = (
-    "-- clipia_reserve_v3\n"
+    "-- clipia_reserve_v4\n"
     + _PRELUDE
     + """
 -- KEYS: epoch, seq, lease, live, win, wtok, wsum, the key's klive, kwin, kwtok, kwsum, then
@@ -138,70 +130,58 @@ end
 local rid = ARGV[1]
 local a = cjson.decode(ARGV[2])
 local epoch = redis.call('GET', KEYS[1])
-if not epoch then return cjson.encode({lost = true}) end
+if not epoch then return cjson.encode({lost = true, applied = false}) end
 local rec, live, win, wtok, wsum = KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
 if redis.call('EXISTS', rec) == 1 then
-  return cjson.encode({admitted = true, replayed = true})
+  return cjson.encode({applied = true, replayed = true})
 end
--- Leases that ran out free their concurrency slot; the money stays reserved until the
--- request is settled (by its request, or by the reconciler after a crash).
+-- Count what the team (and the key's own scope) holds. Leases that ran out free their
+-- concurrency slot; the money stays reserved until the request is settled (by its request,
+-- or by the reconciler after a crash). The quota service decides from these counts; the
+-- script only applies the reservation when every limit fits (decision.fits), or when the
+-- request does not enforce them.
 redis.call('ZREMRANGEBYSCORE', live, '-inf', now)
 prune(win, wtok, wsum)
-local refusal = nil
-local live_n = redis.call('ZCARD', live)
-if a.concurrency and live_n + 1 > a.concurrency then
-  refusal = {reason = 'concurrency', limit = a.concurrency, used = live_n, retry_after = 1}
+local c = {now = now, live = redis.call('ZCARD', live), requests = redis.call('ZCARD', win),
+  tokens = tonumber(redis.call('GET', wsum) or '0')}
+local fits = true
+local function within(limit, used, add)
+  if limit and used + add > limit then fits = false; return false end
+  return true
 end
-local req_n = redis.call('ZCARD', win)
-if not refusal and a.rpm and req_n + 1 > a.rpm then
-  refusal = {reason = 'rpm', limit = a.rpm, used = req_n, retry_after = rpm_wait(win)}
+within(a.concurrency, c.live, 1)
+if not within(a.rpm, c.requests, 1) then c.rpm_wait = rpm_wait(win) end
+if not within(a.tpm, c.tokens, a.tokens) then
+  c.tpm_wait = tpm_wait(win, wtok, c.tokens, a.tokens, a.tpm)
 end
-local tok_n = tonumber(redis.call('GET', wsum) or '0')
-if not refusal and a.tpm and tok_n + a.tokens > a.tpm then
-  refusal = {reason = 'tpm', limit = a.tpm, used = tok_n,
-    retry_after = tpm_wait(win, wtok, tok_n, a.tokens, a.tpm)}
-end
--- The key's own limits (teams[].keys[].limits), on its own slots and log.
 local klive, kwin, kwtok, kwsum = KEYS[8], KEYS[9], KEYS[10], KEYS[11]
-local kreq_n, ktok_n = 0, 0
 if a.key then
   redis.call('ZREMRANGEBYSCORE', klive, '-inf', now)
   prune(kwin, kwtok, kwsum)
-  local klive_n = redis.call('ZCARD', klive)
-  kreq_n = redis.call('ZCARD', kwin)
-  ktok_n = tonumber(redis.call('GET', kwsum) or '0')
-  if not refusal and a.key_concurrency and klive_n + 1 > a.key_concurrency then
-    refusal = {reason = 'concurrency', limit = a.key_concurrency, used = klive_n,
-      retry_after = 1, key = true}
-  end
-  if not refusal and a.key_rpm and kreq_n + 1 > a.key_rpm then
-    refusal = {reason = 'rpm', limit = a.key_rpm, used = kreq_n, retry_after = rpm_wait(kwin),
-      key = true}
-  end
-  if not refusal and a.key_tpm and ktok_n + a.tokens > a.key_tpm then
-    refusal = {reason = 'tpm', limit = a.key_tpm, used = ktok_n,
-      retry_after = tpm_wait(kwin, kwtok, ktok_n, a.tokens, a.key_tpm), key = true}
+  c.key_live = redis.call('ZCARD', klive)
+  c.key_requests = redis.call('ZCARD', kwin)
+  c.key_tokens = tonumber(redis.call('GET', kwsum) or '0')
+  within(a.key_concurrency, c.key_live, 1)
+  if not within(a.key_rpm, c.key_requests, 1) then c.key_rpm_wait = rpm_wait(kwin) end
+  if not within(a.key_tpm, c.key_tokens, a.tokens) then
+    c.key_tpm_wait = tpm_wait(kwin, kwtok, c.key_tokens, a.tokens, a.key_tpm)
   end
 end
-local tight_remaining, tight_period = nil, nil
+local budgets = {}
 for i, period in ipairs(a.periods) do
   local limit = a.budgets[period]
   if limit then
     local used = tonumber(redis.call('GET', KEYS[11 + 2 * i]) or '0')
       + tonumber(redis.call('GET', KEYS[10 + 2 * i]) or '0')
-    local remaining = limit - used - a.amount
-    if not refusal and remaining < 0 then
-      refusal = {reason = 'budget', period = period, limit = string.format('%d', limit),
-        used = string.format('%d', used)}
-    end
-    if tight_remaining == nil or remaining < tight_remaining then
-      tight_remaining, tight_period = remaining, period
-    end
+    within(limit, used, a.amount)
+    -- as text: cjson writes numbers with 14 significant digits
+    budgets[period] = string.format('%d', used)
   end
 end
-if refusal and not a.shadow then
-  refusal.admitted = false
-  return cjson.encode(refusal)
+if next(budgets) then c.budgets = budgets end
+if a.enforce and not fits then
+  c.applied = false
+  return cjson.encode(c)
 end
 local lease_until = now + a.lease_seconds
 redis.call('HSET', rec, 'reserved', a.amount, 'windows', ARGV[3])
@@ -227,24 +207,9 @@ if a.key then
 end
 -- The reservation's sequence number: its ledger record carries it, so counters that went
 -- back in time (a failover to a lagging replica) issue a number the ledger already has.
-local seq = redis.call('INCR', KEYS[2])
-local result = {admitted = true, now = now, lease_until = lease_until, epoch = epoch,
-  seq = string.format('%d', seq)}
-if refusal then
-  result.reason = refusal.reason
-  result.period = refusal.period
-  result.key = refusal.key
-end
-if a.key_rpm then result.key_requests_remaining = math.max(a.key_rpm - kreq_n - 1, 0) end
-if a.key_tpm then result.key_tokens_remaining = math.max(a.key_tpm - ktok_n - a.tokens, 0) end
-if a.rpm then result.requests_remaining = math.max(a.rpm - req_n - 1, 0) end
-if a.tpm then result.tokens_remaining = math.max(a.tpm - tok_n - a.tokens, 0) end
-if tight_remaining ~= nil then
-  -- as text: cjson writes numbers with 14 significant digits
-  result.budget_remaining = string.format('%d', math.max(tight_remaining, 0))
-  result.budget_period = tight_period
-end
-return cjson.encode(result)
+c.seq = string.format('%d', redis.call('INCR', KEYS[2]))
+c.applied, c.lease_until, c.epoch = true, lease_until, epoch
+return cjson.encode(c)
 """
 )
 
@@ -453,7 +418,6 @@ return 1
 """
 )
 
-_RESULT: Final = msgspec.json.Decoder()
 _DRIVER_INFO: Final = DriverInfo(name="redis-py", lib_version=redis.__version__)
 _REBUILD_LOCK_MS: Final = 30_000
 _REBUILD_WAIT_SECONDS: Final = 60.0
@@ -575,6 +539,23 @@ class _Pipe:
             for script, keys, args, _ in batch:
                 _ = pipe.evalsha(script.sha, len(keys), *keys, *args)
             return list(await pipe.execute(raise_on_error=False))
+
+
+class _Reply(Counted, frozen=True, kw_only=True):
+    """The reserve script's reply: the counts, and an applied reservation's lease."""
+
+    lost: bool = False
+    """The team's counters are gone (a Redis restart or eviction): rebuild, then retry."""
+    now: float = 0.0
+    """The server's clock at the reservation."""
+    lease_until: float = 0.0
+    epoch: str = ""
+    seq: int = 0
+    """The reservation's sequence number (see ``insert_counted``)."""
+
+
+# Not strict: the script writes large integers (sums, sequence numbers) as text.
+_REPLY: Final = msgspec.json.Decoder(_Reply, strict=False)
 
 
 class RedisStore:
@@ -863,28 +844,27 @@ class RedisStore:
         )
 
     # -- the Store protocol ---------------------------------------------------------------
-    async def reserve(self, request: ReserveRequest) -> ReserveResult:
-        """See ``Store.reserve``: one Lua script decides, then the record is committed."""
+    async def reserve(self, request: ReserveRequest) -> Counted:
+        """See ``Store.reserve``: one Lua script counts and reserves, then the record is committed."""
         for _ in range(3):
             result = await self._reserve_once(request)
             if result is not None:
                 return result
         raise CountersLost("redis: the counters kept going behind the ledger")
 
-    async def _reserve_once(self, request: ReserveRequest) -> ReserveResult | None:
+    async def _reserve_once(self, request: ReserveRequest) -> Counted | None:
         team = request.team
         # Known before the script runs: a void after a lost reply finds the keys.
         self._teams[request.request_id] = (team, list(request.periods.values()), request.key_id)
-        data = await self._reserve_counters(request)
-        if data.get("lost"):
+        reply = await self._reserve_counters(request)
+        if reply.lost:
             await self.ensure_counters(team)
-            data = await self._reserve_counters(request)
-            if data.get("lost"):
+            reply = await self._reserve_counters(request)
+            if reply.lost:
                 raise CountersLost("redis: the counters were lost again during the rebuild")
-        result = _result(data)
-        if not result.admitted:
+        if not reply.applied:
             self._teams.pop(request.request_id, None)
-            return result
+            return reply
         record = LedgerRecord(
             request_id=request.request_id,
             team=team,
@@ -894,38 +874,38 @@ class RedisStore:
             reserved=request.amount,
             tokens_reserved=request.tokens,
             windows=dict(request.periods),
-            created_at=float(data.get("now", request.now)),  # the server's clock, as the lease
-            lease_until=float(data.get("lease_until", request.now + request.lease_seconds)),
+            created_at=reply.now or request.now,  # the server's clock, as the lease
+            lease_until=reply.lease_until or request.now + request.lease_seconds,
             environment=request.environment,
             tags=dict(request.tags),
             end_user=request.end_user,
         )
-        if result.replayed:
+        if reply.replayed:
             # The lease is there: an earlier call reserved and may have died before its
             # record was committed. Commit it now (a no-op when it was).
             await self.ledger.insert(record)
-            return result
+            return reply
         try:
             # (A caller gone before its batch commits is refused; the ledger settles such a
             # record as never sent.)
-            inserted = await self.ledger.insert_counted(record, int(data["seq"]))
+            inserted = await self.ledger.insert_counted(record, reply.seq)
         except BaseException:
             await self._void(request)
             raise
         if inserted is Inserted.EXISTS:  # the id is in the ledger already: a replay
             await self._void(request)
-            return ReserveResult(admitted=True, replayed=True)
+            return Counted(applied=True, replayed=True)
         if inserted is Inserted.BEHIND:
             # These counters issued a number the ledger already has: they went back in time
             # (a failover to a lagging replica). Rebuild them, then decide again.
             _LOGGER.warning("redis counters of team %s are behind the ledger", team)
             self._teams.pop(request.request_id, None)
-            await self.ensure_counters(team, seen_epoch=str(data.get("epoch", "")))
+            await self.ensure_counters(team, seen_epoch=reply.epoch)
             return None
         await self._hold(record)
-        return result
+        return reply
 
-    async def _reserve_counters(self, request: ReserveRequest) -> dict[str, Any]:
+    async def _reserve_counters(self, request: ReserveRequest) -> _Reply:
         limits = request.limits
         periods = [p.value for p in request.periods]
         args = {
@@ -938,7 +918,7 @@ class RedisStore:
             "tpm": limits.tpm,
             "concurrency": limits.concurrency,
             "lease_seconds": request.lease_seconds,
-            "shadow": request.shadow,
+            "enforce": request.enforce,
             **_key_limits(request),
             "lease_ttl": _LEASE_TTL,
         }
@@ -953,9 +933,7 @@ class RedisStore:
         raw = await self._pipe.run(
             self._reserve, keys, [request.request_id, msgspec.json.encode(present), windows]
         )
-        data = _RESULT.decode(raw)
-        assert isinstance(data, dict)
-        return data
+        return _REPLY.decode(raw)
 
     async def _hold(self, record: LedgerRecord) -> None:
         """After the commit: confirm the reservation is still held (else hold it again)."""
@@ -1172,36 +1150,6 @@ def _key_limits(request: ReserveRequest) -> dict[str, str | int | None]:
 def _ttl_of(window: str) -> int:
     """A window key's TTL (``total`` and a key's ``total:key:ID`` live longest)."""
     return _TOTAL_TTL if window.startswith("total") else _WINDOW_TTL
-
-
-def _result(data: dict[str, Any]) -> ReserveResult:
-    reason = data.get("reason")
-    period = data.get("period")
-    budget_period = data.get("budget_period")
-    return ReserveResult(
-        admitted=bool(data.get("admitted")),
-        reason=Reason(reason) if reason else None,
-        period=Period(period) if period else None,
-        limit=int(data.get("limit", 0)),
-        used=int(data.get("used", 0)),
-        retry_after=float(data.get("retry_after", 0.0)),
-        requests_remaining=(
-            int(data["requests_remaining"]) if "requests_remaining" in data else None
-        ),
-        tokens_remaining=int(data["tokens_remaining"]) if "tokens_remaining" in data else None,
-        budget_remaining=(
-            Micro(int(data["budget_remaining"])) if "budget_remaining" in data else None
-        ),
-        budget_period=Period(budget_period) if budget_period else None,
-        key=bool(data.get("key", False)),
-        key_requests_remaining=(
-            int(data["key_requests_remaining"]) if "key_requests_remaining" in data else None
-        ),
-        key_tokens_remaining=(
-            int(data["key_tokens_remaining"]) if "key_tokens_remaining" in data else None
-        ),
-        replayed=bool(data.get("replayed", False)),
-    )
 
 
 _STORE_CHECK: type[Store] = RedisStore

@@ -29,6 +29,7 @@ from clipia_proxy.errors import (
 )
 
 from .admission import Admission
+from .decision import decide
 from .estimate import Estimate
 from .journal import Journal
 from .model import (
@@ -325,9 +326,10 @@ class QuotaService:
         try:
             if self._remote:
                 async with asyncio.timeout(self._timeout):
-                    result = await self.store.reserve(request)
+                    counted = await self.store.reserve(request)
             else:  # local stores answer at once (sqlite has its own busy timeout): no timer
-                result = await self.store.reserve(request)
+                counted = await self.store.reserve(request)
+            result = decide(request, counted)
         except (StoreUnavailable, TimeoutError) as exc:
             return await self._store_unavailable(request, estimate, exc)
         self.store_reachable = True
@@ -398,7 +400,7 @@ class QuotaService:
             limits=limits
             if not lookups or limits.rpm is None
             else msgspec.structs.replace(limits, rpm=max(limits.rpm - lookups, 0)),
-            shadow=self._shadow.get(team, False),
+            enforce=not self._shadow.get(team, False),
             model=model,
             key_id=key_id,
             key_limits=key_limits,

@@ -48,7 +48,7 @@ from clipia_proxy.quotas.ledger_sql import (
 from clipia_proxy.quotas.ledger_sql import spent_current as spent_current_sql
 
 from .memory import RATE_WINDOW_SECONDS, MemoryEngine, apply_correction
-from .model import ReserveRequest, ReserveResult, Settlement
+from .model import Counted, ReserveRequest, Settlement
 from .store import LedgerRecord, LocalStore, StoreUnavailable, WindowUsage
 
 __all__ = [
@@ -531,11 +531,11 @@ class SqliteStore:
         await self._run(self._close)
         self._worker.stop()
 
-    async def reserve(self, request: ReserveRequest) -> ReserveResult:
-        """See ``Store.reserve``: decided in memory, committed before returning."""
-        result = self.engine.reserve(request)
-        if not result.admitted or result.replayed:
-            return result
+    async def reserve(self, request: ReserveRequest) -> Counted:
+        """See ``Store.reserve``: counted in memory, committed before returning."""
+        counted = self.engine.reserve(request)
+        if not counted.applied or counted.replayed:
+            return counted
         record = self.engine.records[request.request_id]
         try:
             await self._run(self._insert, record, write=True)
@@ -543,9 +543,9 @@ class SqliteStore:
             self.engine.unreserve(request.request_id)
             if isinstance(exc.__cause__, sqlite3.IntegrityError):
                 # Already in the file (settled, then forgotten in memory): a replay.
-                return ReserveResult(admitted=True, replayed=True)
+                return Counted(applied=True, replayed=True)
             raise
-        return result
+        return counted
 
     async def settle(self, request_id: str, settlement: Settlement) -> bool:
         """See ``Store.settle``: applied in memory at once, committed with retries.

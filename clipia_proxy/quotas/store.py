@@ -1,8 +1,10 @@
 """The ``Store`` protocol: quota state and the spend ledger behind one seam.
 
-A reservation *is* the request's ledger record: ``reserve`` checks every limit and, when it
-admits, writes the record ``dispatched`` — atomically, all-or-nothing, durably before it
-returns — so a request is never sent without its record, and a refused one leaves nothing.
+A reservation *is* the request's ledger record: ``reserve`` counts what the team holds and,
+when the request fits its limits, writes the record ``dispatched`` — atomically,
+all-or-nothing, durably before it returns — so a request is never sent without its record,
+and a refused one leaves nothing. The quota service decides from the counts
+(:mod:`.decision`): stores only count, reserve and apply.
 ``settle`` replaces the reservation with the actual cost exactly once: calling it again for
 the same request id changes nothing. A reservation holds a concurrency slot and money. The
 slot is a lease: past ``lease_until`` (or at ``release_slot``, when the client left) it stops
@@ -21,7 +23,7 @@ from typing import Protocol, runtime_checkable
 
 import msgspec
 
-from .model import Outcome, Period, RecordState, ReserveRequest, ReserveResult, Settlement
+from .model import Counted, Outcome, Period, RecordState, ReserveRequest, Settlement
 
 __all__ = [
     "CountersSnapshot",
@@ -89,11 +91,14 @@ class Store(Protocol):
     async def close(self) -> None:
         """Flush and close."""
 
-    async def reserve(self, request: ReserveRequest) -> ReserveResult:
-        """Check every limit and, if all pass (or ``shadow``), reserve and write the record.
+    async def reserve(self, request: ReserveRequest) -> Counted:
+        """Count the request's scopes and, if it fits (or does not ``enforce``), apply it.
 
-        All-or-nothing across every budget period, RPM, TPM and concurrency. Idempotent by
-        request id: a second call returns ``replayed=True`` and applies nothing.
+        Applying reserves the money on every budget window, a concurrency slot and a place in
+        the RPM/TPM minute, and writes the record: all or nothing, in one atomic step with the
+        counting. Whether it fits is :func:`~.decision.fits` over the returned counts; the
+        decision itself (which limit, shadow mode, headers) is the quota service's. Idempotent
+        by request id: a second call returns ``replayed=True`` and applies nothing.
         """
 
     async def settle(self, request_id: str, settlement: Settlement) -> bool:
