@@ -7,18 +7,48 @@ modules (catalog refreshes, usage sources) are read by a custom collector during
 from in-memory snapshots only — a scrape never does I/O. Budget snapshots are refreshed by a
 background loop (``refresh_budgets``) from the store, so with Redis every replica reports the
 same shared values (dashboards aggregate them with ``max by (team)``).
+
+Storage. The ``record_*`` methods count in plain Python: each metric (:class:`_Family`) keeps a
+dict from its label values to a list of floats (a counter's or gauge's value; a histogram's
+bucket counts, found with :func:`bisect.bisect_left` over the bounds, then its sum), plus when
+each series was made. A custom collector (prometheus-client's public ``Collector`` and
+``*MetricFamily`` classes) turns them into the same exposition prometheus-client's own
+``Counter``/``Gauge``/``Histogram`` gave: names, HELP and TYPE, labels, buckets (cumulative),
+``_count``/``_sum`` and ``_created`` series (left out when prometheus-client leaves out its own:
+``PROMETHEUS_DISABLE_CREATED_SERIES`` or ``disable_created_metrics()``).
+``tests/test_metrics_exposition.py`` holds the exposition written by those objects. A write is
+a dict lookup and a float addition: no lock, no per-write checks.
+
+Threads. Everything here runs on the event loop's thread. The recorders are request handlers
+and middleware, the drift checker's and the config watcher's tasks, the connection-cap
+callbacks of the listening servers and the upstream client's per-attempt hook, all on the
+loop. The SQLite stores work on worker threads (``quotas/sqlite.py``'s own thread,
+``asyncio.to_thread`` in ``ledgers/sqlite.py``) but hand their results back to the loop and
+record nothing there. ``/metrics`` is collected by prometheus-client's aiohttp handler,
+synchronously, on the loop too. So a write and a scrape never overlap. Should a scrape still
+run on another thread, the collector copies each dict with ``list(d.items())`` first (one C
+call, during which no other Python code runs), so it can never fail on a dict changing size
+underneath it; a series read that way may be one write behind.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
+import math
+import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from decimal import Decimal
-from typing import Any, Final
+from itertools import accumulate
+from typing import Final, Literal
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 __all__ = ["DRIFT_RESULTS", "PORTS", "REJECTION_REASONS", "Metrics"]
@@ -203,14 +233,128 @@ def _counters(
     return family
 
 
+_Kind = Literal["counter", "gauge", "histogram"]
+_CREATED_PROBE: Final = Counter("created_probe", "", registry=None)
+"""Never registered: whether its scrape holds ``_created`` tells whether prometheus-client writes
+``_created`` series (the environment or ``disable_created_metrics()`` may turn them off)."""
+
+
+def _created_series() -> bool:
+    """Whether prometheus-client writes ``_created`` series just now (checked at each scrape)."""
+    return any(s.name.endswith("_created") for m in _CREATED_PROBE.collect() for s in m.samples)
+
+
+class _Family:
+    """One metric's series in plain storage: label values -> values (see the module docstring).
+
+    A series is a list of floats: ``[value]`` for a counter or gauge; for a histogram one count
+    per bucket (not cumulative; the last bucket is ``+Inf``) and then the sum.
+    """
+
+    __slots__ = ("bounds", "created", "documentation", "kind", "labels", "les", "name", "series")
+
+    def __init__(
+        self, kind: _Kind, name: str, documentation: str, labels: str, bounds: Iterable[float] = ()
+    ) -> None:
+        self.kind: Final = kind
+        self.name: Final = PREFIX + name
+        self.documentation: Final = documentation
+        self.labels: Final = labels.split()
+        self.bounds: Final = (*map(float, bounds), math.inf) if kind == "histogram" else ()
+        self.les: Final = [repr(b) if b != math.inf else "+Inf" for b in self.bounds]
+        """The ``le`` label of each bucket, as prometheus-client writes it."""
+        self.series: Final[dict[tuple[str, ...], list[float]]] = {}
+        self.created: Final[dict[tuple[str, ...], float]] = {}
+        """When each series was made (Unix time): its ``_created`` sample."""
+
+    def make(self, key: tuple[str, ...]) -> list[float]:
+        """Return the series of ``key``, made at 0 if it is new."""
+        cell = self.series.get(key)
+        if cell is None:
+            cell = self.series[key] = [0.0] * (len(self.bounds) + 1)
+            self.created[key] = time.time()
+        return cell
+
+    def remove(self, key: tuple[str, ...]) -> None:
+        """Drop the series of ``key`` (a later write makes it again, from 0)."""
+        self.series.pop(key, None)
+        self.created.pop(key, None)
+
+    def inc(self, key: tuple[str, ...]) -> None:
+        """Add 1 to a counter's series."""
+        try:
+            self.series[key][0] += 1.0
+        except KeyError:
+            self.make(key)[0] += 1.0
+
+    def add(self, key: tuple[str, ...], amount: float) -> None:
+        """Add ``amount`` (never negative, as prometheus-client's ``inc``) to a counter's series."""
+        if amount < 0:
+            raise ValueError("Counters can only be incremented by non-negative amounts.")
+        try:
+            self.series[key][0] += amount
+        except KeyError:
+            self.make(key)[0] += amount
+
+    def observe(self, key: tuple[str, ...], amount: float) -> None:
+        """Count ``amount`` in a histogram's series: its bucket (``amount <= bound``), its sum."""
+        try:
+            cell = self.series[key]
+        except KeyError:
+            cell = self.make(key)
+        cell[bisect_left(self.bounds, amount)] += 1.0
+        cell[-1] += amount
+
+    def collect(self, created: bool) -> Metric:
+        """This metric as prometheus-client's families (with ``_created`` if ``created``)."""
+        series = list(self.series.items())  # first, in one C call (see the module docstring)
+        made = self.created.copy()
+        if self.kind == "gauge":
+            gauge = GaugeMetricFamily(self.name, self.documentation, labels=self.labels)
+            for key, cell in series:
+                gauge.add_metric(key, cell[0])
+            return gauge
+        if self.kind == "counter":
+            counter = CounterMetricFamily(self.name, self.documentation, labels=self.labels)
+            for key, cell in series:
+                counter.add_metric(key, cell[0], created=made.get(key) if created else None)
+            return counter
+        histogram = HistogramMetricFamily(self.name, self.documentation, labels=self.labels)
+        for key, cell in series:
+            *counts, total = cell  # one C call
+            histogram.add_metric(key, list(zip(self.les, accumulate(counts), strict=True)), total)
+            if created and key in made:
+                histogram.add_sample(
+                    self.name + "_created", dict(zip(self.labels, key, strict=True)), made[key]
+                )
+        return histogram
+
+
+class _Recorded(Collector):
+    """The façade's own metrics, in the order they were defined, then ``build_info``."""
+
+    def __init__(self, families: list[_Family], version: str) -> None:
+        self._families = families
+        self._version = version
+
+    def collect(self) -> Iterator[Metric]:
+        created = _created_series()
+        for family in self._families:
+            yield family.collect(created)
+        build_info = GaugeMetricFamily(
+            PREFIX + "build_info", "Always 1; the version is a label.", labels=["version"]
+        )
+        build_info.add_metric([self._version], 1.0)
+        yield build_info
+
+
 class Metrics:
     """The gateway's metrics façade: the ``record_*`` methods are the only way to record.
 
-    The metric objects are private: callers say what happened (a request answered, a
-    settlement, a stream's end) and the façade picks the series and bounds every label.
-    Children come from prometheus-client's public ``labels()``, looked up once per label tuple
-    (every label value is bounded, see the module docstring), and are written with the public
-    ``inc``/``dec``/``observe``.
+    The metrics are private: callers say what happened (a request answered, a settlement, a
+    stream's end) and the façade picks the series and bounds every label. Each write is a
+    lookup by label tuple in plain storage (every label value is bounded, see the module
+    docstring); a custom collector exposes it through prometheus-client's public API.
 
     Spend and token series exist at 0 before their first request, for every team and every
     catalog model its policy allows (plus ``other``), so that Prometheus' ``increase()`` also
@@ -250,118 +394,118 @@ class Metrics:
         self._allows = allows
         self._environment = environment
         self._teams: frozenset[str] = frozenset()
-        self._children: dict[tuple[object, tuple[str, ...]], Any] = {}
-        """(metric, labels) -> its child: the hot path's cache (bounded labels)."""
         self._settlement_pairs: frozenset[tuple[str, str, str]] = frozenset()
         """(team, model, environment) whose spend and token series exist."""
         self.typical_reservation: dict[str, float] = {}
         """team -> moving average of its requests' reservations, in credits (headroom)."""
         self.budgets: dict[tuple[str, str], BudgetSnapshot] = {}
         """(team, period) -> numbers; replaced by ``set_budgets``."""
-        counter, histogram = self._counter, self._histogram
-        self._tag_spend: Final = counter(
+        families: list[_Family] = []
+
+        def define(
+            kind: _Kind, name: str, documentation: str, labels: str, bounds: Iterable[float] = ()
+        ) -> _Family:
+            families.append(_Family(kind, name, documentation, labels, bounds))
+            return families[-1]
+
+        self._tag_spend: Final = define(
+            "counter",
             "tag_spend_credits",
             "Settled spend per declared tag value (attribution.tags.*.metric), in credits.",
             "team tag value",
         )
-        self._requests: Final = counter(
-            "requests", "Requests answered, by HTTP status.", "team model route code"
+        self._requests: Final = define(
+            "counter", "requests", "Requests answered, by HTTP status.", "team model route code"
         )
-        self._request_duration: Final = histogram(
+        self._request_duration: Final = define(
+            "histogram",
             "request_duration_seconds",
             "Time from request received to response end (streams: the whole stream).",
             "team route stream",
             _DURATION_BUCKETS,
         )
-        self._ttft: Final = histogram(
+        self._ttft: Final = define(
+            "histogram",
             "time_to_first_token_seconds",
             "Time from request received to the first upstream byte relayed.",
             "team model",
             _TTFT_BUCKETS,
         )
-        self._overhead: Final = histogram(
+        self._overhead: Final = define(
+            "histogram",
             "overhead_seconds",
             "Time the gateway itself added: before the upstream request and after its end.",
             "route",
             _OVERHEAD_BUCKETS,
         )
-        self._spend: Final = counter(
-            "spend_credits", "Settled spend, in credits.", "team model environment"
+        self._spend: Final = define(
+            "counter", "spend_credits", "Settled spend, in credits.", "team model environment"
         )
-        self._tokens: Final = counter("tokens", "Settled tokens.", "team model environment type")
-        self._rejections: Final = counter(
-            "rejections", "Requests refused before the upstream, by reason.", "team reason"
+        self._tokens: Final = define(
+            "counter", "tokens", "Settled tokens.", "team model environment type"
         )
-        self._would_reject: Final = counter(
+        self._rejections: Final = define(
+            "counter",
+            "rejections",
+            "Requests refused before the upstream, by reason.",
+            "team reason",
+        )
+        self._would_reject: Final = define(
+            "counter",
             "shadow_would_reject",
             "Requests of shadow teams that limits would have refused.",
             "team reason",
         )
-        self._inflight: Final = Gauge(
-            PREFIX + "inflight_requests", "Requests being served.", ["team"], registry=self.registry
+        self._inflight: Final = define(
+            "gauge", "inflight_requests", "Requests being served.", "team"
         )
-        self._stream_terminations: Final = counter(
-            "stream_terminations", "Streams by how they ended.", "team reason"
+        self._stream_terminations: Final = define(
+            "counter", "stream_terminations", "Streams by how they ended.", "team reason"
         )
-        self._upstream_requests: Final = counter(
+        self._upstream_requests: Final = define(
+            "counter",
             "upstream_requests",
             "Requests sent to Clipia (every attempt), by its status or error kind.",
             "code",
         )
-        self._withheld: Final = counter(
+        self._withheld: Final = define(
+            "counter",
             "upstream_answers_withheld",
             "Upstream answers (or relayed headers) withheld from the client, by reason.",
             "reason",
-            WITHHELD_REASONS,
         )
-        self._connections_refused: Final = counter(
+        self._connections_refused: Final = define(
+            "counter",
             "connections_refused",
             "Connections refused at the port's cap (503 overloaded, then closed), by port.",
             "port",
-            PORTS,
         )
-        self._config_reloads: Final = counter(
-            "config_reloads", "Config reloads by result.", "result"
+        self._config_reloads: Final = define(
+            "counter", "config_reloads", "Config reloads by result.", "result"
         )
-        self._drift_checks: Final = counter(
+        self._drift_checks: Final = define(
+            "counter",
             "drift_checks",
             "Settled requests checked against GET /v1/generation, by result.",
             "result",
-            DRIFT_RESULTS,
         )
-        self._cost_drift: Final = counter(
+        self._cost_drift: Final = define(
+            "counter",
             "cost_drift_credits",
             "Credits the drift check moved in the ledger (absolute difference, per team).",
             "team",
         )
-        build_info = Gauge(
-            PREFIX + "build_info",
-            "Always 1; the version is a label.",
-            ["version"],
-            registry=self.registry,
-        )
-        build_info.labels(version).set(1)
+        for family, values in (
+            (self._withheld, WITHHELD_REASONS),
+            (self._connections_refused, PORTS),
+            (self._config_reloads, ("success", "error")),
+            (self._drift_checks, DRIFT_RESULTS),
+        ):
+            for value in values:
+                family.make((value,))
+        self.registry.register(_Recorded(families, version))
         self.registry.register(_StateCollector(self))
-        for result in ("success", "error"):
-            self._config_reloads.labels(result)
         self.set_teams(teams)
-
-    def _counter(
-        self, name: str, documentation: str, labels: str, values: Iterable[str] = ()
-    ) -> Counter:
-        """Register the counter ``PREFIX + name``; ``values``: one-label series made at 0."""
-        made = Counter(PREFIX + name, documentation, labels.split(), registry=self.registry)
-        for value in values:
-            made.labels(value)
-        return made
-
-    def _histogram(
-        self, name: str, documentation: str, labels: str, buckets: tuple[float, ...]
-    ) -> Histogram:
-        """Register the histogram ``PREFIX + name``."""
-        return Histogram(
-            PREFIX + name, documentation, labels.split(), buckets=buckets, registry=self.registry
-        )
 
     # -- label bounding ---------------------------------------------------------------------
     def team(self, team: str | None) -> str:
@@ -386,16 +530,15 @@ class Metrics:
         """
         new = frozenset(teams)
         for gone in self._teams - new:
-            for metric, labels in self._team_series(gone):
-                with contextlib.suppress(KeyError):  # never made (shadow): older clients raise
-                    metric.remove(*labels)
+            for family, key in self._team_series(gone):
+                family.remove(key)
             self.typical_reservation.pop(gone, None)
             self.budgets = {k: v for k, v in self.budgets.items() if k[0] != gone}
         self._teams = new
         for team in sorted(new):
-            for metric, labels in self._team_series(team):
-                if metric is not self._would_reject:
-                    metric.labels(*labels)
+            for family, key in self._team_series(team):
+                if family is not self._would_reject:
+                    family.make(key)
         self._sync_settlement_series()
 
     def set_models(self) -> None:
@@ -406,9 +549,9 @@ class Metrics:
         """Replace the budget snapshot read at scrape time."""
         self.budgets = budgets
 
-    def _team_series(self, team: str) -> list[tuple[Counter | Gauge, tuple[str, ...]]]:
+    def _team_series(self, team: str) -> list[tuple[_Family, tuple[str, ...]]]:
         """Every series of ``team`` outside spend and tokens."""
-        series: list[tuple[Counter | Gauge, tuple[str, ...]]] = [(self._inflight, (team,))]
+        series: list[tuple[_Family, tuple[str, ...]]] = [(self._inflight, (team,))]
         for reason in REJECTION_REASONS:
             series += [(self._rejections, (team, reason)), (self._would_reject, (team, reason))]
         series += [(self._stream_terminations, (team, reason)) for reason in STREAM_REASONS]
@@ -423,34 +566,29 @@ class Metrics:
             if model == "other" or self._allows(team, model)
         )
         for labels in self._settlement_pairs - wanted:
-            self._spend.remove(*labels)
+            self._spend.remove(labels)
             for kind in _TOKEN_TYPES:
-                self._tokens.remove(*labels, kind)
+                self._tokens.remove((*labels, kind))
         for labels in wanted - self._settlement_pairs:
-            self._spend.labels(*labels)
+            self._spend.make(labels)
             for kind in _TOKEN_TYPES:
-                self._tokens.labels(*labels, kind)
+                self._tokens.make((*labels, kind))
         self._settlement_pairs = wanted
-        self._children.clear()  # removed children must not be written to any more
-
-    def _child(self, metric: Counter | Gauge | Histogram, *labels: str) -> Any:
-        """Return ``metric.labels(*labels)``, looked up once per label tuple."""
-        key = (metric, labels)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*labels)
-        return child
 
     # -- recording --------------------------------------------------------------------------
     def record_request_started(self, team: str) -> Callable[[], None]:
         """Count a request in flight; return what records its end.
 
         The returned function writes the same series even if a reload removed the team
-        meanwhile (looking it up again would make a new series at -1).
+        meanwhile (looking it up again would make a new series at -1); a removed series is no
+        longer exposed.
         """
-        gauge = self._child(self._inflight, self.team(team))
-        gauge.inc()
-        end: Callable[[], None] = gauge.dec
+        cell = self._inflight.make((self.team(team),))
+        cell[0] += 1.0
+
+        def end() -> None:
+            cell[0] -= 1.0
+
         return end
 
     def record_request(
@@ -465,28 +603,28 @@ class Metrics:
     ) -> None:
         """Count one answered request and its duration."""
         team_label, route_label = self.team(team), self.route(route)
-        self._child(self._requests, team_label, self.model(model), route_label, str(code)).inc()
-        self._child(
-            self._request_duration, team_label, route_label, "true" if stream else "false"
-        ).observe(duration)
+        self._requests.inc((team_label, self.model(model), route_label, str(code)))
+        self._request_duration.observe(
+            (team_label, route_label, "true" if stream else "false"), duration
+        )
 
     def record_overhead(self, route: str, seconds: float) -> None:
         """Observe the time the gateway itself added to a request sent upstream."""
-        self._child(self._overhead, self.route(route)).observe(seconds)
+        self._overhead.observe((self.route(route),), seconds)
 
     def record_ttft(self, team: str, model: str, seconds: float) -> None:
         """Observe a request's time to its first upstream byte."""
-        self._child(self._ttft, self.team(team), self.model(model)).observe(seconds)
+        self._ttft.observe((self.team(team), self.model(model)), seconds)
 
     def record_rejection(self, team: str, reason: str) -> None:
         """Count a request refused before the upstream."""
         if reason in REJECTION_REASONS:
-            self._child(self._rejections, self.team(team), reason).inc()
+            self._rejections.inc((self.team(team), reason))
 
     def record_shadow_rejection(self, team: str, reason: str) -> None:
         """Count a shadow team's request that its limits would have refused."""
         if reason in REJECTION_REASONS:
-            self._child(self._would_reject, self.team(team), reason).inc()
+            self._would_reject.inc((self.team(team), reason))
 
     def record_reservation(self, team: str, amount: Decimal) -> None:
         """Note a request's worst-case cost (credits), admitted or not, for the headroom."""
@@ -508,18 +646,21 @@ class Metrics:
         completion_tokens: int,
     ) -> None:
         """Count settled spend and tokens (labelled with the team's environment)."""
-        labels = (self.team(team), self.model(model), self._environment_label(team))
-        self._child(self._spend, *labels).inc(float(cost))
+        team_label, model_label = self.team(team), self.model(model)
+        environment = self._environment_label(team)
+        self._spend.add((team_label, model_label, environment), float(cost))
         if prompt_tokens:
-            self._child(self._tokens, *labels, "prompt").inc(prompt_tokens)
+            self._tokens.add((team_label, model_label, environment, "prompt"), prompt_tokens)
         if completion_tokens:
-            self._child(self._tokens, *labels, "completion").inc(completion_tokens)
+            self._tokens.add(
+                (team_label, model_label, environment, "completion"), completion_tokens
+            )
 
     def record_tag_spend(self, team: str, tags: Mapping[str, str], cost: Decimal) -> None:
         """Count settled spend per metric tag (names and values bounded by the config)."""
-        team_label = self.team(team)
+        team_label, amount = self.team(team), float(cost)
         for name, value in tags.items():
-            self._child(self._tag_spend, team_label, name, value).inc(float(cost))
+            self._tag_spend.add((team_label, name, value), amount)
 
     def _environment_label(self, team: str) -> str:
         """``test`` for a sandbox team, else ``live`` (two values: bounded)."""
@@ -528,29 +669,29 @@ class Metrics:
     def record_stream_end(self, team: str, reason: str) -> None:
         """Count a stream by how it ended (one of ``STREAM_REASONS``)."""
         if reason in STREAM_REASONS:
-            self._child(self._stream_terminations, self.team(team), reason).inc()
+            self._stream_terminations.inc((self.team(team), reason))
 
     def record_upstream_attempt(self, code: str) -> None:
         """Count one attempt against Clipia: its status, or an error kind (bounded by caller)."""
-        self._child(self._upstream_requests, code).inc()
+        self._upstream_requests.inc((code,))
 
     def record_withheld(self, reason: str) -> None:
         """Count an upstream answer not relayed: ``key_echo`` or ``invalid_response``."""
         if reason in WITHHELD_REASONS:
-            self._child(self._withheld, reason).inc()
+            self._withheld.inc((reason,))
 
     def record_connection_refused(self, port: str) -> None:
         """Count a connection refused at a port's cap: ``data`` or ``admin``."""
         if port in PORTS:
-            self._child(self._connections_refused, port).inc()
+            self._connections_refused.inc((port,))
 
     def record_drift_check(self, team: str, result: str, drift: Decimal) -> None:
         """Count one drift check (one of ``DRIFT_RESULTS``) and the credits it corrected."""
         if result in DRIFT_RESULTS:
-            self._child(self._drift_checks, result).inc()
+            self._drift_checks.inc((result,))
         if drift:
-            self._child(self._cost_drift, self.team(team)).inc(float(abs(drift)))
+            self._cost_drift.add((self.team(team),), float(abs(drift)))
 
     def record_config_reload(self, result: str) -> None:
         """Count a config reload: ``success`` or ``error``."""
-        self._child(self._config_reloads, result).inc()
+        self._config_reloads.inc((result,))
