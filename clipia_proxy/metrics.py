@@ -576,6 +576,8 @@ class Metrics:
         self._settlement_pairs = wanted
 
     # -- recording --------------------------------------------------------------------------
+    # The per-request recorders bound their labels inline, as ``team``/``model``/``route`` and
+    # ``_environment_label`` do: a method call per label costs more than the write itself.
     def record_request_started(self, team: str) -> Callable[[], None]:
         """Count a request in flight; return what records its end.
 
@@ -583,7 +585,7 @@ class Metrics:
         meanwhile (looking it up again would make a new series at -1); a removed series is no
         longer exposed.
         """
-        cell = self._inflight.make((self.team(team),))
+        cell = self._inflight.make((team if team in self._teams else "unknown",))
         cell[0] += 1.0
 
         def end() -> None:
@@ -602,19 +604,23 @@ class Metrics:
         duration: float,
     ) -> None:
         """Count one answered request and its duration."""
-        team_label, route_label = self.team(team), self.route(route)
-        self._requests.inc((team_label, self.model(model), route_label, str(code)))
+        team_label = team if team in self._teams else "unknown"
+        route_label = route if route in ROUTES else "other"
+        model_label = model if model is not None and model in self._catalog_models() else "other"
+        self._requests.inc((team_label, model_label, route_label, str(code)))
         self._request_duration.observe(
             (team_label, route_label, "true" if stream else "false"), duration
         )
 
     def record_overhead(self, route: str, seconds: float) -> None:
         """Observe the time the gateway itself added to a request sent upstream."""
-        self._overhead.observe((self.route(route),), seconds)
+        self._overhead.observe((route if route in ROUTES else "other",), seconds)
 
     def record_ttft(self, team: str, model: str, seconds: float) -> None:
         """Observe a request's time to its first upstream byte."""
-        self._ttft.observe((self.team(team), self.model(model)), seconds)
+        team_label = team if team in self._teams else "unknown"
+        model_label = model if model in self._catalog_models() else "other"
+        self._ttft.observe((team_label, model_label), seconds)
 
     def record_rejection(self, team: str, reason: str) -> None:
         """Count a request refused before the upstream."""
@@ -646,8 +652,9 @@ class Metrics:
         completion_tokens: int,
     ) -> None:
         """Count settled spend and tokens (labelled with the team's environment)."""
-        team_label, model_label = self.team(team), self.model(model)
-        environment = self._environment_label(team)
+        team_label = team if team in self._teams else "unknown"
+        model_label = model if model in self._catalog_models() else "other"
+        environment = "test" if self._environment(team) == "test" else "live"
         self._spend.add((team_label, model_label, environment), float(cost))
         if prompt_tokens:
             self._tokens.add((team_label, model_label, environment, "prompt"), prompt_tokens)
@@ -669,7 +676,8 @@ class Metrics:
     def record_stream_end(self, team: str, reason: str) -> None:
         """Count a stream by how it ended (one of ``STREAM_REASONS``)."""
         if reason in STREAM_REASONS:
-            self._stream_terminations.inc((self.team(team), reason))
+            team_label = team if team in self._teams else "unknown"
+            self._stream_terminations.inc((team_label, reason))
 
     def record_upstream_attempt(self, code: str) -> None:
         """Count one attempt against Clipia: its status, or an error kind (bounded by caller)."""
