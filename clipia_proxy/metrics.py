@@ -262,7 +262,8 @@ class _Family:
         self.labels: Final = labels.split()
         self.bounds: Final = (*map(float, bounds), math.inf) if kind == "histogram" else ()
         self.les: Final = [repr(b) if b != math.inf else "+Inf" for b in self.bounds]
-        """The ``le`` label of each bucket, as prometheus-client writes it."""
+        """The ``le`` label of each bucket, as prometheus-client writes it (for bounds below
+        10^7: it writes larger ones in Go's exponent form, ``1e+07``)."""
         self.series: Final[dict[tuple[str, ...], list[float]]] = {}
         self.created: Final[dict[tuple[str, ...], float]] = {}
         """When each series was made (Unix time): its ``_created`` sample."""
@@ -306,7 +307,7 @@ class _Family:
         cell[-1] += amount
 
     def collect(self, created: bool) -> Metric:
-        """This metric as prometheus-client's families (with ``_created`` if ``created``)."""
+        """This metric as a prometheus-client metric family (with ``_created`` if ``created``)."""
         series = list(self.series.items())  # first, in one C call (see the module docstring)
         made = self.created.copy()
         if self.kind == "gauge":
@@ -508,18 +509,13 @@ class Metrics:
         self.set_teams(teams)
 
     # -- label bounding ---------------------------------------------------------------------
+    # A team label is a configured id, else ``unknown``; a model label a catalog chat id, else
+    # ``other``; a route label one of ``ROUTES``, else ``other``; an environment ``test`` or
+    # ``live``. The per-request recorders apply these rules inline: a method call per label
+    # cost more than the write itself.
     def team(self, team: str | None) -> str:
         """Return the label for a team: configured ids only, else ``unknown``."""
         return team if team in self._teams else "unknown"
-
-    def model(self, model: str | None) -> str:
-        """Return the label for a model: catalog chat ids only, else ``other``."""
-        return model if model is not None and model in self._catalog_models() else "other"
-
-    @staticmethod
-    def route(route: str) -> str:
-        """Return the label for a route: the gateway's own routes only, else ``other``."""
-        return route if route in ROUTES else "other"
 
     # -- state changes ----------------------------------------------------------------------
     def set_teams(self, teams: Iterable[str]) -> None:
@@ -576,8 +572,6 @@ class Metrics:
         self._settlement_pairs = wanted
 
     # -- recording --------------------------------------------------------------------------
-    # The per-request recorders bound their labels inline, as ``team``/``model``/``route`` and
-    # ``_environment_label`` do: a method call per label costs more than the write itself.
     def record_request_started(self, team: str) -> Callable[[], None]:
         """Count a request in flight; return what records its end.
 

@@ -12,10 +12,11 @@ Regenerate (only when a series is meant to change): ``CLIPIA_WRITE_GOLDEN=1 pyte
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from decimal import Decimal
 from pathlib import Path
 from typing import Final
@@ -23,13 +24,20 @@ from typing import Final
 import pytest
 from prometheus_client import (
     CollectorRegistry,
+    Histogram,
     disable_created_metrics,
     enable_created_metrics,
     generate_latest,
 )
+from prometheus_client.metrics_core import Metric
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
 from clipia_proxy.metrics import BudgetSnapshot, Metrics
+
+OVERHEAD_BUCKETS: Final = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+)  # fmt: skip
+"""``overhead_seconds``' bounds, as the golden text has them."""
 
 GOLDEN: Final = Path(__file__).parent / "fixtures" / "metrics"
 CHAT: Final = "/v1/chat/completions"
@@ -207,3 +215,34 @@ def test_created_series_follow_prometheus_clients_switch() -> None:
         if not re.match(r"^(# \w+ )?\w+_created\b", line)
     )
     assert without == expected
+
+
+def test_histogram_buckets_equal_prometheus_clients_for_values_on_and_around_each_bound() -> None:
+    """The bisection puts each value in the bucket prometheus-client's own Histogram would."""
+    metrics = Metrics([], version="test")
+    reference = Histogram(
+        "clipia_proxy_overhead_seconds", "", ["route"], buckets=OVERHEAD_BUCKETS, registry=None
+    )
+    values = [-1.0, 0.0, 5e-324, 1e9, math.inf]
+    for bound in OVERHEAD_BUCKETS:
+        values += [bound, math.nextafter(bound, 0.0), math.nextafter(bound, math.inf)]
+    for value in values:
+        metrics.record_overhead(CHAT, value)
+        reference.labels(CHAT).observe(value)
+
+    def samples(families: Iterable[Metric]) -> list[tuple[str, dict[str, str], float]]:
+        return [
+            (sample.name, sample.labels, sample.value)
+            for family in families
+            if family.name == "clipia_proxy_overhead_seconds"
+            for sample in family.samples
+            if not sample.name.endswith("_created")
+        ]
+
+    assert samples(metrics.registry.collect()) == samples(reference.collect())
+
+
+def test_a_negative_amount_is_refused_as_prometheus_client_refuses_it() -> None:
+    metrics = Metrics(["search"], version="test")
+    with pytest.raises(ValueError, match="non-negative"):
+        metrics.record_tag_spend("search", {"project": "alpha"}, Decimal(-1))
