@@ -88,10 +88,13 @@ class _Connection(asyncio.Protocol):
         self.head_waiter: asyncio.Future[None] | None = None
         self.body: _Body | None = None
         self.status = 0
-        self.header_list: list[tuple[str, str]] = []
+        self.header_list: list[tuple[bytes, bytes]] = []
         self.headers: CIMultiDict[str] = CIMultiDict()
         """The current answer's headers, once complete."""
         self.head_size = 0
+        """Bytes of earlier reads while the current answer's head is incomplete."""
+        self.read_size = 0
+        """Bytes of the read being parsed."""
         self.keep_alive = False
         self.until_eof = False
         self.complete = False
@@ -107,12 +110,19 @@ class _Connection(asyncio.Protocol):
             self.close()  # bytes nobody asked for: the connection's state is unknown
             return
         self.received = True
+        self.read_size = len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._fail(aiohttp.ClientResponseError)
+            return
         except httptools.HttpParserError as exc:
             self._fail(exc)
+            return
+        if self.head_waiter is not None:  # the head is still incomplete: all of it was head
+            self.head_size += self.read_size
+            if self.head_size > _MAX_HEAD:
+                self._fail(httptools.HttpParserError("answer head too large"))
 
     def eof_received(self) -> bool:
         return False  # close the transport: connection_lost follows
@@ -137,22 +147,23 @@ class _Connection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self.header_list = []
-        self.head_size = 0
         self.complete = False
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.head_size += len(name) + len(value)
-        if self.head_size > _MAX_HEAD:
-            raise httptools.HttpParserError("answer head too large")
-        self.header_list.append((name.decode("latin-1"), value.decode("latin-1")))
+        self.header_list.append((name, value))  # the head's size is checked per read
 
     def on_headers_complete(self) -> None:
+        # The head's size is at most the earlier reads' and this one's: counted only then.
+        if self.head_size + self.read_size > _MAX_HEAD and _size(self.header_list) > _MAX_HEAD:
+            raise httptools.HttpParserError("answer head too large")
         status = self.parser.get_status_code()
         if 100 <= status < 200:
             return  # an interim answer: the real one follows
         self.status = status
         self.keep_alive = self.parser.should_keep_alive()
-        self.headers = headers = CIMultiDict(self.header_list)  # case-insensitive look-ups
+        self.headers = headers = CIMultiDict(  # case-insensitive look-ups
+            [(name.decode("latin-1"), value.decode("latin-1")) for name, value in self.header_list]
+        )
         self.until_eof = (
             "content-length" not in headers
             and "transfer-encoding" not in headers
@@ -185,6 +196,7 @@ class _Connection(asyncio.Protocol):
         self.received = False
         self.complete = False
         self.status = 0
+        self.head_size = 0
         return waiter
 
     def reusable(self) -> bool:
@@ -461,7 +473,7 @@ class H1Transport:
         values = "".join(headers.values())
         if "\r" in values or "\n" in values or "\x00" in values:  # would end the line early
             raise ValueError("a header value holds a line break")
-        lines.extend(f"{name}: {value}\r\n" for name, value in headers.items())
+        lines.append("".join([f"{name}: {value}\r\n" for name, value in headers.items()]))
         if self._proxy is not None and self._scheme == "http" and self._proxy_headers:
             lines.extend(f"{name}: {value}\r\n" for name, value in self._proxy_headers.items())
         body = request.body
@@ -619,6 +631,10 @@ def _check_tunnel(head: bytes) -> None:
     status_line = head.split(b"\r\n", 1)[0].split()
     if len(status_line) < 2 or not status_line[1].startswith(b"2"):
         raise OSError(f"the proxy refused the tunnel: {head[:64]!r}")
+
+
+def _size(header_list: list[tuple[bytes, bytes]]) -> int:
+    return sum(len(name) + len(value) for name, value in header_list)
 
 
 def _time_out(waiter: asyncio.Future[None]) -> None:

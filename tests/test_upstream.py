@@ -798,8 +798,10 @@ async def test_interim_1xx_answers_are_skipped() -> None:
         b"NOT HTTP AT ALL\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nContent-Length: nope\r\n\r\n",
         None,  # the server hangs up without answering
+        b"HTTP/1.1 200 OK\r\nX-Pad: " + b"a" * 70_000 + b"\r\n\r\n",  # a head over 64 KiB
+        b"HTTP/1.1 200 OK\r\nX-Pad: " + b"a" * 300_000,  # one that does not end (many reads)
     ],
-    ids=["garbage", "bad-length", "hang-up"],
+    ids=["garbage", "bad-length", "hang-up", "huge-head", "endless-head"],
 )
 async def test_a_broken_answer_is_502_and_its_connection_is_dropped(reply: bytes | None) -> None:
     replies = [reply, ok(b'{"fine": true}')]
