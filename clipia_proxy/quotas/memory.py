@@ -14,8 +14,6 @@ import heapq
 from collections import deque
 from typing import Final
 
-import msgspec
-
 from .decision import fits
 from .model import Counted, Period, RecordState, ReserveRequest, Settlement
 from .store import LedgerRecord, LocalStore, WindowUsage
@@ -241,7 +239,8 @@ class MemoryEngine:
         if request.enforce and not fits(request, counted):
             return counted
         self._apply(request, scope)
-        return msgspec.structs.replace(counted, applied=True)
+        counted.applied = True
+        return counted
 
     def _count(
         self, request: ReserveRequest, log: deque[_RateEntry], scope: _KeyRates | None
@@ -261,20 +260,17 @@ class MemoryEngine:
             requests=len(log),
             tokens=used_tokens,
             budgets=budgets,
-            rpm_wait=_rpm_wait(log, limits.rpm, now),
-            tpm_wait=_tpm_wait(log, limits.tpm, tokens, now, used_tokens),
         )
+        if limits.rpm is not None or limits.tpm is not None:
+            counted.rpm_wait = _rpm_wait(log, limits.rpm, now)
+            counted.tpm_wait = _tpm_wait(log, limits.tpm, tokens, now, used_tokens)
         own = request.key_limits
-        if scope is None or own is None:
-            return counted
-        return msgspec.structs.replace(
-            counted,
-            key_live=len(scope.live),
-            key_requests=len(scope.log),
-            key_tokens=scope.tokens,
-            key_rpm_wait=_rpm_wait(scope.log, own.rpm, now),
-            key_tpm_wait=_tpm_wait(scope.log, own.tpm, tokens, now, scope.tokens),
-        )
+        if scope is not None and own is not None:
+            counted.key_live, counted.key_requests = len(scope.live), len(scope.log)
+            counted.key_tokens = scope.tokens
+            counted.key_rpm_wait = _rpm_wait(scope.log, own.rpm, now)
+            counted.key_tpm_wait = _tpm_wait(scope.log, own.tpm, tokens, now, scope.tokens)
+        return counted
 
     def _key_scope(self, request: ReserveRequest) -> _KeyRates | None:
         """The key's own rate log and slots, pruned to now, when it has limits of its own."""

@@ -176,7 +176,7 @@ class ReserveRequest(msgspec.Struct, frozen=True, kw_only=True):
     end_user: str | None = None
 
 
-class Counted(msgspec.Struct, frozen=True, kw_only=True):
+class Counted(msgspec.Struct, kw_only=True):
     """A store's answer to ``reserve``: what it counted before this request, and what it did.
 
     The store applies the reservation when every count plus this request stays within its

@@ -541,7 +541,7 @@ class _Pipe:
             return list(await pipe.execute(raise_on_error=False))
 
 
-class _Reply(Counted, frozen=True, kw_only=True):
+class _Reply(Counted, kw_only=True):
     """The reserve script's reply: the counts, and an applied reservation's lease."""
 
     lost: bool = False
