@@ -185,11 +185,12 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     # The config in force when identity was settled (same turn of the loop), kept for the
     # whole request: a reload while the body arrives does not change it midway. (``Live`` is
     # updated in place by a reload: its parts are taken now, not after the body.)
-    live = request.app[LIVE]
-    config, policy = live.config, live.policies[request[PRINCIPAL].team]
+    app, team = request.app, request[PRINCIPAL].team
+    live = app[LIVE]
+    config, policy = live.config, live.policies[team]
     # 1b. The team's place in the gateway is taken before its body is read: a slow body
     # counts against its concurrency, and a refused one against its RPM.
-    quotas, team = request.app[QUOTAS], request[PRINCIPAL].team
+    quotas = app[QUOTAS]
     quotas.enter(team)
     try:
         # 2. Read and parse strictly.
@@ -197,8 +198,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         raw = await read_json_body(request, server.max_body_bytes, server.body_timeout_seconds)
         return await _complete_chat(request, parse_chat_request(raw), config, policy)
     finally:
-        if not quotas.left_early(request[INFO].request_id):  # a client gone left already
-            info = request[INFO]
+        info = request[INFO]
+        if not quotas.left_early(info.request_id):  # a client gone left already
             quotas.leave(team, counted=info.upstream_sent is not None, request_id=info.request_id)
 
 
@@ -510,7 +511,7 @@ async def _relay(
             _withhold(app, "key_echo")
     if result.first_byte_at is not None:
         info.ttft = result.first_byte_at - info.started
-    _remember_generation(request, tap.upstream_id)
+    _remember_generation(app, info, tap.upstream_id)
     return relayed
 
 
@@ -540,7 +541,7 @@ async def _answer(
                 # Its cost will be asked of /v1/generation: durable now, in case of a crash.
                 app[LEDGER].note_upstream_id(info, upstream_id)
             info.upstream_id = upstream_id
-            _remember_generation(request, upstream_id)
+            _remember_generation(app, info, upstream_id)
     if summary is None or is_sse:
         _withhold(app, "invalid_response")
         info.outcome = Outcome.UPSTREAM_ERROR
@@ -629,11 +630,9 @@ async def _pass_through_error(app: web.Application, response: UpstreamResponse) 
     return web.Response(status=status, body=body, content_type=_JSON, headers=headers)
 
 
-def _remember_generation(request: web.Request, upstream_id: str | None) -> None:
+def _remember_generation(app: web.Application, info: RequestInfo, upstream_id: str | None) -> None:
     if upstream_id:
-        request.app[GENERATIONS].remember(
-            upstream_id, request[PRINCIPAL].team, request[INFO].request_id
-        )
+        app[GENERATIONS].remember(upstream_id, info.team, info.request_id)
 
 
 def _visible_entries(policy: ModelPolicy, snapshot: CatalogSnapshot) -> list[dict[str, object]]:
