@@ -37,11 +37,20 @@ _SECRET_RE: Final = re.compile(
 _ENCODER: Final = msgspec.json.Encoder()
 ACCESS_LOGGER: Final = logging.getLogger("clipia_proxy.access")
 _NO_USAGE: Final = Usage()
+# Times are rounded to the microsecond as ``round(x * 1e6) / 1e6``, not ``round(x, 6)``:
+# rounding a float to decimal places goes through its decimal digits (~10k machine
+# instructions for a Unix time, a tenth of the access line); an integer round, a few hundred.
 
 
 def redact(text: str) -> str:
     """Return ``text`` with every secret-looking token replaced by ``[REDACTED]``."""
-    return _SECRET_RE.sub("[REDACTED]", text)
+    # Every match holds one of these words, once lowered (as the regex's case-insensitive part
+    # compares them): four substring searches in C spare most lines (an access line's
+    # "access") the regex, which steps through every character (~5k machine instructions).
+    lowered = text.lower()
+    if "bearer" in lowered or "key" in lowered or "clipia_" in lowered or "cpx_" in lowered:
+        return _SECRET_RE.sub("[REDACTED]", text)
+    return text
 
 
 class RedactingFilter(logging.Filter):
@@ -68,7 +77,7 @@ class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         """Return the JSON line (escaped: no message can forge a second line)."""
         payload: dict[str, Any] = {
-            "ts": round(record.created, 6),
+            "ts": round(record.created * 1e6) / 1e6,  # to the microsecond (see above)
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
@@ -151,8 +160,9 @@ def access_fields(info: RequestInfo, *, route: str, method: str) -> dict[str, An
         # StrEnum members: the formatters' JSON writes their values.
         "usage_source": info.usage_source,
         "outcome": info.outcome,
-        "duration_ms": round((time.perf_counter() - info.started) * 1000, 3),
-        "ttft_ms": round(info.ttft * 1000, 3) if info.ttft is not None else None,
+        # Milliseconds to the microsecond (see the note on times above).
+        "duration_ms": round((time.perf_counter() - info.started) * 1e6) / 1e3,
+        "ttft_ms": round(info.ttft * 1e6) / 1e3 if info.ttft is not None else None,
     }
 
 

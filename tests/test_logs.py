@@ -37,6 +37,27 @@ def test_redact_scrubs_each_pattern(secret: str) -> None:
         assert tail[start : start + 8] not in text
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "BEARER abcdefghijklmnop",
+        "bEaReR abcdefghijklmnop",
+        "KEY abcdefghijklmnop",
+        "\u212aey abcdefghijklmnop",  # KELVIN SIGN: the regex's case-insensitive match takes it
+        "x clipia_live_abc",
+        "cpx_abc",
+        "access",
+        "CLIPIA_LIVE_abc",  # the key prefixes are case-sensitive: no match
+        "",
+    ],
+)
+def test_redact_is_the_regex_whatever_the_case(text: str) -> None:
+    # The pre-check that spares most lines the regex never skips a line the regex changes.
+    from clipia_proxy.logs import _SECRET_RE
+
+    assert redact(text) == _SECRET_RE.sub("[REDACTED]", text)
+
+
 def _logger_to(stream: io.StringIO) -> logging.Logger:
     logger = logging.getLogger(f"test.{id(stream)}")
     logger.propagate = False
