@@ -641,11 +641,20 @@ def _scan_inline_secrets(node: object, path: str, source: str, problems: list[st
     elif isinstance(node, list):
         for index, value in enumerate(node):
             _scan_inline_secrets(value, f"{path}[{index}]", source, problems)
-    elif isinstance(node, str) and _INLINE_SECRET_RE.search(node):
+    elif isinstance(node, str) and _INLINE_SECRET_RE.search(node) and not _names_a_file(path, node):
         problems.append(
             f"{source}: {path}: looks like a secret written inline; name it instead "
             "(upstream.api_key_env / api_key_file; team keys are stored as sha256)"
         )
+
+
+def _names_a_file(path: str, value: str) -> bool:
+    """Whether ``value`` is a file's path in a ``*_path`` / ``*_file`` setting.
+
+    Such a path may spell a key's prefix (``/run/secrets/clipia_live_key``, a directory named
+    ``cpx_data``) without holding a key; a key pasted there holds no ``/`` and is refused.
+    """
+    return path.endswith(("_path", "_file")) and "/" in value
 
 
 def _join(path: str, key: str) -> str:

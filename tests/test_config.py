@@ -207,6 +207,25 @@ def test_inline_secret_is_refused_and_never_echoed() -> None:
     assert all(secret[:12] not in p and secret[-8:] not in p for p in found)
 
 
+def test_a_file_path_that_spells_a_key_prefix_is_not_an_inline_secret(tmp_path: Path) -> None:
+    """``/run/secrets/clipia_live_key`` names a file; a key pasted into a path setting does not."""
+    secrets_dir = tmp_path / "secrets"
+    secrets_dir.mkdir()
+    key_file = secrets_dir / ("clipia_live_" + "key")
+    key_file.write_text("clipia_test_fromfile\n")
+    ledger = tmp_path / ("cpx_" + "data") / "ledger.db"
+    config = parse_config(
+        f"upstream: {{api_key_env: null, api_key_file: {key_file}}}\n"
+        f"store: {{backend: sqlite, sqlite_path: {ledger}}}\n",
+        environ={},
+    )
+    assert read_api_key(config.upstream).reveal() == "clipia_test_fromfile"
+    assert config.store.sqlite_path == str(ledger)
+    pasted = "clipia_live_" + "0123456789abcdef0123"
+    found = problems(f"upstream: {{api_key_env: null, api_key_file: {pasted}}}\n")
+    assert any("upstream.api_key_file: looks like a secret written inline" in p for p in found)
+
+
 def test_missing_key_is_an_error_for_serve_and_a_warning_for_check() -> None:
     with pytest.raises(ConfigError) as info:
         parse_config("", source="c.yaml", environ={})
