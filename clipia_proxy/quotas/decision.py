@@ -142,8 +142,11 @@ def decide(request: ReserveRequest, counted: Counted) -> ReserveResult:
     """
     if counted.replayed:
         return ReserveResult(admitted=True, replayed=True)
+    # The common case: applied and within every limit, nothing to name. ``fits`` runs again
+    # here, not only in the store, so a store that compared differently (the Lua script) is
+    # caught instead of admitting past a limit.
     if request.enforce and counted.applied and fits(request, counted):
-        return _admitted(request, counted, None)  # the common case: nothing to name
+        return _admitted(request, counted, None)
     refusal = next((c for c in _checks(request, counted) if c.used + c.add > c.limit), None)
     if counted.applied != (refusal is None or not request.enforce):
         raise StoreUnavailable(
@@ -167,7 +170,10 @@ def _admitted(request: ReserveRequest, counted: Counted, refusal: _Check | None)
     """An admission: what every limit leaves, and the refusal a shadow team would have had."""
     limits, c, own = request.limits, counted, request.key_limits
     tightest = _tightest(request, counted)
-    keyed = own is not None and request.key_id is not None
+    key_requests = key_tokens = None
+    if own is not None and request.key_id is not None:
+        key_requests = _remaining(own.rpm, c.key_requests + 1)
+        key_tokens = _remaining(own.tpm, c.key_tokens + request.tokens)
     return ReserveResult(
         admitted=True,
         reason=None if refusal is None else refusal.reason,
@@ -177,12 +183,6 @@ def _admitted(request: ReserveRequest, counted: Counted, refusal: _Check | None)
         tokens_remaining=_remaining(limits.tpm, c.tokens + request.tokens),
         budget_remaining=None if tightest is None else Micro(max(tightest[0], 0)),
         budget_period=None if tightest is None else tightest[1],
-        key_requests_remaining=(
-            _remaining(own.rpm, c.key_requests + 1) if own is not None and keyed else None
-        ),
-        key_tokens_remaining=(
-            _remaining(own.tpm, c.key_tokens + request.tokens)
-            if own is not None and keyed
-            else None
-        ),
+        key_requests_remaining=key_requests,
+        key_tokens_remaining=key_tokens,
     )
